@@ -1,0 +1,150 @@
+"""The CPU transfer engine: both tiers live in RAM, one worker thread plays the copy engine.
+
+The "device" tier is an ordinary RAM region whose size the tier manager budgets. Copies run on a
+single worker thread, in submission order, so they overlap with compute on the caller's thread
+(torch index ops release the GIL). An optional bandwidth limit makes every host<->device job take
+at least nbytes / bandwidth wall seconds, so offloading costs what it would over a real link.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import weakref
+
+import torch
+
+from orbitflow_kernels.base import Direction, TransferEngine, TransferError, TransferJob
+
+_STOP = None  # queue sentinel: the worker drains everything before it and exits
+
+
+def copy_rows(job: TransferJob) -> None:
+    """The reference copy: `dst[dst_index] = src[src_index]` (index_select copies first, so src
+    and dst may be the same tensor). Inference mode, because the engine's buffers may be inference
+    tensors (allocated under torch.inference_mode), which only accept in-place writes there."""
+    with torch.inference_mode():
+            job.dst.index_copy_(0, job.dst_index, job.src.index_select(0, job.src_index))
+
+
+class _Link:
+    """State shared by the engine and its worker. The worker holds only this, never the engine,
+    so an engine that is dropped without close() can still be collected (and its thread stopped)."""
+
+    def __init__(self, bandwidth: float | None) -> None:
+        self.bandwidth = bandwidth
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.cond = threading.Condition()
+        self.completed = 0  # jobs 0 .. completed-1 are done (FIFO, so a prefix)
+        self.errors: dict[int, BaseException] = {}
+        self.bytes = {d: 0 for d in Direction}
+        self.busy_until = 0.0  # monotonic time at which the emulated link is next free
+        self.alive = True
+
+    def run(self) -> None:
+        try:
+            while (item := self.jobs.get()) is not _STOP:
+                job_id, job = item
+                error = None
+                try:
+                    self._execute(job)
+                except Exception as exc:  # surfaced by wait()/synchronize(), the thread lives on
+                    error = exc
+                with self.cond:
+                    if error is None:
+                        self.bytes[job.direction] += job.nbytes
+                    else:
+                        self.errors[job_id] = error
+                    self.completed = job_id + 1
+                    self.cond.notify_all()
+        finally:
+            with self.cond:
+                self.alive = False
+                self.cond.notify_all()
+
+    def _execute(self, job: TransferJob) -> None:
+        start = time.monotonic()
+        copy_rows(job)
+        if self.bandwidth is None or job.direction == Direction.D2D:
+            return
+        # A real link is busy for nbytes/bandwidth per job, back to back; the copy itself counts.
+        self.busy_until = max(start, self.busy_until) + job.nbytes / self.bandwidth
+        remaining = self.busy_until - time.monotonic()
+        if remaining > 0:
+            time.sleep(remaining)
+
+
+def _shutdown(link: _Link, thread: threading.Thread) -> None:
+    link.jobs.put(_STOP)
+    if thread is not threading.current_thread():
+        thread.join()
+
+
+class CpuTransferEngine(TransferEngine):
+    def __init__(self, bandwidth_bytes_per_s: float | None = None) -> None:
+        if bandwidth_bytes_per_s is not None and not bandwidth_bytes_per_s > 0:
+            raise ValueError(f"bandwidth_bytes_per_s must be positive or None, got {bandwidth_bytes_per_s}")
+        self.device = torch.device("cpu")
+        self._link = _Link(bandwidth_bytes_per_s)
+        self._next_id = 0
+        self._closed = False
+        thread = threading.Thread(target=self._link.run, name="orbitflow-cpu-transfer", daemon=True)
+        thread.start()
+        # Runs on close(), on garbage collection and at interpreter exit, whichever comes first.
+        self._finalizer = weakref.finalize(self, _shutdown, self._link, thread)
+
+    @property
+    def bandwidth_bytes_per_s(self) -> float | None:
+        return self._link.bandwidth
+
+    def alloc_device(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype)
+
+    def alloc_host(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype)
+
+    def submit(self, job: TransferJob) -> int:
+        if self._closed:
+            raise RuntimeError("submit on a closed CpuTransferEngine")
+        for t in (job.src, job.dst, job.src_index, job.dst_index):
+            if t.device.type != "cpu":
+                raise ValueError(f"CpuTransferEngine copies CPU tensors only, got one on {t.device}")
+        job_id = self._next_id
+        self._next_id += 1
+        self._link.jobs.put((job_id, job))
+        return job_id
+
+    def wait(self, job_id: int) -> None:
+        if not 0 <= job_id < self._next_id:
+            raise ValueError(f"unknown job id {job_id} (submitted so far: {self._next_id})")
+        link = self._link
+        with link.cond:
+            link.cond.wait_for(lambda: link.completed > job_id or not link.alive)
+            if link.completed <= job_id:
+                raise TransferError(f"transfer worker stopped before job {job_id} ran")
+            failed = sorted(i for i in link.errors if i <= job_id)
+            errors = [link.errors.pop(i) for i in failed]
+        if errors:
+            more = f" (and jobs {failed[1:]})" if len(failed) > 1 else ""
+            raise TransferError(f"transfer job {failed[0]} failed{more}: {errors[0]!r}") from errors[0]
+
+    def synchronize(self) -> None:
+        if self._next_id:
+            self.wait(self._next_id - 1)
+
+    @property
+    def bytes_moved(self) -> dict[Direction, int]:
+        with self._link.cond:
+            return dict(self._link.bytes)
+
+    def close(self) -> None:
+        """Finish the queued jobs, then stop the worker. Idempotent; errors stay for synchronize()."""
+        self._closed = True
+        self._finalizer()
+
+    def __enter__(self) -> CpuTransferEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

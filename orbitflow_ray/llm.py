@@ -1,0 +1,88 @@
+"""The offline API, in vLLM's shape: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from orbitflow_ray.config import EngineConfig
+from orbitflow_ray.engine import LLMEngine
+from orbitflow_ray.outputs import RequestOutput
+from orbitflow_ray.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Offline batch generation over the tiered-KV engine.
+
+    >>> llm = LLM(model="smollm2-135m", kv_policy="static-uniform", device_kv_bytes=64 << 20)
+    >>> llm.generate(["Hello"], SamplingParams(max_tokens=8))[0].text
+    """
+
+    def __init__(self, model: str = "smollm2-135m", **engine_args) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        prompts = _as_prompt_list(prompts)
+        params = _broadcast(sampling_params, len(prompts))
+        # Validate everything first so one bad prompt does not leave half a batch queued.
+        for p in prompts:
+            self.engine._tokenize(p)
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template, then generate."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so no chat template")
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=False) for c in convs]
+        prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [done[i] for i in ids]
+
+    def kv_stats(self) -> dict[str, int]:
+        return self.engine.kv_stats()
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    return prompts
+
+
+def _broadcast(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"{len(params)} sampling params for {n} prompts")
+    return params

@@ -1,0 +1,78 @@
+"""Our Llama-family forward pass (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2), written against our KV cache.
+
+Tokens of all scheduled requests are flattened into one [N, hidden] batch so every linear layer is
+one large matmul; attention is delegated per layer to a callback that knows where each request's KV
+lives (device pool or host via staging). The arithmetic mirrors transformers' modeling_llama op for
+op (fp32 RMSNorm, rotate-half RoPE, SDPA) so greedy output is token-identical to it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from orbitflow_ray.model.rope import RotaryEmbedding
+from orbitflow_ray.model.spec import ModelSpec
+
+# attend(layer, q [N, H, D], k [N, Hkv, D], v [N, Hkv, D]) -> [N, H * D]
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+class LlamaLayer:
+    def __init__(self, weights: dict[str, torch.Tensor], i: int) -> None:
+        p = f"layers.{i}."
+        self.index = i
+        self.in_norm = weights[p + "input_layernorm.weight"]
+        self.post_norm = weights[p + "post_attention_layernorm.weight"]
+        a = p + "self_attn."
+        self.wq, self.wk, self.wv, self.wo = (weights[a + n + "_proj.weight"] for n in "qkvo")
+        self.bq, self.bk, self.bv = (weights.get(a + n + "_proj.bias") for n in "qkv")
+        m = p + "mlp."
+        self.w_gate, self.w_up, self.w_down = (weights[m + n + "_proj.weight"] for n in ("gate", "up", "down"))
+
+
+class LlamaModel:
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], device: torch.device) -> None:
+        self.spec = spec
+        self.device = device
+        w = {k: v.to(device) for k, v in weights.items()}
+        self.embed = w["embed_tokens.weight"]
+        self.norm = w["norm.weight"]
+        self.lm_head = w.get("lm_head.weight", self.embed) if not spec.tie_word_embeddings else self.embed
+        self.layers = [LlamaLayer(w, i) for i in range(spec.num_layers)]
+        self.rope = RotaryEmbedding(spec, device=device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
+                before_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Hidden states [N, hidden] after the final norm."""
+        s = self.spec
+        x = F.embedding(input_ids, self.embed)
+        n = x.shape[0]
+        cos_sin = self.rope.cos_sin(positions)
+        for layer in self.layers:
+            if before_layer is not None:
+                before_layer(layer.index)
+            h = rms_norm(x, layer.in_norm, s.rms_norm_eps)
+            q = F.linear(h, layer.wq, layer.bq).view(n, s.num_heads, s.head_dim)
+            k = F.linear(h, layer.wk, layer.bk).view(n, s.num_kv_heads, s.head_dim)
+            v = F.linear(h, layer.wv, layer.bv).view(n, s.num_kv_heads, s.head_dim)
+            q, k = self.rope.apply_cos_sin(q, k, *cos_sin)
+            o = attend(layer.index, q, k, v)
+            x = x + F.linear(o, layer.wo)
+            h = rms_norm(x, layer.post_norm, s.rms_norm_eps)
+            x = x + F.linear(F.silu(F.linear(h, layer.w_gate)) * F.linear(h, layer.w_up), layer.w_down)
+        return rms_norm(x, self.norm, s.rms_norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()

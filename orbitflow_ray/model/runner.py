@@ -1,0 +1,67 @@
+"""The model runner: executes one SchedulerOutput and returns the sampled tokens.
+
+It never allocates KV: it reads block tables from the plan, runs the MoveOps, and lets the KV store
+stream host-resident layers in while earlier layers compute.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from orbitflow_ray.kv.store import KVStore
+from orbitflow_ray.model.llama import LlamaModel
+from orbitflow_ray.model.sampler import sample
+from orbitflow_ray.sched.output import SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, store: KVStore) -> None:
+        self.model = model
+        self.store = store
+        self.device = model.device
+        s = model.spec
+        self.scale = s.head_dim ** -0.5
+        self._slices: list[tuple[int, int]] = []
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        self.store.apply_moves(out.moves)
+        if not out.seqs:
+            return {}
+        ids, pos, self._slices = [], [], []
+        for seq in out.seqs:
+            self._slices.append((len(ids), len(ids) + len(seq.token_ids)))
+            ids.extend(seq.token_ids)
+            pos.extend(range(seq.start_pos, seq.start_pos + len(seq.token_ids)))
+        self.store.begin_step(out.seqs)
+        hidden = self.model.forward(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
+                                    self._attend, self.store.before_layer)
+        sampling = [i for i, s in enumerate(out.seqs) if s.sample]
+        if not sampling:
+            return {}
+        last = torch.tensor([self._slices[i][1] - 1 for i in sampling], device=self.device)
+        logits = self.model.logits(hidden[last])
+        tokens = sample(logits, [out.seqs[i] for i in sampling])
+        return {out.seqs[i].request_id: t for i, t in zip(sampling, tokens)}
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for i, (a, b) in enumerate(self._slices):
+            keys, values = self.store.write_and_read(layer, i, k[a:b], v[a:b])
+            outs.append(self._sdpa(q[a:b], keys, values))
+        self.store.after_layer(layer)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Causal attention of n new queries over ctx + n keys, shaped as transformers shapes it."""
+        n, s = q.shape[0], keys.shape[0]
+        qt = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        kt = keys.transpose(0, 1).unsqueeze(0)
+        vt = values.transpose(0, 1).unsqueeze(0)
+        mask = None
+        if 1 < n < s:
+            mask = torch.arange(s, device=q.device)[None, :] <= torch.arange(s - n, s, device=q.device)[:, None]
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=(n > 1 and n == s),
+                                           scale=self.scale, enable_gqa=True)
+        return o[0].transpose(0, 1).reshape(n, -1)

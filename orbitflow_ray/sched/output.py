@@ -1,0 +1,37 @@
+"""The plan one scheduler step hands to the executor. Only plan objects cross this boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from orbitflow_ray.kv.blocks import LayerKV, MoveOp
+from orbitflow_ray.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    request_id: str
+    token_ids: list[int]  # tokens whose KV this step computes
+    start_pos: int  # position of token_ids[0] == tokens already in the cache
+    sample: bool  # True when this step reaches the end of the sequence: sample the next token
+    table: list[LayerKV]  # snapshot of the per-layer placement and blocks
+    sampling_params: SamplingParams
+    num_output_tokens: int  # for seeded sampling: the same seed + position gives the same draw
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    step_id: int
+    seqs: list[ScheduledSeq]
+    # Placement changes to run before compute (swap-outs, resumes, policy refinements).
+    moves: list[MoveOp] = field(default_factory=list)
+    # Requests whose KV was released since the last step (executor drops per-request state).
+    finished_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs and not self.moves

@@ -1,0 +1,209 @@
+"""Continuous batching with chunked prefill, placements from a pluggable KV policy.
+
+One step: resume swapped-out requests that fit, give every running request its next tokens (one for
+decodes, a chunk for prefills) within the token budget, admit waiting requests, then let the policy
+refine placements. When a tier runs out, the newest running request is preempted: swapped to host
+whole (nothing recomputed) or, when the host is full too, its KV is dropped and recomputed later.
+The scheduler owns the tier manager; the executor only reads block tables and runs MoveOps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from orbitflow_ray.config import EngineConfig
+from orbitflow_ray.kv.blocks import LayerKV, MoveOp, Tier
+from orbitflow_ray.kv.tier_manager import KVTierManager
+from orbitflow_ray.planner.base import CapacityView, KVPolicy, RequestView
+from orbitflow_ray.request import Request, RequestStatus
+from orbitflow_ray.sched.output import ScheduledSeq, SchedulerOutput
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, kv: KVTierManager, policy: KVPolicy,
+                 eos_token_ids: frozenset[int], max_model_len: int) -> None:
+        self.config = config
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.kv = kv
+        self.policy = policy
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.swapped: deque[Request] = deque()
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: list[str] = []
+        self._pending_moves: list[MoveOp] = []
+        self._step = 0
+        self.num_preemptions = 0
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Terminal transition: free the request's KV, whatever queue it is in."""
+        if req.status.finished:
+            return
+        for queue in (self.running, self.waiting, self.swapped):
+            if req in queue:
+                queue.remove(req)
+        req.status = status
+        if self.kv.has(req.request_id):
+            self.kv.free(req.request_id)
+        self._finished_ids.append(req.request_id)
+        del self.requests[req.request_id]
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self.finish(req, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def set_placement(self, request_id: str, placement: list[Tier]) -> bool:
+        """Re-home a running request's layers at this step boundary (False if it does not fit)."""
+        ops = self.kv.move_request(request_id, placement)
+        if ops is None:
+            return False
+        self._pending_moves.extend(ops)
+        return True
+
+    # ---- views for the policy ------------------------------------------------------------------
+    def view(self, req: Request) -> RequestView:
+        placement = tuple(self.kv.placement(req.request_id)) if self.kv.has(req.request_id) else None
+        return RequestView(req.request_id, req.num_tokens, req.num_prompt_tokens,
+                           req.sampling_params.max_tokens, req.arrival_time, placement)
+
+    def capacity(self) -> CapacityView:
+        d, h = self.kv.pools[Tier.DEVICE], self.kv.pools[Tier.HOST]
+        return CapacityView(self.kv.num_layers, self.kv.block_size, self.kv.block_bytes,
+                            d.num_blocks, d.num_free, h.num_blocks, h.num_free)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        self._step += 1
+        moves, self._pending_moves = self._pending_moves, []
+        self._resume_swapped(moves)
+        self._refine(moves)
+        budget = self.config.max_num_batched_tokens
+        seqs: list[ScheduledSeq] = []
+        for req in list(self.running):
+            if req not in self.running or budget <= 0:
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, self.config.prefill_chunk_size, budget)
+            if n > 0 and self._reserve(req, n, moves):
+                seqs.append(self._seq(req, n))
+                budget -= n
+        if not self.swapped:
+            budget = self._admit(budget, seqs, moves)
+        for seq in seqs:  # snapshot tables last: growth and moves above may have changed them
+            seq.table = [LayerKV(lk.tier, list(lk.blocks)) for lk in self.kv.table(seq.request_id)]
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(self._step, seqs, moves, finished)
+
+    def _reserve(self, req: Request, n: int, moves: list[MoveOp]) -> bool:
+        """Grow req's KV for n more tokens, preempting the newest running requests if needed."""
+        while not self.kv.grow(req.request_id, req.num_computed_tokens + n):
+            victim = self.running[-1]
+            self._preempt(victim, moves)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request, moves: list[MoveOp]) -> None:
+        self.num_preemptions += 1
+        self.running.remove(req)
+        short_host = not self.kv.fits({Tier.HOST: 1, Tier.DEVICE: 0})
+        ops = None if short_host else self.kv.move_request(req.request_id, [Tier.HOST] * self.kv.num_layers)
+        if ops is not None:
+            moves.extend(ops)
+            req.status = RequestStatus.PREEMPTED
+            self.swapped.append(req)
+            return
+        # No host room: drop the KV; the tokens are kept and their KV is recomputed on resume.
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
+    def _resume_swapped(self, moves: list[MoveOp]) -> None:
+        while self.swapped and len(self.running) < self.config.max_num_seqs:
+            req = self.swapped[0]
+            placement = self.policy.place_new(self.view(req), self.capacity())
+            # Its layers are all on host; those going back need device room plus one block each
+            # to grow into, or it would be swapped straight out again.
+            back = [lk for lk, t in zip(self.kv.table(req.request_id), placement) if t == Tier.DEVICE]
+            need = {Tier.DEVICE: sum(len(lk.blocks) + 1 for lk in back), Tier.HOST: 0}
+            if not self.kv.fits(need):
+                return
+            ops = self.kv.move_request(req.request_id, placement)
+            if ops is None:
+                return
+            moves.extend(ops)
+            self.swapped.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+
+    def _admit(self, budget: int, seqs: list[ScheduledSeq], moves: list[MoveOp]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            placement = self.policy.place_new(self.view(req), self.capacity())
+            # Admit only if the whole prompt fits, so a long prefill is not preempted half-way.
+            if not self.kv.fits(self.kv.demand(placement, self.kv.blocks_for(req.num_tokens))):
+                break
+            self.waiting.popleft()
+            self.kv.register(req.request_id, placement)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            n = min(req.num_tokens - req.num_computed_tokens, self.config.prefill_chunk_size, budget)
+            if self._reserve(req, n, moves):
+                seqs.append(self._seq(req, n))
+                budget -= n
+        return budget
+
+    def _refine(self, moves: list[MoveOp]) -> None:
+        plan = self.policy.replan([self.view(r) for r in self.running], self.capacity())
+        if plan is None:
+            return
+        for rid, placement in plan.placements.items():
+            if self.kv.has(rid):
+                moves.extend(self.kv.move_request(rid, placement) or [])
+
+    def _seq(self, req: Request, n: int) -> ScheduledSeq:
+        start = req.num_computed_tokens
+        return ScheduledSeq(req.request_id, req.all_token_ids[start:start + n], start,
+                            start + n == req.num_tokens, [], req.sampling_params,
+                            len(req.output_token_ids))
+
+    # ---- closing the loop ----------------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int],
+                           now: float) -> list[Request]:
+        """Advance progress, append sampled tokens, finish on EOS/length. Returns requests that got
+        a new token (stop strings are checked by the engine's detokenizer, which may finish them)."""
+        updated = []
+        for seq in out.seqs:
+            req = self.requests.get(seq.request_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue
+            req.num_computed_tokens = seq.start_pos + len(seq.token_ids)
+            if seq.request_id in sampled:
+                tok = sampled[seq.request_id]
+                req.output_token_ids.append(tok)
+                req.token_times.append(now)
+                updated.append(req)
+                self._check_stop(req, tok)
+        return updated
+
+    def _check_stop(self, req: Request, tok: int) -> None:
+        sp = req.sampling_params
+        if (not sp.ignore_eos and tok in self.eos_token_ids) or tok in sp.stop_token_ids:
+            req.stop_reason = tok
+            self.finish(req, RequestStatus.FINISHED_STOPPED)
+        elif len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len:
+            self.finish(req, RequestStatus.FINISHED_LENGTH)

@@ -1,0 +1,117 @@
+"""Engine behaviour on a random-initialised preset (fast): policies agree, bad input is rejected
+cleanly, KV accounting returns to zero."""
+
+import pytest
+import torch
+
+from orbitflow_ray import EngineConfig, SamplingParams
+from orbitflow_ray.engine import LLMEngine
+from orbitflow_ray.kv.blocks import Tier
+from orbitflow_ray.llm import LLM
+from orbitflow_ray.model.loader import build_hf_reference, load_model
+
+PROMPTS = [[1, 5, 9, 200, 31], list(range(3, 140)), [7] * 40, list(range(100, 400))]
+
+
+def gen(policy, prompts=PROMPTS, max_tokens=12, **kw):
+    llm = LLM(model="tiny-llama", kv_policy=policy, **{"device_kv_bytes": 8 << 20, "host_kv_bytes": 8 << 20, **kw})
+    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    stats = llm.kv_stats()
+    llm.engine.close()
+    return [o.token_ids for o in outs], stats
+
+
+@pytest.mark.parametrize("policy", ["static-uniform", "all-offload"])
+def test_offloading_policies_match_no_offload(policy):
+    base, _ = gen("no-offload")
+    got, stats = gen(policy, prefill_chunk_size=64)
+    assert got == base
+    assert stats["bytes_h2d"] > 0
+    assert stats["device_kv_bytes_used"] == stats["host_kv_bytes_used"] == 0
+
+
+def test_prefill_chunking_and_token_budget_do_not_change_output():
+    base, _ = gen("no-offload")
+    got, _ = gen("no-offload", prefill_chunk_size=16, max_num_batched_tokens=40, max_num_seqs=2)
+    assert got == base
+
+
+def test_logits_close_to_hf_reference():
+    loaded = load_model("tiny-llama")
+    hf = build_hf_reference(loaded)
+    ids = PROMPTS[3]
+    llm = LLM(model="tiny-llama", device_kv_bytes=8 << 20, host_kv_bytes=8 << 20)
+    out = llm.generate([ids], SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    with torch.inference_mode():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, min_new_tokens=6,
+                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    assert out.token_ids == ref[0, len(ids):].tolist()
+
+
+def test_timestamps_and_metrics():
+    llm = LLM(model="tiny-llama", device_kv_bytes=8 << 20)
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    m = out.metrics
+    assert len(m.token_times) == 5 and m.token_times == sorted(m.token_times)
+    assert m.ttft > 0 and m.tpot > 0 and len(m.tbts) == 4
+    assert out.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible():
+    llm = LLM(model="tiny-llama", device_kv_bytes=8 << 20)
+    sp = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
+    a = llm.generate([PROMPTS[0], PROMPTS[2]], sp)
+    b = llm.generate([PROMPTS[0]], sp)
+    assert a[0].token_ids == b[0].token_ids
+    assert len(a[1].token_ids) == 10
+
+
+def test_stop_token_ids_and_abort():
+    eng = LLMEngine(EngineConfig(model="tiny-llama", device_kv_bytes=8 << 20, host_kv_bytes=1 << 20))
+    first = LLM.__new__(LLM)
+    first.engine = eng
+    tok = first.generate([PROMPTS[0]], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids
+    out = first.generate([PROMPTS[0]], SamplingParams(max_tokens=10, stop_token_ids=[tok[1]], ignore_eos=True))[0]
+    assert out.token_ids == tok[: tok.index(tok[1]) + 1] and out.finish_reason == "stop"
+    rid = eng.add_request(PROMPTS[1], SamplingParams(max_tokens=50))
+    eng.step()
+    assert eng.kv.used_bytes(Tier.DEVICE) > 0
+    assert eng.abort_request(rid)
+    assert eng.kv.used_bytes(Tier.DEVICE) == 0 and not eng.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"kv_policy": "nope"}, "unknown kv_policy"),
+    ({"model": "no-such-model"}, "no-such-model"),
+    ({"device_kv_bytes": 100}, "cannot hold even one KV block"),
+    ({"block_size": 0}, "block_size must be positive"),
+    ({"backend": "tpu"}, "backend must be one of"),
+])
+def test_bad_engine_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LLMEngine(EngineConfig(**{"model": "tiny-llama", **kwargs}))
+
+
+def test_bad_requests_are_rejected_and_others_go_on():
+    eng = LLMEngine(EngineConfig(model="tiny-llama", device_kv_bytes=1 << 20, host_kv_bytes=1 << 20))
+    good = eng.add_request(PROMPTS[1], SamplingParams(max_tokens=8, ignore_eos=True))
+    eng.step()
+    used = eng.kv.used_bytes(Tier.DEVICE)
+    with pytest.raises(ValueError, match="empty"):
+        eng.add_request([])
+    with pytest.raises(ValueError, match="context window"):
+        eng.add_request([1] * 5000)
+    with pytest.raises(ValueError, match="out of range"):
+        eng.add_request([1, 10**9])
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="holds"):  # more KV than the device tier can ever hold
+        eng.add_request([1] * 2000, SamplingParams(max_tokens=40))
+    with pytest.raises(ValueError, match="already in use"):
+        eng.add_request([1, 2], request_id=good)
+    assert eng.kv.used_bytes(Tier.DEVICE) == used
+    done = []
+    while eng.has_unfinished_requests():
+        done += [o for o in eng.step() if o.finished]
+    assert [o.request_id for o in done] == [good] and len(done[0].token_ids) == 8
+    assert eng.kv.used_bytes(Tier.DEVICE) == 0
