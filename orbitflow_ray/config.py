@@ -24,10 +24,10 @@ class EngineConfig:
         "Share of each request's layers kept on host by 'static-uniform' (FlexGen's fixed ratio).",
         default=0.5)
     device_kv_bytes: int | None = _help(
-        "Byte budget of the device KV tier. None: 1 GiB, ample for the default model on one request "
-        "of 8K tokens x 16, so offloading happens only when you ask for less.", default=None)
+        "Byte budget of the device KV tier. None: 512 MiB, about 11K tokens of the default model, "
+        "so offloading happens only when you ask for less.", default=None)
     host_kv_bytes: int | None = _help(
-        "Byte budget of the host KV tier. None: 4 GiB (pinned memory is scarce on real hosts).",
+        "Byte budget of the host KV tier. None: 1 GiB (pinned memory is scarce on real hosts).",
         default=None)
     block_size: int = _help("Tokens per KV block. 16 as in vLLM: small enough to waste little, "
                             "large enough that a block copy is one efficient transfer.", default=16)
@@ -57,9 +57,9 @@ class EngineConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device_kv_bytes is None:
-            self.device_kv_bytes = 1 << 30
+            self.device_kv_bytes = 512 << 20
         if self.host_kv_bytes is None:
-            self.host_kv_bytes = 4 << 30
+            self.host_kv_bytes = 1 << 30
         for name in ("device_kv_bytes", "block_size", "max_num_seqs", "max_num_batched_tokens",
                      "prefill_chunk_size", "prefetch_depth"):
             if getattr(self, name) <= 0:

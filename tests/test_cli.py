@@ -1,0 +1,40 @@
+"""The `orbitflow` command: help, generation on a preset, clear errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from orbitflow_ray.cli import main, parse_bytes
+
+
+def test_parse_bytes():
+    assert parse_bytes("64MiB") == 64 << 20
+    assert parse_bytes("1g") == 1 << 30
+    assert parse_bytes("4096") == 4096
+
+
+def test_help_lists_engine_flags():
+    out = subprocess.run([sys.executable, "-m", "orbitflow_ray.cli", "generate", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for flag in ("--kv-policy", "--device-kv-bytes", "--link-bandwidth-bytes-per-s", "--prompt"):
+        assert flag in out
+
+
+def test_generate_on_a_preset(capsys):
+    assert main(["generate", "--model", "tiny-llama", "--prompt-ids", "1,2,3", "--max-tokens", "4",
+                 "--kv-policy", "all-offload", "--device-kv-bytes", "1MiB", "--host-kv-bytes", "1MiB"]) == 0
+    captured = capsys.readouterr()
+    ids = captured.out.strip().strip("[]").split(",")
+    assert len(ids) == 4
+    assert "TTFT" in captured.err
+
+
+def test_unknown_policy_is_a_clear_error(capsys):
+    assert main(["generate", "--model", "tiny-llama", "--prompt-ids", "1", "--kv-policy", "bogus"]) == 2
+    assert "unknown kv_policy 'bogus'" in capsys.readouterr().err
+
+
+def test_policies_lists_builtins(capsys):
+    assert main(["policies"]) == 0
+    assert {"no-offload", "all-offload", "static-uniform"} <= set(capsys.readouterr().out.split())
