@@ -36,11 +36,13 @@ def test_prefill_chunking_and_token_budget_do_not_change_output():
     assert got == base
 
 
-def test_logits_close_to_hf_reference():
-    loaded = load_model("tiny-llama")
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2", "tiny-llama3"])
+def test_greedy_matches_hf_for_each_architecture(model):
+    """Tied and untied heads, q/k/v biases (Qwen2), llama3 RoPE scaling; all layers offloaded."""
+    loaded = load_model(model)
     hf = build_hf_reference(loaded)
     ids = PROMPTS[3]
-    llm = LLM(model="tiny-llama", device_kv_bytes=8 << 20, host_kv_bytes=8 << 20)
+    llm = LLM(model=model, kv_policy="static-uniform", device_kv_bytes=8 << 20, host_kv_bytes=8 << 20)
     out = llm.generate([ids], SamplingParams(max_tokens=6, ignore_eos=True))[0]
     with torch.inference_mode():
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, min_new_tokens=6,

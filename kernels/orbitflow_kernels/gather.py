@@ -132,3 +132,23 @@ def scatter_rows(pool: torch.Tensor, block_ids: torch.Tensor, offsets: torch.Ten
                          f"must be {want}, got {tuple(values.shape)}")
     # Advanced indices split by a slice: torch puts the token dim first, so the target is [T, 2, ...].
     pool[ids, :, off] = values.to(device=pool.device, dtype=pool.dtype)
+
+
+# ---- head-major layout used by the engine: pool `[num_blocks, 2, Hkv, block_size, D]` ----------
+def gather_kv(pool: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """A request's K and V for one layer, ready for SDPA: `[2, Hkv, length, D]`.
+
+    One copy: indexing the block dim of the permuted view `[2, Hkv, num_blocks, bs, D]` yields a
+    contiguous `[2, Hkv, n, bs, D]`, whose reshape to `[2, Hkv, n * bs, D]` is free; each copied
+    run is a whole `bs x D` slab of one head.
+    """
+    ids = block_ids.to(pool.device, torch.int64)
+    two, hkv, bs, d = pool.shape[1:]
+    kv = pool.permute(1, 2, 0, 3, 4)[:, :, ids]
+    return kv.reshape(two, hkv, ids.numel() * bs, d)[:, :, :length]
+
+
+def scatter_tokens(pool: torch.Tensor, block_ids: torch.Tensor, offsets: torch.Tensor,
+                   values: torch.Tensor) -> None:
+    """Write new tokens: `pool[block_ids[t], :, :, offsets[t]] = values[t]`, values `[T, 2, Hkv, D]`."""
+    pool[block_ids.to(pool.device), :, :, offsets.to(pool.device)] = values.to(pool.dtype)

@@ -1,6 +1,7 @@
 """The worker-side KV store: tier tensors, moves, per-layer prefetch into staging, attention reads.
 
-Pools are `[num_blocks, 2, block_size, Hkv, D]` (0 = K, 1 = V). For a layer on host, the request's
+Pools are `[num_blocks, 2, Hkv, block_size, D]` (0 = K, 1 = V): head-major inside a block, so a
+request's K for one head is a run of `block_size x D` slabs and one gather yields SDPA's layout. For a layer on host, the request's
 blocks are copied into a device staging slot before the layer computes (issued `prefetch_depth`
 host layers ahead, so the copy overlaps the compute of earlier layers); the new tokens are written
 into the staging copy, attention reads it, and the touched blocks are written back to host. The
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from orbitflow_kernels import Direction, TransferEngine, TransferJob, gather_blocks, scatter_rows
+from orbitflow_kernels import Direction, TransferEngine, TransferJob
+from orbitflow_kernels.gather import gather_kv, scatter_tokens
 from orbitflow_ray.kv.blocks import MoveOp, Tier
 from orbitflow_ray.kv.tier_manager import cdiv
 from orbitflow_ray.sched.output import ScheduledSeq
@@ -39,7 +41,7 @@ class KVStore:
                  num_kv_heads: int, head_dim: int, dtype: torch.dtype, prefetch_depth: int) -> None:
         self.engine = engine
         self.block_size = block_size
-        self.row_shape = (2, block_size, num_kv_heads, head_dim)
+        self.row_shape = (2, num_kv_heads, block_size, head_dim)
         self.dtype = dtype
         self.pools = {Tier.DEVICE: engine.alloc_device((device_blocks, *self.row_shape), dtype),
                       Tier.HOST: engine.alloc_host((host_blocks, *self.row_shape), dtype)}
@@ -129,17 +131,18 @@ class KVStore:
 
     def write_and_read(self, layer: int, i: int, k: torch.Tensor, v: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store seq i's new K/V [n, Hkv, D] for `layer`, return its full K, V [ctx + n, Hkv, D]."""
+        """Store seq i's new K/V [n, Hkv, D] for `layer`; return its full K, V as
+        [1, Hkv, ctx + n, D], the layout SDPA takes."""
         seq = self._seqs[i]
         pool, blocks = self._location(layer, i)
         end = seq.start_pos + k.shape[0]
         pos = torch.arange(seq.start_pos, end, device=k.device)
         ids = torch.as_tensor(blocks, dtype=torch.int64, device=pool.device)
-        scatter_rows(pool, ids[pos // self.block_size], pos % self.block_size, torch.stack([k, v], 1))
-        kv = gather_blocks(pool, ids)  # [n_blocks, 2, bs, Hkv, D]
-        keys = kv[:, 0].reshape(-1, *k.shape[1:])[:end]
-        values = kv[:, 1].reshape(-1, *v.shape[1:])[:end]
-        return keys, values
+        scatter_tokens(pool, ids[pos // self.block_size], pos % self.block_size, torch.stack([k, v], 1))
+        if seq.start_pos == 0:  # nothing cached before: attend on the new K/V, skip the gather
+            return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        kv = gather_kv(pool, ids, end)
+        return kv[0].unsqueeze(0), kv[1].unsqueeze(0)
 
     def after_layer(self, layer: int) -> None:
         """Write the blocks this step touched back to host for every host seq of `layer`."""

@@ -54,14 +54,13 @@ class ModelRunner:
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Causal attention of n new queries over ctx + n keys, shaped as transformers shapes it."""
-        n, s = q.shape[0], keys.shape[0]
+        """Causal attention of n new queries [n, H, D] over keys/values [1, Hkv, ctx + n, D],
+        shaped as transformers shapes it."""
+        n, s = q.shape[0], keys.shape[2]
         qt = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        kt = keys.transpose(0, 1).unsqueeze(0)
-        vt = values.transpose(0, 1).unsqueeze(0)
         mask = None
         if 1 < n < s:
             mask = torch.arange(s, device=q.device)[None, :] <= torch.arange(s - n, s, device=q.device)[:, None]
-        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=(n > 1 and n == s),
+        o = F.scaled_dot_product_attention(qt, keys, values, attn_mask=mask, is_causal=(n > 1 and n == s),
                                            scale=self.scale, enable_gqa=True)
         return o[0].transpose(0, 1).reshape(n, -1)

@@ -1,0 +1,139 @@
+"""The placement MIP built with highspy directly: the same model as `ilp.py`, no cvxpy in between.
+
+The matrix is laid out once per (requests, layers, distances) shape; a solve writes the
+parameter-dependent coefficients (link loads, capacity shares, big-Ms, SLO slacks) into their
+fixed slots, hands the arrays to HiGHS in one `passModel` call and seeds it with an incumbent
+(the caller's previous plan, mapped by request id, when it is still feasible).
+
+Columns: x[r, k] (binary, row-major), then v[r] (binary, only with `violations=True`), Y[k], U[j].
+Rows: one-of-K per request; Y definitions; capacity; U monotone; link intervals; SLO big-M.
+
+`violations=False` drops v and the big-M rows and minimises U[L-1] alone. That is exact for the
+lexicographic objective, not a relaxation: for a fixed window every request sees the same T, so
+the set of late requests {r : T > effective_slo_r} only grows with T and the least-T plan also
+has the fewest violations (`problem.py`). It is the fast path; `violations=True` is the
+reference model, kept to check the claim (tests) and to measure what the binaries cost (bench).
+"""
+
+from __future__ import annotations
+
+import highspy
+import numpy as np
+
+from orbitflow_ray.planner.ilp import window_data
+from orbitflow_ray.planner.problem import Plan, PlanInputs, critical_intervals, search_windows
+
+INF = highspy.kHighsInf
+
+
+class _Layout:
+    """Sparse structure of one shape; `fill` returns the CSC values for one window's data."""
+
+    def __init__(self, R: int, L: int, distances: tuple[int, ...], violations: bool) -> None:
+        K = len(distances)
+        pairs, counts = critical_intervals(L, distances)
+        nv = R if violations else 0
+        self.R, self.K, self.L, self.nv = R, K, L, nv
+        xc = np.arange(R * K).reshape(R, K)
+        yc, uc = R * K + nv + np.arange(K), R * K + nv + K + np.arange(L)
+        self.ncol = R * K + nv + K + L
+        rows, cols, vals, lo, hi = [], [], [], [], []
+
+        def add(r, c, v):
+            rows.append(np.broadcast_to(r, np.shape(c)).ravel())
+            cols.append(np.ravel(c))
+            vals.append(np.broadcast_to(np.asarray(v, float), np.shape(c)).ravel())
+
+        row = 0
+        add(np.repeat(np.arange(R), K), xc.ravel(), 1.0)  # one distance per request
+        lo += [1.0] * R; hi += [1.0] * R; row += R
+        self.load_at = sum(map(len, rows))
+        add(row + np.tile(np.arange(K), R), xc.ravel(), 0.0)  # -load[r] * x[r, k] + Y[k] = 0
+        add(row + np.arange(K), yc, 1.0)
+        lo += [0.0] * K; hi += [0.0] * K; row += K
+        self.cap_at = sum(map(len, rows))
+        add(row, xc.ravel(), 0.0)  # capacity share
+        lo.append(-INF); hi.append(1.0); row += 1
+        add(row + np.arange(L - 1), uc[1:], 1.0)  # U monotone
+        add(row + np.arange(L - 1), uc[:-1], -1.0)
+        lo += [0.0] * (L - 1); hi += [INF] * (L - 1); row += L - 1
+        for i, (a, b) in enumerate(pairs):  # link: count . Y - U[b] + U[a-1] <= b - a
+            nz = np.flatnonzero(counts[i])
+            add(row + i, yc[nz], counts[i, nz])
+            add(row + i, [uc[b]] + ([uc[a - 1]] if a >= 1 else []), [-1.0] + ([1.0] if a >= 1 else []))
+        lo += [-INF] * len(pairs); hi += list((pairs[:, 1] - pairs[:, 0]).astype(float)); row += len(pairs)
+        if violations:  # U[L-1] - M[r] v[r] <= slack[r]
+            self.slo_row = row
+            add(row + np.arange(R), np.full(R, uc[L - 1]), 1.0)
+            self.bigm_at = sum(map(len, rows))
+            add(row + np.arange(R), R * K + np.arange(R), 0.0)
+            lo += [-INF] * R; hi += [0.0] * R; row += R
+        self.nrow = row
+        r_, c_, v_ = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+        self.order = np.lexsort((r_, c_))  # column-major
+        self.index = r_[self.order].astype(np.int32)
+        self.start = np.searchsorted(c_[self.order], np.arange(self.ncol + 1)).astype(np.int32)
+        self.base = v_
+        self.row_lower, self.row_upper = np.array(lo), np.array(hi)
+        self.col_lower = np.zeros(self.ncol)
+        self.col_upper = np.r_[np.ones(R * K + nv), np.full(K + L, INF)]
+        self.integrality = np.r_[np.ones(R * K + nv), np.zeros(K + L)].astype(np.int32)
+        self.u_last = uc[L - 1]
+
+    def model(self, data: dict) -> tuple:
+        R, K = self.R, self.K
+        v = self.base.copy()
+        v[self.load_at:self.load_at + R * K] = -np.repeat(data["load"], K)
+        v[self.cap_at:self.cap_at + R * K] = data["cap"].ravel()
+        cost = np.zeros(self.ncol)
+        cost[self.u_last] = 1.0
+        row_upper = self.row_upper
+        if self.nv:
+            v[self.bigm_at:self.bigm_at + R] = -data["bigm"]
+            cost[R * K:R * K + R] = data["weight"]
+            row_upper = row_upper.copy()
+            row_upper[self.slo_row:self.slo_row + R] = data["slack"]
+        offset = 0.0 if self.nv else float(self.L)  # objective = T / c, so mip_rel_gap is on T
+        return (self.ncol, self.nrow, len(v), 1, 1, offset, cost, self.col_lower, self.col_upper,
+                self.row_lower, row_upper, self.start, self.index, v[self.order], self.integrality)
+
+
+class HighsPlanner:
+    """Plans with highspy directly. `violations=False` is the fast path (see the module docstring).
+    `rel_gap`: stop when T is proven within this factor of optimal (1e-4 = 0.01 %)."""
+
+    def __init__(self, violations: bool = False, rel_gap: float = 1e-4, time_limit_s: float = 2.0,
+                 warm_start: bool = True) -> None:
+        self.violations, self.rel_gap, self.warm_start = violations, rel_gap, warm_start
+        self.name = "highspy" + ("" if violations else "-reduced")
+        self._layouts: dict[tuple, _Layout] = {}
+        self._highs = highspy.Highs()
+        for k, v in {"output_flag": False, "threads": 1, "time_limit": time_limit_s,
+                     "mip_rel_gap": 0.0 if violations else rel_gap}.items():
+            self._highs.setOptionValue(k, v)
+        self._last: dict[str, int] = {}
+
+    def layout(self, inputs: PlanInputs) -> _Layout:
+        key = (len(inputs.requests), inputs.num_layers, inputs.distances)
+        if key not in self._layouts:
+            self._layouts[key] = _Layout(*key, self.violations)
+        return self._layouts[key]
+
+    def solve(self, inputs: PlanInputs) -> Plan:
+        ds = np.array(inputs.distances)
+        h = self._highs
+
+        def solve_at(window: int) -> tuple[list[int], bool]:
+            lay, data = self.layout(inputs), window_data(inputs, window)
+            h.passModel(*lay.model(data))
+            h.setOptionValue("mip_abs_gap", self.rel_gap * inputs.num_layers)
+            h.run()
+            status = h.getModelStatus()
+            if status not in (highspy.HighsModelStatus.kOptimal, highspy.HighsModelStatus.kTimeLimit):
+                raise RuntimeError(f"HiGHS returned {h.modelStatusToString(status)} on a feasible window")
+            x = np.asarray(h.getSolution().col_value[:lay.R * lay.K]).reshape(lay.R, lay.K)
+            return ds[np.argmax(x, axis=1)].tolist(), status == highspy.HighsModelStatus.kOptimal
+
+        plan = search_windows(inputs, solve_at, self.name)
+        self._last = plan.distances
+        return plan

@@ -1,0 +1,275 @@
+"""The KV placement problem of one plan window: inputs, the exact cost model, and the plan.
+
+Pure Python + numpy; no solver here. `evaluate` is the ground truth that the ILP (`ilp.py`,
+`ilp_highs.py`) optimises, that the tests brute-force, and that the simulator can replay.
+
+Placement (distance-driven, as in the paper). Request r picks a prefetch distance d from
+`distances`. Layer j (0-based) is on host iff d < L and (j + 1) % (d + 1) == 0: host layers are
+d, 2d+1, 3d+2, ... and every host layer has the d device layers before it as its prefetch window,
+so the first window starts at the top of the step. d = 1 puts floor(L/2) layers on host, d = L - 1
+one layer, d >= L none ("all on device"); we store d >= L as L. (The paper's 0-based `j % (d+1) == 0`
+would put layer 0 on host with no layer to hide its transfer behind; we shift by one.)
+
+One decode step, per layer j: compute time c = compute_a + compute_b * (batch context tokens), the
+same for every layer. Host layer h of request r with distance d is a transfer of B_r = n_r * kvb
+bytes (its whole KV for that layer) over the host link (BW bytes/s). Its staging slot frees when the
+request's previous host layer (h - d - 1) finishes computing, so it is *released* at the end of
+layer h - d - 1's compute (the top of the step for the first one) and must *land* before layer h
+starts. stall_j >= 0 is the wait inserted before layer j; T = L * c + sum_j stall_j.
+
+Link model: the transfer engine serves released transfers earliest-deadline-first in block-sized
+chunks. For one link with release times and deadlines that is optimal, and a set of layer start
+times is achievable iff every interval from a release to a deadline has room for the transfers
+that lie inside it (Horn, 1974). With time measured from the release at the end of layer a-1 to the
+start of layer b, that reads, for all a <= b:
+
+    bytes(a, b) / BW  <=  (b - a) * c  +  stall_a + ... + stall_b
+
+where bytes(a, b) sums the transfers released at or after a with deadline at or before b. This is
+the paper's per-layer budget (BW * (c + stall_j)) generalised to multi-layer windows: a transfer
+may use slack from any layer of its window instead of an even 1/d share of each, so the model is
+exact for an EDF link, never pessimistic. The least stalls satisfying all intervals form a
+longest-path recursion (`_stall_s`), which is what `evaluate` computes. Because a class of requests
+with the same d has the same windows, bytes(a, b) = sum_k count_k(a, b) * Y_k with Y_k the summed
+B_r of the requests choosing distance k: the link side depends on the batch only through K numbers.
+The staging slots live outside the device KV pool (as in `kv/store.py`) and are not counted.
+
+Capacity: device bytes = sum_r (L - host layers of d_r) * (n_r + g_r) * kvb <= capacity, with
+g_r = min(W, max_new_tokens_left) the tokens r grows by in the window (its KV at the window's end).
+
+SLO and Token-Deposit. All requests share the step time T (one batch). Deposit tokens are released
+at the SLO pace, so a request is late in the window only when its lag W_r * (T - slo) exceeds what
+its D banked tokens cover, D * slo (W_r = g_r: a request that finishes early stops accruing lag):
+
+    violation  <=>  T > slo * (1 + D / g_r)   (the "effective SLO").
+
+Each late step consumes at most one banked token while T <= 2 * slo, so D tokens cover at least D
+late steps. T is evaluated at the current context lengths: it is the step the plan starts with.
+
+Objective, lexicographic: fewest violations, then smallest T, then longest window W. Violations are
+a nondecreasing step function of T for a fixed W, and a longer W only shrinks the feasible set and
+the effective SLOs, so the best (violations, T) is reached at the shortest feasible W and the
+answer is the longest W that still reaches it. `search_windows` runs that search over any
+per-window solver.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+DEFAULT_DISTANCES = (1, 2, 3, 4, 5, 7, 9, 15, 31)  # the research code's set; L is always added
+DEFAULT_WINDOWS = (32, 64, 128)  # the paper's range of plan windows, in decode steps
+SLO_RTOL = 1e-9  # T within this relative margin of an effective SLO counts as on time
+T_RTOL = 1e-6  # step times this close are a tie (solver tolerances are about 1e-7 relative)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRequest:
+    request_id: str
+    context_tokens: int  # tokens whose KV the next step reads (n_r)
+    max_new_tokens_left: int  # caps how much the request can grow within a window
+    slo_s: float  # per-token SLO (TBT / TPOT target), seconds
+    deposit_tokens: int = 0  # tokens banked by Token-Deposit pacing
+
+    def __post_init__(self) -> None:
+        if self.context_tokens < 1 or self.max_new_tokens_left < 1:
+            raise ValueError(f"{self.request_id}: context_tokens and max_new_tokens_left must be >= 1")
+        if not self.slo_s > 0 or self.deposit_tokens < 0:
+            raise ValueError(f"{self.request_id}: need slo_s > 0 and deposit_tokens >= 0")
+
+    def growth(self, window: int) -> int:
+        return min(window, self.max_new_tokens_left)
+
+    def effective_slo_s(self, window: int) -> float:
+        return self.slo_s * (1.0 + self.deposit_tokens / self.growth(window))
+
+
+@dataclass(frozen=True, slots=True)
+class PlanInputs:
+    requests: tuple[PlanRequest, ...]
+    num_layers: int
+    kv_bytes_per_token_per_layer: int
+    device_capacity_bytes: int  # device KV pool for this batch (staging slots excluded)
+    link_bytes_per_s: float  # host -> device bandwidth
+    compute_a_s: float  # per-layer compute: a + b * batch context tokens (cost model fit)
+    compute_b_s_per_token: float
+    distances: tuple[int, ...] | None = None  # None: DEFAULT_DISTANCES + (L,)
+    windows: tuple[int, ...] = DEFAULT_WINDOWS
+
+    def __post_init__(self) -> None:
+        L = self.num_layers
+        if L < 1 or self.kv_bytes_per_token_per_layer < 1 or self.device_capacity_bytes < 0:
+            raise ValueError("need num_layers >= 1, kv_bytes_per_token_per_layer >= 1, capacity >= 0")
+        if not (self.link_bytes_per_s > 0 and self.compute_a_s > 0 and self.compute_b_s_per_token >= 0):
+            raise ValueError("need link_bytes_per_s > 0, compute_a_s > 0, compute_b_s_per_token >= 0")
+        ids = [r.request_id for r in self.requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("request ids must be unique")
+        ds = DEFAULT_DISTANCES + (L,) if self.distances is None else tuple(self.distances)
+        if not ds or any(int(d) != d or d < 1 for d in ds):
+            raise ValueError(f"distances must be integers >= 1, got {ds}")
+        if not self.windows or any(int(w) != w or w < 1 for w in self.windows):
+            raise ValueError(f"windows must be integers >= 1, got {self.windows}")
+        object.__setattr__(self, "requests", tuple(self.requests))
+        object.__setattr__(self, "distances", tuple(sorted({min(int(d), L) for d in ds})))
+        object.__setattr__(self, "windows", tuple(sorted({int(w) for w in self.windows})))
+
+    @property
+    def compute_per_layer_s(self) -> float:
+        return self.compute_a_s + self.compute_b_s_per_token * sum(r.context_tokens for r in self.requests)
+
+    def device_layers(self) -> np.ndarray:
+        """Layers kept on device, per distance class."""
+        return np.array([self.num_layers - len(host_layers(d, self.num_layers)) for d in self.distances])
+
+    def end_tokens(self, window: int) -> np.ndarray:
+        return np.array([r.context_tokens + r.growth(window) for r in self.requests], dtype=np.int64)
+
+    def min_device_bytes(self, window: int) -> int:
+        """Device bytes at the window's end with every request at its largest offload."""
+        return int(self.device_layers().min()) * int(self.end_tokens(window).sum()) * self.kv_bytes_per_token_per_layer
+
+
+class PlanStatus(enum.Enum):
+    OPTIMAL = "optimal"
+    FEASIBLE = "feasible"  # the solver hit its time limit with a plan in hand
+    INFEASIBLE = "infeasible"  # capacity cannot hold the batch even at the largest offload
+
+
+@dataclass(slots=True)
+class Plan:
+    """A placement for every request, valid for `window` decode steps.
+
+    On INFEASIBLE the per-request fields are empty and `pause_candidates` lists the requests by
+    KV size at the window's end, largest first: the caller pauses from the front and re-solves."""
+
+    status: PlanStatus
+    distances: dict[str, int]
+    host_layers: dict[str, list[int]]
+    predicted_step_s: float
+    violations: set[str]
+    window: int
+    solve_time_s: float
+    solver: str
+    device_bytes: int = 0
+    pause_candidates: list[str] = field(default_factory=list)
+
+
+def placement_for_distance(d: int, num_layers: int) -> list[bool]:
+    """True = the layer lives on host. See the module docstring for the convention."""
+    return [d < num_layers and (j + 1) % (d + 1) == 0 for j in range(num_layers)]
+
+
+def host_layers(d: int, num_layers: int) -> list[int]:
+    return [j for j, on_host in enumerate(placement_for_distance(d, num_layers)) if on_host]
+
+
+@functools.lru_cache(maxsize=64)
+def window_counts(num_layers: int, distances: tuple[int, ...]) -> np.ndarray:
+    """counts[a, b, k]: transfers of class k released at or after a with deadline at or before b."""
+    counts = np.zeros((num_layers, num_layers, len(distances)))
+    for k, d in enumerate(distances):
+        for h in host_layers(d, num_layers):
+            counts[: h - d + 1, h:, k] += 1
+    return counts
+
+
+@functools.lru_cache(maxsize=64)
+def critical_intervals(num_layers: int, distances: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The (a, b) pairs whose link constraints are not implied by a shorter interval: some transfer
+    inside is released exactly at a and some lands exactly at b. Returns (pairs [I, 2], counts [I, K])."""
+    first_deadline: dict[int, int] = {}
+    last_release: dict[int, int] = {}
+    for d in distances:
+        for h in host_layers(d, num_layers):
+            first_deadline[h - d] = min(first_deadline.get(h - d, h), h)
+            last_release[h] = max(last_release.get(h, h - d), h - d)
+    pairs = [(a, b) for a in sorted(first_deadline) for b in sorted(last_release)
+             if first_deadline[a] <= b and last_release[b] >= a]
+    counts = window_counts(num_layers, distances)
+    arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    return arr, counts[arr[:, 0], arr[:, 1]] if len(pairs) else np.zeros((0, len(distances)))
+
+
+def _stall_s(counts: np.ndarray, loads: np.ndarray, c: float, bw: float) -> float:
+    """Least total stall under the EDF link model: U[b+1] = max(U[b], max_a U[a] + need(a, b)),
+    U[j+1] the stall accumulated up to and including layer j (a longest path, so exact)."""
+    L = counts.shape[0]
+    need = counts @ loads / bw - (np.arange(L)[None, :] - np.arange(L)[:, None]) * c
+    U = np.zeros(L + 1)
+    for b in range(L):
+        U[b + 1] = max(U[b], float(np.max(U[: b + 1] + need[: b + 1, b])))
+    return float(U[L])
+
+
+def evaluate(inputs: PlanInputs, distances_by_request: Mapping[str, int] | Sequence[int],
+             window: int) -> tuple[float, set[str], int]:
+    """(step time T in s, ids violating their effective SLO, device KV bytes at the window's end)
+    for a placement given as a distance per request (a mapping by id, or a list in request order)."""
+    reqs, L = inputs.requests, inputs.num_layers
+    if isinstance(distances_by_request, Mapping):
+        ds = [min(int(distances_by_request[r.request_id]), L) for r in reqs]
+    else:
+        ds = [min(int(d), L) for d in distances_by_request]
+    classes = tuple(sorted(set(ds)))
+    loads = np.zeros(len(classes))
+    device_bytes = 0
+    for r, d in zip(reqs, ds):
+        loads[classes.index(d)] += r.context_tokens * inputs.kv_bytes_per_token_per_layer
+        device_bytes += (L - len(host_layers(d, L))) * (r.context_tokens + r.growth(window))
+    c = inputs.compute_per_layer_s
+    T = L * c + (_stall_s(window_counts(L, classes), loads, c, inputs.link_bytes_per_s) if reqs else 0.0)
+    late = {r.request_id for r in reqs if T > r.effective_slo_s(window) * (1 + SLO_RTOL)}
+    return T, late, device_bytes * inputs.kv_bytes_per_token_per_layer
+
+
+def pause_candidates(inputs: PlanInputs, window: int) -> list[str]:
+    order = np.argsort(-inputs.end_tokens(window), kind="stable")
+    return [inputs.requests[i].request_id for i in order]
+
+
+def make_plan(inputs: PlanInputs, choice: Sequence[int], window: int, status: PlanStatus,
+              started: float, solver: str) -> Plan:
+    T, late, dev = evaluate(inputs, choice, window)
+    ids = [r.request_id for r in inputs.requests]
+    L = inputs.num_layers
+    return Plan(status, {i: int(d) for i, d in zip(ids, choice)},
+                {i: host_layers(d, L) for i, d in zip(ids, choice)}, T, late, window,
+                time.perf_counter() - started, solver, dev)
+
+
+WindowSolver = Callable[[int], "tuple[list[int], bool]"]  # W -> (distance per request, proven optimal)
+
+
+def search_windows(inputs: PlanInputs, solve_at: WindowSolver, solver: str) -> Plan:
+    """Lexicographic (violations, T, -W) over the candidate windows, given a per-window solver that
+    returns a (violations, T)-optimal placement for a capacity-feasible window."""
+    started = time.perf_counter()
+    feasible = [w for w in inputs.windows if inputs.min_device_bytes(w) <= inputs.device_capacity_bytes]
+    if not feasible:
+        w0 = inputs.windows[0]
+        return Plan(PlanStatus.INFEASIBLE, {}, {}, float("inf"), set(), w0, time.perf_counter() - started,
+                    solver, inputs.min_device_bytes(w0), pause_candidates(inputs, w0))
+    if not inputs.requests:
+        return make_plan(inputs, [], feasible[-1], PlanStatus.OPTIMAL, started, solver)
+    best, proven = solve_at(feasible[0])
+    T0, late0, _ = evaluate(inputs, best, feasible[0])
+    for w in reversed(feasible[1:]):
+        _, late, dev = evaluate(inputs, best, w)
+        if dev <= inputs.device_capacity_bytes and len(late) == len(late0):
+            return make_plan(inputs, best, w, _status(proven), started, solver)
+        choice, ok = solve_at(w)
+        T, late, _ = evaluate(inputs, choice, w)
+        if len(late) == len(late0) and T <= T0 * (1 + T_RTOL):
+            return make_plan(inputs, choice, w, _status(proven and ok), started, solver)
+    return make_plan(inputs, best, feasible[0], _status(proven), started, solver)
+
+
+def _status(proven: bool) -> PlanStatus:
+    return PlanStatus.OPTIMAL if proven else PlanStatus.FEASIBLE
