@@ -81,7 +81,7 @@ def test_recompute_when_host_is_full_too():
     assert all(len(r.output_token_ids) == 12 for r in reqs)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 20)), min_size=1, max_size=8),
        st.sampled_from(["no-offload", "static-uniform", "all-offload"]),
        st.integers(40, 120), st.integers(0, 120))

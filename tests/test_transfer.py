@@ -1,4 +1,4 @@
-"""Transfer engines, gather and scatter.
+"""Transfer engines, and gather/scatter on the head-major KV pool.
 
     PYTHONPATH=.:kernels .venv/bin/python -m pytest tests/test_transfer.py -q
 
@@ -10,7 +10,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import math
+import shutil
+import subprocess
 import time
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orbitflow_kernels import (CpuTransferEngine, CudaTransferEngine, Direction, TransferError, TransferJob,
-                               gather_blocks, make_transfer_engine, scatter_rows)
+                               gather_kv, make_transfer_engine, scatter_tokens)
+from orbitflow_kernels import gather as gather_mod
 from orbitflow_kernels.cpu import copy_rows
 from orbitflow_kernels.cuda import GPU_HELP, _check_rows, contiguous_runs
 
@@ -260,38 +265,228 @@ def test_cuda_row_checks_guard_raw_pointers():
         _check_rows(t.transpose(1, 2), _idx([0]), "src")
 
 
-# ---- gather / scatter --------------------------------------------------------------------------
-def test_gather_blocks_matches_indexing():
-    pool = torch.randn(10, *ROW)
-    ids = _idx([7, 2, 2, 9])
-    torch.testing.assert_close(gather_blocks(pool, ids), pool[ids], rtol=0, atol=0)
-    out = torch.empty(4, *ROW)
-    assert gather_blocks(pool, ids, out=out) is out
-    torch.testing.assert_close(out, pool[ids], rtol=0, atol=0)
-    assert gather_blocks(pool, _idx([])).shape == (0, *ROW)
+# ---- gather / scatter on the head-major pool [num_blocks, 2, Hkv, bs, D] -------------------------
+def _random_pool(num_blocks: int, hkv: int, bs: int, d: int, dtype: torch.dtype, seed: int = 0,
+                 device: str = "cpu") -> torch.Tensor:
+    """Nonzero entries everywhere, so a zero in a gather result means a zero-filled slot."""
+    gen = torch.Generator().manual_seed(seed)
+    vals = torch.randint(1, 100, (num_blocks, 2, hkv, bs, d), generator=gen)
+    if dtype.is_floating_point:
+        vals = vals + torch.rand(vals.shape, generator=gen)
+    return vals.to(dtype).to(device)
+
+
+def _naive_kv(pool: torch.Tensor, ids, length: int) -> torch.Tensor:
+    """Token by token: out[kv, h, t] = pool[ids[t // bs], kv, h, t % bs]."""
+    bs = pool.shape[3]
+    ids = [int(i) for i in ids]
+    out = torch.empty((2, pool.shape[2], length, pool.shape[4]), dtype=pool.dtype)
+    for t in range(length):
+        out[:, :, t] = pool[ids[t // bs], :, :, t % bs]
+    return out
+
+
+# (num_blocks, hkv, bs, d, dtype, ids, length): repeated, unordered ids, lengths off the block grid
+GATHER_CASES = [
+    (9, 2, 4, 8, torch.float32, [7, 2, 2, 8, 0], 18),
+    (6, 3, 3, 5, torch.bfloat16, [5, 1, 4, 1], 10),
+    (5, 1, 1, 4, torch.float16, [3, 3, 0, 4, 2], 5),
+    (7, 2, 16, 2, torch.uint8, [6, 0], 17),
+    (4, 2, 5, 3, torch.int64, [2, 3, 1, 0, 2, 3], 30),
+]
+
+
+@pytest.mark.parametrize("num_blocks,hkv,bs,d,dtype,ids,length", GATHER_CASES)
+def test_gather_kv_matches_token_loop_and_is_sdpa_ready(num_blocks, hkv, bs, d, dtype, ids, length):
+    pool = _random_pool(num_blocks, hkv, bs, d, dtype)
+    expected = _naive_kv(pool, ids, length)
+    for impl in ("auto", "torch"):
+        kv = gather_kv(pool, _idx(ids), length, impl=impl)
+        assert kv.shape == (2, hkv, length, d) and kv.dtype == dtype
+        torch.testing.assert_close(kv, expected, rtol=0, atol=0)
+        # a view of one contiguous [2, Hkv, n * bs, D] buffer: kv[0] / kv[1] go to SDPA as is
+        assert kv.stride() == (hkv * len(ids) * bs * d, len(ids) * bs * d, d, 1)
+    for h in range(hkv):
+        for t in (0, length // 2, length - 1):
+            assert torch.equal(kv[0, h, t], pool[ids[t // bs], 0, h, t % bs])
+            assert torch.equal(kv[1, h, t], pool[ids[t // bs], 1, h, t % bs])
+    full = gather_kv(pool, ids, len(ids) * bs)  # a list works too; full length is contiguous
+    assert full.is_contiguous()
+    torch.testing.assert_close(full[:, :, :length], expected, rtol=0, atol=0)
+
+
+def test_gather_kv_edges_and_errors():
+    pool = _random_pool(4, 2, 3, 4, torch.float32)
+    assert gather_kv(pool, _idx([]), 0).shape == (2, 2, 0, 4)
+    assert gather_kv(pool, _idx([1, 2]), 0).shape == (2, 2, 0, 4)
+    with pytest.raises(ValueError, match="length"):
+        gather_kv(pool, _idx([1, 2]), 7)  # 2 blocks of 3
+    with pytest.raises(ValueError, match="length"):
+        gather_kv(pool, _idx([1]), -1)
+    with pytest.raises(ValueError, match="num_blocks"):
+        gather_kv(pool[:, 0], _idx([1]), 1)
+    with pytest.raises(ValueError, match="impl"):
+        gather_kv(pool, _idx([1]), 1, impl="numba")
     with pytest.raises(RuntimeError, match="CuPy gather"):
-        gather_blocks(pool, ids, impl="cupy")
-    with pytest.raises(ValueError):
-        gather_blocks(pool, ids, impl="numba")
+        gather_kv(pool, _idx([1]), 1, impl="cupy")  # a CPU pool
 
 
-def test_scatter_then_gather_roundtrips_tokens():
-    block_size, hkv, d = ROW[1], ROW[2], ROW[3]
-    pool = torch.zeros(8, *ROW)
+def _pool_at(shape, dtype, offset_bytes: int) -> torch.Tensor:
+    """A contiguous pool whose data starts `offset_bytes` past a 64-byte boundary."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buf = torch.zeros(nbytes + 128, dtype=torch.uint8)
+    start = (-buf.data_ptr()) % 64 + offset_bytes
+    pool = buf[start:start + nbytes].view(dtype).view(shape)
+    pool.copy_(_random_pool(shape[0], shape[2], shape[3], shape[4], dtype))
+    assert pool.data_ptr() % 64 == offset_bytes
+    return pool
+
+
+# (hkv, bs, d, dtype, pool offset in bytes, copy width the launch must pick)
+KERNEL_CASES = [
+    (2, 3, 8, torch.float32, 0, 16),   # 96-byte slabs
+    (3, 5, 4, torch.float16, 0, 8),    # 40-byte slabs
+    (2, 3, 2, torch.bfloat16, 0, 4),   # 12-byte slabs
+    (2, 3, 5, torch.uint8, 0, 1),      # 15-byte slabs
+    (2, 4, 4, torch.float32, 4, 4),    # 64-byte slabs, pool only 4-byte aligned
+    (1, 16, 8, torch.bfloat16, 8, 8),  # 256-byte slabs, pool 8-byte aligned: 32 words per slab
+]
+
+
+_HOST_SHIM = r"""
+#define __global__
+struct Dim3 { long long x; };
+static Dim3 blockIdx, gridDim, threadIdx, blockDim;
+%s
+// Runs every (block, thread) of the launch in turn: the kernel has no inter-thread communication.
+extern "C" void launch(int width, long long grid, long long threads, const void* pool, void* out,
+                       const long long* ids, long long n, long long kvh, long long slab_words,
+                       long long num_blocks) {
+    gridDim.x = grid; blockDim.x = threads;
+    for (blockIdx.x = 0; blockIdx.x < grid; ++blockIdx.x)
+        for (threadIdx.x = 0; threadIdx.x < threads; ++threadIdx.x) switch (width) {
+            case 16: gather_kv_16((const Word16*)pool, (Word16*)out, ids, n, kvh, slab_words, num_blocks); break;
+            case 8: gather_kv_8((const Word8*)pool, (Word8*)out, ids, n, kvh, slab_words, num_blocks); break;
+            case 4: gather_kv_4((const Word4*)pool, (Word4*)out, ids, n, kvh, slab_words, num_blocks); break;
+            default: gather_kv_1((const Word1*)pool, (Word1*)out, ids, n, kvh, slab_words, num_blocks);
+        }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def host_kernel(tmp_path_factory):
+    """The CUDA source itself, built for the host with a shim for the CUDA built-ins."""
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    tmp = tmp_path_factory.mktemp("gather_kernel")
+    (tmp / "k.cpp").write_text(_HOST_SHIM % gather_mod._KERNEL_SRC)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-o",
+                    str(tmp / "k.so"), str(tmp / "k.cpp")], check=True, capture_output=True)
+    lib = ctypes.CDLL(str(tmp / "k.so"))
+    i64, ptr = ctypes.c_longlong, ctypes.c_void_p
+    lib.launch.argtypes = [ctypes.c_int, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64]
+    return lambda width, grid, threads, args: lib.launch(width, grid, threads, *(int(a) for a in args))
+
+
+@pytest.mark.parametrize("hkv,bs,d,dtype,offset,width", KERNEL_CASES)
+@pytest.mark.parametrize("small_launch", [False, True])
+@pytest.mark.parametrize("runner", ["numpy", "host_cxx"])
+def test_kernel_slab_mapping_on_cpu(request, monkeypatch, runner, hkv, bs, d, dtype, offset, width,
+                                    small_launch):
+    """The kernel run on the CPU through the same raw pointers and launch arguments, either as its
+    numpy mirror or as its own source compiled for the host: width choice, grid-stride over slabs,
+    thread-stride over words, the slab -> SDPA offset arithmetic and the zero-fill."""
+    run = gather_mod._emulate_launch if runner == "numpy" else request.getfixturevalue("host_kernel")
+    if small_launch:  # force both stride loops to wrap
+        monkeypatch.setattr(gather_mod, "_MAX_GRID", 5)
+        monkeypatch.setattr(gather_mod, "_MAX_THREADS", 2)
+    pool = _pool_at((7, 2, hkv, bs, d), dtype, offset)
+    ids = [4, 0, 6, 0, 2]
+    launches = []
+
+    def launch(w, grid, threads, args):
+        launches.append((w, grid, threads))
+        run(w, grid, threads, args)
+
+    length = len(ids) * bs - 1
+    kv = gather_mod._gather_slabs(pool, _idx(ids), length, launch)
+    torch.testing.assert_close(kv, _naive_kv(pool, ids, length), rtol=0, atol=0)
+    assert kv.stride() == (hkv * len(ids) * bs * d, len(ids) * bs * d, d, 1)
+    slabs = len(ids) * 2 * hkv
+    slab_words = bs * d * pool.element_size() // width
+    threads = 2 if small_launch else min(256, 32 * math.ceil(slab_words / 32))
+    assert launches == [(width, min(slabs, 5) if small_launch else slabs, threads)]
+    # out-of-range ids (past the end, negative) zero-fill their slots and read nothing outside
+    kv = gather_mod._gather_slabs(pool, _idx([1, 7, -1, 3]), 4 * bs, launch)
+    for j, bid in enumerate([1, 7, -1, 3]):
+        got = kv[:, :, j * bs:(j + 1) * bs]
+        assert torch.equal(got, pool[bid]) if bid in (1, 3) else not got.any()
+    assert gather_mod._gather_slabs(pool, _idx([]), 0, launch).shape == (2, hkv, 0, d)
+    assert len(launches) == 2  # nothing launched for an empty gather
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch):
+    """Route gather_kv's kernel path on a CPU pool through the emulated launch."""
+    monkeypatch.setattr(gather_mod, "_broken", [])
+    monkeypatch.setattr(gather_mod, "_kernel_usable", lambda pool: pool.is_contiguous())
+    monkeypatch.setattr(gather_mod, "_launch_cupy",
+                        lambda kernels, device, *config: gather_mod._emulate_launch(*config))
+    return monkeypatch
+
+
+def test_gather_kv_auto_takes_the_kernel_and_falls_back_once(fake_kernel):
+    pool = _random_pool(6, 2, 4, 8, torch.bfloat16)
+    ids, length = _idx([5, 0, 5, 3]), 13
+    expected = _naive_kv(pool, ids, length)
+    built = []
+    fake_kernel.setattr(gather_mod, "_kernels", lambda index: built.append(index) or {})
+    for impl in ("auto", "cupy"):
+        torch.testing.assert_close(gather_kv(pool, ids, length, impl=impl), expected, rtol=0, atol=0)
+    assert len(built) == 2
+    # a non-contiguous pool is not the kernel's: auto takes torch, cupy refuses
+    strided = torch.cat([pool, pool], dim=4)[..., :8]
+    torch.testing.assert_close(gather_kv(strided, ids, length), expected, rtol=0, atol=0)
+    assert len(built) == 2
+    with pytest.raises(RuntimeError, match="contiguous"):
+        gather_kv(strided, ids, length, impl="cupy")
+
+    def no_nvrtc(index):
+        raise RuntimeError("nvrtc: no toolchain")
+    fake_kernel.setattr(gather_mod, "_kernels", no_nvrtc)
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        torch.testing.assert_close(gather_kv(pool, ids, length), expected, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: auto now stays on torch quietly
+        torch.testing.assert_close(gather_kv(pool, ids, length), expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="no toolchain"):
+        gather_kv(pool, ids, length, impl="cupy")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scatter_tokens_then_gather_roundtrips(dtype):
+    bs, hkv, d = 4, 3, 8
+    pool = torch.zeros(8, 2, hkv, bs, d, dtype=dtype)
     table = _idx([5, 1, 6])  # a request's blocks, in order
     ctx = 10
-    k, v = torch.randn(ctx, hkv, d), torch.randn(ctx, hkv, d)
-    pos = torch.arange(ctx)
-    scatter_rows(pool, table[pos // block_size], pos % block_size, torch.stack([k, v], dim=1))
+    k, v = torch.randn(ctx, hkv, d).to(dtype), torch.randn(ctx, hkv, d).to(dtype)
+    # two steps: a prefill of 7 tokens, then 3 more, as the engine writes them
+    for lo, hi in ((0, 7), (7, ctx)):
+        pos = torch.arange(lo, hi)
+        scatter_tokens(pool, table[pos // bs], pos % bs, torch.stack([k[lo:hi], v[lo:hi]], 1).float())
     for t in range(ctx):  # the layout, token by token
-        b, o = int(table[t // block_size]), t % block_size
-        assert torch.equal(pool[b, 0, o], k[t]) and torch.equal(pool[b, 1, o], v[t])
-    kv = gather_blocks(pool, table)
-    torch.testing.assert_close(kv[:, 0].reshape(-1, hkv, d)[:ctx], k, rtol=0, atol=0)
-    torch.testing.assert_close(kv[:, 1].reshape(-1, hkv, d)[:ctx], v, rtol=0, atol=0)
-    assert pool[[0, 2, 3, 4, 7]].abs().sum() == 0  # nothing else touched
-    with pytest.raises(ValueError):
-        scatter_rows(pool, table[:2], _idx([0, 1]), torch.zeros(2, hkv, d))
+        b, o = int(table[t // bs]), t % bs
+        assert torch.equal(pool[b, 0, :, o], k[t]) and torch.equal(pool[b, 1, :, o], v[t])
+    kv = gather_kv(pool, table, ctx)
+    torch.testing.assert_close(kv[0], k.transpose(0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(kv[1], v.transpose(0, 1), rtol=0, atol=0)
+    assert not pool[[0, 2, 3, 4, 7]].any() and not pool[6, :, :, 2:].any()  # nothing else touched
+    with pytest.raises(ValueError, match="values must be"):
+        scatter_tokens(pool, table[:2], _idx([0, 1]), torch.zeros(2, hkv, d))
+    with pytest.raises(ValueError, match="offsets"):
+        scatter_tokens(pool, table[:2], _idx([0]), torch.zeros(2, 2, hkv, d))
 
 
 # ---- CUDA (skipped without cupy + GPU) ---------------------------------------------------------
@@ -330,15 +525,30 @@ def test_cuda_write_back_then_prefetch_without_cpu_wait(cuda_engine):
     assert torch.all(host[7] == 5.0)
 
 
-@pytest.mark.parametrize("dtype,row", [(torch.bfloat16, ROW), (torch.float32, (3,)), (torch.uint8, (5,))])
-def test_cuda_gather_kernel_matches_torch(dtype, row):
+@pytest.mark.parametrize("hkv,bs,d,dtype", [(8, 16, 128, torch.bfloat16), (2, 3, 8, torch.float32),
+                                              (3, 5, 4, torch.float16), (2, 3, 5, torch.uint8)])
+def test_cuda_gather_kernel_matches_torch(hkv, bs, d, dtype):
     pytest.importorskip("cupy")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    pool = (torch.randn(64, *row, device="cuda") * 50).to(dtype)
+    layers = _random_pool(2 * 64, hkv, bs, d, dtype, seed=3, device="cuda").view(2, 64, 2, hkv, bs, d)
+    pool = layers[1]  # a contiguous view at an offset, like one layer of a stacked pool
     ids = torch.randint(64, (37,))
-    expected = gather_blocks(pool, ids, impl="torch")
-    torch.testing.assert_close(gather_blocks(pool, ids, impl="cupy"), expected, rtol=0, atol=0)
-    out = torch.empty_like(expected)
-    gather_blocks(pool, ids.cuda(), out=out, impl="cupy")
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    ids[5] = ids[9]  # repeated
+    length = 37 * bs - 2
+    expected = gather_kv(pool, ids, length, impl="torch")
+    torch.testing.assert_close(expected.cpu(), _naive_kv(pool.cpu(), ids, length), rtol=0, atol=0)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # launched on the current stream, whichever it is
+        side.wait_stream(torch.cuda.default_stream())
+        got = gather_kv(pool, ids.cuda(), length, impl="cupy")
+        auto = gather_kv(pool, ids, length)
+    torch.cuda.synchronize()
+    assert got.stride() == expected.stride()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(auto, expected, rtol=0, atol=0)
+    assert not gather_mod._broken
+    bad = gather_kv(pool, _idx([1, 64, -1, 2]), 4 * bs, impl="cupy")  # out of range: zero-filled
+    torch.testing.assert_close(bad[:, :, :bs], pool[1], rtol=0, atol=0)
+    torch.testing.assert_close(bad[:, :, 3 * bs:], pool[2], rtol=0, atol=0)
+    assert not bad[:, :, bs:3 * bs].any()

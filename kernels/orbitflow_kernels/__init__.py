@@ -1,4 +1,5 @@
-"""Transfer engines that move KV blocks between the device and host tiers (CUDA via CuPy, CPU)."""
+"""Transfer engines that move KV blocks between the device and host tiers (CUDA via CuPy, CPU),
+and the attention-side gather/scatter on the paged KV pool."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import torch
 from orbitflow_kernels.base import Direction, TransferEngine, TransferError, TransferJob
 from orbitflow_kernels.cpu import CpuTransferEngine
 from orbitflow_kernels.cuda import CudaTransferEngine
-from orbitflow_kernels.gather import gather_blocks, scatter_rows
+from orbitflow_kernels.gather import gather_kv, scatter_tokens
 
 BACKENDS = ("cpu", "cuda")
 
 __all__ = ["BACKENDS", "CpuTransferEngine", "CudaTransferEngine", "Direction", "TransferEngine",
-           "TransferError", "TransferJob", "gather_blocks", "make_transfer_engine", "scatter_rows"]
+           "TransferError", "TransferJob", "gather_kv", "make_transfer_engine", "scatter_tokens"]
 
 
 def make_transfer_engine(backend: str, bandwidth_bytes_per_s: float | None = None,

@@ -109,24 +109,27 @@ class Scheduler:
 
     def _reserve(self, req: Request, n: int, moves: list[MoveOp]) -> bool:
         """Grow req's KV for n more tokens, preempting the newest running requests if needed."""
-        while not self.kv.grow(req.request_id, req.num_computed_tokens + n):
+        target = req.num_computed_tokens + n
+        while not self.kv.grow(req.request_id, target):
+            need = self.kv.growth_need(req.request_id, target)
+            short = {t for t, k in need.items() if k > self.kv.num_free(t)}
             victim = self.running[-1]
-            self._preempt(victim, moves)
+            self._preempt(victim, short, moves)
             if victim is req:
                 return False
         return True
 
-    def _preempt(self, req: Request, moves: list[MoveOp]) -> None:
+    def _preempt(self, req: Request, short: set[Tier], moves: list[MoveOp]) -> None:
+        """Swap req out whole when that frees what is short (device blocks, host has room);
+        otherwise drop its KV: its tokens are kept and their KV is recomputed on resume."""
         self.num_preemptions += 1
         self.running.remove(req)
-        short_host = not self.kv.fits({Tier.HOST: 1, Tier.DEVICE: 0})
-        ops = None if short_host else self.kv.move_request(req.request_id, [Tier.HOST] * self.kv.num_layers)
-        if ops is not None:
-            moves.extend(ops)
+        on_device = sum(len(lk.blocks) for lk in self.kv.table(req.request_id) if lk.tier == Tier.DEVICE)
+        if short == {Tier.DEVICE} and on_device and self.kv.num_free(Tier.HOST) >= on_device:
+            moves.extend(self.kv.move_request(req.request_id, [Tier.HOST] * self.kv.num_layers))
             req.status = RequestStatus.PREEMPTED
             self.swapped.append(req)
             return
-        # No host room: drop the KV; the tokens are kept and their KV is recomputed on resume.
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
