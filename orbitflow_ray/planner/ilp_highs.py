@@ -8,11 +8,12 @@ fixed slots, hands the arrays to HiGHS in one `passModel` call and seeds it with
 Columns: x[r, k] (binary, row-major), then v[r] (binary, only with `violations=True`), Y[k], U[j].
 Rows: one-of-K per request; Y definitions; capacity; U monotone; link intervals; SLO big-M.
 
-`violations=False` drops v and the big-M rows and minimises U[L-1] alone. That is exact for the
-lexicographic objective, not a relaxation: for a fixed window every request sees the same T, so
-the set of late requests {r : T > effective_slo_r} only grows with T and the least-T plan also
-has the fewest violations (`problem.py`). It is the fast path; `violations=True` is the
-reference model, kept to check the claim (tests) and to measure what the binaries cost (bench).
+`violations=False` drops v and the big-M rows and minimises L + U[L-1] = T / c alone (so HiGHS's
+relative gap is a gap on T). That is exact for the lexicographic objective, not a relaxation: for
+a fixed window every request sees the same T, so the set of late requests {r : T > effective_slo_r}
+only grows with T and the least-T plan also has the fewest violations (`problem.py`); with a
+nonzero gap the violation set is proven only if no effective SLO lies inside it (else FEASIBLE).
+`violations=True` is the reference model of `ilp.py`, for the cvxpy-vs-direct comparison.
 """
 
 from __future__ import annotations
@@ -20,20 +21,21 @@ from __future__ import annotations
 import highspy
 import numpy as np
 
-from orbitflow_ray.planner.ilp import window_data
-from orbitflow_ray.planner.problem import Plan, PlanInputs, critical_intervals, search_windows
+from orbitflow_ray.planner.problem import (Plan, PlanInputs, critical_intervals, fits, search_windows,
+                                           step_time, violations_settled, window_counts,
+                                           window_data)
 
 INF = highspy.kHighsInf
 
 
 class _Layout:
-    """Sparse structure of one shape; `fill` returns the CSC values for one window's data."""
+    """Sparse structure of one shape; `model` returns passModel's arguments for one window."""
 
     def __init__(self, R: int, L: int, distances: tuple[int, ...], violations: bool) -> None:
         K = len(distances)
         pairs, counts = critical_intervals(L, distances)
         nv = R if violations else 0
-        self.R, self.K, self.L, self.nv = R, K, L, nv
+        self.R, self.K, self.L, self.nv, self.distances = R, K, L, nv, distances
         xc = np.arange(R * K).reshape(R, K)
         yc, uc = R * K + nv + np.arange(K), R * K + nv + K + np.arange(L)
         self.ncol = R * K + nv + K + L
@@ -53,6 +55,7 @@ class _Layout:
         lo += [0.0] * K; hi += [0.0] * K; row += K
         self.cap_at = sum(map(len, rows))
         add(row, xc.ravel(), 0.0)  # capacity share
+        self.cap_row = row
         lo.append(-INF); hi.append(1.0); row += 1
         add(row + np.arange(L - 1), uc[1:], 1.0)  # U monotone
         add(row + np.arange(L - 1), uc[:-1], -1.0)
@@ -80,6 +83,23 @@ class _Layout:
         self.integrality = np.r_[np.ones(R * K + nv), np.zeros(K + L)].astype(np.int32)
         self.u_last = uc[L - 1]
 
+    def incumbent(self, data: dict, ks: np.ndarray) -> highspy.HighsSolution:
+        """A full feasible point for a placement: x, v, Y and the least stalls U."""
+        R, K, L = self.R, self.K, self.L
+        x = np.zeros((R, K))
+        x[np.arange(R), ks] = 1.0
+        Y = data["load"] @ x
+        counts = window_counts(L, self.distances)
+        need = counts @ Y - (np.arange(L)[None, :] - np.arange(L)[:, None])
+        U = np.zeros(L + 1)
+        for b in range(L):
+            U[b + 1] = max(U[b], float(np.max(U[:b + 1] + need[:b + 1, b])))
+        v = (U[L] > data["slack"]).astype(float) if self.nv else np.zeros(0)
+        sol = highspy.HighsSolution()
+        sol.col_value = np.r_[x.ravel(), v, Y, U[1:]].tolist()
+        sol.value_valid = True
+        return sol
+
     def model(self, data: dict) -> tuple:
         R, K = self.R, self.K
         v = self.base.copy()
@@ -87,11 +107,11 @@ class _Layout:
         v[self.cap_at:self.cap_at + R * K] = data["cap"].ravel()
         cost = np.zeros(self.ncol)
         cost[self.u_last] = 1.0
-        row_upper = self.row_upper
+        row_upper = self.row_upper.copy()
+        row_upper[self.cap_row] = data["cap_rhs"]
         if self.nv:
             v[self.bigm_at:self.bigm_at + R] = -data["bigm"]
             cost[R * K:R * K + R] = data["weight"]
-            row_upper = row_upper.copy()
             row_upper[self.slo_row:self.slo_row + R] = data["slack"]
         offset = 0.0 if self.nv else float(self.L)  # objective = T / c, so mip_rel_gap is on T
         return (self.ncol, self.nrow, len(v), 1, 1, offset, cost, self.col_lower, self.col_upper,
@@ -99,19 +119,20 @@ class _Layout:
 
 
 class HighsPlanner:
-    """Plans with highspy directly. `violations=False` is the fast path (see the module docstring).
-    `rel_gap`: stop when T is proven within this factor of optimal (1e-4 = 0.01 %)."""
+    """Plans with highspy directly. `violations=False` is the reduced model (module docstring).
+    `rel_gap`: stop once T is proven within this factor of the optimum (1e-4 = HiGHS's default).
+    `warm_start`: seed HiGHS with the previous plan (by request id) when it still fits."""
 
-    def __init__(self, violations: bool = False, rel_gap: float = 1e-4, time_limit_s: float = 2.0,
+    def __init__(self, violations: bool = True, rel_gap: float = 1e-4, time_limit_s: float = 2.0,
                  warm_start: bool = True) -> None:
         self.violations, self.rel_gap, self.warm_start = violations, rel_gap, warm_start
-        self.name = "highspy" + ("" if violations else "-reduced")
+        self.name = "highspy" if violations else "highspy-reduced"
         self._layouts: dict[tuple, _Layout] = {}
         self._highs = highspy.Highs()
         for k, v in {"output_flag": False, "threads": 1, "time_limit": time_limit_s,
                      "mip_rel_gap": 0.0 if violations else rel_gap}.items():
             self._highs.setOptionValue(k, v)
-        self._last: dict[str, int] = {}
+        self.last: dict[str, int] = {}
 
     def layout(self, inputs: PlanInputs) -> _Layout:
         key = (len(inputs.requests), inputs.num_layers, inputs.distances)
@@ -119,21 +140,48 @@ class HighsPlanner:
             self._layouts[key] = _Layout(*key, self.violations)
         return self._layouts[key]
 
-    def solve(self, inputs: PlanInputs) -> Plan:
-        ds = np.array(inputs.distances)
-        h = self._highs
-
-        def solve_at(window: int) -> tuple[list[int], bool]:
-            lay, data = self.layout(inputs), window_data(inputs, window)
+    def solve_window(self, inputs: PlanInputs, window: int,
+                     start: np.ndarray | None = None) -> tuple[np.ndarray, bool, float]:
+        """(class index per request, proven within rel_gap, lower bound on T / c or 0)."""
+        lay, data, h = self.layout(inputs), window_data(inputs, window), self._highs
+        h.setOptionValue("mip_abs_gap", self.rel_gap * inputs.num_layers)
+        for _ in range(3):  # HiGHS may overshoot the capacity row by its feasibility tolerance:
+            # then re-solve with the row's bound just under that plan (exact check in `fits`)
             h.passModel(*lay.model(data))
-            h.setOptionValue("mip_abs_gap", self.rel_gap * inputs.num_layers)
+            if start is not None and fits(inputs, window, start):
+                h.setSolution(lay.incumbent(data, start))
             h.run()
             status = h.getModelStatus()
             if status not in (highspy.HighsModelStatus.kOptimal, highspy.HighsModelStatus.kTimeLimit):
-                raise RuntimeError(f"HiGHS returned {h.modelStatusToString(status)} on a feasible window")
+                raise RuntimeError(f"HiGHS: {h.modelStatusToString(status)} on a feasible window")
             x = np.asarray(h.getSolution().col_value[:lay.R * lay.K]).reshape(lay.R, lay.K)
-            return ds[np.argmax(x, axis=1)].tolist(), status == highspy.HighsModelStatus.kOptimal
+            ks = np.argmax(x, axis=1)
+            if fits(inputs, window, ks):
+                bound = 0.0 if self.violations else h.getInfo().mip_dual_bound
+                return ks, status == highspy.HighsModelStatus.kOptimal, bound
+            # just under that plan, past HiGHS's mip_feasibility_tolerance (1e-6)
+            data["cap_rhs"] = float(data["cap"][np.arange(lay.R), ks].sum()) - 1e-5
+        raise RuntimeError("HiGHS kept returning plans over capacity")
+
+    def solve(self, inputs: PlanInputs) -> Plan:
+        ds, c = np.array(inputs.distances), inputs.compute_per_layer_s
+
+        def solve_at(window: int) -> tuple[list[int], bool]:
+            ks, proven, bound = self.solve_window(inputs, window, self._start(inputs))
+            choice = ds[ks].tolist()
+            if not self.violations:
+                proven = proven and violations_settled(inputs, window, c * bound, step_time(inputs, choice))
+            return choice, proven
 
         plan = search_windows(inputs, solve_at, self.name)
-        self._last = plan.distances
+        self.last = plan.distances
         return plan
+
+    def _start(self, inputs: PlanInputs) -> np.ndarray | None:
+        """The previous plan by request id, new requests at the largest offload (used if it fits)."""
+        if not self.warm_start or not self.last:
+            return None
+        index = {d: k for k, d in enumerate(inputs.distances)}
+        most = int(np.argmin(inputs.device_layers()))
+        return np.array([index.get(min(self.last.get(r.request_id, -1), inputs.num_layers), most)
+                         for r in inputs.requests])

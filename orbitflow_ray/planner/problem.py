@@ -18,9 +18,10 @@ layer h - d - 1's compute (the top of the step for the first one) and must *land
 starts. stall_j >= 0 is the wait inserted before layer j; T = L * c + sum_j stall_j.
 
 Link model: the transfer engine serves released transfers earliest-deadline-first in block-sized
-chunks. For one link with release times and deadlines that is optimal, and a set of layer start
-times is achievable iff every interval from a release to a deadline has room for the transfers
-that lie inside it (Horn, 1974). With time measured from the release at the end of layer a-1 to the
+chunks (a runner that issues copies in release order, FIFO, can stall more). For one link with
+release times and deadlines that is optimal, and a set of layer start times is achievable iff
+every interval from a release to a deadline has room for the transfers that lie inside it
+(Horn, 1974). With time measured from the release at the end of layer a-1 to the
 start of layer b, that reads, for all a <= b:
 
     bytes(a, b) / BW  <=  (b - a) * c  +  stall_a + ... + stall_b
@@ -44,13 +45,16 @@ its D banked tokens cover, D * slo (W_r = g_r: a request that finishes early sto
     violation  <=>  T > slo * (1 + D / g_r)   (the "effective SLO").
 
 Each late step consumes at most one banked token while T <= 2 * slo, so D tokens cover at least D
-late steps. T is evaluated at the current context lengths: it is the step the plan starts with.
+late steps. T is evaluated at the current context lengths: it is the step the plan starts with; it
+grows with the contexts during the window, which is one reason the plan is re-solved when the
+window ends or the batch changes.
 
 Objective, lexicographic: fewest violations, then smallest T, then longest window W. Violations are
 a nondecreasing step function of T for a fixed W, and a longer W only shrinks the feasible set and
 the effective SLOs, so the best (violations, T) is reached at the shortest feasible W and the
 answer is the longest W that still reaches it. `search_windows` runs that search over any
-per-window solver.
+per-window solver. Within a window the MIP weights violations above any stall difference
+(`ilp.py`); the same monotonicity lets `ilp_highs.py` and `fastpath.py` minimise T alone.
 """
 
 from __future__ import annotations
@@ -126,19 +130,20 @@ class PlanInputs:
 
     def device_layers(self) -> np.ndarray:
         """Layers kept on device, per distance class."""
-        return np.array([self.num_layers - len(host_layers(d, self.num_layers)) for d in self.distances])
+        return _device_layers(self.num_layers, self.distances)
 
     def end_tokens(self, window: int) -> np.ndarray:
         return np.array([r.context_tokens + r.growth(window) for r in self.requests], dtype=np.int64)
 
     def min_device_bytes(self, window: int) -> int:
         """Device bytes at the window's end with every request at its largest offload."""
-        return int(self.device_layers().min()) * int(self.end_tokens(window).sum()) * self.kv_bytes_per_token_per_layer
+        tokens = int(self.end_tokens(window).sum())
+        return int(self.device_layers().min()) * tokens * self.kv_bytes_per_token_per_layer
 
 
 class PlanStatus(enum.Enum):
     OPTIMAL = "optimal"
-    FEASIBLE = "feasible"  # the solver hit its time limit with a plan in hand
+    FEASIBLE = "feasible"  # a plan, not proven: time limit, or an SLO inside the unproven gap
     INFEASIBLE = "infeasible"  # capacity cannot hold the batch even at the largest offload
 
 
@@ -146,18 +151,19 @@ class PlanStatus(enum.Enum):
 class Plan:
     """A placement for every request, valid for `window` decode steps.
 
-    On INFEASIBLE the per-request fields are empty and `pause_candidates` lists the requests by
-    KV size at the window's end, largest first: the caller pauses from the front and re-solves."""
+    On INFEASIBLE the per-request fields are empty, `device_bytes` is what the batch needs at its
+    largest offload, and `pause_candidates` lists the requests by KV size at the window's end,
+    largest first: the caller pauses from the front and re-solves."""
 
     status: PlanStatus
-    distances: dict[str, int]
-    host_layers: dict[str, list[int]]
-    predicted_step_s: float
-    violations: set[str]
-    window: int
-    solve_time_s: float
+    distances: dict[str, int]  # request id -> prefetch distance (L: all layers on device)
+    host_layers: dict[str, list[int]]  # request id -> its layers on host
+    predicted_step_s: float  # T at the current context lengths
+    violations: set[str]  # ids whose effective SLO T misses over this window
+    window: int  # decode steps the plan stays in force
+    solve_time_s: float  # wall time of the whole plan (every window tried), counted, never hidden
     solver: str
-    device_bytes: int = 0
+    device_bytes: int = 0  # device KV at the window's end
     pause_candidates: list[str] = field(default_factory=list)
 
 
@@ -167,7 +173,23 @@ def placement_for_distance(d: int, num_layers: int) -> list[bool]:
 
 
 def host_layers(d: int, num_layers: int) -> list[int]:
-    return [j for j, on_host in enumerate(placement_for_distance(d, num_layers)) if on_host]
+    return list(_host_layers(d, num_layers))
+
+
+@functools.lru_cache(maxsize=1024)
+def _host_layers(d: int, num_layers: int) -> tuple[int, ...]:
+    return tuple(j for j, on_host in enumerate(placement_for_distance(d, num_layers)) if on_host)
+
+
+def _n_host(d: int, num_layers: int) -> int:
+    return len(_host_layers(d, num_layers))
+
+
+@functools.lru_cache(maxsize=64)
+def _device_layers(num_layers: int, distances: tuple[int, ...]) -> np.ndarray:
+    out = np.array([num_layers - _n_host(d, num_layers) for d in distances], dtype=np.int64)
+    out.flags.writeable = False
+    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -208,25 +230,68 @@ def _stall_s(counts: np.ndarray, loads: np.ndarray, c: float, bw: float) -> floa
     return float(U[L])
 
 
+def _normalise(inputs: PlanInputs, distances_by_request: Mapping[str, int] | Sequence[int]) -> list[int]:
+    L = inputs.num_layers
+    if isinstance(distances_by_request, Mapping):
+        return [min(int(distances_by_request[r.request_id]), L) for r in inputs.requests]
+    return [min(int(d), L) for d in distances_by_request]
+
+
+def step_time(inputs: PlanInputs, distances: Sequence[int]) -> float:
+    """T in seconds for a distance per request (request order); independent of the window."""
+    L, kvb = inputs.num_layers, inputs.kv_bytes_per_token_per_layer
+    classes = tuple(sorted(set(distances)))
+    loads = np.zeros(len(classes))
+    for r, d in zip(inputs.requests, distances):
+        loads[classes.index(d)] += r.context_tokens * kvb
+    c = inputs.compute_per_layer_s
+    stall = _stall_s(window_counts(L, classes), loads, c, inputs.link_bytes_per_s) if classes else 0.0
+    return L * c + stall
+
+
+def late_requests(inputs: PlanInputs, T: float, window: int) -> set[str]:
+    return {r.request_id for r in inputs.requests if T > r.effective_slo_s(window) * (1 + SLO_RTOL)}
+
+
+def device_bytes(inputs: PlanInputs, distances: Sequence[int], window: int) -> int:
+    dev = np.array([inputs.num_layers - _n_host(d, inputs.num_layers) for d in distances], dtype=np.int64)
+    return int(dev @ inputs.end_tokens(window)) * inputs.kv_bytes_per_token_per_layer if len(dev) else 0
+
+
 def evaluate(inputs: PlanInputs, distances_by_request: Mapping[str, int] | Sequence[int],
              window: int) -> tuple[float, set[str], int]:
     """(step time T in s, ids violating their effective SLO, device KV bytes at the window's end)
     for a placement given as a distance per request (a mapping by id, or a list in request order)."""
-    reqs, L = inputs.requests, inputs.num_layers
-    if isinstance(distances_by_request, Mapping):
-        ds = [min(int(distances_by_request[r.request_id]), L) for r in reqs]
-    else:
-        ds = [min(int(d), L) for d in distances_by_request]
-    classes = tuple(sorted(set(ds)))
-    loads = np.zeros(len(classes))
-    device_bytes = 0
-    for r, d in zip(reqs, ds):
-        loads[classes.index(d)] += r.context_tokens * inputs.kv_bytes_per_token_per_layer
-        device_bytes += (L - len(host_layers(d, L))) * (r.context_tokens + r.growth(window))
+    ds = _normalise(inputs, distances_by_request)
+    T = step_time(inputs, ds)
+    return T, late_requests(inputs, T, window), device_bytes(inputs, ds, window)
+
+
+def fits(inputs: PlanInputs, window: int, classes: Sequence[int]) -> bool:
+    """Exact (integer) capacity check of a placement given as indices into `inputs.distances`."""
+    used = int(inputs.device_layers()[np.asarray(classes)] @ inputs.end_tokens(window))
+    return used * inputs.kv_bytes_per_token_per_layer <= inputs.device_capacity_bytes
+
+
+def violations_settled(inputs: PlanInputs, window: int, t_lower: float, t_plan: float) -> bool:
+    """With the optimum known to lie in [t_lower, t_plan], the plan's violation set is optimal
+    unless some effective SLO falls inside that band."""
+    return not any(t_lower <= r.effective_slo_s(window) * (1 + SLO_RTOL) < t_plan for r in inputs.requests)
+
+
+def window_data(inputs: PlanInputs, window: int) -> dict[str, np.ndarray | float]:
+    """The data of one window in units of one layer's compute time c, as the MIPs (`ilp.py`,
+    `ilp_highs.py`) and the fast path use them; the formulation is in `ilp.py`'s docstring."""
+    L, kvb = inputs.num_layers, inputs.kv_bytes_per_token_per_layer
     c = inputs.compute_per_layer_s
-    T = L * c + (_stall_s(window_counts(L, classes), loads, c, inputs.link_bytes_per_s) if reqs else 0.0)
-    late = {r.request_id for r in reqs if T > r.effective_slo_s(window) * (1 + SLO_RTOL)}
-    return T, late, device_bytes * inputs.kv_bytes_per_token_per_layer
+    n = np.array([r.context_tokens for r in inputs.requests], dtype=float)
+    load = n * kvb / (inputs.link_bytes_per_s * c)
+    dev = inputs.device_layers().astype(float)
+    cap = np.outer(inputs.end_tokens(window) * float(kvb), dev) / max(inputs.device_capacity_bytes, 1)
+    slack = np.array([r.effective_slo_s(window) for r in inputs.requests]) / c - L
+    u_ub = float(max(len(host_layers(d, L)) for d in inputs.distances) * load.sum())
+    return {"load": load, "cap": cap, "cap_rhs": 1.0, "slack": slack,
+            "bigm": np.maximum(0.0, u_ub - slack), "weight": u_ub + 1.0}
 
 
 def pause_candidates(inputs: PlanInputs, window: int) -> list[str]:
@@ -234,22 +299,22 @@ def pause_candidates(inputs: PlanInputs, window: int) -> list[str]:
     return [inputs.requests[i].request_id for i in order]
 
 
-def make_plan(inputs: PlanInputs, choice: Sequence[int], window: int, status: PlanStatus,
+def make_plan(inputs: PlanInputs, choice: Sequence[int], T: float, window: int, status: PlanStatus,
               started: float, solver: str) -> Plan:
-    T, late, dev = evaluate(inputs, choice, window)
-    ids = [r.request_id for r in inputs.requests]
-    L = inputs.num_layers
+    ids, L = [r.request_id for r in inputs.requests], inputs.num_layers
     return Plan(status, {i: int(d) for i, d in zip(ids, choice)},
-                {i: host_layers(d, L) for i, d in zip(ids, choice)}, T, late, window,
-                time.perf_counter() - started, solver, dev)
+                {i: host_layers(d, L) for i, d in zip(ids, choice)}, T, late_requests(inputs, T, window),
+                window, time.perf_counter() - started, solver, device_bytes(inputs, choice, window))
 
 
 WindowSolver = Callable[[int], "tuple[list[int], bool]"]  # W -> (distance per request, proven optimal)
 
 
-def search_windows(inputs: PlanInputs, solve_at: WindowSolver, solver: str) -> Plan:
+def search_windows(inputs: PlanInputs, solve_at: WindowSolver, solver: str,
+                   bound_at: Callable[[int], float] | None = None) -> Plan:
     """Lexicographic (violations, T, -W) over the candidate windows, given a per-window solver that
-    returns a (violations, T)-optimal placement for a capacity-feasible window."""
+    returns a (violations, T)-optimal placement for a capacity-feasible window. `bound_at(W)`, a
+    lower bound on T at W, lets a window that cannot tie be skipped without solving it."""
     started = time.perf_counter()
     feasible = [w for w in inputs.windows if inputs.min_device_bytes(w) <= inputs.device_capacity_bytes]
     if not feasible:
@@ -257,18 +322,21 @@ def search_windows(inputs: PlanInputs, solve_at: WindowSolver, solver: str) -> P
         return Plan(PlanStatus.INFEASIBLE, {}, {}, float("inf"), set(), w0, time.perf_counter() - started,
                     solver, inputs.min_device_bytes(w0), pause_candidates(inputs, w0))
     if not inputs.requests:
-        return make_plan(inputs, [], feasible[-1], PlanStatus.OPTIMAL, started, solver)
+        return make_plan(inputs, [], step_time(inputs, []), feasible[-1], PlanStatus.OPTIMAL, started, solver)
     best, proven = solve_at(feasible[0])
-    T0, late0, _ = evaluate(inputs, best, feasible[0])
-    for w in reversed(feasible[1:]):
-        _, late, dev = evaluate(inputs, best, w)
-        if dev <= inputs.device_capacity_bytes and len(late) == len(late0):
-            return make_plan(inputs, best, w, _status(proven), started, solver)
+    T0 = step_time(inputs, best)
+    n_late = len(late_requests(inputs, T0, feasible[0]))
+    for w in reversed(feasible[1:]):  # the longest window that still reaches (n_late, T0)
+        if device_bytes(inputs, best, w) <= inputs.device_capacity_bytes \
+                and len(late_requests(inputs, T0, w)) == n_late:
+            return make_plan(inputs, best, T0, w, _status(proven), started, solver)
+        if bound_at is not None and bound_at(w) > T0 * (1 + T_RTOL):
+            continue
         choice, ok = solve_at(w)
-        T, late, _ = evaluate(inputs, choice, w)
-        if len(late) == len(late0) and T <= T0 * (1 + T_RTOL):
-            return make_plan(inputs, choice, w, _status(proven and ok), started, solver)
-    return make_plan(inputs, best, feasible[0], _status(proven), started, solver)
+        T = step_time(inputs, choice)
+        if len(late_requests(inputs, T, w)) == n_late and T <= T0 * (1 + T_RTOL):
+            return make_plan(inputs, choice, T, w, _status(proven and ok), started, solver)
+    return make_plan(inputs, best, T0, feasible[0], _status(proven), started, solver)
 
 
 def _status(proven: bool) -> PlanStatus:

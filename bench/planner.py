@@ -1,0 +1,171 @@
+"""Planner solve-time benchmark: p50 / p99 of one full plan (every candidate window) per solver path.
+
+Run from the repository root with the project venv:
+
+    .venv/bin/python bench/planner.py --quick               # about a minute: 4 and 32 requests, L = 32
+    .venv/bin/python bench/planner.py                       # the full table (about 15 minutes)
+    .venv/bin/python bench/planner.py --batches 32 --layers 32 --solvers fast,highspy-reduced --instances 100
+    .venv/bin/python bench/planner.py --json runs/planner.json
+
+Solver paths: `cvxpy` (IlpPlanner: cvxpy + HiGHS, DPP, the reference), `highspy` (the same MIP built
+with highspy directly), `highspy-reduced` (the MIP without violation binaries: exact for the
+lexicographic objective, see ilp_highs.py), `fast` (certified heuristic, fastpath.py). The MIPs stop
+at --mip-gap (1e-4, HiGHS's default) or --mip-time-limit per window; `fast` certifies --fast-gap.
+"limit" counts plans returned FEASIBLE (a MIP at its time limit: its time is then a floor; `fast`:
+gap or violation set not certified), "max_gap" is the largest proven T / lower bound - 1 of `fast`.
+
+Workloads (--preset): `llama3.1-8b` on one A100-80GB: L = 32, 4 KiB of KV per token per layer
+(8 KV heads x 128 x K,V x fp16; 128 KiB per token over all 32 layers); per-layer decode compute
+a + b * batch tokens with a = 436 MB of weights / 1.7 TB/s + 15 us launch = 0.27 ms and
+b = 4 KiB / 1.7 TB/s = 2.4 ns per token (memory-bound roofline); `llama3-70b-tp4`: L = 80, per GPU
+of a TP-4 group 1 KiB per token per layer, a = 0.30 ms (437 MB per GPU + all-reduce), b = 0.6 ns.
+Both: 25 GB/s host link (PCIe Gen4 x16), contexts log-uniform 4K-128K, 16-2048 tokens left,
+deposits 0-16, per-token SLO = {1, 1.5, 2.5} x the batch's no-offload step (the paper's scales),
+device KV capacity 60-98 % of the batch's demand at the end of a 32-step window.
+
+Cold: independent random batches, planners without warm start. Warm (`fast` and `highspy-reduced`):
+a serving-like sequence, each batch the previous one 32 tokens longer with one request replaced,
+planners warm-started from their last plan. cvxpy's first solve per shape (the DPP compile) is
+excluded from its percentiles and reported as first_ms; highs_share is the part of cvxpy's time
+spent inside HiGHS (the rest is cvxpy: parameter update, matrix stuffing, result unpacking).
+BLAS is pinned to one thread (the planner's arrays are tiny; a multithreaded BLAS on a shared host
+is 100x slower at these sizes).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+sys.path[0:0] = [str(Path(__file__).resolve().parent.parent)]
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from orbitflow_ray.planner.fastpath import FastPlanner  # noqa: E402
+from orbitflow_ray.planner.ilp import IlpPlanner  # noqa: E402
+from orbitflow_ray.planner.ilp_highs import HighsPlanner  # noqa: E402
+from orbitflow_ray.planner.problem import PlanInputs, PlanRequest, PlanStatus  # noqa: E402
+
+PRESETS = {  # layers, KV bytes per token per layer, a (s), b (s per token)
+    "llama3.1-8b": (32, 4096, 0.27e-3, 2.4e-9),
+    "llama3-70b-tp4": (80, 1024, 0.30e-3, 0.6e-9),
+}
+LINK = 25e9
+SOLVERS = ("cvxpy", "highspy", "highspy-reduced", "fast")
+
+
+def make_request(rng, rid: str) -> PlanRequest:
+    n = int(np.exp(rng.uniform(np.log(4096), np.log(131072))))
+    return PlanRequest(rid, n, int(rng.integers(16, 2048)), 1.0, int(rng.integers(0, 17)))
+
+
+def with_slos(rng, reqs, preset: str, cap_frac: float) -> PlanInputs:
+    L, kvb, a, b = PRESETS[preset]
+    step = L * (a + b * sum(r.context_tokens for r in reqs))
+    reqs = [dataclasses.replace(r, slo_s=step * float(rng.choice([1.0, 1.5, 2.5]))) for r in reqs]
+    demand = sum(r.context_tokens + r.growth(32) for r in reqs) * L * kvb
+    return PlanInputs(reqs, L, kvb, int(demand * cap_frac), LINK, a, b)
+
+
+def cold_batches(R: int, preset: str, n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        reqs = [make_request(rng, f"b{i}-r{j}") for j in range(R)]
+        yield with_slos(rng, reqs, preset, rng.uniform(0.6, 0.98))
+
+
+def warm_batches(R: int, preset: str, n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    reqs, cap_frac = [make_request(rng, f"r{j}") for j in range(R)], rng.uniform(0.6, 0.98)
+    for i in range(n):
+        yield with_slos(rng, reqs, preset, cap_frac)
+        reqs = [dataclasses.replace(r, context_tokens=r.context_tokens + 32,
+                                    max_new_tokens_left=max(1, r.max_new_tokens_left - 32)) for r in reqs]
+        reqs[int(rng.integers(R))] = make_request(rng, f"new{i}")
+
+
+def planner(name: str, args, warm: bool):
+    if name == "cvxpy":
+        return IlpPlanner(rel_gap=args.mip_gap, time_limit_s=args.mip_time_limit)
+    if name.startswith("highspy"):
+        return HighsPlanner(name == "highspy", args.mip_gap, args.mip_time_limit, warm_start=warm)
+    return FastPlanner(args.fast_gap, args.fast_fallback_limit, warm_start=warm)
+
+
+def run(name: str, batches, args, warm: bool) -> dict:
+    pl, batches, times, limit, extra = planner(name, args, warm), list(batches), [], 0, {}
+    if name == "cvxpy":  # the first solve of a shape compiles (DPP); keep it out of the percentiles
+        t = time.perf_counter()
+        pl.solve(batches[0])
+        extra["first_ms"] = 1e3 * (time.perf_counter() - t)
+        pl.compiled(batches[0]).solver_s = 0.0
+    for inp in batches:
+        t = time.perf_counter()
+        plan = pl.solve(inp)
+        times.append(time.perf_counter() - t)
+        limit += plan.status is PlanStatus.FEASIBLE
+    out = {"n": len(times), "p50_ms": 1e3 * float(np.percentile(times, 50)),
+           "p99_ms": 1e3 * float(np.percentile(times, 99)), "limit": limit, **extra}
+    if name == "cvxpy":
+        out["highs_share"] = pl.compiled(batches[0]).solver_s / sum(times)
+    if name == "fast":
+        out["uncertified"] = pl.stats["bnb_out_of_time"] + pl.stats["violations_unsettled"]
+        out["max_gap"] = max(pl.gaps, default=0.0)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="4,8,16,32,64,128", help="requests per batch (comma list)")
+    ap.add_argument("--layers", default="32,80", help="32 = llama3.1-8b preset, 80 = llama3-70b-tp4")
+    ap.add_argument("--solvers", default=",".join(SOLVERS), help=f"subset of {SOLVERS}")
+    ap.add_argument("--instances", type=int, default=40, help="batches per cell for fast (cold and warm)")
+    ap.add_argument("--mip-instances", type=int, default=5, help="batches per cell for the MIP paths")
+    ap.add_argument("--mip-gap", type=float, default=1e-4, help="MIP stop: T within this factor")
+    ap.add_argument("--mip-time-limit", type=float, default=1.0, help="seconds per window solve")
+    ap.add_argument("--fast-gap", type=float, default=1e-2, help="fast path certificate")
+    ap.add_argument("--fast-fallback-limit", type=float, default=0.0,
+                    help="seconds per window for the fast path's MIP fallback (0: none, its default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="4 and 32 requests, L = 32, few instances")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.batches, args.layers, args.instances, args.mip_instances = "4,32", "32", 15, 3
+    by_layers = {p[0]: name for name, p in PRESETS.items()}
+    solvers = args.solvers.split(",")
+    rows = []
+    print(f"{'L':>3} {'R':>4} {'solver':<22} {'n':>3} {'p50 ms':>9} {'p99 ms':>9} {'p50/cvx':>8} "
+          f"{'p99/cvx':>8}  notes")
+    for L in map(int, args.layers.split(",")):
+        for R in map(int, args.batches.split(",")):
+            cells = {}
+            for name in solvers:
+                n = args.instances if name == "fast" else args.mip_instances
+                cells[name] = run(name, cold_batches(R, by_layers[L], n, args.seed), args, warm=False)
+                if name in ("fast", "highspy-reduced"):
+                    cells[name + " warm"] = run(name, warm_batches(R, by_layers[L], n, args.seed), args, True)
+            for name, cell in cells.items():
+                ref = cells.get("cvxpy")
+                ratio = [cell[k] / ref[k] if ref else float("nan") for k in ("p50_ms", "p99_ms")]
+                notes = " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                                 for k, v in cell.items() if k not in ("n", "p50_ms", "p99_ms"))
+                print(f"{L:>3} {R:>4} {name:<22} {cell['n']:>3} {cell['p50_ms']:>9.1f} {cell['p99_ms']:>9.1f} "
+                      f"{ratio[0]:>8.3f} {ratio[1]:>8.3f}  {notes}", flush=True)
+                rows.append({"layers": L, "requests": R, "solver": name, **cell})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

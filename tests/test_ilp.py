@@ -1,0 +1,229 @@
+"""The placement ILP against brute force, and the properties the planner promises its caller."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from orbitflow_ray.planner import fastpath
+from orbitflow_ray.planner.fastpath import FastPlanner, link_eval
+from orbitflow_ray.planner.ilp import IlpPlanner
+from orbitflow_ray.planner.ilp_highs import HighsPlanner
+from orbitflow_ray.planner.problem import (PlanInputs, PlanRequest, PlanStatus, _stall_s, evaluate,
+                                           placement_for_distance, window_counts, window_data)
+
+KVB, BW, A, B = 4096, 25e9, 2e-4, 2.3e-9  # Llama-3.1-8B-like per-layer KV; PCIe-class link
+EXACT = 1e-9
+
+# one planner of each kind for the whole module: compiled problems are cached across examples
+CVXPY, HIGHS, REDUCED = IlpPlanner(rel_gap=EXACT), HighsPlanner(True, EXACT), HighsPlanner(False, EXACT)
+FAST = FastPlanner(warm_start=False)
+
+
+def brute_force(inp: PlanInputs):
+    """Lexicographic optimum (violations, T, -W) over every distance combination and window."""
+    best = None
+    for w in inp.windows:
+        for combo in itertools.product(inp.distances, repeat=len(inp.requests)):
+            T, late, dev = evaluate(inp, list(combo), w)
+            if dev > inp.device_capacity_bytes:
+                continue
+            if best is None or len(late) < best[0] or (len(late) == best[0] and (
+                    T < best[1] * (1 - EXACT) or (T <= best[1] * (1 + EXACT) and w > best[2]))):
+                best = (len(late), T, w)
+    return best
+
+
+@st.composite
+def instances(draw):
+    L = draw(st.integers(4, 8))
+    n = draw(st.integers(1, 4))
+    reqs = [PlanRequest(f"r{i}", draw(st.integers(1, 64)) * 256, draw(st.integers(1, 200)),
+                        draw(st.floats(0.5, 3.0)) * L * 3e-4, draw(st.sampled_from([0, 0, 5, 50])))
+            for i in range(n)]
+    full = sum(r.context_tokens + r.growth(32) for r in reqs) * L * KVB
+    distances = draw(st.lists(st.integers(1, L), min_size=3, max_size=4, unique=True))
+    cap = int(full * draw(st.floats(0.6, 1.1)))  # mostly feasible; some infeasible when no small d is drawn
+    return PlanInputs(reqs, L, KVB, cap, BW, A, B, distances=tuple(distances), windows=(32, 64, 128))
+
+
+def test_placement_convention():
+    assert placement_for_distance(1, 8) == [False, True] * 4  # every other layer: half offloaded
+    assert [j for j, h in enumerate(placement_for_distance(3, 8)) if h] == [3, 7]
+    assert placement_for_distance(7, 8) == [False] * 7 + [True]
+    assert not any(placement_for_distance(8, 8)) and not any(placement_for_distance(31, 8))
+    ratios = {sum(placement_for_distance(d, 32)) / 32 for d in (1, 2, 3, 4, 5, 7, 9, 15, 31, 32)}
+    assert min(ratios) == 0 and max(ratios) == 0.5 and len(ratios) == 10  # ten distinct offload ratios
+    for d in range(1, 8):  # every host layer has d device layers before it to hide its transfer
+        hosts = [j for j, h in enumerate(placement_for_distance(d, 24)) if h]
+        assert all(h >= d for h in hosts) and all(b - a == d + 1 for a, b in zip(hosts, hosts[1:]))
+
+
+def test_step_model_by_hand():
+    """One request, d = 1, L = 4: host layers 1 and 3, each transfer hidden under one layer."""
+    inp = PlanInputs([PlanRequest("a", 10_000, 10, 1.0)], 4, KVB, 10**12, BW, A, B, distances=(1, 4))
+    c, tau = inp.compute_per_layer_s, 10_000 * KVB / BW
+    T, late, dev = evaluate(inp, [1], 32)
+    assert T == pytest.approx(4 * c + 2 * max(0.0, tau - c))
+    assert dev == 2 * (10_000 + 10) * KVB and not late  # growth capped by max_new_tokens_left
+    assert evaluate(inp, [4], 32)[0] == pytest.approx(4 * c)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(4, 40), st.lists(st.integers(1, 40), min_size=2, max_size=6, unique=True),
+       st.lists(st.floats(0, 50), min_size=6, max_size=6))
+def test_critical_intervals_give_the_full_longest_path(L, ds, loads):
+    ds = tuple(sorted({min(d, L) for d in ds}))
+    Y = np.array(loads[:len(ds)])
+    full = _stall_s(window_counts(L, ds), Y, 1.0, 1.0)
+    assert link_eval(L, ds).stall(Y[None])[0] == pytest.approx(full, abs=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(instances())
+def test_ilp_matches_brute_force(inp):
+    best = brute_force(inp)
+    for planner in (CVXPY, HIGHS, REDUCED):
+        plan = planner.solve(inp)
+        if best is None:
+            assert plan.status is PlanStatus.INFEASIBLE
+            continue
+        assert (len(plan.violations), plan.window) == (best[0], best[2]), planner.name
+        assert plan.predicted_step_s == pytest.approx(best[1], rel=1e-6), planner.name
+        T, late, dev = evaluate(inp, plan.distances, plan.window)
+        assert dev == plan.device_bytes <= inp.device_capacity_bytes
+        assert (T, late) == (plan.predicted_step_s, plan.violations)
+        assert plan.host_layers == {r: [j for j, h in enumerate(placement_for_distance(d, inp.num_layers)) if h]
+                                    for r, d in plan.distances.items()}
+
+
+@settings(max_examples=60, deadline=None)
+@given(instances())
+def test_fast_path_within_its_gap(inp):
+    best, plan = brute_force(inp), FAST.solve(inp)
+    if best is None:
+        assert plan.status is PlanStatus.INFEASIBLE
+        return
+    assert plan.device_bytes <= inp.device_capacity_bytes
+    if plan.status is PlanStatus.OPTIMAL:  # T and the violation set certified
+        assert plan.predicted_step_s <= best[1] * (1 + FAST.rel_gap) and len(plan.violations) == best[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(instances())
+def test_fast_path_search_without_enumeration(inp):
+    """Greedy, certificate, branch and bound and MIP fallback, on batches small enough to check."""
+    best, limit = brute_force(inp), fastpath.ENUM_LIMIT
+    fastpath.ENUM_LIMIT = 0
+    try:
+        exact = FastPlanner(rel_gap=EXACT, fallback_time_limit_s=5.0, warm_start=False)
+        plan = FAST.solve(inp)
+        exact_plan = exact.solve(inp)
+    finally:
+        fastpath.ENUM_LIMIT = limit
+    if best is None:
+        assert plan.status is exact_plan.status is PlanStatus.INFEASIBLE
+        return
+    assert plan.device_bytes <= inp.device_capacity_bytes
+    if plan.status is PlanStatus.OPTIMAL:  # certified (the default has no MIP fallback)
+        assert plan.predicted_step_s <= best[1] * (1 + FAST.rel_gap)
+    assert (len(exact_plan.violations), exact_plan.window) == (best[0], best[2])
+    assert exact_plan.predicted_step_s == pytest.approx(best[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_capacity_holds_at_scale(seed):
+    rng = np.random.default_rng(seed)
+    n = rng.integers(4096, 131072, 24)
+    reqs = [PlanRequest(f"r{i}", int(t), int(m), 0.05, 0) for i, (t, m) in enumerate(zip(n, rng.integers(1, 500, 24)))]
+    cap = int((n + 128).sum() * 32 * KVB * rng.uniform(0.55, 0.95))
+    inp = PlanInputs(reqs, 32, KVB, cap, BW, 2.6e-4, B)
+    for planner in (FAST, HighsPlanner(False, rel_gap=1e-2, time_limit_s=0.5)):
+        plan = planner.solve(inp)
+        assert plan.status is not PlanStatus.INFEASIBLE
+        assert evaluate(inp, plan.distances, plan.window)[2] == plan.device_bytes <= cap
+
+
+def test_lexicographic_weights_on_every_plan():
+    """The ILP's objective weight * violations + stall orders all plans as (violations, T), and in
+    this model violations never fall as T rises (one batch step time, thresholds per request)."""
+    reqs = [PlanRequest(f"r{i}", t, 100, s, d) for i, (t, s, d) in
+            enumerate([(4096, 3.5e-3, 0), (20_000, 6e-3, 10), (60_000, 2e-2, 0), (9000, 4e-3, 40)])]
+    inp = PlanInputs(reqs, 8, KVB, 10**12, BW, A, B, distances=(1, 2, 3, 8))
+    data, c = window_data(inp, 32), inp.compute_per_layer_s
+    plans = [evaluate(inp, list(p), 32) for p in itertools.product(inp.distances, repeat=4)]
+    keys = sorted((len(late), T) for T, late, _ in plans)
+    assert len({k[0] for k in keys}) > 1  # the instance does produce different violation counts
+    assert all(a[1] <= b[1] for a, b in zip(keys, keys[1:]))  # monotone: fewer violations, smaller T
+    obj = [data["weight"] * nv + (T / c - inp.num_layers) for nv, T in keys]
+    assert all(x <= y for x, y in zip(obj, obj[1:]))
+    worst_T_fewer = max(k[1] for k in keys if k[0] == keys[0][0])
+    assert data["weight"] * keys[0][0] + worst_T_fewer / c < data["weight"] * (keys[0][0] + 1)
+
+
+def _one_request(slo_s, deposit, capacity, context=8192):
+    return PlanInputs([PlanRequest("a", context, 1000, slo_s, deposit)], 8, KVB, capacity, BW, A, B,
+                      distances=(1, 3, 8))
+
+
+@pytest.mark.parametrize("planner", [CVXPY, REDUCED, FAST], ids=lambda p: p.name)
+def test_lexicographic_order_end_to_end(planner):
+    c8 = 8 * (A + B * 8192)  # T with no offload
+    # ample capacity: every window reaches the same (violations, T): the longest wins
+    assert planner.solve(_one_request(1.0, 0, 10**12)).window == 128
+    # capacity for 8 layers only at W = 32: a longer window costs T, so the shortest wins
+    tight = _one_request(1.0, 0, 8 * (8192 + 32) * KVB)
+    plan = planner.solve(tight)
+    assert (plan.window, plan.distances["a"], plan.predicted_step_s) == (32, 8, pytest.approx(c8))
+    # T misses the bare SLO; 10 banked tokens cover the lag over 32 steps, not over 64 or 128:
+    # fewer violations beat the longer window at equal T
+    slo = c8 / 1.2
+    plan = planner.solve(_one_request(slo, 10, 10**12))
+    assert (plan.window, plan.violations) == (32, set())
+    assert planner.solve(_one_request(slo, 0, 10**12)).violations == {"a"}
+
+
+def test_infeasible_reports_largest_first():
+    reqs = [PlanRequest("small", 1000, 50, 1.0), PlanRequest("big", 9000, 50, 1.0), PlanRequest("mid", 5000, 50, 1.0)]
+    need = 4 * (1000 + 32 + 9000 + 32 + 5000 + 32) * KVB  # every request at d = 1 keeps 4 of 8 layers
+    for planner in (CVXPY, REDUCED, FAST):
+        plan = planner.solve(PlanInputs(reqs, 8, KVB, need - 1, BW, A, B, distances=(1, 8)))
+        assert plan.status is PlanStatus.INFEASIBLE and plan.pause_candidates == ["big", "mid", "small"]
+        assert not plan.distances
+        ok = planner.solve(PlanInputs(reqs, 8, KVB, need, BW, A, B, distances=(1, 8)))
+        assert ok.status is PlanStatus.OPTIMAL and ok.window == 32 and set(ok.distances.values()) == {1}
+
+
+def test_dpp_resolve_matches_fresh_compile():
+    def batch(seed):
+        rng = np.random.default_rng(seed)
+        reqs = [PlanRequest(f"r{seed}-{i}", int(rng.integers(4096, 65536)), 200, float(rng.uniform(2e-3, 6e-3)),
+                            int(rng.integers(0, 20))) for i in range(6)]
+        full = sum(r.context_tokens + 32 for r in reqs) * 16 * KVB
+        return PlanInputs(reqs, 16, KVB, int(full * 0.85), BW, A, B, distances=(1, 2, 3, 7, 16))
+
+    warm = IlpPlanner(rel_gap=EXACT)
+    warm.solve(batch(0))
+    problem = warm.compiled(batch(0)).problem
+    assert problem.is_dpp()
+    for seed in (1, 2):
+        again = warm.solve(batch(seed))
+        fresh = IlpPlanner(rel_gap=EXACT).solve(batch(seed))
+        assert (len(again.violations), again.window) == (len(fresh.violations), fresh.window)
+        assert again.predicted_step_s == pytest.approx(fresh.predicted_step_s, rel=1e-6)
+    assert warm.compiles == 1 and warm.compiled(batch(3)).problem is problem
+
+
+def test_inputs_validation():
+    ok = dict(num_layers=8, kv_bytes_per_token_per_layer=KVB, device_capacity_bytes=1, link_bytes_per_s=BW,
+              compute_a_s=A, compute_b_s_per_token=B)
+    assert PlanInputs([], **ok).distances == (1, 2, 3, 4, 5, 7, 8)  # defaults clipped to L
+    assert PlanInputs([], distances=(9, 3, 3), **ok).distances == (3, 8)
+    with pytest.raises(ValueError):
+        PlanInputs([PlanRequest("a", 1, 1, 1.0)] * 2, **ok)
+    with pytest.raises(ValueError):
+        PlanInputs([], distances=(0,), **ok)
+    with pytest.raises(ValueError):
+        PlanRequest("a", 0, 1, 1.0)
+    assert _one_request(1.0, 64, 10**12).requests[0].effective_slo_s(32) == pytest.approx(3.0)
