@@ -12,7 +12,7 @@ import time
 
 from orbitflow_ray import SamplingParams
 from orbitflow_ray.llm import LLM
-from orbitflow_ray.model.loader import load_spec
+from orbitflow_ray.model.loader import load_model, load_spec
 
 _TOPICS = ["the history of the printing press", "how tides work", "why the sky is blue",
            "the rules of chess", "how vaccines train the immune system", "the water cycle"]
@@ -20,8 +20,7 @@ _FILLER = ("Background notes: long-context serving keeps a key-value cache for e
            "layer, and the cache grows with each generated token. ")
 
 
-def _prompts(llm: LLM, n: int, target_tokens: int) -> list[list[int]]:
-    tok = llm.tokenizer
+def _prompts(tok, n: int, target_tokens: int) -> list[list[int]]:
     reps = max(1, target_tokens // len(tok.encode(_FILLER)))
     out = []
     for i in range(n):
@@ -37,16 +36,12 @@ def run_demo(args: argparse.Namespace) -> int:
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     spec = load_spec(args.model)
     per_token = spec.kv_bytes_per_token_per_layer(4) * spec.num_layers
-    prompts = None
+    prompts = _prompts(load_model(args.model).tokenizer, args.num_prompts, args.prompt_tokens)
+    # Device tier sized for about half the batch's KV: offloading policies keep the whole batch
+    # running, no-offload has to queue requests.
+    need = sum(len(p) + args.max_tokens for p in prompts) * per_token
     for policy in policies:
         t0 = time.perf_counter()
-        llm = LLM(model=args.model, kv_policy=policy, device_kv_bytes=1 << 30, host_kv_bytes=1 << 30,
-                  link_bandwidth_bytes_per_s=2e9)
-        prompts = prompts or _prompts(llm, args.num_prompts, args.prompt_tokens)
-        # Device tier sized for about half the batch's KV: offloading policies keep the whole
-        # batch running, no-offload has to queue requests.
-        need = sum(len(p) + args.max_tokens for p in prompts) * per_token
-        llm.engine.close()
         llm = LLM(model=args.model, kv_policy=policy, device_kv_bytes=need // 2, host_kv_bytes=2 * need,
                   link_bandwidth_bytes_per_s=2e9)
         outs = llm.generate(prompts, sp)

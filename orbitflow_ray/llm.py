@@ -33,10 +33,15 @@ class LLM:
                  use_tqdm: bool = False) -> list[RequestOutput]:
         prompts = _as_prompt_list(prompts)
         params = _broadcast(sampling_params, len(prompts))
-        # Validate everything first so one bad prompt does not leave half a batch queued.
-        for p in prompts:
-            self.engine._tokenize(p)
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(self.engine.add_request(p, sp))
+        except ValueError:
+            # One bad prompt must not leave half a batch queued.
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],

@@ -117,3 +117,12 @@ def test_bad_requests_are_rejected_and_others_go_on():
         done += [o for o in eng.step() if o.finished]
     assert [o.request_id for o in done] == [good] and len(done[0].token_ids) == 8
     assert eng.kv.used_bytes(Tier.DEVICE) == 0
+
+
+def test_generate_with_one_bad_prompt_queues_nothing():
+    llm = LLM(model="tiny-llama", device_kv_bytes=1 << 20, host_kv_bytes=1 << 20)
+    with pytest.raises(ValueError, match="holds"):  # the second prompt can never fit the device tier
+        llm.generate([PROMPTS[0], [1] * 2000], SamplingParams(max_tokens=40))
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.kv.used_bytes(Tier.DEVICE) == 0
+    assert len(llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3

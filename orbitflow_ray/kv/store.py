@@ -26,8 +26,8 @@ class _HostLayer:
     """One host-resident layer of this step: which seqs, where their blocks sit in the slot."""
 
     layer: int
-    seq_idx: list[int]
-    slot_offsets: list[int]
+    offsets: dict[int, int]  # seq index -> its first block in the slot
+    num_blocks: int  # slot blocks this layer needs
     job_id: int | None = None
     slot: int = -1
 
@@ -82,11 +82,11 @@ class KVStore:
             idx = [i for i, s in enumerate(seqs) if s.table[layer].tier == Tier.HOST]
             if not idx:
                 continue
-            offsets, total = [], 0
+            offsets, total = {}, 0
             for i in idx:
-                offsets.append(total)
+                offsets[i] = total
                 total += cdiv(seqs[i].start_pos + len(seqs[i].token_ids), self.block_size)
-            self._host_layers[layer] = _HostLayer(layer, idx, offsets)
+            self._host_layers[layer] = _HostLayer(layer, offsets, total)
         self._order = sorted(self._host_layers)
         self._issued = 0
 
@@ -102,14 +102,11 @@ class KVStore:
 
     def _prefetch(self, hl: _HostLayer, slot: int) -> None:
         hl.slot = slot
-        last_i = hl.seq_idx[-1]
-        need = hl.slot_offsets[-1] + cdiv(self._seqs[last_i].start_pos + len(self._seqs[last_i].token_ids),
-                                          self.block_size)
         buf = self._slots[slot]
-        if buf is None or buf.shape[0] < need:
-            self._slots[slot] = buf = self.engine.alloc_device((need, *self.row_shape), self.dtype)
+        if buf is None or buf.shape[0] < hl.num_blocks:
+            self._slots[slot] = buf = self.engine.alloc_device((hl.num_blocks, *self.row_shape), self.dtype)
         src, dst = [], []
-        for i, off in zip(hl.seq_idx, hl.slot_offsets):
+        for i, off in hl.offsets.items():
             seq = self._seqs[i]
             ctx_blocks = cdiv(seq.start_pos, self.block_size)
             src.extend(seq.table[hl.layer].blocks[:ctx_blocks])
@@ -125,7 +122,7 @@ class KVStore:
         if lk.tier == Tier.DEVICE:
             return self.pools[Tier.DEVICE], lk.blocks
         hl = self._host_layers[layer]
-        off = hl.slot_offsets[hl.seq_idx.index(i)]
+        off = hl.offsets[i]
         n = cdiv(seq.start_pos + len(seq.token_ids), self.block_size)
         return self._slots[hl.slot], list(range(off, off + n))
 
@@ -150,7 +147,7 @@ class KVStore:
         if hl is None:
             return
         src, dst = [], []
-        for i, off in zip(hl.seq_idx, hl.slot_offsets):
+        for i, off in hl.offsets.items():
             seq = self._seqs[i]
             first = seq.start_pos // self.block_size
             last = cdiv(seq.start_pos + len(seq.token_ids), self.block_size)
