@@ -28,6 +28,24 @@ def parse_bytes(text: str) -> int:
     return int(t)
 
 
+def parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return t in ("true", "1", "yes", "on")
+
+
+def parse_int_list(text: str) -> tuple[int, ...]:
+    """'32,64,128' -> (32, 64, 128)."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+_CONVERTERS = {bool: parse_bool}
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """One flag per EngineConfig field, its help taken from the field's metadata."""
     hints = typing.get_type_hints(EngineConfig)
@@ -35,7 +53,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         kind = hints[f.name]
         if isinstance(kind, types.UnionType):
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        conv = parse_bytes if f.name in _INT_FIELDS_AS_BYTES else kind
+        conv = parse_bytes if f.name in _INT_FIELDS_AS_BYTES else _CONVERTERS.get(kind, kind)
+        if typing.get_origin(kind) is tuple:
+            conv = parse_int_list
         default = None if f.name in _INT_FIELDS_AS_BYTES or f.default is None else f.default
         parser.add_argument("--" + f.name.replace("_", "-"), type=conv, default=default,
                             help=f.metadata.get("help", "") + (f" (default: {f.default})" if f.default is not None else ""))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 
 BACKENDS = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+PAUSE_STRATEGIES = ("largest", "shortest", "random")  # planner/pause.py implements them
 
 
 def _help(text: str, **kw):
@@ -47,6 +48,23 @@ class EngineConfig:
                                 default=1)
     dtype: str = _help("Weights and KV dtype. float32 on CPU: bf16 matmuls are slow there.",
                        default="float32")
+    tpot_slo_s: float = _help(
+        "Per-token latency SLO (TPOT/TBT) for requests that set none. 0.25 s: about twice the "
+        "no-offload decode step of the default model with a full batch on 2 CPU cores (the paper's "
+        "SLOs are 1-2.5x that step); set it from your model and GPU.", default=0.25)
+    token_deposit: bool | None = _help(
+        "Pace each stream at its SLO, banking early tokens (Token-Deposit). None: the policy's "
+        "default (on for orbitflow, off for the baselines).", default=None)
+    pause_strategy: str = _help("Pause-Resume victim when no placement fits: largest (fewest "
+                                "pauses), shortest or random.", default="largest")
+    max_pause_s: float = _help("A request paused longer than this is resumed first and not paused "
+                               "again (no starvation).", default=30.0)
+    plan_windows: tuple[int, ...] = _help(
+        "Candidate plan windows in decode steps (the planner keeps the longest that loses nothing). "
+        "32-128 as in the paper: long enough to amortise a solve, short enough to track growth.",
+        default=(32, 64, 128))
+    solve_ahead: bool = _help("Solve placement plans one step ahead on a background thread.",
+                              default=True)
     seed: int = _help("Seed for random-initialised presets.", default=0)
     max_model_len: int | None = _help("Context limit. None: the model's max_position_embeddings.",
                                       default=None)
@@ -72,6 +90,13 @@ class EngineConfig:
             raise ValueError("link_bandwidth_bytes_per_s must be positive or None")
         if self.backend == "cuda" and self.link_bandwidth_bytes_per_s is not None:
             raise ValueError("link_bandwidth_bytes_per_s emulates a link on the cpu backend only")
+        if self.pause_strategy not in PAUSE_STRATEGIES:
+            raise ValueError(f"pause_strategy must be one of {PAUSE_STRATEGIES}, got {self.pause_strategy!r}")
+        self.plan_windows = tuple(self.plan_windows)
+        if not self.plan_windows or any(not isinstance(w, int) or w < 1 for w in self.plan_windows):
+            raise ValueError(f"plan_windows must be positive integers, got {self.plan_windows}")
+        if not self.tpot_slo_s > 0 or not self.max_pause_s > 0:
+            raise ValueError("tpot_slo_s and max_pause_s must be positive")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 

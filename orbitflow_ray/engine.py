@@ -13,6 +13,7 @@ import torch
 
 from orbitflow_kernels import Direction, make_transfer_engine
 from orbitflow_ray.config import EngineConfig
+from orbitflow_ray.costmodel import OnlineCostModel, StepSample, default_prior
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.kv.store import KVStore
 from orbitflow_ray.kv.tier_manager import KVTierManager
@@ -20,7 +21,7 @@ from orbitflow_ray.model.llama import LlamaModel
 from orbitflow_ray.model.loader import load_model, load_spec
 from orbitflow_ray.model.runner import ModelRunner
 from orbitflow_ray.outputs import RequestMetrics, RequestOutput
-from orbitflow_ray.planner import make_policy
+from orbitflow_ray.planner import StepStats, make_policy
 from orbitflow_ray.request import Request, RequestStatus
 from orbitflow_ray.sampling_params import SamplingParams
 from orbitflow_ray.sched.scheduler import Scheduler
@@ -32,9 +33,15 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         spec = load_spec(config.model)  # fails fast on an unknown model, before loading weights
-        self.policy = make_policy(config.kv_policy, spec.num_layers,
-                                  static_offload_fraction=config.static_offload_fraction)
         dtype = _DTYPES[config.dtype]
+        self.cost = OnlineCostModel(default_prior(spec.num_layers, config.link_bandwidth_bytes_per_s,
+                                                  config.backend))
+        self.policy = make_policy(config.kv_policy, spec.num_layers,
+                                  static_offload_fraction=config.static_offload_fraction,
+                                  cost_model=self.cost, pause_strategy_name=config.pause_strategy,
+                                  max_pause_s=config.max_pause_s, slo_s=config.tpot_slo_s,
+                                  windows=config.plan_windows, solve_ahead=config.solve_ahead,
+                                  seed=config.seed)
         self.block_bytes = spec.kv_bytes_per_token_per_layer(dtype.itemsize) * config.block_size
         device_blocks = config.device_kv_bytes // self.block_bytes
         if device_blocks == 0:
@@ -110,13 +117,32 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        h2d0, busy0 = self._link_counters()
+        t0 = time.perf_counter()
         sampled = self.runner.execute(out)
         now = time.perf_counter()
+        self._feedback(out, now - t0, h2d0, busy0, now)
         updated = self.scheduler.update_from_output(out, sampled, now)
         self.num_steps += 1
         for tier in self.peak_bytes:
             self.peak_bytes[tier] = max(self.peak_bytes[tier], self.kv.used_bytes(tier))
         return [self._output(req) for req in updated]
+
+    def _link_counters(self) -> tuple[int, float]:
+        busy = getattr(self.transfer, "busy_seconds", None)
+        return self.transfer.bytes_moved.get(Direction.H2D, 0), (busy or {}).get(Direction.H2D, 0.0)
+
+    def _feedback(self, out, wall_s: float, h2d0: int, busy0: float, now: float) -> None:
+        """Runtime feedback: the measured step goes to the cost model and the policy."""
+        if not out.seqs:
+            return
+        h2d1, busy1 = self._link_counters()
+        ctx = sum(seq.start_pos for seq in out.seqs)
+        decodes = sum(1 for seq in out.seqs if len(seq.token_ids) == 1)
+        self.cost.observe(StepSample(wall_s, ctx, out.num_batched_tokens, h2d1 - h2d0, busy1 - busy0,
+                                     getattr(self.runner.store, "last_stall_s", None)))
+        self.policy.observe(StepStats(out.step_id, wall_s, tuple(s.request_id for s in out.seqs), ctx,
+                                      out.num_batched_tokens, decodes, h2d1 - h2d0, busy1 - busy0, now))
 
     def _output(self, req: Request) -> RequestOutput:
         if self.tokenizer is not None:
@@ -124,7 +150,9 @@ class LLMEngine:
             self._check_stop_strings(req)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.output_text,
                              list(req.output_token_ids), req.status.finished, req.finish_reason,
-                             RequestMetrics(req.arrival_time, list(req.token_times)),
+                             RequestMetrics(req.arrival_time, list(req.token_times),
+                                            list(req.deposit.release_times), req.deposit.slo_s,
+                                            req.deposit.num_late, req.paused_s_total),
                              new_token_ids=req.output_token_ids[-1:])
 
     def _check_stop_strings(self, req: Request) -> None:
@@ -149,8 +177,16 @@ class LLMEngine:
             "bytes_h2d": moved.get(Direction.H2D, 0),
             "bytes_d2h": moved.get(Direction.D2H, 0),
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_pauses": self.scheduler.num_pauses,
+            "max_pause_s": self.scheduler.max_pause_s,
             "num_steps": self.num_steps,
         }
 
+    def policy_stats(self) -> dict[str, float]:
+        return self.policy.metrics()
+
     def close(self) -> None:
+        close = getattr(self.policy, "close", None)
+        if close is not None:
+            close()
         self.transfer.close()

@@ -10,6 +10,11 @@ class RequestMetrics:
     arrival_time: float
     # One perf_counter timestamp per output token, when the step that produced it finished.
     token_times: list[float] = field(default_factory=list)
+    # When each token is released to the client (Token-Deposit pacing; == token_times when off).
+    release_times: list[float] = field(default_factory=list)
+    slo_s: float | None = None
+    num_late_tokens: int = 0  # tokens after the first that missed the SLO pace with an empty deposit
+    paused_s: float = 0.0  # total time paused by Pause-Resume
 
     @property
     def ttft(self) -> float | None:

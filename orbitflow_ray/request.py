@@ -9,14 +9,19 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from orbitflow_ray.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from orbitflow_ray.planner.deposit import TokenDeposit
 
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"  # swapped out whole (KV kept on host), waits to resume
+    PAUSED = "paused"  # Pause-Resume: the policy deferred it (KV kept on host), waits to resume
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -41,6 +46,11 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     output_text: str = ""
     stop_reason: str | int | None = None
+    # Token-Deposit pacing of this request's stream (release times, late tokens); set by the scheduler.
+    deposit: TokenDeposit | None = None
+    paused_at: float | None = None  # when the current pause began
+    paused_s_total: float = 0.0  # all pauses so far, for the starvation bound and reports
+    num_pauses: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:

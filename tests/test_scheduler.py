@@ -17,7 +17,7 @@ LAYERS, BS = 4, 4
 def make(policy="no-offload", device_blocks=64, host_blocks=64, **cfg):
     config = EngineConfig(model="tiny-llama", kv_policy=policy, block_size=BS, **cfg)
     kv = KVTierManager(LAYERS, BS, 100, device_blocks, host_blocks)
-    return Scheduler(config, kv, make_policy(policy, LAYERS), frozenset({0}), 10_000)
+    return Scheduler(config, kv, make_policy(policy, LAYERS, solve_ahead=False), frozenset({0}), 10_000)
 
 
 def req(i, prompt_len, max_tokens):
@@ -83,7 +83,8 @@ def test_recompute_when_host_is_full_too():
 
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 20)), min_size=1, max_size=8),
-       st.sampled_from(["no-offload", "static-uniform", "all-offload"]),
+       st.sampled_from(["no-offload", "static-uniform", "all-offload", "orbitflow", "orbitflow-uniform",
+                        "orbitflow-no-pause"]),
        st.integers(40, 120), st.integers(0, 120))
 def test_every_request_finishes_and_nothing_leaks(shapes, policy, device_blocks, host_blocks):
     s = make(policy, device_blocks, host_blocks, max_num_batched_tokens=48, prefill_chunk_size=24)

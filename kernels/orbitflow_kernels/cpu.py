@@ -39,6 +39,7 @@ class _Link:
         self.completed = 0  # jobs 0 .. completed-1 are done (FIFO, so a prefix)
         self.errors: dict[int, BaseException] = {}
         self.bytes = {d: 0 for d in Direction}
+        self.busy = {d: 0.0 for d in Direction}  # seconds the link spent on each direction
         self.busy_until = 0.0  # monotonic time at which the emulated link is next free
         self.alive = True
 
@@ -47,6 +48,7 @@ class _Link:
             while (item := self.jobs.get()) is not _STOP:
                 job_id, job = item
                 error = None
+                started = time.monotonic()
                 try:
                     self._execute(job)
                 except Exception as exc:  # surfaced by wait()/synchronize(), the thread lives on
@@ -54,6 +56,7 @@ class _Link:
                 with self.cond:
                     if error is None:
                         self.bytes[job.direction] += job.nbytes
+                        self.busy[job.direction] += time.monotonic() - started
                     else:
                         self.errors[job_id] = error
                     self.completed = job_id + 1
@@ -137,6 +140,12 @@ class CpuTransferEngine(TransferEngine):
     def bytes_moved(self) -> dict[Direction, int]:
         with self._link.cond:
             return dict(self._link.bytes)
+
+    @property
+    def busy_seconds(self) -> dict[Direction, float]:
+        """Link time spent per direction (completed jobs): the cost model's effective bandwidth."""
+        with self._link.cond:
+            return dict(self._link.busy)
 
     def close(self) -> None:
         """Finish the queued jobs, then stop the worker. Idempotent; errors stay for synchronize()."""

@@ -1,8 +1,8 @@
 """KV placement policies (registry). Importing this package registers the built-in policies."""
 
-from orbitflow_ray.planner import static  # noqa: F401  (registers policies)
+from orbitflow_ray.planner import orbitflow, static  # noqa: F401  (registers policies)
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
-                                        available_policies, make_policy, register_policy)
+                                        StepStats, available_policies, make_policy, register_policy)
 
-__all__ = ["CapacityView", "KVPolicy", "PlacementPlan", "RequestView", "available_policies",
+__all__ = ["CapacityView", "KVPolicy", "PlacementPlan", "RequestView", "StepStats", "available_policies",
            "make_policy", "register_policy"]

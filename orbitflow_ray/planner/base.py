@@ -8,7 +8,7 @@ the real engine and the simulator run the very same objects.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 from orbitflow_ray.kv.blocks import Tier
@@ -22,6 +22,14 @@ class RequestView:
     max_tokens: int
     arrival_time: float
     placement: tuple[Tier, ...] | None  # None before admission
+    num_output_tokens: int = 0
+    slo_s: float | None = None  # per-token (TPOT/TBT) SLO; None: the policy's default
+    deposit_tokens: int = 0  # tokens banked by Token-Deposit pacing, released at the SLO pace
+    paused_s: float | None = None  # seconds paused so far; None when not paused
+
+    @property
+    def max_new_tokens_left(self) -> int:
+        return max(1, self.max_tokens - self.num_output_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +45,26 @@ class CapacityView:
 
 @dataclass(slots=True)
 class PlacementPlan:
-    """What a policy wants changed between steps: new placements per request."""
+    """What a policy wants changed at a step boundary: new placements per request, and requests to
+    pause (Pause-Resume: all their KV goes to host, they leave the batch, nothing is recomputed)."""
 
     placements: dict[str, list[Tier]]
+    pause: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """What the executor measured for one step, fed back to the policy (runtime refinement)."""
+
+    step_id: int
+    wall_s: float
+    request_ids: tuple[str, ...]
+    context_tokens: int  # KV tokens the step attended over, before its new tokens
+    new_tokens: int
+    num_decodes: int
+    h2d_bytes: int = 0
+    h2d_busy_s: float = 0.0
+    now: float = 0.0
 
 
 class KVPolicy(abc.ABC):
@@ -50,11 +75,28 @@ class KVPolicy(abc.ABC):
 
     @abc.abstractmethod
     def place_new(self, req: RequestView, cap: CapacityView) -> list[Tier]:
-        """Placement for a request being admitted (or resumed after a swap-out)."""
+        """Placement for a request on its own, given the capacity (admission without a batch in
+        view; also what the engine checks an arriving request against)."""
+
+    def admit(self, req: RequestView, running: list[RequestView], cap: CapacityView
+              ) -> PlacementPlan | None:
+        """Admit (or resume) `req` into the running batch: its placement, plus any changes to the
+        running requests that make room. None: not now, keep it waiting."""
+        return PlacementPlan({req.request_id: self.place_new(req, cap)})
 
     def replan(self, running: list[RequestView], cap: CapacityView) -> PlacementPlan | None:
         """Placement changes between steps. Static policies change nothing."""
         return None
+
+    def observe(self, stats: StepStats) -> None:
+        """Measured step time and traffic, after each step (runtime feedback)."""
+
+    def request_finished(self, request_id: str) -> None:
+        """Drop per-request state."""
+
+    def metrics(self) -> dict[str, float]:
+        """Policy counters for the engine's stats (solve times, fallbacks, pauses)."""
+        return {}
 
     @property
     def swaps_on_pressure(self) -> bool:

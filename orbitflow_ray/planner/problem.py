@@ -105,9 +105,14 @@ class PlanInputs:
     compute_b_s_per_token: float
     distances: tuple[int, ...] | None = None  # None: DEFAULT_DISTANCES + (L,)
     windows: tuple[int, ...] = DEFAULT_WINDOWS
+    # KV is held in blocks of this many tokens: a request's KV at the window's end is rounded up
+    # to whole blocks, so a plan that fits here fits the block pool exactly.
+    block_size: int = 1
 
     def __post_init__(self) -> None:
         L = self.num_layers
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if L < 1 or self.kv_bytes_per_token_per_layer < 1 or self.device_capacity_bytes < 0:
             raise ValueError("need num_layers >= 1, kv_bytes_per_token_per_layer >= 1, capacity >= 0")
         if not (self.link_bytes_per_s > 0 and self.compute_a_s > 0 and self.compute_b_s_per_token >= 0):
@@ -133,7 +138,10 @@ class PlanInputs:
         return _device_layers(self.num_layers, self.distances)
 
     def end_tokens(self, window: int) -> np.ndarray:
-        return np.array([r.context_tokens + r.growth(window) for r in self.requests], dtype=np.int64)
+        """Tokens of KV each request holds at the window's end, in whole blocks."""
+        bs = self.block_size
+        return np.array([-(-(r.context_tokens + r.growth(window)) // bs) * bs for r in self.requests],
+                        dtype=np.int64)
 
     def min_device_bytes(self, window: int) -> int:
         """Device bytes at the window's end with every request at its largest offload."""

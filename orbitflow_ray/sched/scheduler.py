@@ -1,45 +1,58 @@
 """Continuous batching with chunked prefill, placements from a pluggable KV policy.
 
-One step: resume swapped-out requests that fit, give every running request its next tokens (one for
-decodes, a chunk for prefills) within the token budget, admit waiting requests, then let the policy
-refine placements. When a tier runs out, the newest running request is preempted: swapped to host
-whole (nothing recomputed) or, when the host is full too, its KV is dropped and recomputed later.
-The scheduler owns the tier manager; the executor only reads block tables and runs MoveOps.
+One step: resume swapped-out or paused requests the policy admits, let the policy refine placements
+(and pause requests under overload), give every running request its next tokens (one for decodes, a
+chunk for prefills) within the token budget, then admit waiting requests. When a tier runs out
+anyway, the newest running request is preempted: swapped to host whole (nothing recomputed) or,
+when the host is full too, its KV is dropped and recomputed later. The scheduler owns the tier
+manager; the executor only reads block tables and runs MoveOps. Each request's stream is paced by
+its Token-Deposit, whose banked tokens the policy sees as SLO credit.
 """
 
 from __future__ import annotations
 
+import bisect
+import time
 from collections import deque
+from typing import Callable
 
 from orbitflow_ray.config import EngineConfig
 from orbitflow_ray.kv.blocks import LayerKV, MoveOp, Tier
 from orbitflow_ray.kv.tier_manager import KVTierManager
-from orbitflow_ray.planner.base import CapacityView, KVPolicy, RequestView
+from orbitflow_ray.planner.base import CapacityView, KVPolicy, PlacementPlan, RequestView
+from orbitflow_ray.planner.deposit import TokenDeposit
 from orbitflow_ray.request import Request, RequestStatus
 from orbitflow_ray.sched.output import ScheduledSeq, SchedulerOutput
 
 
 class Scheduler:
     def __init__(self, config: EngineConfig, kv: KVTierManager, policy: KVPolicy,
-                 eos_token_ids: frozenset[int], max_model_len: int) -> None:
+                 eos_token_ids: frozenset[int], max_model_len: int,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.config = config
+        self.clock = clock  # the simulator passes its virtual clock
+        self.use_deposit = (config.token_deposit if config.token_deposit is not None
+                            else getattr(policy, "uses_deposit", False))
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.kv = kv
         self.policy = policy
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.swapped: deque[Request] = deque()
+        self.swapped: list[Request] = []  # preempted or paused, oldest arrival first
         self.requests: dict[str, Request] = {}
         self._finished_ids: list[str] = []
         self._pending_moves: list[MoveOp] = []
         self._step = 0
         self.num_preemptions = 0
+        self.num_pauses = 0
+        self.max_pause_s = 0.0
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
+        req.deposit = TokenDeposit(req.sampling_params.slo_s or self.config.tpot_slo_s, self.use_deposit)
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -53,9 +66,11 @@ class Scheduler:
         for queue in (self.running, self.waiting, self.swapped):
             if req in queue:
                 queue.remove(req)
+        self._end_pause(req)
         req.status = status
         if self.kv.has(req.request_id):
             self.kv.free(req.request_id)
+        self.policy.request_finished(req.request_id)
         self._finished_ids.append(req.request_id)
         del self.requests[req.request_id]
 
@@ -77,8 +92,12 @@ class Scheduler:
     # ---- views for the policy ------------------------------------------------------------------
     def view(self, req: Request) -> RequestView:
         placement = tuple(self.kv.placement(req.request_id)) if self.kv.has(req.request_id) else None
+        now = self.clock()
         return RequestView(req.request_id, req.num_tokens, req.num_prompt_tokens,
-                           req.sampling_params.max_tokens, req.arrival_time, placement)
+                           req.sampling_params.max_tokens, req.arrival_time, placement,
+                           len(req.output_token_ids), req.sampling_params.slo_s or self.config.tpot_slo_s,
+                           req.deposit.banked(now) if req.deposit is not None and req.deposit.enabled else 0,
+                           now - req.paused_at if req.paused_at is not None else None)
 
     def capacity(self) -> CapacityView:
         d, h = self.kv.pools[Tier.DEVICE], self.kv.pools[Tier.HOST]
@@ -90,7 +109,7 @@ class Scheduler:
         self._step += 1
         moves, self._pending_moves = self._pending_moves, []
         self._resume_swapped(moves)
-        self._refine(moves)
+        self._apply(self.policy.replan([self.view(r) for r in self.running], self.capacity()), moves)
         budget = self.config.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
         for req in list(self.running):
@@ -128,7 +147,7 @@ class Scheduler:
         if short == {Tier.DEVICE} and on_device and self.kv.num_free(Tier.HOST) >= on_device:
             moves.extend(self.kv.move_request(req.request_id, [Tier.HOST] * self.kv.num_layers))
             req.status = RequestStatus.PREEMPTED
-            self.swapped.append(req)
+            self._park(req)
             return
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
@@ -136,27 +155,36 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _resume_swapped(self, moves: list[MoveOp]) -> None:
+        """Resume preempted or paused requests, oldest arrival first, while the policy admits them."""
         while self.swapped and len(self.running) < self.config.max_num_seqs:
             req = self.swapped[0]
-            placement = self.policy.place_new(self.view(req), self.capacity())
+            plan = self.policy.admit(self.view(req), [self.view(r) for r in self.running], self.capacity())
+            if plan is None:
+                return
+            placement = plan.placements.pop(req.request_id)
+            self._apply(plan, moves)
             # Its layers are all on host; those going back need device room plus one block each
             # to grow into, or it would be swapped straight out again.
             back = [lk for lk, t in zip(self.kv.table(req.request_id), placement) if t == Tier.DEVICE]
-            need = {Tier.DEVICE: sum(len(lk.blocks) + 1 for lk in back), Tier.HOST: 0}
-            if not self.kv.fits(need):
+            if not self.kv.fits({Tier.DEVICE: sum(len(lk.blocks) + 1 for lk in back), Tier.HOST: 0}):
                 return
             ops = self.kv.move_request(req.request_id, placement)
             if ops is None:
                 return
             moves.extend(ops)
-            self.swapped.popleft()
+            self.swapped.pop(0)
+            self._end_pause(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
 
     def _admit(self, budget: int, seqs: list[ScheduledSeq], moves: list[MoveOp]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            placement = self.policy.place_new(self.view(req), self.capacity())
+            plan = self.policy.admit(self.view(req), [self.view(r) for r in self.running], self.capacity())
+            if plan is None:
+                break
+            placement = plan.placements.pop(req.request_id)
+            self._apply(plan, moves)
             # Admit only if the whole prompt fits, so a long prefill is not preempted half-way.
             if not self.kv.fits(self.kv.demand(placement, self.kv.blocks_for(req.num_tokens))):
                 break
@@ -170,13 +198,44 @@ class Scheduler:
                 budget -= n
         return budget
 
-    def _refine(self, moves: list[MoveOp]) -> None:
-        plan = self.policy.replan([self.view(r) for r in self.running], self.capacity())
+    def _apply(self, plan: PlacementPlan | None, moves: list[MoveOp]) -> None:
+        """Carry out a policy's plan: pauses first (they free device blocks), then placements."""
         if plan is None:
             return
+        for rid in plan.pause:
+            req = self.requests.get(rid)
+            if req is not None and req in self.running:
+                self._pause(req, moves)
         for rid, placement in plan.placements.items():
-            if self.kv.has(rid):
+            req = self.requests.get(rid)
+            if req is not None and req in self.running and self.kv.has(rid):
                 moves.extend(self.kv.move_request(rid, placement) or [])
+
+    def _pause(self, req: Request, moves: list[MoveOp]) -> None:
+        """Pause-Resume: all of req's KV to host, out of the batch; nothing is recomputed. When
+        the host cannot take it, fall back to preemption (recompute)."""
+        on_device = sum(len(lk.blocks) for lk in self.kv.table(req.request_id) if lk.tier == Tier.DEVICE)
+        if on_device > self.kv.num_free(Tier.HOST):
+            self._preempt(req, {Tier.HOST}, moves)
+            return
+        self.running.remove(req)
+        moves.extend(self.kv.move_request(req.request_id, [Tier.HOST] * self.kv.num_layers))
+        req.status = RequestStatus.PAUSED
+        req.paused_at = self.clock()
+        req.num_pauses += 1
+        self.num_pauses += 1
+        self._park(req)
+
+    def _park(self, req: Request) -> None:
+        keys = [r.arrival_time for r in self.swapped]
+        self.swapped.insert(bisect.bisect_right(keys, req.arrival_time), req)
+
+    def _end_pause(self, req: Request) -> None:
+        if req.paused_at is not None:
+            paused = self.clock() - req.paused_at
+            req.paused_s_total += paused
+            self.max_pause_s = max(self.max_pause_s, paused)
+            req.paused_at = None
 
     def _seq(self, req: Request, n: int) -> ScheduledSeq:
         start = req.num_computed_tokens
@@ -199,6 +258,7 @@ class Scheduler:
                 tok = sampled[seq.request_id]
                 req.output_token_ids.append(tok)
                 req.token_times.append(now)
+                req.deposit.emit(now)
                 updated.append(req)
                 self._check_stop(req, tok)
         return updated

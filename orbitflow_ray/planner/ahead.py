@@ -1,0 +1,65 @@
+"""Solving one step ahead: planning runs on a background thread on the predicted next batch.
+
+Decoding never waits for a speculative solve: a result is taken at a step boundary only when it is
+finished and was solved for the batch that is actually running. Anything unpredictable (an
+arrival, a finish, a block boundary that breaks capacity) is solved on the spot. Every solve is
+timed, hidden or not, and both totals are reported: the solve's cost is never subtracted.
+One lock serialises the solver (its warm-start state is not thread-safe).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Generic, Hashable, TypeVar
+
+R = TypeVar("R")
+
+
+class AheadSolver(Generic[R]):
+    def __init__(self, solve: Callable[..., R], background: bool = True) -> None:
+        self._solve = solve
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="orbitflow-plan") if background else None
+        self._pending: tuple[Hashable, Future] | None = None
+        self.stats = {"solves_sync": 0, "solves_ahead": 0, "solves_ahead_used": 0,
+                      "solve_s_sync": 0.0, "solve_s_ahead": 0.0, "solve_s_max": 0.0}
+
+    def _timed(self, kind: str, *args) -> R:
+        with self._lock:
+            t0 = time.perf_counter()
+            try:
+                return self._solve(*args)
+            finally:
+                dt = time.perf_counter() - t0
+                self.stats[f"solves_{kind}"] += 1
+                self.stats[f"solve_s_{kind}"] += dt
+                self.stats["solve_s_max"] = max(self.stats["solve_s_max"], dt)
+
+    def solve_now(self, *args) -> R:
+        return self._timed("sync", *args)
+
+    def submit(self, key: Hashable, *args) -> None:
+        """Start solving for a predicted state `key` (replaces any earlier speculation)."""
+        if self._pool is None:
+            return
+        self._pending = (key, self._pool.submit(self._timed, "ahead", *args))
+
+    def take(self, key: Hashable) -> R | None:
+        """The speculative result for `key` if it is ready; None otherwise (never blocks)."""
+        if self._pending is None or self._pending[0] != key or not self._pending[1].done():
+            return None
+        fut = self._pending[1]
+        self._pending = None
+        if fut.exception() is not None:
+            return None  # the caller solves on the spot, where the error is handled
+        self.stats["solves_ahead_used"] += 1
+        return fut.result()
+
+    def pending(self, key: Hashable) -> bool:
+        return self._pending is not None and self._pending[0] == key
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,279 @@
+"""The OrbitFlow policy: SLO-aware per-request, per-layer KV placement, refined at run time.
+
+Each planning event builds a `PlanInputs` from the running batch (context lengths, tokens left,
+SLOs, Token-Deposit credit) and the online cost model, and solves it (`FastPlanner`: certified
+heuristic with the HiGHS MIP behind it; `problem.py` has the model). A plan holds for its window
+of W decode steps; it is re-solved when
+
+- the batch changes (admission, finish, pause, resume)      -> on the spot
+- the window runs out                                        -> solved one step ahead
+- measured step time drifts from the prediction              -> solved one step ahead
+- the next step's growth does not fit the free device blocks -> on the spot
+
+When no placement fits (INFEASIBLE), Pause-Resume pauses one request (strategy: largest by
+default), re-solves, and repeats; paused requests keep all their KV on host and rejoin, oldest
+first, when the ILP admits them again. A request paused longer than `max_pause_s` is pinned: the
+solve pauses others instead, so nobody starves. A solver error falls back to a safe heuristic
+(every request at the largest offload), logged and counted; no request is ever dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import replace
+
+from orbitflow_ray.costmodel import OnlineCostModel, default_prior
+from orbitflow_ray.kv.blocks import Tier
+from orbitflow_ray.planner.ahead import AheadSolver
+from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
+                                        StepStats, register_policy)
+from orbitflow_ray.planner.fastpath import FastPlanner
+from orbitflow_ray.planner.pause import pause_strategy
+from orbitflow_ray.planner.problem import (DEFAULT_WINDOWS, Plan, PlanInputs, PlanRequest,
+                                           PlanStatus, make_plan, placement_for_distance, step_time)
+from orbitflow_ray.planner.uniform import UniformPlanner
+
+log = logging.getLogger(__name__)
+
+def tiers_for_distance(d: int, num_layers: int) -> list[Tier]:
+    return [Tier.HOST if h else Tier.DEVICE for h in placement_for_distance(d, num_layers)]
+
+
+@register_policy
+class OrbitFlow(KVPolicy):
+    name = "orbitflow"
+    uses_deposit = True
+    can_pause = True
+    uniform = False
+
+    def __init__(self, num_layers: int, cost_model: OnlineCostModel | None = None,
+                 distances: tuple[int, ...] | None = None, windows: tuple[int, ...] = DEFAULT_WINDOWS,
+                 pause_strategy_name: str = "largest", max_pause_s: float = 30.0, slo_s: float = 0.5,
+                 drift_threshold: float = 0.25, drift_patience: int = 3, solve_ahead: bool = True,
+                 seed: int = 0, **options) -> None:
+        super().__init__(num_layers)
+        if max_pause_s <= 0 or drift_threshold <= 0 or drift_patience < 1 or slo_s <= 0:
+            raise ValueError("need max_pause_s > 0, drift_threshold > 0, drift_patience >= 1, slo_s > 0")
+        self.cost = cost_model or OnlineCostModel(default_prior(num_layers, None, "cpu"))
+        self.distances, self.windows = distances, tuple(windows)
+        self.pick_victim = pause_strategy(pause_strategy_name)
+        self.max_pause_s, self.default_slo_s = max_pause_s, slo_s
+        self.drift_threshold, self.drift_patience = drift_threshold, drift_patience
+        self.solver = UniformPlanner() if self.uniform else FastPlanner()
+        self.ahead: AheadSolver = AheadSolver(self._solve, background=solve_ahead)
+        self.rng = random.Random(seed)
+        self.plan: Plan | None = None
+        self.plan_ids: frozenset[str] = frozenset()
+        self.steps_left = 0
+        self._stale = False
+        self._drift_run = 0
+        self._predicted_s: float | None = None
+        self._last_views: list[RequestView] = []
+        self._cap: CapacityView | None = None
+        self._refused: dict[str, frozenset[str]] = {}  # admission refused for this running set
+        self._protected: frozenset[str] = frozenset()  # resumed after an overlong pause: not paused again
+        self.counters = {k: 0 for k in ("plans", "pauses", "resumes", "fallbacks", "infeasible",
+                                        "trigger_batch", "trigger_window", "trigger_drift",
+                                        "trigger_capacity")}
+
+    # ---- the problem ---------------------------------------------------------------------------
+    def _inputs(self, views: list[RequestView], cap: CapacityView) -> PlanInputs:
+        a, b = self.cost.model.decode_layer_coeffs(len(views))
+        kvb = cap.block_bytes // cap.block_size
+        reqs = tuple(PlanRequest(v.request_id, max(1, v.num_tokens), v.max_new_tokens_left,
+                                 v.slo_s or self.default_slo_s,
+                                 v.deposit_tokens if self.uses_deposit else 0) for v in views)
+        return PlanInputs(reqs, self.num_layers, kvb, cap.device_total_blocks * cap.block_bytes,
+                          self.cost.model.link_bytes_per_s, a, b, self.distances, self.windows,
+                          cap.block_size)
+
+    def _solve(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str],
+               probe: bool = False) -> tuple[Plan, list[str]]:
+        """Solve; while infeasible, pause one unpinned request and re-solve. Returns the plan and
+        the ids paused to reach it. A probe (may this request join?) logs and counts nothing."""
+        active, paused = list(views), []
+        while True:
+            inputs = self._inputs(active, cap)
+            try:
+                plan = self.solver.solve(inputs)
+            except Exception:  # a solver bug or timeout must not stop serving
+                log.exception("placement solve failed; falling back to the largest offload")
+                self.counters["fallbacks"] += 1
+                return self._fallback(inputs, "fallback-error"), paused
+            if plan.status != PlanStatus.INFEASIBLE:
+                return plan, paused
+            victims = [v for v in active if v.request_id not in pinned]
+            if probe:
+                if not self.can_pause or not victims:
+                    return self._fallback(inputs, "fallback-infeasible"), paused
+            else:
+                self.counters["infeasible"] += 1
+                if not self.can_pause or not victims:
+                    log.warning("no placement fits %d requests in %d device bytes; largest-offload "
+                                "fallback", len(active), inputs.device_capacity_bytes)
+                    self.counters["fallbacks"] += 1
+                    return self._fallback(inputs, "fallback-infeasible"), paused
+            victim = self.pick_victim(victims, self.rng)
+            active = [v for v in active if v.request_id != victim]
+            paused.append(victim)
+
+    def _fallback(self, inputs: PlanInputs, why: str) -> Plan:
+        """Every request at the largest offload: the least device KV any placement needs (the
+        scheduler's preemption covers what still does not fit)."""
+        d = min(inputs.distances)
+        choice = [d] * len(inputs.requests)
+        return make_plan(inputs, choice, step_time(inputs, choice), inputs.windows[0],
+                         PlanStatus.FEASIBLE, time.perf_counter(), why)
+
+    # ---- applying plans ------------------------------------------------------------------------
+    def _install(self, plan: Plan, views: list[RequestView], paused: list[str]) -> PlacementPlan:
+        self.plan = plan
+        self.plan_ids = frozenset(plan.distances)
+        self.steps_left = plan.window
+        self._stale, self._drift_run = False, 0
+        self.counters["plans"] += 1
+        self.counters["pauses"] += len(paused)
+        current = {v.request_id: v.placement for v in views}
+        changed = {}
+        for rid, d in plan.distances.items():
+            tiers = tiers_for_distance(d, self.num_layers)
+            if current.get(rid) is None or list(current[rid]) != tiers:
+                changed[rid] = tiers
+        return PlacementPlan(changed, pause=paused)
+
+    def _overdue(self, views: list[RequestView]) -> frozenset[str]:
+        return frozenset(v.request_id for v in views if v.paused_s is not None and v.paused_s > self.max_pause_s)
+
+    # ---- the KVPolicy interface ----------------------------------------------------------------
+    def place_new(self, req: RequestView, cap: CapacityView) -> list[Tier]:
+        """On its own: the largest offload (what an arrival is checked against: if even that
+        cannot hold it, no plan ever will)."""
+        d = min(self.distances or (1,))
+        return tiers_for_distance(d, self.num_layers)
+
+    def admit(self, req: RequestView, running: list[RequestView], cap: CapacityView
+              ) -> PlacementPlan | None:
+        pinned = self._overdue([req])
+        ids = frozenset(v.request_id for v in running)
+        if not pinned and self._refused.get(req.request_id) == ids:
+            return None  # the same batch refused it before; it only grew since
+        views = running + [req]
+        plan, paused = self.ahead.solve_now(views, cap, pinned | {req.request_id}, not pinned)
+        refused = plan.solver == "fallback-infeasible" or (
+            plan.solver == "fallback-error" and plan.device_bytes > cap.device_total_blocks * cap.block_bytes)
+        if req.request_id not in plan.distances or refused or (paused and not pinned):
+            self._refused[req.request_id] = ids
+            return None
+        self._refused.pop(req.request_id, None)
+        if req.paused_s is not None:
+            self.counters["resumes"] += 1
+            self._protected |= pinned
+        return self._install(plan, views, paused)
+
+    def replan(self, running: list[RequestView], cap: CapacityView) -> PlacementPlan | None:
+        self._cap = cap
+        self._last_views = running
+        self.steps_left -= 1
+        if not running:
+            self.plan, self.plan_ids = None, frozenset()
+            return None
+        reason = self._trigger(running, cap)
+        result = None
+        if reason is not None:
+            self.counters[f"trigger_{reason}"] += 1
+            solved = self.ahead.take(self._key(running)) if reason in ("window", "drift") else None
+            if solved is None:
+                solved = self.ahead.solve_now(running, cap, self._protected)
+            plan, paused = solved
+            result = self._install(plan, running, paused)
+        self._predict(running, cap)
+        if self.steps_left == 1 or self._stale:  # the window ends next step: solve it now, off-thread
+            nxt = [_advance(v) for v in running if v.max_new_tokens_left > 1]
+            if nxt and not self.ahead.pending(self._key(nxt)):
+                self.ahead.submit(self._key(nxt), nxt, cap, self._protected)
+        return result
+
+    def _trigger(self, running: list[RequestView], cap: CapacityView) -> str | None:
+        if self.plan is None or frozenset(v.request_id for v in running) != self.plan_ids:
+            return "batch"
+        if self._growth_blocks(running) > cap.device_free_blocks:
+            return "capacity"
+        if self.steps_left <= 0:
+            return "window"
+        if self._stale:
+            return "drift"
+        return None
+
+    def _growth_blocks(self, running: list[RequestView]) -> int:
+        """Device blocks the next step allocates: one per device layer of a request at a block edge."""
+        bs = self._cap.block_size if self._cap else 1
+        return sum(sum(t == Tier.DEVICE for t in v.placement or ()) for v in running if v.num_tokens % bs == 0)
+
+    @staticmethod
+    def _key(views: list[RequestView]) -> tuple:
+        return tuple(sorted((v.request_id, v.num_tokens) for v in views))
+
+    def _predict(self, running: list[RequestView], cap: CapacityView) -> None:
+        if self.plan is None:
+            self._predicted_s = None
+            return
+        views = [v for v in running if v.request_id in self.plan.distances]  # paused ones leave
+        inputs = self._inputs(views, cap)
+        self._predicted_s = step_time(inputs, [self.plan.distances[v.request_id] for v in views])
+
+    def observe(self, stats: StepStats) -> None:
+        """Runtime feedback: the cost model learns from every step; a decode-only step that
+        misses the prediction by more than the threshold, `drift_patience` times in a row,
+        marks the plan stale (re-solved one step ahead, on the refitted model)."""
+        pred = self._predicted_s
+        if pred is None or stats.new_tokens != stats.num_decodes or pred <= 0:
+            return
+        if abs(stats.wall_s / pred - 1) > self.drift_threshold:
+            self._drift_run += 1
+            if self._drift_run >= self.drift_patience:
+                self._stale = True
+                self._drift_run = 0
+        else:
+            self._drift_run = 0
+
+    def request_finished(self, request_id: str) -> None:
+        self._refused.pop(request_id, None)
+        self._protected -= {request_id}
+
+    def close(self) -> None:
+        self.ahead.close()
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.counters, **self.ahead.stats, "cost_model_fits": self.cost.num_fits}
+
+
+def _advance(v: RequestView) -> RequestView:
+    """The view one decode step later (the batch the next plan will run on)."""
+    return replace(v, num_tokens=v.num_tokens + 1, num_output_tokens=v.num_output_tokens + 1)
+
+
+@register_policy
+class OrbitFlowUniform(OrbitFlow):
+    """Ablation: one prefetch distance for the whole batch."""
+
+    name = "orbitflow-uniform"
+    uniform = True
+
+
+@register_policy
+class OrbitFlowNoDeposit(OrbitFlow):
+    """Ablation: no Token-Deposit (tokens stream as produced; no credit in the solve)."""
+
+    name = "orbitflow-no-deposit"
+    uses_deposit = False
+
+
+@register_policy
+class OrbitFlowNoPause(OrbitFlow):
+    """Ablation: no Pause-Resume; an infeasible batch runs at the largest offload and the
+    scheduler's swap preemption handles the rest."""
+
+    name = "orbitflow-no-pause"
+    can_pause = False

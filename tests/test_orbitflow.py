@@ -1,0 +1,215 @@
+"""The OrbitFlow policy at run time, without a model: Pause-Resume through the real scheduler,
+refinement triggers, solving ahead, solver-failure fallback, Token-Deposit accounting and the
+online cost-model fit."""
+
+import random
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from orbitflow_ray.costmodel import CostModel, OnlineCostModel, StepSample
+from orbitflow_ray.kv.blocks import Tier
+from orbitflow_ray.planner import StepStats, make_policy
+from orbitflow_ray.planner.ahead import AheadSolver
+from orbitflow_ray.planner.base import CapacityView, RequestView
+from orbitflow_ray.planner.deposit import TokenDeposit
+from orbitflow_ray.planner.pause import pause_strategy
+from orbitflow_ray.request import RequestStatus
+from test_scheduler import LAYERS, drive, make, req
+
+
+def overloaded(policy, n=5, max_tokens=150, **kw):
+    """Five long generations whose KV outgrows a 100-block device pool within a 32-step window."""
+    s = make(policy, device_blocks=100, host_blocks=1000, max_num_batched_tokens=64,
+             prefill_chunk_size=32, **kw)
+    reqs = [req(i, 20 + 4 * i, max_tokens) for i in range(n)]
+    for r in reqs:
+        s.add_request(r)
+    return s, reqs
+
+
+def test_pause_resume_under_overload_loses_nothing():
+    s, reqs = overloaded("orbitflow")
+    checked = 0
+    for _ in range(5000):
+        if not s.has_unfinished():
+            break
+        before = {r.request_id: r.num_tokens for r in s.running}
+        out = s.schedule()
+        for r in s.swapped:  # largest first: a request paused this step had the most tokens
+            if r.status == RequestStatus.PAUSED and r.request_id in before:
+                assert before[r.request_id] == max(before.values())
+                checked += 1
+        for t in Tier:
+            assert s.kv.used_bytes(t) == s.kv.held_bytes(t) <= s.kv.capacity_bytes(t)
+        s.update_from_output(out, {q.request_id: 7 for q in out.seqs if q.sample}, 0.0)
+    assert not s.has_unfinished()
+    assert all(len(r.output_token_ids) == 150 for r in reqs)
+    assert s.num_pauses > 0 and s.num_preemptions == 0  # the policy paused; nothing was swapped blindly
+    m = s.policy.metrics()
+    assert m["pauses"] == s.num_pauses and m["resumes"] >= s.num_pauses
+    assert checked >= 1
+    assert s.kv.used_bytes(Tier.DEVICE) == s.kv.used_bytes(Tier.HOST) == 0
+
+
+def test_no_pause_ablation_falls_back_and_still_finishes():
+    s, reqs = overloaded("orbitflow-no-pause")
+    drive(s)
+    assert s.num_pauses == 0
+    assert s.policy.metrics()["fallbacks"] > 0
+    assert all(len(r.output_token_ids) == 150 for r in reqs)
+
+
+@pytest.mark.parametrize("policy", ["orbitflow", "orbitflow-uniform", "orbitflow-no-deposit"])
+def test_plans_never_exceed_capacity(policy):
+    s, reqs = overloaded(policy)
+    drive(s)  # drive() asserts used <= capacity on both tiers after every step
+    assert all(len(r.output_token_ids) == 150 for r in reqs)
+
+
+def test_overdue_pause_is_resumed_and_protected():
+    # max_pause_s tiny: a paused request is overdue at once, so it is pinned on resume and others
+    # are paused in its place; everyone still finishes.
+    s, reqs = overloaded("orbitflow", max_pause_s=1e-9)
+    drive(s)
+    assert all(len(r.output_token_ids) == 150 for r in reqs)
+    assert s.policy.metrics()["resumes"] >= 1
+
+
+def test_refinement_triggers():
+    s, reqs = overloaded("orbitflow", n=2, max_tokens=80)
+    drive(s)
+    m = s.policy.metrics()
+    assert m["trigger_window"] >= 1  # 80 tokens outlast a 32-step window
+    assert m["plans"] >= 2
+
+
+def _views(n, tokens=40, placement=None):
+    return [RequestView(f"r{i}", tokens, tokens - 1, 100, float(i), placement, 1) for i in range(n)]
+
+
+def _cap(device_blocks=1000, bs=4):
+    return CapacityView(LAYERS, bs, 100, device_blocks, device_blocks, 1000, 1000)
+
+
+def test_drift_marks_the_plan_stale_and_replans():
+    p = make_policy("orbitflow", LAYERS, solve_ahead=False, drift_patience=2)
+    running = _views(2)
+    p.admit(running[0], [], _cap())
+    p.admit(running[1], running[:1], _cap())
+    running = _views(2, placement=tuple([Tier.DEVICE] * LAYERS))
+    p.replan(running, _cap())
+    assert p.metrics()["trigger_drift"] == 0
+    pred = p._predicted_s
+    for step in range(2):  # twice as slow as predicted, twice in a row
+        p.observe(StepStats(step, 2 * pred, ("r0", "r1"), 80, 2, 2))
+    p.replan(running, _cap())
+    assert p.metrics()["trigger_drift"] == 1
+
+
+def test_solver_failure_falls_back_without_dropping():
+    p = make_policy("orbitflow", LAYERS, solve_ahead=False)
+
+    class Broken:
+        def solve(self, inputs):
+            raise RuntimeError("solver exploded")
+
+    p.solver = Broken()
+    plan = p.admit(_views(1)[0], [], _cap())
+    assert plan is not None and "r0" in plan.placements  # the heuristic placement, not a refusal
+    assert plan.placements["r0"].count(Tier.HOST) == LAYERS // 2
+    assert p.metrics()["fallbacks"] == 1
+
+
+def test_ahead_solver_only_hands_over_the_matching_state():
+    calls = []
+    ahead = AheadSolver(lambda x: calls.append(x) or x * 2, background=True)
+    ahead.submit(("a", 1), 21)
+    ahead._pending[1].result()
+    assert ahead.take(("b", 1)) is None  # solved for another batch: never used
+    assert ahead.take(("a", 1)) == 42
+    assert ahead.take(("a", 1)) is None  # handed over once
+    assert ahead.solve_now(5) == 10
+    st_ = ahead.stats
+    assert st_["solves_ahead"] == 1 and st_["solves_ahead_used"] == 1 and st_["solves_sync"] == 1
+    ahead.close()
+
+
+def test_pause_strategies():
+    views = [RequestView("a", 10, 5, 9, 0.0, None), RequestView("b", 50, 5, 9, 1.0, None),
+             RequestView("c", 30, 5, 9, 2.0, None)]
+    rng = random.Random(0)
+    assert pause_strategy("largest")(views, rng) == "b"
+    assert pause_strategy("shortest")(views, rng) == "a"
+    assert pause_strategy("random")(views, rng) in {"a", "b", "c"}
+    with pytest.raises(ValueError, match="pause_strategy"):
+        pause_strategy("biggest")
+
+
+# ---- Token-Deposit --------------------------------------------------------------------------
+def test_deposit_banks_fast_tokens_and_covers_a_stall():
+    d = TokenDeposit(slo_s=1.0)
+    for t in (0.0, 0.1, 0.2, 0.3):  # three tokens well ahead of pace
+        d.emit(t)
+    assert d.release_times == [0.0, 1.0, 2.0, 3.0]
+    assert d.banked(0.3) == 3
+    d.emit(3.5)  # a 3.2 s stall: on time, the bank covered it
+    assert d.num_late == 0 and d.release_times[-1] == 4.0
+    d.emit(6.0)  # the bank is empty and the pace (5.0) is missed
+    assert d.num_late == 1 and d.release_times[-1] == 6.0
+
+
+def test_deposit_disabled_streams_as_produced():
+    d = TokenDeposit(slo_s=1.0, enabled=False)
+    for t in (0.0, 0.5, 2.0, 2.1):
+        d.emit(t)
+    assert d.release_times == [0.0, 0.5, 2.0, 2.1] and d.num_late == 1 and d.banked(2.1) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 3.0), min_size=1, max_size=40), st.floats(0.1, 2.0))
+def test_deposit_accounting(gaps, slo):
+    d = TokenDeposit(slo_s=slo)
+    t, emits = 0.0, []
+    for g in gaps:
+        t += g
+        emits.append(t)
+        d.emit(t)
+    rel = d.release_times
+    assert all(r >= e for r, e in zip(rel, emits))  # never released before it exists
+    assert all(b - a >= slo - 1e-9 for a, b in zip(rel, rel[1:]))  # released at most at the pace
+    late = sum(1 for i in range(1, len(emits)) if emits[i] > rel[i - 1] + slo + 1e-9)
+    assert d.num_late == late
+    # with the deposit on, a token is never later than without it
+    plain = TokenDeposit(slo_s=slo, enabled=False)
+    for e in emits:
+        plain.emit(e)
+    assert d.num_late <= plain.num_late
+    assert d.banked(emits[-1]) == sum(1 for r in rel if r > emits[-1] + 1e-9)
+
+
+# ---- cost model -------------------------------------------------------------------------------
+def test_online_fit_recovers_the_cost_model():
+    truth = CostModel(4, compute_a_s=2e-3, compute_b_s_per_token=5e-7, compute_p_s_per_token=3e-5,
+                      link_bytes_per_s=1e9)
+    online = OnlineCostModel(CostModel(4, 1e-3, 0.0, 0.0, 10e9), window=32, min_samples=8)
+    rng = random.Random(1)
+    for _ in range(32):
+        ctx, new = rng.randint(100, 20_000), rng.randint(1, 300)
+        online.observe(StepSample(truth.compute_step_s(ctx, new), ctx, new))
+        nbytes = rng.randint(1 << 20, 1 << 24)
+        online.observe(StepSample(truth.compute_step_s(ctx, new) + 0.01, ctx, new, nbytes,
+                                  truth.transfer_s(nbytes)))
+    m = online.model
+    assert m.compute_a_s == pytest.approx(2e-3, rel=1e-3)
+    assert m.compute_b_s_per_token == pytest.approx(5e-7, rel=1e-3)
+    assert m.compute_p_s_per_token == pytest.approx(3e-5, rel=1e-3)
+    assert m.link_bytes_per_s == pytest.approx(1e9, rel=1e-6)
+    assert online.num_fits > 0
+
+
+def test_cost_model_validates():
+    with pytest.raises(ValueError):
+        CostModel(0, 1e-3, 0, 0, 1e9)
+    with pytest.raises(ValueError):
+        OnlineCostModel(CostModel(2, 1e-3, 0, 0, 1e9), window=4, min_samples=8)
