@@ -2,7 +2,7 @@
 
 Builds a few long chat prompts, runs them under each KV policy with a device budget too small for
 the whole batch (so layers really go to host), and prints the generated text and per-request
-TTFT/TPOT, plus KV bytes per tier and bytes moved over the (emulated) link.
+TTFT/TPOT, SLO attainment, plus KV bytes per tier and bytes moved over the (emulated) link.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 
 from orbitflow_ray import SamplingParams
 from orbitflow_ray.llm import LLM
+from orbitflow_ray.metrics import record_from_output, summarize
 from orbitflow_ray.model.loader import load_model, load_spec
 
 _TOPICS = ["the history of the printing press", "how tides work", "why the sky is blue",
@@ -32,7 +33,7 @@ def _prompts(tok, n: int, target_tokens: int) -> list[list[int]]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    policies = ["no-offload", "static-uniform", "all-offload"]
+    policies = ["no-offload", "static-uniform", "all-offload", "orbitflow"]
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     spec = load_spec(args.model)
     per_token = spec.kv_bytes_per_token_per_layer(4) * spec.num_layers
@@ -53,6 +54,10 @@ def run_demo(args: argparse.Namespace) -> int:
             m = o.metrics
             print(f"  [{o.request_id}] prompt {len(o.prompt_token_ids)} tok, TTFT {m.ttft:.2f}s, "
                   f"TPOT {m.tpot * 1e3 if m.tpot else float('nan'):.0f} ms | {o.text.strip()[:90]!r}")
+        m = summarize([record_from_output(o) for o in outs], link_bytes=stats["bytes_h2d"])
+        print(f"  SLO {llm.engine.config.tpot_slo_s * 1e3:.0f} ms/token: TBT attainment "
+              f"{m['tbt_attainment']:.0%}, TPOT attainment {m['tpot_attainment']:.0%}, P95 TBT "
+              f"{m['p95_tbt_s'] * 1e3:.0f} ms; pauses {stats['num_pauses']}")
         print(f"  peak KV: device {stats['device_kv_bytes_used_peak'] / 2**20:.1f} MiB, host "
               f"{stats['host_kv_bytes_used_peak'] / 2**20:.1f} MiB; link H2D {stats['bytes_h2d'] / 2**20:.1f} MiB, "
               f"D2H {stats['bytes_d2h'] / 2**20:.1f} MiB; preemptions {stats['num_preemptions']}")

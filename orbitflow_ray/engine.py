@@ -152,7 +152,7 @@ class LLMEngine:
                              list(req.output_token_ids), req.status.finished, req.finish_reason,
                              RequestMetrics(req.arrival_time, list(req.token_times),
                                             list(req.deposit.release_times), req.deposit.slo_s,
-                                            req.deposit.num_late, req.paused_s_total),
+                                            req.deposit.num_late, req.paused_s_total, req.num_pauses),
                              new_token_ids=req.output_token_ids[-1:])
 
     def _check_stop_strings(self, req: Request) -> None:

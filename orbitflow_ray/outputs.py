@@ -15,6 +15,7 @@ class RequestMetrics:
     slo_s: float | None = None
     num_late_tokens: int = 0  # tokens after the first that missed the SLO pace with an empty deposit
     paused_s: float = 0.0  # total time paused by Pause-Resume
+    num_pauses: int = 0
 
     @property
     def ttft(self) -> float | None:
@@ -44,3 +45,4 @@ class RequestOutput:
     metrics: RequestMetrics
     # Tokens new since the previous output of this request (for streaming).
     new_token_ids: list[int] = field(default_factory=list)
+

@@ -30,6 +30,30 @@ def test_offloading_policies_match_no_offload(policy):
     assert stats["device_kv_bytes_used"] == stats["host_kv_bytes_used"] == 0
 
 
+@pytest.mark.parametrize("policy", ["orbitflow", "orbitflow-uniform", "orbitflow-no-pause"])
+def test_orbitflow_under_pressure_matches_no_offload(policy):
+    base, _ = gen("no-offload")
+    got, stats = gen(policy, device_kv_bytes=300 << 10, plan_windows=(4,), prefill_chunk_size=64)
+    assert got == base
+    assert stats["bytes_h2d"] > 0  # the tight budget forced layers to host
+    assert stats["device_kv_bytes_used_peak"] <= 300 << 10
+    assert stats["device_kv_bytes_used"] == stats["host_kv_bytes_used"] == 0
+
+
+def test_orbitflow_rejects_what_no_plan_can_hold():
+    eng = LLMEngine(EngineConfig(model="tiny-llama", kv_policy="orbitflow", device_kv_bytes=64 << 10))
+    with pytest.raises(ValueError, match="device KV"):
+        eng.add_request([1] * 1500, SamplingParams(max_tokens=8))
+    with pytest.raises(ValueError, match="slo_s"):
+        SamplingParams(slo_s=-1.0)
+    rid = eng.add_request([1] * 20, SamplingParams(max_tokens=4, ignore_eos=True, slo_s=0.5))
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += [o for o in eng.step() if o.finished]
+    assert [o.request_id for o in outs] == [rid] and outs[0].metrics.slo_s == 0.5
+    eng.close()
+
+
 def test_prefill_chunking_and_token_budget_do_not_change_output():
     base, _ = gen("no-offload")
     got, _ = gen("no-offload", prefill_chunk_size=16, max_num_batched_tokens=40, max_num_seqs=2)

@@ -128,11 +128,20 @@ class HighsPlanner:
         self.violations, self.rel_gap, self.warm_start = violations, rel_gap, warm_start
         self.name = "highspy" if violations else "highspy-reduced"
         self._layouts: dict[tuple, _Layout] = {}
-        self._highs = highspy.Highs()
-        for k, v in {"output_flag": False, "threads": 1, "time_limit": time_limit_s,
-                     "mip_rel_gap": 0.0 if violations else rel_gap}.items():
-            self._highs.setOptionValue(k, v)
+        self._options = {"output_flag": False, "threads": 1, "time_limit": time_limit_s,
+                         "mip_rel_gap": 0.0 if violations else rel_gap}
+        self._h: highspy.Highs | None = None
         self.last: dict[str, int] = {}
+
+    @property
+    def _highs(self) -> highspy.Highs:
+        """Created on first use: HiGHS prints a banner on construction, and the fast path
+        usually never needs it."""
+        if self._h is None:
+            self._h = highspy.Highs()
+            for k, v in self._options.items():
+                self._h.setOptionValue(k, v)
+        return self._h
 
     def layout(self, inputs: PlanInputs) -> _Layout:
         key = (len(inputs.requests), inputs.num_layers, inputs.distances)

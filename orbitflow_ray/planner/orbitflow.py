@@ -76,7 +76,7 @@ class OrbitFlow(KVPolicy):
         self._protected: frozenset[str] = frozenset()  # resumed after an overlong pause: not paused again
         self.counters = {k: 0 for k in ("plans", "pauses", "resumes", "fallbacks", "infeasible",
                                         "trigger_batch", "trigger_window", "trigger_drift",
-                                        "trigger_capacity")}
+                                        "trigger_capacity", "plans_missing_slo")}
 
     # ---- the problem ---------------------------------------------------------------------------
     def _inputs(self, views: list[RequestView], cap: CapacityView) -> PlanInputs:
@@ -135,6 +135,10 @@ class OrbitFlow(KVPolicy):
         self._stale, self._drift_run = False, 0
         self.counters["plans"] += 1
         self.counters["pauses"] += len(paused)
+        if plan.violations:  # no placement meets these SLOs: the plan keeps the misses fewest
+            self.counters["plans_missing_slo"] += 1
+            log.info("plan of %d requests cannot meet the SLO of %s (step %.1f ms)", len(plan.distances),
+                     sorted(plan.violations), plan.predicted_step_s * 1e3)
         current = {v.request_id: v.placement for v in views}
         changed = {}
         for rid, d in plan.distances.items():

@@ -1,0 +1,5 @@
+"""The one definition of every serving metric (engine, simulator and load tests use it)."""
+
+from orbitflow_ray.metrics.slo import RequestRecord, record_from_output, summarize
+
+__all__ = ["RequestRecord", "record_from_output", "summarize"]
