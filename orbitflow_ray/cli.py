@@ -88,9 +88,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_policies(args: argparse.Namespace) -> int:
-    from orbitflow_ray.planner import available_policies
+    from orbitflow_ray.planner import available_policies, describe_policy
 
-    print("\n".join(available_policies()))
+    for name in available_policies():
+        print(f"{name:22s} {describe_policy(name)}")
     return 0
 
 

@@ -30,7 +30,7 @@ def test_offloading_policies_match_no_offload(policy):
     assert stats["device_kv_bytes_used"] == stats["host_kv_bytes_used"] == 0
 
 
-@pytest.mark.parametrize("policy", ["orbitflow", "orbitflow-uniform", "orbitflow-no-pause"])
+@pytest.mark.parametrize("policy", ["orbitflow", "orbitflow-uniform", "orbitflow-no-pause", "flexgen-plus", "select-n"])
 def test_orbitflow_under_pressure_matches_no_offload(policy):
     base, _ = gen("no-offload")
     got, stats = gen(policy, device_kv_bytes=300 << 10, plan_windows=(4,), prefill_chunk_size=64)

@@ -84,7 +84,7 @@ def test_recompute_when_host_is_full_too():
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 20)), min_size=1, max_size=8),
        st.sampled_from(["no-offload", "static-uniform", "all-offload", "orbitflow", "orbitflow-uniform",
-                        "orbitflow-no-pause"]),
+                        "orbitflow-no-pause", "flexgen-plus", "select-n"]),
        st.integers(40, 120), st.integers(0, 120))
 def test_every_request_finishes_and_nothing_leaks(shapes, policy, device_blocks, host_blocks):
     s = make(policy, device_blocks, host_blocks, max_num_batched_tokens=48, prefill_chunk_size=24)

@@ -116,6 +116,12 @@ def available_policies() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def describe_policy(name: str) -> str:
+    """First line of the policy's docstring, for `orbitflow policies`."""
+    doc = (_REGISTRY[name].__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
 def make_policy(name: str, num_layers: int, **options) -> KVPolicy:
     if name not in _REGISTRY:
         raise ValueError(f"unknown kv_policy {name!r}; choose one of {available_policies()}")

@@ -43,6 +43,8 @@ def tiers_for_distance(d: int, num_layers: int) -> list[Tier]:
 
 @register_policy
 class OrbitFlow(KVPolicy):
+    """OrbitFlow: per-request layer placement by ILP, refined at run time, Deposit + Pause-Resume."""
+
     name = "orbitflow"
     uses_deposit = True
     can_pause = True
@@ -276,8 +278,8 @@ class OrbitFlowNoDeposit(OrbitFlow):
 
 @register_policy
 class OrbitFlowNoPause(OrbitFlow):
-    """Ablation: no Pause-Resume; an infeasible batch runs at the largest offload and the
-    scheduler's swap preemption handles the rest."""
+    """Ablation: no Pause-Resume (an infeasible batch runs at the largest offload; swaps cover it).
+    """
 
     name = "orbitflow-no-pause"
     can_pause = False

@@ -22,6 +22,8 @@ def uniform_placement(num_layers: int, fraction: float) -> list[Tier]:
 
 @register_policy
 class NoOffload(KVPolicy):
+    """Every layer on device (vLLM): admission waits for room, pressure swaps whole requests."""
+
     name = "no-offload"
 
     def place_new(self, req: RequestView, cap: CapacityView) -> list[Tier]:
@@ -30,6 +32,8 @@ class NoOffload(KVPolicy):
 
 @register_policy
 class AllOffload(KVPolicy):
+    """Every layer on host, streamed in with next-layer prefetch (DeepSpeed ZeRO-Inference)."""
+
     name = "all-offload"
 
     def place_new(self, req: RequestView, cap: CapacityView) -> list[Tier]:
@@ -38,6 +42,8 @@ class AllOffload(KVPolicy):
 
 @register_policy
 class StaticUniform(KVPolicy):
+    """A fixed fraction of every request's layers on host (FlexGen)."""
+
     name = "static-uniform"
 
     def __init__(self, num_layers: int, static_offload_fraction: float = 0.5, **options) -> None:
