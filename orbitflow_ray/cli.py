@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt-tokens", type=int, default=1500, help="approximate prompt length (default: 1500)")
     d.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default: 32)")
     d.set_defaults(func=cmd_demo)
+    from orbitflow_ray.sim.cli import add_sim_commands
+
+    add_sim_commands(sub)
     pol = sub.add_parser("policies", help="list KV placement policies")
     pol.set_defaults(func=cmd_policies)
     return p

@@ -13,7 +13,7 @@ import torch
 
 from orbitflow_kernels import Direction, make_transfer_engine
 from orbitflow_ray.config import EngineConfig
-from orbitflow_ray.costmodel import OnlineCostModel, StepSample, default_prior
+from orbitflow_ray.costmodel import OnlineCostModel, default_prior
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.kv.store import KVStore
 from orbitflow_ray.kv.tier_manager import KVTierManager
@@ -21,9 +21,10 @@ from orbitflow_ray.model.llama import LlamaModel
 from orbitflow_ray.model.loader import load_model, load_spec
 from orbitflow_ray.model.runner import ModelRunner
 from orbitflow_ray.outputs import RequestMetrics, RequestOutput
-from orbitflow_ray.planner import StepStats, make_policy
+from orbitflow_ray.planner import policy_from_config
 from orbitflow_ray.request import Request, RequestStatus
 from orbitflow_ray.sampling_params import SamplingParams
+from orbitflow_ray.sched.feedback import feed_back
 from orbitflow_ray.sched.scheduler import Scheduler
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,12 +37,7 @@ class LLMEngine:
         dtype = _DTYPES[config.dtype]
         self.cost = OnlineCostModel(default_prior(spec.num_layers, config.link_bandwidth_bytes_per_s,
                                                   config.backend))
-        self.policy = make_policy(config.kv_policy, spec.num_layers,
-                                  static_offload_fraction=config.static_offload_fraction,
-                                  cost_model=self.cost, pause_strategy_name=config.pause_strategy,
-                                  max_pause_s=config.max_pause_s, slo_s=config.tpot_slo_s,
-                                  windows=config.plan_windows, solve_ahead=config.solve_ahead,
-                                  seed=config.seed)
+        self.policy = policy_from_config(config, spec.num_layers, self.cost)
         self.block_bytes = spec.kv_bytes_per_token_per_layer(dtype.itemsize) * config.block_size
         device_blocks = config.device_kv_bytes // self.block_bytes
         if device_blocks == 0:
@@ -76,7 +72,7 @@ class LLMEngine:
         req = Request(rid, ids, params, prompt if isinstance(prompt, str) else None)
         if arrival_time is not None:
             req.arrival_time = arrival_time
-        self._check_fits(req)
+        self.scheduler.check_fits(req)
         self.scheduler.add_request(req)
         return rid
 
@@ -96,18 +92,6 @@ class LLMEngine:
             raise ValueError(f"prompt token ids out of range [0, {self.spec.vocab_size}): {bad[:5]}")
         return ids
 
-    def _check_fits(self, req: Request) -> None:
-        """Reject a request that could never run, whatever else is going on."""
-        longest = min(req.num_prompt_tokens + req.sampling_params.max_tokens, self.max_model_len)
-        placement = self.policy.place_new(self.scheduler.view(req), self.scheduler.capacity())
-        need = self.kv.demand(placement, self.kv.blocks_for(longest))
-        for tier, n in need.items():
-            total = self.kv.pools[tier].num_blocks
-            if n > total:
-                raise ValueError(
-                    f"request needs {n * self.block_bytes} bytes of {tier.name.lower()} KV for {longest} tokens "
-                    f"under kv_policy={self.policy.name!r}, but that tier holds {total * self.block_bytes} bytes")
-
     def abort_request(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)
 
@@ -121,7 +105,9 @@ class LLMEngine:
         t0 = time.perf_counter()
         sampled = self.runner.execute(out)
         now = time.perf_counter()
-        self._feedback(out, now - t0, h2d0, busy0, now)
+        h2d1, busy1 = self._link_counters()
+        feed_back(out, now - t0, now, self.cost, self.policy, h2d1 - h2d0, busy1 - busy0,
+                  getattr(self.runner.store, "last_stall_s", None))
         updated = self.scheduler.update_from_output(out, sampled, now)
         self.num_steps += 1
         for tier in self.peak_bytes:
@@ -131,18 +117,6 @@ class LLMEngine:
     def _link_counters(self) -> tuple[int, float]:
         busy = getattr(self.transfer, "busy_seconds", None)
         return self.transfer.bytes_moved.get(Direction.H2D, 0), (busy or {}).get(Direction.H2D, 0.0)
-
-    def _feedback(self, out, wall_s: float, h2d0: int, busy0: float, now: float) -> None:
-        """Runtime feedback: the measured step goes to the cost model and the policy."""
-        if not out.seqs:
-            return
-        h2d1, busy1 = self._link_counters()
-        ctx = sum(seq.start_pos for seq in out.seqs)
-        decodes = sum(1 for seq in out.seqs if len(seq.token_ids) == 1)
-        self.cost.observe(StepSample(wall_s, ctx, out.num_batched_tokens, h2d1 - h2d0, busy1 - busy0,
-                                     getattr(self.runner.store, "last_stall_s", None)))
-        self.policy.observe(StepStats(out.step_id, wall_s, tuple(s.request_id for s in out.seqs), ctx,
-                                      out.num_batched_tokens, decodes, h2d1 - h2d0, busy1 - busy0, now))
 
     def _output(self, req: Request) -> RequestOutput:
         if self.tokenizer is not None:

@@ -37,30 +37,37 @@ class MoveOp:
 
 
 class BlockPool:
-    """Free list of fixed-size blocks. Check-then-act: `can_allocate` before `allocate`."""
+    """Free list of fixed-size blocks. Check-then-act: `can_allocate` before `allocate`.
+
+    Memory is O(blocks in use): never-used blocks are a counter, not a list, so a simulated host
+    tier of millions of blocks costs nothing until it fills. Recycled blocks are reused first."""
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._recycled: deque[int] = deque()
+        self._fresh = 0  # blocks fresh .. num_blocks-1 were never handed out
         self._used: set[int] = set()
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self.num_blocks - len(self._used)
 
     @property
     def num_used(self) -> int:
         return len(self._used)
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
     def allocate(self, n: int) -> list[int] | None:
-        if n > len(self._free):
+        if n > self.num_free:
             return None
-        out = [self._free.popleft() for _ in range(n)]
+        k = min(n, len(self._recycled))
+        out = [self._recycled.popleft() for _ in range(k)]
+        out.extend(range(self._fresh, self._fresh + n - k))
+        self._fresh += n - k
         self._used.update(out)
         return out
 
@@ -69,4 +76,4 @@ class BlockPool:
             if b not in self._used:
                 raise RuntimeError(f"double free of block {b}")
             self._used.remove(b)
-            self._free.append(b)
+            self._recycled.append(b)

@@ -20,6 +20,7 @@ from typing import Iterable
 import numpy as np
 
 from orbitflow_ray.outputs import RequestOutput
+from orbitflow_ray.request import Request
 
 _TOL = 1e-9  # a token released exactly at the pace is on time
 
@@ -115,3 +116,14 @@ def record_from_output(out: RequestOutput) -> RequestRecord:
                          tuple(m.release_times or m.token_times), m.slo_s or float("inf"),
                          finished=out.finished and out.finish_reason != "abort", paused_s=m.paused_s,
                          num_pauses=m.num_pauses, emit_times=tuple(m.token_times))
+
+
+def record_from_request(req: Request, ttft_slo_s: float | None = None) -> RequestRecord:
+    """The metrics view of a request the scheduler ran (the simulator's path)."""
+    d = req.deposit
+    release = tuple(d.release_times) if d is not None else tuple(req.token_times)
+    return RequestRecord(req.request_id, req.arrival_time, req.num_prompt_tokens, release,
+                         d.slo_s if d is not None else float("inf"), ttft_slo_s,
+                         finished=req.status.finished and req.finish_reason != "abort",
+                         paused_s=req.paused_s_total, num_pauses=req.num_pauses,
+                         emit_times=tuple(req.token_times))

@@ -122,6 +122,15 @@ def describe_policy(name: str) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
+def policy_from_config(config, num_layers: int, cost_model) -> KVPolicy:
+    """The policy an `EngineConfig` asks for, with the options every policy is offered (each
+    takes what it uses): the engine and the simulator build theirs here, so they cannot drift."""
+    return make_policy(config.kv_policy, num_layers, static_offload_fraction=config.static_offload_fraction,
+                       cost_model=cost_model, pause_strategy_name=config.pause_strategy,
+                       max_pause_s=config.max_pause_s, slo_s=config.tpot_slo_s, windows=config.plan_windows,
+                       solve_ahead=config.solve_ahead, seed=config.seed)
+
+
 def make_policy(name: str, num_layers: int, **options) -> KVPolicy:
     if name not in _REGISTRY:
         raise ValueError(f"unknown kv_policy {name!r}; choose one of {available_policies()}")

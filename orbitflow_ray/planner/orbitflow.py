@@ -169,7 +169,11 @@ class OrbitFlow(KVPolicy):
         plan, paused = self.ahead.solve_now(views, cap, pinned | {req.request_id}, not pinned)
         refused = plan.solver == "fallback-infeasible" or (
             plan.solver == "fallback-error" and plan.device_bytes > cap.device_total_blocks * cap.block_bytes)
-        if req.request_id not in plan.distances or refused or (paused and not pinned):
+        # SLO-aware admission: a request joins only if the plan with it misses no more SLOs than
+        # the batch already does (waiting costs it TTFT; joining would cost everyone TBT).
+        before = len(self.plan.violations) if self.plan is not None and self.plan_ids == ids else 0
+        hurts = running and not pinned and len(plan.violations) > before
+        if req.request_id not in plan.distances or refused or (paused and not pinned) or hurts:
             self._refused[req.request_id] = ids
             return None
         self._refused.pop(req.request_id, None)

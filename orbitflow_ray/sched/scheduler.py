@@ -28,9 +28,12 @@ from orbitflow_ray.sched.output import ScheduledSeq, SchedulerOutput
 class Scheduler:
     def __init__(self, config: EngineConfig, kv: KVTierManager, policy: KVPolicy,
                  eos_token_ids: frozenset[int], max_model_len: int,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, snapshot_tables: bool = True) -> None:
         self.config = config
         self.clock = clock  # the simulator passes its virtual clock
+        # Copy block tables into the plan (an executor may run while the next step is scheduled).
+        # The simulator consumes each plan before the next schedule() and skips the O(context) copy.
+        self.snapshot_tables = snapshot_tables
         self.use_deposit = (config.token_deposit if config.token_deposit is not None
                             else getattr(policy, "uses_deposit", False))
         self.eos_token_ids = eos_token_ids
@@ -55,6 +58,20 @@ class Scheduler:
         req.deposit = TokenDeposit(req.sampling_params.slo_s or self.config.tpot_slo_s, self.use_deposit)
         self.requests[req.request_id] = req
         self.waiting.append(req)
+
+    def check_fits(self, req: Request) -> None:
+        """Reject a request that could never run, whatever else is going on: at its longest, under
+        the policy's largest placement, it must fit each tier on its own."""
+        longest = min(req.num_prompt_tokens + req.sampling_params.max_tokens, self.max_model_len)
+        placement = self.policy.place_new(self.view(req), self.capacity())
+        need = self.kv.demand(placement, self.kv.blocks_for(longest))
+        for tier, n in need.items():
+            total = self.kv.pools[tier].num_blocks
+            if n > total:
+                bb = self.kv.block_bytes
+                raise ValueError(
+                    f"request needs {n * bb} bytes of {tier.name.lower()} KV for {longest} tokens under "
+                    f"kv_policy={self.policy.name!r}, but that tier holds {total * bb} bytes")
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
@@ -122,7 +139,8 @@ class Scheduler:
         if not self.swapped:
             budget = self._admit(budget, seqs, moves)
         for seq in seqs:  # snapshot tables last: growth and moves above may have changed them
-            seq.table = [LayerKV(lk.tier, list(lk.blocks)) for lk in self.kv.table(seq.request_id)]
+            table = self.kv.table(seq.request_id)
+            seq.table = [LayerKV(lk.tier, list(lk.blocks)) for lk in table] if self.snapshot_tables else table
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(self._step, seqs, moves, finished)
 
@@ -239,7 +257,7 @@ class Scheduler:
 
     def _seq(self, req: Request, n: int) -> ScheduledSeq:
         start = req.num_computed_tokens
-        return ScheduledSeq(req.request_id, req.all_token_ids[start:start + n], start,
+        return ScheduledSeq(req.request_id, req.token_slice(start, start + n), start,
                             start + n == req.num_tokens, [], req.sampling_params,
                             len(req.output_token_ids))
 

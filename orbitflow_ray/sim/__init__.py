@@ -1,0 +1,1 @@
+"""Discrete-event simulator: the real scheduler and policies on synthetic request traces."""

@@ -1,0 +1,168 @@
+"""`orbitflow simulate` and `orbitflow compare`: paper-scale policy evaluation without a GPU.
+
+    orbitflow simulate --model llama-3.1-8b --gpu a100-80gb --policy orbitflow \\
+        --workload sharegpt --rate 2.0 --duration 600 --slo-scale 1.5 --out runs/x
+    orbitflow compare --model llama-3.1-8b --gpu a100-80gb --workload longbench \\
+        --policies orbitflow,all-offload,static-uniform,flexgen-plus,select-n,no-offload \\
+        --rates 0.5,1,2,4 --slo-scales 1,1.5,2.5 --out runs/cmp
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from orbitflow_ray.cli import parse_bytes
+
+    h = p.add_argument_group("hardware and model")
+    h.add_argument("--model", default="llama-3.1-8b", help="model spec (see --list; default: llama-3.1-8b)")
+    h.add_argument("--gpu", default="a100-80gb", help="GPU spec (see --list; default: a100-80gb)")
+    h.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default: 1)")
+    h.add_argument("--device-kv-bytes", type=parse_bytes, default=None,
+                   help="device KV budget per GPU, e.g. 8GiB (default: what HBM has left after weights)")
+    h.add_argument("--kv-capacity-fraction", type=float, default=1.0,
+                   help="share of free HBM given to KV when --device-kv-bytes is unset (default: 1)")
+    h.add_argument("--max-num-seqs", type=int, default=16, help="largest batch (default: 16)")
+    h.add_argument("--solve-cost-s", type=float, default=0.005,
+                   help="virtual seconds charged per planning solve (default: 0.005)")
+    w = p.add_argument_group("workload")
+    w.add_argument("--trace", help="a JSONL trace (arrival_s, input_tokens, output_tokens[, tpot_slo_s]) "
+                                   "instead of a generated workload")
+    w.add_argument("--workload", default="sharegpt", help="sharegpt, longbench, fixed or uniform (default: sharegpt)")
+    w.add_argument("--arrival", default="lognormal", help="poisson, gamma or lognormal (default: lognormal)")
+    w.add_argument("--cv", type=float, default=1.0, help="arrival-gap coefficient of variation (default: 1)")
+    w.add_argument("--num-requests", type=int, default=None, help="requests in the trace (default: 50)")
+    w.add_argument("--duration", type=float, default=None, help="instead: arrivals within this many seconds")
+    w.add_argument("--input-tokens", type=int, default=None, help="fixed: input length; sharegpt: its mean")
+    w.add_argument("--output-tokens", type=int, default=None, help="fixed: output length; sharegpt: its mean")
+    w.add_argument("--max-input-tokens", type=int, default=None, help="cap input lengths (fit the context)")
+    w.add_argument("--seed", type=int, default=0, help="trace seed (default: 0)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", help="directory for report.json, report.md and plots")
+    o.add_argument("--json", action="store_true", help="print report.json to stdout")
+    o.add_argument("--list", action="store_true", help="list model and GPU specs and exit")
+
+
+def _trace(args, rate: float):
+    from orbitflow_ray.sim.workload import WorkloadConfig, generate, load_trace
+
+    if args.trace:
+        return load_trace(args.trace), None
+    wl = WorkloadConfig(arrival=args.arrival, rate_per_s=rate, cv=args.cv, num_requests=args.num_requests,
+                        duration_s=args.duration, length=args.workload, input_tokens=args.input_tokens,
+                        output_tokens=args.output_tokens, max_input_tokens=args.max_input_tokens,
+                        seed=args.seed)
+    return generate(wl), wl.to_dict()
+
+
+def _base_config(args, policy: str, slo_scale: float):
+    from orbitflow_ray.sim.simulator import SimConfig
+
+    return SimConfig(model=args.model, gpu=args.gpu, tp=args.tp, kv_policy=policy,
+                     device_kv_bytes=args.device_kv_bytes, kv_capacity_fraction=args.kv_capacity_fraction,
+                     max_num_seqs=args.max_num_seqs, slo_scale=slo_scale, solve_cost_s=args.solve_cost_s)
+
+
+def _list() -> int:
+    from orbitflow_ray.sim.hardware import available_gpus, available_models
+
+    print("models:", ", ".join(available_models()))
+    print("gpus:  ", ", ".join(available_gpus()))
+    return 0
+
+
+def _emit(args, runs: list[dict], context: dict) -> None:
+    from orbitflow_ray.sim.report import write_report
+
+    if args.out:
+        written = write_report(runs, args.out, context=context)
+        print(f"wrote {', '.join(str(p) for p in written.values())}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"runs": [{k: r[k] for k in ("policy", "rate", "slo_scale", "metrics")} for r in runs],
+                          "context": context}, indent=1, default=str))
+
+
+def _context(args, cfg, trace, workload) -> dict:
+    return {"model": args.model, "gpu": args.gpu, "tp": args.tp, "requests": len(trace),
+            "workload": workload or {"trace": args.trace}, "sim_config": dataclasses.asdict(cfg)}
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from orbitflow_ray.sim.compare import run_entry
+    from orbitflow_ray.sim.simulator import simulate
+
+    if args.list:
+        return _list()
+    trace, workload = _trace(args, args.rate)
+    cfg = _base_config(args, args.policy, args.slo_scale)
+    result = simulate(cfg, trace, progress=True)
+    m = result.metrics
+    print(f"{cfg.kv_policy} on {cfg.model}/{cfg.gpu} TP{cfg.tp}: {m['num_finished']}/{m['num_requests']} "
+          f"finished, TPOT att. {_pct(m['tpot_attainment'])}, TBT att. {_pct(m['tbt_attainment'])}, "
+          f"P95 TBT {_ms(m['p95_tbt_s'])} (SLO {result.tpot_slo_s * 1e3:.1f} ms), throughput "
+          f"{m['throughput_tok_s'] or 0:.0f} tok/s, pauses {m['total_pauses']}; simulated in "
+          f"{result.sim_wall_s:.1f} s", file=sys.stderr)
+    _emit(args, [run_entry(result, args.rate, args.slo_scale)], _context(args, cfg, trace, workload))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from orbitflow_ray.sim.compare import run_grid
+
+    if args.list:
+        return _list()
+    rates = args.rates
+    trace, workload = _trace(args, rates[0])
+    cfg = _base_config(args, args.policies[0], args.slo_scales[0])
+    runs = run_grid(cfg, trace, rates[0], args.policies, rates, args.slo_scales)
+    _emit(args, runs, _context(args, cfg, trace, workload))
+    if not args.out and not args.json:
+        for r in runs:
+            m = r["metrics"]
+            print(f"{r['policy']:22s} rate {r['rate']:<5g} scale {r['slo_scale']:<4g} TPOT {_pct(m['tpot_attainment'])} "
+                  f"TBT {_pct(m['tbt_attainment'])} P95/SLO {m['p95_tbt_over_slo'] or 0:.2f}")
+    return 0
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x * 1e3:.1f} ms"
+
+
+def add_sim_commands(sub) -> None:
+    s = sub.add_parser("simulate", help="simulate one policy at paper scale (no GPU needed)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--policy", default="orbitflow", help="KV policy (default: orbitflow)")
+    s.add_argument("--rate", type=float, default=1.0, help="arrival rate, requests/s (default: 1)")
+    s.add_argument("--slo-scale", type=float, default=1.5,
+                   help="SLO = scale x no-offload step at full KV (default: 1.5)")
+    _common(s)
+    s.set_defaults(func=cmd_simulate)
+    c = sub.add_parser("compare", help="every policy on the same trace: report.json, report.md, plots",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--policies", type=_names,
+                   default=_names("orbitflow,all-offload,static-uniform,flexgen-plus,select-n,no-offload"),
+                   help="comma-separated policies (default: orbitflow and the five baselines)")
+    c.add_argument("--rates", type=_floats, default=[0.5, 1, 2, 4], help="arrival rates (default: 0.5,1,2,4)")
+    c.add_argument("--slo-scales", type=_floats, default=[1.5], help="SLO scales (default: 1.5)")
+    _common(c)
+    c.set_defaults(func=cmd_compare)

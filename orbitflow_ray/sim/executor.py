@@ -1,0 +1,93 @@
+"""The simulator's executor: times a `SchedulerOutput` the way the engine would run it.
+
+It mirrors `ModelRunner` + `KVStore` step for step, with a roofline in place of the model:
+1. placement moves, batched per direction on the link, waited for (as `KVStore.apply_moves`);
+2. layer by layer: prefetches of host-resident layers are issued `prefetch_depth` host layers
+   ahead onto one FIFO link, a host layer waits for its own prefetch (the stall), computes, and
+   queues the write-back of the blocks it touched (not waited for);
+3. the LM head and sampling.
+The link is one FIFO queue that carries over from step to step, so a write-back still in flight
+delays the next step's prefetches exactly as the CPU and CUDA transfer engines order them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orbitflow_ray.kv.blocks import Tier
+from orbitflow_ray.kv.tier_manager import cdiv
+from orbitflow_ray.sched.output import SchedulerOutput
+
+
+@dataclass(frozen=True, slots=True)
+class StepTiming:
+    wall_s: float
+    stall_s: float  # compute waiting on prefetches
+    h2d_bytes: int
+    d2h_bytes: int
+    h2d_busy_s: float
+
+
+class SimExecutor:
+    def __init__(self, roofline, block_size: int, prefetch_depth: int = 1) -> None:
+        self.roofline = roofline
+        self.block_size = block_size
+        self.depth = prefetch_depth
+        self.block_bytes = roofline.kv_bytes_per_token_per_layer * block_size
+        self.link_free_at = 0.0  # absolute time, carried across steps
+
+    def _link(self, now: float, nbytes: int) -> tuple[float, float]:
+        """Queue a copy at `now`; returns (its end time, link seconds it took)."""
+        busy = self.roofline.transfer_s(nbytes)
+        self.link_free_at = max(self.link_free_at, now) + busy
+        return self.link_free_at, busy
+
+    def execute(self, out: SchedulerOutput, start: float) -> StepTiming:
+        now, h2d, d2h, busy_in = start, 0, 0, 0.0
+        # 1. moves, waited for
+        for direction in (Tier.HOST, Tier.DEVICE):  # D2H first: they free device blocks
+            n = sum(len(op.src_blocks) for op in out.moves if op.dst_tier == direction)
+            if n:
+                end, busy = self._link(now, n * self.block_bytes)
+                now = end
+                if direction == Tier.DEVICE:
+                    h2d, busy_in = h2d + n * self.block_bytes, busy_in + busy
+                else:
+                    d2h += n * self.block_bytes
+        seqs = out.seqs
+        if not seqs:
+            return StepTiming(now - start, 0.0, h2d, d2h, busy_in)
+        ctx = sum(s.start_pos for s in seqs)
+        new = sum(len(s.token_ids) for s in seqs)
+        layer_s = self.roofline.layer_time_s(ctx, new, len(seqs))
+        num_layers = len(seqs[0].table)
+        # per host layer: bytes to bring in (cached context) and to write back (touched blocks)
+        loads: dict[int, tuple[int, int]] = {}
+        for layer in range(num_layers):
+            bring = back = 0
+            for s in seqs:
+                if s.table[layer].tier == Tier.HOST:
+                    end_tok = s.start_pos + len(s.token_ids)
+                    bring += cdiv(s.start_pos, self.block_size)
+                    back += cdiv(end_tok, self.block_size) - s.start_pos // self.block_size
+            if bring or back:
+                loads[layer] = (bring * self.block_bytes, back * self.block_bytes)
+        order = sorted(loads)
+        ready: dict[int, float] = {}
+        issued, stall = 0, 0.0
+        for layer in range(num_layers):
+            ahead = [h for h in order if h >= layer][: self.depth + 1]
+            while issued < len(order) and ahead and order[issued] <= ahead[-1]:
+                h = order[issued]
+                ready[h], busy = self._link(now, loads[h][0])
+                h2d, busy_in = h2d + loads[h][0], busy_in + busy
+                issued += 1
+            if layer in ready and ready[layer] > now:
+                stall += ready[layer] - now
+                now = ready[layer]
+            now += layer_s
+            if layer in loads:
+                self._link(now, loads[layer][1])
+                d2h += loads[layer][1]
+        now += self.roofline.head_time_s(sum(1 for s in seqs if s.sample), new)
+        return StepTiming(now - start, stall, h2d, d2h, busy_in)
