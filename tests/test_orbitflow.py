@@ -148,7 +148,7 @@ def test_pause_strategies():
 
 # ---- Token-Deposit --------------------------------------------------------------------------
 def test_deposit_banks_fast_tokens_and_covers_a_stall():
-    d = TokenDeposit(slo_s=1.0)
+    d = TokenDeposit(slo_s=1.0, pace=1.0)  # the paper's pace
     for t in (0.0, 0.1, 0.2, 0.3):  # three tokens well ahead of pace
         d.emit(t)
     assert d.release_times == [0.0, 1.0, 2.0, 3.0]
@@ -159,6 +159,16 @@ def test_deposit_banks_fast_tokens_and_covers_a_stall():
     assert d.num_late == 1 and d.release_times[-1] == 6.0
 
 
+def test_deposit_pace_leaves_slack_in_the_mean():
+    d = TokenDeposit(slo_s=1.0, pace=0.9)
+    for t in (0.0, 0.1, 0.2, 2.75):  # banked twice, then one slow step
+        d.emit(t)
+    assert d.release_times == pytest.approx([0.0, 0.9, 1.8, 2.75])  # 2.75 <= 1.8 + 1.0: on time
+    assert d.num_late == 0 and (d.release_times[-1] - d.release_times[0]) / 3 <= 1.0
+    with pytest.raises(ValueError, match="pace"):
+        TokenDeposit(slo_s=1.0, pace=0.0)
+
+
 def test_deposit_disabled_streams_as_produced():
     d = TokenDeposit(slo_s=1.0, enabled=False)
     for t in (0.0, 0.5, 2.0, 2.1):
@@ -167,9 +177,9 @@ def test_deposit_disabled_streams_as_produced():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(0.0, 3.0), min_size=1, max_size=40), st.floats(0.1, 2.0))
-def test_deposit_accounting(gaps, slo):
-    d = TokenDeposit(slo_s=slo)
+@given(st.lists(st.floats(0.0, 3.0), min_size=1, max_size=40), st.floats(0.1, 2.0), st.floats(0.5, 1.0))
+def test_deposit_accounting(gaps, slo, pace):
+    d = TokenDeposit(slo_s=slo, pace=pace)
     t, emits = 0.0, []
     for g in gaps:
         t += g
@@ -177,7 +187,7 @@ def test_deposit_accounting(gaps, slo):
         d.emit(t)
     rel = d.release_times
     assert all(r >= e for r, e in zip(rel, emits))  # never released before it exists
-    assert all(b - a >= slo - 1e-9 for a, b in zip(rel, rel[1:]))  # released at most at the pace
+    assert all(b - a >= pace * slo - 1e-9 for a, b in zip(rel, rel[1:]))  # released at most at the pace
     late = sum(1 for i in range(1, len(emits)) if emits[i] > rel[i - 1] + slo + 1e-9)
     assert d.num_late == late
     # with the deposit on, a token is never later than without it

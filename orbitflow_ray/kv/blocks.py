@@ -72,8 +72,9 @@ class BlockPool:
         return out
 
     def free(self, blocks: list[int] | tuple[int, ...]) -> None:
-        for b in blocks:
-            if b not in self._used:
-                raise RuntimeError(f"double free of block {b}")
-            self._used.remove(b)
-            self._recycled.append(b)
+        gone = set(blocks)
+        if len(gone) != len(blocks) or not gone <= self._used:
+            bad = sorted((gone - self._used) or {b for b in blocks if list(blocks).count(b) > 1})
+            raise RuntimeError(f"double free of block(s) {bad[:5]}")
+        self._used -= gone
+        self._recycled.extend(blocks)

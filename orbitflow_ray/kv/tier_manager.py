@@ -80,6 +80,9 @@ class KVTierManager:
 
     def grow(self, request_id: str, num_tokens: int) -> bool:
         """Make every layer hold `num_tokens` tokens. All or nothing: False changes no state."""
+        table = self._tables[request_id]
+        if table and self.blocks_for(num_tokens) <= len(table[0].blocks):
+            return True  # every layer holds the same number of blocks: nothing to add (most steps)
         if not self.fits(self.growth_need(request_id, num_tokens)):
             return False
         target = self.blocks_for(num_tokens)

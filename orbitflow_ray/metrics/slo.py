@@ -8,8 +8,9 @@ Definitions (the paper's, made exact):
 - TBT attainment = share of all paced tokens (every token after a request's first) on time.
 - TTFT attainment = share of requests whose TTFT meets their TTFT SLO (requests without one count
   as met).
-- Throughput = (input + output tokens of finished requests) / makespan; goodput = requests meeting
-  every SLO per second of makespan.
+- Throughput = (input + output tokens of finished requests) / makespan, the makespan running from
+  the first arrival to the last token *produced* (pacing a stream delays its delivery, not the
+  server's work); goodput = requests meeting every SLO per second of makespan.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def summarize(records: Iterable[RequestRecord], makespan_s: float | None = None,
     recs = list(records)
     done = [r for r in recs if r.finished and r.release_times]
     if makespan_s is None:
-        ends = [r.release_times[-1] for r in done]
+        ends = [(r.emit_times or r.release_times)[-1] for r in done]
         makespan_s = (max(ends) - min(r.arrival_s for r in recs)) if ends else 0.0
     tbts = np.concatenate([r.tbts for r in done]) if done else np.zeros(0)
     slos = np.concatenate([np.full(len(r.tbts), r.tpot_slo_s) for r in done]) if done else np.zeros(0)

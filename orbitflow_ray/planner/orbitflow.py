@@ -72,6 +72,7 @@ class OrbitFlow(KVPolicy):
         self._stale = False
         self._drift_run = 0
         self._predicted_s: float | None = None
+        self._anchor: tuple[Plan, int, float] | None = None  # (plan, batch context, T) at install
         self._last_views: list[RequestView] = []
         self._cap: CapacityView | None = None
         self._refused: dict[str, frozenset[str]] = {}  # admission refused for this running set
@@ -226,12 +227,19 @@ class OrbitFlow(KVPolicy):
         return tuple(sorted((v.request_id, v.num_tokens) for v in views))
 
     def _predict(self, running: list[RequestView], cap: CapacityView) -> None:
+        """The plan's step time at the current contexts: T at install, plus the attention cost of
+        the tokens added since (the stall's growth is second order next to the drift threshold)."""
         if self.plan is None:
             self._predicted_s = None
             return
-        views = [v for v in running if v.request_id in self.plan.distances]  # paused ones leave
-        inputs = self._inputs(views, cap)
-        self._predicted_s = step_time(inputs, [self.plan.distances[v.request_id] for v in views])
+        ctx = sum(v.num_tokens for v in running if v.request_id in self.plan.distances)
+        if self._anchor is None or self._anchor[0] is not self.plan:
+            views = [v for v in running if v.request_id in self.plan.distances]  # paused ones leave
+            inputs = self._inputs(views, cap)
+            T = step_time(inputs, [self.plan.distances[v.request_id] for v in views])
+            self._anchor = (self.plan, ctx, T)
+        _, ctx0, T0 = self._anchor
+        self._predicted_s = T0 + self.num_layers * self.cost.model.compute_b_s_per_token * (ctx - ctx0)
 
     def observe(self, stats: StepStats) -> None:
         """Runtime feedback: the cost model learns from every step; a decode-only step that

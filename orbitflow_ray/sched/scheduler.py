@@ -55,7 +55,8 @@ class Scheduler:
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
-        req.deposit = TokenDeposit(req.sampling_params.slo_s or self.config.tpot_slo_s, self.use_deposit)
+        req.deposit = TokenDeposit(req.sampling_params.slo_s or self.config.tpot_slo_s, self.use_deposit,
+                                   self.config.deposit_pace)
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
