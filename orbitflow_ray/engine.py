@@ -20,7 +20,7 @@ from orbitflow_ray.kv.tier_manager import KVTierManager
 from orbitflow_ray.model.llama import LlamaModel
 from orbitflow_ray.model.loader import load_model, load_spec
 from orbitflow_ray.model.runner import ModelRunner
-from orbitflow_ray.outputs import RequestMetrics, RequestOutput
+from orbitflow_ray.outputs import RequestMetrics, RequestOutput, StepRecord
 from orbitflow_ray.planner import policy_from_config
 from orbitflow_ray.request import Request, RequestStatus
 from orbitflow_ray.sampling_params import SamplingParams
@@ -59,6 +59,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.peak_bytes = {Tier.DEVICE: 0, Tier.HOST: 0}
         self.num_steps = 0
+        self.step_log: list[StepRecord] | None = None  # set to a list to record every step
 
     # ---- intake --------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -100,6 +101,7 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         out = self.scheduler.schedule()
         h2d0, busy0 = self._link_counters()
         t0 = time.perf_counter()
@@ -110,6 +112,9 @@ class LLMEngine:
                   getattr(self.runner.store, "last_stall_s", None))
         updated = self.scheduler.update_from_output(out, sampled, now)
         self.num_steps += 1
+        if self.step_log is not None and out.seqs:
+            self.step_log.append(StepRecord(out.step_id, sum(q.start_pos for q in out.seqs), out.num_batched_tokens,
+                                            len(out.seqs), len(sampled), now - started, h2d1 - h2d0))
         for tier in self.peak_bytes:
             self.peak_bytes[tier] = max(self.peak_bytes[tier], self.kv.used_bytes(tier))
         return [self._output(req) for req in updated]

@@ -46,3 +46,16 @@ class RequestOutput:
     # Tokens new since the previous output of this request (for streaming).
     new_token_ids: list[int] = field(default_factory=list)
 
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One executed step, as calibration and benchmarks see it."""
+
+    step_id: int
+    context_tokens: int  # cached tokens attended over, before the step
+    new_tokens: int
+    num_seqs: int
+    num_sampled: int
+    wall_s: float  # scheduling + execution
+    h2d_bytes: int = 0

@@ -5,6 +5,7 @@
     orbitflow compare --model llama-3.1-8b --gpu a100-80gb --workload longbench \\
         --policies orbitflow,all-offload,static-uniform,flexgen-plus,select-n,no-offload \\
         --rates 0.5,1,2,4 --slo-scales 1,1.5,2.5 --out runs/cmp
+    orbitflow calibrate --out runs/calib   # fit the cost model to this machine, check fidelity
 """
 
 from __future__ import annotations
@@ -140,6 +141,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from orbitflow_ray.sim.calibrate import calibrate, fidelity
+    from orbitflow_ray.sim.hardware import save_gpu
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"measuring {args.model} on this machine (about a minute)...", file=sys.stderr)
+    gpu, fit = calibrate(args.model, args.base)
+    path = out / f"{gpu.name}.yaml"
+    save_gpu(gpu, path)
+    print(f"fit over {fit['samples']} steps: mean |error| {fit['mean_abs_rel_error']:.1%}, "
+          f"max {fit['max_abs_rel_error']:.1%}; wrote {path}", file=sys.stderr)
+    report = {"gpu": str(path), "fit": fit}
+    if not args.skip_fidelity:
+        lens = [150, 400, 700, 1000, 300, 1200, 90, 600]
+        for policy, extra in (("no-offload", {}), ("static-uniform", {"link_bandwidth_bytes_per_s": 1e9})):
+            f = fidelity(args.model, gpu, lens, 24, policy, **extra)
+            report[f"fidelity_{policy}"] = f.to_dict()
+            print(f"fidelity {policy}: mean step real {f.mean_step_real_s * 1e3:.0f} ms vs sim "
+                  f"{f.mean_step_sim_s * 1e3:.0f} ms ({f.step_rel_error:.1%}); per-request TPOT error "
+                  f"mean {f.mean_tpot_rel_error:.1%}, max {max(f.tpot_rel_errors):.1%}", file=sys.stderr)
+    (out / "calibration.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{x:.1%}"
 
@@ -166,3 +192,10 @@ def add_sim_commands(sub) -> None:
     c.add_argument("--slo-scales", type=_floats, default=[1.5], help="SLO scales (default: 1.5)")
     _common(c)
     c.set_defaults(func=cmd_compare)
+    k = sub.add_parser("calibrate", help="fit the simulator's cost model to this machine and check it",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("--model", default="smollm2-135m", help="model to measure (default: smollm2-135m)")
+    k.add_argument("--base", default="cpu-2core", help="spec whose peaks the factors scale (default: cpu-2core)")
+    k.add_argument("--out", default="runs/calibration", help="output directory (default: runs/calibration)")
+    k.add_argument("--skip-fidelity", action="store_true", help="fit only, skip the replay check")
+    k.set_defaults(func=cmd_calibrate)

@@ -25,7 +25,8 @@ from orbitflow_ray.model.spec import ModelSpec
 
 SPECS_DIR = Path(__file__).parent / "specs"
 _FRACTIONS = ("compute_efficiency", "memory_efficiency", "host_link_efficiency", "interconnect_efficiency")
-_NON_NEGATIVE = ("interconnect_latency_s", "per_layer_overhead_s", "per_step_overhead_s")
+_NON_NEGATIVE = ("interconnect_latency_s", "per_layer_overhead_s", "per_step_overhead_s",
+                 "per_seq_layer_overhead_s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,9 @@ class GpuSpec:
     per_layer_overhead_s: float = 2e-5
     # Scheduling, input preparation and sampling, once per step.
     per_step_overhead_s: float = 5e-4
+    # Per sequence per layer (attention is dispatched per request; on a GPU paged kernels batch it,
+    # on our CPU path each request is its own SDPA call with its own KV gather).
+    per_seq_layer_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in ("peak_flops", "hbm_bytes_per_s", "hbm_bytes", "host_link_bytes_per_s", "interconnect_bytes_per_s"):
@@ -100,10 +104,27 @@ def available_gpus() -> list[str]:
 
 
 def load_gpu(name: str) -> GpuSpec:
+    """A GPU by name, or from a YAML file holding one entry (what `orbitflow calibrate` writes)."""
     table = _gpu_table()
+    path = Path(name)
+    if name not in table and path.suffix in (".yaml", ".yml") and path.is_file():
+        entries = yaml.safe_load(path.read_text()) or {}
+        if len(entries) != 1:
+            raise ValueError(f"{path}: expected one GPU entry, found {len(entries)}")
+        (name, entry), = entries.items()
+        return _build(name, dict(entry or {}))
     if name not in table:
-        raise ValueError(f"unknown GPU {name!r}; valid GPUs: {', '.join(available_gpus())}")
-    entry = dict(table[name] or {})
+        raise ValueError(f"unknown GPU {name!r}; valid GPUs: {', '.join(available_gpus())} "
+                         "(or a calibrated .yaml file)")
+    return _build(name, dict(table[name] or {}))
+
+
+def save_gpu(gpu: GpuSpec, path: str | Path) -> None:
+    entry = {k: v for k, v in dataclasses.asdict(gpu).items() if k != "name"}
+    Path(path).write_text(yaml.safe_dump({gpu.name: entry}, sort_keys=False))
+
+
+def _build(name: str, entry: dict) -> GpuSpec:
     known = {f.name for f in dataclasses.fields(GpuSpec)} - {"name"}
     unknown = sorted(set(entry) - known)
     if unknown:
@@ -121,7 +142,15 @@ def available_models() -> list[str]:
 
 
 def load_model_spec(name: str) -> ModelSpec:
+    """A spec from specs/models, else any model the engine knows (presets, the GGUF default
+    model, a local HF directory): calibration simulates the very model it measured."""
     if name not in available_models():
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(available_models())}")
+        from orbitflow_ray.model.loader import load_spec
+
+        try:
+            return load_spec(name)
+        except ValueError:
+            raise ValueError(f"unknown model {name!r}; valid models: {', '.join(available_models())} "
+                             "or any model the engine loads") from None
     with open(SPECS_DIR / "models" / f"{name}.json") as f:
         return spec_from_hf_config(json.load(f), name=name)

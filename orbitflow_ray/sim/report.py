@@ -144,11 +144,7 @@ def _plot_attainment(grid: _Grid):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     drawn = False
     for ax, (name, key) in zip(axes, (("TPOT", "tpot_attainment"), ("TBT", "tbt_attainment"))):
-        for p, style in _styles(grid).items():
-            xs, ys = grid.series(p, key, scale=grid.mid_scale)
-            if xs:
-                ax.plot(xs, [100 * y for y in ys], marker="o", **style)
-                drawn = True
+        drawn = _lines(ax, grid, key, 100.0, scale=grid.mid_scale) or drawn
         ax.set(title=f"{name} attainment (SLO scale {_g(grid.mid_scale)})", xlabel="arrival rate (req/s)",
                ylim=(-2, 102))
         ax.grid(alpha=0.3)
@@ -173,16 +169,22 @@ def _plot_tbt_cdf(grid: _Grid):
     return _finish(fig, ax, drawn)
 
 
+def _lines(ax, grid: _Grid, key: str, scale_by: float = 1.0, **where) -> bool:
+    """One line per policy of metric `key` along the free axis; True if anything was drawn."""
+    drawn = False
+    for p, style in _styles(grid).items():
+        xs, ys = grid.series(p, key, **where)
+        if xs:
+            ax.plot(xs, [scale_by * y for y in ys], marker="o", **style)
+            drawn = True
+    return drawn
+
+
 def _plot_p95_vs_scale(grid: _Grid):
     if len(grid.scales) < 2:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = False
-    for p, style in _styles(grid).items():
-        xs, ys = grid.series(p, "p95_tbt_over_slo", rate=grid.top_rate)
-        if xs:
-            ax.plot(xs, ys, marker="o", **style)
-            drawn = True
+    drawn = _lines(ax, grid, "p95_tbt_over_slo", rate=grid.top_rate)
     ax.axhline(1.0, color="black", ls="--", lw=1, label="SLO")
     ax.set(title=f"P95 TBT / SLO at {_g(grid.top_rate)} req/s", xlabel="SLO scale", ylabel="P95 TBT / SLO")
     ax.grid(alpha=0.3)
@@ -191,12 +193,7 @@ def _plot_p95_vs_scale(grid: _Grid):
 
 def _plot_throughput(grid: _Grid):
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = False
-    for p, style in _styles(grid).items():
-        xs, ys = grid.series(p, "throughput_tok_s", scale=grid.mid_scale)
-        if xs:
-            ax.plot(xs, ys, marker="o", **style)
-            drawn = True
+    drawn = _lines(ax, grid, "throughput_tok_s", scale=grid.mid_scale)
     ax.set(title=f"Throughput (input + output tokens), SLO scale {_g(grid.mid_scale)}",
            xlabel="arrival rate (req/s)", ylabel="tokens / s")
     ax.set_ylim(bottom=0)

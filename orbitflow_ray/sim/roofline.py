@@ -110,7 +110,8 @@ class Roofline:
                    + 2 * self._linear_s(T, h, self.inter)  # gate, up
                    + self._linear_s(T, self.inter, h))  # down
         return (linears + self._attention_s(context_tokens, T, num_seqs) + self._elementwise_s(T)
-                + 2 * self.allreduce_s(T) + self.gpu.per_layer_overhead_s)
+                + 2 * self.allreduce_s(T) + self.gpu.per_layer_overhead_s
+                + num_seqs * self.gpu.per_seq_layer_overhead_s)
 
     def head_time_s(self, num_sampled: int, new_tokens: int) -> float:
         """Embedding gather and final norm over every new token, the LM head over the rows that

@@ -29,7 +29,7 @@ from orbitflow_ray.sampling_params import SamplingParams
 from orbitflow_ray.sched.feedback import feed_back
 from orbitflow_ray.sched.scheduler import Scheduler
 from orbitflow_ray.sim.executor import SimExecutor
-from orbitflow_ray.sim.hardware import load_gpu, load_model_spec
+from orbitflow_ray.sim.hardware import GpuSpec, load_gpu, load_model_spec
 from orbitflow_ray.sim.roofline import Roofline
 from orbitflow_ray.sim.workload import TraceRequest
 
@@ -98,10 +98,11 @@ class SimResult:
 
 
 class Simulator:
-    def __init__(self, cfg: SimConfig) -> None:
+    def __init__(self, cfg: SimConfig, gpu: GpuSpec | None = None) -> None:
+        """`gpu`: a spec object (e.g. freshly calibrated) instead of `cfg.gpu`'s name or file."""
         self.cfg = cfg
         self.spec = load_model_spec(cfg.model)
-        self.roofline = Roofline(self.spec, load_gpu(cfg.gpu), cfg.tp, cfg.dtype_bytes)
+        self.roofline = Roofline(self.spec, gpu or load_gpu(cfg.gpu), cfg.tp, cfg.dtype_bytes)
         kvb = self.roofline.kv_bytes_per_token_per_layer
         device = cfg.device_kv_bytes
         if device is None:
@@ -203,5 +204,6 @@ class Simulator:
         return int(m.get("solves_sync", 0) + m.get("solves_ahead", 0))
 
 
-def simulate(cfg: SimConfig, trace: list[TraceRequest], progress: bool = False) -> SimResult:
-    return Simulator(cfg).run(trace, progress)
+def simulate(cfg: SimConfig, trace: list[TraceRequest], progress: bool = False,
+             gpu: GpuSpec | None = None) -> SimResult:
+    return Simulator(cfg, gpu).run(trace, progress)
