@@ -26,6 +26,13 @@ class RequestView:
     slo_s: float | None = None  # per-token (TPOT/TBT) SLO; None: the policy's default
     deposit_tokens: int = 0  # tokens banked by Token-Deposit pacing, released at the SLO pace
     paused_s: float | None = None  # seconds paused so far; None when not paused
+    num_computed_tokens: int | None = None  # KV already computed; None: all of num_tokens but one
+
+    @property
+    def prefill_tokens_left(self) -> int:
+        """Prompt tokens still to prefill (their chunks will share steps with the decodes)."""
+        done = self.num_tokens - 1 if self.num_computed_tokens is None else self.num_computed_tokens
+        return max(0, self.num_tokens - 1 - done)
 
     @property
     def max_new_tokens_left(self) -> int:

@@ -85,8 +85,15 @@ class OrbitFlow(KVPolicy):
     def _inputs(self, views: list[RequestView], cap: CapacityView) -> PlanInputs:
         a, b = self.cost.model.decode_layer_coeffs(len(views))
         kvb = cap.block_bytes // cap.block_size
+        # Prefill chunks still owed by the batch (a new arrival's whole prompt included) will share
+        # steps with the decodes: their compute is debt every request's tokens must absorb within
+        # the first window, so it comes off each request's SLO as debt / tokens in that window.
+        debt = (self.num_layers * self.cost.model.compute_p_s_per_token
+                * sum(v.prefill_tokens_left for v in views))
+        w0 = self.windows[0]
         reqs = tuple(PlanRequest(v.request_id, max(1, v.num_tokens), v.max_new_tokens_left,
-                                 v.slo_s or self.default_slo_s,
+                                 _slo_after_debt(v.slo_s or self.default_slo_s, debt,
+                                                 min(w0, v.max_new_tokens_left)),
                                  v.deposit_tokens if self.uses_deposit else 0) for v in views)
         return PlanInputs(reqs, self.num_layers, kvb, cap.device_total_blocks * cap.block_bytes,
                           self.cost.model.link_bytes_per_s, a, b, self.distances, self.windows,
@@ -265,6 +272,12 @@ class OrbitFlow(KVPolicy):
 
     def metrics(self) -> dict[str, float]:
         return {**self.counters, **self.ahead.stats, "cost_model_fits": self.cost.num_fits}
+
+
+def _slo_after_debt(slo: float, debt_s: float, tokens: int) -> float:
+    """The per-token budget left once `debt_s` of prefill is spread over `tokens` (never below a
+    tenth of the SLO: the planner then reports the miss instead of dividing by nothing)."""
+    return max(0.1 * slo, slo - debt_s / max(tokens, 1))
 
 
 def _advance(v: RequestView) -> RequestView:

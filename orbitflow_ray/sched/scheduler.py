@@ -115,7 +115,8 @@ class Scheduler:
                            req.sampling_params.max_tokens, req.arrival_time, placement,
                            len(req.output_token_ids), req.sampling_params.slo_s or self.config.tpot_slo_s,
                            req.deposit.banked(now) if req.deposit is not None and req.deposit.enabled else 0,
-                           now - req.paused_at if req.paused_at is not None else None)
+                           now - req.paused_at if req.paused_at is not None else None,
+                           req.num_computed_tokens)
 
     def capacity(self) -> CapacityView:
         d, h = self.kv.pools[Tier.DEVICE], self.kv.pools[Tier.HOST]
