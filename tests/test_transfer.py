@@ -489,6 +489,53 @@ def test_scatter_tokens_then_gather_roundtrips(dtype):
         scatter_tokens(pool, table[:2], _idx([0]), torch.zeros(2, 2, hkv, d))
 
 
+def _store_step_seqs(tables, starts, lens):
+    from orbitflow_ray.sampling_params import SamplingParams
+    from orbitflow_ray.sched.output import ScheduledSeq
+    return [ScheduledSeq(f"r{i}", [0] * n, start, True, table, SamplingParams(), 0)
+            for i, (table, start, n) in enumerate(zip(tables, starts, lens))]
+
+
+def test_kv_store_step_indexing_matches_per_token_reference():
+    """KVStore.write scatters all seqs of a layer at once and read gathers each seq from the tensor
+    its layer lives in this step (device pool or staging slot): across steps of prefills, chunks
+    and decodes with device-only, mixed and host-only layers, every read is exactly the tokens
+    written so far, and host layers are written back."""
+    from orbitflow_ray.kv.blocks import LayerKV, Tier
+    from orbitflow_ray.kv.store import KVStore
+
+    bs, hkv, d, layers = 4, 2, 8, 3
+    engine = CpuTransferEngine()
+    store = KVStore(engine, 64, 64, bs, hkv, d, torch.float32, prefetch_depth=1)
+    gen = torch.Generator().manual_seed(0)
+    tiers = [[Tier.DEVICE] * 3, [Tier.DEVICE, Tier.HOST, Tier.DEVICE], [Tier.HOST] * 3]  # [layer][seq]
+    free = {t: torch.randperm(64, generator=gen).tolist() for t in Tier}
+    tables = [[LayerKV(tiers[l][i], [free[tiers[l][i]].pop() for _ in range(5)]) for l in range(layers)]
+              for i in range(3)]
+    history = {(i, l): torch.zeros(0, 2, hkv, d) for i in range(3) for l in range(layers)}
+    steps = [([0, 0, 0], [7, 1, 5]), ([7, 1, 5], [1, 9, 3]), ([8, 10, 8], [1, 1, 1])]  # (starts, lens)
+    for starts, lens in steps:
+        seqs = _store_step_seqs(tables, starts, lens)
+        store.begin_step(seqs)
+        for l in range(layers):
+            store.before_layer(l)
+            kv = torch.randn(sum(lens), 2, hkv, d, generator=gen)
+            store.write(l, kv[:, 0], kv[:, 1])
+            a = 0
+            for i, n in enumerate(lens):
+                history[i, l] = torch.cat([history[i, l], kv[a:a + n]])
+                keys, values = store.read(l, i, kv[a:a + n, 0], kv[a:a + n, 1])
+                want = history[i, l].permute(1, 2, 0, 3)  # [2, Hkv, ctx + n, D]
+                assert torch.equal(keys[0], want[0]) and torch.equal(values[0], want[1])
+                a += n
+            store.after_layer(l)
+    engine.synchronize()
+    for (i, l), want in history.items():
+        lk = tables[i][l]
+        got = gather_kv(store.pools[lk.tier], _idx(lk.blocks), want.shape[0])
+        assert torch.equal(got, want.permute(1, 2, 0, 3))
+
+
 # ---- CUDA (skipped without cupy + GPU) ---------------------------------------------------------
 @pytest.fixture
 def cuda_engine():

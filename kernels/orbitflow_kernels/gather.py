@@ -6,8 +6,8 @@ slots; `gather_kv` turns a request's blocks into K and V laid out for SDPA, `[2,
 In this layout a block holds, per (K|V, head), one contiguous `block_size x D` slab, and in the SDPA
 layout the slabs of one (K|V, head) for consecutive blocks sit end to end. A gather is therefore
 `n * 2 * Hkv` independent slab copies, `pool[id, kv, h] -> out[kv, h, i*bs:(i+1)*bs]`:
-  * the torch path (the reference; CPU and CUDA) does them as one advanced-indexing copy of a
-    permuted view;
+  * the torch path (the reference; CPU and CUDA) does them as one `index_select` on the block dim
+    of a permuted view;
   * on CUDA with CuPy importable, a kernel does them with one thread block per slab, threads copying
     the widest word (16/8/4/1 bytes) that the slab size and both base pointers allow, launched on
     torch's current stream.
@@ -128,10 +128,11 @@ def gather_kv(pool: torch.Tensor, block_ids: torch.Tensor, length: int, *,
                           RuntimeWarning, stacklevel=2)
         else:
             return _gather_slabs(pool, ids, length, functools.partial(_launch_cupy, kernels, pool.device))
-    # Indexing the block dim of the permuted view `[2, Hkv, num_blocks, bs, D]` yields a contiguous
-    # `[2, Hkv, n, bs, D]`, whose reshape to `[2, Hkv, n * bs, D]` is free.
+    # index_select on the block dim of the permuted view `[2, Hkv, num_blocks, bs, D]` yields a
+    # contiguous `[2, Hkv, n, bs, D]`, whose reshape to `[2, Hkv, n * bs, D]` is free. (On CPU it
+    # copies whole slabs, over twice as fast as advanced indexing's element-wise TensorIterator.)
     two, hkv, bs, d = pool.shape[1:]
-    kv = pool.permute(1, 2, 0, 3, 4)[:, :, ids]
+    kv = pool.permute(1, 2, 0, 3, 4).index_select(2, ids)
     return kv.reshape(two, hkv, ids.numel() * bs, d)[:, :, :length]
 
 

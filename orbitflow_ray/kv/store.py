@@ -89,6 +89,57 @@ class KVStore:
             self._host_layers[layer] = _HostLayer(layer, offsets, total)
         self._order = sorted(self._host_layers)
         self._issued = 0
+        if seqs:
+            self._index_step(seqs, num_layers)
+
+    def _index_step(self, seqs: list[ScheduledSeq], num_layers: int) -> None:
+        """Build this step's block ids once, as tensors: per (layer, seq) the blocks where its KV
+        sits (device pool ids, or staging-slot ids for a host layer), and per (layer, new token) its
+        block, so that each layer costs one scatter and one index_select per seq, not a rebuild of
+        id tensors per (layer, seq) from Python lists."""
+        bs = self.block_size
+        nbs = [cdiv(s.start_pos + len(s.token_ids), bs) for s in seqs]
+        self._bases = [0] * len(seqs)
+        for i in range(1, len(seqs)):
+            self._bases[i] = self._bases[i - 1] + nbs[i - 1]
+        flat: list[int] = []
+        self._groups: list[list[tuple[Tier, torch.Tensor | None]]] = []
+        rel: list[int] = []
+        pos: list[int] = []
+        for i, s in enumerate(seqs):
+            rel.extend(self._bases[i] + p // bs for p in range(s.start_pos, s.start_pos + len(s.token_ids)))
+            pos.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
+        for layer in range(num_layers):
+            hl = self._host_layers.get(layer)
+            for i, s in enumerate(seqs):
+                if hl is not None and i in hl.offsets:
+                    flat.extend(range(hl.offsets[i], hl.offsets[i] + nbs[i]))
+                else:
+                    flat.extend(s.table[layer].blocks[:nbs[i]])
+            self._groups.append(self._tier_groups(seqs, hl))
+        if len(flat) != num_layers * sum(nbs):
+            raise RuntimeError("a block table is shorter than its seq's tokens of this step")
+        dev = self.pools[Tier.DEVICE].device
+        self._ids = torch.tensor(flat, dtype=torch.int64).view(num_layers, -1).to(dev)
+        self._tok_ids = self._ids[:, torch.tensor(rel, dtype=torch.int64, device=dev)]
+        self._tok_off = torch.tensor(pos, dtype=torch.int64, device=dev) % bs
+        self._nbs = nbs
+
+    def _tier_groups(self, seqs: list[ScheduledSeq], hl: _HostLayer | None
+                     ) -> list[tuple[Tier, torch.Tensor | None]]:
+        """[(tier, token indices or None for all tokens)] of one layer's new tokens."""
+        if hl is None:
+            return [(Tier.DEVICE, None)]
+        if len(hl.offsets) == len(seqs):
+            return [(Tier.HOST, None)]
+        toks: dict[Tier, list[int]] = {Tier.DEVICE: [], Tier.HOST: []}
+        t = 0
+        for i, s in enumerate(seqs):
+            n = len(s.token_ids)
+            toks[Tier.HOST if i in hl.offsets else Tier.DEVICE].extend(range(t, t + n))
+            t += n
+        dev = self.pools[Tier.DEVICE].device
+        return [(tier, torch.tensor(ix, dtype=torch.int64, device=dev)) for tier, ix in toks.items() if ix]
 
     def before_layer(self, layer: int) -> None:
         """Issue prefetches up to `depth` host layers ahead of `layer`, then wait for its own."""
@@ -115,30 +166,31 @@ class KVStore:
         # against the still-running write-back of the layer that used it before.
         hl.job_id = self.engine.submit(TransferJob(self.pools[Tier.HOST], buf, _idx(src), _idx(dst), Direction.H2D))
 
-    def _location(self, layer: int, i: int) -> tuple[torch.Tensor, list[int]]:
-        """The tensor and block ids holding seq i's layer for this step."""
-        seq = self._seqs[i]
-        lk = seq.table[layer]
-        if lk.tier == Tier.DEVICE:
-            return self.pools[Tier.DEVICE], lk.blocks
-        hl = self._host_layers[layer]
-        off = hl.offsets[i]
-        n = cdiv(seq.start_pos + len(seq.token_ids), self.block_size)
-        return self._slots[hl.slot], list(range(off, off + n))
+    def _tensor(self, layer: int, tier: Tier) -> torch.Tensor:
+        """The tensor that holds `tier`'s seqs of `layer` this step: the device pool, or the slot."""
+        return self.pools[Tier.DEVICE] if tier == Tier.DEVICE else self._slots[self._host_layers[layer].slot]
 
-    def write_and_read(self, layer: int, i: int, k: torch.Tensor, v: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store seq i's new K/V [n, Hkv, D] for `layer`; return its full K, V as
-        [1, Hkv, ctx + n, D], the layout SDPA takes."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new K/V [N, Hkv, D] of every seq of this step (flattened in step order) for
+        `layer`: one scatter per tier the layer's seqs live on."""
+        kv = torch.stack([k, v], 1)
+        ids, off = self._tok_ids[layer], self._tok_off
+        for tier, toks in self._groups[layer]:
+            if toks is None:
+                scatter_tokens(self._tensor(layer, tier), ids, off, kv)
+            else:
+                scatter_tokens(self._tensor(layer, tier), ids[toks], off[toks], kv[toks])
+
+    def read(self, layer: int, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Seq i's full K, V for `layer` as [1, Hkv, ctx + n, D], the layout SDPA takes, after
+        `write`; k, v [n, Hkv, D] are its new tokens, returned as they are when nothing was cached."""
         seq = self._seqs[i]
-        pool, blocks = self._location(layer, i)
-        end = seq.start_pos + k.shape[0]
-        pos = torch.arange(seq.start_pos, end, device=k.device)
-        ids = torch.as_tensor(blocks, dtype=torch.int64, device=pool.device)
-        scatter_tokens(pool, ids[pos // self.block_size], pos % self.block_size, torch.stack([k, v], 1))
         if seq.start_pos == 0:  # nothing cached before: attend on the new K/V, skip the gather
             return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
-        kv = gather_kv(pool, ids, end)
+        tier = Tier.HOST if seq.table[layer].tier == Tier.HOST else Tier.DEVICE
+        base = self._bases[i]
+        kv = gather_kv(self._tensor(layer, tier), self._ids[layer, base:base + self._nbs[i]],
+                       seq.start_pos + k.shape[0])
         return kv[0].unsqueeze(0), kv[1].unsqueeze(0)
 
     def after_layer(self, layer: int) -> None:

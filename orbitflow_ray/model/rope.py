@@ -41,6 +41,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`(x * cos) + (rotate_half(x) * sin)`, the last two ops in place on fresh temporaries."""
+    return (x * cos).add_(rotate_half(x).mul_(sin))
+
+
 class RotaryEmbedding:
     """cos/sin for flattened token positions, and their application to q [N, H, D] and k [N, Hkv, D]."""
 
@@ -64,7 +69,7 @@ class RotaryEmbedding:
         """Rotate q and k; cos/sin are cast to q's dtype first, as transformers casts them to the activations'."""
         cos = cos.to(q.dtype).unsqueeze(1)
         sin = sin.to(q.dtype).unsqueeze(1)
-        return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.apply_cos_sin(q, k, *self.cos_sin(positions, q.dtype))
