@@ -132,7 +132,7 @@ def test_orbitflow_pause_resume_loses_nothing(prompts):
     per_block, window = 15 * 16 * 1536, 4  # largest offload keeps 15 of 30 layers on device
     budget = sum(-(-(len(p) + window) // 16) for p in subset.values()) * per_block
     llm = LLM(model="smollm2-135m", kv_policy="orbitflow", device_kv_bytes=budget,
-              host_kv_bytes=256 << 20, plan_windows=(window,), tpot_slo_s=0.05)
+              host_kv_bytes=256 << 20, plan_windows=(window,), tpot_slo_s=10.0)  # loose: only capacity binds
     names = list(subset)
     outs = llm.generate([subset[n] for n in names], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
     stats, policy = llm.kv_stats(), llm.engine.policy_stats()

@@ -536,6 +536,31 @@ def test_kv_store_step_indexing_matches_per_token_reference():
         assert torch.equal(got, want.permute(1, 2, 0, 3))
 
 
+def test_kv_store_moves_into_device_overlap_until_their_layer():
+    """Host -> device moves are in flight after apply_moves and waited for only at their layer;
+    device -> host moves are done when apply_moves returns (their blocks may be reused at once)."""
+    from orbitflow_ray.kv.blocks import MoveOp, Tier
+    from orbitflow_ray.kv.store import KVStore
+
+    with CpuTransferEngine(bandwidth_bytes_per_s=2e6) as engine:  # 256 KiB takes ~0.13 s
+        store = KVStore(engine, 64, 64, 16, 2, 64, torch.float32, prefetch_depth=1)  # 16 KiB blocks
+        store.pools[Tier.HOST][:16] = torch.randn(16, *store.row_shape)
+        store.pools[Tier.DEVICE][40:44] = torch.randn(4, *store.row_shape)
+        out = MoveOp("r", 0, Tier.DEVICE, (40, 41, 42, 43), Tier.HOST, (20, 21, 22, 23))
+        into = MoveOp("r", 2, Tier.HOST, tuple(range(16)), Tier.DEVICE, tuple(range(16)))
+        want_out = store.pools[Tier.DEVICE][40:44].clone()
+        store.apply_moves([into, out])
+        assert torch.equal(store.pools[Tier.HOST][20:24], want_out)  # waited for
+        assert engine.bytes_moved[Direction.H2D] == 0 and 2 in store._move_jobs  # still in flight
+        store.before_layer(0)
+        store.before_layer(1)
+        assert 2 in store._move_jobs
+        store.before_layer(2)
+        assert not store._move_jobs
+        assert torch.equal(store.pools[Tier.DEVICE][:16], store.pools[Tier.HOST][:16])
+        assert store.last_stall_s > 0
+
+
 # ---- CUDA (skipped without cupy + GPU) ---------------------------------------------------------
 @pytest.fixture
 def cuda_engine():

@@ -10,6 +10,7 @@ transfer engine runs jobs in order, so a write-back always lands before the next
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,8 @@ class KVStore:
         self._host_layers: dict[int, _HostLayer] = {}
         self._order: list[int] = []
         self._issued = 0
+        self._move_jobs: dict[int, int] = {}  # layer -> its host -> device move job, in flight
+        self.last_stall_s = 0.0  # compute waiting on transfers in the last step (cost-model fit)
 
     @property
     def staging_bytes(self) -> int:
@@ -58,20 +61,35 @@ class KVStore:
 
     # ---- placement changes ---------------------------------------------------------------------
     def apply_moves(self, moves: list[MoveOp]) -> None:
-        """Copy re-homed layers, batched into one job per direction, and wait: the freed source
-        blocks may be handed out again in this very step."""
-        by_dir: dict[tuple[Tier, Tier], tuple[list[int], list[int]]] = {}
+        """Copy re-homed layers. Device -> host moves go first, in one job, and are waited for:
+        the device blocks they free may be handed out again in this very step. Host -> device
+        moves go one job per layer and are waited for only before that layer computes
+        (`before_layer`), so they overlap the compute of the layers before it. That is safe
+        because nothing else touches their destination blocks before that layer, and every write
+        into the host blocks they free (a write-back, a later move) is queued after them on the
+        in-order link."""
+        t0 = time.perf_counter()  # every wait of a step counts as stall, these included
+        if self._move_jobs:  # a step with moves but no compute left some in flight
+            self.engine.wait(max(self._move_jobs.values()))
+            self._move_jobs = {}
+        out_src, out_dst = [], []
+        into: dict[int, tuple[list[int], list[int]]] = {}
         for op in moves:
-            src, dst = by_dir.setdefault((op.src_tier, op.dst_tier), ([], []))
-            src.extend(op.src_blocks)
-            dst.extend(op.dst_blocks)
-        last = None
-        for (s, d), (src, dst) in by_dir.items():
-            if src:
-                direction = Direction.D2H if s == Tier.DEVICE else Direction.H2D
-                last = self.engine.submit(TransferJob(self.pools[s], self.pools[d], _idx(src), _idx(dst), direction))
-        if last is not None:
-            self.engine.wait(last)
+            if op.dst_tier == Tier.HOST:
+                out_src.extend(op.src_blocks)
+                out_dst.extend(op.dst_blocks)
+            else:
+                src, dst = into.setdefault(op.layer, ([], []))
+                src.extend(op.src_blocks)
+                dst.extend(op.dst_blocks)
+        if out_src:
+            self.engine.wait(self.engine.submit(TransferJob(
+                self.pools[Tier.DEVICE], self.pools[Tier.HOST], _idx(out_src), _idx(out_dst), Direction.D2H)))
+        self.last_stall_s = time.perf_counter() - t0
+        for layer in sorted(into):
+            src, dst = into[layer]
+            self._move_jobs[layer] = self.engine.submit(TransferJob(
+                self.pools[Tier.HOST], self.pools[Tier.DEVICE], _idx(src), _idx(dst), Direction.H2D))
 
     # ---- one step ------------------------------------------------------------------------------
     def begin_step(self, seqs: list[ScheduledSeq]) -> None:
@@ -148,8 +166,12 @@ class KVStore:
             self._prefetch(self._host_layers[self._order[self._issued]], self._issued % len(self._slots))
             self._issued += 1
         hl = self._host_layers.get(layer)
-        if hl is not None and hl.job_id is not None:
-            self.engine.wait(hl.job_id)
+        jobs = [j for j in (self._move_jobs.pop(layer, None), hl.job_id if hl is not None else None)
+                if j is not None]
+        if jobs:
+            t0 = time.perf_counter()
+            self.engine.wait(max(jobs))  # in-order link: the later job's end covers both
+            self.last_stall_s += time.perf_counter() - t0
 
     def _prefetch(self, hl: _HostLayer, slot: int) -> None:
         hl.slot = slot

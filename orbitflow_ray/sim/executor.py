@@ -1,7 +1,8 @@
 """The simulator's executor: times a `SchedulerOutput` the way the engine would run it.
 
 It mirrors `ModelRunner` + `KVStore` step for step, with a roofline in place of the model:
-1. placement moves, batched per direction on the link, waited for (as `KVStore.apply_moves`);
+1. placement moves as `KVStore.apply_moves` runs them: device -> host in one job, waited for;
+   host -> device one job per layer, waited for only before that layer computes;
 2. layer by layer: prefetches of host-resident layers are issued `prefetch_depth` host layers
    ahead onto one FIFO link, a host layer waits for its own prefetch (the stall), computes, and
    queues the write-back of the blocks it touched (not waited for);
@@ -44,19 +45,24 @@ class SimExecutor:
 
     def execute(self, out: SchedulerOutput, start: float) -> StepTiming:
         now, h2d, d2h, busy_in = start, 0, 0, 0.0
-        # 1. moves, waited for
-        for direction in (Tier.HOST, Tier.DEVICE):  # D2H first: they free device blocks
-            n = sum(len(op.src_blocks) for op in out.moves if op.dst_tier == direction)
-            if n:
-                end, busy = self._link(now, n * self.block_bytes)
-                now = end
-                if direction == Tier.DEVICE:
-                    h2d, busy_in = h2d + n * self.block_bytes, busy_in + busy
-                else:
-                    d2h += n * self.block_bytes
+        # 1. moves: out of the device first, waited for; into the device per layer, in flight
+        n_out = sum(len(op.src_blocks) for op in out.moves if op.dst_tier == Tier.HOST)
+        if n_out:
+            now, _ = self._link(now, n_out * self.block_bytes)
+            d2h += n_out * self.block_bytes
+        into: dict[int, int] = {}
+        for op in out.moves:
+            if op.dst_tier == Tier.DEVICE:
+                into[op.layer] = into.get(op.layer, 0) + len(op.src_blocks)
+        ready: dict[int, float] = {}
+        for layer in sorted(into):
+            ready[layer], busy = self._link(now, into[layer] * self.block_bytes)
+            h2d, busy_in = h2d + into[layer] * self.block_bytes, busy_in + busy
+        stall = now - start
         seqs = out.seqs
         if not seqs:
-            return StepTiming(now - start, 0.0, h2d, d2h, busy_in)
+            now = max([now, *ready.values()])
+            return StepTiming(now - start, now - start, h2d, d2h, busy_in)
         ctx = sum(s.start_pos for s in seqs)
         new = sum(len(s.token_ids) for s in seqs)
         layer_s = self.roofline.layer_time_s(ctx, new, len(seqs))
@@ -73,8 +79,9 @@ class SimExecutor:
             if bring or back:
                 loads[layer] = (bring * self.block_bytes, back * self.block_bytes)
         order = sorted(loads)
-        ready: dict[int, float] = {}
-        issued, stall = 0, 0.0
+        moved = dict(ready)  # layer -> when its move into the device lands
+        ready = {}
+        issued = 0
         for layer in range(num_layers):
             ahead = [h for h in order if h >= layer][: self.depth + 1]
             while issued < len(order) and ahead and order[issued] <= ahead[-1]:
@@ -82,9 +89,10 @@ class SimExecutor:
                 ready[h], busy = self._link(now, loads[h][0])
                 h2d, busy_in = h2d + loads[h][0], busy_in + busy
                 issued += 1
-            if layer in ready and ready[layer] > now:
-                stall += ready[layer] - now
-                now = ready[layer]
+            due = max(ready.get(layer, now), moved.get(layer, now))
+            if due > now:
+                stall += due - now
+                now = due
             now += layer_s
             if layer in loads:
                 self._link(now, loads[layer][1])
