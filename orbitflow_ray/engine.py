@@ -104,6 +104,7 @@ class LLMEngine:
         started = time.perf_counter()
         out = self.scheduler.schedule()
         h2d0, busy0 = self._link_counters()
+        d2h0 = self.transfer.bytes_moved.get(Direction.D2H, 0)
         t0 = time.perf_counter()
         sampled = self.runner.execute(out)
         now = time.perf_counter()
@@ -114,7 +115,8 @@ class LLMEngine:
         self.num_steps += 1
         if self.step_log is not None and out.seqs:
             self.step_log.append(StepRecord(out.step_id, sum(q.start_pos for q in out.seqs), out.num_batched_tokens,
-                                            len(out.seqs), len(sampled), now - started, h2d1 - h2d0))
+                                            len(out.seqs), len(sampled), now - started, h2d1 - h2d0,
+                                            self.transfer.bytes_moved.get(Direction.D2H, 0) - d2h0))
         for tier in self.peak_bytes:
             self.peak_bytes[tier] = max(self.peak_bytes[tier], self.kv.used_bytes(tier))
         return [self._output(req) for req in updated]

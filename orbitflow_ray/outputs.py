@@ -58,4 +58,5 @@ class StepRecord:
     num_seqs: int
     num_sampled: int
     wall_s: float  # scheduling + execution
-    h2d_bytes: int = 0
+    h2d_bytes: int = 0  # copies completed during the step (a write-back may land in the next one)
+    d2h_bytes: int = 0

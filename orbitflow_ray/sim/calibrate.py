@@ -5,9 +5,9 @@ check the simulator against a replay of the same trace.
     orbitflow simulate --gpu runs/calib/cpu-2core-calibrated.yaml --model smollm2-135m ...
 
 Measurement runs the engine (CPU backend, no offload) over a grid of batch sizes and context
-lengths and records every step (prefill chunks and decodes). The fit chooses the five factors of
-a `GpuSpec` (compute and memory efficiency, per-step, per-layer and per-sequence-per-layer
-overheads) that minimise the squared log error of the roofline's step time, so a 10 % error
+lengths and records every step (prefill chunks and decodes). The fit chooses seven factors of a
+`GpuSpec` (compute, weight-read and KV-read efficiency; per-step, per-layer and per-sequence-per-
+layer overheads; compute lost per copied byte) that minimise the squared log error of the roofline's step time, so a 10 % error
 weighs the same on a 20 ms step as on a 2 s one. Fidelity then runs one trace through the engine
 and through the simulator with the calibrated spec, and compares mean step time and each
 request's TPOT (Vidur reports < 9 % error; the acceptance bar is 15 %).
@@ -26,8 +26,10 @@ from orbitflow_ray.outputs import StepRecord
 from orbitflow_ray.sim.hardware import GpuSpec, load_gpu, load_model_spec
 from orbitflow_ray.sim.roofline import Roofline
 
-_FACTORS = ("compute_efficiency", "memory_efficiency", "per_step_overhead_s", "per_layer_overhead_s",
-            "per_seq_layer_overhead_s")
+_FACTORS = ("compute_efficiency", "memory_efficiency", "kv_read_efficiency", "per_step_overhead_s",
+            "per_layer_overhead_s", "per_seq_layer_overhead_s", "copy_compute_s_per_byte")
+OFFLOAD_PROBES = ((4, 512), (8, 1536))  # (batch, context) under static-uniform over a 1 GB/s link
+PROBE_LINK_BYTES_PER_S = 1e9
 PROBE_BATCHES = (1, 4, 8)
 PROBE_CONTEXTS = (128, 512, 1536)
 
@@ -57,26 +59,38 @@ def _prompts(n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
 
 
 def measure(model: str = "smollm2-135m", batches=PROBE_BATCHES, contexts=PROBE_CONTEXTS,
-            decode_steps: int = 6, **engine_args) -> list[StepRecord]:
-    """Every step of the engine over a batch x context grid (no offload: pure compute)."""
+            decode_steps: int = 6, offload_probes=OFFLOAD_PROBES, **engine_args) -> list[StepRecord]:
+    """Every step of the engine over a batch x context grid with no offload (pure compute), then a
+    few probes with half the layers on host (what copies cost the compute)."""
+    records = _run_probes(model, [(b, n) for b in batches for n in contexts], decode_steps,
+                          kv_policy="no-offload", **engine_args)
+    if offload_probes:
+        records += _run_probes(model, list(offload_probes), decode_steps, kv_policy="static-uniform",
+                               link_bandwidth_bytes_per_s=PROBE_LINK_BYTES_PER_S, **engine_args)
+    return records
+
+
+def _run_probes(model: str, probes: list[tuple[int, int]], decode_steps: int, **engine_args) -> list[StepRecord]:
     from orbitflow_ray.llm import LLM
     from orbitflow_ray.sampling_params import SamplingParams
 
-    llm = LLM(model=model, kv_policy="no-offload", **engine_args)
+    llm = LLM(model=model, **engine_args)
     eng, records = llm.engine, []
     vocab = eng.spec.vocab_size
     llm.generate(_prompts(2, 64, 0, vocab), SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-    for i, (b, n) in enumerate((b, n) for b in batches for n in contexts):
+    for i, (b, n) in enumerate(probes):
         eng.step_log = []
         llm.generate(_prompts(b, n, i + 1, vocab), SamplingParams(max_tokens=decode_steps, ignore_eos=True))
         records += eng.step_log
-    eng.step_log = None
     eng.close()
     return records
 
 
 def predict(roofline: Roofline, r: StepRecord) -> float:
-    return roofline.step_compute_s(r.context_tokens, r.new_tokens, r.num_seqs, r.num_sampled)
+    """Compute plus what the step's copies cost it (link stalls aside: the probes' 1 GB/s link
+    hides under their compute)."""
+    return (roofline.step_compute_s(r.context_tokens, r.new_tokens, r.num_seqs, r.num_sampled)
+            + (r.h2d_bytes + r.d2h_bytes) * roofline.gpu.copy_compute_s_per_byte)
 
 
 def fit(model: str, records: list[StepRecord], base: GpuSpec, dtype_bytes: int = 4) -> GpuSpec:
@@ -90,9 +104,10 @@ def fit(model: str, records: list[StepRecord], base: GpuSpec, dtype_bytes: int =
         rl = Roofline(spec, gpu_of(theta), 1, dtype_bytes)
         return np.log(np.array([predict(rl, r) for r in records]) / wall)
 
-    x0 = np.log([getattr(base, f) or 1e-6 for f in _FACTORS])
-    lo = np.log([1e-4, 1e-4, 1e-7, 1e-7, 1e-8])
-    hi = np.log([1.0, 1.0, 1.0, 1.0, 1.0])
+    x0 = np.log([base.compute_efficiency, base.memory_efficiency, base.memory_efficiency,
+                 base.per_step_overhead_s, base.per_layer_overhead_s, 1e-5, 1e-11])
+    lo = np.log([1e-4, 1e-4, 1e-4, 1e-7, 1e-7, 1e-8, 1e-14])
+    hi = np.log([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1e-8])
     sol = least_squares(residuals, np.clip(x0, lo + 1e-9, hi - 1e-9), bounds=(lo, hi), x_scale=1.0)
     return dataclasses.replace(gpu_of(sol.x), name=f"{base.name}-calibrated")
 

@@ -98,4 +98,5 @@ class SimExecutor:
                 self._link(now, loads[layer][1])
                 d2h += loads[layer][1]
         now += self.roofline.head_time_s(sum(1 for s in seqs if s.sample), new)
+        now += (h2d + d2h) * self.roofline.gpu.copy_compute_s_per_byte
         return StepTiming(now - start, stall, h2d, d2h, busy_in)

@@ -26,7 +26,7 @@ from orbitflow_ray.model.spec import ModelSpec
 SPECS_DIR = Path(__file__).parent / "specs"
 _FRACTIONS = ("compute_efficiency", "memory_efficiency", "host_link_efficiency", "interconnect_efficiency")
 _NON_NEGATIVE = ("interconnect_latency_s", "per_layer_overhead_s", "per_step_overhead_s",
-                 "per_seq_layer_overhead_s")
+                 "per_seq_layer_overhead_s", "copy_compute_s_per_byte")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +54,18 @@ class GpuSpec:
     # Per sequence per layer (attention is dispatched per request; on a GPU paged kernels batch it,
     # on our CPU path each request is its own SDPA call with its own KV gather).
     per_seq_layer_overhead_s: float = 0.0
+    # Compute time each copied KV byte costs the step: 0 where DMA engines copy (GPUs); on the CPU
+    # backend the copy thread shares the cores and the memory bandwidth with compute.
+    copy_compute_s_per_byte: float = 0.0
+    # Achieved share of HBM bandwidth when attention reads paged KV; None: memory_efficiency.
+    kv_read_efficiency: float | None = None
 
     def __post_init__(self) -> None:
         for f in ("peak_flops", "hbm_bytes_per_s", "hbm_bytes", "host_link_bytes_per_s", "interconnect_bytes_per_s"):
             value = getattr(self, f)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"GPU {self.name!r}: {f} must be a positive number, got {value!r}")
-        for f in _FRACTIONS:
+        for f in _FRACTIONS + (("kv_read_efficiency",) if self.kv_read_efficiency is not None else ()):
             value = getattr(self, f)
             if not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise ValueError(f"GPU {self.name!r}: {f} must be in (0, 1], got {value!r}")

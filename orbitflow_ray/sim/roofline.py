@@ -74,7 +74,10 @@ class Roofline:
         attended = T * C / S + T * (T / S + 1) / 2  # (query, key) pairs
         flops = 4.0 * self.heads * hd * attended  # QK^T and PV, 2 FLOPs per multiply-add
         nbytes = (C + T) * self.kv_bytes_per_token_per_layer + 2 * T * self.heads * hd * self.dtype_bytes
-        return self._op_s(flops, nbytes)
+        # KV reads have their own efficiency: paged gathers stream worse than weight reads (and on
+        # our CPU path each request's KV is gathered into a contiguous copy first).
+        kv_bw = self.gpu.hbm_bytes_per_s * (self.gpu.kv_read_efficiency or self.gpu.memory_efficiency)
+        return max(flops / self.gpu.flops, nbytes / kv_bw)
 
     def _elementwise_s(self, tokens: int) -> float:
         """Unfused memory-bound ops: 2 RMSNorms and 2 residual adds over hidden, RoPE on q and k,
