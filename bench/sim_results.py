@@ -59,11 +59,40 @@ def main() -> int:
         write_report(runs, Path(args.out) / name, title=f"{name}: policies side by side", context=context)
         summary.append((name, runs))
         print(f"{name}: {len(runs)} runs in {context['simulated_in_s']} s", file=sys.stderr)
-    Path(args.out, "summary.json").write_text(json.dumps(
-        [{"setup": n, "runs": [{k: r[k] for k in ("policy", "rate", "slo_scale", "metrics")} for r in runs]}
-         for n, runs in summary], default=str))
+    doc = [{"setup": n, "runs": [{k: r[k] for k in ("policy", "rate", "slo_scale", "metrics")} for r in runs]}
+           for n, runs in summary]
+    Path(args.out, "summary.json").write_text(json.dumps(doc, default=str))
+    Path(args.out, "tables.md").write_text(summary_tables(doc))
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def summary_tables(summary: list[dict]) -> str:
+    """Markdown: per setup and SLO scale, every policy at the lowest and highest rate."""
+    lines = []
+    for entry in summary:
+        runs = entry["runs"]
+        rates = sorted({r["rate"] for r in runs})
+        lines += [f"### {entry['setup']}", ""]
+        for scale in sorted({r["slo_scale"] for r in runs}):
+            lines += [f"SLO scale {scale:g} (rates {rates[0]:g} and {rates[-1]:g} req/s):", "",
+                      "| policy | TPOT att. | TBT att. | P95 TBT / SLO | throughput tok/s | pauses |",
+                      "|---|---|---|---|---|---|"]
+            for policy in POLICIES:
+                cells = []
+                for key, fmt in (("tpot_attainment", "{:.0%}"), ("tbt_attainment", "{:.0%}"),
+                                 ("p95_tbt_over_slo", "{:.2f}"), ("throughput_tok_s", "{:,.0f}"),
+                                 ("total_pauses", "{:d}")):
+                    vals = []
+                    for rate in (rates[0], rates[-1]):
+                        m = next((r["metrics"] for r in runs if r["policy"] == policy and r["rate"] == rate
+                                  and r["slo_scale"] == scale), {})
+                        v = m.get(key)
+                        vals.append("-" if v is None else fmt.format(v))
+                    cells.append(" / ".join(vals))
+                lines.append(f"| `{policy}` | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
