@@ -69,6 +69,7 @@ def test_random_sequences_keep_accounting_and_data_exact(ops, dev_blocks, host_b
                 op_ = kv.move(rid, o[2], o[3])
                 if op_ is not None:
                     store.apply_moves([op_])
+                    store.wait_moves()  # moves into the device land by their layer: wait here
             elif o[0] == "free" and kv.has(rid):
                 kv.free(rid)
                 tokens.pop(rid)

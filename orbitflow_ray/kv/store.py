@@ -69,9 +69,7 @@ class KVStore:
         into the host blocks they free (a write-back, a later move) is queued after them on the
         in-order link."""
         t0 = time.perf_counter()  # every wait of a step counts as stall, these included
-        if self._move_jobs:  # a step with moves but no compute left some in flight
-            self.engine.wait(max(self._move_jobs.values()))
-            self._move_jobs = {}
+        self.wait_moves()  # a step with moves but no compute left some in flight
         out_src, out_dst = [], []
         into: dict[int, tuple[list[int], list[int]]] = {}
         for op in moves:
@@ -90,6 +88,12 @@ class KVStore:
             src, dst = into[layer]
             self._move_jobs[layer] = self.engine.submit(TransferJob(
                 self.pools[Tier.HOST], self.pools[Tier.DEVICE], _idx(src), _idx(dst), Direction.H2D))
+
+    def wait_moves(self) -> None:
+        """Wait for every move still in flight (the next step's compute does this layer by layer)."""
+        if self._move_jobs:
+            self.engine.wait(max(self._move_jobs.values()))
+            self._move_jobs = {}
 
     # ---- one step ------------------------------------------------------------------------------
     def begin_step(self, seqs: list[ScheduledSeq]) -> None:

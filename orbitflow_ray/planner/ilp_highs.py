@@ -162,6 +162,15 @@ class HighsPlanner:
             h.run()
             status = h.getModelStatus()
             if status not in (highspy.HighsModelStatus.kOptimal, highspy.HighsModelStatus.kTimeLimit):
+                # A reused HiGHS instance occasionally reports a solve error that a fresh one does not
+                # (seen under CPU load): retry once from scratch, without the warm start.
+                self._h = None
+                h = self._highs
+                h.setOptionValue("mip_abs_gap", self.rel_gap * inputs.num_layers)
+                h.passModel(*lay.model(data))
+                h.run()
+                status = h.getModelStatus()
+            if status not in (highspy.HighsModelStatus.kOptimal, highspy.HighsModelStatus.kTimeLimit):
                 raise RuntimeError(f"HiGHS: {h.modelStatusToString(status)} on a feasible window")
             x = np.asarray(h.getSolution().col_value[:lay.R * lay.K]).reshape(lay.R, lay.K)
             ks = np.argmax(x, axis=1)

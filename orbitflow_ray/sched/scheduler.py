@@ -134,7 +134,9 @@ class Scheduler:
         for req in list(self.running):
             if req not in self.running or budget <= 0:
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, self.config.prefill_chunk_size, budget)
+            n = self._chunk(req)
+            if n > budget:
+                continue
             if n > 0 and self._reserve(req, n, moves):
                 seqs.append(self._seq(req, n))
                 budget -= n
@@ -200,6 +202,8 @@ class Scheduler:
     def _admit(self, budget: int, seqs: list[ScheduledSeq], moves: list[MoveOp]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if self._chunk(req) > budget:
+                break
             plan = self.policy.admit(self.view(req), [self.view(r) for r in self.running], self.capacity())
             if plan is None:
                 break
@@ -212,7 +216,7 @@ class Scheduler:
             self.kv.register(req.request_id, placement)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            n = min(req.num_tokens - req.num_computed_tokens, self.config.prefill_chunk_size, budget)
+            n = self._chunk(req)
             if self._reserve(req, n, moves):
                 seqs.append(self._seq(req, n))
                 budget -= n
@@ -256,6 +260,13 @@ class Scheduler:
             req.paused_s_total += paused
             self.max_pause_s = max(self.max_pause_s, paused)
             req.paused_at = None
+
+    def _chunk(self, req: Request) -> int:
+        """Tokens req computes next: one for a decode, a full chunk (or the prompt's rest) for a
+        prefill. A chunk is never cut short to fill the step's budget, so its boundaries depend on
+        the request alone and its output is bit-identical whatever batch it runs in."""
+        chunk = min(self.config.prefill_chunk_size, self.config.max_num_batched_tokens)
+        return min(req.num_tokens - req.num_computed_tokens, chunk)
 
     def _seq(self, req: Request, n: int) -> ScheduledSeq:
         start = req.num_computed_tokens
