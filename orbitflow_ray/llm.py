@@ -51,10 +51,7 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so no chat template")
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=False) for c in convs]
-        prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate([chat_token_ids(self.tokenizer, c) for c in convs], sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
@@ -69,6 +66,14 @@ class LLM:
 
     def kv_stats(self) -> dict[str, int]:
         return self.engine.kv_stats()
+
+
+def chat_token_ids(tokenizer, conversation: list[dict]) -> list[int]:
+    """The prompt token ids of one conversation under the tokenizer's chat template (the offline
+    API and the server use this one function, so their prompts are identical)."""
+    ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                        return_dict=False)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:

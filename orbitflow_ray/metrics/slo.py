@@ -56,11 +56,15 @@ class RequestRecord:
     def e2e_s(self) -> float | None:
         return self.release_times[-1] - self.arrival_s if self.release_times else None
 
-    def meets_all(self) -> bool:
+    def slo_met(self) -> dict[str, bool]:
+        """Per SLO kind, whether this request met it (an unfinished request meets none)."""
         tpot, ttft = self.tpot_s, self.ttft_s
-        return (self.finished and ttft is not None
-                and (self.ttft_slo_s is None or ttft <= self.ttft_slo_s + _TOL)
-                and (tpot is None or tpot <= self.tpot_slo_s + _TOL))
+        ok = self.finished and ttft is not None
+        return {"ttft": ok and (self.ttft_slo_s is None or ttft <= self.ttft_slo_s + _TOL),
+                "tpot": ok and (tpot is None or tpot <= self.tpot_slo_s + _TOL)}
+
+    def meets_all(self) -> bool:
+        return all(self.slo_met().values())
 
 
 def _pct(values: list[float] | np.ndarray, q: float) -> float | None:

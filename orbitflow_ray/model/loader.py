@@ -177,8 +177,7 @@ def _load_gguf(name: str, dtype: torch.dtype) -> LoadedModel:
         weights = _normalise(hf.state_dict(), spec, dtype)
         del hf
         cache.save_weights(wpath, weights, spec.tie_word_embeddings)
-    tokenizer = _transformers().AutoTokenizer.from_pretrained(meta / "tokenizer", local_files_only=True)
-    return LoadedModel(spec, weights, tokenizer, "gguf", str(path.parent), path.name)
+    return LoadedModel(spec, weights, _tokenizer_of(name), "gguf", str(path.parent), path.name)
 
 
 def _hf_dir_spec(path: Path) -> ModelSpec:
@@ -209,10 +208,18 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 def _load_hf_dir(path: Path, dtype: torch.dtype) -> LoadedModel:
     spec = _hf_dir_spec(path)
     weights = _normalise(_read_checkpoint(path), spec, dtype)
-    tokenizer = None
-    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        tokenizer = _transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return LoadedModel(spec, weights, tokenizer, "hf", str(path))
+    return LoadedModel(spec, weights, _tokenizer_of(str(path)), "hf", str(path))
+
+
+def _tokenizer_of(model: str):
+    if model in GGUF_MODELS:
+        meta = _gguf_meta(model, gguf_path(model))
+        return _transformers().AutoTokenizer.from_pretrained(meta / "tokenizer", local_files_only=True)
+    path = _local_dir(model)
+    if path is not None and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                               "tokenizer.model")):
+        return _transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return None
 
 
 def _local_dir(model: str) -> Path | None:
@@ -246,6 +253,16 @@ def load_spec(model: str) -> ModelSpec:
     if path is None:
         raise _unknown(model)
     return _hf_dir_spec(path)
+
+
+def load_tokenizer(model: str):
+    """The tokenizer of `model` without its weights (an API front end needs only this); None for
+    presets and directories without one (they take token ids)."""
+    if model in PRESETS:
+        return None
+    if model not in GGUF_MODELS and _local_dir(model) is None:
+        raise _unknown(model)
+    return _tokenizer_of(model)
 
 
 def load_model(model: str = "smollm2-135m", dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:

@@ -3,7 +3,8 @@
 from orbitflow_ray.planner import baselines, orbitflow, static  # noqa: F401  (registers policies)
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView, StepStats,
                                         available_policies, describe_policy, make_policy,
-                                        policy_from_config, register_policy)
+                                        policy_from_config, policy_options, register_policy)
 
 __all__ = ["CapacityView", "KVPolicy", "PlacementPlan", "RequestView", "StepStats", "available_policies",
-           "describe_policy", "make_policy", "policy_from_config", "register_policy"]
+           "describe_policy", "make_policy", "policy_from_config", "policy_options",
+           "register_policy"]

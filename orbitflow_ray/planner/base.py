@@ -105,6 +105,17 @@ class KVPolicy(abc.ABC):
         """Policy counters for the engine's stats (solve times, fallbacks, pauses)."""
         return {}
 
+    def admission_damage(self, req: RequestView, running: list[RequestView], cap: CapacityView) -> float:
+        """Predicted SLO damage of admitting `req` now, for routing across workers: here 0 if its
+        KV fits the free blocks at `place_new`'s placement, inf if not (it would wait). Planning
+        policies override it with the misses their plan predicts."""
+        tiers = self.place_new(req, cap)
+        per_layer = -(-max(req.num_tokens, 1) // cap.block_size)
+        on_device = sum(t == Tier.DEVICE for t in tiers) * per_layer
+        on_host = (len(tiers) - sum(t == Tier.DEVICE for t in tiers)) * per_layer
+        fits = on_device <= cap.device_free_blocks and on_host <= cap.host_free_blocks
+        return 0.0 if fits else float("inf")
+
     @property
     def swaps_on_pressure(self) -> bool:
         """True: when the device tier is full, swap out whole requests (vLLM-style preemption)."""
@@ -129,13 +140,19 @@ def describe_policy(name: str) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
+def policy_options(config) -> dict:
+    """The options every policy is offered from an `EngineConfig` (each takes what it uses);
+    plain values, so a central planner can rebuild the same policy from them."""
+    return dict(static_offload_fraction=config.static_offload_fraction,
+                pause_strategy_name=config.pause_strategy, max_pause_s=config.max_pause_s,
+                slo_s=config.tpot_slo_s, windows=tuple(config.plan_windows),
+                solve_ahead=config.solve_ahead, seed=config.seed)
+
+
 def policy_from_config(config, num_layers: int, cost_model) -> KVPolicy:
-    """The policy an `EngineConfig` asks for, with the options every policy is offered (each
-    takes what it uses): the engine and the simulator build theirs here, so they cannot drift."""
-    return make_policy(config.kv_policy, num_layers, static_offload_fraction=config.static_offload_fraction,
-                       cost_model=cost_model, pause_strategy_name=config.pause_strategy,
-                       max_pause_s=config.max_pause_s, slo_s=config.tpot_slo_s, windows=config.plan_windows,
-                       solve_ahead=config.solve_ahead, seed=config.seed)
+    """The policy an `EngineConfig` asks for: the engine and the simulator build theirs here, so
+    they cannot drift."""
+    return make_policy(config.kv_policy, num_layers, cost_model=cost_model, **policy_options(config))
 
 
 def make_policy(name: str, num_layers: int, **options) -> KVPolicy:

@@ -137,6 +137,23 @@ class OrbitFlow(KVPolicy):
         return make_plan(inputs, choice, step_time(inputs, choice), inputs.windows[0],
                          PlanStatus.FEASIBLE, time.perf_counter(), why)
 
+    def solve_for(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str] = frozenset()
+                  ) -> tuple[Plan, list[str]]:
+        """One planning solve on another's behalf (the central planner solving for a worker)."""
+        return self._solve(list(views), cap, frozenset(pinned))
+
+    def admission_damage(self, req: RequestView, running: list[RequestView], cap: CapacityView) -> float:
+        """SLO misses the plan predicts if `req` joined now, beyond the batch's own; inf when it
+        could join only by pausing others or not at all (the router then prefers another worker)."""
+        if not running:
+            base = 0
+        else:
+            base = len(self._solve(list(running), cap, frozenset(), probe=True)[0].violations)
+        plan, paused = self._solve(list(running) + [req], cap, frozenset({req.request_id}), probe=True)
+        if paused or req.request_id not in plan.distances or plan.solver.startswith("fallback"):
+            return float("inf")
+        return float(max(0, len(plan.violations) - base))
+
     # ---- applying plans ------------------------------------------------------------------------
     def _install(self, plan: Plan, views: list[RequestView], paused: list[str]) -> PlacementPlan:
         self.plan = plan

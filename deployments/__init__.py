@@ -1,0 +1,1 @@
+"""Ray Serve applications and their configs (Ray appears only here)."""

@@ -1,0 +1,1 @@
+"""Serving core without Ray: OpenAI protocol, async engine loop, central planner, routing."""

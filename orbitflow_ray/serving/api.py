@@ -1,0 +1,72 @@
+"""The HTTP surface: a FastAPI app over an `OpenAIService`. Every error, including malformed JSON
+and wrong types, leaves as an OpenAI-style error body with a 4xx status; only a bug is a 500.
+
+Built by a factory, not at import time, so the Ray ingress (`__serve_build_asgi_app__`) and tests
+without Ray serve the very same app.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from orbitflow_ray.serving import protocol as p
+from orbitflow_ray.serving.openai_service import OpenAIService
+
+log = logging.getLogger(__name__)
+
+
+def build_api(service: OpenAIService, state: Callable[[], Awaitable[dict]] | None = None) -> FastAPI:
+    app = FastAPI(title="OrbitFlow", version="0.1.0",
+                  description="OpenAI-compatible, SLO-aware long-context LLM serving. Extension fields: "
+                              "`slo` {ttft_s, tpot_s}, `top_k`, `ignore_eos`.")
+
+    @app.exception_handler(p.APIError)
+    async def _api_error(_: Request, e: p.APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        message, param = p.validation_error_message(e)
+        return JSONResponse(p.error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
+        return JSONResponse(p.error_body(str(e.detail), type=kind), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(p.error_body(f"internal error: {type(e).__name__}", type="server_error"),
+                            status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return service.models()
+
+    @app.post("/v1/completions")
+    async def completions(body: p.CompletionRequest):
+        return await service.completion(body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: p.ChatCompletionRequest):
+        return await service.chat(body)
+
+    if state is not None:
+        @app.get("/v1/orbitflow/state")
+        async def orbitflow_state() -> dict:
+            """The central planner's view: per worker, running/waiting/paused requests, KV bytes per
+            tier, plan version (no prompt text)."""
+            return await state()
+
+    return app

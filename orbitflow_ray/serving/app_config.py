@@ -1,0 +1,63 @@
+"""The serving application's arguments: one pydantic model, validated when the app is built, so
+a bad config fails `serve run` at once with a message that names the field."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from orbitflow_ray.config import EngineConfig
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2-135m", description="Engine model: 'smollm2-135m', a local HF directory "
+                       "(Llama family) or a preset. Nothing is downloaded.")
+    served_model_name: str | None = Field(None, description="Name clients pass as `model` (default: model).")
+    engine: dict[str, Any] = Field(default_factory=lambda: {"kv_policy": "orbitflow"},
+                                   description="EngineConfig fields (see `orbitflow run --help`).")
+    default_ttft_slo_s: float = Field(10.0, description="TTFT SLO for requests that set none; the TPOT "
+                                      "default is engine.tpot_slo_s.")
+    torch_threads: int | None = Field(None, description="Torch threads per worker; None: as Ray sets "
+                                      "OMP_NUM_THREADS from the replica's num_cpus.")
+    telemetry_period_s: float = Field(0.5, description="Worker -> planner report period. 0.5 s: a few "
+                                      "decode steps on a GPU, cheap next to a step on this CPU.")
+    planner: bool = Field(True, description="False: no central planner; workers plan locally only.")
+
+    @field_validator("default_ttft_slo_s", "telemetry_period_s")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError("must be a positive number of seconds")
+        return v
+
+    @field_validator("torch_threads")
+    @classmethod
+    def _threads(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _engine_valid(self) -> AppArgs:
+        if "model" in self.engine:
+            raise ValueError("set the model at the top level (args.model), not in args.engine")
+        try:
+            cfg = self.engine_config()
+        except TypeError as e:
+            raise ValueError(f"args.engine: {e}") from None
+        from orbitflow_ray.planner import available_policies
+        if cfg.kv_policy not in available_policies():
+            raise ValueError(f"args.engine.kv_policy {cfg.kv_policy!r} is unknown; choose one of "
+                             f"{available_policies()}")
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(model=self.model, **self.engine)
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model

@@ -1,0 +1,225 @@
+"""An LLMEngine on its own thread, driven from asyncio: the core of a serving worker.
+
+Why a thread: a step is tens to hundreds of milliseconds of torch compute, and the event loop
+must stay free to take requests, stream tokens and answer health checks meanwhile. The engine is
+not thread-safe, so only the engine thread touches it: the asyncio side enqueues commands (add,
+abort, call) that the thread runs at the next step boundary. That is also where an abandoned
+stream's KV is freed: a client that disconnects is aborted at the next boundary.
+
+Streams are paced by Token-Deposit: a token leaves at its release time, not when it was computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from orbitflow_ray.engine import LLMEngine
+from orbitflow_ray.outputs import RequestOutput
+from orbitflow_ray.serving.messages import GenerateRequest, StreamDelta
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped on an error; the worker must be replaced."""
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    accepted: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, on_boundary: Callable[[LLMEngine], None] | None = None,
+                 idle_poll_s: float = 0.05) -> None:
+        self.engine = engine
+        self.on_boundary = on_boundary  # runs on the engine thread after every step and when idle
+        self.idle_poll_s = idle_poll_s
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="orbitflow-engine", daemon=True)
+
+    def start(self) -> AsyncEngine:
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def check_health(self) -> None:
+        if not self.alive:
+            raise EngineDeadError(f"engine thread is not running: {self.error!r}")
+
+    # ---- the asyncio side ----------------------------------------------------------------------
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as the engine produces them (not paced). Raises ValueError if the
+        engine refuses the request; aborts it if the consumer stops early."""
+        stream = await self._accept(req)
+        async for out in self._outputs(req, stream):
+            yield out
+
+    async def stream(self, req: GenerateRequest, on_finish: Callable[[RequestOutput], None] | None = None
+                     ) -> AsyncIterator[StreamDelta]:
+        """Deltas of text and token ids, each released at its Token-Deposit release time. The first
+        delta (empty) says the engine accepted the request; `on_finish` sees the final output (its
+        metrics) before the last delta goes out."""
+        stream = await self._accept(req)
+        yield StreamDelta("", [], prompt_tokens=req.num_prompt_tokens)
+        detok = _Detokenizer(req.params.stop)
+        sent = 0
+        async for out in self._outputs(req, stream):
+            new = out.token_ids[sent:]
+            releases = out.metrics.release_times
+            if req.paced and new and len(releases) >= len(out.token_ids):
+                wait = releases[len(out.token_ids) - 1] - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            sent = len(out.token_ids)
+            text = detok.delta(out.text, out.finished)
+            if out.finished and on_finish is not None:
+                on_finish(out)
+            if new or text or out.finished:
+                yield StreamDelta(text, list(new), out.finished, out.finish_reason,
+                                  len(out.prompt_token_ids), len(out.token_ids))
+
+    async def _accept(self, req: GenerateRequest) -> _Stream:
+        self.check_health()
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._cmds.put(("add", req, stream))
+        try:
+            await asyncio.wrap_future(stream.accepted)
+        except asyncio.CancelledError:  # the client left before the engine took it
+            self.abort(req.request_id)
+            raise
+        return stream
+
+    async def _outputs(self, req: GenerateRequest, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(req.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._cmds.put(("abort", request_id))
+
+    def call(self, fn: Callable[[LLMEngine], object]) -> concurrent.futures.Future:
+        """Run `fn(engine)` on the engine thread at the next step boundary."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._cmds.put(("call", fn, fut))
+        return fut
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._cmds.put(("wake",))
+        self._thread.join(timeout_s)
+        self.engine.close()
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain(block=not self.engine.has_unfinished_requests())
+                if self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        self._deliver(out)
+                if self.on_boundary is not None:
+                    self.on_boundary(self.engine)
+        except BaseException as e:  # the worker is broken: fail every stream, let Serve replace it
+            log.exception("engine thread died")
+            self.error = e
+            err = EngineDeadError(f"engine failed: {e!r}")
+            for rid, s in list(self._streams.items()):
+                s.loop.call_soon_threadsafe(s.queue.put_nowait, err)
+            self._streams.clear()
+            self._fail_commands(err)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            cmd = self._cmds.get(timeout=self.idle_poll_s) if block else self._cmds.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(cmd)
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, req, stream = cmd
+            try:
+                self.engine.add_request(req.prompt_token_ids, req.params, request_id=req.request_id)
+            except Exception as e:  # bad input: this request fails, nothing else is touched
+                stream.accepted.set_exception(e)
+                return
+            self._streams[req.request_id] = stream
+            stream.accepted.set_result(None)
+        elif kind == "abort":
+            if self.engine.abort_request(cmd[1]):
+                log.info("aborted %s (client gone); its KV is freed", cmd[1])
+            self._streams.pop(cmd[1], None)
+        elif kind == "call":
+            _, fn, fut = cmd
+            try:
+                fut.set_result(fn(self.engine))
+            except Exception as e:
+                fut.set_exception(e)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        if out.finished:
+            del self._streams[out.request_id]
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _fail_commands(self, err: Exception) -> None:
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                cmd[2].accepted.set_exception(err)
+            elif cmd[0] == "call":
+                cmd[2].set_exception(err)
+
+
+class _Detokenizer:
+    """Text deltas that never take back what was sent: a trailing partial UTF-8 character, and the
+    last len(longest stop) - 1 characters (a stop string may be forming), wait for the next token."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.sent = 0
+
+    def delta(self, text: str, finished: bool) -> str:
+        end = len(text)
+        if not finished:
+            end = max(self.sent, end - self.hold)
+            while end > self.sent and text[end - 1] == "\ufffd":
+                end -= 1
+        out = text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return out

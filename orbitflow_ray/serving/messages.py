@@ -1,0 +1,107 @@
+"""The plan objects that cross the serving boundaries (ingress -> worker -> planner and back).
+
+Plain slotted dataclasses of plain values and planner views, so Ray pickles them cheaply and every
+side can be tested without Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable
+
+from orbitflow_ray.costmodel.linear import CostModel
+from orbitflow_ray.planner.base import CapacityView, RequestView
+from orbitflow_ray.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    """One request as the ingress hands it to a worker: already tokenized and validated."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    ttft_slo_s: float | None = None
+    arrival_unix: float = 0.0  # time.time() at the ingress, for end-to-end TTFT
+    # Streamed to the client: tokens leave at their Token-Deposit release times. A non-streaming
+    # response is read whole, so pacing it would only delay it.
+    paced: bool = True
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass(slots=True)
+class StreamDelta:
+    """What a worker streams back: new text and token ids since the previous delta."""
+
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySpec:
+    """Enough to rebuild a worker's KV policy elsewhere: registry name, layers, options."""
+
+    name: str
+    num_layers: int
+    options: tuple[tuple[str, object], ...]
+
+    @staticmethod
+    def of(name: str, num_layers: int, options: dict) -> PolicySpec:
+        return PolicySpec(name, num_layers, tuple(sorted(options.items())))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerTelemetry:
+    """A worker's state at one step boundary: the planner's whole view of it. Sent periodically
+    and in full, so a restarted planner rebuilds its state from the next report of each worker."""
+
+    worker_id: str
+    sent_at: float  # time.time()
+    policy: PolicySpec
+    running: tuple[RequestView, ...]
+    num_waiting: int
+    num_paused: int
+    capacity: CapacityView
+    cost_model: CostModel
+    max_model_len: int
+    kv: dict[str, int] = field(default_factory=dict)
+    policy_stats: dict[str, float] = field(default_factory=dict)
+    mean_step_s: float | None = None  # over the steps since the previous report
+
+
+@dataclass(frozen=True, slots=True)
+class SolveRequest:
+    """Solve the placement for a worker's predicted next batch `key`."""
+
+    worker_id: str
+    key: Hashable
+    views: tuple[RequestView, ...]
+    capacity: CapacityView
+    pinned: frozenset[str]
+    cost_model: CostModel
+    policy: PolicySpec
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingAdvice:
+    """The planner's answer to a report: predicted SLO damage if a request of `probe_tokens[i]`
+    prompt tokens joined this worker now (inf: it would wait, or others would be paused)."""
+
+    version: int
+    probe_tokens: tuple[int, ...]
+    damage: tuple[float, ...]
+    made_at: float  # time.time()
+
+    def damage_at(self, prompt_tokens: int) -> float:
+        """Damage of the smallest probe at least as long as the prompt (the largest if none is)."""
+        for n, d in zip(self.probe_tokens, self.damage):
+            if prompt_tokens <= n:
+                return d
+        return self.damage[-1] if self.damage else 0.0

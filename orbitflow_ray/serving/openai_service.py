@@ -1,0 +1,180 @@
+"""The OpenAI-compatible API's logic, without Ray: validate, tokenize, hand a `GenerateRequest` to a
+worker, and turn its deltas into OpenAI responses or server-sent events.
+
+`generate` is any callable returning an async iterator of `StreamDelta`s (the Ray ingress passes
+one over a DeploymentHandle; tests pass a local worker). Its first delta is the worker's
+acceptance (empty text), so refusals become HTTP errors before a stream starts. A worker that
+dies mid-stream ends the stream with an OpenAI error event and `[DONE]`, never a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Callable
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from orbitflow_ray.llm import chat_token_ids
+from orbitflow_ray.model.loader import load_spec, load_tokenizer
+from orbitflow_ray.sampling_params import SamplingParams
+from orbitflow_ray.serving import protocol as p
+from orbitflow_ray.serving.app_config import AppArgs
+from orbitflow_ray.serving.messages import GenerateRequest, StreamDelta
+
+log = logging.getLogger(__name__)
+
+Generate = Callable[[GenerateRequest], AsyncIterator[StreamDelta]]
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class OpenAIService:
+    def __init__(self, args: AppArgs, generate: Generate) -> None:
+        self.args, self.generate = args, generate
+        cfg = args.engine_config()
+        spec = load_spec(args.model)
+        self.max_model_len = min(cfg.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
+        self.vocab_size = spec.vocab_size
+        self.default_tpot_slo_s = cfg.tpot_slo_s
+        self.tokenizer = load_tokenizer(args.model)
+        self.created = int(time.time())
+
+    def models(self) -> dict:
+        return p.models_response([self.args.name], self.created)
+
+    # ---- requests -> GenerateRequest -----------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        if model != self.args.name:
+            raise p.model_not_found(model)
+
+    def _ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            bad = [t for t in prompt if t >= self.vocab_size]
+            if bad:
+                raise p.BadRequestError(f"prompt token ids must be < {self.vocab_size}; got {bad[:3]}",
+                                        param="prompt")
+            return prompt
+        if self.tokenizer is None:
+            raise p.BadRequestError("this model has no tokenizer: send the prompt as token ids", param="prompt")
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def _chat_ids(self, body: p.ChatCompletionRequest) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise p.BadRequestError("this model has no chat template; use /v1/completions", param="messages")
+        return chat_token_ids(self.tokenizer, body.messages_as_dicts())
+
+    def _request(self, body, ids: list[int]) -> GenerateRequest:
+        n = len(ids)
+        if not n:
+            raise p.BadRequestError("prompt is empty", param="prompt")
+        limit = body.output_limit()
+        room = self.max_model_len - n
+        if room < 1:
+            raise p.BadRequestError(f"This model's maximum context length is {self.max_model_len} tokens; "
+                                    f"the prompt has {n} tokens.", param="messages" if hasattr(body, "messages")
+                                    else "prompt", code="context_length_exceeded")
+        if limit is None:
+            limit = min(room, DEFAULT_MAX_TOKENS) if not hasattr(body, "messages") else room
+        elif n + limit > self.max_model_len:
+            raise p.BadRequestError(f"This model's maximum context length is {self.max_model_len} tokens. "
+                                    f"However, you requested {n + limit} tokens ({n} in the prompt, {limit} "
+                                    "for the completion).", param="max_tokens", code="context_length_exceeded")
+        slo = body.slo
+        if body.seed is not None and not 0 <= body.seed < 2 ** 63:
+            raise p.BadRequestError("seed must be in [0, 2**63)", param="seed")
+        try:
+            params = SamplingParams(max_tokens=limit, temperature=body.temperature, top_p=body.top_p,
+                                    top_k=body.top_k, seed=body.seed, stop=body.stop_list(),
+                                    ignore_eos=body.ignore_eos,
+                                    slo_s=slo.tpot_s if slo is not None and slo.tpot_s else None)
+        except ValueError as e:
+            raise p.BadRequestError(str(e)) from None
+        ttft = slo.ttft_s if slo is not None and slo.ttft_s else self.args.default_ttft_slo_s
+        return GenerateRequest(f"{'chatcmpl' if hasattr(body, 'messages') else 'cmpl'}-{uuid.uuid4().hex}",
+                               ids, params, ttft, time.time(), paced=body.stream)
+
+    # ---- endpoints -----------------------------------------------------------------------------
+    async def completion(self, body: p.CompletionRequest):
+        self._check_model(body.model)
+        req = self._request(body, self._ids(body.prompt_input()))
+        return await self._respond(req, body, chat=False)
+
+    async def chat(self, body: p.ChatCompletionRequest):
+        self._check_model(body.model)
+        req = self._request(body, self._chat_ids(body))
+        return await self._respond(req, body, chat=True)
+
+    async def _respond(self, req: GenerateRequest, body, chat: bool):
+        stream = self.generate(req)
+        try:
+            await anext(stream)  # the worker's acceptance, or its refusal
+        except StopAsyncIteration:
+            raise p.ServiceUnavailableError("the worker closed the request before accepting it") from None
+        except ValueError as e:  # the engine refused the request (it cannot fit this worker, ...)
+            await _close(stream)
+            raise p.BadRequestError(_first_line(e)) from None
+        except Exception as e:
+            await _close(stream)
+            log.warning("worker failed before accepting %s: %r", req.request_id, e)
+            raise p.ServiceUnavailableError(f"no worker could take the request: {_first_line(e)}") from None
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._sse(req, stream, chat, include_usage), media_type="text/event-stream")
+        return JSONResponse(await self._collect(req, stream, chat))
+
+    async def _collect(self, req: GenerateRequest, stream, chat: bool) -> dict:
+        parts, last = [], None
+        try:
+            async for d in stream:
+                parts.append(d.text)
+                last = d
+        except Exception as e:
+            raise p.ServiceUnavailableError(f"the worker failed mid-request: {_first_line(e)}") from None
+        finally:
+            await _close(stream)
+        if last is None or not last.finished:
+            raise p.ServiceUnavailableError("the worker ended the request without finishing it")
+        build = p.chat_response if chat else p.completion_response
+        return build(req.request_id, self.args.name, int(req.arrival_unix), "".join(parts),
+                     p.finish_reason_openai(last.finish_reason), last.prompt_tokens, last.completion_tokens)
+
+    async def _sse(self, req: GenerateRequest, stream, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+        rid, model, created = req.request_id, self.args.name, int(req.arrival_unix)
+        first, last = True, None
+        try:
+            if chat:
+                yield p.sse(p.chat_chunk(rid, model, created, "", first=True))
+                first = False
+            async for d in stream:
+                last = d
+                reason = p.finish_reason_openai(d.finish_reason) if d.finished else None
+                if d.text or reason:
+                    chunk = (p.chat_chunk(rid, model, created, d.text or None, reason, first=first) if chat
+                             else p.completion_chunk(rid, model, created, d.text, reason))
+                    yield p.sse(chunk)
+            if include_usage and last is not None:
+                u = p.usage(last.prompt_tokens, last.completion_tokens)
+                yield p.sse(p.chat_chunk(rid, model, created, None, usage=u) if chat
+                            else p.completion_chunk(rid, model, created, "", usage=u))
+        except Exception as e:  # the worker died or failed: tell the client, do not hang
+            log.warning("stream %s failed: %r", rid, e)
+            yield p.sse(p.ServiceUnavailableError(f"the worker failed mid-stream: {_first_line(e)}").body())
+        finally:
+            await _close(stream)
+        yield p.SSE_DONE
+
+
+async def _close(stream) -> None:
+    """Stop the worker side (an abandoned request is aborted there, its KV freed)."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:  # closing a broken stream must not mask the real error
+            pass
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[-1] if "Traceback" in text else text.splitlines()[0]

@@ -1,0 +1,327 @@
+"""The OpenAI wire protocol: request models, error bodies and response builders.
+
+Requests tolerate unknown OpenAI fields (clients send many we do not implement) but validate the
+fields we use strictly, so `"max_tokens": "10"` is a 400, not a silent coercion. Responses are
+plain dicts in OpenAI's exact shapes so the official `openai` client parses them unchanged.
+Nothing here imports Ray or the engine: the HTTP layer, the router and the tests share it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      ValidationInfo, field_validator, model_validator)
+
+_MAX_STOP = 4  # OpenAI's limit on stop sequences
+_UNSUPPORTED = {"echo": "echo is not supported", "logprobs": "logprobs are not supported"}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI's schema makes its optional fields nullable and some clients send `"n": null`.
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if not (v is None and k in fields and not fields[k].is_required())}
+
+
+class SLOSpec(_Request):
+    """Per-request latency targets (an OrbitFlow extension); None means the server's default."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+    @field_validator("ttft_s", "tpot_s", mode="before")
+    @classmethod
+    def _positive_seconds(cls, v: Any, info: ValidationInfo) -> Any:
+        # One check before pydantic's own, so "fast", True, 0, inf and 10**400 get one clear message.
+        if v is None:
+            return v
+        try:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < float(v) < math.inf
+        except OverflowError:
+            ok = False
+        if not ok:
+            raise ValueError(f"slo.{info.field_name} must be a positive number of seconds")
+        return v
+
+
+class StreamOptions(_Request):
+    include_usage: StrictBool = False
+
+
+class _SamplingFields(_Request):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: StrictStr
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: StrictInt = Field(0, ge=0)  # extension (vLLM's); 0 disables top-k
+    n: StrictInt = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    ignore_eos: StrictBool = False  # extension: benchmarks need exact output lengths
+    slo: SLOSpec | None = None  # extension
+    user: StrictStr | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > _MAX_STOP:
+            raise ValueError(f"at most {_MAX_STOP} stop sequences are supported")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return v
+
+    @field_validator("echo", "logprobs", mode="before", check_fields=False)
+    @classmethod
+    def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
+        # Clients may send these fields at their defaults; only asking for the feature is an error.
+        if v is not None and v is not False:
+            raise ValueError(_UNSUPPORTED[info.field_name])
+        return v
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: StrictStr | list[StrictInt] | list[StrictStr]
+    echo: StrictBool = False
+    logprobs: StrictInt | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        # Shape errors get a sentence here; element types are left to the typed union after us.
+        if v == "" or v == []:
+            raise ValueError("prompt is empty")
+        if isinstance(v, list) and all(isinstance(p, str) for p in v):
+            if len(v) != 1:
+                raise ValueError("batched prompts are not supported; send one prompt per request")
+            if v[0] == "":
+                raise ValueError("prompt is empty")
+        if isinstance(v, list) and any(isinstance(t, int) and not isinstance(t, bool) and t < 0 for t in v):
+            raise ValueError("prompt token ids must be integers >= 0")
+        return v
+
+    def prompt_input(self) -> str | list[int]:
+        p = self.prompt
+        return p[0] if isinstance(p, list) and isinstance(p[0], str) else p  # type: ignore[return-value]
+
+    def output_limit(self) -> int | None:
+        return self.max_tokens
+
+
+class ContentPart(_Request):
+    type: Literal["text"]
+    text: StrictStr
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        if v != "text":
+            raise ValueError("only text content parts are supported")
+        return v
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: StrictStr | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+
+    def output_limit(self) -> int | None:
+        """max_completion_tokens is OpenAI's newer name and wins when both are sent."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def messages_as_dicts(self) -> list[dict[str, str]]:
+        """The input of `tokenizer.apply_chat_template`. "developer" is OpenAI's new name for
+        "system", which HF chat templates do not know, so it is sent as "system"."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in self.messages]
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """An error with its HTTP status and OpenAI error body; the HTTP layer turns it into a response."""
+
+    status_code: int = 500
+    type: str = "server_error"
+    code: str | int | None = None
+
+    def __init__(self, message: str, *, status_code: int | None = None, type: str | None = None,
+                 param: str | None = None, code: str | int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code if status_code is not None else self.status_code
+        self.type = type if type is not None else self.type
+        self.param = param
+        self.code = code if code is not None else self.code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+class BadRequestError(APIError):
+    status_code, type = 400, "invalid_request_error"
+
+
+class AuthenticationError(APIError):
+    status_code, type = 401, "authentication_error"
+
+
+class NotFoundError(APIError):
+    status_code, type = 404, "not_found_error"
+
+
+class RateLimitError(APIError):
+    status_code, type = 429, "rate_limit_error"
+
+
+class ServiceUnavailableError(APIError):
+    status_code, type, code = 503, "server_error", "service_unavailable"
+
+
+def model_not_found(model: str) -> NotFoundError:
+    return NotFoundError(f"The model '{model}' does not exist", param="model", code="model_not_found")
+
+
+# Union members show up in pydantic locations as tags ("str", "list[int]"); they are not fields.
+_UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def _is_field(part: Any) -> bool:
+    return isinstance(part, int) or (isinstance(part, str) and part not in _UNION_TAGS
+                                     and "[" not in part and "-" not in part)
+
+
+def validation_error_message(exc: Any) -> tuple[str, str | None]:
+    """(message, param) for one error of a pydantic/FastAPI validation failure.
+
+    Accepts a ValidationError, a RequestValidationError, or their `.errors()` list. A union reports
+    one error per member; the deepest one got furthest and is the most telling, so it is chosen.
+    Never raises: it runs in the error handler, where a second exception would turn a 400 into a 500.
+    """
+    try:
+        errors: Sequence[Any] = exc.errors() if hasattr(exc, "errors") else exc
+        err = max(errors, key=lambda e: len(e.get("loc") or ()))  # max keeps the first of equals
+        if err.get("type") == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error") or err.get("msg", "")
+            return f"request body is not valid JSON: {detail}", None
+        loc = list(err.get("loc") or ())
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        param = ".".join(str(p) for p in loc if _is_field(p)) or None
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        return f"{param or 'request body'}: {msg}", param
+    except Exception:  # noqa: BLE001 - see docstring
+        return "invalid request", None
+
+
+# ---- responses ----------------------------------------------------------------------------------
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def finish_reason_openai(engine_reason: str | None) -> str | None:
+    """OpenAI knows only "stop" and "length" for us; an abort ended the text, so it reads as "stop"."""
+    if engine_reason is None:
+        return None
+    return "length" if engine_reason == "length" else "stop"
+
+
+def _envelope(request_id: str, obj: str, created: int, model: str, choices: list[dict],
+              usage_: dict | None) -> dict:
+    out = {"id": request_id, "object": obj, "created": created, "model": model, "choices": choices}
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out
+
+
+def completion_response(request_id: str, model: str, created: int, text: str, finish_reason: str | None,
+                        prompt_tokens: int, completion_tokens: int) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return _envelope(request_id, "text_completion", created, model, [choice],
+                     usage(prompt_tokens, completion_tokens))
+
+
+def chat_response(request_id: str, model: str, created: int, text: str, finish_reason: str | None,
+                  prompt_tokens: int, completion_tokens: int) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+              "finish_reason": finish_reason}
+    return _envelope(request_id, "chat.completion", created, model, [choice],
+                     usage(prompt_tokens, completion_tokens))
+
+
+def completion_chunk(request_id: str, model: str, created: int, text: str,
+                     finish_reason: str | None = None, usage: dict | None = None) -> dict:
+    """One streamed /v1/completions event. A chunk with usage, no text and no finish_reason is the
+    usage-only final chunk of `stream_options.include_usage`, so it has no choices."""
+    usage_only = usage is not None and not text and finish_reason is None
+    choices = [] if usage_only else [{"index": 0, "text": text, "logprobs": None,
+                                      "finish_reason": finish_reason}]
+    return _envelope(request_id, "text_completion", created, model, choices, usage)
+
+
+def chat_chunk(request_id: str, model: str, created: int, delta_text: str | None,
+               finish_reason: str | None = None, first: bool = False, usage: dict | None = None) -> dict:
+    """One streamed chat event; the first carries the assistant role, as OpenAI's does. A chunk with
+    only usage is the final chunk of `stream_options.include_usage`, so it has no choices."""
+    usage_only = usage is not None and delta_text is None and finish_reason is None and not first
+    delta: dict[str, str] = {"role": "assistant"} if first else {}
+    if delta_text is not None:
+        delta["content"] = delta_text
+    choices = [] if usage_only else [{"index": 0, "delta": delta, "logprobs": None,
+                                      "finish_reason": finish_reason}]
+    return _envelope(request_id, "chat.completion.chunk", created, model, choices, usage)
+
+
+def sse(data: dict | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def models_response(model_ids: list[str], created: int, owned_by: str = "orbitflow") -> dict:
+    return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": owned_by}
+                                       for m in model_ids]}

