@@ -4,6 +4,7 @@
     orbitflow generate --model tiny-llama --prompt-ids 1,2,3 --kv-policy all-offload
     orbitflow demo          # a few long prompts under each KV policy, with TTFT/TPOT per request
     orbitflow policies      # list KV placement policies
+    orbitflow dashboard push --grafana-url http://grafana:3000 --api-key KEY   # Grafana dashboard
 """
 
 from __future__ import annotations
@@ -127,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     from orbitflow_ray.sim.cli import add_sim_commands
 
     add_sim_commands(sub)
+    from orbitflow_ray.dashboard import add_dashboard_commands
+
+    add_dashboard_commands(sub)
+    from orbitflow_ray.serving.cli import add_serve_command
+
+    add_serve_command(sub)
     pol = sub.add_parser("policies", help="list KV placement policies")
     pol.set_defaults(func=cmd_policies)
     return p

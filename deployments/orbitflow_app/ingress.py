@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from orbitflow_ray.serving.api import build_api
 from orbitflow_ray.serving.app_config import AppArgs
-from orbitflow_ray.serving.messages import GenerateRequest, StreamDelta
+from orbitflow_ray.serving.messages import GenerateRequest, StreamDelta, WorkerOverloaded
 from orbitflow_ray.serving.openai_service import OpenAIService
 
 
@@ -28,6 +29,8 @@ class OrbitFlowIngress:
         try:
             async for delta in gen:
                 yield delta
+        except BackPressureError as e:  # Serve's queue in front of the workers is full
+            raise WorkerOverloaded(str(e)) from None
         finally:
             gen.cancel()  # a client gone mid-stream: the worker aborts the request at its next step
 

@@ -32,7 +32,8 @@ class HandlePlanner:
         return await self.handle.solve.remote(request)
 
 
-@serve.deployment(name="OrbitFlowWorker", max_ongoing_requests=64,
+# max_queued_requests bounds Serve's queue in front of the workers (past it the ingress answers 429).
+@serve.deployment(name="OrbitFlowWorker", max_ongoing_requests=64, max_queued_requests=256,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
                   ray_actor_options={"num_cpus": 1},
                   request_router_config={"request_router_class": ROUTER, "request_routing_stats_period_s": 1.0},
@@ -47,7 +48,8 @@ class OrbitFlowWorker:
             torch.set_num_threads(a.torch_threads)
         worker_id = serve.get_replica_context().replica_id.unique_id
         client = HandlePlanner(planner) if planner is not None and a.planner else None
-        self.worker = WorkerCore(a.engine_config(), worker_id, client, a.telemetry_period_s)
+        self.worker = WorkerCore(a.engine_config(), worker_id, client, a.telemetry_period_s,
+                                 max_waiting=a.max_waiting_per_worker)
         self.metrics = WorkerMetrics(a.name, worker_id)
         self._metrics_task: asyncio.Task | None = None
 

@@ -7,7 +7,9 @@ without Ray serve the very same app.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 from typing import Awaitable, Callable
 
 from fastapi import FastAPI, Request
@@ -28,7 +30,22 @@ def build_api(service: OpenAIService, state: Callable[[], Awaitable[dict]] | Non
 
     @app.exception_handler(p.APIError)
     async def _api_error(_: Request, e: p.APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status_code)
+        return JSONResponse(e.body(), status_code=e.status_code, headers=e.headers())
+
+    key = service.args.api_key or os.environ.get("ORBITFLOW_API_KEY") or None
+    if key is not None:
+        expected = f"Bearer {key}".encode()
+
+        @app.middleware("http")
+        async def _require_key(request: Request, call_next):
+            """Every /v1/* route needs the key (constant-time compare); /health stays open."""
+            if request.url.path.startswith("/v1/"):
+                given = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(given, expected):
+                    e = p.AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer "
+                                              "<key>'", code="invalid_api_key")
+                    return JSONResponse(e.body(), status_code=401)
+            return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:

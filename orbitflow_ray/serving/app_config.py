@@ -26,6 +26,15 @@ class AppArgs(BaseModel):
     telemetry_period_s: float = Field(0.5, description="Worker -> planner report period. 0.5 s: a few "
                                       "decode steps on a GPU, cheap next to a step on this CPU.")
     planner: bool = Field(True, description="False: no central planner; workers plan locally only.")
+    api_key: str | None = Field(None, description="Bearer token required on /v1/* (compared in constant "
+                                "time). None: the ORBITFLOW_API_KEY environment variable of the ingress, "
+                                "if set; else open.")
+    max_prompt_tokens: int | None = Field(None, description="Longest prompt accepted (tokens); None: the "
+                                          "context window.")
+    max_output_tokens: int | None = Field(None, description="Largest max_tokens accepted; None: what the "
+                                          "context window leaves.")
+    max_waiting_per_worker: int = Field(64, description="Requests a worker holds beyond its running batch; "
+                                        "past it, 429 with Retry-After. Bounds memory under overload.")
 
     @field_validator("default_ttft_slo_s", "telemetry_period_s")
     @classmethod
@@ -34,11 +43,18 @@ class AppArgs(BaseModel):
             raise ValueError("must be a positive number of seconds")
         return v
 
-    @field_validator("torch_threads")
+    @field_validator("torch_threads", "max_prompt_tokens", "max_output_tokens", "max_waiting_per_worker")
     @classmethod
-    def _threads(cls, v: int | None) -> int | None:
+    def _at_least_one(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
             raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v is not None and len(v) < 8:
+            raise ValueError("must be at least 8 characters (or null for none)")
         return v
 
     @model_validator(mode="after")

@@ -35,6 +35,7 @@ class CentralPlanner:
         self.probe_tokens, self.probe_max_tokens = tuple(probe_tokens), probe_max_tokens
         self.stale_after_s = stale_after_s
         self.workers: dict[str, WorkerTelemetry] = {}
+        self._heard: dict[str, float] = {}  # planner-clock receive time (worker clocks may be skewed)
         self._policies: dict[str, tuple[PolicySpec, KVPolicy]] = {}
         self._versions = itertools.count(1)
         self.started_at = time.time()
@@ -58,6 +59,7 @@ class CentralPlanner:
     def report(self, t: WorkerTelemetry) -> RoutingAdvice:
         """Take a worker's state; answer with its routing advice."""
         self.workers[t.worker_id] = t
+        self._heard[t.worker_id] = time.time()
         self.stats["reports"] += 1
         self._forget_stale()
         policy = self._policy(t.worker_id, t.policy, t.cost_model)
@@ -100,8 +102,8 @@ class CentralPlanner:
     def _forget_stale(self) -> None:
         """Drop workers that stopped reporting (dead replicas, scaled down)."""
         cutoff = time.time() - self.stale_after_s
-        for wid in [w for w, t in self.workers.items() if t.sent_at < cutoff]:
-            del self.workers[wid]
+        for wid in [w for w, heard in self._heard.items() if heard < cutoff]:
+            del self.workers[wid], self._heard[wid]
             self._policies.pop(wid, None)
 
     # ---- views for operators -------------------------------------------------------------------
@@ -111,7 +113,7 @@ class CentralPlanner:
         workers = {}
         for wid, t in sorted(self.workers.items()):
             workers[wid] = {
-                "age_s": round(now - t.sent_at, 3), "policy": t.policy.name,
+                "age_s": round(now - self._heard[wid], 3), "policy": t.policy.name,
                 "running": len(t.running), "waiting": t.num_waiting, "paused": t.num_paused,
                 "context_tokens": sum(v.num_tokens for v in t.running),
                 "plan_version": int(t.policy_stats.get("plan_version", 0)),

@@ -22,7 +22,7 @@ from typing import AsyncIterator, Callable
 
 from orbitflow_ray.engine import LLMEngine
 from orbitflow_ray.outputs import RequestOutput
-from orbitflow_ray.serving.messages import GenerateRequest, StreamDelta
+from orbitflow_ray.serving.messages import GenerateRequest, StreamDelta, WorkerOverloaded
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ class _Stream:
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_boundary: Callable[[LLMEngine], None] | None = None,
-                 idle_poll_s: float = 0.05) -> None:
+                 idle_poll_s: float = 0.05, max_waiting: int | None = None) -> None:
         self.engine = engine
+        self.max_waiting = max_waiting  # bounded admission queue: past it, WorkerOverloaded
         self.on_boundary = on_boundary  # runs on the engine thread after every step and when idle
         self.idle_poll_s = idle_poll_s
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
@@ -76,28 +77,34 @@ class AsyncEngine:
         delta (empty) says the engine accepted the request; `on_finish` sees the final output (its
         metrics) before the last delta goes out."""
         stream = await self._accept(req)
-        yield StreamDelta("", [], prompt_tokens=req.num_prompt_tokens)
-        detok = _Detokenizer(req.params.stop)
-        sent = 0
-        async for out in self._outputs(req, stream):
-            new = out.token_ids[sent:]
-            releases = out.metrics.release_times
-            if req.paced and new and len(releases) >= len(out.token_ids):
-                wait = releases[len(out.token_ids) - 1] - time.perf_counter()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-            sent = len(out.token_ids)
-            text = detok.delta(out.text, out.finished)
-            if out.finished and on_finish is not None:
-                on_finish(out)
-            if new or text or out.finished:
-                yield StreamDelta(text, list(new), out.finished, out.finish_reason,
-                                  len(out.prompt_token_ids), len(out.token_ids))
+        finished = False
+        try:  # from acceptance on, a consumer that leaves aborts the request (its KV is freed)
+            yield StreamDelta("", [], prompt_tokens=req.num_prompt_tokens)
+            detok = _Detokenizer(req.params.stop)
+            sent = 0
+            async for out in self._outputs(req, stream):
+                new = out.token_ids[sent:]
+                releases = out.metrics.release_times
+                if req.paced and new and len(releases) >= len(out.token_ids):
+                    wait = releases[len(out.token_ids) - 1] - time.perf_counter()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                sent = len(out.token_ids)
+                text = detok.delta(out.text, out.finished)
+                finished = out.finished
+                if out.finished and on_finish is not None:
+                    on_finish(out)
+                if new or text or out.finished:
+                    yield StreamDelta(text, list(new), out.finished, out.finish_reason,
+                                      len(out.prompt_token_ids), len(out.token_ids))
+        finally:
+            if not finished:
+                self.abort(req.request_id)
 
     async def _accept(self, req: GenerateRequest) -> _Stream:
         self.check_health()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._cmds.put(("add", req, stream))
+        self._put(("add", req, stream))
         try:
             await asyncio.wrap_future(stream.accepted)
         except asyncio.CancelledError:  # the client left before the engine took it
@@ -119,13 +126,19 @@ class AsyncEngine:
                 self.abort(req.request_id)
 
     def abort(self, request_id: str) -> None:
-        self._cmds.put(("abort", request_id))
+        self._put(("abort", request_id))
 
     def call(self, fn: Callable[[LLMEngine], object]) -> concurrent.futures.Future:
         """Run `fn(engine)` on the engine thread at the next step boundary."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._cmds.put(("call", fn, fut))
+        self._put(("call", fn, fut))
         return fut
+
+    def _put(self, cmd: tuple) -> None:
+        """Enqueue for the engine thread; if it is dead, fail the command now (no one would)."""
+        self._cmds.put(cmd)
+        if self.error is not None or (self._thread.ident is not None and not self._thread.is_alive()):
+            self._fail_commands(EngineDeadError(f"engine is not running: {self.error!r}"))
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
@@ -147,8 +160,11 @@ class AsyncEngine:
             log.exception("engine thread died")
             self.error = e
             err = EngineDeadError(f"engine failed: {e!r}")
-            for rid, s in list(self._streams.items()):
-                s.loop.call_soon_threadsafe(s.queue.put_nowait, err)
+            for s in list(self._streams.values()):
+                try:
+                    s.loop.call_soon_threadsafe(s.queue.put_nowait, err)
+                except RuntimeError:  # that consumer's loop is closed already
+                    pass
             self._streams.clear()
             self._fail_commands(err)
 
@@ -168,6 +184,11 @@ class AsyncEngine:
         kind = cmd[0]
         if kind == "add":
             _, req, stream = cmd
+            waiting = len(self.engine.scheduler.waiting)
+            if self.max_waiting is not None and waiting >= self.max_waiting:
+                stream.accepted.set_exception(WorkerOverloaded(
+                    f"worker is full: {waiting} requests already wait for a slot"))
+                return
             try:
                 self.engine.add_request(req.prompt_token_ids, req.params, request_id=req.request_id)
             except Exception as e:  # bad input: this request fails, nothing else is touched
@@ -192,7 +213,11 @@ class AsyncEngine:
             return
         if out.finished:
             del self._streams[out.request_id]
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+        except RuntimeError:  # the consumer's event loop is gone: nobody will read this request
+            self._streams.pop(out.request_id, None)
+            self.engine.abort_request(out.request_id)
 
     def _fail_commands(self, err: Exception) -> None:
         while True:

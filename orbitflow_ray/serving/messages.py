@@ -14,6 +14,11 @@ from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.sampling_params import SamplingParams
 
 
+class WorkerOverloaded(RuntimeError):
+    """A worker (or Serve's queue in front of the workers) is full: the client should retry later.
+    Raised instead of queueing without bound, so memory stays bounded under any load."""
+
+
 @dataclass(slots=True)
 class GenerateRequest:
     """One request as the ingress hands it to a worker: already tokenized and validated."""

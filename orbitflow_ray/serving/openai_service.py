@@ -21,12 +21,13 @@ from orbitflow_ray.model.loader import load_spec, load_tokenizer
 from orbitflow_ray.sampling_params import SamplingParams
 from orbitflow_ray.serving import protocol as p
 from orbitflow_ray.serving.app_config import AppArgs
-from orbitflow_ray.serving.messages import GenerateRequest, StreamDelta
+from orbitflow_ray.serving.messages import GenerateRequest, StreamDelta, WorkerOverloaded
 
 log = logging.getLogger(__name__)
 
 Generate = Callable[[GenerateRequest], AsyncIterator[StreamDelta]]
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+RETRY_AFTER_S = 1  # an overloaded worker frees a slot within about a second of decode steps
 
 
 class OpenAIService:
@@ -66,16 +67,24 @@ class OpenAIService:
 
     def _request(self, body, ids: list[int]) -> GenerateRequest:
         n = len(ids)
+        what = "messages" if hasattr(body, "messages") else "prompt"
         if not n:
-            raise p.BadRequestError("prompt is empty", param="prompt")
+            raise p.BadRequestError("prompt is empty", param=what)
+        if self.args.max_prompt_tokens is not None and n > self.args.max_prompt_tokens:
+            raise p.BadRequestError(f"the prompt has {n} tokens; this server accepts at most "
+                                    f"{self.args.max_prompt_tokens}", param=what, code="prompt_too_long")
         limit = body.output_limit()
+        cap = self.args.max_output_tokens
+        if limit is not None and cap is not None and limit > cap:
+            raise p.BadRequestError(f"max_tokens={limit} is over this server's limit of {cap}",
+                                    param="max_tokens")
         room = self.max_model_len - n
         if room < 1:
             raise p.BadRequestError(f"This model's maximum context length is {self.max_model_len} tokens; "
                                     f"the prompt has {n} tokens.", param="messages" if hasattr(body, "messages")
                                     else "prompt", code="context_length_exceeded")
         if limit is None:
-            limit = min(room, DEFAULT_MAX_TOKENS) if not hasattr(body, "messages") else room
+            limit = min(room, DEFAULT_MAX_TOKENS) if not hasattr(body, "messages") else min(room, cap or room)
         elif n + limit > self.max_model_len:
             raise p.BadRequestError(f"This model's maximum context length is {self.max_model_len} tokens. "
                                     f"However, you requested {n + limit} tokens ({n} in the prompt, {limit} "
@@ -111,13 +120,18 @@ class OpenAIService:
             await anext(stream)  # the worker's acceptance, or its refusal
         except StopAsyncIteration:
             raise p.ServiceUnavailableError("the worker closed the request before accepting it") from None
+        except WorkerOverloaded as e:
+            await _close(stream)
+            raise p.RateLimitError(f"the server is at capacity ({_first_line(e)}); retry later",
+                                   code="overloaded", retry_after_s=RETRY_AFTER_S) from None
         except ValueError as e:  # the engine refused the request (it cannot fit this worker, ...)
             await _close(stream)
             raise p.BadRequestError(_first_line(e)) from None
         except Exception as e:
             await _close(stream)
             log.warning("worker failed before accepting %s: %r", req.request_id, e)
-            raise p.ServiceUnavailableError(f"no worker could take the request: {_first_line(e)}") from None
+            raise p.ServiceUnavailableError(f"no worker could take the request: {_first_line(e)}",
+                                            retry_after_s=RETRY_AFTER_S) from None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._sse(req, stream, chat, include_usage), media_type="text/event-stream")

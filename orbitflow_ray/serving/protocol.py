@@ -186,8 +186,10 @@ class APIError(Exception):
     code: str | int | None = None
 
     def __init__(self, message: str, *, status_code: int | None = None, type: str | None = None,
-                 param: str | None = None, code: str | int | None = None) -> None:
+                 param: str | None = None, code: str | int | None = None,
+                 retry_after_s: int | None = None) -> None:
         super().__init__(message)
+        self.retry_after_s = retry_after_s  # sent as Retry-After (429/503: come back later)
         self.message = message
         self.status_code = status_code if status_code is not None else self.status_code
         self.type = type if type is not None else self.type
@@ -196,6 +198,9 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
 
 
 class BadRequestError(APIError):

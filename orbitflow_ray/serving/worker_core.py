@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import resource
 import time
 from typing import Protocol
 
@@ -34,11 +35,13 @@ class PlannerClient(Protocol):
 
 class WorkerCore:
     def __init__(self, config: EngineConfig, worker_id: str, planner: PlannerClient | None = None,
-                 telemetry_period_s: float = 0.5, solve_timeout_s: float = 5.0) -> None:
+                 telemetry_period_s: float = 0.5, solve_timeout_s: float = 5.0,
+                 max_waiting: int | None = None) -> None:
         if telemetry_period_s <= 0 or solve_timeout_s <= 0:
             raise ValueError("telemetry_period_s and solve_timeout_s must be positive")
         self.worker_id = worker_id
         self.planner = planner
+        self.max_waiting = max_waiting
         self.telemetry_period_s, self.solve_timeout_s = telemetry_period_s, solve_timeout_s
         self.engine = LLMEngine(config)
         self.policy_spec = PolicySpec.of(config.kv_policy, self.engine.spec.num_layers, policy_options(config))
@@ -56,7 +59,7 @@ class WorkerCore:
         ahead = getattr(self.engine.policy, "ahead", None)
         if self.planner is not None and ahead is not None:
             ahead.remote = self._remote_solve
-        self.core = AsyncEngine(self.engine, on_boundary=self._boundary).start()
+        self.core = AsyncEngine(self.engine, on_boundary=self._boundary, max_waiting=self.max_waiting).start()
         return self
 
     # ---- engine thread -------------------------------------------------------------------------
@@ -79,7 +82,8 @@ class WorkerCore:
         return WorkerTelemetry(
             self.worker_id, time.time(), self.policy_spec, tuple(s.view(r) for r in s.running),
             len(s.waiting), sum(r.status == RequestStatus.PAUSED for r in s.swapped), s.capacity(),
-            e.cost.model, e.max_model_len, e.kv_stats(),
+            e.cost.model, e.max_model_len,
+            {**e.kv_stats(), "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
             {k: float(v) for k, v in e.policy_stats().items()}, mean_step_s)
 
     def _remote_solve(self, key, views, cap, pinned) -> concurrent.futures.Future:
