@@ -1,4 +1,4 @@
-"""`make demo` until the Ray Serve app lands: the offline engine on the default model.
+"""`orbitflow demo`: the offline engine on the default model (`make demo` load-tests the Serve app).
 
 Builds a few long chat prompts, runs them under each KV policy with a device budget too small for
 the whole batch (so layers really go to host), and prints the generated text and per-request

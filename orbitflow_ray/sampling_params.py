@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+_GREEDY_BELOW = 1e-5
+
+
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -36,4 +39,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures below 1e-5 are greedy too (as in vLLM): dividing logits by them overflows."""
+        return self.temperature < _GREEDY_BELOW

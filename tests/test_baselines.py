@@ -1,7 +1,6 @@
 """The adaptive baselines (`flexgen-plus`, `select-n`): the fraction or distance each picks on
 hand-built views with a known answer, and both under pressure through the real scheduler."""
 
-from hypothesis import given, settings, strategies as st
 
 import orbitflow_ray.planner.baselines  # noqa: F401  (registers the baselines)
 from orbitflow_ray.costmodel import CostModel, OnlineCostModel

@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import pytest
 
 from orbitflow_ray.cli import main, parse_bytes
 

@@ -84,19 +84,30 @@ def test_long_prompt_is_long(prompts):
     assert len(prompts["long"]) > 3000
 
 
-# orbitflow is left out here: in the full suite (not alone) its 3,100-token output flips a near-tie
-# against HF; open in the session-2 note. Its identity to no-offload is checked in
-# test_orbitflow_pause_resume_loses_nothing and in test_engine.py.
-@pytest.mark.parametrize("policy", ["no-offload", "static-uniform", "all-offload"])
+@pytest.mark.parametrize("policy", ["no-offload", "static-uniform", "all-offload", "orbitflow"])
 def test_mixed_batch_matches_hf(policy, prompts, reference):
+    # A loose SLO keeps orbitflow's SLO-aware admission (which reads measured step times) from
+    # changing the batch composition with the machine's speed: this test is about placement.
     got, stats = run(prompts, kv_policy=policy, device_kv_bytes=256 << 20, host_kv_bytes=256 << 20,
-                     prefill_chunk_size=512)
+                     prefill_chunk_size=512, tpot_slo_s=100.0)
     assert got == reference
     if policy in ("static-uniform", "all-offload"):
         assert stats["bytes_h2d"] > 0 and stats["host_kv_bytes_used_peak"] > 0
-    elif policy == "no-offload":
-        assert stats["bytes_h2d"] == 0
+    else:  # orbitflow: the batch fits on device, so its plan offloads nothing
+        assert stats["bytes_h2d"] == stats["host_kv_bytes_used_peak"] == 0
     assert stats["device_kv_bytes_used"] == stats["host_kv_bytes_used"] == 0  # all freed
+
+
+def test_orbitflow_offloads_nothing_without_memory_pressure():
+    """The default 512 MiB device tier holds this request many times over. On the CPU backend's
+    link an offloaded layer's transfer hides behind compute, so offloading ties with keeping the
+    KV on device on predicted step time; the planner breaks the tie towards moving nothing."""
+    llm = LLM(model="smollm2-135m", kv_policy="orbitflow", plan_windows=(8,))
+    llm.generate(["The capital of France is"], SamplingParams(max_tokens=40))
+    stats = llm.kv_stats()
+    llm.engine.close()
+    assert stats["bytes_h2d"] == stats["bytes_d2h"] == stats["host_kv_bytes_used_peak"] == 0
+    assert stats["device_kv_bytes_used_peak"] > 0
 
 
 def test_placement_changes_mid_generation(prompts, reference):

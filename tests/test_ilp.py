@@ -10,8 +10,10 @@ from orbitflow_ray.planner import fastpath
 from orbitflow_ray.planner.fastpath import FastPlanner, link_eval
 from orbitflow_ray.planner.ilp import IlpPlanner
 from orbitflow_ray.planner.ilp_highs import HighsPlanner
-from orbitflow_ray.planner.problem import (PlanInputs, PlanRequest, PlanStatus, _stall_s, evaluate,
-                                           placement_for_distance, window_counts, window_data)
+from orbitflow_ray.planner.problem import (T_RTOL, PlanInputs, PlanRequest, PlanStatus, _stall_s,
+                                           evaluate, link_bytes, placement_for_distance, window_counts,
+                                           window_data)
+from orbitflow_ray.planner.uniform import UniformPlanner
 
 KVB, BW, A, B = 4096, 25e9, 2e-4, 2.3e-9  # Llama-3.1-8B-like per-layer KV; PCIe-class link
 EXACT = 1e-9
@@ -22,17 +24,20 @@ FAST = FastPlanner(warm_start=False)
 
 
 def brute_force(inp: PlanInputs):
-    """Lexicographic optimum (violations, T, -W) over every distance combination and window."""
-    best = None
+    """Lexicographic optimum (violations, T, link bytes, -W) over every distance combination and
+    window, step times within T_RTOL a tie: (violations, least T, W, link bytes), None if nothing fits."""
+    scored = []
     for w in inp.windows:
         for combo in itertools.product(inp.distances, repeat=len(inp.requests)):
             T, late, dev = evaluate(inp, list(combo), w)
-            if dev > inp.device_capacity_bytes:
-                continue
-            if best is None or len(late) < best[0] or (len(late) == best[0] and (
-                    T < best[1] * (1 - EXACT) or (T <= best[1] * (1 + EXACT) and w > best[2]))):
-                best = (len(late), T, w)
-    return best
+            if dev <= inp.device_capacity_bytes:
+                scored.append((len(late), T, link_bytes(inp, list(combo)), w))
+    if not scored:
+        return None
+    n_late, T = min(scored)[:2]
+    ties = [s for s in scored if s[0] == n_late and s[1] <= T * (1 + T_RTOL)]
+    moved = min(s[2] for s in ties)
+    return n_late, T, max(s[3] for s in ties if s[2] == moved), moved
 
 
 @st.composite
@@ -91,6 +96,7 @@ def test_ilp_matches_brute_force(inp):
             continue
         assert (len(plan.violations), plan.window) == (best[0], best[2]), planner.name
         assert plan.predicted_step_s == pytest.approx(best[1], rel=1e-6), planner.name
+        assert link_bytes(inp, plan.distances) == best[3], planner.name
         T, late, dev = evaluate(inp, plan.distances, plan.window)
         assert dev == plan.device_bytes <= inp.device_capacity_bytes
         assert (T, late) == (plan.predicted_step_s, plan.violations)
@@ -101,6 +107,7 @@ def test_ilp_matches_brute_force(inp):
 @settings(max_examples=60, deadline=None)
 @given(instances())
 def test_fast_path_within_its_gap(inp):
+    enumerated = FAST.stats["enumerated"]
     best, plan = brute_force(inp), FAST.solve(inp)
     if best is None:
         assert plan.status is PlanStatus.INFEASIBLE
@@ -108,6 +115,10 @@ def test_fast_path_within_its_gap(inp):
     assert plan.device_bytes <= inp.device_capacity_bytes
     if plan.status is PlanStatus.OPTIMAL:  # T and the violation set certified
         assert plan.predicted_step_s <= best[1] * (1 + FAST.rel_gap) and len(plan.violations) == best[0]
+    if FAST.stats["enumerated"] > enumerated:  # batches this small are enumerated: exact, ties included
+        assert (len(plan.violations), plan.window, link_bytes(inp, plan.distances)) == \
+            (best[0], best[2], best[3])
+        assert plan.predicted_step_s == pytest.approx(best[1], rel=1e-6)
 
 
 @settings(max_examples=40, deadline=None)
@@ -128,8 +139,11 @@ def test_fast_path_search_without_enumeration(inp):
     assert plan.device_bytes <= inp.device_capacity_bytes
     if plan.status is PlanStatus.OPTIMAL:  # certified (the default has no MIP fallback)
         assert plan.predicted_step_s <= best[1] * (1 + FAST.rel_gap)
-    assert (len(exact_plan.violations), exact_plan.window) == (best[0], best[2])
+    assert len(exact_plan.violations) == best[0]
     assert exact_plan.predicted_step_s == pytest.approx(best[1], rel=1e-6)
+    # the byte tie-break is greedy without enumeration (and the window follows the bytes): it can
+    # miss the least bytes, never go below them
+    assert link_bytes(inp, exact_plan.distances) >= best[3]
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -182,6 +196,42 @@ def test_lexicographic_order_end_to_end(planner):
     plan = planner.solve(_one_request(slo, 10, 10**12))
     assert (plan.window, plan.violations) == (32, set())
     assert planner.solve(_one_request(slo, 0, 10**12)).violations == {"a"}
+
+
+FAST_LINK = 1e13  # hides every transfer: offloading costs no predicted stall
+
+
+def _batch(n, layers, capacity, link=FAST_LINK):
+    reqs = [PlanRequest(f"r{i}", 256 * (1 + i % 7), 100 + i, 1.0) for i in range(n)]
+    return PlanInputs(reqs, layers, KVB, capacity, link, A, B)
+
+
+def test_ample_capacity_offloads_nothing():
+    """Every placement ties on T when the link hides all transfers: the tie goes to moving
+    nothing, in every solver, and on the fast path's greedy even from an all-offloaded warm start."""
+    small, large = _batch(3, 8, 10**12), _batch(32, 32, 10**12)
+    enumerated = FAST.stats["enumerated"]
+    warm = FastPlanner()
+    warm.last = {r.request_id: 1 for r in large.requests}  # the previous plan offloaded half
+    cases = [(p, small) for p in (CVXPY, HIGHS, REDUCED, FAST, UniformPlanner())] + \
+        [(FAST, large), (warm, large), (UniformPlanner(), large)]
+    for planner, inp in cases:
+        plan = planner.solve(inp)
+        assert set(plan.distances.values()) == {inp.num_layers}, planner.name
+        assert link_bytes(inp, plan.distances) == 0 and not any(plan.host_layers.values())
+        assert plan.window == max(inp.windows) and plan.status is PlanStatus.OPTIMAL
+    assert FAST.stats["enumerated"] == enumerated + 1 and warm.stats["enumerated"] == 0  # large: greedy
+
+
+@pytest.mark.parametrize("planner", [CVXPY, REDUCED, FAST, UniformPlanner()], ids=lambda p: p.name)
+def test_free_offload_is_not_traded_for_a_longer_window(planner):
+    """Room for all 8 layers at W = 32 only: with a link that hides transfers a longer window
+    (offloading) ties on T, and the plan keeps the bytes on device at the shorter window."""
+    inp = PlanInputs([PlanRequest("a", 8192, 1000, 1.0)], 8, KVB, 8 * (8192 + 32) * KVB, FAST_LINK, A, B,
+                     distances=(1, 3, 8))
+    assert evaluate(inp, [1], 128)[0] == evaluate(inp, [8], 32)[0]  # a tie on T
+    plan = planner.solve(inp)
+    assert (plan.window, plan.distances) == (32, {"a": 8})
 
 
 def test_infeasible_reports_largest_first():

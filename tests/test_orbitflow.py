@@ -92,6 +92,19 @@ def _cap(device_blocks=1000, bs=4):
     return CapacityView(LAYERS, bs, 100, device_blocks, device_blocks, 1000, 1000)
 
 
+@pytest.mark.parametrize("policy", ["orbitflow", "orbitflow-uniform"])
+def test_ample_device_memory_offloads_nothing(policy):
+    """With room for everything on device, every request stays there: on this link (the CPU
+    prior) offloading would cost no predicted stall, and a tie on T goes to moving nothing."""
+    p = make_policy(policy, LAYERS, solve_ahead=False)
+    running = _views(3)
+    for i, v in enumerate(running):
+        plan = p.admit(v, running[:i], _cap())
+        assert plan is not None and not plan.pause
+        assert all(tiers == [Tier.DEVICE] * LAYERS for tiers in plan.placements.values())
+    assert set(p.plan.distances.values()) == {LAYERS} and not any(p.plan.host_layers.values())
+
+
 def test_drift_marks_the_plan_stale_and_replans():
     p = make_policy("orbitflow", LAYERS, solve_ahead=False, drift_patience=2)
     running = _views(2)

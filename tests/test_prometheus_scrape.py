@@ -12,9 +12,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -24,9 +22,8 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")
 yaml = pytest.importorskip("yaml")
 
-from ray import serve  # noqa: E402
-
 from orbitflow_ray.dashboard import DEFAULT_DASHBOARD, load_dashboard  # noqa: E402
+from serve_util import free_port, serve_app, wait_for as _wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -35,22 +32,6 @@ CONFIG = ROOT / "cluster" / "prometheus.yml"
 MODEL = "smollm2-135m"
 # Dashboard variables as Grafana would expand them ("All"), for a 1 s scrape interval.
 _VARS = {"$model": ".*", "$worker": ".*", "$__rate_interval": "10s", "$__range": "5m"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(pred, timeout_s: float, what: str):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def _install_prometheus() -> str:
@@ -73,7 +54,7 @@ def prometheus_bin() -> str:
 
 @pytest.fixture(scope="module")
 def metrics_port() -> int:
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +67,7 @@ def prometheus(prometheus_bin, metrics_port, tmp_path_factory):
     assert job["job_name"] == "ray" and job["static_configs"] == [{"targets": ["localhost:8080"]}]
     job["static_configs"][0]["targets"] = [f"127.0.0.1:{metrics_port}"]
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    port = _free_port()
+    port = free_port()
     log = open(tmp / "prometheus.log", "w")
     proc = subprocess.Popen([prometheus_bin, f"--config.file={tmp / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
@@ -114,20 +95,11 @@ def prometheus(prometheus_bin, metrics_port, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(prometheus, metrics_port):
-    from deployments.orbitflow_app import build_app
-
-    port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = {"model": MODEL, "torch_threads": 1, "telemetry_period_s": 0.3,
-                "engine": {"device_kv_bytes": 32 << 20, "host_kv_bytes": 256 << 20, "tpot_slo_s": 0.5}}
-        serve.run(build_app(args, {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}),
-                  name="orbitflow", route_prefix="/")
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    args = {"model": MODEL, "torch_threads": 1, "telemetry_period_s": 0.3,
+            "engine": {"device_kv_bytes": 32 << 20, "host_kv_bytes": 256 << 20, "tpot_slo_s": 0.5}}
+    workers = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
+    with serve_app(args, workers, num_cpus=2, metrics_port=metrics_port) as base:
+        yield openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def _query(base: str, expr: str) -> list[dict]:

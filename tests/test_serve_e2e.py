@@ -4,7 +4,6 @@ One app with two worker replicas serves every test (start-up is the expensive pa
 destructive tests (planner and worker killed) run last.
 """
 
-import socket
 import time
 
 import pytest
@@ -13,10 +12,9 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")
 
-from ray import serve  # noqa: E402
-
 from orbitflow_ray import LLM  # noqa: E402
 from orbitflow_ray.sampling_params import SamplingParams  # noqa: E402
+from serve_util import free_port, serve_app, wait_for as _wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -27,28 +25,14 @@ _METRICS_URL: list[str] = []
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a land far away,"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app():
-    from deployments.orbitflow_app import build_app
-
-    port, metrics_port = _free_port(), _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    metrics_port = free_port()
     args = {"model": MODEL, "engine": ENGINE, "torch_threads": 1, "telemetry_period_s": 0.3}
-    serve.run(build_app(args, {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2,
-                                                       "target_ongoing_requests": 8}}),
-              name="orbitflow", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    _METRICS_URL.append(f"http://127.0.0.1:{metrics_port}/metrics")
-    yield base
-    serve.shutdown()
-    ray.shutdown()
+    workers = {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 8}}
+    with serve_app(args, workers, metrics_port=metrics_port) as base:
+        _METRICS_URL.append(f"http://127.0.0.1:{metrics_port}/metrics")
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +49,6 @@ def offline():
 
 def _state(base: str) -> dict:
     return httpx.get(f"{base}/v1/orbitflow/state", timeout=10).json()
-
-
-def _wait_for(pred, timeout_s: float, what: str):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def test_health_and_models(app, client):

@@ -70,6 +70,7 @@ def test_random_sequences_keep_accounting_and_data_exact(ops, dev_blocks, host_b
                 if op_ is not None:
                     store.apply_moves([op_])
                     store.wait_moves()  # moves into the device land by their layer: wait here
+                    kv.release_moved()  # the step is over: vacated host blocks are free again
             elif o[0] == "free" and kv.has(rid):
                 kv.free(rid)
                 tokens.pop(rid)
@@ -96,4 +97,24 @@ def test_move_request_is_all_or_nothing():
     assert kv.used_bytes(Tier.DEVICE) == 0 and kv.used_bytes(Tier.HOST) == 4 * 8
     ops = kv.move_request("a", [Tier.DEVICE, Tier.HOST])
     assert ops is not None and len(ops) == 1 and ops[0].dst_tier == Tier.DEVICE
+    # The vacated host blocks stay held until the step's copies have read them, then free up.
+    assert kv.used_bytes(Tier.DEVICE) == 2 * 8 and kv.used_bytes(Tier.HOST) == 4 * 8 == kv.held_bytes(Tier.HOST)
+    kv.release_moved()
     assert kv.used_bytes(Tier.DEVICE) == 2 * 8 and kv.used_bytes(Tier.HOST) == 2 * 8
+
+
+def test_host_blocks_vacated_by_a_move_are_not_reused_in_the_same_step():
+    """Device -> host copies run before host -> device ones: a block vacated by a move to device
+    must not be the destination of a move to host in the same step (it would be overwritten
+    before it is read)."""
+    kv = KVTierManager(1, 4, 8, device_blocks=4, host_blocks=2)
+    kv.register("a", [Tier.HOST])
+    kv.register("b", [Tier.DEVICE])
+    assert kv.grow("a", 8) and kv.grow("b", 8)  # a: 2 host blocks (all of them); b: 2 device blocks
+    into = kv.move_request("a", [Tier.DEVICE])
+    assert into is not None
+    assert kv.move_request("b", [Tier.HOST]) is None  # a's old host blocks are still being read
+    kv.release_moved()  # next step
+    out = kv.move_request("b", [Tier.HOST])
+    assert out is not None and set(out[0].dst_blocks) == set(into[0].src_blocks)
+    assert kv.used_bytes(Tier.HOST) == kv.held_bytes(Tier.HOST) == 2 * 8

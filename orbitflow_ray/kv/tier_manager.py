@@ -22,6 +22,10 @@ class KVTierManager:
         self.block_bytes = block_bytes
         self.pools = {Tier.DEVICE: BlockPool(device_blocks), Tier.HOST: BlockPool(host_blocks)}
         self._tables: dict[str, list[LayerKV]] = {}
+        # Host blocks of layers moved to device this step: the host -> device copy reads them later
+        # in the step (per layer, overlapping compute), while device -> host copies run first, so
+        # handing them out again this step could overwrite them before they are read.
+        self._moved_from_host: list[int] = []
 
     # ---- queries -------------------------------------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:
@@ -46,9 +50,9 @@ class KVTierManager:
         return self.pools[tier].num_blocks * self.block_bytes
 
     def held_bytes(self, tier: Tier) -> int:
-        """Bytes summed over requests' tables: must always equal used_bytes(tier)."""
-        return sum(len(lk.blocks) for t in self._tables.values() for lk in t if lk.tier == tier) \
-            * self.block_bytes
+        """Bytes summed over requests' tables (and copies in flight): always equals used_bytes(tier)."""
+        held = sum(len(lk.blocks) for t in self._tables.values() for lk in t if lk.tier == tier)
+        return (held + (len(self._moved_from_host) if tier == Tier.HOST else 0)) * self.block_bytes
 
     def request_bytes(self, request_id: str) -> int:
         return sum(len(lk.blocks) for lk in self._tables[request_id]) * self.block_bytes
@@ -101,21 +105,34 @@ class KVTierManager:
         if new is None:
             return None
         op = MoveOp(request_id, layer, lk.tier, tuple(lk.blocks), dst, tuple(new))
-        self.pools[lk.tier].free(lk.blocks)
+        if lk.tier == Tier.HOST:
+            self._moved_from_host.extend(lk.blocks)  # freed at the step's end (release_moved)
+        else:
+            self.pools[lk.tier].free(lk.blocks)
         lk.tier, lk.blocks = dst, new
         return op
 
     def move_request(self, request_id: str, placement: list[Tier]) -> list[MoveOp] | None:
-        """Re-home all layers that change. All or nothing."""
-        need = {Tier.DEVICE: 0, Tier.HOST: 0}
-        for lk, dst in zip(self._tables[request_id], placement):
-            if lk.tier != dst:
-                need[dst] += len(lk.blocks)
-        # Freed source blocks of the other tier do not help the destination, so this is exact.
-        if not self.fits(need):
+        """Re-home all layers that change. All or nothing. Layers going to host move first: the
+        device blocks they free count for the layers coming to device (the executor copies every
+        device -> host move out before anything reuses its blocks, `KVStore.apply_moves`)."""
+        table = self._tables[request_id]
+        pairs = list(enumerate(zip(table, placement)))
+        out = [i for i, (lk, t) in pairs if lk.tier == Tier.DEVICE and Tier(t) == Tier.HOST]
+        into = [i for i, (lk, t) in pairs if lk.tier == Tier.HOST and Tier(t) == Tier.DEVICE]
+        freed = sum(len(table[i].blocks) for i in out)
+        if not (self.pools[Tier.HOST].can_allocate(freed)
+                and self.pools[Tier.DEVICE].num_free + freed >= sum(len(table[i].blocks) for i in into)):
             return None
-        ops = [self.move(request_id, i, Tier(t)) for i, t in enumerate(placement)]
+        ops = [self.move(request_id, i, Tier.HOST) for i in out] + [self.move(request_id, i, Tier.DEVICE)
+                                                                    for i in into]
         return [op for op in ops if op is not None]
+
+    def release_moved(self) -> None:
+        """The step's copies are done: host blocks vacated by moves to device are free again."""
+        if self._moved_from_host:
+            self.pools[Tier.HOST].free(self._moved_from_host)
+            self._moved_from_host = []
 
     def free(self, request_id: str) -> None:
         for lk in self._tables.pop(request_id, []):

@@ -19,7 +19,8 @@ def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p:
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, -1) - sorted_p < top_p  # always keeps the top token
+        keep = torch.cumsum(sorted_p, -1) - sorted_p < top_p
+        keep[0] = True  # the top token always stays (a top_p below float32's range rounds to 0)
         mask = torch.zeros_like(probs, dtype=torch.bool).scatter(0, order, keep)
         probs = torch.where(mask, probs, torch.zeros_like(probs))
         probs = probs / probs.sum()

@@ -17,16 +17,20 @@ Primal (greedy + local search, exact cost). Start from the previous plan when it
 else from no offload and offload greedily by least stall added per byte freed (each round scores
 every move exactly, then applies the best prefix of the ranked moves); then improve with single
 moves and swaps of requests of similar size, each round scored exactly in one batched
-longest-path evaluation.
+longest-path evaluation. Last, ties on T go to the placement moving the fewest bytes (`reclaim`:
+requests move back towards device while the plan fits and T stays within its tie limit), so a
+link that hides every transfer is not given transfers for nothing.
 
 Certificate: when T(plan) <= T_lower_bound * (1 + rel_gap) the plan is optimal within rel_gap
-(status OPTIMAL). Small batches, where a knapsack bound is loose (one request is a large share of
-the load), take other routes: up to ENUM_LIMIT placements x intervals are enumerated exactly; an
-uncertified batch of up to BNB_MAX_REQUESTS goes to a depth-first branch and bound on the same
-bounds (50 ms budget), and then, if `fallback_time_limit_s` > 0, to the reduced MIP (`ilp_highs`)
-seeded with the best plan. By default there is no MIP fallback: an uncertified window returns its
-best plan as FEASIBLE within a bounded time (the proven gaps land in `gaps`; at 5-16 requests they
-were 0.1-6 %), since HiGHS rarely improves such a plan within a latency budget.
+(status OPTIMAL; it certifies T and the violation set: the byte tie-break is exact when
+enumerating, greedy otherwise). Small batches, where a knapsack bound is loose (one request is a
+large share of the load), take other routes: up to ENUM_LIMIT placements x intervals are
+enumerated exactly; an uncertified batch of up to BNB_MAX_REQUESTS goes to a depth-first branch
+and bound on the same bounds (50 ms budget), and then, if `fallback_time_limit_s` > 0, to the
+reduced MIP (`ilp_highs`) seeded with the best plan. By default there is no MIP fallback: an
+uncertified window returns its best plan as FEASIBLE within a bounded time (the proven gaps land
+in `gaps`; at 5-16 requests they were 0.1-6 %), since HiGHS rarely improves such a plan within a
+latency budget.
 """
 
 from __future__ import annotations
@@ -38,8 +42,7 @@ import numpy as np
 
 from orbitflow_ray.planner.ilp_highs import HighsPlanner
 from orbitflow_ray.planner.problem import (Plan, PlanInputs, critical_intervals, host_layers,
-                                           search_windows, step_time, violations_settled,
-                                           window_data)
+                                           search_windows, tie_limit, violations_settled, window_data)
 
 
 ENUM_LIMIT = 20_000_000  # enumerate when placements (K^R) x link intervals is at most this
@@ -219,20 +222,80 @@ def improve(link: LinkEval, load, e, dev, cap, ks, rounds: int = 12, partners: i
     return ks
 
 
-def enumerate_best(link: LinkEval, load, e, dev, cap, chunk: int = 4096) -> np.ndarray:
-    """Exact optimum by scoring every placement that fits (small batches only)."""
+def enumerate_best(link: LinkEval, load, e, dev, cap, tie, chunk: int = 4096) -> np.ndarray:
+    """Exact optimum by scoring every placement that fits (small batches only): least stall, and
+    among those within `tie(least stall)` the fewest link bytes."""
     R, K = len(load), len(dev)
     combos = np.stack(np.meshgrid(*[np.arange(K)] * R, indexing="ij"), -1).reshape(-1, R)
     combos = combos[dev[combos] @ e <= cap]
-    best, best_stall = combos[0], np.inf
-    for i in range(0, len(combos), chunk):
-        part = combos[i:i + chunk]
-        Y = ((part[:, :, None] == np.arange(K)) * load[None, :, None]).sum(1)
-        stall = link.stall(Y)
-        j = int(np.argmin(stall))
-        if stall[j] < best_stall:
-            best, best_stall = part[j], stall[j]
-    return best
+    stall = np.concatenate([link.stall(((part[:, :, None] == np.arange(K)) * load[None, :, None]).sum(1))
+                            for part in np.array_split(combos, -(-len(combos) // chunk))])
+    near = np.flatnonzero(stall <= tie(stall.min()))
+    moved = (load * (link.L - dev)[combos[near]]).sum(1)
+    return combos[near[np.argmin(moved)]]
+
+
+def reclaim(link: LinkEval, load, e, dev, cap, ks, stall_cap: float, partners: int = 6) -> np.ndarray:
+    """Fewer link bytes at a tie: move requests to classes with fewer host layers, or swap the
+    classes of two requests close in size so the larger one moves less, while the plan fits and
+    its stall stays within `stall_cap`. Greedy (most bytes saved first), so not always the least."""
+    ks = ks.copy()
+    by_size = np.argsort(load, kind="stable")
+    i, j = np.triu_indices(len(ks), 1)
+    near = (j - i) <= partners
+    pairs = by_size[i[near]], by_size[j[near]]  # (smaller, larger)
+    while _reclaim_moves(link, load, e, dev, cap, ks, stall_cap) \
+            or _reclaim_swap(link, load, e, dev, cap, ks, stall_cap, *pairs):
+        pass
+    return ks
+
+
+def _reclaim_moves(link: LinkEval, load, e, dev, cap, ks, stall_cap: float) -> bool:
+    """Single moves, in place: every request's best move that is feasible alone, ranked by bytes
+    saved, applied as the longest prefix that is still feasible together. False: none applies."""
+    host, Y = link.L - dev, np.bincount(ks, weights=load, minlength=len(dev))
+    slack = cap - int(e @ dev[ks])
+    rr, kk = np.nonzero(host[None, :] < host[ks][:, None])
+    ok = e[rr] * (dev[kk] - dev[ks[rr]]) <= slack
+    rr, kk = rr[ok], kk[ok]
+    if len(rr):
+        ok = link.stall(_moved(Y, ks, load, rr, kk)) <= stall_cap
+        rr, kk = rr[ok], kk[ok]
+    if not len(rr):
+        return False
+    order = np.argsort(-load[rr] * (host[ks[rr]] - host[kk]), kind="stable")
+    _, first = np.unique(rr[order], return_index=True)
+    mv = order[np.sort(first)]
+    step = np.zeros((len(mv), len(dev)))
+    step[np.arange(len(mv)), ks[rr[mv]]] -= load[rr[mv]]
+    step[np.arange(len(mv)), kk[mv]] += load[rr[mv]]
+    fine = (link.stall(Y + np.cumsum(step, 0)) <= stall_cap) \
+        & (np.cumsum(e[rr[mv]] * (dev[kk[mv]] - dev[ks[rr[mv]]])) <= slack)
+    n = len(mv) if fine.all() else max(1, int(np.argmin(fine)))  # the first is feasible alone
+    ks[rr[mv[:n]]] = kk[mv[:n]]
+    return True
+
+
+def _reclaim_swap(link: LinkEval, load, e, dev, cap, ks, stall_cap: float, small, large) -> bool:
+    """The feasible swap saving the most bytes, in place: the larger request takes the smaller
+    one's class where that has fewer host layers. False: none applies."""
+    host = link.L - dev
+    saved = (load[large] - load[small]) * (host[ks[large]] - host[ks[small]])
+    room = (e[large] - e[small]) * (dev[ks[small]] - dev[ks[large]]) <= cap - int(e @ dev[ks])
+    ok = (saved > 0) & room
+    r, q = small[ok], large[ok]
+    if not len(r):
+        return False
+    Ys = np.repeat(np.bincount(ks, weights=load, minlength=len(dev))[None], len(r), 0)
+    idx = np.arange(len(r))
+    Ys[idx, ks[r]] += load[q] - load[r]
+    Ys[idx, ks[q]] += load[r] - load[q]
+    fine = np.flatnonzero(link.stall(Ys) <= stall_cap)
+    if not len(fine):
+        return False
+    b = fine[np.argmax(saved[ok][fine])]
+    ks[r[b]], ks[q[b]] = ks[q[b]], ks[r[b]]
+    return True
 
 
 def branch_and_bound(link: LinkEval, load, e, dev, cap, chains: list[Chain], ks, rel_gap: float,
@@ -314,29 +377,35 @@ class FastPlanner:
     def solve_window(self, inputs: PlanInputs, window: int) -> tuple[np.ndarray, bool]:
         link, load, e, dev, cap = self._arrays(inputs, window)
         L, c = inputs.num_layers, inputs.compute_per_layer_s
+
+        def tie(F: float) -> float:  # problem.tie_limit of a stall, in stall units
+            return tie_limit(inputs, window, c * (L + F)) / c - L
+
+        def stall(ks: np.ndarray) -> float:
+            return link.stall(np.bincount(ks, weights=load, minlength=len(dev))[None])[0]
+
         if len(dev) ** len(load) * max(len(link.a), 1) <= ENUM_LIMIT:
             self.stats["enumerated"] += 1
-            return enumerate_best(link, load, e, dev, cap), True
+            return enumerate_best(link, load, e, dev, cap, tie), True
         lb, self._chains = lower_bound(link, load, e.astype(float), dev.astype(float), float(cap))
         t_lower = c * (L + lb)
         ks = improve(link, load, e, dev, cap, offload_greedy(link, load, e, dev, cap, self._start(inputs)))
-        t_plan = c * (L + link.stall(np.bincount(ks, weights=load, minlength=len(dev))[None])[0])
-        proven = t_plan <= t_lower * (1 + self.rel_gap)
+        proven = c * (L + stall(ks)) <= t_lower * (1 + self.rel_gap)
         if proven:
             self.stats["certified"] += 1
         elif len(load) <= BNB_MAX_REQUESTS:
             ks, proven = branch_and_bound(link, load, e, dev, cap, self._chains, ks, self.rel_gap)
             self.stats["branch_and_bound" if proven else "bnb_out_of_time"] += 1
-            t_plan = c * (L + link.stall(np.bincount(ks, weights=load, minlength=len(dev))[None])[0])
-            t_lower = t_plan / (1 + self.rel_gap) if proven else t_lower
-        self.gaps.append(t_plan / t_lower - 1)
+            t_lower = c * (L + stall(ks)) / (1 + self.rel_gap) if proven else t_lower
         if not proven and self.fallback_time_limit_s > 0:
             self.stats["fallback"] += 1
             ks_mip, proven, bound = self.mip.solve_window(inputs, window, start=ks)
-            t_mip = step_time(inputs, np.array(inputs.distances)[ks_mip].tolist())
             t_lower = max(t_lower, c * bound)
-            if t_mip < t_plan:
-                ks, t_plan = ks_mip, t_mip
+            if stall(ks_mip) < stall(ks):
+                ks = ks_mip
+        ks = reclaim(link, load, e, dev, cap, ks, tie(stall(ks)))  # T within its tie limit
+        t_plan = c * (L + stall(ks))
+        self.gaps.append(t_plan / t_lower - 1)
         if not violations_settled(inputs, window, t_lower, t_plan):
             self.stats["violations_unsettled"] += 1
             proven = False

@@ -27,6 +27,15 @@ weight > U_ub makes the objective lexicographic: one violation fewer always beat
 in stall. (In this model violations are a nondecreasing function of T, so any weight > 0 gives the
 same optimum; the large weight keeps it right if that ever changes.)
 
+Ties on T go to the placement moving the fewest bytes (`problem.py`'s third key), by a second
+solve of the same compiled problem with other parameter values (`problem.tie_data`):
+
+    minimise           sum_{r,k} load[r] * host_k * x[r, k]      (link bytes, in load's units)
+      with             U[L-1] <= u_cap   (the tie limit of the first solve's T)
+                       v[r] <= v_ub[r]   (no request late that was on time)
+
+The first solve has hostload = 0, ucoef = 1 and caps that bind nothing, so one model serves both.
+
 All data enter as cvxpy Parameters (DPP), so a problem compiles once per (requests, layers,
 distance set); later solves only write parameter values. The distance set is a deployment
 constant, so in practice this is once per (batch size, model).
@@ -42,7 +51,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from orbitflow_ray.planner.problem import (Plan, PlanInputs, critical_intervals, fits, search_windows,
-                                           window_data)
+                                           tie_data, ties_with_fewer_bytes, window_data)
 
 
 class _Compiled:
@@ -61,16 +70,21 @@ class _Compiled:
         Y, U = cp.Variable(K), cp.Variable(L, nonneg=True)
         self.params = {"load": cp.Parameter(R, nonneg=True), "cap": cp.Parameter((R, K), nonneg=True),
                        "slack": cp.Parameter(R), "bigm": cp.Parameter(R, nonneg=True),
-                       "cap_rhs": cp.Parameter(), "weight": cp.Parameter(nonneg=True)}
+                       "cap_rhs": cp.Parameter(), "weight": cp.Parameter(nonneg=True),
+                       "ucoef": cp.Parameter(nonneg=True), "hostload": cp.Parameter((R, K), nonneg=True),
+                       "u_cap": cp.Parameter(), "v_ub": cp.Parameter(R, nonneg=True)}
         p = self.params
         cons = [cp.sum(self.x, axis=1) == 1,
                 Y == p["load"] @ self.x,
                 cp.sum(cp.multiply(p["cap"], self.x)) <= p["cap_rhs"],
                 U[1:] >= U[:-1],
-                U[L - 1] - cp.multiply(p["bigm"], self.v) <= p["slack"]]
+                U[L - 1] - cp.multiply(p["bigm"], self.v) <= p["slack"],
+                U[L - 1] <= p["u_cap"], self.v <= p["v_ub"]]
         if len(pairs):
             cons.append(sp.csr_matrix(counts) @ Y - E @ U <= (pairs[:, 1] - pairs[:, 0]).astype(float))
-        self.problem = cp.Problem(cp.Minimize(p["weight"] * cp.sum(self.v) + U[L - 1]), cons)
+        objective = (p["weight"] * cp.sum(self.v) + p["ucoef"] * U[L - 1]
+                     + cp.sum(cp.multiply(p["hostload"], self.x)))
+        self.problem = cp.Problem(cp.Minimize(objective), cons)
         self.solver_s = 0.0  # HiGHS's own time over all solves, to split out cvxpy's share
         assert self.problem.is_dcp(dpp=True)
 
@@ -113,7 +127,18 @@ class IlpPlanner:
         return self._cache[key]
 
     def solve_window(self, inputs: PlanInputs, window: int) -> tuple[np.ndarray, bool]:
-        data = window_data(inputs, window)
+        """Least (violations, T), then least link bytes at that T (module docstring)."""
+        data, ds = window_data(inputs, window), np.array(inputs.distances)
+        ks, proven = self._fitting(inputs, window, data)
+        tie = tie_data(inputs, window, data, ds[ks].tolist())
+        if tie is not None:
+            ks_tie, tie_proven = self._fitting(inputs, window, tie)
+            if ties_with_fewer_bytes(inputs, window, ds[ks].tolist(), ds[ks_tie].tolist()):
+                ks = ks_tie
+            proven = proven and tie_proven
+        return ks, proven
+
+    def _fitting(self, inputs: PlanInputs, window: int, data: dict) -> tuple[np.ndarray, bool]:
         options = {**self.options, "mip_abs_gap": self.rel_gap * inputs.num_layers}
         for _ in range(3):  # HiGHS may overshoot the capacity row by its feasibility tolerance:
             # then re-solve with the row's bound just under that plan (exact check in `fits`)

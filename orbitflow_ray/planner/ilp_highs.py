@@ -14,6 +14,9 @@ a fixed window every request sees the same T, so the set of late requests {r : T
 only grows with T and the least-T plan also has the fewest violations (`problem.py`); with a
 nonzero gap the violation set is proven only if no effective SLO lies inside it (else FEASIBLE).
 `violations=True` is the reference model of `ilp.py`, for the cvxpy-vs-direct comparison.
+
+Ties on T are broken as in `ilp.py`: a second solve on the same layout, least link bytes with
+U[L-1] capped at the tie limit (`problem.tie_data`), seeded with the first solve's plan.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import highspy
 import numpy as np
 
 from orbitflow_ray.planner.problem import (Plan, PlanInputs, critical_intervals, fits, search_windows,
-                                           step_time, violations_settled, window_counts,
-                                           window_data)
+                                           step_time, tie_data, ties_with_fewer_bytes,
+                                           violations_settled, window_counts, window_data)
 
 INF = highspy.kHighsInf
 
@@ -105,16 +108,19 @@ class _Layout:
         v = self.base.copy()
         v[self.load_at:self.load_at + R * K] = -np.repeat(data["load"], K)
         v[self.cap_at:self.cap_at + R * K] = data["cap"].ravel()
-        cost = np.zeros(self.ncol)
-        cost[self.u_last] = 1.0
+        cost, col_upper = np.zeros(self.ncol), self.col_upper.copy()
+        cost[:R * K] = data["hostload"].ravel()  # zero but in the tie-break solve
+        cost[self.u_last], col_upper[self.u_last] = data["ucoef"], data["u_cap"]
         row_upper = self.row_upper.copy()
         row_upper[self.cap_row] = data["cap_rhs"]
         if self.nv:
             v[self.bigm_at:self.bigm_at + R] = -data["bigm"]
             cost[R * K:R * K + R] = data["weight"]
+            col_upper[R * K:R * K + R] = data["v_ub"]
             row_upper[self.slo_row:self.slo_row + R] = data["slack"]
-        offset = 0.0 if self.nv else float(self.L)  # objective = T / c, so mip_rel_gap is on T
-        return (self.ncol, self.nrow, len(v), 1, 1, offset, cost, self.col_lower, self.col_upper,
+        # reduced: objective = T / c, so mip_rel_gap is on T
+        offset = 0.0 if self.nv else float(self.L) * data["ucoef"]
+        return (self.ncol, self.nrow, len(v), 1, 1, offset, cost, self.col_lower, col_upper,
                 self.row_lower, row_upper, self.start, self.index, v[self.order], self.integrality)
 
 
@@ -151,9 +157,26 @@ class HighsPlanner:
 
     def solve_window(self, inputs: PlanInputs, window: int,
                      start: np.ndarray | None = None) -> tuple[np.ndarray, bool, float]:
-        """(class index per request, proven within rel_gap, lower bound on T / c or 0)."""
-        lay, data, h = self.layout(inputs), window_data(inputs, window), self._highs
+        """(class index per request, proven within rel_gap, lower bound on T / c or 0): least
+        (violations and) T, then least link bytes at that T (module docstring)."""
+        lay, data = self.layout(inputs), window_data(inputs, window)
+        ks, proven, bound = self._run(inputs, window, lay, data, start)
+        ds = np.array(inputs.distances)
+        tie = tie_data(inputs, window, data, ds[ks].tolist())
+        if tie is not None:
+            # HiGHS 1.16 presolve can misvalue a start whose whole cost is on columns it removes
+            # ("feasible in the reduced space: objective value is 0") and stop there as optimal
+            ks_tie, tie_proven, _ = self._run(inputs, window, lay, tie, ks, presolve="off")
+            if ties_with_fewer_bytes(inputs, window, ds[ks].tolist(), ds[ks_tie].tolist()):
+                ks = ks_tie
+            proven = proven and tie_proven
+        return ks, proven, bound
+
+    def _run(self, inputs: PlanInputs, window: int, lay: _Layout, data: dict, start: np.ndarray | None,
+             presolve: str = "choose") -> tuple[np.ndarray, bool, float]:
+        h = self._highs
         h.setOptionValue("mip_abs_gap", self.rel_gap * inputs.num_layers)
+        h.setOptionValue("presolve", presolve)
         for _ in range(3):  # HiGHS may overshoot the capacity row by its feasibility tolerance:
             # then re-solve with the row's bound just under that plan (exact check in `fits`)
             h.passModel(*lay.model(data))
@@ -167,6 +190,7 @@ class HighsPlanner:
                 self._h = None
                 h = self._highs
                 h.setOptionValue("mip_abs_gap", self.rel_gap * inputs.num_layers)
+                h.setOptionValue("presolve", presolve)
                 h.passModel(*lay.model(data))
                 h.run()
                 status = h.getModelStatus()

@@ -49,12 +49,19 @@ late steps. T is evaluated at the current context lengths: it is the step the pl
 grows with the contexts during the window, which is one reason the plan is re-solved when the
 window ends or the batch changes.
 
-Objective, lexicographic: fewest violations, then smallest T, then longest window W. Violations are
-a nondecreasing step function of T for a fixed W, and a longer W only shrinks the feasible set and
-the effective SLOs, so the best (violations, T) is reached at the shortest feasible W and the
-answer is the longest W that still reaches it. `search_windows` runs that search over any
-per-window solver. Within a window the MIP weights violations above any stall difference
-(`ilp.py`); the same monotonicity lets `ilp_highs.py` and `fastpath.py` minimise T alone.
+Objective, lexicographic: fewest violations, then smallest T, then fewest bytes moved over the
+link per step (`link_bytes`: the most KV read from device), then longest window W. Step times
+within T_RTOL of each other tie (`tie_limit`), unless a request turns late between them. The third
+key is what keeps a plan from offloading for nothing: on a link fast enough to hide every transfer
+(an emulated unlimited link, or ample compute per layer) offloading costs no predicted stall, and
+without it a placement that moves half the KV every step would tie with one that moves none.
+Violations are a nondecreasing step function of T for a fixed W, and a longer W only shrinks the
+feasible set and the effective SLOs, so the best (violations, T, bytes) is reached at the shortest
+feasible W and the answer is the longest W that still reaches it. `search_windows` runs that
+search over any per-window solver. Within a window the MIP weights violations above any stall
+difference (`ilp.py`); the same monotonicity lets `ilp_highs.py` and `fastpath.py` minimise T
+alone. Each breaks the T tie afterwards: the MIPs by a second solve of least bytes with T capped
+at the tie limit (`tie_data`), the fast path exactly when it enumerates and by a greedy otherwise.
 """
 
 from __future__ import annotations
@@ -266,6 +273,20 @@ def device_bytes(inputs: PlanInputs, distances: Sequence[int], window: int) -> i
     return int(dev @ inputs.end_tokens(window)) * inputs.kv_bytes_per_token_per_layer if len(dev) else 0
 
 
+def link_bytes(inputs: PlanInputs, distances_by_request: Mapping[str, int] | Sequence[int]) -> int:
+    """Bytes a placement moves host -> device per step: every host layer's KV, once."""
+    ds = _normalise(inputs, distances_by_request)
+    tokens = sum(r.context_tokens * _n_host(d, inputs.num_layers) for r, d in zip(inputs.requests, ds))
+    return tokens * inputs.kv_bytes_per_token_per_layer
+
+
+def tie_limit(inputs: PlanInputs, window: int, T: float) -> float:
+    """The largest step time that ties T: within T_RTOL of it, and no request late that is on
+    time at T."""
+    on_time = [r.effective_slo_s(window) * (1 + SLO_RTOL) for r in inputs.requests]
+    return min([T * (1 + T_RTOL)] + [s for s in on_time if s >= T])
+
+
 def evaluate(inputs: PlanInputs, distances_by_request: Mapping[str, int] | Sequence[int],
              window: int) -> tuple[float, set[str], int]:
     """(step time T in s, ids violating their effective SLO, device KV bytes at the window's end)
@@ -298,8 +319,32 @@ def window_data(inputs: PlanInputs, window: int) -> dict[str, np.ndarray | float
     cap = np.outer(inputs.end_tokens(window) * float(kvb), dev) / max(inputs.device_capacity_bytes, 1)
     slack = np.array([r.effective_slo_s(window) for r in inputs.requests]) / c - L
     u_ub = float(max(len(host_layers(d, L)) for d in inputs.distances) * load.sum())
+    # the tie-break solve's terms (`tie_data`), neutral here: no byte cost, U and v unbounded
     return {"load": load, "cap": cap, "cap_rhs": 1.0, "slack": slack,
-            "bigm": np.maximum(0.0, u_ub - slack), "weight": u_ub + 1.0}
+            "bigm": np.maximum(0.0, u_ub - slack), "weight": u_ub + 1.0, "ucoef": 1.0,
+            "hostload": np.zeros_like(cap), "u_cap": 2.0 * (u_ub + L) + 1.0, "v_ub": np.ones(len(n))}
+
+
+def tie_data(inputs: PlanInputs, window: int, data: dict, choice: Sequence[int]) -> dict | None:
+    """`window_data` for the MIPs' tie-break solve after a (violations, T)-optimal placement
+    (distances in request order): least link bytes (hostload, in `load`'s units) with the stall
+    capped at the tie limit and no request late that is on time. None: the placement moves nothing."""
+    if link_bytes(inputs, choice) == 0:
+        return None
+    L, c = inputs.num_layers, inputs.compute_per_layer_s
+    u_cap = max(0.0, tie_limit(inputs, window, step_time(inputs, choice)) / c - L)
+    return {**data, "weight": 0.0, "ucoef": 0.0, "u_cap": u_cap,
+            "hostload": np.outer(data["load"], L - inputs.device_layers()),
+            "v_ub": (data["slack"] < u_cap).astype(float)}
+
+
+def ties_with_fewer_bytes(inputs: PlanInputs, window: int, base: Sequence[int],
+                          cand: Sequence[int]) -> bool:
+    """Whether placement `cand` ties `base` on (violations, T) and moves fewer bytes (the exact
+    check of a tie-break solve's answer: solver tolerances do not reach the plan)."""
+    T = step_time(inputs, cand)
+    return (T <= tie_limit(inputs, window, step_time(inputs, base))
+            and link_bytes(inputs, cand) < link_bytes(inputs, base))
 
 
 def pause_candidates(inputs: PlanInputs, window: int) -> list[str]:
@@ -320,9 +365,9 @@ WindowSolver = Callable[[int], "tuple[list[int], bool]"]  # W -> (distance per r
 
 def search_windows(inputs: PlanInputs, solve_at: WindowSolver, solver: str,
                    bound_at: Callable[[int], float] | None = None) -> Plan:
-    """Lexicographic (violations, T, -W) over the candidate windows, given a per-window solver that
-    returns a (violations, T)-optimal placement for a capacity-feasible window. `bound_at(W)`, a
-    lower bound on T at W, lets a window that cannot tie be skipped without solving it."""
+    """Lexicographic (violations, T, link bytes, -W) over the candidate windows, given a per-window
+    solver that returns a (violations, T, bytes)-optimal placement for a capacity-feasible window.
+    `bound_at(W)`, a lower bound on T at W, lets a window that cannot tie be skipped unsolved."""
     started = time.perf_counter()
     feasible = [w for w in inputs.windows if inputs.min_device_bytes(w) <= inputs.device_capacity_bytes]
     if not feasible:
@@ -332,9 +377,9 @@ def search_windows(inputs: PlanInputs, solve_at: WindowSolver, solver: str,
     if not inputs.requests:
         return make_plan(inputs, [], step_time(inputs, []), feasible[-1], PlanStatus.OPTIMAL, started, solver)
     best, proven = solve_at(feasible[0])
-    T0 = step_time(inputs, best)
+    T0, moved = step_time(inputs, best), link_bytes(inputs, best)
     n_late = len(late_requests(inputs, T0, feasible[0]))
-    for w in reversed(feasible[1:]):  # the longest window that still reaches (n_late, T0)
+    for w in reversed(feasible[1:]):  # the longest window that still reaches (n_late, T0, moved)
         if device_bytes(inputs, best, w) <= inputs.device_capacity_bytes \
                 and len(late_requests(inputs, T0, w)) == n_late:
             return make_plan(inputs, best, T0, w, _status(proven), started, solver)
@@ -342,7 +387,8 @@ def search_windows(inputs: PlanInputs, solve_at: WindowSolver, solver: str,
             continue
         choice, ok = solve_at(w)
         T = step_time(inputs, choice)
-        if len(late_requests(inputs, T, w)) == n_late and T <= T0 * (1 + T_RTOL):
+        if len(late_requests(inputs, T, w)) == n_late and T <= T0 * (1 + T_RTOL) \
+                and link_bytes(inputs, choice) <= moved:
             return make_plan(inputs, choice, T, w, _status(proven and ok), started, solver)
     return make_plan(inputs, best, T0, feasible[0], _status(proven), started, solver)
 

@@ -1,13 +1,13 @@
 """One prefetch distance for the whole batch: the `orbitflow-uniform` ablation's solver.
 
-Same model, same lexicographic objective (violations, T, longest window) as the per-request
-planners, but the search space is the K uniform placements, so it is enumerated exactly.
+Same model, same lexicographic objective (violations, T, link bytes, longest window) as the
+per-request planners, but the search space is the K uniform placements, so it is enumerated exactly.
 """
 
 from __future__ import annotations
 
-from orbitflow_ray.planner.problem import (Plan, PlanInputs, device_bytes, late_requests,
-                                           search_windows, step_time)
+from orbitflow_ray.planner.problem import (Plan, PlanInputs, device_bytes, late_requests, link_bytes,
+                                           search_windows, step_time, tie_limit)
 
 
 class UniformPlanner:
@@ -17,16 +17,15 @@ class UniformPlanner:
         R = len(inputs.requests)
 
         def solve_at(window: int) -> tuple[list[int], bool]:
-            best: tuple[tuple[int, float], list[int]] | None = None
+            scored = []  # (violations, T, d) of every uniform placement that fits
             for d in inputs.distances:
-                choice = [d] * R
-                if device_bytes(inputs, choice, window) > inputs.device_capacity_bytes:
-                    continue
-                T = step_time(inputs, choice)
-                key = (len(late_requests(inputs, T, window)), T)
-                if best is None or key < best[0]:
-                    best = (key, choice)
-            assert best is not None, "search_windows only asks for capacity-feasible windows"
-            return best[1], True
+                if device_bytes(inputs, [d] * R, window) <= inputs.device_capacity_bytes:
+                    T = step_time(inputs, [d] * R)
+                    scored.append((len(late_requests(inputs, T, window)), T, d))
+            assert scored, "search_windows only asks for capacity-feasible windows"
+            late, T, _ = min(scored)
+            limit = tie_limit(inputs, window, T)
+            ties = [d for n, t, d in scored if n == late and t <= limit]
+            return [min(ties, key=lambda d: (link_bytes(inputs, [d] * R), -d))] * R, True
 
         return search_windows(inputs, solve_at, self.name)

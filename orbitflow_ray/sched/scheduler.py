@@ -279,6 +279,7 @@ class Scheduler:
                            now: float) -> list[Request]:
         """Advance progress, append sampled tokens, finish on EOS/length. Returns requests that got
         a new token (stop strings are checked by the engine's detokenizer, which may finish them)."""
+        self.kv.release_moved()  # the step ran: its host -> device copies have read their sources
         updated = []
         for seq in out.seqs:
             req = self.requests.get(seq.request_id)

@@ -83,8 +83,8 @@ class OpenAIService:
             raise p.BadRequestError(f"This model's maximum context length is {self.max_model_len} tokens; "
                                     f"the prompt has {n} tokens.", param="messages" if hasattr(body, "messages")
                                     else "prompt", code="context_length_exceeded")
-        if limit is None:
-            limit = min(room, DEFAULT_MAX_TOKENS) if not hasattr(body, "messages") else min(room, cap or room)
+        if limit is None:  # OpenAI's defaults: 16 for completions, what fits for chat; never over the cap
+            limit = min(room, cap or room, DEFAULT_MAX_TOKENS if not hasattr(body, "messages") else room)
         elif n + limit > self.max_model_len:
             raise p.BadRequestError(f"This model's maximum context length is {self.max_model_len} tokens. "
                                     f"However, you requested {n + limit} tokens ({n} in the prompt, {limit} "

@@ -34,6 +34,9 @@ class _Request(BaseModel):
                 if not (v is None and k in fields and not fields[k].is_required())}
 
 
+SLO_MAX_S = {"ttft_s": 3600.0, "tpot_s": 60.0}
+
+
 class SLOSpec(_Request):
     """Per-request latency targets (an OrbitFlow extension); None means the server's default."""
 
@@ -52,6 +55,10 @@ class SLOSpec(_Request):
             ok = False
         if not ok:
             raise ValueError(f"slo.{info.field_name} must be a positive number of seconds")
+        # Streams are paced at the TPOT SLO: a huge one would hold a connection open for years.
+        most = SLO_MAX_S[info.field_name]
+        if float(v) > most:
+            raise ValueError(f"slo.{info.field_name} must be at most {most:g} seconds")
         return v
 
 

@@ -36,7 +36,7 @@ def write_report(runs: list[dict], out_dir: str | Path, title: str = "OrbitFlow 
     paths = {"report.json": out / "report.json"}
     doc = {"runs": [{k: r.get(k) for k in ("policy", "rate", "slo_scale")} | {"metrics": r.get("metrics") or {}}
                     for r in runs], "context": context or {}}
-    paths["report.json"].write_text(json.dumps(_clean(doc), indent=1, default=str) + "\n")
+    paths["report.json"].write_text(json.dumps(json_safe(doc), indent=1, default=str) + "\n")
     for name, plot in (("attainment_vs_rate.png", _plot_attainment), ("tbt_cdf.png", _plot_tbt_cdf),
                        ("p95_vs_slo_scale.png", _plot_p95_vs_scale), ("throughput_vs_rate.png", _plot_throughput)):
         fig = plot(grid)
@@ -63,7 +63,7 @@ class _Grid:
 
     def metric(self, policy: str, rate: float, scale: float, key: str) -> float | None:
         run = self.runs.get((policy, rate, scale))
-        return _num(((run or {}).get("metrics") or {}).get(key))
+        return finite(((run or {}).get("metrics") or {}).get(key))
 
     def series(self, policy: str, key: str, *, scale: float | None = None, rate: float | None = None):
         """(xs, ys) of a metric along rates (given a scale) or along scales (given a rate), None points dropped."""
@@ -79,21 +79,33 @@ class _Grid:
 
 def _markdown(grid: _Grid, title: str, context: dict, pngs: list[str]) -> str:
     lines = [f"# {title}", ""]
-    lines += [f"- **{k}**: {_fmt_value(v)}" for k, v in context.items()] + ([""] if context else [])
-    for scale in grid.scales:
-        lines += [f"## SLO scale {scale:g}", "", *_table(grid, scale), ""]
-    if REFERENCE in grid.policies:
-        lines += ["## OrbitFlow vs best baseline", ""]
-        for scale in grid.scales:
-            lines += [f"SLO scale {scale:g}:", "", *_gains(grid, scale), ""]
+    lines += [f"- **{k}**: {fmt_value(v)}" for k, v in context.items()] + ([""] if context else [])
+    lines += _comparison(grid)
     if pngs:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in pngs] + [""]
     return "\n".join(lines)
 
 
+def comparison_markdown(runs: list[dict], heading: str = "Policies") -> list[str]:
+    """The policy tables and OrbitFlow's gains over the best baseline, as markdown lines. Runs
+    without an SLO scale (slo_scale None: measured with absolute SLOs) get one table under `heading`."""
+    return _comparison(_Grid(runs), heading)
+
+
+def _comparison(grid: _Grid, heading: str = "Policies") -> list[str]:
+    lines = []
+    for scale in grid.scales:
+        lines += [f"## SLO scale {scale:g}" if scale is not None else f"## {heading}", "", *_table(grid, scale), ""]
+    if REFERENCE in grid.policies:
+        lines += ["## OrbitFlow vs best baseline", ""]
+        for scale in grid.scales:
+            lines += ([f"SLO scale {scale:g}:", ""] if scale is not None else []) + [*_gains(grid, scale), ""]
+    return lines
+
+
 def _table(grid: _Grid, scale: float) -> list[str]:
     head = ["policy"] + [f"{name} @{rate:g}/s" for rate in grid.rates for name, _, _ in COLUMNS]
-    rows = [[f"`{p}`"] + [_fmt(grid.metric(p, rate, scale, key), kind) for rate in grid.rates
+    rows = [[f"`{p}`"] + [fmt_metric(grid.metric(p, rate, scale, key), kind) for rate in grid.rates
                           for _, key, kind in COLUMNS] for p in grid.policies]
     return ["| " + " | ".join(r) + " |" for r in [head, ["---"] + ["---:"] * (len(head) - 1), *rows]]
 
@@ -157,7 +169,7 @@ def _plot_tbt_cdf(grid: _Grid):
     drawn = False
     for p, style in _styles(grid).items():
         run = grid.runs.get((p, grid.top_rate, grid.mid_scale)) or {}
-        vals = sorted(v for v in map(_num, run.get("tbt_over_slo") or []) if v is not None and v > 0)
+        vals = sorted(v for v in map(finite, run.get("tbt_over_slo") or []) if v is not None and v > 0)
         if vals:
             ax.step(vals, [(i + 1) / len(vals) for i in range(len(vals))], where="post", **style)
             drawn = True
@@ -213,7 +225,7 @@ def _finish(fig, legend_ax, drawn: bool):
 
 # ---------------------------------------------------------------- values
 
-def _num(x: Any) -> float | None:
+def finite(x: Any) -> float | None:
     """A finite float, or None for None / NaN / inf / non-numbers."""
     try:
         f = float(x)
@@ -222,12 +234,12 @@ def _num(x: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def _clean(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
     """JSON-safe copy: numpy scalars to Python, NaN / inf to None (json.dumps would write invalid NaN)."""
     if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [json_safe(v) for v in x]
     if hasattr(x, "item") and not isinstance(x, (str, bytes)):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
@@ -235,16 +247,16 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _fmt(x: float | None, kind: str) -> str:
+def fmt_metric(x: float | None, kind: str) -> str:
     if x is None:
         return "-"
     return {"pct": f"{100 * x:.1f}%", "ratio": f"{x:.2f}", "num": f"{x:,.0f}", "rate": f"{x:.3f}",
             "int": f"{x:.0f}"}[kind]
 
 
-def _fmt_value(v: Any) -> str:
+def fmt_value(v: Any) -> str:
     if isinstance(v, dict):
-        return ", ".join(f"{k}: {_fmt_value(x)}" for k, x in v.items())
+        return ", ".join(f"{k}: {fmt_value(x)}" for k, x in v.items())
     if isinstance(v, float):
         return f"{v:g}"
     return str(v)

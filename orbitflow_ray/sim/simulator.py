@@ -163,6 +163,8 @@ class Simulator:
                 admitted += [req] if req is not None else []
                 i += 1
             if not sched.has_unfinished():
+                if i == len(pending):
+                    break  # the last arrivals were all rejected: nothing left to run
                 self.clock = pending[i].arrival_s
                 continue
             if not self._step():
