@@ -6,7 +6,7 @@ Examples:
   python -m load_tests --config deployments/config.yaml --rate 0.5 --duration 60 --out reports/x
 
   # long contexts that force KV offloading, with the simulator's prediction side by side
-  python -m load_tests --workload longbench --min-input-tokens 1500 --max-input-tokens 4000 \\
+  python -m load_tests --workload longbench --min-input-tokens 1100 --max-input-tokens 1600 \\
       --min-output-tokens 32 --max-output-tokens 64 --rate 0.2 --duration 60 --compare-sim
 
   # every KV policy on the same trace (the app is redeployed for each): one side-by-side report

@@ -37,3 +37,17 @@ def test_unknown_policy_is_a_clear_error(capsys):
 def test_policies_lists_builtins(capsys):
     assert main(["policies"]) == 0
     assert {"no-offload", "all-offload", "static-uniform"} <= set(capsys.readouterr().out.split())
+
+
+def test_serve_execs_serve_run_with_the_api_key_in_the_environment(monkeypatch, tmp_path):
+    import orbitflow_ray.serving.cli as serve_cli
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("applications: []\n")
+    calls = []
+    monkeypatch.setattr(serve_cli.os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
+    assert main(["serve", "--config", str(cfg), "--api-key", "sk-0123456789"]) == 0
+    (path, argv, env), = calls
+    assert argv[1:] == ["run", str(cfg)] and path.endswith("serve")
+    assert env["ORBITFLOW_API_KEY"] == "sk-0123456789"
+    assert main(["serve", "--config", str(tmp_path / "missing.yaml")]) == 2  # a clear error, no exec
