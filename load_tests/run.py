@@ -53,9 +53,13 @@ def make_trace(o: argparse.Namespace, context_len: int | None) -> tuple[list[Tra
     lengths = {k: getattr(o, k) for k in ("input_tokens", "output_tokens", "min_input_tokens",
                                           "max_input_tokens", "min_output_tokens", "max_output_tokens")}
     if lengths["max_input_tokens"] is None and context_len:
-        # Keep prompt + output inside the model's context, or every long request is a 400.
-        out_cap = resolve_lengths(o.workload, **{**lengths, "max_input_tokens": 1}).max_output_tokens
-        lengths["max_input_tokens"] = max(1, context_len - (out_cap or 0))
+        # Keep prompt + output inside the model's context, or every long request is a 400 (only
+        # for length kinds with a max_input_tokens; fixed lengths are the user's to choose).
+        try:
+            out_cap = resolve_lengths(o.workload, **{**lengths, "max_input_tokens": 1}).max_output_tokens
+            lengths["max_input_tokens"] = max(1, context_len - (out_cap or 0))
+        except ValueError:
+            pass
     duration = None if o.num_requests is not None else o.warmup + (o.duration or 60.0)
     cfg = WorkloadConfig(arrival=o.arrival, rate_per_s=o.rate, cv=o.cv, num_requests=o.num_requests,
                          duration_s=duration, length=o.workload, seed=o.seed, tpot_slo_s=o.tpot_slo,

@@ -209,3 +209,22 @@ def test_client_against_live_app(live_app, tmp_path):
     md = (out / "report.md").read_text()
     assert "`orbitflow` measured" in md and "`orbitflow` simulated" in md and "![tbt_cdf](tbt_cdf.png)" in md
     assert all((out / n).read_bytes()[:8] == PNG_MAGIC for n in ("tbt_cdf.png", "latency_over_time.png"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_policies_redeploy_the_app_into_one_side_by_side_report(tmp_path):
+    """`--policies`: the harness starts the app from its Serve config, redeploys it per KV policy,
+    runs the same trace on each and writes one report with a run per policy."""
+    out = tmp_path / "policies"
+    cmd = [sys.executable, "-m", "load_tests", "--config", "deployments/config.yaml", "--port", "0",
+           "--policies", "no-offload,orbitflow", "--workload", "fixed", "--input-tokens", "200",
+           "--output-tokens", "8", "--num-requests", "3", "--rate", "1", "--warmup", "0",
+           "--out", str(out), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    runs = {r["policy"]: r["metrics"] for r in report["runs"]}
+    assert set(runs) == {"no-offload", "orbitflow"}
+    assert all(m["num_finished"] == 3 and m["output_tokens"] == 24 for m in runs.values())
+    assert "no-offload" in (out / "report.md").read_text()
