@@ -41,8 +41,11 @@ def test_orbitflow_under_pressure_matches_no_offload(policy):
 
 
 def test_orbitflow_rejects_what_no_plan_can_hold():
-    eng = LLMEngine(EngineConfig(model="tiny-llama", kv_policy="orbitflow", device_kv_bytes=64 << 10))
-    with pytest.raises(ValueError, match="device KV"):
+    # 1,508 tokens overflow 64 KiB of device KV even at d = 1, so orbitflow would stream them all-host,
+    # but 1 MiB of host KV cannot hold them either
+    eng = LLMEngine(EngineConfig(model="tiny-llama", kv_policy="orbitflow", device_kv_bytes=64 << 10,
+                                 host_kv_bytes=1 << 20))
+    with pytest.raises(ValueError, match="host KV"):
         eng.add_request([1] * 1500, SamplingParams(max_tokens=8))
     with pytest.raises(ValueError, match="slo_s"):
         SamplingParams(slo_s=-1.0)

@@ -25,9 +25,13 @@ FAST = FastPlanner(warm_start=False)
 
 def brute_force(inp: PlanInputs):
     """Lexicographic optimum (violations, T, link bytes, -W) over every distance combination and
-    window, step times within T_RTOL a tie: (violations, least T, W, link bytes), None if nothing fits."""
+    feasible window, step times within T_RTOL a tie: (violations, least T, W, link bytes), None if
+    nothing fits. A window is feasible when the batch fits at its largest offload short of all-host
+    (`PlanInputs.largest_offload`); within it any placement that fits counts, all-host included."""
     scored = []
     for w in inp.windows:
+        if inp.min_device_bytes(w) > inp.device_capacity_bytes:
+            continue
         for combo in itertools.product(inp.distances, repeat=len(inp.requests)):
             T, late, dev = evaluate(inp, list(combo), w)
             if dev <= inp.device_capacity_bytes:
@@ -49,11 +53,13 @@ def instances(draw):
             for i in range(n)]
     full = sum(r.context_tokens + r.growth(32) for r in reqs) * L * KVB
     distances = draw(st.lists(st.integers(1, L), min_size=3, max_size=4, unique=True))
+    distances += draw(st.sampled_from([[], [0]]))  # half the instances may stream all-host
     cap = int(full * draw(st.floats(0.6, 1.1)))  # mostly feasible; some infeasible when no small d is drawn
     return PlanInputs(reqs, L, KVB, cap, BW, A, B, distances=tuple(distances), windows=(32, 64, 128))
 
 
 def test_placement_convention():
+    assert placement_for_distance(0, 8) == [True] * 8  # all-host
     assert placement_for_distance(1, 8) == [False, True] * 4  # every other layer: half offloaded
     assert [j for j, h in enumerate(placement_for_distance(3, 8)) if h] == [3, 7]
     assert placement_for_distance(7, 8) == [False] * 7 + [True]
@@ -75,8 +81,28 @@ def test_step_model_by_hand():
     assert evaluate(inp, [4], 32)[0] == pytest.approx(4 * c)
 
 
+def test_all_host_step_model_by_hand():
+    """d = 0, L = 4: each layer's transfer is released when the layer before it ends and lands
+    before the layer starts, so no compute hides it. A d = 1 request beside it still hides its
+    transfers under compute: the all-host ones use only the stalls."""
+    reqs = [PlanRequest("a", 2_000, 10, 1.0), PlanRequest("b", 10_000, 10, 1.0)]
+    inp = PlanInputs(reqs, 4, KVB, 10**12, BW, A, B, distances=(0, 1, 4))
+    c, ta, tb = inp.compute_per_layer_s, 2_000 * KVB / BW, 10_000 * KVB / BW
+    assert tb > c  # b's d = 1 transfers stall too
+    cases = {(0, 4): 4 * c + 4 * ta, (0, 0): 4 * c + 4 * (ta + tb),
+             (0, 1): 4 * c + 4 * ta + 2 * (tb - c), (1, 1): 4 * c + 2 * (ta + tb - c)}
+    link = link_eval(4, inp.distances)
+    for combo, want in cases.items():
+        T, late, dev = evaluate(inp, list(combo), 32)
+        assert T == pytest.approx(want) and not late, combo
+        loads = np.bincount([inp.distances.index(d) for d in combo], weights=[ta, tb], minlength=3)
+        assert c * (4 + link.stall(loads[None] / c)[0]) == pytest.approx(want), combo
+    assert evaluate(inp, [0, 4], 32)[2] == 4 * (10_000 + 10) * KVB  # all-host holds no device KV
+    assert link_bytes(inp, [0, 1]) == (4 * 2_000 + 2 * 10_000) * KVB
+
+
 @settings(max_examples=25, deadline=None)
-@given(st.integers(4, 40), st.lists(st.integers(1, 40), min_size=2, max_size=6, unique=True),
+@given(st.integers(4, 40), st.lists(st.integers(0, 40), min_size=2, max_size=6, unique=True),
        st.lists(st.floats(0, 50), min_size=6, max_size=6))
 def test_critical_intervals_give_the_full_longest_path(L, ds, loads):
     ds = tuple(sorted({min(d, L) for d in ds}))
@@ -234,15 +260,49 @@ def test_free_offload_is_not_traded_for_a_longer_window(planner):
     assert (plan.window, plan.distances) == (32, {"a": 8})
 
 
-def test_infeasible_reports_largest_first():
+@pytest.mark.parametrize("distances", [(1, 8), (0, 1, 8)])
+def test_infeasible_reports_largest_first(distances):
+    """Overload is INFEASIBLE (Pause-Resume's cue) with all-host allowed too: streaming requests
+    that fit at d = 1 on their own all-host would fit the device, but is not the answer to it."""
     reqs = [PlanRequest("small", 1000, 50, 1.0), PlanRequest("big", 9000, 50, 1.0), PlanRequest("mid", 5000, 50, 1.0)]
     need = 4 * (1000 + 32 + 9000 + 32 + 5000 + 32) * KVB  # every request at d = 1 keeps 4 of 8 layers
-    for planner in (CVXPY, REDUCED, FAST):
-        plan = planner.solve(PlanInputs(reqs, 8, KVB, need - 1, BW, A, B, distances=(1, 8)))
+    for planner in (CVXPY, REDUCED, FAST, UniformPlanner()):
+        plan = planner.solve(PlanInputs(reqs, 8, KVB, need - 1, BW, A, B, distances=distances))
         assert plan.status is PlanStatus.INFEASIBLE and plan.pause_candidates == ["big", "mid", "small"]
-        assert not plan.distances
-        ok = planner.solve(PlanInputs(reqs, 8, KVB, need, BW, A, B, distances=(1, 8)))
+        assert not plan.distances and plan.device_bytes == need
+        ok = planner.solve(PlanInputs(reqs, 8, KVB, need, BW, A, B, distances=distances))
         assert ok.status is PlanStatus.OPTIMAL and ok.window == 32 and set(ok.distances.values()) == {1}
+
+
+def test_all_host_only_for_what_fits_nowhere_else():
+    """`big` does not fit the device even alone at d = 1: it streams all-host, and `small` beside
+    it stays on device (all-host is no excuse to offload what fits). Without d = 0: INFEASIBLE."""
+    reqs = [PlanRequest("big", 10_000, 10, 1.0), PlanRequest("small", 256, 10, 1.0)]
+    cap = 3 * (10_000 + 10) * KVB  # d = 1 keeps 4 of 8 layers
+    inp = PlanInputs(reqs, 8, KVB, cap, BW, A, B)
+    assert inp.largest_offload() == [0, 1] and inp.min_device_bytes(128) == 4 * (256 + 10) * KVB
+    for planner in (CVXPY, HIGHS, REDUCED, FAST):
+        plan = planner.solve(inp)
+        assert plan.distances == {"big": 0, "small": 8}, planner.name
+        assert plan.status is PlanStatus.OPTIMAL
+        assert plan.host_layers["big"] == list(range(8)) and plan.window == 128
+    assert set(UniformPlanner().solve(inp).distances.values()) == {0}  # one distance for the batch
+    paper = PlanInputs(reqs, 8, KVB, cap, BW, A, B, distances=(1, 2, 3, 4, 5, 7, 8))
+    assert FAST.solve(paper).status is PlanStatus.INFEASIBLE
+
+
+def test_all_host_when_it_is_fastest():
+    """Room for `big` whole on device only if `small` holds no device KV: streaming the small one
+    all-host costs 8 tiny transfers, offloading half of the big one four long ones."""
+    reqs = [PlanRequest("big", 40_000, 10, 1.0), PlanRequest("small", 256, 10, 1.0)]
+    cap = 8 * (40_000 + 10) * KVB + 4 * (256 + 10) * KVB - 1
+    inp = PlanInputs(reqs, 8, KVB, cap, BW, A, B, distances=(0, 1, 8))
+    best = brute_force(inp)
+    assert inp.largest_offload() == [1, 1]  # both fit at d = 1: all-host is a choice here
+    for planner in (CVXPY, HIGHS, REDUCED, FAST):
+        plan = planner.solve(inp)
+        assert plan.distances == {"big": 8, "small": 0}, planner.name
+        assert plan.predicted_step_s == pytest.approx(best[1], rel=1e-9)
 
 
 def test_dpp_resolve_matches_fresh_compile():
@@ -268,12 +328,12 @@ def test_dpp_resolve_matches_fresh_compile():
 def test_inputs_validation():
     ok = dict(num_layers=8, kv_bytes_per_token_per_layer=KVB, device_capacity_bytes=1, link_bytes_per_s=BW,
               compute_a_s=A, compute_b_s_per_token=B)
-    assert PlanInputs([], **ok).distances == (1, 2, 3, 4, 5, 7, 8)  # defaults clipped to L
+    assert PlanInputs([], **ok).distances == (0, 1, 2, 3, 4, 5, 7, 8)  # defaults clipped to L
     assert PlanInputs([], distances=(9, 3, 3), **ok).distances == (3, 8)
     with pytest.raises(ValueError):
         PlanInputs([PlanRequest("a", 1, 1, 1.0)] * 2, **ok)
     with pytest.raises(ValueError):
-        PlanInputs([], distances=(0,), **ok)
+        PlanInputs([], distances=(-1,), **ok)
     with pytest.raises(ValueError):
         PlanRequest("a", 0, 1, 1.0)
     assert _one_request(1.0, 64, 10**12).requests[0].effective_slo_s(32) == pytest.approx(3.0)

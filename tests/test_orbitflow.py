@@ -1,20 +1,23 @@
 """The OrbitFlow policy at run time, without a model: Pause-Resume through the real scheduler,
-refinement triggers, solving ahead, solver-failure fallback, Token-Deposit accounting and the
-online cost-model fit."""
+refinement triggers, solving ahead, solver-failure fallback, all-host placement, Token-Deposit
+accounting and the online cost-model fit; and (slow) all-host through the engine."""
 
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from orbitflow_ray.costmodel import CostModel, OnlineCostModel, StepSample
 from orbitflow_ray.kv.blocks import Tier
+from orbitflow_ray.llm import LLM
 from orbitflow_ray.planner import StepStats, make_policy
 from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.planner.deposit import TokenDeposit
 from orbitflow_ray.planner.pause import pause_strategy
 from orbitflow_ray.request import RequestStatus
+from orbitflow_ray.sampling_params import SamplingParams
 from test_scheduler import LAYERS, drive, make, req
 
 
@@ -132,6 +135,57 @@ def test_solver_failure_falls_back_without_dropping():
     assert plan is not None and "r0" in plan.placements  # the heuristic placement, not a refusal
     assert plan.placements["r0"].count(Tier.HOST) == LAYERS // 2
     assert p.metrics()["fallbacks"] == 1
+
+
+# ---- all-host (d = 0) ---------------------------------------------------------------------------
+SMOL_LAYERS, SMOL_BLOCK = 30, 16 * 1536  # SmolLM2-135M: 30 layers, 1,536 B of KV per token and layer
+DEVICE_48MIB = (48 << 20) // SMOL_BLOCK  # deployments/config.yaml: about 1,090 tokens x 30 layers
+
+
+def test_request_too_big_for_any_partial_offload_streams_all_host():
+    """2,500 tokens keep 15 layers x 157 blocks on device at d = 1, more than 48 MiB: the request
+    is admitted all-host (it used to be refused), and a short one beside it stays on device."""
+    cap = CapacityView(SMOL_LAYERS, 16, SMOL_BLOCK, DEVICE_48MIB, DEVICE_48MIB, 40_000, 40_000)
+    p = make_policy("orbitflow", SMOL_LAYERS, solve_ahead=False)
+    big = RequestView("big", 2500, 2500, 8, 0.0, None)
+    small = RequestView("small", 300, 300, 8, 1.0, None)
+    assert 15 * -(-2508 // 16) > DEVICE_48MIB
+    assert p.place_new(big, cap) == [Tier.HOST] * SMOL_LAYERS  # what check_fits holds it against
+    assert p.place_new(small, cap).count(Tier.HOST) == SMOL_LAYERS // 2  # as before: d = 1
+    plan = p.admit(big, [], cap)
+    assert plan.placements == {"big": [Tier.HOST] * SMOL_LAYERS} and p.plan.distances == {"big": 0}
+    running = [replace(big, placement=tuple(plan.placements["big"]))]
+    plan = p.admit(small, running, cap)
+    assert plan is not None and p.plan.distances == {"big": 0, "small": SMOL_LAYERS}
+
+
+@pytest.mark.slow
+def test_engine_serves_what_only_all_host_holds():
+    """Through the engine with the default config's 48 MiB device tier: a 2,500-token prompt runs
+    all-host beside a short one that does not, and greedy output is token-identical to no offload."""
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    llm = LLM(model="smollm2-135m", kv_policy="orbitflow", device_kv_bytes=48 << 20,
+              tpot_slo_s=10.0)  # loose: only capacity binds, so the short one joins at once
+    tok = llm.engine.tokenizer
+    text = ("The history of the printing press begins in the fifteenth century, when movable type "
+            "changed how knowledge spread across Europe. ")
+    prompts = [tok.encode(text * 200, add_special_tokens=False)[:2500],
+               tok.encode("Hello, my name is", add_special_tokens=False)]
+    assert len(prompts[0]) == 2500
+    policy, plans = llm.engine.policy, []
+    install = policy._install
+    policy._install = lambda plan, *args: plans.append(dict(plan.distances)) or install(plan, *args)
+    outs = llm.generate(prompts, params)
+    stats = llm.kv_stats()
+    llm.engine.close()
+    ref = LLM(model="smollm2-135m", kv_policy="no-offload", device_kv_bytes=256 << 20)
+    base = ref.generate(prompts, params)
+    ref.engine.close()
+    assert [o.token_ids for o in outs] == [o.token_ids for o in base]
+    big, small = (o.request_id for o in outs)
+    assert any(big in p for p in plans) and all(p[big] == 0 for p in plans if big in p)
+    assert any(small in p for p in plans if big in p) and all(p[small] != 0 for p in plans if small in p)
+    assert stats["bytes_h2d"] > 0 and stats["num_preemptions"] == stats["num_pauses"] == 0
 
 
 def test_ahead_solver_only_hands_over_the_matching_state():

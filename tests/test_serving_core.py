@@ -166,7 +166,9 @@ def test_planner_report_gives_one_damage_per_probe(workers):
 
     t = workers.full.telemetry()
     assert t.capacity.device_free_blocks == 0 and len(t.running) == 2 and t.num_waiting == 1
-    assert planner.report(t).damage_at(1024) == math.inf
+    damage = planner.report(t).damage
+    assert damage[:2] == (math.inf, math.inf)  # these fit the device at d = 1: they wait for room
+    assert damage[2] == 0.0  # 1,024 tokens overflow it even at d = 1: all-host, needing no room there
     assert planner.stats["reports"] == 2 and planner.stats["probes"] == 10
 
 

@@ -18,7 +18,7 @@ from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         register_policy)
 from orbitflow_ray.planner.orbitflow import tiers_for_distance
-from orbitflow_ray.planner.problem import (DEFAULT_DISTANCES, SLO_RTOL, PlanInputs, PlanRequest,
+from orbitflow_ray.planner.problem import (PAPER_DISTANCES, SLO_RTOL, PlanInputs, PlanRequest,
                                            step_time)
 from orbitflow_ray.planner.static import uniform_placement
 
@@ -120,7 +120,8 @@ class SelectN(BatchUniformPolicy):
     def __init__(self, num_layers: int, cost_model: OnlineCostModel | None = None, slo_s: float = 0.5,
                  distances: tuple[int, ...] | None = None, **options) -> None:
         super().__init__(num_layers, cost_model, slo_s)
-        ds = DEFAULT_DISTANCES + (num_layers,) if distances is None else tuple(distances)
+        # the research code's set: all-host (d = 0) is OrbitFlow's addition, not Select-N's
+        ds = PAPER_DISTANCES + (num_layers,) if distances is None else tuple(distances)
         if not ds or any(int(d) != d or d < 1 for d in ds):
             raise ValueError(f"distances must be integers >= 1, got {ds}")
         self.distances = tuple(sorted({min(int(d), num_layers) for d in ds}))

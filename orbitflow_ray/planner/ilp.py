@@ -3,9 +3,9 @@
 The model of `problem.py`, for one window W, in units of one layer's compute time c (so the data
 are O(1) numbers whatever the hardware). Structure used: requests enter the link rows only through
 the K class loads Y (a layer's transfer demand depends only on which distances put it on host),
-and only critical intervals (a, b) get a row: a transfer is released exactly at a and one lands
-exactly at b (`problem.critical_intervals`; the others are implied): 254 rows for L = 32 with
-the default 10 distances, 1655 for L = 80.
+and only critical intervals (a, b) get a row: every split of (a, b) in two is crossed by a transfer
+inside it (`problem.critical_intervals`; the others are implied): 267 rows for L = 32 with the
+default 11 distances (all-host included), 1421 for L = 80.
 
     x[r, k] in {0, 1}  request r uses distance k        sum_k x[r, k] = 1
     Y[k]               link load of class k             Y[k] = sum_r load[r] * x[r, k]

@@ -220,10 +220,10 @@ class HighsPlanner:
         return plan
 
     def _start(self, inputs: PlanInputs) -> np.ndarray | None:
-        """The previous plan by request id, new requests at the largest offload (used if it fits)."""
+        """The previous plan by request id, new requests at `PlanInputs.largest_offload` (used if
+        it fits)."""
         if not self.warm_start or not self.last:
             return None
         index = {d: k for k, d in enumerate(inputs.distances)}
-        most = int(np.argmin(inputs.device_layers()))
-        return np.array([index.get(min(self.last.get(r.request_id, -1), inputs.num_layers), most)
-                         for r in inputs.requests])
+        return np.array([index.get(min(self.last.get(r.request_id, -1), inputs.num_layers), index[d])
+                         for r, d in zip(inputs.requests, inputs.largest_offload())])

@@ -10,11 +10,13 @@ of W decode steps; it is re-solved when
 - measured step time drifts from the prediction              -> solved one step ahead
 - the next step's growth does not fit the free device blocks -> on the spot
 
-When no placement fits (INFEASIBLE), Pause-Resume pauses one request (strategy: largest by
+When the batch does not fit without streaming all-host some request that could keep layers on
+device (INFEASIBLE, `problem.py`), Pause-Resume pauses one request (strategy: largest by
 default), re-solves, and repeats; paused requests keep all their KV on host and rejoin, oldest
 first, when the ILP admits them again. A request paused longer than `max_pause_s` is pinned: the
 solve pauses others instead, so nobody starves. A solver error falls back to a safe heuristic
-(every request at the largest offload), logged and counted; no request is ever dropped.
+(every request at its largest offload short of all-host, all-host where only that holds it),
+logged and counted; no request is ever dropped.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, R
                                         StepStats, register_policy)
 from orbitflow_ray.planner.fastpath import FastPlanner
 from orbitflow_ray.planner.pause import pause_strategy
-from orbitflow_ray.planner.problem import (DEFAULT_WINDOWS, Plan, PlanInputs, PlanRequest,
-                                           PlanStatus, make_plan, placement_for_distance, step_time)
+from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs, PlanRequest,
+                                           PlanStatus, distance_set, make_plan, placement_for_distance,
+                                           step_time)
 from orbitflow_ray.planner.uniform import UniformPlanner
 
 log = logging.getLogger(__name__)
@@ -130,10 +133,9 @@ class OrbitFlow(KVPolicy):
             paused.append(victim)
 
     def _fallback(self, inputs: PlanInputs, why: str) -> Plan:
-        """Every request at the largest offload: the least device KV any placement needs (the
-        scheduler's preemption covers what still does not fit)."""
-        d = min(inputs.distances)
-        choice = [d] * len(inputs.requests)
+        """Every request at its largest offload short of all-host, all-host where only that holds
+        it (`PlanInputs.largest_offload`); the scheduler's preemption covers what does not fit."""
+        choice = inputs.largest_offload()
         return make_plan(inputs, choice, step_time(inputs, choice), inputs.windows[0],
                          PlanStatus.FEASIBLE, time.perf_counter(), why)
 
@@ -179,10 +181,15 @@ class OrbitFlow(KVPolicy):
 
     # ---- the KVPolicy interface ----------------------------------------------------------------
     def place_new(self, req: RequestView, cap: CapacityView) -> list[Tier]:
-        """On its own: the largest offload (what an arrival is checked against: if even that
-        cannot hold it, no plan ever will)."""
-        d = min(self.distances or (1,))
-        return tiers_for_distance(d, self.num_layers)
+        """On its own: the largest offload short of all-host, or all-host if even that cannot hold
+        its KV at its longest on the device (what an arrival is checked against: if neither
+        holds it, no plan ever will)."""
+        ds, L = distance_set(self.distances, self.num_layers), self.num_layers
+        tiers = tiers_for_distance(([d for d in ds if d != ALL_HOST] or [ALL_HOST])[0], L)
+        longest = -(-(req.num_prompt_tokens + req.max_tokens) // cap.block_size)
+        if ds[0] == ALL_HOST and tiers.count(Tier.DEVICE) * longest > cap.device_total_blocks:
+            return tiers_for_distance(ALL_HOST, L)
+        return tiers
 
     def admit(self, req: RequestView, running: list[RequestView], cap: CapacityView
               ) -> PlacementPlan | None:

@@ -6,9 +6,10 @@ Pure Python + numpy; no solver here. `evaluate` is the ground truth that the ILP
 Placement (distance-driven, as in the paper). Request r picks a prefetch distance d from
 `distances`. Layer j (0-based) is on host iff d < L and (j + 1) % (d + 1) == 0: host layers are
 d, 2d+1, 3d+2, ... and every host layer has the d device layers before it as its prefetch window,
-so the first window starts at the top of the step. d = 1 puts floor(L/2) layers on host, d = L - 1
-one layer, d >= L none ("all on device"); we store d >= L as L. (The paper's 0-based `j % (d+1) == 0`
-would put layer 0 on host with no layer to hide its transfer behind; we shift by one.)
+so the first window starts at the top of the step. d = 0 puts every layer on host ("all-host":
+streamed in layer by layer, as `all-offload` does), d = 1 floor(L/2) layers, d = L - 1 one layer,
+d >= L none ("all on device"); we store d >= L as L. (The paper's 0-based `j % (d+1) == 0` would
+put layer 0 on host with no layer to hide its transfer behind; we shift by one.)
 
 One decode step, per layer j: compute time c = compute_a + compute_b * (batch context tokens), the
 same for every layer. Host layer h of request r with distance d is a transfer of B_r = n_r * kvb
@@ -16,6 +17,17 @@ bytes (its whole KV for that layer) over the host link (BW bytes/s). Its staging
 request's previous host layer (h - d - 1) finishes computing, so it is *released* at the end of
 layer h - d - 1's compute (the top of the step for the first one) and must *land* before layer h
 starts. stall_j >= 0 is the wait inserted before layer j; T = L * c + sum_j stall_j.
+
+All-host (d = 0): layer h's transfer is released when layer h - 1 ends (the top of the step for
+layer 0) and must land before layer h starts, so no compute hides it: alone on the link it adds
+B_r / BW of stall to every layer. The engine does at least as well for an all-host batch:
+`kv/store.py` keeps prefetch_depth + 1 >= 2 staging slots and issues layer h's copy when layer
+h - 1 starts (queued behind layer h - 2's write-back, which shares its slot), so the copy also
+overlaps layer h - 1's compute. The model leaves that overlap out: it is the conservative side.
+(Batches that mix distances are another matter, with or without d = 0: the engine's slots serve
+the union of the batch's host layers in order, so a large request's copy at a long distance can
+be issued later than its window here when a small request at d = 0 or 1 shares the batch; replayed
+by `sim/executor.py`, such a step took up to a quarter longer than modelled.)
 
 Link model: the transfer engine serves released transfers earliest-deadline-first in block-sized
 chunks (a runner that issues copies in release order, FIFO, can stall more). For one link with
@@ -37,6 +49,13 @@ The staging slots live outside the device KV pool (as in `kv/store.py`) and are 
 
 Capacity: device bytes = sum_r (L - host layers of d_r) * (n_r + g_r) * kvb <= capacity, with
 g_r = min(W, max_new_tokens_left) the tokens r grows by in the window (its KV at the window's end).
+All-host holds no device KV, so with d = 0 in `distances` every batch fits; but each all-host
+request adds its whole KV transfer to every step of the batch. A window is therefore *feasible*
+only if the batch fits with every request at its largest offload short of all-host, except the
+requests that fit no such offload even alone (at the shortest window), which must stream all-host
+(`PlanInputs.largest_offload`). A batch over that is overloaded: INFEASIBLE, Pause-Resume's cue,
+as without d = 0. Within a feasible window any placement that fits is allowed, d = 0 included, so
+a request goes all-host when nothing else holds it or when that is what meets the SLOs best.
 
 SLO and Token-Deposit. All requests share the step time T (one batch). Deposit tokens are released
 at the SLO pace, so a request is late in the window only when its lag W_r * (T - slo) exceeds what
@@ -74,7 +93,9 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-DEFAULT_DISTANCES = (1, 2, 3, 4, 5, 7, 9, 15, 31)  # the research code's set; L is always added
+PAPER_DISTANCES = (1, 2, 3, 4, 5, 7, 9, 15, 31)  # the research code's set
+ALL_HOST = 0  # the distance that puts every layer on host (module docstring)
+DEFAULT_DISTANCES = (ALL_HOST,) + PAPER_DISTANCES  # L is always added
 DEFAULT_WINDOWS = (32, 64, 128)  # the paper's range of plan windows, in decode steps
 SLO_RTOL = 1e-9  # T within this relative margin of an effective SLO counts as on time
 T_RTOL = 1e-6  # step times this close are a tie (solver tolerances are about 1e-7 relative)
@@ -127,13 +148,10 @@ class PlanInputs:
         ids = [r.request_id for r in self.requests]
         if len(set(ids)) != len(ids):
             raise ValueError("request ids must be unique")
-        ds = DEFAULT_DISTANCES + (L,) if self.distances is None else tuple(self.distances)
-        if not ds or any(int(d) != d or d < 1 for d in ds):
-            raise ValueError(f"distances must be integers >= 1, got {ds}")
         if not self.windows or any(int(w) != w or w < 1 for w in self.windows):
             raise ValueError(f"windows must be integers >= 1, got {self.windows}")
         object.__setattr__(self, "requests", tuple(self.requests))
-        object.__setattr__(self, "distances", tuple(sorted({min(int(d), L) for d in ds})))
+        object.__setattr__(self, "distances", distance_set(self.distances, L))
         object.__setattr__(self, "windows", tuple(sorted({int(w) for w in self.windows})))
 
     @property
@@ -150,10 +168,31 @@ class PlanInputs:
         return np.array([-(-(r.context_tokens + r.growth(window)) // bs) * bs for r in self.requests],
                         dtype=np.int64)
 
+    def largest_offload(self) -> list[int]:
+        """Per request, the distance with the fewest device layers short of all-host, or all-host
+        for a request whose KV at the shortest window's end does not fit the device even there
+        (every request at the least-device distance when all-host is not allowed)."""
+        ds, R = self.distances, len(self.requests)
+        partial = [d for d in ds if d != ALL_HOST]
+        if not partial or ds[0] != ALL_HOST:
+            return [ds[0]] * R
+        L, kvb = self.num_layers, self.kv_bytes_per_token_per_layer
+        fits_alone = (L - _n_host(partial[0], L)) * kvb * self.end_tokens(self.windows[0]) \
+            <= self.device_capacity_bytes
+        return [partial[0] if ok else ALL_HOST for ok in fits_alone]
+
     def min_device_bytes(self, window: int) -> int:
-        """Device bytes at the window's end with every request at its largest offload."""
-        tokens = int(self.end_tokens(window).sum())
-        return int(self.device_layers().min()) * tokens * self.kv_bytes_per_token_per_layer
+        """Device bytes at the window's end at `largest_offload`: over capacity, the window is
+        infeasible (module docstring)."""
+        return device_bytes(self, self.largest_offload(), window)
+
+
+def distance_set(distances: Sequence[int] | None, num_layers: int) -> tuple[int, ...]:
+    """The distances a plan chooses from (None: DEFAULT_DISTANCES), sorted, d >= L stored as L."""
+    ds = DEFAULT_DISTANCES + (num_layers,) if distances is None else tuple(distances)
+    if not ds or any(int(d) != d or d < 0 for d in ds):
+        raise ValueError(f"distances must be integers >= 0, got {ds}")
+    return tuple(sorted({min(int(d), num_layers) for d in ds}))
 
 
 class PlanStatus(enum.Enum):
@@ -166,9 +205,9 @@ class PlanStatus(enum.Enum):
 class Plan:
     """A placement for every request, valid for `window` decode steps.
 
-    On INFEASIBLE the per-request fields are empty, `device_bytes` is what the batch needs at its
-    largest offload, and `pause_candidates` lists the requests by KV size at the window's end,
-    largest first: the caller pauses from the front and re-solves."""
+    On INFEASIBLE the per-request fields are empty, `device_bytes` is what the batch needs at
+    `PlanInputs.largest_offload`, and `pause_candidates` lists the requests by KV size at the
+    window's end, largest first: the caller pauses from the front and re-solves."""
 
     status: PlanStatus
     distances: dict[str, int]  # request id -> prefetch distance (L: all layers on device)
@@ -219,16 +258,26 @@ def window_counts(num_layers: int, distances: tuple[int, ...]) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def critical_intervals(num_layers: int, distances: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The (a, b) pairs whose link constraints are not implied by a shorter interval: some transfer
-    inside is released exactly at a and some lands exactly at b. Returns (pairs [I, 2], counts [I, K])."""
-    first_deadline: dict[int, int] = {}
-    last_release: dict[int, int] = {}
+    """The (a, b) pairs whose link constraints are not implied by shorter intervals. Splitting (a, b)
+    into (a, m) and (m + 1, b) leaves out layer m's compute, so when no transfer inside crosses the
+    split (released at or before m, landing after it), the two halves imply the whole. Kept: every
+    split crossed (so some transfer is released exactly at a and some lands exactly at b), or a = b
+    with an all-host transfer there. Returns (pairs [I, 2], counts [I, K])."""
+    releases: dict[int, list[int]] = {}  # deadline -> release of every transfer landing there
     for d in distances:
         for h in host_layers(d, num_layers):
-            first_deadline[h - d] = min(first_deadline.get(h - d, h), h)
-            last_release[h] = max(last_release.get(h, h - d), h - d)
-    pairs = [(a, b) for a in sorted(first_deadline) for b in sorted(last_release)
-             if first_deadline[a] <= b and last_release[b] >= a]
+            releases.setdefault(h, []).append(h - d)
+    pairs = []
+    for a in range(num_layers):
+        crossed, p = [False] * num_layers, a  # crossed[m]: a transfer inside runs over m | m + 1
+        for b in range(a, num_layers):
+            for r in releases.get(b, ()):
+                if r >= a:
+                    crossed[r:b] = [True] * (b - r)
+            while p < b and crossed[p]:
+                p += 1
+            if p == b and (a < b or a in releases.get(a, ())):
+                pairs.append((a, b))
     counts = window_counts(num_layers, distances)
     arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
     return arr, counts[arr[:, 0], arr[:, 1]] if len(pairs) else np.zeros((0, len(distances)))
