@@ -24,6 +24,18 @@ def wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.3):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def planner_state(base: str) -> dict:
+    """GET /v1/orbitflow/state; an empty view while the planner is unreachable (killed, restarting),
+    so polling loops wait instead of failing on one timed-out call."""
+    import httpx2
+
+    try:
+        r = httpx2.get(f"{base}/v1/orbitflow/state", timeout=10)
+    except httpx2.HTTPError:
+        return {"workers": {}}
+    return r.json() if r.status_code == 200 else {"workers": {}}
+
+
 @contextlib.contextmanager
 def serve_app(args: dict, worker_options: dict | None = None, num_cpus: int = 4,
               metrics_port: int | None = None):

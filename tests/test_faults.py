@@ -14,7 +14,7 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")
 
-from serve_util import serve_app, wait_for as _wait_for  # noqa: E402
+from serve_util import planner_state, serve_app, wait_for as _wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault, pytest.mark.timeout(900)]
 MODEL = "smollm2-135m"
@@ -31,8 +31,7 @@ def app():
         yield base
 
 
-def _state(base: str) -> dict:
-    return httpx.get(f"{base}/v1/orbitflow/state", timeout=10).json()
+_state = planner_state
 
 
 def _idle(base: str, n_workers: int = 2):

@@ -45,7 +45,9 @@ _leaf = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_s
          | st.sampled_from([2 ** 63, -(2 ** 63), 10 ** 400, "text", "", MODEL]))
 _json = st.recursive(_leaf, lambda inner: st.lists(inner, max_size=4)
                      | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
-_text = st.text(min_size=1, max_size=30)
+# Printable text: a prompt of only control characters tokenizes to nothing, a 400 by design.
+_text = st.text(st.characters(codec="ascii", categories=("L", "N", "P", "Zs")), min_size=1,
+                max_size=30).filter(str.strip)
 _sampling = {
     "max_tokens": st.integers(1, CAP), "temperature": st.floats(0.0, 2.0), "top_p": st.floats(0.01, 1.0),
     "top_k": st.integers(0, 50), "n": st.just(1), "stream": st.booleans(),

@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx2")
 
 from orbitflow_ray import LLM  # noqa: E402
 from orbitflow_ray.sampling_params import SamplingParams  # noqa: E402
-from serve_util import free_port, serve_app, wait_for as _wait_for  # noqa: E402
+from serve_util import free_port, planner_state, serve_app, wait_for as _wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -47,8 +47,7 @@ def offline():
     llm.engine.close()
 
 
-def _state(base: str) -> dict:
-    return httpx.get(f"{base}/v1/orbitflow/state", timeout=10).json()
+_state = planner_state
 
 
 def test_health_and_models(app, client):

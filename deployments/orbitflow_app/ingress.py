@@ -3,6 +3,7 @@ deployment, reached through a streaming handle routed by `SLOFeasibilityRouter`.
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 from ray import serve
@@ -13,6 +14,7 @@ from orbitflow_ray.serving.api import build_api
 from orbitflow_ray.serving.app_config import AppArgs
 from orbitflow_ray.serving.messages import GenerateRequest, StreamDelta, WorkerOverloaded
 from orbitflow_ray.serving.openai_service import OpenAIService
+from orbitflow_ray.serving.protocol import ServiceUnavailableError
 
 
 @serve.deployment(name="OrbitFlowIngress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
@@ -37,7 +39,11 @@ class OrbitFlowIngress:
     async def _state(self) -> dict:
         if self.planner is None:
             return {"workers": {}, "planner": "disabled"}
-        return await self.planner.state.remote()
+        try:  # the planner may be restarting: answer 503 rather than wait on it
+            return await asyncio.wait_for(self.planner.state.remote(), 5.0)
+        except Exception as e:
+            raise ServiceUnavailableError(f"the planner is unavailable ({type(e).__name__}); retry shortly",
+                                          retry_after_s=1) from None
 
     def __serve_build_asgi_app__(self):
         return build_api(self.service, self._state)
