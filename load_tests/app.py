@@ -81,8 +81,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ManagedApp:
     """A local Ray with Serve and the app, shut down on exit."""
 
-    def __init__(self, spec: AppSpec, port: int | None = None, ready_timeout_s: float = 180.0) -> None:
+    def __init__(self, spec: AppSpec, port: int | None = None, ready_timeout_s: float = 180.0,
+                 ray_options: dict | None = None) -> None:
         self.spec = spec
+        self.ray_options = ray_options or {}  # extra ray.init arguments (num_cpus, metrics port, ...)
         self.port = spec.port if port is None else (port or free_port(spec.host))
         self.ready_timeout_s = ready_timeout_s
         self.policy: str | None = None
@@ -98,7 +100,8 @@ class ManagedApp:
 
         _port_must_be_free(self.spec.host, self.port)
         # "local": our own Ray instance, even if someone else's runs on this machine.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                 **self.ray_options)
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         serve.start(proxy_location=self.spec.proxy_location,
                     http_options={"host": self.spec.host, "port": self.port})

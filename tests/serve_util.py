@@ -1,16 +1,14 @@
-"""Helpers shared by the tests that run the Ray Serve app on local Ray."""
+"""Helpers shared by the tests that run the Ray Serve app on local Ray (over the load-test
+harness's own app management, `load_tests/app.py`)."""
 
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 
+from load_tests.app import AppSpec, ManagedApp, fetch_state, free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "planner_state", "serve_app", "wait_for"]
 
 
 def wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.3):
@@ -27,31 +25,15 @@ def wait_for(pred, timeout_s: float, what: str, poll_s: float = 0.3):
 def planner_state(base: str) -> dict:
     """GET /v1/orbitflow/state; an empty view while the planner is unreachable (killed, restarting),
     so polling loops wait instead of failing on one timed-out call."""
-    import httpx2
-
-    try:
-        r = httpx2.get(f"{base}/v1/orbitflow/state", timeout=10)
-    except httpx2.HTTPError:
-        return {"workers": {}}
-    return r.json() if r.status_code == 200 else {"workers": {}}
+    return fetch_state(base) or {"workers": {}}
 
 
 @contextlib.contextmanager
 def serve_app(args: dict, worker_options: dict | None = None, num_cpus: int = 4,
               metrics_port: int | None = None):
     """Local Ray + the OrbitFlow app on a free port; yields the base URL; shuts both down."""
-    import ray
-    from ray import serve
-
-    from deployments.orbitflow_app import build_app
-
-    port = free_port()
     extra = {"_metrics_export_port": metrics_port} if metrics_port is not None else {}
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **extra)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args, worker_options), name="orbitflow", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    spec = AppSpec("tests", args=args, worker_options=worker_options or {})
+    with ManagedApp(spec, port=0, ray_options={"num_cpus": num_cpus, **extra}) as app:
+        app.deploy()
+        yield app.url

@@ -105,16 +105,19 @@ class KVPolicy(abc.ABC):
         """Policy counters for the engine's stats (solve times, fallbacks, pauses)."""
         return {}
 
-    def admission_damage(self, req: RequestView, running: list[RequestView], cap: CapacityView) -> float:
-        """Predicted SLO damage of admitting `req` now, for routing across workers: here 0 if its
-        KV fits the free blocks at `place_new`'s placement, inf if not (it would wait). Planning
-        policies override it with the misses their plan predicts."""
+    def admission_damage(self, reqs: list[RequestView], running: list[RequestView], cap: CapacityView
+                         ) -> list[float]:
+        """Predicted SLO damage of admitting each of `reqs` (alone) now, for routing across
+        workers: here 0 if its KV fits the free blocks at `place_new`'s placement, inf if not (it
+        would wait). Planning policies override it with the misses their plan predicts."""
+        return [0.0 if self._fits_free(req, cap) else float("inf") for req in reqs]
+
+    def _fits_free(self, req: RequestView, cap: CapacityView) -> bool:
         tiers = self.place_new(req, cap)
         per_layer = -(-max(req.num_tokens, 1) // cap.block_size)
         on_device = sum(t == Tier.DEVICE for t in tiers) * per_layer
         on_host = (len(tiers) - sum(t == Tier.DEVICE for t in tiers)) * per_layer
-        fits = on_device <= cap.device_free_blocks and on_host <= cap.host_free_blocks
-        return 0.0 if fits else float("inf")
+        return on_device <= cap.device_free_blocks and on_host <= cap.host_free_blocks
 
     @property
     def swaps_on_pressure(self) -> bool:

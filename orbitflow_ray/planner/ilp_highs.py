@@ -174,27 +174,16 @@ class HighsPlanner:
 
     def _run(self, inputs: PlanInputs, window: int, lay: _Layout, data: dict, start: np.ndarray | None,
              presolve: str = "choose") -> tuple[np.ndarray, bool, float]:
-        h = self._highs
-        h.setOptionValue("mip_abs_gap", self.rel_gap * inputs.num_layers)
-        h.setOptionValue("presolve", presolve)
+        ok = (highspy.HighsModelStatus.kOptimal, highspy.HighsModelStatus.kTimeLimit)
         for _ in range(3):  # HiGHS may overshoot the capacity row by its feasibility tolerance:
             # then re-solve with the row's bound just under that plan (exact check in `fits`)
-            h.passModel(*lay.model(data))
-            if start is not None and fits(inputs, window, start):
-                h.setSolution(lay.incumbent(data, start))
-            h.run()
-            status = h.getModelStatus()
-            if status not in (highspy.HighsModelStatus.kOptimal, highspy.HighsModelStatus.kTimeLimit):
+            h, status = self._attempt(inputs, window, lay, data, start, presolve)
+            if status not in ok:
                 # A reused HiGHS instance occasionally reports a solve error that a fresh one does not
                 # (seen under CPU load): retry once from scratch, without the warm start.
                 self._h = None
-                h = self._highs
-                h.setOptionValue("mip_abs_gap", self.rel_gap * inputs.num_layers)
-                h.setOptionValue("presolve", presolve)
-                h.passModel(*lay.model(data))
-                h.run()
-                status = h.getModelStatus()
-            if status not in (highspy.HighsModelStatus.kOptimal, highspy.HighsModelStatus.kTimeLimit):
+                h, status = self._attempt(inputs, window, lay, data, None, presolve)
+            if status not in ok:
                 raise RuntimeError(f"HiGHS: {h.modelStatusToString(status)} on a feasible window")
             x = np.asarray(h.getSolution().col_value[:lay.R * lay.K]).reshape(lay.R, lay.K)
             ks = np.argmax(x, axis=1)
@@ -204,6 +193,18 @@ class HighsPlanner:
             # just under that plan, past HiGHS's mip_feasibility_tolerance (1e-6)
             data["cap_rhs"] = float(data["cap"][np.arange(lay.R), ks].sum()) - 1e-5
         raise RuntimeError("HiGHS kept returning plans over capacity")
+
+    def _attempt(self, inputs: PlanInputs, window: int, lay: _Layout, data: dict, start: np.ndarray | None,
+                 presolve: str):
+        """One HiGHS run of the window's model, warm-started from `start` when it fits."""
+        h = self._highs
+        h.setOptionValue("mip_abs_gap", self.rel_gap * inputs.num_layers)
+        h.setOptionValue("presolve", presolve)
+        h.passModel(*lay.model(data))
+        if start is not None and fits(inputs, window, start):
+            h.setSolution(lay.incumbent(data, start))
+        h.run()
+        return h, h.getModelStatus()
 
     def solve(self, inputs: PlanInputs) -> Plan:
         ds, c = np.array(inputs.distances), inputs.compute_per_layer_s

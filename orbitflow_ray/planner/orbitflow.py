@@ -144,17 +144,18 @@ class OrbitFlow(KVPolicy):
         """One planning solve on another's behalf (the central planner solving for a worker)."""
         return self._solve(list(views), cap, frozenset(pinned))
 
-    def admission_damage(self, req: RequestView, running: list[RequestView], cap: CapacityView) -> float:
-        """SLO misses the plan predicts if `req` joined now, beyond the batch's own; inf when it
-        could join only by pausing others or not at all (the router then prefers another worker)."""
-        if not running:
-            base = 0
-        else:
-            base = len(self._solve(list(running), cap, frozenset(), probe=True)[0].violations)
-        plan, paused = self._solve(list(running) + [req], cap, frozenset({req.request_id}), probe=True)
-        if paused or req.request_id not in plan.distances or plan.solver.startswith("fallback"):
-            return float("inf")
-        return float(max(0, len(plan.violations) - base))
+    def admission_damage(self, reqs: list[RequestView], running: list[RequestView], cap: CapacityView
+                         ) -> list[float]:
+        """Per request of `reqs` (each alone), the SLO misses the plan predicts if it joined now,
+        beyond the batch's own (solved once for all); inf when it could join only by pausing
+        others or not at all (the router then prefers another worker)."""
+        base = len(self._solve(list(running), cap, frozenset(), probe=True)[0].violations) if running else 0
+        out = []
+        for req in reqs:
+            plan, paused = self._solve(list(running) + [req], cap, frozenset({req.request_id}), probe=True)
+            joins = not paused and req.request_id in plan.distances and not plan.solver.startswith("fallback")
+            out.append(float(max(0, len(plan.violations) - base)) if joins else float("inf"))
+        return out
 
     # ---- applying plans ------------------------------------------------------------------------
     def _install(self, plan: Plan, views: list[RequestView], paused: list[str]) -> PlacementPlan:

@@ -64,18 +64,15 @@ class CentralPlanner:
         self._forget_stale()
         policy = self._policy(t.worker_id, t.policy, t.cost_model)
         t0 = time.perf_counter()
-        damage = []
-        for n in self.probe_tokens:
-            if n >= t.max_model_len:
-                damage.append(float("inf"))
-                continue
-            probe = RequestView(f"probe-{n}", n, n, self.probe_max_tokens, time.perf_counter(), None, 0,
-                                None, 0, None, 0)
-            try:
-                damage.append(policy.admission_damage(probe, list(t.running), t.capacity))
-            except Exception:  # advice is best effort: a failed probe must not fail the report
-                log.exception("routing probe of %d tokens failed for worker %s", n, t.worker_id)
-                damage.append(float("inf"))
+        fit = [n for n in self.probe_tokens if n < t.max_model_len]  # longer ones can never run: inf
+        probes = [RequestView(f"probe-{n}", n, n, self.probe_max_tokens, time.perf_counter(), None, 0,
+                              None, 0, None, 0) for n in fit]
+        try:
+            fitting = policy.admission_damage(probes, list(t.running), t.capacity)
+        except Exception:  # advice is best effort: a failed probe must not fail the report
+            log.exception("routing probes failed for worker %s", t.worker_id)
+            fitting = [float("inf")] * len(probes)
+        damage = fitting + [float("inf")] * (len(self.probe_tokens) - len(fit))
         dt = time.perf_counter() - t0
         self.stats["probes"] += len(self.probe_tokens)
         self.stats["probe_s_total"] += dt

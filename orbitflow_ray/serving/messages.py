@@ -12,6 +12,7 @@ from typing import Hashable
 from orbitflow_ray.costmodel.linear import CostModel
 from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.sampling_params import SamplingParams
+from orbitflow_ray.serving.routing import predicted_damage
 
 
 class WorkerOverloaded(RuntimeError):
@@ -105,8 +106,7 @@ class RoutingAdvice:
     made_at: float  # time.time()
 
     def damage_at(self, prompt_tokens: int) -> float:
-        """Damage of the smallest probe at least as long as the prompt (the largest if none is)."""
-        for n, d in zip(self.probe_tokens, self.damage):
-            if prompt_tokens <= n:
-                return d
-        return self.damage[-1] if self.damage else 0.0
+        """Damage of the smallest probe at least as long as the prompt (the largest if none is):
+        the router's lookup, on this advice."""
+        d = predicted_damage({"probe_tokens": self.probe_tokens, "damage": self.damage}, prompt_tokens)
+        return 0.0 if d is None else d
