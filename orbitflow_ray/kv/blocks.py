@@ -58,6 +58,9 @@ class BlockPool:
     def num_used(self) -> int:
         return len(self._used)
 
+    def used_blocks(self) -> frozenset[int]:
+        return frozenset(self._used)
+
     def can_allocate(self, n: int) -> bool:
         return n <= self.num_free
 

@@ -72,12 +72,19 @@ class KVStore:
         self.wait_moves()  # a step with moves but no compute left some in flight
         out_src, out_dst = [], []
         into: dict[int, tuple[list[int], list[int]]] = {}
+        filled: set[int] = set()  # device blocks that copies to device issued so far will write
         for op in moves:
             if op.dst_tier == Tier.HOST:
+                if not filled.isdisjoint(op.src_blocks):
+                    # Copies to host run first, so this one would read blocks before they are
+                    # filled; the tier manager undoes such round trips (`KVTierManager.move`).
+                    raise RuntimeError(f"{op.request_id} layer {op.layer}: a move to host reads device "
+                                       "blocks that an earlier move to device of this step has yet to fill")
                 out_src.extend(op.src_blocks)
                 out_dst.extend(op.dst_blocks)
             else:
                 src, dst = into.setdefault(op.layer, ([], []))
+                filled.update(op.dst_blocks)
                 src.extend(op.src_blocks)
                 dst.extend(op.dst_blocks)
         if out_src:

@@ -2,7 +2,13 @@
 
 It is the single owner of both block pools (one per tier). Every byte it reports is a block it has
 handed out, so `used_bytes(tier) == blocks held by requests x block_bytes` at every step. The
-executor (`kv/store.py`) only reads block tables and runs the MoveOps it returns.
+executor (`kv/store.py`) only reads block tables and runs the step's MoveOps (`take_moves`).
+
+A step's moves are one plan: at most one MoveOp per (request, layer), from where the layer's KV was
+at the start of the step to where it is at the end, whatever happened in between. A layer moved to
+device and back to host in one step gets its host blocks back and no copy (the copy to device would
+run after the copy back to host reads the device blocks, which still hold nothing); a request freed
+in the step takes its pending moves with it (their destinations may be handed out again at once).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ class KVTierManager:
         # in the step (per layer, overlapping compute), while device -> host copies run first, so
         # handing them out again this step could overwrite them before they are read.
         self._moved_from_host: list[int] = []
+        self._moves: list[MoveOp] = []  # this step's moves, in issue order
+        self._last_move: dict[tuple[str, int], MoveOp] = {}  # the latest of them per (request, layer)
 
     # ---- queries -------------------------------------------------------------------------------
     def blocks_for(self, num_tokens: int) -> int:
@@ -33,6 +41,22 @@ class KVTierManager:
 
     def has(self, request_id: str) -> bool:
         return request_id in self._tables
+
+    def request_ids(self) -> list[str]:
+        return list(self._tables)
+
+    def check(self) -> None:
+        """Raise AssertionError unless the accounting is exact: in each tier, the blocks held by
+        tables (and, on host, those vacated by this step's moves to device) are distinct and are
+        exactly the pool's used blocks; every layer's blocks sit in its own tier."""
+        for tier, pool in self.pools.items():
+            held = [b for t in self._tables.values() for lk in t if lk.tier == tier for b in lk.blocks]
+            if tier == Tier.HOST:
+                held += self._moved_from_host
+            if len(held) != len(set(held)):
+                raise AssertionError(f"a {tier.name} block is held twice")
+            if set(held) != pool.used_blocks():
+                raise AssertionError(f"{tier.name} blocks held {len(held)} != used {pool.num_used}")
 
     def table(self, request_id: str) -> list[LayerKV]:
         return self._tables[request_id]
@@ -97,20 +121,51 @@ class KVTierManager:
         return True
 
     def move(self, request_id: str, layer: int, dst: Tier) -> MoveOp | None:
-        """Re-home one layer. Returns None (no state change) if the destination has no room."""
+        """Re-home one layer. Returns None (no state change) if the destination has no room, or
+        if the layer's move to device earlier in this step is undone instead (no copy needed)."""
         lk = self._tables[request_id][layer]
         if lk.tier == dst:
             return None
+        earlier = self._last_move.get((request_id, layer))
+        if earlier is not None and earlier.src_tier == Tier.HOST:
+            return self._undo_move_to_device(lk, earlier)
         new = self.pools[dst].allocate(len(lk.blocks))
         if new is None:
             return None
-        op = MoveOp(request_id, layer, lk.tier, tuple(lk.blocks), dst, tuple(new))
+        src_tier, src_blocks = lk.tier, tuple(lk.blocks)
         if lk.tier == Tier.HOST:
             self._moved_from_host.extend(lk.blocks)  # freed at the step's end (release_moved)
         else:
             self.pools[lk.tier].free(lk.blocks)
         lk.tier, lk.blocks = dst, new
+        # Device -> host -> device in one step keeps both copies: the executor runs every copy to
+        # host before any copy to device, so the second reads what the first wrote.
+        op = MoveOp(request_id, layer, src_tier, src_blocks, dst, tuple(new))
+        self._moves.append(op)
+        self._last_move[(request_id, layer)] = op
         return op
+
+    def _undo_move_to_device(self, lk: LayerKV, earlier: MoveOp) -> None:
+        """Host -> device, then back to host within one step: the layer takes its host blocks
+        back (still held, `_moved_from_host`), plus fresh ones for blocks it grew meanwhile, which
+        hold no KV yet. The earlier copy is dropped; the device blocks are free again."""
+        extra = len(lk.blocks) - len(earlier.src_blocks)
+        grown = self.pools[Tier.HOST].allocate(extra) if extra > 0 else []
+        if grown is None:
+            return None
+        held = set(earlier.src_blocks)
+        self._moved_from_host = [b for b in self._moved_from_host if b not in held]
+        self.pools[Tier.DEVICE].free(lk.blocks)
+        lk.tier, lk.blocks = Tier.HOST, list(earlier.src_blocks) + grown
+        self._moves = [op for op in self._moves if op is not earlier]
+        del self._last_move[(earlier.request_id, earlier.layer)]
+        return None
+
+    def take_moves(self) -> list[MoveOp]:
+        """The step's moves in issue order (per layer one, or a copy to host then one back to
+        device); the next step starts empty."""
+        moves, self._moves, self._last_move = self._moves, [], {}
+        return moves
 
     def move_request(self, request_id: str, placement: list[Tier]) -> list[MoveOp] | None:
         """Re-home all layers that change. All or nothing. Layers going to host move first: the
@@ -135,5 +190,12 @@ class KVTierManager:
             self._moved_from_host = []
 
     def free(self, request_id: str) -> None:
-        for lk in self._tables.pop(request_id, []):
+        """Release a request's blocks and drop its pending moves (their destinations are free
+        again; their sources were released when the move was issued)."""
+        table = self._tables.pop(request_id, [])
+        if any(op.request_id == request_id for op in self._moves):
+            self._moves = [op for op in self._moves if op.request_id != request_id]
+            for layer in range(len(table)):
+                self._last_move.pop((request_id, layer), None)
+        for lk in table:
             self.pools[lk.tier].free(lk.blocks)

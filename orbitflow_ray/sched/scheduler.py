@@ -17,12 +17,13 @@ from collections import deque
 from typing import Callable
 
 from orbitflow_ray.config import EngineConfig
-from orbitflow_ray.kv.blocks import LayerKV, MoveOp, Tier
+from orbitflow_ray.kv.blocks import LayerKV, Tier
 from orbitflow_ray.kv.tier_manager import KVTierManager
 from orbitflow_ray.planner.base import CapacityView, KVPolicy, PlacementPlan, RequestView
 from orbitflow_ray.planner.deposit import TokenDeposit
 from orbitflow_ray.request import Request, RequestStatus
 from orbitflow_ray.sched.output import ScheduledSeq, SchedulerOutput
+from orbitflow_ray.sched.states import transition
 
 
 class Scheduler:
@@ -45,7 +46,6 @@ class Scheduler:
         self.swapped: list[Request] = []  # preempted or paused, oldest arrival first
         self.requests: dict[str, Request] = {}
         self._finished_ids: list[str] = []
-        self._pending_moves: list[MoveOp] = []
         self._step = 0
         self.num_preemptions = 0
         self.num_pauses = 0
@@ -85,7 +85,7 @@ class Scheduler:
             if req in queue:
                 queue.remove(req)
         self._end_pause(req)
-        req.status = status
+        transition(req, status)
         if self.kv.has(req.request_id):
             self.kv.free(req.request_id)
         self.policy.request_finished(req.request_id)
@@ -100,12 +100,9 @@ class Scheduler:
         return True
 
     def set_placement(self, request_id: str, placement: list[Tier]) -> bool:
-        """Re-home a running request's layers at this step boundary (False if it does not fit)."""
-        ops = self.kv.move_request(request_id, placement)
-        if ops is None:
-            return False
-        self._pending_moves.extend(ops)
-        return True
+        """Re-home a running request's layers at this step boundary (False if it does not fit).
+        The copies run with the next step's (`KVTierManager.take_moves`)."""
+        return self.kv.move_request(request_id, placement) is not None
 
     # ---- views for the policy ------------------------------------------------------------------
     def view(self, req: Request) -> RequestView:
@@ -126,9 +123,8 @@ class Scheduler:
     # ---- the step ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self._step += 1
-        moves, self._pending_moves = self._pending_moves, []
-        self._resume_swapped(moves)
-        self._apply(self.policy.replan([self.view(r) for r in self.running], self.capacity()), moves)
+        self._resume_swapped()
+        self._apply(self.policy.replan([self.view(r) for r in self.running], self.capacity()))
         budget = self.config.max_num_batched_tokens
         seqs: list[ScheduledSeq] = []
         for req in list(self.running):
@@ -137,69 +133,89 @@ class Scheduler:
             n = self._chunk(req)
             if n > budget:
                 continue
-            if n > 0 and self._reserve(req, n, moves):
+            if n > 0 and self._reserve(req, n):
                 seqs.append(self._seq(req, n))
                 budget -= n
-        if not self.swapped:
-            budget = self._admit(budget, seqs, moves)
+        if not self.swapped:  # FCFS: swapped requests are older than any waiting one
+            budget = self._admit(budget, seqs)
         for seq in seqs:  # snapshot tables last: growth and moves above may have changed them
             table = self.kv.table(seq.request_id)
             seq.table = [LayerKV(lk.tier, list(lk.blocks)) for lk in table] if self.snapshot_tables else table
         finished, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(self._step, seqs, moves, finished)
+        return SchedulerOutput(self._step, seqs, self.kv.take_moves(), finished)
 
-    def _reserve(self, req: Request, n: int, moves: list[MoveOp]) -> bool:
+    def _reserve(self, req: Request, n: int) -> bool:
         """Grow req's KV for n more tokens, preempting the newest running requests if needed."""
         target = req.num_computed_tokens + n
         while not self.kv.grow(req.request_id, target):
             need = self.kv.growth_need(req.request_id, target)
             short = {t for t, k in need.items() if k > self.kv.num_free(t)}
             victim = self.running[-1]
-            self._preempt(victim, short, moves)
+            self._preempt(victim, short)
             if victim is req:
                 return False
         return True
 
-    def _preempt(self, req: Request, short: set[Tier], moves: list[MoveOp]) -> None:
+    def _preempt(self, req: Request, short: set[Tier]) -> None:
         """Swap req out whole when that frees what is short (device blocks, host has room);
         otherwise drop its KV: its tokens are kept and their KV is recomputed on resume."""
         self.num_preemptions += 1
         self.running.remove(req)
         on_device = sum(len(lk.blocks) for lk in self.kv.table(req.request_id) if lk.tier == Tier.DEVICE)
         if short == {Tier.DEVICE} and on_device and self.kv.num_free(Tier.HOST) >= on_device:
-            moves.extend(self.kv.move_request(req.request_id, [Tier.HOST] * self.kv.num_layers))
-            req.status = RequestStatus.PREEMPTED
+            self._to_host(req)
+            transition(req, RequestStatus.PREEMPTED)
             self._park(req)
             return
+        self._recompute(req)
+
+    def _recompute(self, req: Request) -> None:
+        """Drop req's KV and queue it first: its tokens are kept, their KV is computed again."""
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
-        req.status = RequestStatus.WAITING
+        self._end_pause(req)
+        transition(req, RequestStatus.WAITING)
         self.waiting.appendleft(req)
 
-    def _resume_swapped(self, moves: list[MoveOp]) -> None:
-        """Resume preempted or paused requests, oldest arrival first, while the policy admits them."""
+    def _resume_swapped(self) -> None:
+        """Resume preempted or paused requests, oldest arrival first, while the policy admits them.
+        A plan that leaves the request out keeps its placement (every layer on host). If nothing
+        runs afterwards, the oldest resumes anyway (`_unblock`): work never waits on an idle batch."""
         while self.swapped and len(self.running) < self.config.max_num_seqs:
             req = self.swapped[0]
             plan = self.policy.admit(self.view(req), [self.view(r) for r in self.running], self.capacity())
             if plan is None:
-                return
-            placement = plan.placements.pop(req.request_id)
-            self._apply(plan, moves)
+                break
+            placement = plan.placements.pop(req.request_id, None) or self.kv.placement(req.request_id)
+            self._apply(plan)
             # Its layers are all on host; those going back need device room plus one block each
             # to grow into, or it would be swapped straight out again.
             back = [lk for lk, t in zip(self.kv.table(req.request_id), placement) if t == Tier.DEVICE]
             if not self.kv.fits({Tier.DEVICE: sum(len(lk.blocks) + 1 for lk in back), Tier.HOST: 0}):
-                return
-            ops = self.kv.move_request(req.request_id, placement)
-            if ops is None:
-                return
-            moves.extend(ops)
-            self.swapped.pop(0)
-            self._end_pause(req)
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+                break
+            if self.kv.move_request(req.request_id, placement) is None:
+                break
+            self._resume(req)
+        if self.swapped and not self.running:
+            self._unblock(self.swapped[0])
 
-    def _admit(self, budget: int, seqs: list[ScheduledSeq], moves: list[MoveOp]) -> int:
+    def _resume(self, req: Request) -> None:
+        self.swapped.remove(req)
+        self._end_pause(req)
+        transition(req, RequestStatus.RUNNING)
+        self.running.append(req)
+
+    def _unblock(self, req: Request) -> None:
+        """Nothing runs and the policy resumes nothing: req runs where its KV is (every layer on
+        host, no device room needed) when the host has a block per layer for it to grow into;
+        otherwise its KV is dropped and recomputed, which needs only what admission checks."""
+        if self.kv.fits({Tier.DEVICE: 0, Tier.HOST: self.kv.num_layers}):
+            self._resume(req)
+        else:
+            self.swapped.remove(req)
+            self._recompute(req)
+
+    def _admit(self, budget: int, seqs: list[ScheduledSeq]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if self._chunk(req) > budget:
@@ -207,48 +223,55 @@ class Scheduler:
             plan = self.policy.admit(self.view(req), [self.view(r) for r in self.running], self.capacity())
             if plan is None:
                 break
-            placement = plan.placements.pop(req.request_id)
-            self._apply(plan, moves)
+            placement = plan.placements.pop(req.request_id, None)
+            if placement is None:
+                raise RuntimeError(f"kv_policy {self.policy.name!r} admitted {req.request_id!r} without a placement")
+            self._apply(plan)
             # Admit only if the whole prompt fits, so a long prefill is not preempted half-way.
             if not self.kv.fits(self.kv.demand(placement, self.kv.blocks_for(req.num_tokens))):
                 break
             self.waiting.popleft()
             self.kv.register(req.request_id, placement)
-            req.status = RequestStatus.RUNNING
+            transition(req, RequestStatus.RUNNING)
             self.running.append(req)
             n = self._chunk(req)
-            if self._reserve(req, n, moves):
+            if self._reserve(req, n):
                 seqs.append(self._seq(req, n))
                 budget -= n
         return budget
 
-    def _apply(self, plan: PlacementPlan | None, moves: list[MoveOp]) -> None:
-        """Carry out a policy's plan: pauses first (they free device blocks), then placements."""
+    def _apply(self, plan: PlacementPlan | None) -> None:
+        """Carry out a policy's plan: pauses first (they free device blocks), then placements. A
+        pause that would empty the batch is skipped: it would make room for nobody."""
         if plan is None:
             return
         for rid in plan.pause:
             req = self.requests.get(rid)
-            if req is not None and req in self.running:
-                self._pause(req, moves)
+            if req is not None and req in self.running and len(self.running) > 1:
+                self._pause(req)
         for rid, placement in plan.placements.items():
             req = self.requests.get(rid)
             if req is not None and req in self.running and self.kv.has(rid):
-                moves.extend(self.kv.move_request(rid, placement) or [])
+                self.kv.move_request(rid, placement)
 
-    def _pause(self, req: Request, moves: list[MoveOp]) -> None:
+    def _pause(self, req: Request) -> None:
         """Pause-Resume: all of req's KV to host, out of the batch; nothing is recomputed. When
         the host cannot take it, fall back to preemption (recompute)."""
         on_device = sum(len(lk.blocks) for lk in self.kv.table(req.request_id) if lk.tier == Tier.DEVICE)
         if on_device > self.kv.num_free(Tier.HOST):
-            self._preempt(req, {Tier.HOST}, moves)
+            self._preempt(req, {Tier.HOST})
             return
         self.running.remove(req)
-        moves.extend(self.kv.move_request(req.request_id, [Tier.HOST] * self.kv.num_layers))
-        req.status = RequestStatus.PAUSED
+        self._to_host(req)
+        transition(req, RequestStatus.PAUSED)
         req.paused_at = self.clock()
         req.num_pauses += 1
         self.num_pauses += 1
         self._park(req)
+
+    def _to_host(self, req: Request) -> None:
+        if self.kv.move_request(req.request_id, [Tier.HOST] * self.kv.num_layers) is None:
+            raise RuntimeError(f"{req.request_id}: host has no room for its device KV (checked before)")
 
     def _park(self, req: Request) -> None:
         keys = [r.arrival_time for r in self.swapped]
