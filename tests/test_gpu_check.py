@@ -121,6 +121,25 @@ def test_kv_round_trip_through_host_is_exact(backend, dtype):
         engine.close()
 
 
+@cuda
+def test_cuda_engine_times_its_copies():
+    """busy_seconds (the cost model's link time) grows per direction by what the copies took."""
+    from orbitflow_kernels import Direction, TransferJob
+
+    with make_transfer_engine("cuda") as engine:
+        rows = torch.arange(256)
+        dev = engine.alloc_device((256, 2, 8, 16, 128), torch.bfloat16)  # 64 KiB rows: 16 MiB
+        host = engine.alloc_host((256, 2, 8, 16, 128), torch.bfloat16)
+        engine.submit(TransferJob(host, dev, rows, rows.flip(0), Direction.H2D))
+        engine.synchronize()
+        busy = engine.busy_seconds
+        assert busy[Direction.D2H] == 0 and busy[Direction.D2D] == 0
+        assert 16 * 2**20 / 2e12 < busy[Direction.H2D] < 1.0  # under 2 TB/s: no PCIe/C2C link is faster
+        engine.submit(TransferJob(dev, host, rows, rows, Direction.D2H))
+        engine.synchronize()
+        assert engine.busy_seconds[Direction.D2H] > 0 and engine.busy_seconds[Direction.H2D] == busy[Direction.H2D]
+
+
 # ---- the engine on CUDA ------------------------------------------------------------------------
 def _generate(model: str, policy: str, prompts, max_tokens: int = 10, **kw) -> tuple[list, dict]:
     llm = LLM(model=model, kv_policy=policy, backend="cuda",
