@@ -48,8 +48,8 @@ def _cuda() -> dict:
 
         info["cupy_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
         info["cupy_driver"] = cupy.cuda.runtime.driverGetVersion()
-        x = torch.arange(1 << 20, device="cuda", dtype=torch.float32)  # one buffer seen by both
-        info["cupy_sees_torch_memory"] = float(cupy.asarray(x).sum()) == float(x.sum())
+        x = torch.arange(1 << 20, device="cuda")  # one int64 buffer seen by both: exact sums
+        info["cupy_sees_torch_memory"] = int(cupy.asarray(x).sum()) == int(x.sum()) == (1 << 20) * ((1 << 20) - 1) // 2
     except Exception as exc:  # reported, not raised: the other stages say what it breaks
         info["cupy_error"] = repr(exc)
     return info

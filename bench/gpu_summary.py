@@ -37,10 +37,10 @@ def _tests(xml: Path) -> dict:
             failures.append({"test": name, "message": (bad.get("message") or "")[:400]})
         elif case.find("skipped") is not None:
             counts["skipped"] += 1
-            skips.append(f"{name}: {(case.find('skipped').get('message') or '')[:120]}")
+            skips.append((case.find("skipped").get("message") or "")[:160])
         else:
             counts["passed"] += 1
-    return {**counts, "failures": failures, "skips": skips}
+    return {**counts, "failures": failures, "skip_reasons": sorted(set(skips))}
 
 
 def merge(parts: Path, dry_run: bool) -> dict:
@@ -76,7 +76,8 @@ def summary(result: dict) -> list[str]:
     t = result.get("tests")
     if t:
         lines.append(f"tests: {t.get('passed')} passed, {t.get('failed')} failed, {t.get('skipped')} skipped"
-                     + "".join(f"\n  FAILED {f['test']}: {f['message'][:160]}" for f in t.get("failures", [])))
+                     + "".join(f"\n  FAILED {f['test']}: {f['message'][:160]}" for f in t.get("failures", []))
+                     + "".join(f"\n  skipped: {r}" for r in t.get("skip_reasons", [])[:4]))
     tr = result.get("transfer", {})
     if "copy" in tr:
         lines.append(f"copy {tr['rows'] * tr['row_bytes'] >> 20} MiB in {tr['row_bytes'] >> 10} KiB rows "
@@ -106,7 +107,7 @@ def summary(result: dict) -> list[str]:
             f"(p10 {_fmt(d['step_ms']['p10'], '.2f')}, p90 {_fmt(d['step_ms']['p90'], '.2f')}), "
             f"{_fmt(d['tokens_per_s'], '.0f')} tok/s; host {_fmt(d['host_overhead_ms']['median'], '.2f')} ms "
             f"(schedule {_fmt(d['schedule_ms']['median'], '.2f')}), store index "
-            f"{_fmt(d['store_index_ms']['median'], '.2f')} ms, stall {_fmt(d['stall_ms']['median'], '.2f')} ms; "
+            f"{_fmt(d['store_index_ms']['median'], '.2f')} ms, CPU-side stall {_fmt(d['stall_ms']['median'], '.2f')} ms; "
             f"H2D {_fmt(d['h2d_bytes_per_step'] / 1e6)} MB/step; HBM floor {_fmt(d['hbm_floor_ms'], '.2f')} ms{link}; "
             f"build {_fmt(d['build_s'])} s, prefill {_fmt(d['prefill_s'])} s")
     return lines

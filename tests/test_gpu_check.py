@@ -77,7 +77,8 @@ def test_random_prefix_names_any_preset_with_tiled_weights():
     m = load_model("random:tiny-qwen2", dtype=torch.bfloat16, seed=4)
     assert m.source == "random" and m.tokenizer is None and m.spec == get_preset("tiny-qwen2")
     assert {k: tuple(v.shape) for k, v in m.weights.items()} == expected_shapes(m.spec)
-    assert all(v.dtype == torch.bfloat16 and v.device.type == "cpu" for v in m.weights.values())
+    made_on = "cuda" if torch.cuda.is_available() else "cpu"  # where the engine will compute
+    assert all(v.dtype == torch.bfloat16 and v.device.type == made_on for v in m.weights.values())
     again = load_model("random:tiny-qwen2", dtype=torch.bfloat16, seed=4).weights
     assert all(torch.equal(again[k], v) for k, v in m.weights.items())
     other = load_model("random:tiny-qwen2", dtype=torch.bfloat16, seed=5).weights
@@ -93,6 +94,13 @@ def test_tiled_weights_repeat_one_normal_tile():
     assert torch.equal(flat[:1000], flat[1000:2000]) and torch.equal(flat[:192], flat[8000:])
     assert not torch.equal(flat[:1000], w["layers.1.mlp.up_proj.weight"].reshape(-1)[:1000])
     assert abs(float(flat[:1000].std()) - 0.02) < 0.003 and abs(float(flat[:1000].mean())) < 0.003
+
+
+@cuda
+def test_tiled_weights_are_the_same_on_the_gpu():
+    spec = get_preset("tiny-qwen2")
+    cpu, gpu = tiled_random_weights(spec, torch.bfloat16, 7), tiled_random_weights(spec, torch.bfloat16, 7, "cuda")
+    assert all(gpu[k].is_cuda and torch.equal(gpu[k].cpu(), v) for k, v in cpu.items())
 
 
 # ---- KV bytes through the tiers ----------------------------------------------------------------
