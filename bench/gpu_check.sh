@@ -51,7 +51,7 @@ install_wheels() {
         echo "no wheels to install (dry run, or no .whl/ carried)"
         return 0
     fi
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    timeout 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 }
 
 main() {
