@@ -18,6 +18,8 @@ host rows written by D2H must call `wait_host(job)` or `synchronize()` first. Th
 job's tensors alive until its event has completed, so callers may drop them right after submit.
 Host memory comes from CuPy's process-wide pinned pool: a pooled block is released to the pool only
 when its tensor dies, and the pool itself never dies before the process does.
+Each job's copies sit between two timing events, so `busy_seconds` reports the link time each
+direction took (the cost model's effective bandwidth), as the CPU engine's does.
 Not thread-safe: one caller thread (the model runner) submits and waits.
 """
 
@@ -32,7 +34,8 @@ import torch
 
 from orbitflow_kernels.base import Direction, TransferEngine, TransferJob
 
-GPU_HELP = "CUDA transfer engine needs cupy-cuda12x and a GPU: pip install 'orbitflow-ray[gpu]'"
+GPU_HELP = ("CUDA transfer engine needs CuPy for your CUDA major version and a GPU: "
+            "pip install 'orbitflow-ray[gpu]' (cupy-cuda12x) or 'orbitflow-ray[gpu-cu13]' (cupy-cuda13x)")
 _KIND = {Direction.H2D: 1, Direction.D2H: 2}  # cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost
 
 
@@ -73,6 +76,7 @@ def _check_rows(t: torch.Tensor, index: torch.Tensor, what: str) -> None:
 @dataclass(slots=True)
 class _Pending:
     job_id: int
+    start: torch.cuda.Event  # recorded once the copy stream reaches the job: busy = start -> event
     event: torch.cuda.Event
     job: TransferJob  # held so its tensors outlive the copy
 
@@ -95,6 +99,7 @@ class CudaTransferEngine(TransferEngine):
         self._inflight: deque[_Pending] = deque()
         self._next_id = 0
         self._bytes = {d: 0 for d in Direction}
+        self._busy = {d: 0.0 for d in Direction}
         self._closed = False
 
     # ---- memory --------------------------------------------------------------------------------
@@ -128,15 +133,17 @@ class CudaTransferEngine(TransferEngine):
         self._validate(job)
         with torch.cuda.device(self.device):
             self._torch_stream.wait_stream(torch.cuda.current_stream(self.device))
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(self._torch_stream)
             if job.direction == Direction.D2D:
                 self._copy_d2d(job)
             else:
                 self._copy_runs(job)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(enable_timing=True)
             event.record(self._torch_stream)
         job_id = self._next_id
         self._next_id += 1
-        self._inflight.append(_Pending(job_id, event, job))
+        self._inflight.append(_Pending(job_id, start, event, job))
         self._retire()
         return job_id
 
@@ -166,6 +173,7 @@ class CudaTransferEngine(TransferEngine):
         while self._inflight and self._inflight[0].event.query():
             done = self._inflight.popleft()
             self._bytes[done.job.direction] += done.job.nbytes
+            self._busy[done.job.direction] += done.start.elapsed_time(done.event) / 1e3  # ms -> s
 
     def _pending(self, job_id: int) -> _Pending | None:
         if not 0 <= job_id < self._next_id:
@@ -196,6 +204,12 @@ class CudaTransferEngine(TransferEngine):
     def bytes_moved(self) -> dict[Direction, int]:
         self._retire()
         return dict(self._bytes)
+
+    @property
+    def busy_seconds(self) -> dict[Direction, float]:
+        """Copy-stream time spent per direction (completed jobs), from the jobs' timing events."""
+        self._retire()
+        return dict(self._busy)
 
     def close(self) -> None:
         """Finish every queued copy and release the stream. Idempotent."""

