@@ -5,8 +5,8 @@
         app.deploy("all-offload")               # redeploy with another KV policy
         print(app.url, fetch_state(app.url))
 
-The config's application args go to `build_app` unchanged (the KV policy swapped in when asked);
-the workers take their deployment options from the config. The planner's and ingress's options
+The config's application args go to `build_app_with_options` unchanged (the KV policy swapped in
+when asked) with the workers' deployment options from the config. The planner's and ingress's options
 are the code's (the shipped configs set the same).
 """
 
@@ -111,10 +111,10 @@ class ManagedApp:
         """Deploy (or redeploy in place) the app, with `policy` as its KV policy if given."""
         from ray import serve
 
-        from deployments.orbitflow_app import build_app
+        from deployments.orbitflow_app import build_app_with_options
 
         args = self.spec.with_policy(policy)
-        serve.run(build_app(args, self.spec.worker_options), name=self.spec.name,
+        serve.run(build_app_with_options(args, self.spec.worker_options), name=self.spec.name,
                   route_prefix=self.spec.route_prefix)
         self.policy = AppArgs.model_validate(args).engine_config().kv_policy
         wait_ready(self.url, self.ready_timeout_s)

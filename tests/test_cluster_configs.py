@@ -2,31 +2,28 @@
 
     .venv/bin/python -m pytest -q tests/test_cluster_configs.py
 
-Fast: nothing starts Ray. The Serve app itself (`deployments.orbitflow_app`) is never imported; only
-its request router is stubbed, because Serve's schema imports that class while validating.
+Fast: nothing starts Ray. Validating a `request_router_config` imports the router class it names
+(the real one, `deployments.orbitflow_app.router`). That each application builds is checked in
+tests/test_entrypoints.py.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
-import pytest
+import jsonschema  # Ray's own dependency, for its cluster launcher schema
+import yaml
+from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+from ray.serve.schema import ServeDeploySchema
 
-pytest.importorskip("ray")
-yaml = pytest.importorskip("yaml")
-
-from ray.serve.config import AutoscalingConfig, RequestRouterConfig  # noqa: E402
-from ray.serve.schema import ServeDeploySchema  # noqa: E402
+from orbitflow_ray.serving.app_config import AppArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_CONFIG = ROOT / "deployments" / "config.gpu.yaml"
 LOCAL_CONFIG = ROOT / "deployments" / "config.yaml"
 LAUNCHER = ROOT / "cluster" / "ray-cluster.gpu.yaml"
 RAYSERVICE = ROOT / "cluster" / "kuberay-rayservice.yaml"
-ROUTER_MODULE = "deployments.orbitflow_app.router"
 
 
 def _load(path: Path) -> dict:
@@ -35,22 +32,6 @@ def _load(path: Path) -> dict:
 
 def _serve_config_of_rayservice() -> dict:
     return yaml.safe_load(_load(RAYSERVICE)["spec"]["serveConfigV2"])
-
-
-@pytest.fixture
-def stub_router(monkeypatch):
-    """A stand-in for the router module the configs name: validating a request_router_config
-    imports (and pickles) the class, and the real app may not exist yet."""
-    class SLOFeasibilityRouter:
-        pass
-
-    SLOFeasibilityRouter.__module__ = ROUTER_MODULE
-    parts = ROUTER_MODULE.split(".")
-    for i in range(1, len(parts) + 1):
-        module = types.ModuleType(".".join(parts[:i]))
-        module.__path__ = []
-        monkeypatch.setitem(sys.modules, module.__name__, module)
-    sys.modules[ROUTER_MODULE].SLOFeasibilityRouter = SLOFeasibilityRouter
 
 
 def _validate(config: dict) -> ServeDeploySchema:
@@ -68,7 +49,7 @@ def _deployments(schema: ServeDeploySchema) -> dict:
     return {d.name: d for d in schema.applications[0].deployments}
 
 
-def test_gpu_config_validates(stub_router):
+def test_gpu_config_validates():
     schema = _validate(_load(GPU_CONFIG))
     app = schema.applications[0]
     assert app.import_path == "deployments.orbitflow_app:build_app"
@@ -94,11 +75,10 @@ def test_gpu_engine_args_are_engine_config_fields():
 
 
 def test_gpu_args_are_valid_app_args():
-    app_config = pytest.importorskip("orbitflow_ray.serving.app_config")
-    app_config.AppArgs.model_validate(_load(GPU_CONFIG)["applications"][0]["args"])
+    AppArgs.model_validate(_load(GPU_CONFIG)["applications"][0]["args"])
 
 
-def test_rayservice_embeds_the_gpu_application(stub_router):
+def test_rayservice_embeds_the_gpu_application():
     embedded = _validate(_serve_config_of_rayservice())
     gpu = _validate(_load(GPU_CONFIG))
     assert embedded.applications[0].args == gpu.applications[0].args
@@ -140,14 +120,14 @@ def test_launcher_config_has_cpu_head_and_gpu_workers():
 
 
 def test_launcher_config_matches_rays_schema():
-    jsonschema = pytest.importorskip("jsonschema")
     import ray.autoscaler
 
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
     jsonschema.validate(_load(LAUNCHER), schema)
 
 
-def test_local_config_validates_if_present(stub_router):
-    if not LOCAL_CONFIG.exists():
-        pytest.skip("deployments/config.yaml not written yet")
-    _validate(_load(LOCAL_CONFIG))
+def test_local_config_validates():
+    schema = _validate(_load(LOCAL_CONFIG))
+    assert schema.applications[0].import_path == "deployments.orbitflow_app:build_app"
+    worker = _deployments(schema)["OrbitFlowWorker"]
+    assert worker.ray_actor_options.num_cpus == 1 and not worker.ray_actor_options.num_gpus

@@ -1,6 +1,14 @@
-"""Builds the OrbitFlow application: `serve run deployments/config.yaml`, or in Python
-`serve.run(build_app({...}))`. Deployment options (replicas, autoscaling, GPUs) come from the
-`deployments:` section of the Serve config; `args` is validated by `AppArgs`."""
+"""Builds the OrbitFlow application.
+
+    serve run deployments/config.yaml                      # Serve calls build_app(config's args)
+    serve.run(build_app({"model": "smollm2-135m"}))        # from Python
+    serve.run(build_app_with_options(args, {"num_replicas": 2}))
+
+Serve's builder contract: an `import_path` names a function of exactly one parameter, the `args`
+dict of the config (validated here by `AppArgs`). Deployment options (replicas, autoscaling, GPUs)
+come from the config's `deployments:` section; from Python, `build_app_with_options` takes the
+workers' options directly.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +20,15 @@ from deployments.orbitflow_app.worker import OrbitFlowWorker
 from orbitflow_ray.serving.app_config import AppArgs
 
 
-def build_app(args: dict | None = None, worker_options: dict | None = None) -> Application:
-    """`worker_options`: Serve deployment options for the workers when building from Python (a
-    config file sets them in its `deployments:` section instead)."""
+def build_app(args: dict) -> Application:
+    """The application for `args` (an `AppArgs` dict; `{}` for every default). Raises pydantic's
+    ValidationError naming the bad field."""
+    return build_app_with_options(args, None)
+
+
+def build_app_with_options(args: dict | None, worker_options: dict | None) -> Application:
+    """`build_app`, with Serve deployment options for the workers (`num_replicas`,
+    `autoscaling_config`, `ray_actor_options`, ...) that a config file would set in `deployments:`."""
     a = AppArgs.model_validate(args or {})
     plain = a.model_dump()
     planner = OrbitFlowPlanner.bind() if a.planner else None
