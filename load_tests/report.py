@@ -129,8 +129,8 @@ def headline(runs: list[dict], paths: dict[str, Path]) -> str:
 
 def _figures(m: dict) -> str:
     f = lambda key, kind: fmt(m.get(key), kind)  # noqa: E731
-    text = (f"{m.get('num_finished')}/{m.get('num_requests')} finished; goodput {f('goodput_req_s', 'rate')} req/s; "
-            f"attainment TTFT {f('ttft_attainment', 'pct')}, "
+    text = (f"{m.get('num_finished')}/{m.get('num_requests')} finished; goodput {f('goodput_req_s', 'rate')} "
+            f"req/s; attainment TTFT {f('ttft_attainment', 'pct')}, "
             f"TPOT {f('tpot_attainment', 'pct')}, TBT {f('tbt_attainment', 'pct')}; P95 TTFT {f('p95_ttft_s', 's')}, "
             f"TPOT {f('p95_tpot_s', 'ms')}, TBT {f('p95_tbt_s', 'ms')}; {f('throughput_tok_s', 'num1')} tok/s "
             f"({f('output_tok_s', 'num1')} out)")

@@ -136,8 +136,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"{cfg.kv_policy} on {cfg.model}/{cfg.gpu} TP{cfg.tp}: {m['num_finished']}/{m['num_requests']} "
           f"finished, goodput {m['goodput_req_s'] or 0:.3f} req/s, TTFT att. {_pct(m['ttft_attainment'])} "
           f"(P95 TTFT {_s(m['p95_ttft_s'])}), TPOT att. {_pct(m['tpot_attainment'])}, TBT att. "
-          f"{_pct(m['tbt_attainment'])}, P95 TBT {_ms(m['p95_tbt_s'])} (SLO {result.tpot_slo_s * 1e3:.1f} ms), throughput "
-          f"{m['throughput_tok_s'] or 0:.0f} tok/s, pauses {m['total_pauses']}; simulated in "
+          f"{_pct(m['tbt_attainment'])}, P95 TBT {_ms(m['p95_tbt_s'])} (SLO {result.tpot_slo_s * 1e3:.1f} ms), "
+          f"throughput {m['throughput_tok_s'] or 0:.0f} tok/s, pauses {m['total_pauses']}; simulated in "
           f"{result.sim_wall_s:.1f} s", file=sys.stderr)
     _emit(args, [run_entry(result, args.rate, args.slo_scale)], _context(args, cfg, trace, workload))
     return 0
