@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: none sent; judged against the app's engine.tpot_slo_s, else 0.25)")
     w.add_argument("--ttft-slo", type=_positive(float), default=None,
                    help="TTFT SLO in seconds, likewise (default: none sent; judged against the app's "
-                        "default_ttft_slo_s, else not judged)")
+                        "default_ttft_slo_s, else 10). Goodput counts requests meeting TTFT, TPOT and TBT")
     c = p.add_argument_group("client")
     c.add_argument("--max-concurrency", type=int, default=None,
                    help="most requests in flight; later ones wait client-side (default: no cap)")

@@ -20,14 +20,17 @@ from orbitflow_ray.sim.report import comparison_markdown, fmt_metric, fmt_value,
 # (label, metric key, format) of the rows of the results table
 ROWS = [("requests finished", "num_finished", "int"), ("requests failed", "num_failed", "int"),
         ("warm-up requests (not reported)", "num_warmup", "int"),
+        ("goodput (req/s meeting TTFT, TPOT and TBT SLOs)", "goodput_req_s", "rate"),
+        ("requests meeting all SLOs (of all)", "all_slo_attainment", "pct"),
         ("TTFT attainment", "ttft_attainment", "pct"), ("TPOT attainment", "tpot_attainment", "pct"),
-        ("TBT attainment", "tbt_attainment", "pct"),
+        ("TBT attainment (tokens)", "tbt_attainment", "pct"),
+        ("TBT attainment (requests, P99 gap)", "tbt_request_attainment", "pct"),
         ("P50 TTFT", "p50_ttft_s", "s"), ("P95 TTFT", "p95_ttft_s", "s"), ("P99 TTFT", "p99_ttft_s", "s"),
         ("P50 TPOT", "p50_tpot_s", "ms"), ("P95 TPOT", "p95_tpot_s", "ms"), ("P99 TPOT", "p99_tpot_s", "ms"),
         ("P50 TBT", "p50_tbt_s", "ms"), ("P95 TBT", "p95_tbt_s", "ms"), ("P99 TBT", "p99_tbt_s", "ms"),
         ("P95 TBT / SLO", "p95_tbt_over_slo", "ratio"), ("P95 end-to-end", "p95_e2e_s", "s"),
         ("throughput (in + out tok/s)", "throughput_tok_s", "num1"), ("output tok/s", "output_tok_s", "num1"),
-        ("goodput (req/s meeting all SLOs)", "goodput_req_s", "rate"), ("makespan", "makespan_s", "s"),
+        ("makespan", "makespan_s", "s"),
         ("P95 client-side wait (cap)", "p95_client_wait_s", "s"), ("max client-side wait", "max_client_wait_s", "s"),
         ("link bytes moved (H2D + D2H)", "link_bytes", "mib"),
         ("link bytes per output token", "link_bytes_per_output_token", "kib"),
@@ -126,7 +129,8 @@ def headline(runs: list[dict], paths: dict[str, Path]) -> str:
 
 def _figures(m: dict) -> str:
     f = lambda key, kind: fmt(m.get(key), kind)  # noqa: E731
-    text = (f"{m.get('num_finished')}/{m.get('num_requests')} finished; attainment TTFT {f('ttft_attainment', 'pct')}, "
+    text = (f"{m.get('num_finished')}/{m.get('num_requests')} finished; goodput {f('goodput_req_s', 'rate')} "
+            f"req/s; attainment TTFT {f('ttft_attainment', 'pct')}, "
             f"TPOT {f('tpot_attainment', 'pct')}, TBT {f('tbt_attainment', 'pct')}; P95 TTFT {f('p95_ttft_s', 's')}, "
             f"TPOT {f('p95_tpot_s', 'ms')}, TBT {f('p95_tbt_s', 'ms')}; {f('throughput_tok_s', 'num1')} tok/s "
             f"({f('output_tok_s', 'num1')} out)")

@@ -24,6 +24,7 @@ from orbitflow_ray.serving.app_config import AppArgs
 from orbitflow_ray.sim.workload import TraceRequest, WorkloadConfig, generate, load_trace, resolve_lengths
 
 DEFAULT_TPOT_SLO_S = 0.25  # the engine's default, for judging requests to a server we know nothing of
+DEFAULT_TTFT_SLO_S = 10.0  # likewise the app's default_ttft_slo_s: TTFT is judged whatever the server
 STATE_SETTLE_S = 1.2  # > the workers' default telemetry period (0.5 s): the final KV counters get reported
 
 
@@ -147,7 +148,7 @@ def run_load_test(o: argparse.Namespace) -> dict[str, Path]:
     prompts = [builder.build(i, r.input_tokens) for i, r in enumerate(trace)]
     engine = app_args.engine_config() if app_args else None
     slos = (o.tpot_slo or (engine.tpot_slo_s if engine else DEFAULT_TPOT_SLO_S),
-            o.ttft_slo or (app_args.default_ttft_slo_s if app_args else None))
+            o.ttft_slo or (app_args.default_ttft_slo_s if app_args else DEFAULT_TTFT_SLO_S))
     api_key = o.api_key or os.environ.get("OPENAI_API_KEY")
     policies = o.policies or [None]
     runs = []
@@ -178,7 +179,7 @@ def run_load_test(o: argparse.Namespace) -> dict[str, Path]:
                "warm-up": f"{o.warmup:g} s ({sum(r.arrival_s < o.warmup for r in trace)} requests, not reported)",
                "max concurrency": o.max_concurrency or "unlimited", "workload": workload,
                "prompts": "exact token counts (model tokenizer)" if builder.exact else "approximate lengths",
-               "SLOs for requests without one": f"TPOT {slos[0]:g} s, TTFT {slos[1] if slos[1] else '-'} s",
+               "SLOs for requests without one": f"TPOT {slos[0]:g} s, TTFT {slos[1]:g} s",
                "simulator": f"GPU spec {o.sim_gpu}" if o.compare_sim else "not run (--compare-sim)"}
     for r in runs:
         if r.get("server_kv"):

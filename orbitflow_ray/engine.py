@@ -133,7 +133,8 @@ class LLMEngine:
                              list(req.output_token_ids), req.status.finished, req.finish_reason,
                              RequestMetrics(req.arrival_time, list(req.token_times),
                                             list(req.deposit.release_times), req.deposit.slo_s,
-                                            req.deposit.num_late, req.paused_s_total, req.num_pauses),
+                                            req.deposit.num_late, req.paused_s_total, req.num_pauses,
+                                            req.sampling_params.ttft_slo_s),
                              new_token_ids=req.output_token_ids[-1:])
 
     def _check_stop_strings(self, req: Request) -> None:

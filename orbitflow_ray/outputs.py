@@ -16,6 +16,7 @@ class RequestMetrics:
     num_late_tokens: int = 0  # tokens after the first that missed the SLO pace with an empty deposit
     paused_s: float = 0.0  # total time paused by Pause-Resume
     num_pauses: int = 0
+    ttft_slo_s: float | None = None  # the request's TTFT SLO (SamplingParams.ttft_slo_s), if it set one
 
     @property
     def ttft(self) -> float | None:

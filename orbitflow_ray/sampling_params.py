@@ -20,6 +20,9 @@ class SamplingParams:
     ignore_eos: bool = False
     # Per-token latency SLO (TPOT/TBT) in seconds; None: the engine's default (`tpot_slo_s`).
     slo_s: float | None = None
+    # Time-to-first-token SLO in seconds (from arrival to the first token's release); None: the
+    # default of whoever judges it (the simulator's prefill-scaled rule, the server's default_ttft_slo_s).
+    ttft_slo_s: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -34,6 +37,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if self.slo_s is not None and not self.slo_s > 0:
             raise ValueError(f"slo_s must be positive seconds, got {self.slo_s}")
+        if self.ttft_slo_s is not None and not self.ttft_slo_s > 0:
+            raise ValueError(f"ttft_slo_s must be positive seconds, got {self.ttft_slo_s}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
 

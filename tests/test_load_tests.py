@@ -52,6 +52,8 @@ def test_report_math_by_hand(tmp_path):
     assert m["p95_tpot_s"] == pytest.approx(0.29)                # [.2 .2 .3]: 0.2 + 0.9 * 0.1
     assert m["throughput_tok_s"] == pytest.approx(69 / 5.2)      # (10+20+30 in + 9 out) / 5.2
     assert m["goodput_req_s"] == pytest.approx(1 / 5.2)          # r1 alone meets every SLO
+    assert m["all_slo_attainment"] == pytest.approx(1 / 4)       # of all four, the failed one included
+    assert m["tbt_request_attainment"] == pytest.approx(2 / 3)   # r2 has a late gap (of 2: none allowed)
     assert [r.client_wait_s for r in results] == [0.0, 0.5, 0.0, 0.0]
 
     m["p95_client_wait_s"] = 0.425
@@ -63,8 +65,10 @@ def test_report_math_by_hand(tmp_path):
     assert doc["runs"][0]["metrics"]["tbt_attainment"] == pytest.approx(5 / 6)
     assert "_results" not in doc["runs"][0]
     md = paths["report.md"].read_text()
-    for text in ("| TBT attainment | 83.3% |", "| TPOT attainment | 66.7% |", "| P95 TTFT | 2.85 s |",
-                 "| P95 TBT | 425 ms |", "| requests failed | 1 |", "HTTP 400: bad"):
+    for text in ("| TBT attainment (tokens) | 83.3% |", "| TPOT attainment | 66.7% |", "| P95 TTFT | 2.85 s |",
+                 "| P95 TBT | 425 ms |", "| requests failed | 1 |", "HTTP 400: bad",
+                 "| goodput (req/s meeting TTFT, TPOT and TBT SLOs) | 0.192 |",
+                 "| requests meeting all SLOs (of all) | 25.0% |", "| TBT attainment (requests, P99 gap) | 66.7% |"):
         assert text in md, text
     lines = [json.loads(x) for x in paths["requests.jsonl"].read_text().splitlines()]
     assert [x["client_wait_s"] for x in lines] == [0.0, 0.5, 0.0, 0.0] and lines[3]["error"] == "HTTP 400: bad"

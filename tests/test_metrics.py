@@ -1,8 +1,11 @@
 """The metric definitions on hand-computed cases."""
 
+import numpy as np
 import pytest
 
-from orbitflow_ray.metrics import RequestRecord, summarize
+from orbitflow_ray.metrics import RequestRecord, default_ttft_slo_s, record_from_output, summarize
+from orbitflow_ray.outputs import RequestMetrics, RequestOutput
+from orbitflow_ray.sampling_params import SamplingParams
 
 
 def test_attainment_and_percentiles_by_hand():
@@ -26,3 +29,58 @@ def test_pauses_and_link_bytes():
     m = summarize([a], link_bytes=1000)
     assert m["num_paused_requests"] == 1 and m["total_pauses"] == 2 and m["max_pause_s"] == 3.0
     assert m["link_bytes_per_output_token"] == 500
+
+
+def test_tbt_per_request_is_the_p99_gap_nearest_rank():
+    # 4 gaps: floor(1 % of 4) = 0 late allowed, so one late gap fails the request (its TPOT still meets).
+    one_late = RequestRecord("a", 0.0, 10, (1.0, 1.1, 1.4, 1.5, 1.6), tpot_slo_s=0.2, ttft_slo_s=5.0)
+    assert one_late.num_late_tbts == 1
+    assert one_late.slo_met() == {"ttft": True, "tpot": True, "tbt": False}
+    # 200 gaps: floor(2.0) = 2 late gaps allowed, a third fails.
+    def gaps(late: int) -> tuple[float, ...]:
+        steps = [0.3] * late + [0.1] * (200 - late)
+        return tuple(float(t) for t in np.cumsum([1.0] + steps))
+    ok, bad = (RequestRecord(f"r{n}", 0.0, 10, gaps(n), tpot_slo_s=0.25) for n in (2, 3))
+    assert ok.slo_met()["tbt"] and ok.meets_all()
+    assert not bad.slo_met()["tbt"] and bad.slo_met()["tpot"]  # mean 0.103 s: TPOT met, TBT not
+    m = summarize([one_late, ok, bad])
+    assert m["tbt_request_attainment"] == pytest.approx(1 / 3)
+    assert m["tbt_attainment"] == pytest.approx((3 + 198 + 197) / (4 + 200 + 200))  # per token
+
+
+def test_goodput_needs_ttft_tpot_and_tbt():
+    good = RequestRecord("good", 0.0, 10, (1.0, 1.1, 1.2), tpot_slo_s=0.1, ttft_slo_s=1.0)
+    late_first = RequestRecord("ttft", 0.0, 10, (1.5, 1.6, 1.7), tpot_slo_s=0.1, ttft_slo_s=1.0)
+    slow = RequestRecord("tpot", 0.0, 10, (1.0, 1.2, 1.4), tpot_slo_s=0.1, ttft_slo_s=1.0)
+    gap = RequestRecord("tbt", 0.0, 10, (1.0, 1.01, 1.02, 1.13), tpot_slo_s=0.1, ttft_slo_s=1.0)  # TPOT .043
+    failed = RequestRecord("failed", 0.0, 10, (), tpot_slo_s=0.1, ttft_slo_s=1.0, finished=False)
+    assert [r.meets_all() for r in (good, late_first, slow, gap, failed)] == [True] + [False] * 4
+    assert gap.slo_met() == {"ttft": True, "tpot": True, "tbt": False}
+    m = summarize([good, late_first, slow, gap, failed])
+    assert m["makespan_s"] == pytest.approx(1.7)
+    assert m["goodput_req_s"] == pytest.approx(1 / 1.7)
+    assert m["all_slo_attainment"] == pytest.approx(1 / 5)  # failed requests count as misses here
+    assert m["ttft_attainment"] == pytest.approx(3 / 4)  # of the finished ones
+    assert m["p95_ttft_s"] == pytest.approx(1.0 + 0.85 * 0.5)  # [1, 1, 1, 1.5]: rank 2.85 of 0..3
+
+
+def test_default_ttft_slo_rule_by_hand():
+    # 2 s of prefill in 3 chunks, a 50 ms decode step, scale 1.5: 1.5 x (2 + 4 x 0.05) = 3.3 s
+    assert default_ttft_slo_s(2.0, 3, 0.05, 1.5) == pytest.approx(3.3)
+    assert default_ttft_slo_s(2.0, 3, 0.05, 3.0) == pytest.approx(2 * 3.3)  # the scale scales it all
+    for bad in ((-1.0, 1, 0.05, 1.0), (1.0, 0, 0.05, 1.0), (1.0, 1, 0.0, 1.0), (1.0, 1, 0.05, 0.0)):
+        with pytest.raises(ValueError):
+            default_ttft_slo_s(*bad)
+
+
+def test_engine_output_carries_the_request_ttft_slo():
+    with pytest.raises(ValueError, match="ttft_slo_s"):
+        SamplingParams(ttft_slo_s=0.0)
+    with pytest.raises(ValueError, match="ttft_slo_s"):
+        SamplingParams(ttft_slo_s=float("nan"))
+    assert SamplingParams(ttft_slo_s=2.5).ttft_slo_s == 2.5
+    out = RequestOutput("x", None, [1, 2, 3], "", [7, 8], True, "length",
+                        RequestMetrics(10.0, [12.0, 12.1], [12.0, 12.1], slo_s=0.2, ttft_slo_s=1.5))
+    rec = record_from_output(out)
+    assert (rec.ttft_s, rec.ttft_slo_s, rec.tpot_slo_s) == (pytest.approx(2.0), 1.5, 0.2)
+    assert rec.slo_met() == {"ttft": False, "tpot": True, "tbt": True}

@@ -154,7 +154,7 @@ def test_orbitflow_metrics_reach_prometheus_and_every_panel_query_runs(app, prom
                    "ray_serve_deployment_replica_healthy", "ray_serve_autoscaling_target_replicas"}
     assert seen_by_now <= names, seen_by_now - names
     slos = {s["metric"]["slo"] for s in _query(prometheus, "sum by (slo) (ray_orbitflow_slo_requests_total)")}
-    assert slos == {"ttft", "tpot"}
+    assert slos == {"ttft", "tpot", "tbt"}  # RequestRecord.slo_met: every SLO kind judged
 
     dash = load_dashboard(DEFAULT_DASHBOARD)
     for panel in (p for p in dash["panels"] if p["type"] != "row"):

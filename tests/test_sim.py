@@ -6,7 +6,7 @@ import json
 import pytest
 
 from orbitflow_ray.cli import main
-from orbitflow_ray.sim.simulator import SimConfig, simulate
+from orbitflow_ray.sim.simulator import SimConfig, Simulator, simulate
 from orbitflow_ray.sim.workload import TraceRequest, WorkloadConfig, generate
 
 POLICIES = ["orbitflow", "no-offload", "all-offload", "static-uniform", "flexgen-plus", "select-n",
@@ -62,6 +62,62 @@ def test_slo_is_a_scale_of_the_full_capacity_step():
     assert two == pytest.approx(2 * one) and 1e-3 < one < 1.0
 
 
+def test_default_ttft_slo_idle_request_meets_it_queued_one_misses():
+    # Two 6000-token prompts at once: one prefill fills the 8192-token step, the other waits a step.
+    trace = [TraceRequest("first", 0.0, 6000, 1), TraceRequest("second", 0.0, 6000, 1)]
+    sim = Simulator(config("no-offload", slo_scale=1.5))
+    rl, step = sim.roofline, sim.base_step_s
+    prefill = rl.step_compute_s(0, 6000, 1, 1)
+    assert sim.idle_prefill(6000) == (pytest.approx(prefill), 1)
+    expected = 1.5 * (prefill + 2 * step)  # scale x (idle prefill + one step per chunk + one)
+    r = sim.run(trace)
+    first, second = sorted(r.records, key=lambda x: x.request_id)
+    assert first.ttft_slo_s == second.ttft_slo_s == pytest.approx(expected)
+    assert first.ttft_s == pytest.approx(prefill)  # alone on the device: its idle prefill, on time
+    assert first.slo_met()["ttft"] and first.meets_all()
+    assert second.ttft_s > 2 * prefill > second.ttft_slo_s and not second.slo_met()["ttft"]
+    assert r.metrics["ttft_attainment"] == 0.5
+    assert r.metrics["goodput_req_s"] == pytest.approx(1 / r.metrics["makespan_s"])
+
+
+def test_default_ttft_slo_follows_chunks_and_scale():
+    sim = Simulator(config("no-offload", slo_scale=1.0))
+    rl = sim.roofline
+    chunks = [(0, 8192, 0), (8192, 8192, 0), (16384, 3616, 1)]  # 20000 tokens in 8192-token chunks
+    prefill = sum(rl.step_compute_s(c, n, 1, s) for c, n, s in chunks)
+    assert sim.idle_prefill(20_000) == (pytest.approx(prefill), 3)
+    assert sim.ttft_slo_s(20_000) == pytest.approx(prefill + 4 * sim.base_step_s)
+    assert Simulator(config("no-offload", slo_scale=2.5)).ttft_slo_s(20_000) == pytest.approx(
+        2.5 * sim.ttft_slo_s(20_000))
+
+
+def test_ttft_slo_overrides_per_run_and_per_request():
+    trace = [TraceRequest("own", 0.0, 500, 2, ttft_slo_s=7.0), TraceRequest("run", 0.0, 500, 2)]
+    r = simulate(config("no-offload", ttft_slo_s=0.001), trace)
+    assert {x.request_id: x.ttft_slo_s for x in r.records} == {"own": 7.0, "run": 0.001}
+    assert r.metrics["ttft_attainment"] == 0.5  # no prefill takes 1 ms
+    unjudged = simulate(config("no-offload", ttft_slo_s=float("inf")), trace[1:])
+    assert unjudged.metrics["ttft_attainment"] == 1.0
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="ttft_slo_s"):
+            config("no-offload", ttft_slo_s=bad)
+
+
+def test_cli_slo_flags(capsys):
+    args = ["simulate", "--policy", "no-offload", "--workload", "fixed", "--input-tokens", "200",
+            "--output-tokens", "4", "--num-requests", "3", "--device-kv-bytes", "1GiB", "--json"]
+    assert main(args + ["--ttft-slo", "0.001", "--tpot-slo", "5"]) == 0
+    m = json.loads(capsys.readouterr().out)["runs"][0]["metrics"]
+    assert (m["ttft_attainment"], m["tpot_attainment"], m["goodput_req_s"]) == (0.0, 1.0, 0.0)
+    assert m["tpot_slo_s"] == 5.0 and m["p50_ttft_slo_s"] == 0.001
+    assert main(args) == 0  # the default rule: 3 short prompts on an idle A100 meet it
+    m = json.loads(capsys.readouterr().out)["runs"][0]["metrics"]
+    assert m["ttft_attainment"] == 1.0 and 0 < m["p50_ttft_slo_s"] < 1.0
+    with pytest.raises(SystemExit):
+        main(args + ["--ttft-slo", "0"])
+    assert "--ttft-slo: expected positive seconds" in capsys.readouterr().err
+
+
 def test_cli_simulate_and_compare(tmp_path, capsys):
     assert main(["simulate", "--policy", "orbitflow", "--workload", "sharegpt", "--num-requests", "8",
                  "--rate", "4", "--device-kv-bytes", "1GiB", "--json"]) == 0
@@ -72,6 +128,12 @@ def test_cli_simulate_and_compare(tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     assert {(r["policy"], r["rate"]) for r in report["runs"]} == {
         (p, r) for p in ("orbitflow", "all-offload") for r in (1.0, 4.0)}
-    assert (tmp_path / "report.md").exists() and (tmp_path / "attainment_vs_rate.png").exists()
+    md = (tmp_path / "report.md").read_text()
+    head = next(line for line in md.splitlines() if line.startswith("| policy"))
+    assert head.startswith("| policy | goodput req/s @1/s | TTFT att. @1/s | P95 TTFT @1/s | TPOT att. @1/s | "
+                           "TBT att. @1/s |")
+    assert all(r["metrics"]["ttft_attainment"] is not None and r["metrics"]["p50_ttft_slo_s"] > 0
+               for r in report["runs"])
+    assert (tmp_path / "attainment_vs_rate.png").exists()
     assert main(["simulate", "--list"]) == 0
     assert "llama-3.1-8b" in capsys.readouterr().out

@@ -11,9 +11,12 @@ POLICIES = ["deepspeed", "flexgen", "orbitflow"]
 RATES = [1.0, 2.0]
 SCALES = [1.0, 2.5]
 # hand-made case at rate 2, scale 2.5: orbitflow vs the best baseline for each metric
-HAND = {"deepspeed": dict(tpot_attainment=0.50, tbt_attainment=0.70, p95_tbt_s=0.200, throughput_tok_s=1000.0),
-        "flexgen": dict(tpot_attainment=0.625, tbt_attainment=0.60, p95_tbt_s=0.160, throughput_tok_s=1200.0),
-        "orbitflow": dict(tpot_attainment=0.875, tbt_attainment=0.95, p95_tbt_s=0.100, throughput_tok_s=1800.0)}
+HAND = {"deepspeed": dict(tpot_attainment=0.50, tbt_attainment=0.70, p95_tbt_s=0.200, throughput_tok_s=1000.0,
+                          goodput_req_s=0.40, ttft_attainment=0.90, p95_ttft_s=4.0),
+        "flexgen": dict(tpot_attainment=0.625, tbt_attainment=0.60, p95_tbt_s=0.160, throughput_tok_s=1200.0,
+                        goodput_req_s=0.50, ttft_attainment=0.80, p95_ttft_s=2.5),
+        "orbitflow": dict(tpot_attainment=0.875, tbt_attainment=0.95, p95_tbt_s=0.100, throughput_tok_s=1800.0,
+                          goodput_req_s=0.60, ttft_attainment=0.85, p95_ttft_s=3.0)}
 
 
 def _metrics(i: int, rate: float, scale: float) -> dict:
@@ -67,11 +70,21 @@ def test_markdown_tables_and_gain_figures(tmp_path):
         assert f"`{policy}`" in md
     assert "## SLO scale 1" in md and "## SLO scale 2.5" in md
     assert "TPOT att. @2/s" in md and "87.5%" in md
+    assert "*goodput*: requests per second meeting all three SLOs" in md
+    head = next(line for line in md.splitlines() if line.startswith("| policy"))
+    assert head.startswith("| policy | goodput req/s @1/s | TTFT att. @1/s | P95 TTFT @1/s | TPOT att. @1/s | "
+                           "TBT att. @1/s | P95 TBT/SLO @1/s |")
+    # orbitflow at rate 2, scale 2.5: the cells after its rate-1 columns (9 per rate)
+    row = next(line for line in md.split("## SLO scale 2.5")[1].splitlines() if line.startswith("| `orbitflow`"))
+    assert row.split(" | ")[10:15] == ["0.600", "85.0%", "3.00 s", "87.5%", "95.0%"]
     gain = next(line for line in md.splitlines()
                 if line.startswith("- 2 req/s") and "TPOT attainment +25.0 pp (vs `flexgen`)" in line)
     assert "TBT attainment +25.0 pp (vs `deepspeed`)" in gain
     assert "P95 TBT 37.5% lower (vs `flexgen`)" in gain
     assert "throughput 1.50x (vs `flexgen`)" in gain
+    assert "goodput 1.20x (vs `flexgen`)" in gain
+    assert "TTFT attainment -5.0 pp (vs `deepspeed`)" in gain
+    assert "P95 TTFT 20.0% higher (vs `flexgen`)" in gain
     assert "](attainment_vs_rate.png)" in md and "](tbt_cdf.png)" in md
 
 

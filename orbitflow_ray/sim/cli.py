@@ -24,6 +24,16 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected positive seconds, got {text!r}")
+    return value
+
+
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -42,8 +52,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     h.add_argument("--max-num-seqs", type=int, default=16, help="largest batch (default: 16)")
     h.add_argument("--solve-cost-s", type=float, default=0.005,
                    help="virtual seconds charged per planning solve (default: 0.005)")
+    s = p.add_argument_group("SLOs (a trace's per-request tpot_slo_s / ttft_slo_s win over these)")
+    s.add_argument("--tpot-slo", type=_seconds, default=None,
+                   help="TPOT/TBT SLO in seconds for every request (default: the SLO scale x the no-offload "
+                        "decode step at full device KV)")
+    s.add_argument("--ttft-slo", type=_seconds, default=None,
+                   help="TTFT SLO in seconds for every request; inf: not judged (default: the SLO scale x "
+                        "(the request's prefill on an idle device + one no-offload decode step per prefill "
+                        "chunk + one))")
     w = p.add_argument_group("workload")
-    w.add_argument("--trace", help="a JSONL trace (arrival_s, input_tokens, output_tokens[, tpot_slo_s]) "
+    w.add_argument("--trace", help="a JSONL trace (arrival_s, input_tokens, output_tokens[, tpot_slo_s, ttft_slo_s]) "
                                    "instead of a generated workload")
     w.add_argument("--workload", default="sharegpt", help="sharegpt, longbench, fixed or uniform (default: sharegpt)")
     w.add_argument("--arrival", default="lognormal", help="poisson, gamma or lognormal (default: lognormal)")
@@ -77,7 +95,8 @@ def _base_config(args, policy: str, slo_scale: float):
 
     return SimConfig(model=args.model, gpu=args.gpu, tp=args.tp, kv_policy=policy,
                      device_kv_bytes=args.device_kv_bytes, kv_capacity_fraction=args.kv_capacity_fraction,
-                     max_num_seqs=args.max_num_seqs, slo_scale=slo_scale, solve_cost_s=args.solve_cost_s)
+                     max_num_seqs=args.max_num_seqs, slo_scale=slo_scale, solve_cost_s=args.solve_cost_s,
+                     tpot_slo_s=args.tpot_slo, ttft_slo_s=args.ttft_slo)
 
 
 def _list() -> int:
@@ -115,9 +134,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     result = simulate(cfg, trace, progress=True)
     m = result.metrics
     print(f"{cfg.kv_policy} on {cfg.model}/{cfg.gpu} TP{cfg.tp}: {m['num_finished']}/{m['num_requests']} "
-          f"finished, TPOT att. {_pct(m['tpot_attainment'])}, TBT att. {_pct(m['tbt_attainment'])}, "
-          f"P95 TBT {_ms(m['p95_tbt_s'])} (SLO {result.tpot_slo_s * 1e3:.1f} ms), throughput "
-          f"{m['throughput_tok_s'] or 0:.0f} tok/s, pauses {m['total_pauses']}; simulated in "
+          f"finished, goodput {m['goodput_req_s'] or 0:.3f} req/s, TTFT att. {_pct(m['ttft_attainment'])} "
+          f"(P95 TTFT {_s(m['p95_ttft_s'])}), TPOT att. {_pct(m['tpot_attainment'])}, TBT att. "
+          f"{_pct(m['tbt_attainment'])}, P95 TBT {_ms(m['p95_tbt_s'])} (SLO {result.tpot_slo_s * 1e3:.1f} ms), "
+          f"throughput {m['throughput_tok_s'] or 0:.0f} tok/s, pauses {m['total_pauses']}; simulated in "
           f"{result.sim_wall_s:.1f} s", file=sys.stderr)
     _emit(args, [run_entry(result, args.rate, args.slo_scale)], _context(args, cfg, trace, workload))
     return 0
@@ -136,8 +156,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.out and not args.json:
         for r in runs:
             m = r["metrics"]
-            print(f"{r['policy']:22s} rate {r['rate']:<5g} scale {r['slo_scale']:<4g} TPOT {_pct(m['tpot_attainment'])} "
-                  f"TBT {_pct(m['tbt_attainment'])} P95/SLO {m['p95_tbt_over_slo'] or 0:.2f}")
+            print(f"{r['policy']:22s} rate {r['rate']:<5g} scale {r['slo_scale']:<4g} goodput "
+                  f"{m['goodput_req_s'] or 0:.3f} TTFT {_pct(m['ttft_attainment'])} P95 TTFT {_s(m['p95_ttft_s'])} "
+                  f"TPOT {_pct(m['tpot_attainment'])} TBT {_pct(m['tbt_attainment'])} "
+                  f"P95/SLO {m['p95_tbt_over_slo'] or 0:.2f}")
     return 0
 
 
@@ -170,6 +192,10 @@ def _pct(x) -> str:
     return "-" if x is None else f"{x:.1%}"
 
 
+def _s(x) -> str:
+    return "-" if x is None else f"{x:.3g} s"
+
+
 def _ms(x) -> str:
     return "-" if x is None else f"{x * 1e3:.1f} ms"
 
@@ -180,7 +206,8 @@ def add_sim_commands(sub) -> None:
     s.add_argument("--policy", default="orbitflow", help="KV policy (default: orbitflow)")
     s.add_argument("--rate", type=float, default=1.0, help="arrival rate, requests/s (default: 1)")
     s.add_argument("--slo-scale", type=float, default=1.5,
-                   help="SLO = scale x no-offload step at full KV (default: 1.5)")
+                   help="TPOT/TBT SLO = scale x no-offload step at full KV; scales the default TTFT SLO "
+                        "too (default: 1.5)")
     _common(s)
     s.set_defaults(func=cmd_simulate)
     c = sub.add_parser("compare", help="every policy on the same trace: report.json, report.md, plots",
@@ -189,7 +216,8 @@ def add_sim_commands(sub) -> None:
                    default=_names("orbitflow,all-offload,static-uniform,flexgen-plus,select-n,no-offload"),
                    help="comma-separated policies (default: orbitflow and the five baselines)")
     c.add_argument("--rates", type=_floats, default=[0.5, 1, 2, 4], help="arrival rates (default: 0.5,1,2,4)")
-    c.add_argument("--slo-scales", type=_floats, default=[1.5], help="SLO scales (default: 1.5)")
+    c.add_argument("--slo-scales", type=_floats, default=[1.5],
+                   help="SLO scales, of the TPOT/TBT and the default TTFT SLO (default: 1.5)")
     _common(c)
     c.set_defaults(func=cmd_compare)
     k = sub.add_parser("calibrate", help="fit the simulator's cost model to this machine and check it",

@@ -29,9 +29,16 @@ def tbt_over_slo(records: list[RequestRecord], k: int = TBT_SAMPLES, seed: int =
     return np.sort(arr).round(6).tolist()
 
 
+def _p50_ttft_slo(result: SimResult) -> float | None:
+    """The median TTFT SLO the run judged (each request's own; the default rule scales with its prompt)."""
+    slos = [r.ttft_slo_s for r in result.records if r.ttft_slo_s is not None and np.isfinite(r.ttft_slo_s)]
+    return float(np.median(slos)) if slos else None
+
+
 def run_entry(result: SimResult, rate: float, slo_scale: float) -> dict:
     return {"policy": result.config.kv_policy, "rate": rate, "slo_scale": slo_scale,
-            "metrics": {**result.metrics, "tpot_slo_s": result.tpot_slo_s, "sim_wall_s": result.sim_wall_s,
+            "metrics": {**result.metrics, "tpot_slo_s": result.tpot_slo_s, "p50_ttft_slo_s": _p50_ttft_slo(result),
+                        "sim_wall_s": result.sim_wall_s,
                         "solve_s_sync": result.policy_metrics.get("solve_s_sync")},
             "tbt_over_slo": tbt_over_slo(result.records)}
 

@@ -20,10 +20,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 DPI = 120
 REFERENCE = "orbitflow"  # the policy compared against the best baseline
-# (column header, metric key, formatter name) of each per-rate column in the markdown tables
-COLUMNS = [("TPOT att.", "tpot_attainment", "pct"), ("TBT att.", "tbt_attainment", "pct"),
-           ("P95 TBT/SLO", "p95_tbt_over_slo", "ratio"), ("throughput tok/s", "throughput_tok_s", "num"),
-           ("goodput req/s", "goodput_req_s", "rate"), ("pauses", "total_pauses", "int"),
+# (column header, metric key, formatter name) of each per-rate column in the markdown tables: goodput
+# (requests meeting TTFT, TPOT and TBT SLOs per second) first, then each SLO's attainment and tail.
+COLUMNS = [("goodput req/s", "goodput_req_s", "rate"), ("TTFT att.", "ttft_attainment", "pct"),
+           ("P95 TTFT", "p95_ttft_s", "s"), ("TPOT att.", "tpot_attainment", "pct"),
+           ("TBT att.", "tbt_attainment", "pct"), ("P95 TBT/SLO", "p95_tbt_over_slo", "ratio"),
+           ("throughput tok/s", "throughput_tok_s", "num"), ("pauses", "total_pauses", "int"),
            ("failed", "num_failed", "int")]
 
 
@@ -92,8 +94,12 @@ def comparison_markdown(runs: list[dict], heading: str = "Policies") -> list[str
     return _comparison(_Grid(runs), heading)
 
 
+LEGEND = ("*goodput*: requests per second meeting all three SLOs (TTFT; TPOT; TBT: the request's P99 gap "
+          "within the SLO); *att.*: share of requests (TTFT, TPOT) or of tokens (TBT) meeting the SLO.")
+
+
 def _comparison(grid: _Grid, heading: str = "Policies") -> list[str]:
-    lines = []
+    lines = [LEGEND, ""] if grid.runs else []
     for scale in grid.scales:
         lines += [f"## SLO scale {scale:g}" if scale is not None else f"## {heading}", "", *_table(grid, scale), ""]
     if REFERENCE in grid.policies:
@@ -118,11 +124,7 @@ def _gains(grid: _Grid, scale: float) -> list[str]:
     lines = []
     for rate in grid.rates:
         parts = []
-        for label, key, higher_better, fmt in (
-                ("TPOT attainment", "tpot_attainment", True, lambda o, b: f"{100 * (o - b):+.1f} pp"),
-                ("TBT attainment", "tbt_attainment", True, lambda o, b: f"{100 * (o - b):+.1f} pp"),
-                ("P95 TBT", "p95_tbt_s", False, _reduction),
-                ("throughput", "throughput_tok_s", True, lambda o, b: f"{o / b:.2f}x" if b > 0 else "-")):
+        for label, key, higher_better, fmt in GAINS:
             ours = grid.metric(REFERENCE, rate, scale, key)
             best = _best(grid, baselines, rate, scale, key, higher_better)
             parts.append(f"{label} -" if ours is None or best is None
@@ -140,7 +142,21 @@ def _best(grid: _Grid, policies: list[str], rate: float, scale: float, key: str,
 
 
 def _reduction(ours: float, best: float) -> str:
-    return f"{100 * (1 - ours / best):.1f}% lower" if best > 0 else "-"
+    """How much lower ours is than the best (a latency), or how much higher when it is worse."""
+    if best <= 0:
+        return "-"
+    change = 100 * (1 - ours / best)
+    return f"{change:.1f}% lower" if change >= 0 else f"{-change:.1f}% higher"
+
+
+# (label, metric key, higher is better, formatter of ours vs the best baseline) of the gain bullets
+GAINS = [("goodput", "goodput_req_s", True, lambda o, b: f"{o / b:.2f}x" if b > 0 else "-"),
+         ("TTFT attainment", "ttft_attainment", True, lambda o, b: f"{100 * (o - b):+.1f} pp"),
+         ("P95 TTFT", "p95_ttft_s", False, _reduction),
+         ("TPOT attainment", "tpot_attainment", True, lambda o, b: f"{100 * (o - b):+.1f} pp"),
+         ("TBT attainment", "tbt_attainment", True, lambda o, b: f"{100 * (o - b):+.1f} pp"),
+         ("P95 TBT", "p95_tbt_s", False, _reduction),
+         ("throughput", "throughput_tok_s", True, lambda o, b: f"{o / b:.2f}x" if b > 0 else "-")]
 
 
 # ---------------------------------------------------------------- plots
@@ -153,9 +169,10 @@ def _styles(grid: _Grid) -> dict[str, dict]:
 
 
 def _plot_attainment(grid: _Grid):
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
     drawn = False
-    for ax, (name, key) in zip(axes, (("TPOT", "tpot_attainment"), ("TBT", "tbt_attainment"))):
+    for ax, (name, key) in zip(axes, (("TTFT", "ttft_attainment"), ("TPOT", "tpot_attainment"),
+                                      ("TBT", "tbt_attainment"))):
         drawn = _lines(ax, grid, key, 100.0, scale=grid.mid_scale) or drawn
         ax.set(title=f"{name} attainment (SLO scale {_g(grid.mid_scale)})", xlabel="arrival rate (req/s)",
                ylim=(-2, 102))
@@ -204,13 +221,17 @@ def _plot_p95_vs_scale(grid: _Grid):
 
 
 def _plot_throughput(grid: _Grid):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = _lines(ax, grid, "throughput_tok_s", scale=grid.mid_scale)
-    ax.set(title=f"Throughput (input + output tokens), SLO scale {_g(grid.mid_scale)}",
-           xlabel="arrival rate (req/s)", ylabel="tokens / s")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    return _finish(fig, ax, drawn)
+    """Throughput beside goodput: tokens the server did, and requests that met every SLO."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    drawn = False
+    for ax, key, title, unit in ((axes[0], "throughput_tok_s", "Throughput (input + output tokens)", "tokens / s"),
+                                 (axes[1], "goodput_req_s", "Goodput (requests meeting TTFT, TPOT and TBT)",
+                                  "requests / s")):
+        drawn = _lines(ax, grid, key, scale=grid.mid_scale) or drawn
+        ax.set(title=f"{title}, SLO scale {_g(grid.mid_scale)}", xlabel="arrival rate (req/s)", ylabel=unit)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    return _finish(fig, axes[0], drawn)
 
 
 def _finish(fig, legend_ax, drawn: bool):
@@ -251,7 +272,7 @@ def fmt_metric(x: float | None, kind: str) -> str:
     if x is None:
         return "-"
     return {"pct": f"{100 * x:.1f}%", "ratio": f"{x:.2f}", "num": f"{x:,.0f}", "rate": f"{x:.3f}",
-            "int": f"{x:.0f}"}[kind]
+            "int": f"{x:.0f}", "s": f"{x:.3f} s" if x < 1 else f"{x:.2f} s" if x < 100 else f"{x:.0f} s"}[kind]
 
 
 def fmt_value(v: Any) -> str:

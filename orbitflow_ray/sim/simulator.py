@@ -9,6 +9,11 @@ scheduled by the same `Scheduler` and `KVPolicy` objects the engine runs (built 
 engine's layer-wise prefetch pipeline), and fed back to the online cost model as the engine feeds
 its measurements. Planning solves run inline and each costs `solve_cost_s` of virtual time, so a
 run is deterministic under its seed and the planner's cost is never free.
+
+SLOs: every request is judged on TTFT, TPOT and TBT (`orbitflow_ray.metrics`). A request without its
+own gets TPOT/TBT SLO = slo_scale x the no-offload decode step at full device KV (`base_step_s`),
+and TTFT SLO = slo_scale x (its prefill alone on the device + (prefill chunks + 1) x base_step_s)
+(`metrics.default_ttft_slo_s`); `tpot_slo_s` / `ttft_slo_s` replace either rule with seconds.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from orbitflow_ray.config import EngineConfig
 from orbitflow_ray.costmodel import OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.kv.tier_manager import KVTierManager
-from orbitflow_ray.metrics import RequestRecord, record_from_request, summarize
+from orbitflow_ray.metrics import RequestRecord, default_ttft_slo_s, record_from_request, summarize
 from orbitflow_ray.planner import policy_from_config
 from orbitflow_ray.request import Request
 from orbitflow_ray.sampling_params import SamplingParams
@@ -58,9 +63,13 @@ class SimConfig:
     prefill_chunk_size: int = _help("Most prompt tokens of one request per step.", default=8192)
     prefetch_depth: int = _help("Host layers prefetched ahead of compute.", default=1)
     slo_scale: float = _help("TPOT/TBT SLO = slo_scale x the no-offload decode step at full device "
-                             "KV (the paper's 1, 1.5, 2.5), for requests without one.", default=1.5)
+                             "KV (the paper's 1, 1.5, 2.5), for requests without one; it scales the "
+                             "default TTFT SLO too.", default=1.5)
     tpot_slo_s: float | None = _help("Absolute TPOT/TBT SLO; overrides slo_scale.", default=None)
-    ttft_slo_s: float | None = _help("TTFT SLO for requests without one (None: not judged).", default=None)
+    ttft_slo_s: float | None = _help(
+        "Absolute TTFT SLO for requests without one (inf: not judged). None: the default rule, "
+        "slo_scale x (the request's prefill on an idle device + one no-offload decode step per "
+        "prefill chunk + one), see metrics.default_ttft_slo_s.", default=None)
     token_deposit: bool | None = _help("Token-Deposit pacing (None: the policy's default).", default=None)
     pause_strategy: str = _help("Pause-Resume victim: largest, shortest or random.", default="largest")
     max_pause_s: float = _help("Starvation bound of a paused request.", default=60.0)
@@ -76,6 +85,10 @@ class SimConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.kv_capacity_fraction <= 1 or self.slo_scale <= 0 or self.solve_cost_s < 0:
             raise ValueError("need 0 < kv_capacity_fraction <= 1, slo_scale > 0, solve_cost_s >= 0")
+        for name in ("tpot_slo_s", "ttft_slo_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive seconds when set, got {value!r}")
         self.plan_windows = tuple(self.plan_windows)
 
     @classmethod
@@ -116,6 +129,8 @@ class Simulator:
         B = cfg.max_num_seqs
         self.base_step_s = self.roofline.step_compute_s(full_tokens, B, B, B)
         self.tpot_slo_s = cfg.tpot_slo_s or cfg.slo_scale * self.base_step_s
+        self.prefill_chunk = min(cfg.prefill_chunk_size, cfg.max_num_batched_tokens)  # the scheduler's
+        self._idle_prefill: dict[int, tuple[float, int]] = {}
         self.engine_config = EngineConfig(
             model=cfg.model, kv_policy=cfg.kv_policy, device_kv_bytes=device, host_kv_bytes=cfg.host_kv_bytes,
             block_size=cfg.block_size, max_num_seqs=B, max_num_batched_tokens=cfg.max_num_batched_tokens,
@@ -135,8 +150,28 @@ class Simulator:
         self.num_steps = 0
         self.peak_device_bytes = 0
 
+    def idle_prefill(self, input_tokens: int) -> tuple[float, int]:
+        """(seconds, steps) of a prompt's chunked prefill alone on the device, all its KV there:
+        the roofline time of each chunk the scheduler would cut, the last one sampling."""
+        if input_tokens not in self._idle_prefill:
+            total, done, steps = 0.0, 0, 0
+            while done < input_tokens:
+                chunk = min(self.prefill_chunk, input_tokens - done)
+                total += self.roofline.step_compute_s(done, chunk, 1, int(done + chunk == input_tokens))
+                done, steps = done + chunk, steps + 1
+            self._idle_prefill[input_tokens] = (total, steps)
+        return self._idle_prefill[input_tokens]
+
+    def ttft_slo_s(self, input_tokens: int) -> float:
+        """The TTFT SLO of a request without its own: cfg.ttft_slo_s, else the default rule
+        (`metrics.default_ttft_slo_s` over this request's idle prefill and the no-offload step)."""
+        if self.cfg.ttft_slo_s is not None:
+            return self.cfg.ttft_slo_s
+        return default_ttft_slo_s(*self.idle_prefill(input_tokens), self.base_step_s, self.cfg.slo_scale)
+
     def _arrive(self, t: TraceRequest, failed: list[RequestRecord]) -> Request | None:
-        sp = SamplingParams(max_tokens=t.output_tokens, ignore_eos=True, slo_s=t.tpot_slo_s)
+        ttft_slo = t.ttft_slo_s or self.ttft_slo_s(t.input_tokens)
+        sp = SamplingParams(max_tokens=t.output_tokens, ignore_eos=True, slo_s=t.tpot_slo_s, ttft_slo_s=ttft_slo)
         req = Request(t.request_id, [0] * t.input_tokens, sp, arrival_time=t.arrival_s)
         try:
             if t.input_tokens + t.output_tokens > self.spec.max_position_embeddings:
@@ -144,7 +179,7 @@ class Simulator:
             self.scheduler.check_fits(req)
         except ValueError:  # rejected on arrival: reported as failed, never silently dropped
             failed.append(RequestRecord(t.request_id, t.arrival_s, t.input_tokens, (),
-                                        t.tpot_slo_s or self.tpot_slo_s, t.ttft_slo_s, finished=False))
+                                        t.tpot_slo_s or self.tpot_slo_s, ttft_slo, finished=False))
             return None
         self.scheduler.add_request(req)
         return req
@@ -152,7 +187,6 @@ class Simulator:
     def run(self, trace: list[TraceRequest], progress: bool = False) -> SimResult:
         started = time.perf_counter()
         pending = sorted(trace, key=lambda t: t.arrival_s)
-        ttft_slo = {t.request_id: t.ttft_slo_s or self.cfg.ttft_slo_s for t in trace}
         admitted: list[Request] = []
         failed: list[RequestRecord] = []
         i, sched = 0, self.scheduler
@@ -174,7 +208,7 @@ class Simulator:
             bar.n = sum(r.status.finished for r in admitted) + len(failed)
             bar.refresh()
         bar.close()
-        records = [record_from_request(r, ttft_slo[r.request_id]) for r in admitted] + failed
+        records = [record_from_request(r) for r in admitted] + failed
         metrics = summarize(records, link_bytes=self.link_bytes)
         metrics.update(num_steps=self.num_steps, peak_device_kv_bytes=self.peak_device_bytes,
                        device_kv_capacity_bytes=self.kv.capacity_bytes(Tier.DEVICE),

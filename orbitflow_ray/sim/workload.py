@@ -250,8 +250,10 @@ class WorkloadConfig:
     seed: int = _help("Seed: the same seed gives the same trace.", default=0)
     tpot_slo_s: float | None = _help("Per-token SLO for every request, in seconds. None: set it "
                                      "later with apply_slo_scale.", default=None)
-    ttft_slo_s: float | None = _help("Time-to-first-token SLO for every request, in seconds.",
-                                     default=None)
+    ttft_slo_s: float | None = _help(
+        "Time-to-first-token SLO for every request, in seconds. None: the judge's default (the "
+        "simulator's: slo_scale x (idle prefill + (prefill chunks + 1) x the no-offload step)).",
+        default=None)
     lengths: LengthParams = field(init=False, repr=False, metadata={"help": "Resolved parameters."})
 
     def __post_init__(self) -> None:
