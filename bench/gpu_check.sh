@@ -68,6 +68,9 @@ main() {
     [ $DRY = 1 ] && select="cuda and not dry_run"
     stage tests 100 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_transfer.py tests/test_gpu_check.py \
         -k "$select" --junitxml="$PARTS/tests.xml"
+    # KV content through every tier move on the CUDA transfer engine, every policy (probe model).
+    stage kv-integrity 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kv_integrity.py -k cuda \
+        --junitxml="$PARTS/kv-integrity.xml"
     stage transfer 45 "$PY" bench/gpu_transfer.py "${DRYFLAG[@]}" --out "$PARTS/transfer.json"
     for policy in no-offload static-uniform; do
         stage "decode-$policy" 75 "$PY" bench/gpu_decode.py "${DRYFLAG[@]}" --policy $policy \

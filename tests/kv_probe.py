@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from orbitflow_kernels import CpuTransferEngine
+from orbitflow_kernels import make_transfer_engine
 from orbitflow_ray.config import EngineConfig
 from orbitflow_ray.costmodel import OnlineCostModel, default_prior
 from orbitflow_ray.kv.blocks import Tier
@@ -37,40 +37,40 @@ def probe_spec(num_layers: int = 4, num_kv_heads: int = 2, max_len: int = SPACIN
                      tie_word_embeddings=True)
 
 
-def expected_kv(layer: int, base: int, num_tokens: int, num_kv_heads: int) -> torch.Tensor:
+def expected_kv(layer: int, base: int, num_tokens: int, num_kv_heads: int, device="cpu") -> torch.Tensor:
     """[2, Hkv, num_tokens, 4]: the K and V a request whose position 0 holds `base` must have."""
-    pos = torch.arange(num_tokens, dtype=torch.float32)
+    pos = torch.arange(num_tokens, dtype=torch.float32, device=device)
     k = torch.stack([torch.full_like(pos, layer), pos, pos + base, torch.zeros_like(pos)], -1)
     k = k.unsqueeze(0).repeat(num_kv_heads, 1, 1)
-    k[..., 3] = torch.arange(num_kv_heads, dtype=torch.float32)[:, None]
+    k[..., 3] = torch.arange(num_kv_heads, dtype=torch.float32, device=device)[:, None]
     return torch.stack([k, -k])
 
 
 class ProbeModel:
     """Stands in for LlamaModel: the same forward/logits hooks, K/V that identify themselves."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, device: torch.device) -> None:
         self.spec = spec
-        self.device = torch.device("cpu")
+        self.device = device
 
     def forward(self, input_ids, positions, attend, before_layer=None) -> torch.Tensor:
         s = self.spec
         n = input_ids.shape[0]
-        heads = torch.arange(s.num_kv_heads, dtype=torch.float32)
+        heads = torch.arange(s.num_kv_heads, dtype=torch.float32, device=self.device)
         for layer in range(s.num_layers):
             if before_layer is not None:
                 before_layer(layer)
-            k = torch.empty(n, s.num_kv_heads, 4)
+            k = torch.empty(n, s.num_kv_heads, 4, device=self.device)
             k[..., 0] = layer
             k[..., 1] = positions.float()[:, None]
             k[..., 2] = input_ids.float()[:, None]
             k[..., 3] = heads
-            attend(layer, torch.zeros(n, s.num_heads, 4), k, -k)
+            attend(layer, torch.zeros(n, s.num_heads, 4, device=self.device), k, -k)
         return input_ids.float()[:, None]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = torch.full((hidden.shape[0], self.spec.vocab_size), -1e9)
-        out[torch.arange(hidden.shape[0]), hidden[:, 0].long() + 1] = 0.0
+        out = torch.full((hidden.shape[0], self.spec.vocab_size), -1e9, device=self.device)
+        out[torch.arange(hidden.shape[0], device=self.device), hidden[:, 0].long() + 1] = 0.0
         return out
 
 
@@ -83,7 +83,7 @@ class ProbeStore(KVStore):
         keys, values = super().read(layer, i, k, v)
         seq = self._seqs[i]
         n = seq.start_pos + k.shape[0]
-        want = expected_kv(layer, seq.token_ids[0] - seq.start_pos, n, keys.shape[1])
+        want = expected_kv(layer, seq.token_ids[0] - seq.start_pos, n, keys.shape[1], keys.device)
         got = torch.stack([keys[0], values[0]])
         if not torch.equal(got, want):
             bad = (got != want).any(-1).nonzero()[0].tolist()
@@ -94,8 +94,9 @@ class ProbeStore(KVStore):
 
 
 class ProbeEngine:
-    """Scheduler + tier manager + store + runner + CPU transfer engine, stepped on a virtual clock
-    (so every policy decides deterministically), as `LLMEngine.step` runs them."""
+    """Scheduler + tier manager + store + runner + the config's transfer engine (CPU or CUDA),
+    stepped on a virtual clock (so every policy decides deterministically), as `LLMEngine.step`
+    runs them."""
 
     def __init__(self, config: EngineConfig, spec: ModelSpec | None = None) -> None:
         self.spec = spec = spec or probe_spec()
@@ -103,15 +104,16 @@ class ProbeEngine:
         self.clock = 0.0
         block_bytes = spec.kv_bytes_per_token_per_layer(4) * config.block_size
         dev, host = config.device_kv_bytes // block_bytes, config.host_kv_bytes // block_bytes
-        self.cost = OnlineCostModel(default_prior(spec.num_layers, config.link_bandwidth_bytes_per_s, "cpu"))
+        self.cost = OnlineCostModel(default_prior(spec.num_layers, config.link_bandwidth_bytes_per_s,
+                                                  config.backend))
         self.policy = policy_from_config(config, spec.num_layers, self.cost)
         self.kv = KVTierManager(spec.num_layers, config.block_size, block_bytes, dev, host)
         self.scheduler = Scheduler(config, self.kv, self.policy, frozenset(), spec.max_position_embeddings,
                                    clock=lambda: self.clock)
-        self.transfer = CpuTransferEngine(config.link_bandwidth_bytes_per_s)
+        self.transfer = make_transfer_engine(config.backend, config.link_bandwidth_bytes_per_s)
         self.store = ProbeStore(self.transfer, dev, host, config.block_size, spec.num_kv_heads, 4,
                                 torch.float32, config.prefetch_depth)
-        self.runner = ModelRunner(ProbeModel(spec), self.store)
+        self.runner = ModelRunner(ProbeModel(spec, self.transfer.device), self.store)
         self.bases: dict[str, int] = {}
         self.prompt_lens: dict[str, int] = {}
         self.outputs: dict[str, list[int]] = {}
@@ -148,8 +150,9 @@ class ProbeEngine:
                 continue
             n = req.num_computed_tokens
             for layer, lk in enumerate(self.kv.table(rid)):
-                blocks = torch.as_tensor(lk.blocks[:-(-n // bs)], dtype=torch.int64)
-                rows = self.store.pools[Tier(lk.tier)].index_select(0, blocks)  # [nb, 2, Hkv, bs, 4]
+                pool = self.store.pools[Tier(lk.tier)]
+                blocks = torch.as_tensor(lk.blocks[:-(-n // bs)], dtype=torch.int64, device=pool.device)
+                rows = pool.index_select(0, blocks).cpu()  # [nb, 2, Hkv, bs, 4]
                 got = rows.permute(1, 2, 0, 3, 4).reshape(2, rows.shape[2], -1, 4)[:, :, :n]
                 want = expected_kv(layer, self.bases[rid], n, self.spec.num_kv_heads)
                 if not torch.equal(got, want):

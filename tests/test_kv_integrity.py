@@ -11,6 +11,7 @@ compared, paused and swapped ones included, and the state machine's invariants a
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,8 +37,9 @@ op = st.one_of(
 )
 
 
-def _engine(policy: str, device_blocks: int, host_blocks: int, bandwidth: float | None) -> ProbeEngine:
-    cfg = EngineConfig(model="probe", kv_policy=policy, device_kv_bytes=device_blocks * BLOCK_BYTES,
+def _engine(policy: str, device_blocks: int, host_blocks: int, bandwidth: float | None,
+            backend: str = "cpu") -> ProbeEngine:
+    cfg = EngineConfig(model="probe", kv_policy=policy, backend=backend, device_kv_bytes=device_blocks * BLOCK_BYTES,
                        host_kv_bytes=host_blocks * BLOCK_BYTES, block_size=BLOCK_SIZE,
                        max_num_batched_tokens=48, prefill_chunk_size=16, max_num_seqs=6,
                        link_bandwidth_bytes_per_s=bandwidth, solve_ahead=False, plan_windows=(4, 8),
@@ -79,12 +81,24 @@ def _run_program(eng: ProbeEngine, program) -> None:
     assert eng.kv.used_bytes(Tier.DEVICE) == 0 and eng.kv.used_bytes(Tier.HOST) == 0
 
 
+def _cuda() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _cuda(), reason="needs cupy and a CUDA device"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("policy", available_policies())
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=st.lists(op, min_size=4, max_size=30), device_blocks=st.integers(16, 80),
        host_blocks=st.sampled_from([0, 40, 400]), bandwidth=st.sampled_from([None, 2e7]))
-def test_kv_content_survives_any_sequence(policy, program, device_blocks, host_blocks, bandwidth):
-    eng = _engine(policy, device_blocks, host_blocks, bandwidth)
+def test_kv_content_survives_any_sequence(backend, policy, program, device_blocks, host_blocks, bandwidth):
+    eng = _engine(policy, device_blocks, host_blocks, bandwidth if backend == "cpu" else None, backend)
     try:
         _run_program(eng, program)
     finally:
