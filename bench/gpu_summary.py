@@ -52,6 +52,8 @@ def merge(parts: Path, dry_run: bool) -> dict:
         result["env"] = _load(parts / "env.json")
     if (parts / "tests.xml").exists():
         result["tests"] = _tests(parts / "tests.xml")
+    if (parts / "kv-integrity.xml").exists():
+        result["kv_integrity_tests"] = _tests(parts / "kv-integrity.xml")
     if (parts / "transfer.json").exists():
         result["transfer"] = _load(parts / "transfer.json")
     decode = {p.stem.removeprefix("decode-"): _load(p) for p in sorted(parts.glob("decode-*.json"))}
