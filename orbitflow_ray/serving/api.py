@@ -7,6 +7,7 @@ without Ray serve the very same app.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -14,7 +15,7 @@ from typing import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orbitflow_ray.serving import protocol as p
@@ -72,12 +73,12 @@ def build_api(service: OpenAIService, state: Callable[[], Awaitable[dict]] | Non
         return service.models()
 
     @app.post("/v1/completions")
-    async def completions(body: p.CompletionRequest):
-        return await service.completion(body)
+    async def completions(body: p.CompletionRequest, request: Request):
+        return await _unless_disconnected(request, service.completion(body))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: p.ChatCompletionRequest):
-        return await service.chat(body)
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request):
+        return await _unless_disconnected(request, service.chat(body))
 
     if state is not None:
         @app.get("/v1/orbitflow/state")
@@ -87,3 +88,34 @@ def build_api(service: OpenAIService, state: Callable[[], Awaitable[dict]] | Non
             return await state()
 
     return app
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:
+    """Await `work` (tokenizing, then a whole non-streamed generation) unless the client leaves first.
+
+    Starlette does not cancel a handler whose client is gone (Ray Serve's proxy does), so a
+    non-streaming request would run to max_tokens for nobody. Cancelling `work` runs its `finally`
+    blocks, which close the worker stream: the engine aborts the request and frees its KV at its
+    next step boundary. A streamed response returns at once, before the first token; from then on
+    Starlette's StreamingResponse watches for the disconnect itself.
+    """
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled (Serve's proxy saw the client leave)
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        log.info("client left before the response; request cancelled")
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects. The body has been read, so the server's next message
+    on this connection is http.disconnect (uvicorn's receive blocks until then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

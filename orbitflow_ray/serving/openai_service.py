@@ -83,7 +83,8 @@ class OpenAIService:
             raise p.BadRequestError(f"This model's maximum context length is {self.max_model_len} tokens; "
                                     f"the prompt has {n} tokens.", param="messages" if hasattr(body, "messages")
                                     else "prompt", code="context_length_exceeded")
-        if limit is None:  # OpenAI's defaults: 16 for completions, what fits for chat; never over the cap
+        fit = limit is None
+        if fit:  # OpenAI's defaults: 16 for completions, what fits for chat; never over the cap
             limit = min(room, cap or room, DEFAULT_MAX_TOKENS if not hasattr(body, "messages") else room)
         elif n + limit > self.max_model_len:
             raise p.BadRequestError(f"This model's maximum context length is {self.max_model_len} tokens. "
@@ -101,7 +102,7 @@ class OpenAIService:
             raise p.BadRequestError(str(e)) from None
         ttft = slo.ttft_s if slo is not None and slo.ttft_s else self.args.default_ttft_slo_s
         return GenerateRequest(f"{'chatcmpl' if hasattr(body, 'messages') else 'cmpl'}-{uuid.uuid4().hex}",
-                               ids, params, ttft, time.time(), paced=body.stream)
+                               ids, params, ttft, time.time(), paced=body.stream, fit_max_tokens=fit)
 
     # ---- endpoints -----------------------------------------------------------------------------
     async def completion(self, body: p.CompletionRequest):

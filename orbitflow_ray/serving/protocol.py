@@ -70,7 +70,11 @@ class _SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: StrictStr
-    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1, description=(
+        "Most tokens to generate. Omitted: 16 for /v1/completions (OpenAI's default), the context left "
+        "(max_model_len - prompt tokens, as vLLM) for chat; either capped at max_output_tokens, then "
+        "lowered by the worker to the most its KV tiers can hold for this request under the policy's "
+        "placement for it, so an omitted max_tokens never makes a request too big to run."))
     temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: StrictInt = Field(0, ge=0)  # extension (vLLM's); 0 disables top-k
