@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 from typing import Awaitable, Callable
@@ -24,6 +25,14 @@ from orbitflow_ray.serving.openai_service import OpenAIService
 log = logging.getLogger(__name__)
 
 
+class ErrorResponse(JSONResponse):
+    """An error body as ASCII JSON: messages may quote client input (a model name), which may hold a
+    lone surrogate that UTF-8 cannot encode; Starlette's default would turn the 4xx into a 500."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def build_api(service: OpenAIService, state: Callable[[], Awaitable[dict]] | None = None) -> FastAPI:
     app = FastAPI(title="OrbitFlow", version="0.1.0",
                   description="OpenAI-compatible, SLO-aware long-context LLM serving. Extension fields: "
@@ -31,7 +40,7 @@ def build_api(service: OpenAIService, state: Callable[[], Awaitable[dict]] | Non
 
     @app.exception_handler(p.APIError)
     async def _api_error(_: Request, e: p.APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status_code, headers=e.headers())
+        return ErrorResponse(e.body(), status_code=e.status_code, headers=e.headers())
 
     key = service.args.api_key or os.environ.get("ORBITFLOW_API_KEY") or None
     if key is not None:
@@ -45,24 +54,24 @@ def build_api(service: OpenAIService, state: Callable[[], Awaitable[dict]] | Non
                 if not hmac.compare_digest(given, expected):
                     e = p.AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer "
                                               "<key>'", code="invalid_api_key")
-                    return JSONResponse(e.body(), status_code=401)
+                    return ErrorResponse(e.body(), status_code=401)
             return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         message, param = p.validation_error_message(e)
-        return JSONResponse(p.error_body(message, param=param), status_code=400)
+        return ErrorResponse(p.error_body(message, param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
-        return JSONResponse(p.error_body(str(e.detail), type=kind), status_code=e.status_code)
+        return ErrorResponse(p.error_body(str(e.detail), type=kind), status_code=e.status_code)
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(p.error_body(f"internal error: {type(e).__name__}", type="server_error"),
-                            status_code=500)
+        return ErrorResponse(p.error_body(f"internal error: {type(e).__name__}", type="server_error"),
+                             status_code=500)
 
     @app.get("/health")
     async def health() -> dict:

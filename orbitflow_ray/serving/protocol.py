@@ -11,12 +11,27 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
-                      ValidationInfo, field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
+                      StrictStr, ValidationInfo, field_validator, model_validator)
 
 _MAX_STOP = 4  # OpenAI's limit on stop sequences
+
+
+def _unicode_text(v: str) -> str:
+    """JSON may carry a lone UTF-16 surrogate (`"\\ud800"`); Python keeps it in the str, but it is
+    not Unicode text: tokenizers raise on it and it cannot be encoded as UTF-8. NUL, bidi marks and
+    combining characters are valid text and pass."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"contains a lone UTF-16 surrogate (U+{ord(v[e.start]):04X} at character "
+                         f"{e.start}), which is not valid Unicode text") from None
+    return v
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode_text)]  # a string that is valid Unicode text
 _UNSUPPORTED = {"echo": "echo is not supported", "logprobs": "logprobs are not supported"}
 
 
@@ -81,7 +96,7 @@ class _SamplingFields(_Request):
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
     seed: StrictInt | None = None
     ignore_eos: StrictBool = False  # extension: benchmarks need exact output lengths
     slo: SLOSpec | None = None  # extension
@@ -117,7 +132,7 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: StrictStr | list[StrictInt] | list[StrictStr]
+    prompt: Text | list[StrictInt] | list[Text]
     echo: StrictBool = False
     logprobs: StrictInt | None = None
 
@@ -146,7 +161,7 @@ class CompletionRequest(_SamplingFields):
 
 class ContentPart(_Request):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
     @field_validator("type", mode="before")
     @classmethod
@@ -158,7 +173,7 @@ class ContentPart(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: StrictStr | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):

@@ -1,0 +1,145 @@
+"""The OpenAI API as real clients use it (issue 17): odd unicode is never a 5xx, tokenizing stays off
+the event loop, body and prompt sizes are bounded, vLLM/llama.cpp "unset" values, CORS, HEAD and
+model routes, and every field either honoured or refused by name.
+
+The app runs in-process (ASGI) over a fake, instant engine: tokenizing and validation are real
+(SmolLM2's tokenizer and chat template), generation is not. Where output matters, a real engine.
+
+Run: .venv/bin/python -m pytest -q tests/test_openai_compat.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx2 as httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from orbitflow_ray.serving.api import build_api
+from orbitflow_ray.serving.app_config import AppArgs
+from orbitflow_ray.serving.messages import GenerateRequest, StreamDelta
+from orbitflow_ray.serving.openai_service import OpenAIService
+
+MODEL = "smollm2-135m"
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+
+
+class FakeEngine:
+    """Accepts every request at once and answers one token; remembers what it was given."""
+
+    def __init__(self) -> None:
+        self.seen: list[GenerateRequest] = []
+
+    async def generate(self, req: GenerateRequest):
+        self.seen.append(req)
+        n = req.num_prompt_tokens
+        yield StreamDelta("", [], prompt_tokens=n)
+        yield StreamDelta("ok", [1], True, "length", n, 1)
+
+
+@pytest.fixture(scope="module")
+def service() -> OpenAIService:
+    """One service (the tokenizer loads once); each test builds its own app and engine on it."""
+    return OpenAIService(AppArgs(max_output_tokens=4), FakeEngine().generate)
+
+
+def _call(app, method: str, url: str, **kw) -> httpx.Response:
+    if "json" in kw:  # ASCII JSON, as json.dumps writes it: a lone surrogate travels as "\\ud800"
+        kw["content"] = json.dumps(kw.pop("json")).encode()
+        kw["headers"] = {"content-type": "application/json", **kw.get("headers", {})}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            return await c.request(method, url, **kw)
+    return asyncio.run(go())
+
+
+def _app(service: OpenAIService, **args):
+    """The app over `service` with a fresh fake engine (and other AppArgs, if given)."""
+    fake = FakeEngine()
+    svc = service if not args else OpenAIService(AppArgs(max_output_tokens=4, **args), fake.generate)
+    svc.generate = fake.generate
+    app = build_api(svc)
+    app.state.fake = fake
+    return app
+
+
+def _body(route: str, text: str, **kw) -> dict:
+    where = {"prompt": text} if route == COMPLETIONS else {"messages": [{"role": "user", "content": text}]}
+    return {"model": MODEL, "max_tokens": 2, **where, **kw}
+
+
+def _check_answer(r: httpx.Response, stream: bool) -> None:
+    """200 with a whole answer (a stream ends with [DONE], no error event)."""
+    assert r.status_code == 200, r.text
+    if stream:
+        events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+        assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1]), r.text
+    else:
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def _check_error(r: httpx.Response, status: int, param: str | None, fragment: str = "") -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert sorted(err) == ["code", "message", "param", "type"] and err["param"] == param, err
+    assert fragment in err["message"], err
+    return err
+
+
+# ---- 1. never a 5xx for client input -------------------------------------------------------------
+
+VALID_ODD = ["hi \x00 there", "\u200f\u202eabc\u202c", "e\u0301\u0308 a\u0327", "\U0001f600 \ufeff \u2028"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route", [COMPLETIONS, CHAT])
+def test_lone_surrogates_are_400s_naming_the_field(service, route, stream):
+    app = _app(service)
+    where = "prompt" if route == COMPLETIONS else "messages.0.content"
+    r = _call(app, "POST", route, json=_body(route, "hi \ud800 there", stream=stream))
+    _check_error(r, 400, where, "lone UTF-16 surrogate (U+D800")
+    r = _call(app, "POST", route, json=_body(route, "ok", stream=stream, stop=["\udfff"]))
+    _check_error(r, 400, "stop.0", "surrogate")
+    if route == CHAT:
+        parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "\udc00b"}]
+        r = _call(app, "POST", route, json={**_body(route, ""), "messages": [{"role": "user", "content": parts}]})
+        _check_error(r, 400, "messages.0.content.1.text", "surrogate")
+    r = _call(app, "POST", route, json={**_body(route, "ok"), "model": "\ud800x"})
+    _check_error(r, 404, "model")  # the message quotes the name: still a clean body
+    assert not app.state.fake.seen
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route", [COMPLETIONS, CHAT])
+def test_nul_bidi_and_combining_characters_are_served(service, route, stream):
+    app = _app(service)
+    for text in VALID_ODD:
+        _check_answer(_call(app, "POST", route, json=_body(route, text, stream=stream, stop=[text[:2]])), stream)
+    assert len(app.state.fake.seen) == len(VALID_ODD)
+    assert all(req.num_prompt_tokens > 0 for req in app.state.fake.seen)
+
+
+_any_char = st.characters(codec=None, categories=("L", "M", "N", "P", "S", "Z", "C"))  # surrogates too
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(text=st.text(_any_char, min_size=1, max_size=12), route=st.sampled_from([COMPLETIONS, CHAT]),
+       stream=st.booleans(), field=st.sampled_from(["text", "stop"]))
+def test_fuzzed_unicode_is_served_or_refused_by_name(service, text, route, stream, field):
+    app = _app(service)
+    body = _body(route, text if field == "text" else "hello", stream=stream,
+                 **({"stop": text} if field == "stop" else {}))
+    r = _call(app, "POST", route, json=body)
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 200:
+        _check_answer(r, stream)
+    else:
+        err = r.json()["error"]
+        assert err["param"] in ("prompt", "messages", "messages.0.content", "stop"), err
+        # 400 only for a lone surrogate, or text the tokenizer turns into no tokens at all
+        assert any(0xD800 <= ord(c) <= 0xDFFF for c in text) or "empty" in err["message"], (text, err)
