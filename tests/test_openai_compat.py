@@ -143,3 +143,56 @@ def test_fuzzed_unicode_is_served_or_refused_by_name(service, text, route, strea
         assert err["param"] in ("prompt", "messages", "messages.0.content", "stop"), err
         # 400 only for a lone surrogate, or text the tokenizer turns into no tokens at all
         assert any(0xD800 <= ord(c) <= 0xDFFF for c in text) or "empty" in err["message"], (text, err)
+
+
+# ---- 2. tokenizing off the event loop, body and prompt limits -----------------------------------
+
+def test_tokenizing_and_chat_templating_run_off_the_event_loop(service, monkeypatch):
+    import threading
+    threads: list[str] = []
+    tok = service.tokenizer
+    for name in ("encode", "apply_chat_template"):
+        real = getattr(tok, name)
+
+        def spy(*a, _real=real, **kw):
+            threads.append(threading.current_thread().name)
+            return _real(*a, **kw)
+        monkeypatch.setattr(tok, name, spy)
+    app = _app(service)
+    for route in (COMPLETIONS, CHAT):
+        _check_answer(_call(app, "POST", route, json=_body(route, "Hello there")), False)
+    assert len(threads) == 2 and all(t.startswith("orbitflow-tokenize") for t in threads), threads
+
+
+def test_body_over_the_limit_is_413(service):
+    app = _app(service, max_request_body_bytes=2000)
+    big = _body(COMPLETIONS, "word " * 500)
+    err = _check_error(_call(app, "POST", COMPLETIONS, json=big), 413, None, "limit of 2000 bytes")
+    assert err["code"] == "request_too_large" and err["type"] == "invalid_request_error"
+
+    async def chunks():  # no Content-Length: counted while read
+        payload = json.dumps(big).encode()
+        for i in range(0, len(payload), 256):
+            yield payload[i:i + 256]
+    _check_error(_call(app, "POST", CHAT, content=chunks(), headers={"content-type": "application/json"}),
+                 413, None, "limit of 2000 bytes")
+    _check_answer(_call(app, "POST", COMPLETIONS, json=_body(COMPLETIONS, "word " * 50)), False)
+    assert len(app.state.fake.seen) == 1
+
+
+@pytest.mark.parametrize("route", [COMPLETIONS, CHAT])
+def test_huge_prompt_is_refused_before_tokenizing(service, route, monkeypatch):
+    calls = []
+    monkeypatch.setattr(service.tokenizer, "encode", lambda *a, **kw: calls.append(1) or [1])
+    monkeypatch.setattr(service.tokenizer, "apply_chat_template", lambda *a, **kw: calls.append(1) or [1])
+    app = _app(service)
+    chars = service.max_token_chars * (service.max_model_len - 1) + 1
+    where = "prompt" if route == COMPLETIONS else "messages"
+    err = _check_error(_call(app, "POST", route, json=_body(route, "x" * chars)), 400, where,
+                       f"has {chars} characters")
+    assert err["code"] == "context_length_exceeded" and not calls and not app.state.fake.seen
+    small = _app(service, max_prompt_tokens=10)  # max_prompt_tokens lowers the bound
+    limit_chars = 10 * service.max_token_chars
+    err = _check_error(_call(small, "POST", route, json=_body(route, "x" * (limit_chars + 1))), 400, where,
+                       "more than 10 tokens")
+    assert err["code"] == "prompt_too_long"

@@ -57,6 +57,8 @@ def build_api(service: OpenAIService, state: Callable[[], Awaitable[dict]] | Non
                     return ErrorResponse(e.body(), status_code=401)
             return await call_next(request)
 
+    app.add_middleware(BodyLimit, max_bytes=service.args.max_request_body_bytes)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         message, param = p.validation_error_message(e)
@@ -97,6 +99,42 @@ def build_api(service: OpenAIService, state: Callable[[], Awaitable[dict]] | Non
             return await state()
 
     return app
+
+
+class BodyLimit:
+    """Pure ASGI middleware: a body over `max_bytes` is a 413 with an OpenAI error body, judged by
+    Content-Length before reading, or while reading a chunked body, so memory stays bounded. The
+    body read is replayed to the app, followed by the server's own messages (the disconnect)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        e = p.APIError(f"the request body is over this server's limit of {self.max_bytes} bytes",
+                       status_code=413, type="invalid_request_error", code="request_too_large")
+        await ErrorResponse(e.body(), status_code=413)(scope, receive, send)
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response:

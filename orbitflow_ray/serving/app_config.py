@@ -33,6 +33,10 @@ class AppArgs(BaseModel):
                                           "context window.")
     max_output_tokens: int | None = Field(None, description="Largest max_tokens accepted; None: what the "
                                           "context window leaves.")
+    max_request_body_bytes: int = Field(8 << 20, description="Largest request body (bytes); past it, 413. "
+                                        "8 MiB: SmolLM2's longest acceptable prompt (8,191 tokens x at most "
+                                        "81 characters a token) is 4 MB even with every character JSON-escaped "
+                                        "as \\uXXXX; the limit bounds the ingress's memory per request.")
     max_waiting_per_worker: int = Field(64, description="Requests a worker holds beyond its running batch; "
                                         "past it, 429 with Retry-After. Bounds memory under overload.")
 
@@ -43,7 +47,8 @@ class AppArgs(BaseModel):
             raise ValueError("must be a positive number of seconds")
         return v
 
-    @field_validator("torch_threads", "max_prompt_tokens", "max_output_tokens", "max_waiting_per_worker")
+    @field_validator("torch_threads", "max_prompt_tokens", "max_output_tokens", "max_waiting_per_worker",
+                     "max_request_body_bytes")
     @classmethod
     def _at_least_one(cls, v: int | None) -> int | None:
         if v is not None and v < 1:

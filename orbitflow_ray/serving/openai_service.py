@@ -9,10 +9,12 @@ dies mid-stream ends the stream with an OpenAI error event and `[DONE]`, never a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from typing import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable, TypeVar
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -28,6 +30,10 @@ log = logging.getLogger(__name__)
 Generate = Callable[[GenerateRequest], AsyncIterator[StreamDelta]]
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 RETRY_AFTER_S = 1  # an overloaded worker frees a slot within about a second of decode steps
+# Tokenizing a long prompt takes up to seconds: on the event loop it would stall every stream and
+# /health. Two threads: the Rust tokenizer releases the GIL, and the ingress has few cores.
+TOKENIZE_THREADS = 2
+T = TypeVar("T")
 
 
 class OpenAIService:
@@ -39,6 +45,12 @@ class OpenAIService:
         self.vocab_size = spec.vocab_size
         self.default_tpot_slo_s = cfg.tpot_slo_s
         self.tokenizer = load_tokenizer(args.model)
+        # No token covers more characters than its vocabulary entry has bytes (byte-level BPE) or
+        # characters (SentencePiece), so a text of more than limit x this many characters is too long
+        # to tokenize into `limit` tokens: refused without tokenizing it.
+        self.max_token_chars = (max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+                                if self.tokenizer is not None else None)
+        self._pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="orbitflow-tokenize")
         self.created = int(time.time())
 
     def models(self) -> dict:
@@ -64,6 +76,20 @@ class OpenAIService:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise p.BadRequestError("this model has no chat template; use /v1/completions", param="messages")
         return chat_token_ids(self.tokenizer, body.messages_as_dicts())
+
+    def _precheck_length(self, chars: int, param: str) -> None:
+        """Refuse a text too long to be `limit` tokens, by its length alone (see max_token_chars)."""
+        cap = self.args.max_prompt_tokens
+        limit = min(cap or self.max_model_len - 1, self.max_model_len - 1)
+        if self.max_token_chars is None or chars <= limit * self.max_token_chars:
+            return
+        code = "prompt_too_long" if cap is not None and cap < self.max_model_len else "context_length_exceeded"
+        raise p.BadRequestError(f"the prompt has {chars} characters: more than {limit} tokens (this server's "
+                                f"limit), as no token of this model is longer than {self.max_token_chars} "
+                                "characters", param=param, code=code)
+
+    async def _off_loop(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def _request(self, body, ids: list[int]) -> GenerateRequest:
         n = len(ids)
@@ -107,12 +133,16 @@ class OpenAIService:
     # ---- endpoints -----------------------------------------------------------------------------
     async def completion(self, body: p.CompletionRequest):
         self._check_model(body.model)
-        req = self._request(body, self._ids(body.prompt_input()))
+        prompt = body.prompt_input()
+        if isinstance(prompt, str):
+            self._precheck_length(len(prompt), "prompt")
+        req = self._request(body, await self._off_loop(self._ids, prompt))
         return await self._respond(req, body, chat=False)
 
     async def chat(self, body: p.ChatCompletionRequest):
         self._check_model(body.model)
-        req = self._request(body, self._chat_ids(body))
+        self._precheck_length(sum(len(m.text()) for m in body.messages), "messages")
+        req = self._request(body, await self._off_loop(self._chat_ids, body))
         return await self._respond(req, body, chat=True)
 
     async def _respond(self, req: GenerateRequest, body, chat: bool):
