@@ -16,6 +16,7 @@ from typing import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -42,22 +43,14 @@ def build_api(service: OpenAIService, state: Callable[[], Awaitable[dict]] | Non
     async def _api_error(_: Request, e: p.APIError) -> JSONResponse:
         return ErrorResponse(e.body(), status_code=e.status_code, headers=e.headers())
 
+    # add_middleware wraps what is there: CORS runs first (a browser's preflight never carries the
+    # key, so it must not need it), then the key, then the body limit.
+    app.add_middleware(BodyLimit, max_bytes=service.args.max_request_body_bytes)
     key = service.args.api_key or os.environ.get("ORBITFLOW_API_KEY") or None
     if key is not None:
-        expected = f"Bearer {key}".encode()
-
-        @app.middleware("http")
-        async def _require_key(request: Request, call_next):
-            """Every /v1/* route needs the key (constant-time compare); /health stays open."""
-            if request.url.path.startswith("/v1/"):
-                given = request.headers.get("authorization", "").encode()
-                if not hmac.compare_digest(given, expected):
-                    e = p.AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer "
-                                              "<key>'", code="invalid_api_key")
-                    return ErrorResponse(e.body(), status_code=401)
-            return await call_next(request)
-
-    app.add_middleware(BodyLimit, max_bytes=service.args.max_request_body_bytes)
+        app.add_middleware(RequireKey, key=key)
+    app.add_middleware(CORSMiddleware, allow_origins=service.args.allowed_origins, allow_methods=["*"],
+                       allow_headers=["*"])
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -75,13 +68,17 @@ def build_api(service: OpenAIService, state: Callable[[], Awaitable[dict]] | Non
         return ErrorResponse(p.error_body(f"internal error: {type(e).__name__}", type="server_error"),
                              status_code=500)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict:
         return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models() -> dict:
         return service.models()
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict:
+        return service.model(model)
 
     @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest, request: Request):
@@ -99,6 +96,26 @@ def build_api(service: OpenAIService, state: Callable[[], Awaitable[dict]] | Non
             return await state()
 
     return app
+
+
+class RequireKey:
+    """Pure ASGI middleware: every /v1/* route needs `Authorization: Bearer <key>` (the scheme in any
+    case, as RFC 9110 says; the key compared in constant time); /health stays open."""
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and not self._authorized(scope):
+            e = p.AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                      code="invalid_api_key")
+            return await ErrorResponse(e.body(), status_code=401)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope.get("headers") or ()).get(b"authorization", b"")
+        scheme, _, token = header.strip().partition(b" ")
+        return hmac.compare_digest(scheme.lower(), b"bearer") & hmac.compare_digest(token.strip(), self.key)
 
 
 class BodyLimit:

@@ -29,6 +29,9 @@ class AppArgs(BaseModel):
     api_key: str | None = Field(None, description="Bearer token required on /v1/* (compared in constant "
                                 "time). None: the ORBITFLOW_API_KEY environment variable of the ingress, "
                                 "if set; else open.")
+    allowed_origins: list[str] = Field(default_factory=lambda: ["*"], description="CORS: origins whose "
+                                       "browser pages may call the API (['*']: any, as vLLM's default). "
+                                       "Preflights are answered without the API key, as browsers send none.")
     max_prompt_tokens: int | None = Field(None, description="Longest prompt accepted (tokens); None: the "
                                           "context window.")
     max_output_tokens: int | None = Field(None, description="Largest max_tokens accepted; None: what the "

@@ -118,10 +118,14 @@ class OpenAIService:
                                     "for the completion).", param="max_tokens", code="context_length_exceeded")
         slo = body.slo
         if body.seed is not None and not 0 <= body.seed < 2 ** 63:
-            raise p.BadRequestError("seed must be in [0, 2**63)", param="seed")
+            raise p.BadRequestError("seed must be in [0, 2**63) (or -1: unset)", param="seed")
+        stop_ids = body.stop_token_ids or []
+        if any(t >= self.vocab_size for t in stop_ids):
+            raise p.BadRequestError(f"stop_token_ids must be < {self.vocab_size}", param="stop_token_ids")
         try:
             params = SamplingParams(max_tokens=limit, temperature=body.temperature, top_p=body.top_p,
                                     top_k=body.top_k, seed=body.seed, stop=body.stop_list(),
+                                    stop_token_ids=list(stop_ids),
                                     ignore_eos=body.ignore_eos,
                                     slo_s=slo.tpot_s if slo is not None and slo.tpot_s else None)
         except ValueError as e:
