@@ -196,3 +196,82 @@ def test_huge_prompt_is_refused_before_tokenizing(service, route, monkeypatch):
     err = _check_error(_call(small, "POST", route, json=_body(route, "x" * (limit_chars + 1))), 400, where,
                        "more than 10 tokens")
     assert err["code"] == "prompt_too_long"
+
+
+# ---- 3. -1 means unset ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("route", [COMPLETIONS, CHAT])
+def test_seed_and_top_k_minus_one_mean_unset(service, route):
+    app = _app(service)
+    _check_answer(_call(app, "POST", route, json=_body(route, "hi", seed=-1, top_k=-1)), False)
+    params = app.state.fake.seen[0].params
+    assert (params.seed, params.top_k) == (None, 0)
+    _check_error(_call(app, "POST", route, json=_body(route, "hi", seed=-2)), 400, "seed", "-1: unset")
+    _check_error(_call(app, "POST", route, json=_body(route, "hi", top_k=-2)), 400, "top_k")
+
+
+# ---- 4. CORS, HEAD /health, GET /v1/models/{model} -------------------------------------------------
+
+PREFLIGHT = {"Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization,content-type"}
+
+
+@pytest.mark.parametrize("key", [None, "sk-test-0123456789"])
+def test_browser_preflight_is_answered_without_the_key(service, key):
+    app = _app(service, api_key=key) if key else _app(service)
+    r = _call(app, "OPTIONS", CHAT, headers=PREFLIGHT)
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-origin"] == "*"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    allowed = {h.strip() for h in r.headers["access-control-allow-headers"].lower().split(",")}
+    assert allowed >= {"authorization", "content-type"}, allowed
+    # the request that follows carries the CORS header on its answer, error or not
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
+    r = _call(app, "POST", CHAT, json=_body(CHAT, "hi"), headers={"Origin": PREFLIGHT["Origin"], **auth})
+    _check_answer(r, False)
+    assert r.headers["access-control-allow-origin"] == "*"
+    if key:  # the preflight is open, the request itself is not
+        r = _call(app, "POST", CHAT, json=_body(CHAT, "hi"), headers={"Origin": PREFLIGHT["Origin"]})
+        _check_error(r, 401, None)
+
+
+def test_allowed_origins_are_configurable(service):
+    app = _app(service, allowed_origins=["https://app.example"])
+    ok = _call(app, "OPTIONS", CHAT, headers={**PREFLIGHT, "Origin": "https://app.example"})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+    other = _call(app, "OPTIONS", CHAT, headers=PREFLIGHT)
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+
+
+def test_head_health_and_model_by_id(service):
+    app = _app(service)
+    head = _call(app, "HEAD", "/health")
+    assert head.status_code == 200 and head.content == b""
+    r = _call(app, "GET", f"/v1/models/{MODEL}")
+    assert r.status_code == 200 and r.json() == _call(app, "GET", "/v1/models").json()["data"][0]
+    assert r.json()["id"] == MODEL and r.json()["object"] == "model"
+    err = _check_error(_call(app, "GET", "/v1/models/gpt-9"), 404, "model", "gpt-9")
+    assert err["code"] == "model_not_found"
+    _check_error(_call(app, "GET", "/v1/models/org/some-model"), 404, "model", "org/some-model")
+
+
+# ---- 5. stream_options without a stream; lowercase bearer ------------------------------------------
+
+@pytest.mark.parametrize("route", [COMPLETIONS, CHAT])
+def test_stream_options_without_stream_is_400(service, route):
+    app = _app(service)
+    body = _body(route, "hi", stream_options={"include_usage": True})
+    _check_error(_call(app, "POST", route, json=body), 400, "stream_options", "stream: true")
+    _check_error(_call(app, "POST", route, json={**body, "stream": False}), 400, "stream_options")
+    _check_answer(_call(app, "POST", route, json={**body, "stream": True}), True)
+
+
+def test_bearer_scheme_is_case_insensitive(service):
+    key = "sk-test-0123456789"
+    app = _app(service, api_key=key)
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        r = _call(app, "GET", "/v1/models", headers={"Authorization": f"{scheme} {key}"})
+        assert r.status_code == 200, (scheme, r.text)
+    for header in (f"Basic {key}", key, f"bearer {key}x", "bearer", ""):
+        _check_error(_call(app, "GET", "/v1/models", headers={"Authorization": header}), 401, None)
+    assert _call(app, "GET", "/health").status_code == 200

@@ -56,6 +56,11 @@ class OpenAIService:
     def models(self) -> dict:
         return p.models_response([self.args.name], self.created)
 
+    def model(self, model: str) -> dict:
+        """The model object of GET /v1/models/{model}; 404 for another name."""
+        self._check_model(model)
+        return self.models()["data"][0]
+
     # ---- requests -> GenerateRequest -----------------------------------------------------------
     def _check_model(self, model: str) -> None:
         if model != self.args.name:

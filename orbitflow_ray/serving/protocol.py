@@ -1,7 +1,8 @@
 """The OpenAI wire protocol: request models, error bodies and response builders.
 
-Requests tolerate unknown OpenAI fields (clients send many we do not implement) but validate the
-fields we use strictly, so `"max_tokens": "10"` is a 400, not a silent coercion. Responses are
+Requests validate every field strictly, so `"max_tokens": "10"` is a 400, not a silent coercion.
+Fields OpenAI or vLLM define that we do not implement are refused by name unless set to a value that
+asks for nothing (`unsupported.py`); any other unknown field is a 400 naming it. Responses are
 plain dicts in OpenAI's exact shapes so the official `openai` client parses them unchanged.
 Nothing here imports Ray or the engine: the HTTP layer, the router and the tests share it.
 """
@@ -11,10 +12,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
                       StrictStr, ValidationInfo, field_validator, model_validator)
+
+from orbitflow_ray.serving import unsupported
+from orbitflow_ray.serving.unsupported import Refused
 
 _MAX_STOP = 4  # OpenAI's limit on stop sequences
 
@@ -32,11 +36,11 @@ def _unicode_text(v: str) -> str:
 
 
 Text = Annotated[StrictStr, AfterValidator(_unicode_text)]  # a string that is valid Unicode text
-_UNSUPPORTED = {"echo": "echo is not supported", "logprobs": "logprobs are not supported"}
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+    _refused: ClassVar[dict[str, Refused]] = {}  # fields we do not implement (see unsupported.py)
 
     @model_validator(mode="before")
     @classmethod
@@ -44,6 +48,7 @@ class _Request(BaseModel):
         # OpenAI's schema makes its optional fields nullable and some clients send `"n": null`.
         if not isinstance(data, dict):
             return data
+        data = unsupported.strip_neutral(data, cls._refused)
         fields = cls.model_fields
         return {k: v for k, v in data.items()
                 if not (v is None and k in fields and not fields[k].is_required())}
@@ -92,21 +97,30 @@ class _SamplingFields(_Request):
         "placement for it, so an omitted max_tokens never makes a request too big to run."))
     temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: StrictInt = Field(0, ge=0)  # extension (vLLM's); 0 disables top-k
-    n: StrictInt = 1
+    top_k: StrictInt = Field(0, ge=0)  # extension (vLLM's); 0 disables top-k, and so does -1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: Text | list[Text] | None = None
-    seed: StrictInt | None = None
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None  # extension (vLLM's)
+    seed: StrictInt | None = None  # -1 means unset, as vLLM and llama.cpp clients send it
     ignore_eos: StrictBool = False  # extension: benchmarks need exact output lengths
     slo: SLOSpec | None = None  # extension
     user: StrictStr | None = None
 
-    @field_validator("n")
+    _refused = unsupported.SAMPLING
+
+    @field_validator("seed", "top_k", mode="before")
     @classmethod
-    def _only_one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
+    def _minus_one_is_unset(cls, v: Any, info: ValidationInfo) -> Any:
+        if v == -1 and type(v) is int:
+            return None if info.field_name == "seed" else 0
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and info.data.get("stream") is False:
+            raise ValueError("stream_options is only allowed with stream: true")
         return v
 
     @field_validator("stop")
@@ -119,22 +133,13 @@ class _SamplingFields(_Request):
             raise ValueError("stop sequences must be non-empty strings")
         return v
 
-    @field_validator("echo", "logprobs", mode="before", check_fields=False)
-    @classmethod
-    def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
-        # Clients may send these fields at their defaults; only asking for the feature is an error.
-        if v is not None and v is not False:
-            raise ValueError(_UNSUPPORTED[info.field_name])
-        return v
-
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class CompletionRequest(_SamplingFields):
+    _refused = unsupported.COMPLETION
     prompt: Text | list[StrictInt] | list[Text]
-    echo: StrictBool = False
-    logprobs: StrictInt | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -172,6 +177,7 @@ class ContentPart(_Request):
 
 
 class ChatMessage(_Request):
+    _refused = unsupported.MESSAGE
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Text | list[ContentPart] | None = None
 
@@ -182,9 +188,9 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    _refused = unsupported.CHAT
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    logprobs: StrictBool = False
 
     def output_limit(self) -> int | None:
         """max_completion_tokens is OpenAI's newer name and wins when both are sent."""
@@ -278,8 +284,11 @@ def validation_error_message(exc: Any) -> tuple[str, str | None]:
         loc = list(err.get("loc") or ())
         if loc and loc[0] == "body":
             loc = loc[1:]
-        param = ".".join(str(p) for p in loc if _is_field(p)) or None
+        named = (err.get("ctx") or {}).get("param")  # a model-level error about one field
+        param = ".".join(str(p) for p in loc + ([named] if named else []) if _is_field(p)) or None
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field (the README's Serving section lists the supported ones)"
         return f"{param or 'request body'}: {msg}", param
     except Exception:  # noqa: BLE001 - see docstring
         return "invalid request", None
