@@ -275,3 +275,108 @@ def test_bearer_scheme_is_case_insensitive(service):
     for header in (f"Basic {key}", key, f"bearer {key}x", "bearer", ""):
         _check_error(_call(app, "GET", "/v1/models", headers={"Authorization": header}), 401, None)
     assert _call(app, "GET", "/health").status_code == 200
+
+
+# ---- 6. every field honoured or refused by name ---------------------------------------------------
+
+# (route, field, a value asking for the feature, a neutral value that is accepted)
+REFUSED = [
+    (r, f, on, off) for r in (COMPLETIONS, CHAT) for f, on, off in [
+        ("presence_penalty", 0.5, 0), ("frequency_penalty", 2.0, 0.0), ("repetition_penalty", 1.2, 1),
+        ("logit_bias", {"50256": -100}, {}), ("min_tokens", 4, 0), ("best_of", 2, 1), ("n", 2, 1)]
+] + [
+    (COMPLETIONS, "logprobs", 1, None), (COMPLETIONS, "echo", True, False), (COMPLETIONS, "suffix", "x", ""),
+    (CHAT, "logprobs", True, False), (CHAT, "top_logprobs", 3, 0),
+    (CHAT, "response_format", {"type": "json_object"}, {"type": "text"}),
+    (CHAT, "tools", [{"type": "function", "function": {"name": "f"}}], []), (CHAT, "tool_choice", "auto", "none"),
+]
+
+
+@pytest.mark.parametrize("route,field,on,off", REFUSED)
+def test_unimplemented_fields_are_refused_by_name_unless_neutral(service, route, field, on, off):
+    app = _app(service)
+    _check_error(_call(app, "POST", route, json=_body(route, "hi", **{field: on})), 400, field, "supported")
+    _check_answer(_call(app, "POST", route, json=_body(route, "hi", **{field: off})), False)
+    assert len(app.state.fake.seen) == 1
+
+
+def test_tool_calls_in_chat_history_are_refused_by_name(service):
+    app = _app(service)
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    r = _call(app, "POST", CHAT, json={**_body(CHAT, ""), "messages": msgs})
+    _check_error(r, 400, "messages.1.tool_calls", "tool calls")
+    # an assistant reply sent back as the openai client dumps it: nulls and empty lists are fine
+    msgs[1] = {"role": "assistant", "content": "hello", "tool_calls": [], "refusal": None, "audio": None,
+               "function_call": None, "annotations": []}
+    _check_answer(_call(app, "POST", CHAT, json={**_body(CHAT, ""), "messages": msgs + [msgs[0]]}), False)
+
+
+@pytest.mark.parametrize("route,where,payload", [
+    (COMPLETIONS, "frobnicate", {"frobnicate": 1}),
+    (CHAT, "messages.0.weight", {"messages": [{"role": "user", "content": "hi", "weight": 2}]}),
+    (CHAT, "slo.tbt_s", {"slo": {"tbt_s": 0.1}}),
+    (CHAT, "stream_options.include_obfuscation", {"stream": True, "stream_options": {"include_obfuscation": True}}),
+])
+def test_unknown_fields_are_400s_naming_them(service, route, where, payload):
+    app = _app(service)
+    _check_error(_call(app, "POST", route, json={**_body(route, "hi"), **payload}), 400, where, "unknown field")
+
+
+def test_the_openai_client_s_normal_calls_pass(service):
+    import openai
+
+    async def run():
+        app = _app(service)
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t")
+        client = openai.AsyncOpenAI(base_url="http://t/v1", api_key="k", http_client=http, max_retries=0)
+        msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+        chat = await client.chat.completions.create(
+            model=MODEL, messages=msgs, max_completion_tokens=3, temperature=0.7, top_p=0.9, seed=1, stop=["\n"],
+            user="u1", n=1, presence_penalty=0, frequency_penalty=0, logprobs=False, response_format={"type": "text"},
+            extra_body={"top_k": 5, "ignore_eos": True, "slo": {"tpot_s": 0.1}, "stop_token_ids": [2]})
+        msgs.append(chat.choices[0].message.model_dump())  # the reply sent back, as apps do
+        msgs.append({"role": "user", "content": "more"})
+        parts = [c async for c in await client.chat.completions.create(
+            model=MODEL, messages=msgs, max_tokens=3, stream=True, stream_options={"include_usage": True})]
+        comp = await client.completions.create(model=MODEL, prompt="hi", max_tokens=3, echo=False, best_of=1,
+                                               logprobs=None, suffix=None)
+        model = await client.models.retrieve(MODEL)
+        return chat, parts, comp, model, app.state.fake.seen
+
+    chat, parts, comp, model, seen = asyncio.run(run())
+    assert chat.choices[0].message.content == "ok" and parts[-1].usage.completion_tokens == 1
+    assert comp.choices[0].text == "ok" and model.id == MODEL
+    first = seen[0].params
+    assert (first.max_tokens, first.top_k, first.seed, first.stop, first.stop_token_ids, first.ignore_eos) \
+        == (3, 5, 1, ["\n"], [2], True)
+    assert len(seen) == 3
+
+
+@pytest.mark.slow
+def test_stop_token_ids_over_http_match_the_offline_engine():
+    from orbitflow_ray.llm import LLM
+    from orbitflow_ray.sampling_params import SamplingParams
+    from orbitflow_ray.serving.engine_loop import AsyncEngine
+
+    kv = {"kv_policy": "no-offload", "device_kv_bytes": 32 << 20, "host_kv_bytes": 1 << 20}
+    llm = LLM(MODEL, **kv)
+    free = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    stop_id = free.token_ids[3]
+    want = llm.generate(["The capital of France is"],
+                        SamplingParams(max_tokens=8, ignore_eos=True, stop_token_ids=[stop_id]))[0]
+    assert want.finish_reason == "stop" and len(want.token_ids) < len(free.token_ids)
+
+    async def run():
+        ae = AsyncEngine(llm.engine).start()
+        try:
+            app = build_api(OpenAIService(AppArgs(engine=kv), ae.stream))
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+                body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
+                        "ignore_eos": True, "stop_token_ids": [stop_id]}
+                return (await c.post(COMPLETIONS, json=body)).json()
+        finally:
+            ae.shutdown()
+    got = asyncio.run(run())
+    assert got["choices"][0]["text"] == want.text and got["choices"][0]["finish_reason"] == "stop"
+    assert got["usage"]["completion_tokens"] == len(want.token_ids)
