@@ -181,5 +181,8 @@ async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> R
 async def _disconnected(request: Request) -> None:
     """Returns when the client disconnects. The body has been read, so the server's next message
     on this connection is http.disconnect (uvicorn's receive blocks until then)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # the server cannot tell (a proxy's receive failed): serve on, as without a watch
+        await asyncio.Event().wait()
