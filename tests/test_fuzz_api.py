@@ -50,26 +50,36 @@ _text = st.text(st.characters(codec="ascii", categories=("L", "N", "P", "Zs")), 
                 max_size=30).filter(str.strip)
 _sampling = {
     "max_tokens": st.integers(1, CAP), "temperature": st.floats(0.0, 2.0), "top_p": st.floats(0.01, 1.0),
-    "top_k": st.integers(0, 50), "n": st.just(1), "stream": st.booleans(),
-    "seed": st.integers(0, 2 ** 63 - 1),
+    "top_k": st.integers(-1, 50), "n": st.just(1), "presence_penalty": st.just(0), "stream": st.booleans(),
+    "seed": st.integers(-1, 2 ** 63 - 1), "stop_token_ids": st.lists(st.integers(0, 40000), max_size=3),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     "stop": st.text(min_size=1, max_size=4) | st.lists(st.text(min_size=1, max_size=4), max_size=4),
     "ignore_eos": st.booleans(), "user": st.text(max_size=5), "frequency_penalty": st.just(0.0),
     "slo": st.fixed_dictionaries({}, optional={"ttft_s": st.floats(0.1, 10.0),
                                                "tpot_s": st.floats(1e-3, 0.1)}),
 }
+
+
+def _consistent(payload: dict) -> dict:
+    """stream_options is only valid on a stream (a 400 otherwise, as vLLM)."""
+    if "stream_options" in payload:
+        payload["stream"] = True
+    return payload
+
+
 VALID_COMPLETION = st.fixed_dictionaries(
     {"model": st.just(MODEL),
      "prompt": (_text | st.lists(_text, min_size=1, max_size=1)
                 | st.lists(st.integers(0, 40000), min_size=1, max_size=8))},
-    optional={**_sampling, "echo": st.just(False), "logprobs": st.none()})
+    optional={**_sampling, "echo": st.just(False), "logprobs": st.none()}).map(_consistent)
 _part = st.fixed_dictionaries({"type": st.just("text"), "text": _text})
 _content = _text | st.lists(_part, min_size=1, max_size=2)
 _message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "developer"]),
                                   "content": _content})
 VALID_CHAT = st.fixed_dictionaries(
     {"model": st.just(MODEL), "messages": st.lists(_message, min_size=1, max_size=3)},
-    optional={**_sampling, "max_completion_tokens": st.integers(1, CAP), "logprobs": st.just(False)})
+    optional={**_sampling, "max_completion_tokens": st.integers(1, CAP), "logprobs": st.just(False)}
+).map(_consistent)
 
 
 def _paths(value, prefix: tuple = ()):

@@ -54,7 +54,7 @@ def test_client_payloads_validate_and_responses_parse():
         max_completion_tokens=8, temperature=0.0, stop=["\n"], frequency_penalty=0.0,
         extra_body={"slo": {"tpot_s": 0.05}, "ignore_eos": True, "top_k": 5})
     assert out.choices[0].message.content == "hello" and out.usage.total_tokens == 4
-    cout = client.completions.create(model="m", prompt="hello", max_tokens=5, seed=1, presence_penalty=0.5)
+    cout = client.completions.create(model="m", prompt="hello", max_tokens=5, seed=1, presence_penalty=0.0)
     assert cout.choices[0].finish_reason == "length"
 
     creq = p.ChatCompletionRequest.model_validate(sent[0])
@@ -68,14 +68,17 @@ def test_client_payloads_validate_and_responses_parse():
 
 def test_defaults_and_helpers():
     req = p.CompletionRequest.model_validate(COMP)
-    assert (req.temperature, req.top_p, req.top_k, req.n, req.stream) == (1.0, 1.0, 0, 1, False)
+    assert (req.temperature, req.top_p, req.top_k, req.seed, req.stream) == (1.0, 1.0, 0, None, False)
     assert req.stop_list() == [] and req.output_limit() is None
     assert p.CompletionRequest.model_validate({**COMP, "stop": "x"}).stop_list() == ["x"]
     assert p.CompletionRequest.model_validate({**COMP, "prompt": [1, 2, 0]}).prompt_input() == [1, 2, 0]
     assert p.CompletionRequest.model_validate({**COMP, "prompt": ["one"]}).prompt_input() == "one"
     # OpenAI's optional fields are nullable; null means the default.
     nulls = p.CompletionRequest.model_validate({**COMP, "n": None, "temperature": None, "stream": None})
-    assert (nulls.n, nulls.temperature, nulls.stream) == (1, 1.0, False)
+    assert (nulls.temperature, nulls.stream) == (1.0, False)
+    # vLLM and llama.cpp clients send -1 for "unset"
+    unset = p.CompletionRequest.model_validate({**COMP, "seed": -1, "top_k": -1})
+    assert (unset.seed, unset.top_k) == (None, 0)
 
 
 def test_chat_limits_and_content_parts():
@@ -85,7 +88,7 @@ def test_chat_limits_and_content_parts():
     msgs = [{"role": "developer", "content": "rules"},
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
             {"role": "assistant", "content": None, "tool_calls": []}]
-    req = p.ChatCompletionRequest.model_validate({**CHAT, "messages": msgs,
+    req = p.ChatCompletionRequest.model_validate({**CHAT, "messages": msgs, "stream": True,
                                                   "stream_options": {"include_usage": True}})
     assert req.messages_as_dicts() == [{"role": "system", "content": "rules"},
                                        {"role": "user", "content": "ab"},
@@ -105,6 +108,9 @@ def test_chat_limits_and_content_parts():
     ("top_p", 0, "greater than 0"),
     ("stream", "yes", "valid boolean"),
     ("n", 2, "only n=1 is supported"),
+    ("top_k", -2, "greater than or equal to 0"),
+    ("stream_options", {"include_usage": True}, "only allowed with stream: true"),
+    ("stop_token_ids", "7", "valid list"),
     ("stop", ["a", "b", "c", "d", "e"], "at most 4"),
     ("stop", [""], "non-empty"),
     ("seed", True, "valid integer"),
@@ -128,11 +134,10 @@ def test_rejects_bad_prompts(prompt, fragment):
 
 
 @pytest.mark.parametrize("field,value,fragment", [
-    ("echo", True, "echo is not supported"), ("logprobs", 3, "logprobs are not supported"),
-    ("logprobs", 0, "logprobs are not supported")])
+    ("echo", True, "not supported"), ("logprobs", 3, "not supported"), ("logprobs", 0, "not supported")])
 def test_rejects_unsupported_completion_features(field, value, fragment):
     assert _errors(p.CompletionRequest, {**COMP, field: value}) == (f"{field}: {fragment}", field)
-    assert p.CompletionRequest.model_validate({**COMP, "echo": False, "logprobs": None}).echo is False
+    assert p.CompletionRequest.model_validate({**COMP, "echo": False, "logprobs": None}).prompt == "hello"
 
 
 @pytest.mark.parametrize("slo", [{"tpot_s": 0}, {"tpot_s": -0.1}, {"tpot_s": "fast"}, {"tpot_s": math.inf},
@@ -150,7 +155,7 @@ def test_rejects_bad_slos(slo):
     ({**CHAT, "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "Input should be"),
     ({**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages.0.content.0.type", "only text content parts are supported"),
-    ({**CHAT, "logprobs": True}, "logprobs", "logprobs are not supported"),
+    ({**CHAT, "logprobs": True}, "logprobs", "not supported"),
     ({**CHAT, "max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
 ])
 def test_rejects_bad_chat_payloads(payload, param, fragment):

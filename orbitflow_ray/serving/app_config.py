@@ -29,10 +29,17 @@ class AppArgs(BaseModel):
     api_key: str | None = Field(None, description="Bearer token required on /v1/* (compared in constant "
                                 "time). None: the ORBITFLOW_API_KEY environment variable of the ingress, "
                                 "if set; else open.")
+    allowed_origins: list[str] = Field(default_factory=lambda: ["*"], description="CORS: origins whose "
+                                       "browser pages may call the API (['*']: any, as vLLM's default). "
+                                       "Preflights are answered without the API key, as browsers send none.")
     max_prompt_tokens: int | None = Field(None, description="Longest prompt accepted (tokens); None: the "
                                           "context window.")
     max_output_tokens: int | None = Field(None, description="Largest max_tokens accepted; None: what the "
                                           "context window leaves.")
+    max_request_body_bytes: int = Field(8 << 20, description="Largest request body (bytes); past it, 413. "
+                                        "8 MiB: SmolLM2's longest acceptable prompt (8,191 tokens x at most "
+                                        "81 characters a token) is 4 MB even with every character JSON-escaped "
+                                        "as \\uXXXX; the limit bounds the ingress's memory per request.")
     max_waiting_per_worker: int = Field(64, description="Requests a worker holds beyond its running batch; "
                                         "past it, 429 with Retry-After. Bounds memory under overload.")
 
@@ -43,7 +50,8 @@ class AppArgs(BaseModel):
             raise ValueError("must be a positive number of seconds")
         return v
 
-    @field_validator("torch_threads", "max_prompt_tokens", "max_output_tokens", "max_waiting_per_worker")
+    @field_validator("torch_threads", "max_prompt_tokens", "max_output_tokens", "max_waiting_per_worker",
+                     "max_request_body_bytes")
     @classmethod
     def _at_least_one(cls, v: int | None) -> int | None:
         if v is not None and v < 1:

@@ -17,11 +17,12 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable
 
 from orbitflow_ray.engine import LLMEngine
 from orbitflow_ray.outputs import RequestOutput
+from orbitflow_ray.request import Request
 from orbitflow_ray.serving.messages import GenerateRequest, StreamDelta, WorkerOverloaded
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,8 @@ class AsyncEngine:
                     f"worker is full: {waiting} requests already wait for a slot"))
                 return
             try:
+                if req.fit_max_tokens:
+                    req.params = replace(req.params, max_tokens=fitting_max_tokens(self.engine, req))
                 self.engine.add_request(req.prompt_token_ids, req.params, request_id=req.request_id)
             except Exception as e:  # bad input: this request fails, nothing else is touched
                 stream.accepted.set_exception(e)
@@ -229,6 +232,29 @@ class AsyncEngine:
                 cmd[2].accepted.set_exception(err)
             elif cmd[0] == "call":
                 cmd[2].set_exception(err)
+
+
+def fitting_max_tokens(engine: LLMEngine, req: GenerateRequest) -> int:
+    """The largest max_tokens, at most `req.params.max_tokens`, with which the request passes the
+    engine's admission check (`Scheduler.check_fits`: its KV at its longest, under the policy's
+    placement for it, fits each tier on its own). The check only gets harder as max_tokens grows, so
+    a binary search finds the bound in ~13 cheap checks. 1 if nothing fits: the engine then refuses
+    the request with the reason."""
+    def fits(n: int) -> bool:
+        probe = Request(req.request_id, req.prompt_token_ids, replace(req.params, max_tokens=n))
+        try:
+            engine.scheduler.check_fits(probe)
+        except ValueError:
+            return False
+        return True
+
+    lo, hi = 1, req.params.max_tokens
+    if fits(hi):
+        return hi
+    while hi - lo > 1:  # invariant: lo fits (or is 1), hi does not
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 class _Detokenizer:

@@ -32,6 +32,9 @@ class GenerateRequest:
     # Streamed to the client: tokens leave at their Token-Deposit release times. A non-streaming
     # response is read whole, so pacing it would only delay it.
     paced: bool = True
+    # The client sent no max_tokens: params.max_tokens is the context left, and the worker lowers it
+    # to what its KV tiers can hold for this request (`engine_loop.fitting_max_tokens`).
+    fit_max_tokens: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -9,10 +9,12 @@ dies mid-stream ends the stream with an OpenAI error event and `[DONE]`, never a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from typing import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable, TypeVar
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -28,6 +30,10 @@ log = logging.getLogger(__name__)
 Generate = Callable[[GenerateRequest], AsyncIterator[StreamDelta]]
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 RETRY_AFTER_S = 1  # an overloaded worker frees a slot within about a second of decode steps
+# Tokenizing a long prompt takes up to seconds: on the event loop it would stall every stream and
+# /health. Two threads: the Rust tokenizer releases the GIL, and the ingress has few cores.
+TOKENIZE_THREADS = 2
+T = TypeVar("T")
 
 
 class OpenAIService:
@@ -39,10 +45,21 @@ class OpenAIService:
         self.vocab_size = spec.vocab_size
         self.default_tpot_slo_s = cfg.tpot_slo_s
         self.tokenizer = load_tokenizer(args.model)
+        # No token covers more characters than its vocabulary entry has bytes (byte-level BPE) or
+        # characters (SentencePiece), so a text of more than limit x this many characters is too long
+        # to tokenize into `limit` tokens: refused without tokenizing it.
+        self.max_token_chars = (max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+                                if self.tokenizer is not None else None)
+        self._pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="orbitflow-tokenize")
         self.created = int(time.time())
 
     def models(self) -> dict:
         return p.models_response([self.args.name], self.created)
+
+    def model(self, model: str) -> dict:
+        """The model object of GET /v1/models/{model}; 404 for another name."""
+        self._check_model(model)
+        return self.models()["data"][0]
 
     # ---- requests -> GenerateRequest -----------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -65,6 +82,20 @@ class OpenAIService:
             raise p.BadRequestError("this model has no chat template; use /v1/completions", param="messages")
         return chat_token_ids(self.tokenizer, body.messages_as_dicts())
 
+    def _precheck_length(self, chars: int, param: str) -> None:
+        """Refuse a text too long to be `limit` tokens, by its length alone (see max_token_chars)."""
+        cap = self.args.max_prompt_tokens
+        limit = min(cap or self.max_model_len - 1, self.max_model_len - 1)
+        if self.max_token_chars is None or chars <= limit * self.max_token_chars:
+            return
+        code = "prompt_too_long" if cap is not None and cap < self.max_model_len else "context_length_exceeded"
+        raise p.BadRequestError(f"the prompt has {chars} characters: more than {limit} tokens (this server's "
+                                f"limit), as no token of this model is longer than {self.max_token_chars} "
+                                "characters", param=param, code=code)
+
+    async def _off_loop(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
     def _request(self, body, ids: list[int]) -> GenerateRequest:
         n = len(ids)
         what = "messages" if hasattr(body, "messages") else "prompt"
@@ -83,7 +114,8 @@ class OpenAIService:
             raise p.BadRequestError(f"This model's maximum context length is {self.max_model_len} tokens; "
                                     f"the prompt has {n} tokens.", param="messages" if hasattr(body, "messages")
                                     else "prompt", code="context_length_exceeded")
-        if limit is None:  # OpenAI's defaults: 16 for completions, what fits for chat; never over the cap
+        fit = limit is None
+        if fit:  # OpenAI's defaults: 16 for completions, what fits for chat; never over the cap
             limit = min(room, cap or room, DEFAULT_MAX_TOKENS if not hasattr(body, "messages") else room)
         elif n + limit > self.max_model_len:
             raise p.BadRequestError(f"This model's maximum context length is {self.max_model_len} tokens. "
@@ -91,27 +123,35 @@ class OpenAIService:
                                     "for the completion).", param="max_tokens", code="context_length_exceeded")
         slo = body.slo
         if body.seed is not None and not 0 <= body.seed < 2 ** 63:
-            raise p.BadRequestError("seed must be in [0, 2**63)", param="seed")
+            raise p.BadRequestError("seed must be in [0, 2**63) (or -1: unset)", param="seed")
+        stop_ids = body.stop_token_ids or []
+        if any(t >= self.vocab_size for t in stop_ids):
+            raise p.BadRequestError(f"stop_token_ids must be < {self.vocab_size}", param="stop_token_ids")
         try:
             params = SamplingParams(max_tokens=limit, temperature=body.temperature, top_p=body.top_p,
                                     top_k=body.top_k, seed=body.seed, stop=body.stop_list(),
+                                    stop_token_ids=list(stop_ids),
                                     ignore_eos=body.ignore_eos,
                                     slo_s=slo.tpot_s if slo is not None and slo.tpot_s else None)
         except ValueError as e:
             raise p.BadRequestError(str(e)) from None
         ttft = slo.ttft_s if slo is not None and slo.ttft_s else self.args.default_ttft_slo_s
         return GenerateRequest(f"{'chatcmpl' if hasattr(body, 'messages') else 'cmpl'}-{uuid.uuid4().hex}",
-                               ids, params, ttft, time.time(), paced=body.stream)
+                               ids, params, ttft, time.time(), paced=body.stream, fit_max_tokens=fit)
 
     # ---- endpoints -----------------------------------------------------------------------------
     async def completion(self, body: p.CompletionRequest):
         self._check_model(body.model)
-        req = self._request(body, self._ids(body.prompt_input()))
+        prompt = body.prompt_input()
+        if isinstance(prompt, str):
+            self._precheck_length(len(prompt), "prompt")
+        req = self._request(body, await self._off_loop(self._ids, prompt))
         return await self._respond(req, body, chat=False)
 
     async def chat(self, body: p.ChatCompletionRequest):
         self._check_model(body.model)
-        req = self._request(body, self._chat_ids(body))
+        self._precheck_length(sum(len(m.text()) for m in body.messages), "messages")
+        req = self._request(body, await self._off_loop(self._chat_ids, body))
         return await self._respond(req, body, chat=True)
 
     async def _respond(self, req: GenerateRequest, body, chat: bool):

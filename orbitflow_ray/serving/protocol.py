@@ -1,27 +1,45 @@
 """The OpenAI wire protocol: request models, error bodies and response builders.
 
-Requests tolerate unknown OpenAI fields (clients send many we do not implement) but validate the
-fields we use strictly, so `"max_tokens": "10"` is a 400, not a silent coercion. Responses are
+Requests validate every field strictly, so `"max_tokens": "10"` is a 400, not a silent coercion.
+Fields OpenAI or vLLM define that we do not implement are refused by name unless set to a value that
+asks for nothing (`unsupported.py`); any other unknown field is a 400 naming it. Responses are
 plain dicts in OpenAI's exact shapes so the official `openai` client parses them unchanged.
 Nothing here imports Ray or the engine: the HTTP layer, the router and the tests share it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
-                      ValidationInfo, field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
+                      StrictStr, ValidationInfo, field_validator, model_validator)
+
+from orbitflow_ray.serving import unsupported
+from orbitflow_ray.serving.unsupported import Refused
 
 _MAX_STOP = 4  # OpenAI's limit on stop sequences
-_UNSUPPORTED = {"echo": "echo is not supported", "logprobs": "logprobs are not supported"}
+
+
+def _unicode_text(v: str) -> str:
+    """JSON may carry a lone UTF-16 surrogate (`"\\ud800"`); Python keeps it in the str, but it is
+    not Unicode text: tokenizers raise on it and it cannot be encoded as UTF-8. NUL, bidi marks and
+    combining characters are valid text and pass."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"contains a lone UTF-16 surrogate (U+{ord(v[e.start]):04X} at character "
+                         f"{e.start}), which is not valid Unicode text") from None
+    return v
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode_text)]  # a string that is valid Unicode text
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+    _refused: ClassVar[dict[str, Refused]] = {}  # fields we do not implement (see unsupported.py)
 
     @model_validator(mode="before")
     @classmethod
@@ -29,6 +47,7 @@ class _Request(BaseModel):
         # OpenAI's schema makes its optional fields nullable and some clients send `"n": null`.
         if not isinstance(data, dict):
             return data
+        data = unsupported.strip_neutral(data, cls._refused)
         fields = cls.model_fields
         return {k: v for k, v in data.items()
                 if not (v is None and k in fields and not fields[k].is_required())}
@@ -70,24 +89,37 @@ class _SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: StrictStr
-    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1, description=(
+        "Most tokens to generate. Omitted: 16 for /v1/completions (OpenAI's default), the context left "
+        "(max_model_len - prompt tokens, as vLLM) for chat; either capped at max_output_tokens, then "
+        "lowered by the worker to the most its KV tiers can hold for this request under the policy's "
+        "placement for it, so an omitted max_tokens never makes a request too big to run."))
     temperature: StrictFloat = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: StrictFloat = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: StrictInt = Field(0, ge=0)  # extension (vLLM's); 0 disables top-k
-    n: StrictInt = 1
+    top_k: StrictInt = Field(0, ge=0)  # extension (vLLM's); 0 disables top-k, and so does -1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None  # extension (vLLM's)
+    seed: StrictInt | None = None  # -1 means unset, as vLLM and llama.cpp clients send it
     ignore_eos: StrictBool = False  # extension: benchmarks need exact output lengths
     slo: SLOSpec | None = None  # extension
     user: StrictStr | None = None
 
-    @field_validator("n")
+    _refused = unsupported.SAMPLING
+
+    @field_validator("seed", "top_k", mode="before")
     @classmethod
-    def _only_one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
+    def _minus_one_is_unset(cls, v: Any, info: ValidationInfo) -> Any:
+        if v == -1 and type(v) is int:
+            return None if info.field_name == "seed" else 0
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and info.data.get("stream") is False:
+            raise ValueError("stream_options is only allowed with stream: true")
         return v
 
     @field_validator("stop")
@@ -100,22 +132,13 @@ class _SamplingFields(_Request):
             raise ValueError("stop sequences must be non-empty strings")
         return v
 
-    @field_validator("echo", "logprobs", mode="before", check_fields=False)
-    @classmethod
-    def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
-        # Clients may send these fields at their defaults; only asking for the feature is an error.
-        if v is not None and v is not False:
-            raise ValueError(_UNSUPPORTED[info.field_name])
-        return v
-
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: StrictStr | list[StrictInt] | list[StrictStr]
-    echo: StrictBool = False
-    logprobs: StrictInt | None = None
+    _refused = unsupported.COMPLETION
+    prompt: Text | list[StrictInt] | list[Text]
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -142,7 +165,7 @@ class CompletionRequest(_SamplingFields):
 
 class ContentPart(_Request):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
     @field_validator("type", mode="before")
     @classmethod
@@ -153,8 +176,9 @@ class ContentPart(_Request):
 
 
 class ChatMessage(_Request):
+    _refused = unsupported.MESSAGE
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: StrictStr | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -163,9 +187,9 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    _refused = unsupported.CHAT
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    logprobs: StrictBool = False
 
     def output_limit(self) -> int | None:
         """max_completion_tokens is OpenAI's newer name and wins when both are sent."""
@@ -259,81 +283,17 @@ def validation_error_message(exc: Any) -> tuple[str, str | None]:
         loc = list(err.get("loc") or ())
         if loc and loc[0] == "body":
             loc = loc[1:]
-        param = ".".join(str(p) for p in loc if _is_field(p)) or None
+        named = (err.get("ctx") or {}).get("param")  # a model-level error about one field
+        param = ".".join(str(p) for p in loc + ([named] if named else []) if _is_field(p)) or None
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field (the README's Serving section lists the supported ones)"
         return f"{param or 'request body'}: {msg}", param
     except Exception:  # noqa: BLE001 - see docstring
         return "invalid request", None
 
 
-# ---- responses ----------------------------------------------------------------------------------
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def finish_reason_openai(engine_reason: str | None) -> str | None:
-    """OpenAI knows only "stop" and "length" for us; an abort ended the text, so it reads as "stop"."""
-    if engine_reason is None:
-        return None
-    return "length" if engine_reason == "length" else "stop"
-
-
-def _envelope(request_id: str, obj: str, created: int, model: str, choices: list[dict],
-              usage_: dict | None) -> dict:
-    out = {"id": request_id, "object": obj, "created": created, "model": model, "choices": choices}
-    if usage_ is not None:
-        out["usage"] = usage_
-    return out
-
-
-def completion_response(request_id: str, model: str, created: int, text: str, finish_reason: str | None,
-                        prompt_tokens: int, completion_tokens: int) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return _envelope(request_id, "text_completion", created, model, [choice],
-                     usage(prompt_tokens, completion_tokens))
-
-
-def chat_response(request_id: str, model: str, created: int, text: str, finish_reason: str | None,
-                  prompt_tokens: int, completion_tokens: int) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-              "finish_reason": finish_reason}
-    return _envelope(request_id, "chat.completion", created, model, [choice],
-                     usage(prompt_tokens, completion_tokens))
-
-
-def completion_chunk(request_id: str, model: str, created: int, text: str,
-                     finish_reason: str | None = None, usage: dict | None = None) -> dict:
-    """One streamed /v1/completions event. A chunk with usage, no text and no finish_reason is the
-    usage-only final chunk of `stream_options.include_usage`, so it has no choices."""
-    usage_only = usage is not None and not text and finish_reason is None
-    choices = [] if usage_only else [{"index": 0, "text": text, "logprobs": None,
-                                      "finish_reason": finish_reason}]
-    return _envelope(request_id, "text_completion", created, model, choices, usage)
-
-
-def chat_chunk(request_id: str, model: str, created: int, delta_text: str | None,
-               finish_reason: str | None = None, first: bool = False, usage: dict | None = None) -> dict:
-    """One streamed chat event; the first carries the assistant role, as OpenAI's does. A chunk with
-    only usage is the final chunk of `stream_options.include_usage`, so it has no choices."""
-    usage_only = usage is not None and delta_text is None and finish_reason is None and not first
-    delta: dict[str, str] = {"role": "assistant"} if first else {}
-    if delta_text is not None:
-        delta["content"] = delta_text
-    choices = [] if usage_only else [{"index": 0, "delta": delta, "logprobs": None,
-                                      "finish_reason": finish_reason}]
-    return _envelope(request_id, "chat.completion.chunk", created, model, choices, usage)
-
-
-def sse(data: dict | str) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {payload}\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
-
-
-def models_response(model_ids: list[str], created: int, owned_by: str = "orbitflow") -> dict:
-    return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": owned_by}
-                                       for m in model_ids]}
+# The response builders live in responses.py; protocol is where the HTTP layer and tests find them.
+from orbitflow_ray.serving.responses import (SSE_DONE, chat_chunk, chat_response, completion_chunk,  # noqa: E402,F401
+                                             completion_response, finish_reason_openai, models_response,
+                                             sse, usage)
