@@ -22,18 +22,16 @@ CONFIGS = [  # (policy, device blocks, host bytes, what must have happened)
 ]
 
 
-def _params(greedy: bool) -> list[SamplingParams]:
-    if greedy:
-        return [SamplingParams(max_tokens=120, ignore_eos=True, temperature=0.0) for _ in PROMPTS]
-    return [SamplingParams(max_tokens=120, ignore_eos=True, temperature=0.8, top_p=0.9, seed=100 + i)
-            for i in range(len(PROMPTS))]
+GREEDY = [SamplingParams(max_tokens=120, ignore_eos=True, temperature=0.0) for _ in PROMPTS]
+SEEDED = [SamplingParams(max_tokens=120, ignore_eos=True, temperature=0.8, top_p=0.9, seed=100 + i)
+          for i in range(len(PROMPTS))]
 
 
 def _run(**engine_args) -> tuple[list[list[int]], dict]:
+    """The issue's protocol: the 8 prompts greedy, then the same 8 seeded, on one engine."""
     llm = LLM(model="smollm2-135m", **engine_args)
     try:
-        ids = [o.token_ids for o in llm.generate(PROMPTS, _params(True))]
-        ids += [o.token_ids for o in llm.generate(PROMPTS, _params(False))]
+        ids = [o.token_ids for params in (GREEDY, SEEDED) for o in llm.generate(PROMPTS, params)]
         return ids, llm.kv_stats()
     finally:
         llm.engine.close()
