@@ -27,6 +27,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         self.store.apply_moves(out.moves)
+        self.store.forget(out.finished_request_ids)
         if not out.seqs:
             return {}
         ids, pos, self._slices, self._masks = [], [], [], []
