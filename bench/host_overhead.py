@@ -74,9 +74,9 @@ class NullModel:
 
 def _null_attention(runner: ModelRunner) -> None:
     """Attention that reads no KV and returns zeros, on whichever interface this tree has."""
-    attention = getattr(runner, "attention", None)
-    if attention is not None:  # the batched paged-attention interface
-        runner.attention = type(attention).null()
+    runner._sdpa = lambda q, keys, values, mask: torch.zeros(q.shape[0], q.shape[1] * q.shape[2])
+    if hasattr(runner, "attention"):  # batched paged decode attention
+        runner.attention = lambda q, pool, table, seq_lens, scale, rows=None: torch.zeros_like(q)
         return
     # The per-request interface: the store's gather is attention's read, so it goes too.
     runner.store.read = lambda layer, i, k, v: (k, v)

@@ -37,6 +37,17 @@ class _HostLayer:
     slot: int = -1
 
 
+@dataclass(slots=True)
+class PagedGroup:
+    """Decode seqs of one layer whose KV sits in one tensor: what batched paged attention reads."""
+
+    seqs: torch.Tensor  # int64 [R_g], CPU: their indices in step order
+    pool: torch.Tensor  # the device pool, or the layer's staging slot
+    table: torch.Tensor  # [T, W] block ids in `pool`; seq r's row is rows[r] (or r without rows)
+    rows: torch.Tensor | None
+    seq_lens: torch.Tensor  # [R_g] keys of each seq, its new token included
+
+
 def _idx(values) -> torch.Tensor:
     return torch.as_tensor(list(values), dtype=torch.int64)
 
@@ -174,6 +185,10 @@ class KVStore:
                 rest = (~tok_host[layer]).nonzero().flatten().to(dev) if k in mixed else None
                 self._host_layers[layer] = _HostLayer(layer, idx, int(sizes[layer].sum()), toks, rest)
         self._order = host_layers
+        self._host_step = host
+        self._decodes = (lens == 1).nonzero().flatten()
+        self._decode_lens = (starts + 1)[self._decodes].to(dev)
+        self._decode_rows = self._rows[self._decodes].to(dev)
         self._tok_ids = ids
         self._tok_off = (tok_pos % bs).to(dev)
 
@@ -234,6 +249,32 @@ class KVStore:
             first = int(self._offsets[layer, i])
             return self._tensor(layer, Tier.HOST), torch.arange(first, first + n, device=self.pools[Tier.DEVICE].device)
         return self.pools[Tier.DEVICE], self.tables.ids_dev[layer, int(self._rows[i]), :n]
+
+    def decode_groups(self, layer: int) -> list[PagedGroup]:
+        """This step's decode seqs (one new token each) for `layer`, by the tensor their KV is in:
+        at most two groups (device pool, staging slot), each one batched attention call."""
+        d = self._decodes
+        if d.numel() == 0:
+            return []
+        if layer not in self._host_layers:
+            return [PagedGroup(d, self.pools[Tier.DEVICE], self.tables.ids_dev[layer], self._decode_rows,
+                               self._decode_lens)]
+        on_host = self._host_step[layer, d]
+        groups = []
+        for host in (False, True):
+            pick = (on_host == host).nonzero().flatten()
+            if pick.numel() == 0:
+                continue
+            dev = self._decode_lens.device
+            lens, seqs = self._decode_lens[pick.to(dev)], d[pick]
+            if host:
+                width = int(self._nbs[seqs].max())
+                table = (self._offsets[layer, seqs][:, None] + torch.arange(width)[None, :]).to(dev)
+                groups.append(PagedGroup(seqs, self._tensor(layer, Tier.HOST), table, None, lens))
+            else:
+                groups.append(PagedGroup(seqs, self.pools[Tier.DEVICE], self.tables.ids_dev[layer],
+                                         self._decode_rows[pick.to(dev)], lens))
+        return groups
 
     def read(self, layer: int, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Seq i's full K, V for `layer` as [1, Hkv, ctx + n, D], the layout SDPA takes, after
