@@ -2,9 +2,10 @@
 
 Pools are `[num_blocks, 2, Hkv, block_size, D]` (0 = K, 1 = V): head-major inside a block, so a
 request's K for one head is a run of `block_size x D` slabs and one gather yields SDPA's layout.
-For a layer on host, the request's blocks are copied into a device staging slot before the layer computes (issued `prefetch_depth`
-host layers ahead, so the copy overlaps the compute of earlier layers); the new tokens are written
-into the staging copy, attention reads it, and the touched blocks are written back to host. The
+For a layer on host, the request's blocks are copied into a device staging slot before the layer
+computes (issued `prefetch_depth` host layers ahead, so the copy overlaps the compute of earlier
+layers); the new tokens are written into the staging copy, attention reads it (decodes through
+`decode_groups`, prefill chunks through `read`), and the touched blocks are written back to host. The
 transfer engine runs jobs in order, so a write-back always lands before the next step's prefetch.
 Block ids come from the store's own tensor tables (`BlockTables`), kept current by the plan's table
 deltas, so indexing a step is a few tensor ops over the batch whatever the context length.
