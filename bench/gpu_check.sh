@@ -67,15 +67,24 @@ main() {
     local select="not dry_run"
     [ $DRY = 1 ] && select="cuda and not dry_run"
     stage tests 100 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_transfer.py tests/test_gpu_check.py \
+        tests/test_attention.py \
         -k "$select" --junitxml="$PARTS/tests.xml"
     # KV content through every tier move on the CUDA transfer engine, every policy (probe model).
     stage kv-integrity 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kv_integrity.py -k cuda \
         --junitxml="$PARTS/kv-integrity.xml"
     stage transfer 45 "$PY" bench/gpu_transfer.py "${DRYFLAG[@]}" --out "$PARTS/transfer.json"
+    # Host work of a decode step at 16 x 32K x 32 layers (null model: CPU only, no GPU needed).
+    local ho=()
+    [ $DRY = 1 ] && ho=(--requests 4 --context 2048 --steps 4)
+    stage host-overhead 90 bash -c "\"$PY\" bench/host_overhead.py --json ${ho[*]} > \"$PARTS/host_overhead.json\""
     for policy in no-offload static-uniform; do
         stage "decode-$policy" 75 "$PY" bench/gpu_decode.py "${DRYFLAG[@]}" --policy $policy \
             --out "$PARTS/decode-$policy.json"
     done
+    # The same no-offload decode with the old per-seq attention (gather + SDPA): the baseline
+    # the summary divides by.
+    stage decode-no-offload-per-seq 75 "$PY" bench/gpu_decode.py "${DRYFLAG[@]}" --policy no-offload \
+        --attention per-seq --out "$PARTS/decode-no-offload-per-seq.json"
     [ $DRY = 0 ] && { nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv || true; }
     echo
     refresh --print

@@ -141,6 +141,8 @@ def main() -> None:
     ap.add_argument("--policy", default="no-offload")
     ap.add_argument("--offload-fraction", type=float, default=0.5, help="static-uniform's share on host")
     ap.add_argument("--dry-run", action="store_true", help="tiny model on the cpu backend, a few steps")
+    ap.add_argument("--attention", choices=("batched", "per-seq"), default="batched",
+                    help="decode attention: one paged call per layer, or gather + SDPA per seq (the old path)")
     ap.add_argument("--model", default="random:llama-3.1-8b")
     ap.add_argument("--backend", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
@@ -153,13 +155,15 @@ def main() -> None:
         args.model, args.backend, args.dtype = "random:tiny-llama", "cpu", "float32"
         args.requests, args.context, args.warmup, args.steps = 2, 64, 1, 4
     engine, info = build(args)
+    engine.runner.batched_decode = args.attention == "batched"
+    info["attention"] = args.attention
     try:
         result = run(engine, args, info)
     finally:
         engine.close()
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{args.policy}: step {result['step_ms']['median']:.2f} ms, {result['tokens_per_s']:.0f} tok/s, "
+    print(f"{args.policy} ({args.attention}): step {result['step_ms']['median']:.2f} ms, {result['tokens_per_s']:.0f} tok/s, "
           f"host {result['host_overhead_ms']['median']:.2f} ms, H2D {result['h2d_bytes_per_step'] / 1e6:.1f} MB/step")
 
 

@@ -59,6 +59,11 @@ def merge(parts: Path, dry_run: bool) -> dict:
     decode = {p.stem.removeprefix("decode-"): _load(p) for p in sorted(parts.glob("decode-*.json"))}
     if decode:
         result["decode"] = decode
+        base, new = decode.get("no-offload-per-seq", {}), decode.get("no-offload", {})
+        if "step_ms" in base and "step_ms" in new:
+            result["decode_batched_over_per_seq"] = new["step_ms"]["median"] / base["step_ms"]["median"]
+    if (parts / "host_overhead.json").exists():
+        result["host_overhead"] = _load(parts / "host_overhead.json")
     return result
 
 
@@ -112,6 +117,11 @@ def summary(result: dict) -> list[str]:
             f"{_fmt(d['store_index_ms']['median'], '.2f')} ms, CPU-side stall {_fmt(d['stall_ms']['median'], '.2f')} ms; "
             f"H2D {_fmt(d['h2d_bytes_per_step'] / 1e6)} MB/step; HBM floor {_fmt(d['hbm_floor_ms'], '.2f')} ms{link}; "
             f"build {_fmt(d['build_s'])} s, prefill {_fmt(d['prefill_s'])} s")
+    if "decode_batched_over_per_seq" in result:
+        lines.append(f"decode no-offload step, batched paged attention / per-seq gather + SDPA: "
+                     f"{result['decode_batched_over_per_seq']:.3f}")
+    if "host_overhead" in result:
+        lines.append(f"host overhead (null model): {result['host_overhead']}")
     return lines
 
 

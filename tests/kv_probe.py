@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from orbitflow_kernels import make_transfer_engine
+from orbitflow_kernels import gather_kv, make_transfer_engine
 from orbitflow_ray.config import EngineConfig
 from orbitflow_ray.costmodel import OnlineCostModel, default_prior
 from orbitflow_ray.kv.blocks import Tier
@@ -75,14 +75,29 @@ class ProbeModel:
 
 
 class ProbeStore(KVStore):
-    """The real store; every read is compared with what the request's KV must be."""
+    """The real store; every read is compared with what the request's KV must be: the gathers of
+    prefill chunks (`read`) and the paged tables batched decode attention reads (`decode_groups`)."""
 
     reads = 0
 
     def read(self, layer, i, k, v):
         keys, values = super().read(layer, i, k, v)
+        self._check(layer, i, keys, values)
+        return keys, values
+
+    def decode_groups(self, layer):
+        groups = super().decode_groups(layer)
+        for g in groups:
+            for j, i in enumerate(g.seqs.tolist()):
+                row = int(g.rows[j]) if g.rows is not None else j
+                n = int(g.seq_lens[j])
+                kv = gather_kv(g.pool, g.table[row, :-(-n // self.block_size)], n)
+                self._check(layer, i, kv[0:1], kv[1:2])
+        return groups
+
+    def _check(self, layer, i, keys, values):
         seq = self._seqs[i]
-        n = seq.start_pos + k.shape[0]
+        n = seq.start_pos + len(seq.token_ids)
         want = expected_kv(layer, seq.token_ids[0] - seq.start_pos, n, keys.shape[1], keys.device)
         got = torch.stack([keys[0], values[0]])
         if not torch.equal(got, want):
@@ -90,7 +105,6 @@ class ProbeStore(KVStore):
             raise AssertionError(f"{seq.request_id} layer {layer}: KV read back at (k/v, head, position) "
                                  f"{bad} is {got[tuple(bad)].tolist()}, expected {want[tuple(bad)].tolist()}")
         self.reads += 1
-        return keys, values
 
 
 class ProbeEngine:

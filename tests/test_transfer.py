@@ -489,10 +489,12 @@ def test_scatter_tokens_then_gather_roundtrips(dtype):
         scatter_tokens(pool, table[:2], _idx([0]), torch.zeros(2, 2, hkv, d))
 
 
-def _store_step_seqs(tables, starts, lens):
+def _store_step_seqs(tables, starts, lens, tracker):
+    """The plan's seqs as the scheduler makes them: live tables and what changed since last sent."""
     from orbitflow_ray.sampling_params import SamplingParams
     from orbitflow_ray.sched.output import ScheduledSeq
-    return [ScheduledSeq(f"r{i}", [0] * n, start, True, table, SamplingParams(), 0)
+    return [ScheduledSeq(f"r{i}", [0] * n, start, True, table, SamplingParams(), 0,
+                         tracker.deltas(f"r{i}", table))
             for i, (table, start, n) in enumerate(zip(tables, starts, lens))]
 
 
@@ -503,8 +505,10 @@ def test_kv_store_step_indexing_matches_per_token_reference():
     written so far, and host layers are written back."""
     from orbitflow_ray.kv.blocks import LayerKV, Tier
     from orbitflow_ray.kv.store import KVStore
+    from orbitflow_ray.sched.table_deltas import TableTracker
 
     bs, hkv, d, layers = 4, 2, 8, 3
+    tracker = TableTracker()
     engine = CpuTransferEngine()
     store = KVStore(engine, 64, 64, bs, hkv, d, torch.float32, prefetch_depth=1)
     gen = torch.Generator().manual_seed(0)
@@ -515,7 +519,7 @@ def test_kv_store_step_indexing_matches_per_token_reference():
     history = {(i, l): torch.zeros(0, 2, hkv, d) for i in range(3) for l in range(layers)}
     steps = [([0, 0, 0], [7, 1, 5]), ([7, 1, 5], [1, 9, 3]), ([8, 10, 8], [1, 1, 1])]  # (starts, lens)
     for starts, lens in steps:
-        seqs = _store_step_seqs(tables, starts, lens)
+        seqs = _store_step_seqs(tables, starts, lens, tracker)
         store.begin_step(seqs)
         for l in range(layers):
             store.before_layer(l)
@@ -624,3 +628,39 @@ def test_cuda_gather_kernel_matches_torch(hkv, bs, d, dtype):
     torch.testing.assert_close(bad[:, :, :bs], pool[1], rtol=0, atol=0)
     torch.testing.assert_close(bad[:, :, 3 * bs:], pool[2], rtol=0, atol=0)
     assert not bad[:, :, bs:3 * bs].any()
+
+
+def test_table_deltas_send_appends_and_rewrites_only():
+    """The plan carries what changed in a table since it was last sent: appended blocks, or the
+    whole layer when the tier manager rewrote it (a move); the executor's tensor copy follows."""
+    from orbitflow_ray.kv.block_table import BlockTables
+    from orbitflow_ray.kv.blocks import LayerKV, Tier
+    from orbitflow_ray.sampling_params import SamplingParams
+    from orbitflow_ray.sched.output import ScheduledSeq, TableDelta
+    from orbitflow_ray.sched.table_deltas import TableTracker
+
+    tracker, tables = TableTracker(), BlockTables(2, torch.device("cpu"), rows=1, blocks=1)
+    table = [LayerKV(Tier.DEVICE, [4, 9]), LayerKV(Tier.HOST, [3])]
+
+    def send(rid="a"):
+        seq = ScheduledSeq(rid, [0], 0, True, table, SamplingParams(), 0, tracker.deltas(rid, table))
+        row = tables.update([seq])[0]
+        for layer, lk in enumerate(table):
+            assert tables.ids[layer, row, :len(lk.blocks)].tolist() == lk.blocks
+            assert bool(tables.host[layer, row]) == (lk.tier == Tier.HOST)
+        return seq.table_deltas
+
+    assert send() == [TableDelta(0, Tier.DEVICE, 0, (4, 9)), TableDelta(1, Tier.HOST, 0, (3,))]
+    assert send() == []
+    table[0].blocks.append(11)
+    table[1].blocks.append(5)
+    assert send() == [TableDelta(0, Tier.DEVICE, 2, (11,)), TableDelta(1, Tier.HOST, 1, (5,))]
+    table[1] = LayerKV(Tier.DEVICE, [7, 8])  # moved to device: a new list
+    assert send() == [TableDelta(1, Tier.DEVICE, 0, (7, 8))]
+    with pytest.raises(RuntimeError, match="whole table"):  # a new id must come with all of it
+        table[0].blocks.append(12)
+        tables.update([ScheduledSeq("b", [0], 0, True, table, SamplingParams(), 0,
+                                    [TableDelta(0, Tier.DEVICE, 3, (12,))])])
+    tracker.forget(["a"])
+    tables.forget(["a"])
+    assert len(send("a")) == 2  # a reused id starts over

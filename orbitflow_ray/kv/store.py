@@ -1,11 +1,14 @@
 """The worker-side KV store: tier tensors, moves, per-layer prefetch into staging, attention reads.
 
 Pools are `[num_blocks, 2, Hkv, block_size, D]` (0 = K, 1 = V): head-major inside a block, so a
-request's K for one head is a run of `block_size x D` slabs and one gather yields SDPA's layout. For a layer on host, the request's
-blocks are copied into a device staging slot before the layer computes (issued `prefetch_depth`
-host layers ahead, so the copy overlaps the compute of earlier layers); the new tokens are written
-into the staging copy, attention reads it, and the touched blocks are written back to host. The
+request's K for one head is a run of `block_size x D` slabs and one gather yields SDPA's layout.
+For a layer on host, the request's blocks are copied into a device staging slot before the layer
+computes (issued `prefetch_depth` host layers ahead, so the copy overlaps the compute of earlier
+layers); the new tokens are written into the staging copy, attention reads it (decodes through
+`decode_groups`, prefill chunks through `read`), and the touched blocks are written back to host. The
 transfer engine runs jobs in order, so a write-back always lands before the next step's prefetch.
+Block ids come from the store's own tensor tables (`BlockTables`), kept current by the plan's table
+deltas, so indexing a step is a few tensor ops over the batch whatever the context length.
 """
 
 from __future__ import annotations
@@ -17,24 +20,57 @@ import torch
 
 from orbitflow_kernels import Direction, TransferEngine, TransferJob
 from orbitflow_kernels.gather import gather_kv, scatter_tokens
+from orbitflow_ray.kv.block_table import BlockTables
 from orbitflow_ray.kv.blocks import MoveOp, Tier
-from orbitflow_ray.kv.tier_manager import cdiv
 from orbitflow_ray.sched.output import ScheduledSeq
 
 
 @dataclass(slots=True)
 class _HostLayer:
-    """One host-resident layer of this step: which seqs, where their blocks sit in the slot."""
+    """One host-resident layer of this step: which seqs, where they sit in its staging slot."""
 
     layer: int
-    offsets: dict[int, int]  # seq index -> its first block in the slot
+    seqs: torch.Tensor  # int64 [R_h]: indices (in step order) of the seqs whose layer is on host
     num_blocks: int  # slot blocks this layer needs
+    host_toks: torch.Tensor | None  # a mixed layer's new tokens on host / on device, else None
+    device_toks: torch.Tensor | None
     job_id: int | None = None
     slot: int = -1
 
 
+@dataclass(slots=True)
+class PagedGroup:
+    """Decode seqs of one layer whose KV sits in one tensor: what batched paged attention reads."""
+
+    seqs: torch.Tensor  # int64 [R_g], CPU: their indices in step order
+    pool: torch.Tensor  # the device pool, or the layer's staging slot
+    table: torch.Tensor  # [T, W] block ids in `pool`; seq r's row is rows[r] (or r without rows)
+    rows: torch.Tensor | None
+    seq_lens: torch.Tensor  # [R_g] keys of each seq, its new token included
+
+
 def _idx(values) -> torch.Tensor:
     return torch.as_tensor(list(values), dtype=torch.int64)
+
+
+def _ranges(table: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Concatenate `table[r, lo[r]:hi[r]]` over rows r, with tensor ops: [sum(hi - lo)]."""
+    if table.shape[0] == 0 or int((hi - lo).sum()) == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    width = int((hi - lo).max())
+    cols = lo[:, None] + torch.arange(width)[None, :]
+    keep = cols < hi[:, None]
+    return table.gather(1, cols.clamp(max=table.shape[1] - 1))[keep]
+
+
+def _seq_of_tokens(lens: torch.Tensor) -> torch.Tensor:
+    """[sum(lens)]: the index of the seq each token belongs to (every len >= 1). A cumulative sum
+    of boundary marks: repeat_interleave costs milliseconds per call on some CPU builds."""
+    if int(lens.max()) == 1:
+        return torch.arange(lens.numel())
+    marks = torch.zeros(int(lens.sum()), dtype=torch.int64)
+    marks[lens.cumsum(0)[:-1]] = 1
+    return marks.cumsum(0)
 
 
 class KVStore:
@@ -53,6 +89,7 @@ class KVStore:
         self._order: list[int] = []
         self._issued = 0
         self._move_jobs: dict[int, int] = {}  # layer -> its host -> device move job, in flight
+        self.tables: BlockTables | None = None  # made at the first step, which says the layer count
         self.last_stall_s = 0.0  # compute waiting on transfers in the last step (cost-model fit)
 
     @property
@@ -103,72 +140,58 @@ class KVStore:
             self._move_jobs = {}
 
     # ---- one step ------------------------------------------------------------------------------
+    def forget(self, request_ids: list[str]) -> None:
+        """Drop finished requests' tables (before the plan's deltas: an id may come back)."""
+        if self.tables is not None:
+            self.tables.forget(request_ids)
+
     def begin_step(self, seqs: list[ScheduledSeq]) -> None:
+        """Apply the plan's table deltas and index the step, all with tensor ops over the batch:
+        per layer and new token its block (device pool id, or staging-slot id for a host layer),
+        per host layer where each of its seqs sits in the staging slot."""
         self._seqs = seqs
         self._host_layers = {}
-        num_layers = len(seqs[0].table) if seqs else 0
-        for layer in range(num_layers):
-            idx = [i for i, s in enumerate(seqs) if s.table[layer].tier == Tier.HOST]
-            if not idx:
-                continue
-            offsets, total = {}, 0
-            for i in idx:
-                offsets[i] = total
-                total += cdiv(seqs[i].start_pos + len(seqs[i].token_ids), self.block_size)
-            self._host_layers[layer] = _HostLayer(layer, offsets, total)
-        self._order = sorted(self._host_layers)
         self._issued = 0
-        if seqs:
-            self._index_step(seqs, num_layers)
-
-    def _index_step(self, seqs: list[ScheduledSeq], num_layers: int) -> None:
-        """Build this step's block ids once, as tensors: per (layer, seq) the blocks where its KV
-        sits (device pool ids, or staging-slot ids for a host layer), and per (layer, new token) its
-        block, so that each layer costs one scatter and one index_select per seq, not a rebuild of
-        id tensors per (layer, seq) from Python lists."""
+        self._order = []
+        if not seqs:
+            return
         bs = self.block_size
-        nbs = [cdiv(s.start_pos + len(s.token_ids), bs) for s in seqs]
-        self._bases = [0] * len(seqs)
-        for i in range(1, len(seqs)):
-            self._bases[i] = self._bases[i - 1] + nbs[i - 1]
-        flat: list[int] = []
-        self._groups: list[list[tuple[Tier, torch.Tensor | None]]] = []
-        rel: list[int] = []
-        pos: list[int] = []
-        for i, s in enumerate(seqs):
-            rel.extend(self._bases[i] + p // bs for p in range(s.start_pos, s.start_pos + len(s.token_ids)))
-            pos.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
-        for layer in range(num_layers):
-            hl = self._host_layers.get(layer)
-            for i, s in enumerate(seqs):
-                if hl is not None and i in hl.offsets:
-                    flat.extend(range(hl.offsets[i], hl.offsets[i] + nbs[i]))
-                else:
-                    flat.extend(s.table[layer].blocks[:nbs[i]])
-            self._groups.append(self._tier_groups(seqs, hl))
-        if len(flat) != num_layers * sum(nbs):
-            raise RuntimeError("a block table is shorter than its seq's tokens of this step")
+        if self.tables is None:
+            self.tables = BlockTables(len(seqs[0].table), self.pools[Tier.DEVICE].device)
+        rows = self.tables.update(seqs)
+        starts = torch.tensor([s.start_pos for s in seqs], dtype=torch.int64)
+        lens = torch.tensor([len(s.token_ids) for s in seqs], dtype=torch.int64)
+        self._rows = torch.tensor(rows, dtype=torch.int64)
+        self._nbs = (starts + lens + bs - 1) // bs
+        self._ctx_nbs = (starts + bs - 1) // bs
+        self._first = starts // bs
+        host = self.tables.host[:, self._rows]  # [L, R]
+        # A host layer's seqs sit end to end in its staging slot, in step order.
+        sizes = self._nbs * host
+        self._offsets = sizes.cumsum(1) - sizes  # [L, R]
+        tok_seq = _seq_of_tokens(lens)
+        tok_pos = torch.arange(int(lens.sum())) - (lens.cumsum(0) - lens)[tok_seq] + starts[tok_seq]
+        tok_blk = tok_pos // bs
         dev = self.pools[Tier.DEVICE].device
-        self._ids = torch.tensor(flat, dtype=torch.int64).view(num_layers, -1).to(dev)
-        self._tok_ids = self._ids[:, torch.tensor(rel, dtype=torch.int64, device=dev)]
-        self._tok_off = torch.tensor(pos, dtype=torch.int64, device=dev) % bs
-        self._nbs = nbs
-
-    def _tier_groups(self, seqs: list[ScheduledSeq], hl: _HostLayer | None
-                     ) -> list[tuple[Tier, torch.Tensor | None]]:
-        """[(tier, token indices or None for all tokens)] of one layer's new tokens."""
-        if hl is None:
-            return [(Tier.DEVICE, None)]
-        if len(hl.offsets) == len(seqs):
-            return [(Tier.HOST, None)]
-        toks: dict[Tier, list[int]] = {Tier.DEVICE: [], Tier.HOST: []}
-        t = 0
-        for i, s in enumerate(seqs):
-            n = len(s.token_ids)
-            toks[Tier.HOST if i in hl.offsets else Tier.DEVICE].extend(range(t, t + n))
-            t += n
-        dev = self.pools[Tier.DEVICE].device
-        return [(tier, torch.tensor(ix, dtype=torch.int64, device=dev)) for tier, ix in toks.items() if ix]
+        ids = self.tables.ids_dev[:, self._rows.to(dev)[tok_seq.to(dev)], tok_blk.to(dev)]  # [L, N]
+        host_layers = host.any(1).nonzero().flatten().tolist()
+        if host_layers:
+            tok_host = host[:, tok_seq]
+            staged = self._offsets[:, tok_seq] + tok_blk
+            ids = torch.where(tok_host.to(dev), staged.to(dev), ids)
+            mixed = set((~host[host_layers]).any(1).nonzero().flatten().tolist())
+            for k, layer in enumerate(host_layers):
+                idx = host[layer].nonzero().flatten()
+                toks = tok_host[layer].nonzero().flatten().to(dev) if k in mixed else None
+                rest = (~tok_host[layer]).nonzero().flatten().to(dev) if k in mixed else None
+                self._host_layers[layer] = _HostLayer(layer, idx, int(sizes[layer].sum()), toks, rest)
+        self._order = host_layers
+        self._host_step = host
+        self._decodes = (lens == 1).nonzero().flatten()
+        self._decode_lens = (starts + 1)[self._decodes].to(dev)
+        self._decode_rows = self._rows[self._decodes].to(dev)
+        self._tok_ids = ids
+        self._tok_off = (tok_pos % bs).to(dev)
 
     def before_layer(self, layer: int) -> None:
         """Issue prefetches up to `depth` host layers ahead of `layer`, then wait for its own."""
@@ -189,15 +212,17 @@ class KVStore:
         buf = self._slots[slot]
         if buf is None or buf.shape[0] < hl.num_blocks:
             self._slots[slot] = buf = self.engine.alloc_device((hl.num_blocks, *self.row_shape), self.dtype)
-        src, dst = [], []
-        for i, off in hl.offsets.items():
-            seq = self._seqs[i]
-            ctx_blocks = cdiv(seq.start_pos, self.block_size)
-            src.extend(seq.table[hl.layer].blocks[:ctx_blocks])
-            dst.extend(range(off, off + ctx_blocks))
+        src, dst = self._spans(hl, torch.zeros_like(self._ctx_nbs), self._ctx_nbs)
         # Submitted even when empty (a prefill from position 0): waiting on it fences the slot
         # against the still-running write-back of the layer that used it before.
-        hl.job_id = self.engine.submit(TransferJob(self.pools[Tier.HOST], buf, _idx(src), _idx(dst), Direction.H2D))
+        hl.job_id = self.engine.submit(TransferJob(self.pools[Tier.HOST], buf, src, dst, Direction.H2D))
+
+    def _spans(self, hl: _HostLayer, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(host block ids, slot block ids) of blocks lo[i]..hi[i] of each host seq i of the layer."""
+        i = hl.seqs
+        host_ids = _ranges(self.tables.ids[hl.layer, self._rows[i]], lo[i], hi[i])
+        slots = self._offsets[hl.layer, i][:, None] + torch.arange(int(hi[i].max()))[None, :]
+        return host_ids, _ranges(slots, lo[i], hi[i])
 
     def _tensor(self, layer: int, tier: Tier) -> torch.Tensor:
         """The tensor that holds `tier`'s seqs of `layer` this step: the device pool, or the slot."""
@@ -208,11 +233,49 @@ class KVStore:
         `layer`: one scatter per tier the layer's seqs live on."""
         kv = torch.stack([k, v], 1)
         ids, off = self._tok_ids[layer], self._tok_off
-        for tier, toks in self._groups[layer]:
-            if toks is None:
-                scatter_tokens(self._tensor(layer, tier), ids, off, kv)
-            else:
+        hl = self._host_layers.get(layer)
+        if hl is None:
+            scatter_tokens(self.pools[Tier.DEVICE], ids, off, kv)
+        elif hl.host_toks is None:
+            scatter_tokens(self._tensor(layer, Tier.HOST), ids, off, kv)
+        else:
+            for tier, toks in ((Tier.HOST, hl.host_toks), (Tier.DEVICE, hl.device_toks)):
                 scatter_tokens(self._tensor(layer, tier), ids[toks], off[toks], kv[toks])
+
+    def block_ids(self, layer: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the tensor that holds seq i's KV of `layer` this step, its block ids there)."""
+        hl = self._host_layers.get(layer)
+        n = int(self._nbs[i])
+        if hl is not None and bool(self.tables.host[layer, self._rows[i]]):
+            first = int(self._offsets[layer, i])
+            return self._tensor(layer, Tier.HOST), torch.arange(first, first + n, device=self.pools[Tier.DEVICE].device)
+        return self.pools[Tier.DEVICE], self.tables.ids_dev[layer, int(self._rows[i]), :n]
+
+    def decode_groups(self, layer: int) -> list[PagedGroup]:
+        """This step's decode seqs (one new token each) for `layer`, by the tensor their KV is in:
+        at most two groups (device pool, staging slot), each one batched attention call."""
+        d = self._decodes
+        if d.numel() == 0:
+            return []
+        if layer not in self._host_layers:
+            return [PagedGroup(d, self.pools[Tier.DEVICE], self.tables.ids_dev[layer], self._decode_rows,
+                               self._decode_lens)]
+        on_host = self._host_step[layer, d]
+        groups = []
+        for host in (False, True):
+            pick = (on_host == host).nonzero().flatten()
+            if pick.numel() == 0:
+                continue
+            dev = self._decode_lens.device
+            lens, seqs = self._decode_lens[pick.to(dev)], d[pick]
+            if host:
+                width = int(self._nbs[seqs].max())
+                table = (self._offsets[layer, seqs][:, None] + torch.arange(width)[None, :]).to(dev)
+                groups.append(PagedGroup(seqs, self._tensor(layer, Tier.HOST), table, None, lens))
+            else:
+                groups.append(PagedGroup(seqs, self.pools[Tier.DEVICE], self.tables.ids_dev[layer],
+                                         self._decode_rows[pick.to(dev)], lens))
+        return groups
 
     def read(self, layer: int, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Seq i's full K, V for `layer` as [1, Hkv, ctx + n, D], the layout SDPA takes, after
@@ -220,10 +283,8 @@ class KVStore:
         seq = self._seqs[i]
         if seq.start_pos == 0:  # nothing cached before: attend on the new K/V, skip the gather
             return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
-        tier = Tier.HOST if seq.table[layer].tier == Tier.HOST else Tier.DEVICE
-        base = self._bases[i]
-        kv = gather_kv(self._tensor(layer, tier), self._ids[layer, base:base + self._nbs[i]],
-                       seq.start_pos + k.shape[0])
+        pool, ids = self.block_ids(layer, i)
+        kv = gather_kv(pool, ids, seq.start_pos + k.shape[0])
         return kv[0].unsqueeze(0), kv[1].unsqueeze(0)
 
     def after_layer(self, layer: int) -> None:
@@ -231,11 +292,5 @@ class KVStore:
         hl = self._host_layers.get(layer)
         if hl is None:
             return
-        src, dst = [], []
-        for i, off in hl.offsets.items():
-            seq = self._seqs[i]
-            first = seq.start_pos // self.block_size
-            last = cdiv(seq.start_pos + len(seq.token_ids), self.block_size)
-            src.extend(range(off + first, off + last))
-            dst.extend(seq.table[layer].blocks[first:last])
-        self.engine.submit(TransferJob(self._slots[hl.slot], self.pools[Tier.HOST], _idx(src), _idx(dst), Direction.D2H))
+        dst, src = self._spans(hl, self._first, self._nbs)
+        self.engine.submit(TransferJob(self._slots[hl.slot], self.pools[Tier.HOST], src, dst, Direction.D2H))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from orbitflow_kernels.attention import paged_decode_attention
+
 from orbitflow_ray.kv.store import KVStore
 from orbitflow_ray.model.llama import LlamaModel
 from orbitflow_ray.model.sampler import sample
@@ -23,10 +25,16 @@ class ModelRunner:
         s = model.spec
         self.scale = s.head_dim ** -0.5
         self._slices: list[tuple[int, int]] = []
+        # Batched decode attention over the paged pool (one call per layer and tier group); the
+        # bench swaps in a null one. Prefill chunks attend one SDPA call per seq (see _attend).
+        self.attention = paged_decode_attention
+        # False: decodes too attend one SDPA per seq after a gather (the baseline benches compare to).
+        self.batched_decode = True
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         self.store.apply_moves(out.moves)
+        self.store.forget(out.finished_request_ids)
         if not out.seqs:
             return {}
         ids, pos, self._slices, self._masks = [], [], [], []
@@ -36,6 +44,9 @@ class ModelRunner:
             pos.extend(range(seq.start_pos, seq.start_pos + len(seq.token_ids)))
             self._masks.append(self._mask(len(seq.token_ids), seq.start_pos + len(seq.token_ids)))
         self.store.begin_step(out.seqs)
+        self._prefills = [i for i, seq in enumerate(out.seqs) if len(seq.token_ids) > 1 or not self.batched_decode]
+        # token index of each decode seq (its slice start), for the batched decode path
+        self._tok_of_seq = torch.tensor([a for a, _ in self._slices], dtype=torch.int64)
         hidden = self.model.forward(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
                                     self._attend, self.store.before_layer)
         sampling = [i for i, s in enumerate(out.seqs) if s.sample]
@@ -54,15 +65,27 @@ class ModelRunner:
         return torch.arange(s, device=self.device)[None, :] <= torch.arange(s - n, s, device=self.device)[:, None]
 
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # One SDPA call per seq, never one padded batch: the CPU kernel's reduction order depends
-        # on the batch shape (and thread count), and transformers attends one prompt at a time.
+        # Decodes: one batched paged-attention call per tier group, reading the pool in place.
+        # Prefill chunks: one SDPA call per seq, never one padded batch: the CPU kernel's reduction
+        # order depends on the batch shape (and thread count), and transformers attends one prompt
+        # at a time, so prompts stay bit-identical to it.
         self.store.write(layer, k, v)
-        outs = []
-        for i, (a, b) in enumerate(self._slices):
+        groups = self.store.decode_groups(layer) if self.batched_decode else []
+        if not self._prefills and len(groups) == 1 and len(groups[0].seqs) == q.shape[0]:
+            g = groups[0]  # every seq decodes from one tensor: tokens are the seqs, in order
+            o = self.attention(q, g.pool, g.table, g.seq_lens, self.scale, g.rows)
+            self.store.after_layer(layer)
+            return o.reshape(q.shape[0], -1)
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        for g in groups:
+            toks = self._tok_of_seq[g.seqs].to(q.device)
+            out[toks] = self.attention(q[toks], g.pool, g.table, g.seq_lens, self.scale, g.rows).flatten(1)
+        for i in self._prefills:
+            a, b = self._slices[i]
             keys, values = self.store.read(layer, i, k[a:b], v[a:b])
-            outs.append(self._sdpa(q[a:b], keys, values, self._masks[i]))
+            out[a:b] = self._sdpa(q[a:b], keys, values, self._masks[i])
         self.store.after_layer(layer)
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        return out
 
     def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
               mask: torch.Tensor | None) -> torch.Tensor:

@@ -4,8 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from orbitflow_ray.kv.blocks import LayerKV, MoveOp
+from orbitflow_ray.kv.blocks import LayerKV, MoveOp, Tier
 from orbitflow_ray.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class TableDelta:
+    """A change to one layer's block table since the last plan that carried the request: its
+    entries from `start` on are `blocks`, and the layer lives on `tier`. start == 0 rewrites the
+    table (a new or recomputed request, a layer that changed tier); start > 0 appends (growth)."""
+
+    layer: int
+    tier: Tier
+    start: int
+    blocks: tuple[int, ...]
 
 
 @dataclass(slots=True)
@@ -14,9 +26,14 @@ class ScheduledSeq:
     token_ids: list[int]  # tokens whose KV this step computes
     start_pos: int  # position of token_ids[0] == tokens already in the cache
     sample: bool  # True when this step reaches the end of the sequence: sample the next token
-    table: list[LayerKV]  # snapshot of the per-layer placement and blocks
+    # The tier manager's live per-layer placement and blocks (a copy only with the scheduler's
+    # snapshot_tables): valid until the next schedule(). The simulator reads it.
+    table: list[LayerKV]
     sampling_params: SamplingParams
     num_output_tokens: int  # for seeded sampling: the same seed + position gives the same draw
+    # What changed in `table` since the last plan that carried this request: the engine's executor
+    # keeps its own tables from these, so every plan must reach it, in order.
+    table_deltas: list[TableDelta] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -25,7 +42,8 @@ class SchedulerOutput:
     seqs: list[ScheduledSeq]
     # Placement changes to run before compute (swap-outs, resumes, policy refinements).
     moves: list[MoveOp] = field(default_factory=list)
-    # Requests whose KV was released since the last step (executor drops per-request state).
+    # Requests whose KV was released since the last step (executor drops per-request state,
+    # before it applies this plan's table deltas: a finished request's id may be reused).
     finished_request_ids: list[str] = field(default_factory=list)
 
     @property

@@ -24,17 +24,20 @@ from orbitflow_ray.planner.deposit import TokenDeposit
 from orbitflow_ray.request import Request, RequestStatus
 from orbitflow_ray.sched.output import ScheduledSeq, SchedulerOutput
 from orbitflow_ray.sched.states import transition
+from orbitflow_ray.sched.table_deltas import TableTracker
 
 
 class Scheduler:
     def __init__(self, config: EngineConfig, kv: KVTierManager, policy: KVPolicy,
                  eos_token_ids: frozenset[int], max_model_len: int,
-                 clock: Callable[[], float] = time.perf_counter, snapshot_tables: bool = True) -> None:
+                 clock: Callable[[], float] = time.perf_counter, snapshot_tables: bool = False) -> None:
         self.config = config
         self.clock = clock  # the simulator passes its virtual clock
-        # Copy block tables into the plan (an executor may run while the next step is scheduled).
-        # The simulator consumes each plan before the next schedule() and skips the O(context) copy.
+        # Copy whole block tables into the plan, for an executor that reads `ScheduledSeq.table`
+        # while the next step is scheduled (O(context) per step). The engine's executor keeps its
+        # own tables from `table_deltas`; the simulator reads `table` before the next schedule().
         self.snapshot_tables = snapshot_tables
+        self._sent_tables = TableTracker()
         self.use_deposit = (config.token_deposit if config.token_deposit is not None
                             else getattr(policy, "uses_deposit", False))
         self.eos_token_ids = eos_token_ids
@@ -138,10 +141,12 @@ class Scheduler:
                 budget -= n
         if not self.swapped:  # FCFS: swapped requests are older than any waiting one
             budget = self._admit(budget, seqs)
-        for seq in seqs:  # snapshot tables last: growth and moves above may have changed them
-            table = self.kv.table(seq.request_id)
-            seq.table = [LayerKV(lk.tier, list(lk.blocks)) for lk in table] if self.snapshot_tables else table
         finished, self._finished_ids = self._finished_ids, []
+        self._sent_tables.forget(finished)
+        for seq in seqs:  # tables last: growth and moves above may have changed them
+            table = self.kv.table(seq.request_id)
+            seq.table_deltas = self._sent_tables.deltas(seq.request_id, table)
+            seq.table = [LayerKV(lk.tier, list(lk.blocks)) for lk in table] if self.snapshot_tables else table
         return SchedulerOutput(self._step, seqs, self.kv.take_moves(), finished)
 
     def _reserve(self, req: Request, n: int) -> bool:

@@ -1,0 +1,102 @@
+"""Decode attention over a paged KV pool, read in place: one call for a whole batch of sequences.
+
+Each sequence has one query (its newest token, whose K/V is already written to the pool) and
+attends over its first `seq_lens[r]` keys, found through its block-table row. Both
+implementations run the same algorithm, flash-decoding: the keys are cut into tiles of blocks,
+each tile's scores are reduced with a running max and sum (online softmax, fp32), and partial
+results are merged, so no sequence's KV is ever copied into a contiguous buffer:
+  * "torch" (CPU and CUDA): a loop over tiles of `tile_blocks` blocks; each tile indexes the pool
+    for every sequence at once ([R, tile, 2, Hkv, bs, D], bounded whatever the context length);
+  * "triton" (CUDA): one program per (sequence, KV head, split of the blocks), looping over its
+    blocks one at a time, all query heads of the KV head together (GQA); the splits' partial
+    (max, sum, output) are merged after. `triton_kernel.py` holds the kernel.
+"auto" takes triton for a CUDA pool when Triton imports, else torch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+IMPLS = ("auto", "torch", "triton")
+
+
+@functools.cache
+def _triton():
+    try:
+        from orbitflow_kernels import triton_kernel
+    except Exception:  # Triton not installed, or installed without a usable backend
+        return None
+    return triton_kernel
+
+
+def _check(q: torch.Tensor, pool: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+           rows: torch.Tensor | None) -> None:
+    if pool.dim() != 5 or q.dim() != 3 or q.shape[2] != pool.shape[4] or q.shape[1] % pool.shape[2]:
+        raise ValueError(f"q must be [R, H, D] and pool [num_blocks, 2, Hkv, bs, D] with H a multiple of "
+                         f"Hkv, got {tuple(q.shape)} and {tuple(pool.shape)}")
+    n = q.shape[0] if rows is None else rows.numel()
+    if seq_lens.numel() != q.shape[0] or n != q.shape[0] or block_table.dim() != 2:
+        raise ValueError(f"{q.shape[0]} queries, {seq_lens.numel()} seq_lens, {n} table rows; "
+                         f"block_table must be 2-D, got {tuple(block_table.shape)}")
+
+
+def paged_decode_attention(q: torch.Tensor, pool: torch.Tensor, block_table: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, rows: torch.Tensor | None = None, *,
+                           impl: str = "auto", tile_blocks: int = 32) -> torch.Tensor:
+    """Attention of one query per sequence over its paged keys: [R, H, D] in q's dtype.
+
+    q [R, H, D]; pool [num_blocks, 2, Hkv, bs, D] (0 = K, 1 = V); block_table [T, W] int64, where
+    sequence r's j-th block is `block_table[rows[r], j]` (rows defaults to 0..R-1); seq_lens [R]:
+    keys of sequence r (>= 1; its row must hold cdiv(seq_lens[r], bs) valid block ids, later
+    entries are never read). Query head h reads KV head h // (H // Hkv), as transformers' GQA.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    _check(q, pool, block_table, seq_lens, rows)
+    if q.shape[0] == 0:
+        return q.new_zeros(q.shape)
+    lens = seq_lens.to(device=pool.device, dtype=torch.int64)
+    table = block_table.to(pool.device)
+    if rows is not None:
+        rows = rows.to(device=pool.device, dtype=torch.int64)
+    if impl == "triton" or (impl == "auto" and pool.is_cuda and _triton() is not None):
+        kernel = _triton()
+        if kernel is None:
+            raise RuntimeError("impl='triton' needs the triton package")
+        return kernel.paged_decode(q, pool, table, lens, scale, rows)
+    return _torch_paged_decode(q, pool, table, lens, scale, rows, tile_blocks)
+
+
+def _torch_paged_decode(q: torch.Tensor, pool: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
+                        scale: float, rows: torch.Tensor | None, tile_blocks: int) -> torch.Tensor:
+    r, h, d = q.shape
+    nb, _, hkv, bs, _ = pool.shape
+    g = h // hkv
+    qf = q.to(torch.float32).view(r, hkv, g, d)
+    m = torch.full((r, hkv, g), float("-inf"), device=q.device)
+    denom = torch.zeros(r, hkv, g, device=q.device)
+    acc = torch.zeros(r, hkv, g, d, device=q.device)
+    width = int((lens.max() + bs - 1) // bs)
+    t = tile_blocks * bs
+    cols = torch.arange(tile_blocks, device=q.device)
+    for j0 in range(0, width, tile_blocks):
+        # Every tile is full width (columns past the table are masked): a sequence's result is the
+        # same bits whatever the batch around it, which sets how many tiles run.
+        j = (j0 + cols).clamp(max=table.shape[1] - 1)
+        ids = table[:, j] if rows is None else table[rows[:, None], j[None, :]]
+        kv = pool[ids.clamp(0, nb - 1)]  # [R, C, 2, Hkv, bs, D]: this tile of every sequence
+        k = kv[:, :, 0].permute(0, 2, 1, 3, 4).reshape(r, hkv, t, d).to(torch.float32)
+        v = kv[:, :, 1].permute(0, 2, 1, 3, 4).reshape(r, hkv, t, d).to(torch.float32)
+        s = torch.matmul(qf, k.transpose(-1, -2)) * scale  # [R, Hkv, G, T]
+        pos = j0 * bs + torch.arange(t, device=q.device)
+        s.masked_fill_((pos[None, :] >= lens[:, None])[:, None, None, :], float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))
+        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # a tile past the end
+        p = torch.exp(s - safe[..., None])
+        corr = torch.exp(m - safe)
+        denom = denom * corr + p.sum(-1)
+        acc = acc * corr[..., None] + torch.matmul(p, v)
+        m = m_new
+    return (acc / denom[..., None]).reshape(r, h, d).to(q.dtype)

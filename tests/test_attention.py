@@ -1,0 +1,103 @@
+"""Batched decode attention over a paged KV pool (kernels/orbitflow_kernels/attention.py) against
+per-sequence SDPA on gathered K/V: GQA, ragged lengths (one token, a block boundary, tiles past a
+short sequence's end), table rows picked through `rows`, fp32 and bf16; the Triton kernel under
+Triton's CPU interpreter where Triton is installed, and on CUDA where there is a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from orbitflow_kernels.attention import paged_decode_attention
+from orbitflow_kernels.gather import gather_kv
+
+BS, HKV, G, D = 4, 2, 3, 8
+LENS = [1, 4, 5, 13, 40]
+
+
+def _case(dtype: torch.dtype, device: str = "cpu", seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    nb = 64
+    pool = torch.randn(nb, 2, HKV, BS, D, generator=gen).to(dtype)
+    perm = torch.randperm(nb, generator=gen)
+    width = 16
+    table = torch.full((len(LENS) + 2, width), 10_000, dtype=torch.int64)  # unread entries: junk
+    rows = torch.tensor([3, 0, 6, 1, 4])  # sequence r's row in the table
+    used = 0
+    for r, n in enumerate(LENS):
+        k = -(-n // BS)
+        table[rows[r], :k] = perm[used:used + k]
+        used += k
+    q = torch.randn(len(LENS), HKV * G, D, generator=gen).to(dtype)
+    to = lambda t: t.to(device)  # noqa: E731
+    return to(q), to(pool), to(table), to(torch.tensor(LENS)), to(rows)
+
+
+def _reference(q, pool, table, lens, rows, scale):
+    outs = []
+    for r, n in enumerate(lens.tolist()):
+        kv = gather_kv(pool, table[rows[r], :-(-n // BS)], n, impl="torch").float()
+        o = F.scaled_dot_product_attention(q[r][None, :, None].float(), kv[0:1], kv[1:2], scale=scale,
+                                           enable_gqa=True)  # [1, H, 1, D]
+        outs.append(o[0, :, 0])
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tile_blocks", [1, 3, 64])
+def test_torch_paged_decode_matches_sdpa(dtype, tile_blocks):
+    q, pool, table, lens, rows = _case(dtype)
+    got = paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="torch", tile_blocks=tile_blocks)
+    want = _reference(q, pool, table, lens, rows, 0.3)
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_rows_default_to_the_table_order_and_bad_shapes_are_refused():
+    q, pool, table, lens, rows = _case(torch.float32)
+    got = paged_decode_attention(q, pool, table[rows], lens, 0.3, impl="torch")
+    torch.testing.assert_close(got, paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="torch"))
+    with pytest.raises(ValueError, match="seq_lens"):
+        paged_decode_attention(q, pool, table, lens[:2], 0.3, rows)
+    with pytest.raises(ValueError, match="multiple of"):
+        paged_decode_attention(q[:, :5], pool, table, lens, 0.3, rows)
+
+
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.skipif(not _TRITON, reason="needs the triton package (its CPU interpreter)")
+def test_triton_kernel_in_the_interpreter_matches_sdpa():
+    """The kernel's indexing and split merge, line by line on the CPU (TRITON_INTERPRET=1 has to
+    be set before Triton is imported: a subprocess)."""
+    code = ("import torch, test_attention as t\n"
+            "for dtype in (torch.float32, torch.bfloat16):\n"
+            "    q, pool, table, lens, rows = t._case(dtype)\n"
+            "    got = t.paged_decode_attention(q, pool, table, lens, 0.3, rows, impl='triton')\n"
+            "    want = t._reference(q, pool, table, lens, rows, 0.3)\n"
+            "    tol = 1e-5 if dtype == torch.float32 else 2e-2\n"
+            "    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)\n"
+            "print('ok')\n")
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(here), str(here.parent / "kernels"), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not (_TRITON and torch.cuda.is_available()), reason="needs triton and a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernel_on_cuda_matches_sdpa(dtype):
+    q, pool, table, lens, rows = _case(dtype, "cuda")
+    got = paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="triton")
+    want = _reference(q, pool, table, lens, rows, 0.3)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
