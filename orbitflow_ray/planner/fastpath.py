@@ -48,7 +48,7 @@ from orbitflow_ray.planner.problem import (Plan, PlanInputs, critical_intervals,
                                            search_windows, tie_limit, violations_settled, window_data)
 
 
-ENUM_LIMIT = 20_000_000  # enumerate when placements (K^R) x link intervals is at most this
+ENUM_LIMIT = 1_000_000  # enumerate when placements (K^R) x link intervals is at most this (a few ms)
 BNB_MAX_REQUESTS = 24  # uncertified batches up to this size go to branch and bound before the MIP
 # Branch-and-bound nodes per window: the budget is a count so that a plan never depends on the
 # machine's load (bench/planner.py measures what it costs).

@@ -25,6 +25,10 @@ solve goes through cvxpy's solving chain by hand (`get_problem_data` -> the chai
 `solve_via_data` with a solver cache holding the incumbent -> columns read back by
 `var_id_to_col`): the incumbent handed to HiGHS is the fast path's plan, with its exact stalls.
 
+Window: the fast path searches the windows (`problem.search_windows`); the ILP re-solves the
+placement at the window the fast plan chose (one MIP, plus its tie-break solve), since a MIP per
+candidate window costs several times as much for a rarely different answer.
+
 Budget: HiGHS runs single-threaded (deterministic) with a node limit (`max_nodes`) and an LP
 iteration limit; `time_limit_s` is only a safety stop for a pathological instance. Whatever
 HiGHS returns is re-scored exactly (`problem.evaluate`) and compared with the fast plan on the
