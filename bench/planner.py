@@ -193,7 +193,7 @@ def _gap_one(i: int, seed: int) -> tuple[float, bool, int]:
     fast = FastPlanner(warm_start=False).solve(inp)
     if fast.status is PlanStatus.INFEASIBLE:
         return 0.0, True, R
-    ilp = CompactIlpPlanner(rel_gap=1e-6, max_nodes=100_000, time_limit_s=20.0,
+    ilp = CompactIlpPlanner(rel_gap=1e-6, max_nodes=100_000, time_limit_s=5.0,
                             fast=FastPlanner(warm_start=False))
     plan = ilp.solve(inp)
     return fast.predicted_step_s / plan.predicted_step_s - 1, plan.status is PlanStatus.OPTIMAL, R
