@@ -127,6 +127,8 @@ def test_solver_failure_falls_back_without_dropping():
     p = make_policy("orbitflow", LAYERS, solve_ahead=False)
 
     class Broken:
+        stats: dict = {}
+
         def solve(self, inputs):
             raise RuntimeError("solver exploded")
 

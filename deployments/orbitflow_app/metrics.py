@@ -38,6 +38,12 @@ class WorkerMetrics:
         self.solve_s = Counter("orbitflow_plan_solve_seconds_total", "Time spent in placement solves.",
                                keys + ("where",))
         self.plan_version = Gauge("orbitflow_plan_version", "Last central-planner plan version applied.", keys)
+        self.central_plans = Counter("orbitflow_central_plans_total",
+                                     "Central plans by outcome: used, late (not back by the step), other_batch.",
+                                     keys + ("outcome",))
+        self.plan_solver = Gauge("orbitflow_plan_solver", "1 for the solver that made the plan in force.",
+                                 keys + ("solver",))
+        self._solvers: set[str] = set()
         self.requests = Gauge("orbitflow_requests", "Requests by state.", keys + ("state",))
         self.pauses = Counter("orbitflow_pauses_total", "Pause-Resume pauses.", keys)
         self._last: dict[str, float] = {}
@@ -71,6 +77,13 @@ class WorkerMetrics:
             self._inc(self.solves, n, ps.get(n, 0), where=where)
             self._inc(self.solve_s, s, ps.get(s, 0.0), where=where)
         self._inc(self.solves, "remote_plans_used", ps.get("remote_plans_used", 0), where="planner")
+        for outcome in ("used", "late", "other_batch"):
+            key = f"remote_plans_{outcome}"
+            self._inc(self.central_plans, "central_" + key, ps.get(key, 0), outcome=outcome)
+        if t.plan_solver is not None:
+            self._solvers.add(t.plan_solver)
+            for solver in self._solvers:
+                self.plan_solver.set(float(solver == t.plan_solver), {**self.tags, "solver": solver})
         self._inc(self.pauses, "num_pauses", kv.get("num_pauses", 0))
         self.plan_version.set(ps.get("plan_version", 0), self.tags)
         for state, n in (("running", len(t.running)), ("waiting", t.num_waiting), ("paused", t.num_paused)):
@@ -86,7 +99,8 @@ class WorkerMetrics:
 
 class PlannerMetrics:
     def __init__(self) -> None:
-        self.solves = Counter("orbitflow_planner_solves_total", "Plans solved by the central planner.")
+        self.solves = Counter("orbitflow_planner_solves_total",
+                              "Plans solved by the central planner, by the solver that made them.", ("solver",))
         self.solve_s = Histogram("orbitflow_planner_solve_seconds", "Central planner solve time.",
                                  [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 3.0])
         self.reports = Counter("orbitflow_planner_reports_total", "Worker telemetry reports received.")

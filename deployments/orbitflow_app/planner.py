@@ -1,4 +1,6 @@
-"""The central planner deployment: one replica around `CentralPlanner`. Serve restarts it when it
+"""The central planner deployment: one replica around `CentralPlanner`, which solves the workers'
+window and drift re-plans with the compact cvxpy ILP (HiGHS) and their routing probes with the
+fast path. Serve restarts it when it
 dies; it holds only the latest report of each worker, so the next round of reports rebuilds it."""
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class OrbitFlowPlanner:
     def solve(self, request: SolveRequest) -> RemotePlan:
         before = self.core.stats["solve_s_total"]
         plan = self.core.solve(request)
-        self.metrics.solves.inc()
+        self.metrics.solves.inc(1, {"solver": plan.result[0].solver})
         self.metrics.solve_s.observe(self.core.stats["solve_s_total"] - before)
         return plan
 

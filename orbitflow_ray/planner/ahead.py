@@ -9,7 +9,9 @@ One lock serialises the solver (its warm-start state is not thread-safe).
 A serving worker may set `remote`: speculative solves then go to the central planner (a Ray Serve
 deployment) instead of the local thread, and come back as `RemotePlan`s carrying the planner's plan
 version. The worker still never waits: an answer that is late, lost or for another batch is
-ignored and the step solves locally, exactly as when a local speculation misses.
+ignored and the step solves locally, exactly as when a local speculation misses. `stats` counts
+central plans used (`remote_plans_used`), not back in time (`remote_plans_late`) and solved for a
+batch that did not happen (`remote_plans_other_batch`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ class AheadSolver(Generic[R]):
         self.remote: Callable[..., Future] | None = None
         self.stats = {"solves_sync": 0, "solves_ahead": 0, "solves_ahead_used": 0,
                       "solve_s_sync": 0.0, "solve_s_ahead": 0.0, "solve_s_max": 0.0,
-                      "solves_remote": 0, "remote_plans_used": 0, "plan_version": 0}
+                      "solves_remote": 0, "remote_plans_used": 0, "remote_plans_late": 0,
+                      "remote_plans_other_batch": 0, "plan_version": 0}
+        self._remote_pending = False
 
     def _timed(self, kind: str, *args) -> R:
         with self._lock:
@@ -62,15 +66,20 @@ class AheadSolver(Generic[R]):
         """Start solving for a predicted state `key` (replaces any earlier speculation)."""
         if self.remote is not None:
             self.stats["solves_remote"] += 1
-            self._pending = (key, self.remote(key, *args))
+            self._pending, self._remote_pending = (key, self.remote(key, *args)), True
             return
         if self._pool is None:
             return
         self._pending = (key, self._pool.submit(self._timed, "ahead", *args))
+        self._remote_pending = False
 
     def take(self, key: Hashable) -> R | None:
         """The speculative result for `key` if it is ready; None otherwise (never blocks)."""
-        if self._pending is None or self._pending[0] != key or not self._pending[1].done():
+        if self._pending is None:
+            return None
+        if self._pending[0] != key or not self._pending[1].done():
+            if self._remote_pending:
+                self.stats["remote_plans_other_batch" if self._pending[0] != key else "remote_plans_late"] += 1
             return None
         fut = self._pending[1]
         self._pending = None

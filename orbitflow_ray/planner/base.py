@@ -101,6 +101,11 @@ class KVPolicy(abc.ABC):
     def request_finished(self, request_id: str) -> None:
         """Drop per-request state."""
 
+    def plan_solver(self) -> str | None:
+        """Which solver produced the plan in force ("fast", "cvxpy-highs", "fallback-...");
+        None for a policy that does not plan."""
+        return None
+
     def metrics(self) -> dict[str, float]:
         """Policy counters for the engine's stats (solve times, fallbacks, pauses)."""
         return {}

@@ -26,17 +26,20 @@ Certificate: when T(plan) <= T_lower_bound * (1 + rel_gap) the plan is optimal w
 enumerating, greedy otherwise). Small batches, where a knapsack bound is loose (one request is a
 large share of the load), take other routes: up to ENUM_LIMIT placements x intervals are
 enumerated exactly; an uncertified batch of up to BNB_MAX_REQUESTS goes to a depth-first branch
-and bound on the same bounds (50 ms budget), and then, if `fallback_time_limit_s` > 0, to the
-reduced MIP (`ilp_highs`) seeded with the best plan. By default there is no MIP fallback: an
-uncertified window returns its best plan as FEASIBLE within a bounded time (the proven gaps land
-in `gaps`; at 5-16 requests they were 0.1-6 %), since HiGHS rarely improves such a plan within a
-latency budget.
+and bound on the same bounds (BNB_MAX_NODES nodes), and then, if `fallback_time_limit_s` > 0, to
+the reduced MIP (`ilp_highs`) seeded with the best plan. By default there is no MIP fallback: an
+uncertified window returns its best plan as FEASIBLE (the proven gaps land in `gaps`).
+
+Deterministic budget: with the default (no MIP fallback) nothing here reads a clock: greedy
+rounds, local-search rounds, chain iterations and branch-and-bound nodes are counts, so the same
+inputs (and warm start) give the same plan on a quiet or a loaded machine; only the time it takes
+changes. This is what the worker runs on its decode thread; the central planner runs it too and
+then tries to improve its plan with the cvxpy ILP (`ilp_compact.py`).
 """
 
 from __future__ import annotations
 
 import functools
-import time
 
 import numpy as np
 
@@ -45,8 +48,11 @@ from orbitflow_ray.planner.problem import (Plan, PlanInputs, critical_intervals,
                                            search_windows, tie_limit, violations_settled, window_data)
 
 
-ENUM_LIMIT = 20_000_000  # enumerate when placements (K^R) x link intervals is at most this
+ENUM_LIMIT = 1_000_000  # enumerate when placements (K^R) x link intervals is at most this (a few ms)
 BNB_MAX_REQUESTS = 24  # uncertified batches up to this size go to branch and bound before the MIP
+# Branch-and-bound nodes per window: the budget is a count so that a plan never depends on the
+# machine's load (bench/planner.py measures what it costs).
+BNB_MAX_NODES = 48
 GREEDY_REACH = 3  # greedy offload moves a request at most this many classes down per round
 BATCH_SLACK = 0.25  # greedy offload applies every ranked move whose joint ratio is this near the best
 
@@ -299,15 +305,17 @@ def _reclaim_swap(link: LinkEval, load, e, dev, cap, ks, stall_cap: float, small
 
 
 def branch_and_bound(link: LinkEval, load, e, dev, cap, chains: list[Chain], ks, rel_gap: float,
-                     budget_s: float = 0.05) -> tuple[np.ndarray, bool]:
+                     max_nodes: int = 48) -> tuple[np.ndarray, bool]:
     """Depth-first search over requests' classes from incumbent `ks`. A node's bound is the best
     chain knapsack over its free requests (chains grow with every critical chain met); it branches
-    on the knapsack's fractional request. True when every node was pruned (optimal within rel_gap)."""
+    on the knapsack's fractional request. Stops after `max_nodes` nodes (a count, not a clock: the
+    plan is the same on a busy machine). True when every node was pruned (optimal within rel_gap)."""
     ef, devf = e.astype(float), dev.astype(float)
     L, K = link.L, len(dev)
     best = link.stall(np.bincount(ks, weights=load, minlength=K)[None])[0]
-    stack, deadline = [np.full(len(load), -1)], time.perf_counter() + budget_s
-    while stack and time.perf_counter() < deadline:
+    stack, nodes = [np.full(len(load), -1)], 0
+    while stack and nodes < max_nodes:
+        nodes += 1
         fixed = stack.pop()
         free = fixed < 0
         left = float(cap - e[~free] @ dev[fixed[~free]])
@@ -351,13 +359,15 @@ class FastPlanner:
     name = "fast"
 
     def __init__(self, rel_gap: float = 1e-2, fallback_time_limit_s: float = 0.0,
-                 warm_start: bool = True) -> None:
-        self.rel_gap, self.warm_start = rel_gap, warm_start
+                 warm_start: bool = True, bnb_max_nodes: int = BNB_MAX_NODES) -> None:
+        if bnb_max_nodes < 1 or fallback_time_limit_s < 0:
+            raise ValueError("need bnb_max_nodes >= 1 and fallback_time_limit_s >= 0")
+        self.rel_gap, self.warm_start, self.bnb_max_nodes = rel_gap, warm_start, bnb_max_nodes
         self.fallback_time_limit_s = fallback_time_limit_s
         self.mip = HighsPlanner(violations=False, rel_gap=rel_gap, time_limit_s=fallback_time_limit_s)
         self.gaps: list[float] = []  # proven bound on T / T_opt - 1 of each window solved heuristically
         self.last: dict[str, int] = {}
-        self.stats = dict.fromkeys(("enumerated", "certified", "branch_and_bound", "bnb_out_of_time",
+        self.stats = dict.fromkeys(("enumerated", "certified", "branch_and_bound", "bnb_out_of_nodes",
                                     "fallback", "violations_unsettled"), 0)
         self._chains: list[Chain] = []
 
@@ -394,8 +404,9 @@ class FastPlanner:
         if proven:
             self.stats["certified"] += 1
         elif len(load) <= BNB_MAX_REQUESTS:
-            ks, proven = branch_and_bound(link, load, e, dev, cap, self._chains, ks, self.rel_gap)
-            self.stats["branch_and_bound" if proven else "bnb_out_of_time"] += 1
+            ks, proven = branch_and_bound(link, load, e, dev, cap, self._chains, ks, self.rel_gap,
+                                          self.bnb_max_nodes)
+            self.stats["branch_and_bound" if proven else "bnb_out_of_nodes"] += 1
             t_lower = c * (L + stall(ks)) / (1 + self.rel_gap) if proven else t_lower
         if not proven and self.fallback_time_limit_s > 0:
             self.stats["fallback"] += 1
@@ -422,6 +433,10 @@ class FastPlanner:
         plan = search_windows(inputs, solve_at, self.name, lambda w: self.bound(inputs, w))
         self.last = plan.distances
         return plan
+
+    def seed(self, distances: dict[str, int]) -> None:
+        """Warm-start the next solve from this placement (by request id)."""
+        self.last = dict(distances)
 
     def _start(self, inputs: PlanInputs) -> np.ndarray:
         """The previous plan (by request id; new requests start on device), else no offload."""

@@ -1,19 +1,27 @@
 """The OrbitFlow policy: SLO-aware per-request, per-layer KV placement, refined at run time.
 
 Each planning event builds a `PlanInputs` from the running batch (context lengths, tokens left,
-SLOs, Token-Deposit credit) and the online cost model, and solves it (`FastPlanner`: certified
-heuristic with the HiGHS MIP behind it; `problem.py` has the model). A plan holds for its window
-of W decode steps; it is re-solved when
+SLOs, Token-Deposit credit) and the online cost model, and solves it with the solver named by
+`solver` (`solvers.py`): on a worker "fast" (`FastPlanner`, a certified heuristic with counted,
+deterministic budgets); on the central planner "cvxpy-highs" (the fast plan improved by the
+compact ILP in cvxpy + HiGHS, never worse than it). `problem.py` has the model. A plan holds for
+its window of W decode steps; it is re-solved when
 
 - the batch changes (admission, finish, pause, resume)      -> on the spot
-- the window runs out                                        -> solved one step ahead
-- measured step time drifts from the prediction              -> solved one step ahead
+- the window runs out                                        -> solved one step ahead (central)
+- measured step time drifts from the prediction              -> solved one step ahead (central)
 - the next step's growth does not fit the free device blocks -> on the spot
 
 When the batch does not fit without streaming all-host some request that could keep layers on
 device (INFEASIBLE, `problem.py`), Pause-Resume pauses one request (strategy: largest by
 default), re-solves, and repeats; paused requests keep all their KV on host and rejoin, oldest
-first, when the ILP admits them again. A request paused longer than `max_pause_s` is pinned: the
+first, when the ILP admits them again. Pauses are decided by that loop around the solver, not
+inside the ILP: the set it reaches pausing largest first is the fewest pauses that make the
+batch feasible (feasibility depends on each request's largest-offload KV alone). On the central
+planner the loop runs with the ILP solver, so a central plan carries its own pause decisions.
+Solving ahead, a worker with a central planner sends the predicted batch there
+(`planner/ahead.py`) and adopts the answer if it is back, for that batch, by the step that needs
+it; otherwise it solves on the spot with the fast path. A request paused longer than `max_pause_s` is pinned: the
 solve pauses others instead, so nobody starves. A solver error falls back to a safe heuristic
 (every request at its largest offload short of all-host, all-host where only that holds it),
 logged and counted; no request is ever dropped.
@@ -31,12 +39,11 @@ from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         StepStats, register_policy)
-from orbitflow_ray.planner.fastpath import FastPlanner
 from orbitflow_ray.planner.pause import pause_strategy
 from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs, PlanRequest,
                                            PlanStatus, distance_set, make_plan, placement_for_distance,
                                            step_time)
-from orbitflow_ray.planner.uniform import UniformPlanner
+from orbitflow_ray.planner.solvers import PlacementSolver, make_solver
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +64,7 @@ class OrbitFlow(KVPolicy):
                  distances: tuple[int, ...] | None = None, windows: tuple[int, ...] = DEFAULT_WINDOWS,
                  pause_strategy_name: str = "largest", max_pause_s: float = 30.0, slo_s: float = 0.5,
                  drift_threshold: float = 0.25, drift_patience: int = 3, solve_ahead: bool = True,
-                 seed: int = 0, **options) -> None:
+                 seed: int = 0, solver: str = "fast", **options) -> None:
         super().__init__(num_layers)
         if max_pause_s <= 0 or drift_threshold <= 0 or drift_patience < 1 or slo_s <= 0:
             raise ValueError("need max_pause_s > 0, drift_threshold > 0, drift_patience >= 1, slo_s > 0")
@@ -66,7 +73,7 @@ class OrbitFlow(KVPolicy):
         self.pick_victim = pause_strategy(pause_strategy_name)
         self.max_pause_s, self.default_slo_s = max_pause_s, slo_s
         self.drift_threshold, self.drift_patience = drift_threshold, drift_patience
-        self.solver = UniformPlanner() if self.uniform else FastPlanner()
+        self.solver: PlacementSolver = make_solver("uniform" if self.uniform else solver)
         self.ahead: AheadSolver = AheadSolver(self._solve, background=solve_ahead)
         self.rng = random.Random(seed)
         self.plan: Plan | None = None
@@ -141,7 +148,11 @@ class OrbitFlow(KVPolicy):
 
     def solve_for(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str] = frozenset()
                   ) -> tuple[Plan, list[str]]:
-        """One planning solve on another's behalf (the central planner solving for a worker)."""
+        """One planning solve on another's behalf (the central planner solving for a worker),
+        warm-started from the placements the worker's views carry (its plan in force)."""
+        ds = distance_set(self.distances, self.num_layers)
+        self.solver.seed({v.request_id: d for v in views
+                          if (d := distance_of(v.placement, self.num_layers, ds)) is not None})
         return self._solve(list(views), cap, frozenset(pinned))
 
     def admission_damage(self, reqs: list[RequestView], running: list[RequestView], cap: CapacityView
@@ -295,14 +306,26 @@ class OrbitFlow(KVPolicy):
     def close(self) -> None:
         self.ahead.close()
 
+    def plan_solver(self) -> str | None:
+        return None if self.plan is None else self.plan.solver
+
     def metrics(self) -> dict[str, float]:
-        return {**self.counters, **self.ahead.stats, "cost_model_fits": self.cost.num_fits}
+        solver = {f"solver_{k}": v for k, v in self.solver.stats.items()}
+        return {**self.counters, **self.ahead.stats, **solver, "cost_model_fits": self.cost.num_fits}
 
 
 def _slo_after_debt(slo: float, debt_s: float, tokens: int) -> float:
     """The per-token budget left once `debt_s` of prefill is spread over `tokens` (never below a
     tenth of the SLO: the planner then reports the miss instead of dividing by nothing)."""
     return max(0.1 * slo, slo - debt_s / max(tokens, 1))
+
+
+def distance_of(placement: tuple[Tier, ...] | None, num_layers: int, distances: tuple[int, ...]) -> int | None:
+    """The distance whose placement this is (None: no placement, or none of `distances` makes it)."""
+    if placement is None:
+        return None
+    host = [t == Tier.HOST for t in placement]
+    return next((d for d in distances if placement_for_distance(d, num_layers) == host), None)
 
 
 def _advance(v: RequestView) -> RequestView:

@@ -396,6 +396,21 @@ def ties_with_fewer_bytes(inputs: PlanInputs, window: int, base: Sequence[int],
             and link_bytes(inputs, cand) < link_bytes(inputs, base))
 
 
+def plan_better(inputs: PlanInputs, a: Plan, b: Plan) -> bool:
+    """Whether plan `a` beats plan `b` of the same inputs on the full objective: a plan over an
+    INFEASIBLE, then fewer violations, smaller T (step times within T_RTOL tie), fewer link bytes,
+    longer window."""
+    if (a.status is PlanStatus.INFEASIBLE) != (b.status is PlanStatus.INFEASIBLE):
+        return b.status is PlanStatus.INFEASIBLE
+    if len(a.violations) != len(b.violations):
+        return len(a.violations) < len(b.violations)
+    Ta, Tb = a.predicted_step_s, b.predicted_step_s
+    if Ta * (1 + T_RTOL) < Tb or Tb * (1 + T_RTOL) < Ta:
+        return Ta < Tb
+    moved_a, moved_b = link_bytes(inputs, a.distances), link_bytes(inputs, b.distances)
+    return moved_a < moved_b if moved_a != moved_b else a.window > b.window
+
+
 def pause_candidates(inputs: PlanInputs, window: int) -> list[str]:
     order = np.argsort(-inputs.end_tokens(window), kind="stable")
     return [inputs.requests[i].request_id for i in order]

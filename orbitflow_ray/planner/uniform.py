@@ -13,6 +13,12 @@ from orbitflow_ray.planner.problem import (Plan, PlanInputs, device_bytes, late_
 class UniformPlanner:
     name = "uniform"
 
+    def __init__(self) -> None:
+        self.stats: dict[str, int] = {}
+
+    def seed(self, distances: dict[str, int]) -> None:
+        """Nothing to warm-start: the K uniform placements are enumerated."""
+
     def solve(self, inputs: PlanInputs) -> Plan:
         R = len(inputs.requests)
 

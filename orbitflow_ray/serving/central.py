@@ -1,12 +1,16 @@
 """The central planner's logic, without Ray: worker telemetry in; versioned plans and routing
 advice out.
 
-Each worker runs the same KV policy locally (its plans for unpredictable events: arrivals,
-finishes, capacity). The central planner solves the predictable ones for every worker (a plan
-window running out, measured drift), one step ahead, from the worker's own view and fitted cost
-model, and tells the router how much SLO damage a new request would do on each worker. It keeps
-only the latest report of each worker: nothing else, so a restarted planner is whole again after
-one report per worker.
+Each worker runs the same KV policy locally, with the fast path (its plans for unpredictable
+events: arrivals, finishes, capacity). The central planner solves the predictable ones for every
+worker (a plan window running out, measured drift), one step ahead, from the worker's own view and
+fitted cost model, with `solver` ("cvxpy-highs" by default: the fast plan, warm-started from the
+worker's plan in force, improved by the compact cvxpy ILP and never worse than it;
+`planner/ilp_compact.py`); Pause-Resume decisions come from the same solve loop. It also tells
+the router how much SLO damage a new request would do on each worker: those probes run the fast
+path on a separate policy copy, so they neither cost ILP solves nor overwrite the ILP's warm
+start. It keeps only the latest report of each worker (and the policy copies built from it), so a
+restarted planner is whole again after one report per worker.
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
+
+import numpy as np
 
 from orbitflow_ray.costmodel.linear import OnlineCostModel
 from orbitflow_ray.planner.ahead import RemotePlan
 from orbitflow_ray.planner.base import KVPolicy, RequestView, make_policy
+from orbitflow_ray.planner.solvers import SolverKind
 from orbitflow_ray.serving.messages import PolicySpec, RoutingAdvice, SolveRequest, WorkerTelemetry
 
 log = logging.getLogger(__name__)
@@ -29,27 +37,33 @@ PROBE_TOKENS = (256, 1024, 4096, 16384, 65536)
 
 class CentralPlanner:
     def __init__(self, probe_tokens: tuple[int, ...] = PROBE_TOKENS, probe_max_tokens: int = 128,
-                 stale_after_s: float = 30.0) -> None:
+                 stale_after_s: float = 30.0, solver: str = "cvxpy-highs") -> None:
         if not probe_tokens or list(probe_tokens) != sorted(probe_tokens) or probe_max_tokens < 1:
             raise ValueError("probe_tokens must be ascending and non-empty; probe_max_tokens >= 1")
+        SolverKind(solver)  # ValueError on an unknown solver, here rather than at the first solve
+        self.solver = solver
         self.probe_tokens, self.probe_max_tokens = tuple(probe_tokens), probe_max_tokens
         self.stale_after_s = stale_after_s
         self.workers: dict[str, WorkerTelemetry] = {}
         self._heard: dict[str, float] = {}  # planner-clock receive time (worker clocks may be skewed)
-        self._policies: dict[str, tuple[PolicySpec, KVPolicy]] = {}
+        # (worker, solver) -> (spec, policy copy): one for plans, one on the fast path for probes
+        self._policies: dict[tuple[str, str], tuple[PolicySpec, KVPolicy]] = {}
         self._versions = itertools.count(1)
         self.started_at = time.time()
+        self._solve_s: deque[float] = deque(maxlen=1000)  # recent solve times, for percentiles
         self.stats = {"reports": 0, "solves": 0, "solve_s_total": 0.0, "solve_s_max": 0.0,
                       "solve_errors": 0, "probes": 0, "probe_s_total": 0.0}
+        self.plans_by_solver: dict[str, int] = {}  # central plans by the solver that made them
 
-    def _policy(self, worker_id: str, spec: PolicySpec, cost_model) -> KVPolicy:
-        """This worker's policy copy (kept across calls for the solver's warm start), on its model."""
-        held = self._policies.get(worker_id)
+    def _policy(self, worker_id: str, spec: PolicySpec, cost_model, solver: str) -> KVPolicy:
+        """This worker's policy copy for `solver` (kept across calls for the solver's warm start),
+        on its model."""
+        held = self._policies.get((worker_id, solver))
         if held is None or held[0] != spec:
-            options = dict(spec.options, solve_ahead=False)
+            options = dict(spec.options, solve_ahead=False, solver=solver)
             policy = make_policy(spec.name, spec.num_layers, cost_model=OnlineCostModel(cost_model), **options)
             held = (spec, policy)
-            self._policies[worker_id] = held
+            self._policies[(worker_id, solver)] = held
         cost = getattr(held[1], "cost", None)
         if cost is not None:
             cost.model = cost_model
@@ -62,7 +76,7 @@ class CentralPlanner:
         self._heard[t.worker_id] = time.time()
         self.stats["reports"] += 1
         self._forget_stale()
-        policy = self._policy(t.worker_id, t.policy, t.cost_model)
+        policy = self._policy(t.worker_id, t.policy, t.cost_model, "fast")
         t0 = time.perf_counter()
         fit = [n for n in self.probe_tokens if n < t.max_model_len]  # longer ones can never run: inf
         probes = [RequestView(f"probe-{n}", n, n, self.probe_max_tokens, time.perf_counter(), None, 0,
@@ -79,8 +93,8 @@ class CentralPlanner:
         return RoutingAdvice(next(self._versions), self.probe_tokens, tuple(damage), time.time())
 
     def solve(self, req: SolveRequest) -> RemotePlan:
-        """Solve one worker's predicted batch with its own policy and cost model."""
-        policy = self._policy(req.worker_id, req.policy, req.cost_model)
+        """Solve one worker's predicted batch with its own policy and cost model, on `solver`."""
+        policy = self._policy(req.worker_id, req.policy, req.cost_model, self.solver)
         solve_for = getattr(policy, "solve_for", None)
         if solve_for is None:
             raise ValueError(f"policy {req.policy.name!r} does not plan; nothing to solve")
@@ -94,6 +108,9 @@ class CentralPlanner:
         self.stats["solves"] += 1
         self.stats["solve_s_total"] += dt
         self.stats["solve_s_max"] = max(self.stats["solve_s_max"], dt)
+        self._solve_s.append(dt)
+        made_by = result[0].solver
+        self.plans_by_solver[made_by] = self.plans_by_solver.get(made_by, 0) + 1
         return RemotePlan(next(self._versions), req.key, result)
 
     def _forget_stale(self) -> None:
@@ -101,7 +118,8 @@ class CentralPlanner:
         cutoff = time.time() - self.stale_after_s
         for wid in [w for w, heard in self._heard.items() if heard < cutoff]:
             del self.workers[wid], self._heard[wid]
-            self._policies.pop(wid, None)
+            for key in [k for k in self._policies if k[0] == wid]:
+                del self._policies[key]
 
     # ---- views for operators -------------------------------------------------------------------
     def state(self) -> dict:
@@ -114,10 +132,27 @@ class CentralPlanner:
                 "running": len(t.running), "waiting": t.num_waiting, "paused": t.num_paused,
                 "context_tokens": sum(v.num_tokens for v in t.running),
                 "plan_version": int(t.policy_stats.get("plan_version", 0)),
-                "remote_plans_used": int(t.policy_stats.get("remote_plans_used", 0)),
+                "plan_solver": t.plan_solver,
+                **{k: int(t.policy_stats.get(k, 0)) for k in ("remote_plans_used", "remote_plans_late",
+                                                              "remote_plans_other_batch", "solves_remote")},
                 "mean_step_s": t.mean_step_s, **t.kv,
             }
-        return {"uptime_s": round(now - self.started_at, 3), "workers": workers, "stats": dict(self.stats)}
+        return {"uptime_s": round(now - self.started_at, 3), "workers": workers,
+                "stats": {**self.stats, **self.solve_summary()}}
+
+    def solve_summary(self) -> dict:
+        """The central solves: solver, plans by the solver that made them, recent p50/p99 (s),
+        and how the ILP settled them (summed over the workers' policy copies)."""
+        times = np.array(self._solve_s)
+        ilp: dict[str, float] = {}
+        for (_, solver), (_, policy) in self._policies.items():
+            if solver == self.solver:
+                for k, v in policy.metrics().items():
+                    if k.startswith("solver_"):
+                        ilp[k] = ilp.get(k, 0) + v
+        return {"solver": self.solver, "plans_by_solver": dict(self.plans_by_solver),
+                "solve_s_p50": float(np.percentile(times, 50)) if len(times) else None,
+                "solve_s_p99": float(np.percentile(times, 99)) if len(times) else None, **ilp}
 
 
 class InProcessPlanner:

@@ -83,6 +83,7 @@ class WorkerTelemetry:
     kv: dict[str, int] = field(default_factory=dict)
     policy_stats: dict[str, float] = field(default_factory=dict)
     mean_step_s: float | None = None  # over the steps since the previous report
+    plan_solver: str | None = None  # which solver made the plan in force ("fast", "cvxpy-highs", ...)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,11 @@ backed by a DeploymentHandle, tests pass one backed by an in-process `CentralPla
 here ever waits for the planner: reports go out in the background (one at a time, skipped while
 one is in flight), and remote plans are taken only if they are back in time (see
 `planner/ahead.py`).
+
+What runs where: this worker's policy solves arrivals, finishes, pauses and capacity events on the
+spot with its fast path (deterministic budget); its plan-window and drift re-plans go to the
+central planner, which solves them with the cvxpy ILP (`planner/ilp_compact.py`), and are adopted
+when back in time. Telemetry carries which solver made the plan in force (`plan_solver`).
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ class WorkerCore:
             len(s.waiting), sum(r.status == RequestStatus.PAUSED for r in s.swapped), s.capacity(),
             e.cost.model, e.max_model_len,
             {**e.kv_stats(), "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
-            {k: float(v) for k, v in e.policy_stats().items()}, mean_step_s)
+            {k: float(v) for k, v in e.policy_stats().items()}, mean_step_s, e.policy.plan_solver())
 
     def _remote_solve(self, key, views, cap, pinned) -> concurrent.futures.Future:
         req = SolveRequest(self.worker_id, key, tuple(views), cap, frozenset(pinned), self.engine.cost.model,
