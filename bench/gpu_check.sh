@@ -85,6 +85,11 @@ main() {
     # the summary divides by.
     stage decode-no-offload-per-seq 75 "$PY" bench/gpu_decode.py "${DRYFLAG[@]}" --policy no-offload \
         --attention per-seq --out "$PARTS/decode-no-offload-per-seq.json"
+    # The placement ILP (cvxpy + HiGHS) and the fast path on this machine's quiet cores.
+    [ $DRY = 0 ] && stage planner 100 "$PY" bench/planner.py --batches 32,128 --layers 32,80 \
+        --solvers fast,central --instances 20 --mip-instances 4 --json "$PARTS/planner.json"
+    [ $DRY = 0 ] && stage planner-gap 120 "$PY" bench/planner.py --batches 4 --layers 32 --solvers fast \
+        --instances 2 --gap-instances 1000 --procs 14 --json "$PARTS/planner_gap.json"
     [ $DRY = 0 ] && { nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv || true; }
     echo
     refresh --print

@@ -52,6 +52,10 @@ def merge(parts: Path, dry_run: bool) -> dict:
         result["env"] = _load(parts / "env.json")
     if (parts / "tests.xml").exists():
         result["tests"] = _tests(parts / "tests.xml")
+    if (parts / "planner.json").exists():
+        result["planner"] = _load(parts / "planner.json")
+    if (parts / "planner_gap.json").exists():
+        result["planner_gap"] = _load(parts / "planner_gap.json")
     if (parts / "kv-integrity.xml").exists():
         result["kv_integrity_tests"] = _tests(parts / "kv-integrity.xml")
     if (parts / "transfer.json").exists():
