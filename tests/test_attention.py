@@ -74,10 +74,13 @@ def test_rows_default_to_the_table_order_and_bad_shapes_are_refused():
 _TRITON = importlib.util.find_spec("triton") is not None
 
 
-@pytest.mark.skipif(not _TRITON, reason="needs the triton package (its CPU interpreter)")
+@pytest.mark.skipif(not _TRITON or torch.cuda.is_available(),
+                    reason="needs triton; on a GPU the compiled kernel is tested instead")
 def test_triton_kernel_in_the_interpreter_matches_sdpa():
     """The kernel's indexing and split merge, line by line on the CPU (TRITON_INTERPRET=1 has to
-    be set before Triton is imported: a subprocess)."""
+    be set before Triton is imported: a subprocess). Where a GPU is present the compiled kernel is
+    tested (below): Triton 3.6's interpreter there fails on the kernel's tensor loop bounds
+    (`range(b0, b1)`), which its compiler takes (gpu_check on an H200, 2026-11-29)."""
     code = ("import torch, test_attention as t\n"
             "for dtype in (torch.float32, torch.bfloat16):\n"
             "    q, pool, table, lens, rows = t._case(dtype)\n"
