@@ -54,17 +54,24 @@ from orbitflow_ray.planner.problem import (Plan, PlanInputs, critical_intervals,
                                            tie_data, ties_with_fewer_bytes, window_data)
 
 
+def link_rows(L: int, distances: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
+    """The critical intervals (a, b), their per-distance transfer counts, and E [pairs, L] with
+    E @ U = U[b] - U[a - 1] (the compute time between a and b, U cumulative)."""
+    pairs, counts = critical_intervals(L, distances)
+    rows = np.arange(len(pairs))
+    keep = pairs[:, 0] >= 1
+    E = sp.csr_matrix((np.r_[np.ones(len(pairs)), -np.ones(keep.sum())],
+                       (np.r_[rows, rows[keep]], np.r_[pairs[:, 1], pairs[keep, 0] - 1])),
+                      shape=(len(pairs), L))
+    return pairs, counts, E
+
+
 class _Compiled:
     """One parametrised problem for a (requests, layers, distances) shape."""
 
     def __init__(self, R: int, L: int, distances: tuple[int, ...]) -> None:
         K = len(distances)
-        pairs, counts = critical_intervals(L, distances)
-        rows = np.arange(len(pairs))
-        keep = pairs[:, 0] >= 1
-        E = sp.csr_matrix((np.r_[np.ones(len(pairs)), -np.ones(keep.sum())],
-                           (np.r_[rows, rows[keep]], np.r_[pairs[:, 1], pairs[keep, 0] - 1])),
-                          shape=(len(pairs), L))
+        pairs, counts, E = link_rows(L, distances)
         self.x = cp.Variable((R, K), boolean=True)
         self.v = cp.Variable(R, boolean=True)
         Y, U = cp.Variable(K), cp.Variable(L, nonneg=True)

@@ -49,7 +49,8 @@ import scipy.sparse as sp
 from cvxpy.settings import PARAM_PROB
 
 from orbitflow_ray.planner.fastpath import FastPlanner
-from orbitflow_ray.planner.problem import (Plan, PlanInputs, PlanStatus, critical_intervals, fits,
+from orbitflow_ray.planner.ilp import link_rows
+from orbitflow_ray.planner.problem import (Plan, PlanInputs, PlanStatus, fits,
                                            make_plan, plan_better, step_time, tie_data,
                                            ties_with_fewer_bytes, violations_settled, window_counts,
                                            window_data)
@@ -68,12 +69,7 @@ class _Compiled:
 
     def __init__(self, R: int, L: int, distances: tuple[int, ...]) -> None:
         K = len(distances)
-        pairs, counts = critical_intervals(L, distances)
-        rows = np.arange(len(pairs))
-        keep = pairs[:, 0] >= 1
-        E = sp.csr_matrix((np.r_[np.ones(len(pairs)), -np.ones(keep.sum())],
-                           (np.r_[rows, rows[keep]], np.r_[pairs[:, 1], pairs[keep, 0] - 1])),
-                          shape=(len(pairs), L))
+        pairs, counts, E = link_rows(L, distances)
         self.R, self.K, self.L, self.distances = R, K, L, distances
         self.x = cp.Variable((R, K), boolean=True)
         self.Y, self.U = cp.Variable(K), cp.Variable(L, nonneg=True)
