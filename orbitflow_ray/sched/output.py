@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from orbitflow_ray.kv.blocks import LayerKV, MoveOp
+from orbitflow_ray.outputs import TokenLogprobs
 from orbitflow_ray.sampling_params import SamplingParams
 
 
@@ -17,6 +18,12 @@ class ScheduledSeq:
     table: list[LayerKV]  # snapshot of the per-layer placement and blocks
     sampling_params: SamplingParams
     num_output_tokens: int  # for seeded sampling: the same seed + position gives the same draw
+    # The request's token history, for penalties and min_tokens: shared with the request, not
+    # copied (prompts are long); the sampler reads output_token_ids[:num_output_tokens] only.
+    prompt_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
+    # Set by the sampler when sampling_params.logprobs is not None: the sampled token's logprobs.
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(slots=True)
