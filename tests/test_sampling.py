@@ -49,6 +49,16 @@ def test_logit_bias_adds_and_min_tokens_bans_eos_and_stop_ids_until_reached():
     assert apply_logit_edits(ROW, ignoring, [], []).tolist() == ROW.tolist()
 
 
+def test_a_tiny_repetition_penalty_cannot_make_the_draw_fail():
+    """Found by schemathesis: repetition_penalty=5e-324 (> 0, so valid) made a logit +inf and the
+    temperature draw's probabilities NaN, which raised on the engine thread."""
+    sp = SamplingParams(repetition_penalty=5e-324, temperature=1.0, seed=3)
+    row = apply_logit_edits(ROW, sp, prompt_ids=[0, 3], output_ids=[])
+    assert torch.isfinite(row).all() and row[0] == row[3] == 1e30
+    assert sample(ROW[None], [_seq(sp, prompt=[0, 3])]) in ([0], [3])
+    assert sample(ROW[None], [_seq(SamplingParams(repetition_penalty=5e-324), prompt=[0, 3])]) == [0]
+
+
 def test_sample_greedy_follows_the_edits_and_leaves_plain_rows_alone():
     logits = torch.stack([ROW, ROW])
     plain, biased = SamplingParams(), SamplingParams(logit_bias={2: 3.0})

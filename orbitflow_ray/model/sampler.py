@@ -18,6 +18,8 @@ from orbitflow_ray.outputs import TokenLogprobs
 from orbitflow_ray.sampling_params import SamplingParams
 from orbitflow_ray.sched.output import ScheduledSeq
 
+_LOGIT_CAP = 1e30  # x 1/temperature (at most 1e5, see SamplingParams.greedy) stays below float32's 3.4e38
+
 
 def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     logits = logits / temperature
@@ -55,7 +57,9 @@ def apply_logit_edits(row: torch.Tensor, sp: SamplingParams, prompt_ids: list[in
     if output_ids and (sp.frequency_penalty or sp.presence_penalty):
         ids, counts = torch.unique(torch.tensor(output_ids, dtype=torch.long, device=row.device), return_counts=True)
         row[ids] -= sp.frequency_penalty * counts.to(row.dtype) + sp.presence_penalty
-    return row
+    # A tiny repetition_penalty (5e-324 is > 0) divides a logit to +inf, and softmax over +inf is NaN:
+    # the draw would raise and take the engine down. Capped where even 1/temperature keeps it finite.
+    return row.clamp_(max=_LOGIT_CAP)
 
 
 def token_logprobs(raw: torch.Tensor, token: int, k: int) -> TokenLogprobs:

@@ -4,7 +4,8 @@ worker, and turn its deltas into OpenAI responses or server-sent events.
 `generate` is any callable returning an async iterator of `StreamDelta`s (the Ray ingress passes
 one over a DeploymentHandle; tests pass a local worker). Its first delta is the worker's
 acceptance (empty text), so refusals become HTTP errors before a stream starts. A worker that
-dies mid-stream ends the stream with an OpenAI error event and `[DONE]`, never a hang.
+dies mid-stream ends the stream with an OpenAI error event and `[DONE]`, never a hang. A request
+with `n > 1` is n worker requests whose streams are merged by choice index (`choices.py`).
 """
 
 from __future__ import annotations

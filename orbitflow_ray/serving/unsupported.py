@@ -33,8 +33,8 @@ COMPLETION: dict[str, Refused] = {
 }
 CHAT: dict[str, Refused] = {
     **SAMPLING,
-    # JSON mode needs grammar-constrained decoding (a token mask per step). xgrammar 0.2.9 installs
-    # from PyPI here but is not wired into the sampler yet, so json_object / json_schema are refused.
+    # JSON mode needs grammar-constrained decoding (a token mask per step). xgrammar 0.2.9 is on PyPI
+    # here (`pip download` fetched it) but is not wired into the sampler, so JSON modes are refused.
     "response_format": Refused(({"type": "text"},), 'not supported (only {"type": "text"}): JSON mode needs '
                                                     "constrained decoding, which this server does not do yet"),
     "tools": Refused(([],), "tools are not supported"),
