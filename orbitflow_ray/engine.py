@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import replace
 
 import torch
 
@@ -22,7 +23,7 @@ from orbitflow_ray.model.loader import load_model, load_spec
 from orbitflow_ray.model.runner import ModelRunner
 from orbitflow_ray.outputs import RequestMetrics, RequestOutput, StepRecord
 from orbitflow_ray.planner import policy_from_config
-from orbitflow_ray.request import Request, RequestStatus
+from orbitflow_ray.request import Request
 from orbitflow_ray.sampling_params import SamplingParams
 from orbitflow_ray.sched.feedback import feed_back
 from orbitflow_ray.sched.scheduler import Scheduler
@@ -53,6 +54,9 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.scheduler = Scheduler(config, self.kv, self.policy, frozenset(eos), self.max_model_len)
+        self.eos_token_ids = tuple(sorted(eos))
+        if self.tokenizer is not None:
+            self.scheduler.detokenize = self._check_stop_strings
         store = KVStore(self.transfer, device_blocks, host_blocks, config.block_size, spec.num_kv_heads,
                         spec.head_dim, dtype, config.prefetch_depth)
         self.runner = ModelRunner(LlamaModel(spec, loaded.weights, self.transfer.device), store)
@@ -65,6 +69,9 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
         params = params or SamplingParams()
+        params.check_vocab(self.spec.vocab_size)
+        if params.min_tokens and params.eos_token_ids != self.eos_token_ids:
+            params = replace(params, eos_token_ids=self.eos_token_ids)  # what min_tokens suppresses
         ids = self._tokenize(prompt)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the context window is {self.max_model_len} tokens "
@@ -126,25 +133,32 @@ class LLMEngine:
         return self.transfer.bytes_moved.get(Direction.H2D, 0), (busy or {}).get(Direction.H2D, 0.0)
 
     def _output(self, req: Request) -> RequestOutput:
-        if self.tokenizer is not None:
-            req.output_text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
-            self._check_stop_strings(req)
+        """req's output after a step that gave it a token (its text is decoded by the scheduler's
+        stop check, `_check_stop_strings`)."""
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.output_text,
                              list(req.output_token_ids), req.status.finished, req.finish_reason,
                              RequestMetrics(req.arrival_time, list(req.token_times),
                                             list(req.deposit.release_times), req.deposit.slo_s,
                                             req.deposit.num_late, req.paused_s_total, req.num_pauses,
                                             req.sampling_params.ttft_slo_s),
-                             new_token_ids=req.output_token_ids[-1:])
+                             new_token_ids=req.output_token_ids[-1:],
+                             logprobs=(list(req.output_logprobs) if req.sampling_params.logprobs is not None
+                                       else None))
 
-    def _check_stop_strings(self, req: Request) -> None:
+    def _check_stop_strings(self, req: Request, find_stop: bool) -> str | None:
+        """Decode req's output into req.output_text; if find_stop, return the first stop string (in
+        the request's order) whose match ends in the newest token's text, cutting the text before
+        it. Only the new tail is searched (as vLLM): an earlier match would have stopped earlier."""
+        before = req.output_text.rstrip("\ufffd")  # a partial UTF-8 character may decode differently now
+        req.output_text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+        if not find_stop:
+            return None
         for stop in req.sampling_params.stop:
-            at = req.output_text.find(stop)
+            at = req.output_text.find(stop, max(0, len(before) - len(stop) + 1))
             if at >= 0:
                 req.output_text = req.output_text[:at]
-                req.stop_reason = stop
-                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-                return
+                return stop
+        return None
 
     def kv_stats(self) -> dict[str, int]:
         moved = self.transfer.bytes_moved

@@ -34,6 +34,18 @@ class RequestMetrics:
         return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """One output token's log-probability and the likeliest tokens at its position, as natural logs
+    of the model's raw distribution (softmax of its logits before logit_bias, penalties, temperature
+    and top-k/top-p: vLLM's default). `top` is sorted by logprob, highest first, and has
+    `SamplingParams.logprobs` entries (it may or may not contain `token_id`)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(slots=True)
 class RequestOutput:
     request_id: str
@@ -46,7 +58,8 @@ class RequestOutput:
     metrics: RequestMetrics
     # Tokens new since the previous output of this request (for streaming).
     new_token_ids: list[int] = field(default_factory=list)
-
+    # One entry per token of token_ids when SamplingParams.logprobs is set; None otherwise.
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass(frozen=True, slots=True)

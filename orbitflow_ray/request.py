@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from orbitflow_ray.outputs import TokenLogprobs
 from orbitflow_ray.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class Request:
     prompt: str | None = None
     arrival_time: float = field(default_factory=time.perf_counter)
     output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # when sampling_params.logprobs is set
     # Tokens whose KV is already in the cache. Prefill advances it by chunks, decode by one.
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING

@@ -599,7 +599,7 @@ def test_openai_api_matches_offline_engine_and_rejects_bad_input(smol):
             (client.completions.create, dict(model=SMOL, prompt=[5, 49152]), openai.BadRequestError, "prompt"),
             (client.completions.create, dict(model=SMOL, prompt=[5] * 8192, max_tokens=1), openai.BadRequestError,
              "prompt"),
-            (client.completions.create, dict(model=SMOL, prompt="x", n=2), openai.BadRequestError, "n"),
+            (client.completions.create, dict(model=SMOL, prompt="x", best_of=2), openai.BadRequestError, "best_of"),
             (client.chat.completions.create, dict(model=SMOL, messages=[]), openai.BadRequestError, "messages"),
         ]:
             with pytest.raises(err) as ei:

@@ -107,7 +107,18 @@ def test_chat_limits_and_content_parts():
     ("temperature", 2.5, "less than or equal to 2"),
     ("top_p", 0, "greater than 0"),
     ("stream", "yes", "valid boolean"),
-    ("n", 2, "only n=1 is supported"),
+    ("n", 0, "greater than or equal to 1"),
+    ("n", 17, "less than or equal to 16"),
+    ("best_of", 3, "only best_of == n (1)"),
+    ("presence_penalty", 2.5, "less than or equal to 2"),
+    ("frequency_penalty", -3, "greater than or equal to -2"),
+    ("repetition_penalty", 0, "greater than 0"),
+    ("logit_bias", {"abc": 1}, "keys must be token ids"),
+    ("logit_bias", {"-5": 1}, "keys must be token ids"),
+    ("logit_bias", {"5": 101}, "must be in [-100, 100]"),
+    ("min_tokens", -1, "greater than or equal to 0"),
+    ("logprobs", 21, "less than or equal to 20"),
+    ("logprobs", True, "valid integer"),
     ("top_k", -2, "greater than or equal to 0"),
     ("stream_options", {"include_usage": True}, "only allowed with stream: true"),
     ("stop_token_ids", "7", "valid list"),
@@ -133,11 +144,24 @@ def test_rejects_bad_prompts(prompt, fragment):
     assert param == "prompt" and fragment in msg and "Value error" not in msg
 
 
-@pytest.mark.parametrize("field,value,fragment", [
-    ("echo", True, "not supported"), ("logprobs", 3, "not supported"), ("logprobs", 0, "not supported")])
+@pytest.mark.parametrize("field,value,fragment", [("echo", True, "not supported"), ("suffix", "x", "not supported")])
 def test_rejects_unsupported_completion_features(field, value, fragment):
     assert _errors(p.CompletionRequest, {**COMP, field: value}) == (f"{field}: {fragment}", field)
     assert p.CompletionRequest.model_validate({**COMP, "echo": False, "logprobs": None}).prompt == "hello"
+
+
+def test_sampling_fields_parse_into_what_the_engine_takes():
+    req = p.CompletionRequest.model_validate({**COMP, "n": 3, "best_of": 3, "logit_bias": {"7": -100, "12": 2.5},
+                                              "presence_penalty": 1, "min_tokens": 2, "logprobs": 0})
+    assert (req.n, req.best_of, req.presence_penalty, req.min_tokens) == (3, 3, 1, 2)
+    assert req.bias_by_token() == {7: -100.0, 12: 2.5} and req.num_logprobs() == 0
+    assert p.CompletionRequest.model_validate(COMP).num_logprobs() is None
+    chat = p.ChatCompletionRequest.model_validate({**CHAT, "logprobs": True, "top_logprobs": 4})
+    assert chat.num_logprobs() == 4
+    assert p.ChatCompletionRequest.model_validate({**CHAT, "logprobs": True}).num_logprobs() == 0
+    assert p.ChatCompletionRequest.model_validate({**CHAT, "top_logprobs": 0}).num_logprobs() is None
+    msg, param = _errors(p.CompletionRequest, {**COMP, "logit_bias": {"5": "x"}})
+    assert param == "logit_bias.5" and "valid number" in msg
 
 
 @pytest.mark.parametrize("slo", [{"tpot_s": 0}, {"tpot_s": -0.1}, {"tpot_s": "fast"}, {"tpot_s": math.inf},
@@ -155,7 +179,10 @@ def test_rejects_bad_slos(slo):
     ({**CHAT, "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "Input should be"),
     ({**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages.0.content.0.type", "only text content parts are supported"),
-    ({**CHAT, "logprobs": True}, "logprobs", "not supported"),
+    ({**CHAT, "top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
+    ({**CHAT, "top_logprobs": 21, "logprobs": True}, "top_logprobs", "less than or equal to 20"),
+    ({**CHAT, "logprobs": 1}, "logprobs", "valid boolean"),
+    ({**CHAT, "response_format": {"type": "json_object"}}, "response_format", "constrained decoding"),
     ({**CHAT, "max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
 ])
 def test_rejects_bad_chat_payloads(payload, param, fragment):

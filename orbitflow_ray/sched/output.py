@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from orbitflow_ray.kv.blocks import LayerKV, MoveOp, Tier
+from orbitflow_ray.outputs import TokenLogprobs
 from orbitflow_ray.sampling_params import SamplingParams
 
 
@@ -34,6 +35,12 @@ class ScheduledSeq:
     # What changed in `table` since the last plan that carried this request: the engine's executor
     # keeps its own tables from these, so every plan must reach it, in order.
     table_deltas: list[TableDelta] = field(default_factory=list)
+    # The request's token history, for penalties and min_tokens: shared with the request, not
+    # copied (prompts are long); the sampler reads output_token_ids[:num_output_tokens] only.
+    prompt_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
+    # Set by the sampler when sampling_params.logprobs is not None: the sampled token's logprobs.
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(slots=True)

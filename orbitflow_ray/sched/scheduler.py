@@ -28,6 +28,11 @@ from orbitflow_ray.sched.table_deltas import TableTracker
 
 
 class Scheduler:
+    # Set by an engine that detokenizes: `detokenize(req, find_stop)` brings req.output_text up to
+    # its newest token and, if find_stop, returns the stop string that token completes (the text cut
+    # before it) or None. Without one (the simulator) there is no text and stop strings never match.
+    detokenize: Callable[[Request, bool], str | None] | None = None
+
     def __init__(self, config: EngineConfig, kv: KVTierManager, policy: KVPolicy,
                  eos_token_ids: frozenset[int], max_model_len: int,
                  clock: Callable[[], float] = time.perf_counter, snapshot_tables: bool = False) -> None:
@@ -300,13 +305,13 @@ class Scheduler:
         start = req.num_computed_tokens
         return ScheduledSeq(req.request_id, req.token_slice(start, start + n), start,
                             start + n == req.num_tokens, [], req.sampling_params,
-                            len(req.output_token_ids))
+                            len(req.output_token_ids), req.prompt_token_ids, req.output_token_ids)
 
     # ---- closing the loop ----------------------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int],
                            now: float) -> list[Request]:
-        """Advance progress, append sampled tokens, finish on EOS/length. Returns requests that got
-        a new token (stop strings are checked by the engine's detokenizer, which may finish them)."""
+        """Advance progress, append sampled tokens (and their logprobs), finish on EOS, stop token
+        ids, stop strings or length (`_check_stop`). Returns requests that got a new token."""
         self.kv.release_moved()  # the step ran: its host -> device copies have read their sources
         updated = []
         for seq in out.seqs:
@@ -317,6 +322,8 @@ class Scheduler:
             if seq.request_id in sampled:
                 tok = sampled[seq.request_id]
                 req.output_token_ids.append(tok)
+                if seq.logprobs is not None:
+                    req.output_logprobs.append(seq.logprobs)
                 req.token_times.append(now)
                 req.deposit.emit(now)
                 updated.append(req)
@@ -324,9 +331,20 @@ class Scheduler:
         return updated
 
     def _check_stop(self, req: Request, tok: int) -> None:
+        """The one place that decides whether req's new token ends it, and why, in vLLM's order:
+        EOS, stop token ids, stop strings (through `detokenize`), then length. Until min_tokens
+        tokens exist only length can end it (the sampler keeps EOS and stop ids from being drawn)."""
         sp = req.sampling_params
-        if (not sp.ignore_eos and tok in self.eos_token_ids) or tok in sp.stop_token_ids:
+        past_min = len(req.output_token_ids) > sp.min_tokens
+        by_token = past_min and ((not sp.ignore_eos and tok in self.eos_token_ids) or tok in sp.stop_token_ids)
+        by_text = None
+        if self.detokenize is not None:
+            by_text = self.detokenize(req, past_min and not by_token and bool(sp.stop))
+        if by_token:
             req.stop_reason = tok
+            self.finish(req, RequestStatus.FINISHED_STOPPED)
+        elif by_text is not None:
+            req.stop_reason = by_text
             self.finish(req, RequestStatus.FINISHED_STOPPED)
         elif len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len:
             self.finish(req, RequestStatus.FINISHED_LENGTH)

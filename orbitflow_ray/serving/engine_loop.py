@@ -96,8 +96,9 @@ class AsyncEngine:
                 if out.finished and on_finish is not None:
                     on_finish(out)
                 if new or text or out.finished:
+                    lps = out.logprobs[len(out.token_ids) - len(new):] if out.logprobs is not None else None
                     yield StreamDelta(text, list(new), out.finished, out.finish_reason,
-                                      len(out.prompt_token_ids), len(out.token_ids))
+                                      len(out.prompt_token_ids), len(out.token_ids), lps)
         finally:
             if not finished:
                 self.abort(req.request_id)
@@ -191,8 +192,9 @@ class AsyncEngine:
                     f"worker is full: {waiting} requests already wait for a slot"))
                 return
             try:
-                if req.fit_max_tokens:
-                    req.params = replace(req.params, max_tokens=fitting_max_tokens(self.engine, req))
+                if req.fit_max_tokens:  # never under min_tokens: then check_fits says why it cannot run
+                    fit = max(fitting_max_tokens(self.engine, req), req.params.min_tokens)
+                    req.params = replace(req.params, max_tokens=fit)
                 self.engine.add_request(req.prompt_token_ids, req.params, request_id=req.request_id)
             except Exception as e:  # bad input: this request fails, nothing else is touched
                 stream.accepted.set_exception(e)
@@ -241,7 +243,8 @@ def fitting_max_tokens(engine: LLMEngine, req: GenerateRequest) -> int:
     a binary search finds the bound in ~13 cheap checks. 1 if nothing fits: the engine then refuses
     the request with the reason."""
     def fits(n: int) -> bool:
-        probe = Request(req.request_id, req.prompt_token_ids, replace(req.params, max_tokens=n))
+        sp = replace(req.params, max_tokens=n, min_tokens=min(n, req.params.min_tokens))
+        probe = Request(req.request_id, req.prompt_token_ids, sp)
         try:
             engine.scheduler.check_fits(probe)
         except ValueError:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Hashable
 
 from orbitflow_ray.costmodel.linear import CostModel
+from orbitflow_ray.outputs import TokenLogprobs
 from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.sampling_params import SamplingParams
 from orbitflow_ray.serving.routing import predicted_damage
@@ -51,6 +52,7 @@ class StreamDelta:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprobs] | None = None  # of token_ids, when the request asked for logprobs
 
 
 @dataclass(frozen=True, slots=True)

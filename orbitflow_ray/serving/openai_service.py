@@ -4,7 +4,8 @@ worker, and turn its deltas into OpenAI responses or server-sent events.
 `generate` is any callable returning an async iterator of `StreamDelta`s (the Ray ingress passes
 one over a DeploymentHandle; tests pass a local worker). Its first delta is the worker's
 acceptance (empty text), so refusals become HTTP errors before a stream starts. A worker that
-dies mid-stream ends the stream with an OpenAI error event and `[DONE]`, never a hang.
+dies mid-stream ends the stream with an OpenAI error event and `[DONE]`, never a hang. A request
+with `n > 1` is n worker requests whose streams are merged by choice index (`choices.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from orbitflow_ray.llm import chat_token_ids
 from orbitflow_ray.model.loader import load_spec, load_tokenizer
 from orbitflow_ray.sampling_params import SamplingParams
+from orbitflow_ray.serving import choices
 from orbitflow_ray.serving import protocol as p
 from orbitflow_ray.serving.app_config import AppArgs
 from orbitflow_ray.serving.messages import GenerateRequest, StreamDelta, WorkerOverloaded
@@ -127,11 +129,20 @@ class OpenAIService:
         stop_ids = body.stop_token_ids or []
         if any(t >= self.vocab_size for t in stop_ids):
             raise p.BadRequestError(f"stop_token_ids must be < {self.vocab_size}", param="stop_token_ids")
+        bias = body.bias_by_token()
+        if any(t >= self.vocab_size for t in bias):
+            raise p.BadRequestError(f"logit_bias token ids must be < {self.vocab_size}", param="logit_bias")
+        if body.min_tokens > limit:
+            raise p.BadRequestError(f"min_tokens={body.min_tokens} is more than max_tokens={limit}"
+                                    + (" (the default)" if fit else ""), param="min_tokens")
         try:
             params = SamplingParams(max_tokens=limit, temperature=body.temperature, top_p=body.top_p,
                                     top_k=body.top_k, seed=body.seed, stop=body.stop_list(),
-                                    stop_token_ids=list(stop_ids),
-                                    ignore_eos=body.ignore_eos,
+                                    stop_token_ids=list(stop_ids), ignore_eos=body.ignore_eos,
+                                    presence_penalty=body.presence_penalty,
+                                    frequency_penalty=body.frequency_penalty,
+                                    repetition_penalty=body.repetition_penalty, logit_bias=bias,
+                                    min_tokens=body.min_tokens, logprobs=body.num_logprobs(),
                                     slo_s=slo.tpot_s if slo is not None and slo.tpot_s else None)
         except ValueError as e:
             raise p.BadRequestError(str(e)) from None
@@ -155,68 +166,103 @@ class OpenAIService:
         return await self._respond(req, body, chat=True)
 
     async def _respond(self, req: GenerateRequest, body, chat: bool):
-        stream = self.generate(req)
+        reqs = choices.fan_out(req, body.n)
+        streams: list = []
         try:
-            await anext(stream)  # the worker's acceptance, or its refusal
+            for r in reqs:
+                streams.append(self.generate(r))
+                await self._accepted(streams[-1], r)
+        except BaseException:
+            await _close_all(streams)
+            raise
+        fmt = choices.LogprobFormatter(self.tokenizer) if body.num_logprobs() is not None else None
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._sse(req, streams, chat, include_usage, fmt),
+                                     media_type="text/event-stream")
+        return JSONResponse(await self._collect(req, streams, chat, fmt))
+
+    async def _accepted(self, stream, req: GenerateRequest) -> None:
+        """Wait for the worker's acceptance (the first delta); its refusal becomes an HTTP error."""
+        try:
+            await anext(stream)
         except StopAsyncIteration:
             raise p.ServiceUnavailableError("the worker closed the request before accepting it") from None
         except WorkerOverloaded as e:
-            await _close(stream)
             raise p.RateLimitError(f"the server is at capacity ({_first_line(e)}); retry later",
                                    code="overloaded", retry_after_s=RETRY_AFTER_S) from None
         except ValueError as e:  # the engine refused the request (it cannot fit this worker, ...)
-            await _close(stream)
             raise p.BadRequestError(_first_line(e)) from None
         except Exception as e:
-            await _close(stream)
             log.warning("worker failed before accepting %s: %r", req.request_id, e)
             raise p.ServiceUnavailableError(f"no worker could take the request: {_first_line(e)}",
                                             retry_after_s=RETRY_AFTER_S) from None
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(req, stream, chat, include_usage), media_type="text/event-stream")
-        return JSONResponse(await self._collect(req, stream, chat))
 
-    async def _collect(self, req: GenerateRequest, stream, chat: bool) -> dict:
-        parts, last = [], None
+    async def _collect(self, req: GenerateRequest, streams: list, chat: bool,
+                       fmt: choices.LogprobFormatter | None) -> dict:
+        n = len(streams)
+        parts: list[list[str]] = [[] for _ in range(n)]
+        lps: list[list] = [[] for _ in range(n)]
+        last: list[StreamDelta | None] = [None] * n
         try:
-            async for d in stream:
-                parts.append(d.text)
-                last = d
+            async for i, d in choices.merged(streams):
+                parts[i].append(d.text)
+                lps[i].extend(d.logprobs or [])
+                last[i] = d
         except Exception as e:
             raise p.ServiceUnavailableError(f"the worker failed mid-request: {_first_line(e)}") from None
         finally:
-            await _close(stream)
-        if last is None or not last.finished:
+            await _close_all(streams)
+        if any(d is None or not d.finished for d in last):
             raise p.ServiceUnavailableError("the worker ended the request without finishing it")
-        build = p.chat_response if chat else p.completion_response
-        return build(req.request_id, self.args.name, int(req.arrival_unix), "".join(parts),
-                     p.finish_reason_openai(last.finish_reason), last.prompt_tokens, last.completion_tokens)
+        out = []
+        for i, d in enumerate(last):
+            text, reason = "".join(parts[i]), p.finish_reason_openai(d.finish_reason)
+            if chat:
+                out.append(p.chat_choice(i, text, reason, fmt.chat(lps[i]) if fmt else None))
+            else:
+                out.append(p.completion_choice(i, text, reason, fmt.completion(lps[i], 0)[0] if fmt else None))
+        build = p.chat_response_of if chat else p.completion_response_of
+        return build(req.request_id, self.args.name, int(req.arrival_unix), out,
+                     p.usage(last[0].prompt_tokens, sum(d.completion_tokens for d in last)))
 
-    async def _sse(self, req: GenerateRequest, stream, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(self, req: GenerateRequest, streams: list, chat: bool, include_usage: bool,
+                   fmt: choices.LogprobFormatter | None) -> AsyncIterator[str]:
         rid, model, created = req.request_id, self.args.name, int(req.arrival_unix)
-        first, last = True, None
+        last: list[StreamDelta | None] = [None] * len(streams)
+        offsets = [0] * len(streams)  # completions' text_offset, per choice
         try:
             if chat:
-                yield p.sse(p.chat_chunk(rid, model, created, "", first=True))
-                first = False
-            async for d in stream:
-                last = d
+                for i in range(len(streams)):
+                    yield p.sse(p.chat_chunk(rid, model, created, "", first=True, index=i))
+            async for i, d in choices.merged(streams):
+                last[i] = d
                 reason = p.finish_reason_openai(d.finish_reason) if d.finished else None
-                if d.text or reason:
-                    chunk = (p.chat_chunk(rid, model, created, d.text or None, reason, first=first) if chat
-                             else p.completion_chunk(rid, model, created, d.text, reason))
-                    yield p.sse(chunk)
-            if include_usage and last is not None:
-                u = p.usage(last.prompt_tokens, last.completion_tokens)
+                if not (d.text or reason or d.logprobs):
+                    continue
+                if chat:
+                    lp = fmt.chat(d.logprobs or []) if fmt else None
+                    yield p.sse(p.chat_chunk(rid, model, created, d.text or None, reason, index=i, logprobs=lp))
+                else:
+                    lp = None
+                    if fmt:
+                        lp, offsets[i] = fmt.completion(d.logprobs or [], offsets[i])
+                    yield p.sse(p.completion_chunk(rid, model, created, d.text, reason, index=i, logprobs=lp))
+            if include_usage and all(d is not None for d in last):
+                u = p.usage(last[0].prompt_tokens, sum(d.completion_tokens for d in last))
                 yield p.sse(p.chat_chunk(rid, model, created, None, usage=u) if chat
                             else p.completion_chunk(rid, model, created, "", usage=u))
         except Exception as e:  # the worker died or failed: tell the client, do not hang
             log.warning("stream %s failed: %r", rid, e)
             yield p.sse(p.ServiceUnavailableError(f"the worker failed mid-stream: {_first_line(e)}").body())
         finally:
-            await _close(stream)
+            await _close_all(streams)
         yield p.SSE_DONE
+
+
+async def _close_all(streams: list) -> None:
+    for stream in streams:
+        await _close(stream)
 
 
 async def _close(stream) -> None:

@@ -20,6 +20,8 @@ from orbitflow_ray.serving import unsupported
 from orbitflow_ray.serving.unsupported import Refused
 
 _MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_N = 16  # choices per request: each is a whole engine request (the prompt's KV is not shared)
+MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs (and vLLM's default max_logprobs)
 
 
 def _unicode_text(v: str) -> str:
@@ -105,8 +107,37 @@ class _SamplingFields(_Request):
     ignore_eos: StrictBool = False  # extension: benchmarks need exact output lengths
     slo: SLOSpec | None = None  # extension
     user: StrictStr | None = None
+    n: StrictInt = Field(1, ge=1, le=MAX_N)
+    best_of: StrictInt | None = None  # only == n (no server-side ranking of extra candidates)
+    presence_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    repetition_penalty: StrictFloat = Field(1.0, gt=0.0, allow_inf_nan=False)  # extension (vLLM's)
+    logit_bias: dict[StrictStr, StrictFloat] | None = None  # token id (as a string, as JSON keys are) -> bias
+    min_tokens: StrictInt = Field(0, ge=0)  # extension (vLLM's)
 
     _refused = unsupported.SAMPLING
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, v: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if v is not None and v != n:
+            raise ValueError(f"best_of={v} is not supported: only best_of == n ({n}); this server does not "
+                             "generate and rank extra candidates")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias of token {key} must be in [-100, 100], got {bias}")
+        return v
+
+    def bias_by_token(self) -> dict[int, float]:
+        return {int(k): float(b) for k, b in (self.logit_bias or {}).items()}
 
     @field_validator("seed", "top_k", mode="before")
     @classmethod
@@ -139,6 +170,11 @@ class _SamplingFields(_Request):
 class CompletionRequest(_SamplingFields):
     _refused = unsupported.COMPLETION
     prompt: Text | list[StrictInt] | list[Text]
+    # The chosen token's logprob and those of the `logprobs` likeliest tokens, per output token.
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -190,6 +226,18 @@ class ChatCompletionRequest(_SamplingFields):
     _refused = unsupported.CHAT
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def output_limit(self) -> int | None:
         """max_completion_tokens is OpenAI's newer name and wins when both are sent."""
@@ -294,6 +342,8 @@ def validation_error_message(exc: Any) -> tuple[str, str | None]:
 
 
 # The response builders live in responses.py; protocol is where the HTTP layer and tests find them.
-from orbitflow_ray.serving.responses import (SSE_DONE, chat_chunk, chat_response, completion_chunk,  # noqa: E402,F401
-                                             completion_response, finish_reason_openai, models_response,
+from orbitflow_ray.serving.responses import (SSE_DONE, chat_choice, chat_chunk, chat_logprobs,  # noqa: E402,F401
+                                             chat_response, chat_response_of, completion_choice,
+                                             completion_chunk, completion_logprobs, completion_response,
+                                             completion_response_of, finish_reason_openai, models_response,
                                              sse, usage)
