@@ -21,7 +21,8 @@ ROW = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0])
 
 
 def _seq(sp: SamplingParams, prompt=(), output=()) -> ScheduledSeq:
-    return ScheduledSeq("r", [0], 0, True, [], sp, len(output), list(prompt), list(output))
+    return ScheduledSeq("r", [0], 0, True, [], sp, len(output), prompt_token_ids=list(prompt),
+                        output_token_ids=list(output))
 
 
 # ---- the sampler's math, by hand -------------------------------------------------------------------

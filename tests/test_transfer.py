@@ -494,7 +494,7 @@ def _store_step_seqs(tables, starts, lens, tracker):
     from orbitflow_ray.sampling_params import SamplingParams
     from orbitflow_ray.sched.output import ScheduledSeq
     return [ScheduledSeq(f"r{i}", [0] * n, start, True, table, SamplingParams(), 0,
-                         tracker.deltas(f"r{i}", table))
+                         table_deltas=tracker.deltas(f"r{i}", table))
             for i, (table, start, n) in enumerate(zip(tables, starts, lens))]
 
 
@@ -643,7 +643,8 @@ def test_table_deltas_send_appends_and_rewrites_only():
     table = [LayerKV(Tier.DEVICE, [4, 9]), LayerKV(Tier.HOST, [3])]
 
     def send(rid="a"):
-        seq = ScheduledSeq(rid, [0], 0, True, table, SamplingParams(), 0, tracker.deltas(rid, table))
+        seq = ScheduledSeq(rid, [0], 0, True, table, SamplingParams(), 0,
+                           table_deltas=tracker.deltas(rid, table))
         row = tables.update([seq])[0]
         for layer, lk in enumerate(table):
             assert tables.ids[layer, row, :len(lk.blocks)].tolist() == lk.blocks
@@ -660,7 +661,7 @@ def test_table_deltas_send_appends_and_rewrites_only():
     with pytest.raises(RuntimeError, match="whole table"):  # a new id must come with all of it
         table[0].blocks.append(12)
         tables.update([ScheduledSeq("b", [0], 0, True, table, SamplingParams(), 0,
-                                    [TableDelta(0, Tier.DEVICE, 3, (12,))])])
+                                    table_deltas=[TableDelta(0, Tier.DEVICE, 3, (12,))])])
     tracker.forget(["a"])
     tables.forget(["a"])
     assert len(send("a")) == 2  # a reused id starts over

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 from orbitflow_ray.kv.blocks import LayerKV, MoveOp, Tier
 from orbitflow_ray.outputs import TokenLogprobs
@@ -32,6 +32,7 @@ class ScheduledSeq:
     table: list[LayerKV]
     sampling_params: SamplingParams
     num_output_tokens: int  # for seeded sampling: the same seed + position gives the same draw
+    _: KW_ONLY  # the fields below are set by name: two of them are lists of ints, easy to swap
     # What changed in `table` since the last plan that carried this request: the engine's executor
     # keeps its own tables from these, so every plan must reach it, in order.
     table_deltas: list[TableDelta] = field(default_factory=list)

@@ -305,7 +305,8 @@ class Scheduler:
         start = req.num_computed_tokens
         return ScheduledSeq(req.request_id, req.token_slice(start, start + n), start,
                             start + n == req.num_tokens, [], req.sampling_params,
-                            len(req.output_token_ids), req.prompt_token_ids, req.output_token_ids)
+                            len(req.output_token_ids), prompt_token_ids=req.prompt_token_ids,
+                            output_token_ids=req.output_token_ids)
 
     # ---- closing the loop ----------------------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int],
