@@ -216,6 +216,10 @@ def test_real_frequency_penalty_changes_the_issue_example_streamed_and_not(smol_
     plain = _post(smol_app, COMPLETIONS, body).json()["choices"][0]["text"]
     penalised = _post(smol_app, COMPLETIONS, {**body, "frequency_penalty": 2.0}).json()["choices"][0]["text"]
     assert penalised != plain
+
+    async def through_client(client):  # the openai client's own frequency_penalty argument
+        return await client.completions.create(**body, frequency_penalty=2.0)
+    assert _client_run(smol_app, through_client).choices[0].text == penalised
     events = _events(_post(smol_app, COMPLETIONS, {**body, "frequency_penalty": 2.0, "stream": True}))
     assert "".join(e["choices"][0]["text"] for e in events) == penalised
 
