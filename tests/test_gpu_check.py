@@ -205,7 +205,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.log"]
     assert result["dry_run"] is True
     stages = result["stages"]
-    assert set(stages) == {"env", "tests", "transfer", "decode-no-offload", "decode-static-uniform"}
+    assert set(stages) == {"env", "tests", "kv-integrity", "transfer", "host-overhead", "decode-no-offload",
+                           "decode-static-uniform", "decode-no-offload-per-seq"}  # planner stages: GPU runs only
     assert all(s["rc"] == 0 for s in stages.values()), stages
     assert result["tests"]["failed"] == 0 and result["tests"]["passed"] > 0
     for direction in ("h2d", "d2h"):
