@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from typing import Any, Callable
 
 import cvxpy as cp
 import numpy as np
@@ -52,6 +53,27 @@ import scipy.sparse as sp
 
 from orbitflow_ray.planner.problem import (Plan, PlanInputs, critical_intervals, fits, search_windows,
                                            tie_data, ties_with_fewer_bytes, window_data)
+
+
+class ShapeCache:
+    """Compiled problems by (requests, layers, distances) shape, least recently used dropped past
+    `max_cached`: with DPP a re-solve of a cached shape only writes parameter values."""
+
+    def __init__(self, build: Callable[[int, int, tuple[int, ...]], Any], max_cached: int) -> None:
+        self.build, self.max_cached = build, max_cached
+        self._cache: OrderedDict[tuple, Any] = OrderedDict()
+        self.compiles = 0
+
+    def get(self, inputs: PlanInputs) -> Any:
+        key = (len(inputs.requests), inputs.num_layers, inputs.distances)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+        else:
+            self._cache[key] = self.build(*key)
+            self.compiles += 1
+            if len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+        return self._cache[key]
 
 
 def link_rows(L: int, distances: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
@@ -118,20 +140,14 @@ class IlpPlanner:
     def __init__(self, rel_gap: float = 1e-4, time_limit_s: float = 2.0, max_cached: int = 32) -> None:
         self.rel_gap = rel_gap
         self.options = {"mip_rel_gap": 0.0, "time_limit": time_limit_s, "threads": 1}
-        self.max_cached = max_cached
-        self._cache: OrderedDict[tuple, _Compiled] = OrderedDict()
-        self.compiles = 0
+        self._shapes = ShapeCache(_Compiled, max_cached)
+
+    @property
+    def compiles(self) -> int:
+        return self._shapes.compiles
 
     def compiled(self, inputs: PlanInputs) -> _Compiled:
-        key = (len(inputs.requests), inputs.num_layers, inputs.distances)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-        else:
-            self._cache[key] = _Compiled(*key)
-            self.compiles += 1
-            if len(self._cache) > self.max_cached:
-                self._cache.popitem(last=False)
-        return self._cache[key]
+        return self._shapes.get(inputs)
 
     def solve_window(self, inputs: PlanInputs, window: int) -> tuple[np.ndarray, bool]:
         """Least (violations, T), then least link bytes at that T (module docstring)."""

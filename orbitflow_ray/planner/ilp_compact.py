@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections import OrderedDict
 
 import cvxpy as cp
 import highspy
@@ -49,7 +48,7 @@ import scipy.sparse as sp
 from cvxpy.settings import PARAM_PROB
 
 from orbitflow_ray.planner.fastpath import FastPlanner
-from orbitflow_ray.planner.ilp import link_rows
+from orbitflow_ray.planner.ilp import ShapeCache, link_rows
 from orbitflow_ray.planner.problem import (Plan, PlanInputs, PlanStatus, fits,
                                            make_plan, plan_better, step_time, tie_data,
                                            ties_with_fewer_bytes, violations_settled, window_counts,
@@ -149,26 +148,21 @@ class CompactIlpPlanner:
                  time_limit_s: float = 2.0, max_cached: int = 32, fast: FastPlanner | None = None) -> None:
         if not (0 <= rel_gap < 1) or max_nodes < 1 or iteration_limit < 1 or time_limit_s <= 0:
             raise ValueError("need 0 <= rel_gap < 1, max_nodes >= 1, iteration_limit >= 1, time_limit_s > 0")
-        self.rel_gap, self.max_cached = rel_gap, max_cached
+        self.rel_gap = rel_gap
         self.options = {"threads": 1, "mip_rel_gap": 0.0, "mip_max_nodes": max_nodes,
                         "simplex_iteration_limit": iteration_limit, "time_limit": time_limit_s,
                         "random_seed": 0, "mip_allow_restart": False, **_NO_HEURISTICS}
         self.fast = fast or FastPlanner(warm_start=True)
-        self._cache: OrderedDict[tuple, _Compiled] = OrderedDict()
-        self.compiles = 0
+        self._shapes = ShapeCache(_Compiled, max_cached)
         self.last: dict[str, int] = {}
         self.stats = dict.fromkeys(("improved", "confirmed", "kept_fast", "windows", "stopped"), 0)
 
+    @property
+    def compiles(self) -> int:
+        return self._shapes.compiles
+
     def compiled(self, inputs: PlanInputs) -> _Compiled:
-        key = (len(inputs.requests), inputs.num_layers, inputs.distances)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-        else:
-            self._cache[key] = _Compiled(*key)
-            self.compiles += 1
-            if len(self._cache) > self.max_cached:
-                self._cache.popitem(last=False)
-        return self._cache[key]
+        return self._shapes.get(inputs)
 
     def seed(self, distances: dict[str, int]) -> None:
         """Warm-start the next solve from this placement (the worker's current plan, by id)."""
