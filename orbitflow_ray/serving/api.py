@@ -37,7 +37,8 @@ class ErrorResponse(JSONResponse):
 def build_api(service: OpenAIService, state: Callable[[], Awaitable[dict]] | None = None) -> FastAPI:
     app = FastAPI(title="OrbitFlow", version="0.1.0",
                   description="OpenAI-compatible, SLO-aware long-context LLM serving. Extension fields: "
-                              "`slo` {ttft_s, tpot_s}, `top_k`, `ignore_eos`.")
+                              "`slo` {ttft_s, tpot_s}, `top_k`, `ignore_eos`, `stop_token_ids`, `repetition_penalty`, "
+                              "`min_tokens`. Unsupported fields are refused by name (400).")
 
     @app.exception_handler(p.APIError)
     async def _api_error(_: Request, e: p.APIError) -> JSONResponse:
