@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,12 +23,27 @@ from orbitflow_ray.model.loader import load_model, load_spec
 from orbitflow_ray.model.runner import ModelRunner
 from orbitflow_ray.outputs import RequestMetrics, RequestOutput, StepRecord
 from orbitflow_ray.planner import policy_from_config
-from orbitflow_ray.request import Request
+from orbitflow_ray.planner.base import CapacityView, RequestView
+from orbitflow_ray.request import Request, RequestStatus
 from orbitflow_ray.sampling_params import SamplingParams
 from orbitflow_ray.sched.feedback import feed_back
 from orbitflow_ray.sched.scheduler import Scheduler
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    """What a worker reports about its engine at a step boundary (`LLMEngine.snapshot`)."""
+
+    running: tuple[RequestView, ...]  # planner views of the running batch
+    num_waiting: int
+    num_paused: int  # swapped out by Pause-Resume (not by preemption)
+    capacity: CapacityView
+    kv: dict[str, int]  # `kv_stats()`: bytes per tier, peaks, transfers, preemptions, steps
+    policy_stats: dict[str, float]  # the policy's counters (`KVPolicy.metrics`)
+    plan_solver: str | None  # which solver made the plan in force; None: the policy does not plan
+    num_steps: int
 
 
 class LLMEngine:
@@ -180,6 +195,14 @@ class LLMEngine:
 
     def policy_stats(self) -> dict[str, float]:
         return self.policy.metrics()
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's state now, for telemetry (engine thread only)."""
+        s = self.scheduler
+        return EngineSnapshot(tuple(s.view(r) for r in s.running), len(s.waiting),
+                              sum(r.status == RequestStatus.PAUSED for r in s.swapped), s.capacity(),
+                              self.kv_stats(), {k: float(v) for k, v in self.policy_stats().items()},
+                              self.policy.plan_solver(), self.num_steps)
 
     def close(self) -> None:
         close = getattr(self.policy, "close", None)

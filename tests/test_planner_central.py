@@ -117,7 +117,7 @@ def test_ahead_solver_counts_central_plans_used_late_and_for_another_batch():
     ahead = AheadSolver(lambda *a: None, background=False)
     pending: list[Future] = []
 
-    def remote(key, *args):
+    def remote(key, *args, budget_s=None):
         pending.append(Future())
         return pending[-1]
 

@@ -40,6 +40,7 @@ from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         StepStats, register_policy)
 from orbitflow_ray.planner.pause import pause_strategy
+from orbitflow_ray.planner.planning import PlanResult, RemoteSolve
 from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs, PlanRequest,
                                            PlanStatus, distance_set, make_plan, placement_for_distance,
                                            step_time)
@@ -82,6 +83,7 @@ class OrbitFlow(KVPolicy):
         self._stale = False
         self._drift_run = 0
         self._predicted_s: float | None = None
+        self._step_s: float | None = None  # EWMA of measured decode-step time (solve-ahead budgets)
         self._anchor: tuple[Plan, int, float] | None = None  # (plan, batch context, T) at install
         self._last_views: list[RequestView] = []
         self._cap: CapacityView | None = None
@@ -146,14 +148,24 @@ class OrbitFlow(KVPolicy):
         return make_plan(inputs, choice, step_time(inputs, choice), inputs.windows[0],
                          PlanStatus.FEASIBLE, time.perf_counter(), why)
 
-    def solve_for(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str] = frozenset()
-                  ) -> tuple[Plan, list[str]]:
+    def solve_for(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str] = frozenset(),
+                  deadline: float | None = None) -> PlanResult:
         """One planning solve on another's behalf (the central planner solving for a worker),
-        warm-started from the placements the worker's views carry (its plan in force)."""
+        warm-started from the placements the worker's views carry (its plan in force); `deadline`
+        (time.perf_counter()) bounds a wall-clock solver (`PlanningPolicy`)."""
         ds = distance_set(self.distances, self.num_layers)
         self.solver.seed({v.request_id: d for v in views
                           if (d := distance_of(v.placement, self.num_layers, ds)) is not None})
-        return self._solve(list(views), cap, frozenset(pinned))
+        self.solver.set_deadline(deadline)
+        try:
+            plan, paused = self._solve(list(views), cap, frozenset(pinned))
+        finally:
+            self.solver.set_deadline(None)
+        return PlanResult(plan, tuple(paused))
+
+    def attach_remote(self, remote: RemoteSolve | None) -> None:
+        """Send the window and drift re-plans to the central planner (`PlanningPolicy`)."""
+        self.ahead.attach_remote(remote)
 
     def admission_damage(self, reqs: list[RequestView], running: list[RequestView], cap: CapacityView
                          ) -> list[float]:
@@ -243,11 +255,20 @@ class OrbitFlow(KVPolicy):
             plan, paused = solved
             result = self._install(plan, running, paused)
         self._predict(running, cap)
-        if self.steps_left == 1 or self._stale:  # the window ends next step: solve it now, off-thread
-            nxt = [_advance(v) for v in running if v.max_new_tokens_left > 1]
-            if nxt and not self.ahead.pending(self._key(nxt)):
-                self.ahead.submit(self._key(nxt), nxt, cap, self._protected)
+        self._solve_ahead(running, cap)
         return result
+
+    def _solve_ahead(self, running: list[RequestView], cap: CapacityView) -> None:
+        """Ask for the plan of the window's last step now if it is `lead_steps` or fewer away (one
+        step for the local thread; the central planner's round trip in steps otherwise), for the
+        batch predicted there: every request `ahead` tokens longer, those finished by then gone."""
+        ahead = 1 if self._stale else self.steps_left
+        if ahead < 1 or ahead > self.ahead.lead_steps(self._step_s, max(self.steps_left, 1)):
+            return
+        nxt = [_advance(v, ahead) for v in running if v.max_new_tokens_left > ahead]
+        if nxt and not self.ahead.pending(self._key(nxt)):
+            budget = None if self._step_s is None else ahead * self._step_s
+            self.ahead.submit(self._key(nxt), nxt, cap, self._protected, budget_s=budget)
 
     def _trigger(self, running: list[RequestView], cap: CapacityView) -> str | None:
         if self.plan is None or frozenset(v.request_id for v in running) != self.plan_ids:
@@ -288,6 +309,8 @@ class OrbitFlow(KVPolicy):
         """Runtime feedback: the cost model learns from every step; a decode-only step that
         misses the prediction by more than the threshold, `drift_patience` times in a row,
         marks the plan stale (re-solved one step ahead, on the refitted model)."""
+        if stats.num_decodes and stats.new_tokens == stats.num_decodes:  # what solving ahead budgets
+            self._step_s = stats.wall_s if self._step_s is None else 0.8 * self._step_s + 0.2 * stats.wall_s
         pred = self._predicted_s
         if pred is None or stats.new_tokens != stats.num_decodes or pred <= 0:
             return
@@ -328,9 +351,9 @@ def distance_of(placement: tuple[Tier, ...] | None, num_layers: int, distances: 
     return next((d for d in distances if placement_for_distance(d, num_layers) == host), None)
 
 
-def _advance(v: RequestView) -> RequestView:
-    """The view one decode step later (the batch the next plan will run on)."""
-    return replace(v, num_tokens=v.num_tokens + 1, num_output_tokens=v.num_output_tokens + 1)
+def _advance(v: RequestView, steps: int = 1) -> RequestView:
+    """The view `steps` decode steps later (the batch a plan asked for ahead will run on)."""
+    return replace(v, num_tokens=v.num_tokens + steps, num_output_tokens=v.num_output_tokens + steps)
 
 
 @register_policy

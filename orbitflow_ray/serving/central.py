@@ -23,8 +23,8 @@ from collections import deque
 import numpy as np
 
 from orbitflow_ray.costmodel.linear import OnlineCostModel
-from orbitflow_ray.planner.ahead import RemotePlan
 from orbitflow_ray.planner.base import KVPolicy, RequestView, make_policy
+from orbitflow_ray.planner.planning import RemotePlan, planning_of
 from orbitflow_ray.planner.solvers import SolverKind
 from orbitflow_ray.serving.messages import PolicySpec, RoutingAdvice, SolveRequest, WorkerTelemetry
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # Prompt lengths the planner probes for routing advice: a geometric ladder over the long-context
 # range, so the router can look up any prompt's damage with one comparison.
 PROBE_TOKENS = (256, 1024, 4096, 16384, 65536)
+DEADLINE_SHARE = 0.8  # of a solve request's budget the ILP may use; the rest is the trip back
 
 
 class CentralPlanner:
@@ -52,7 +53,10 @@ class CentralPlanner:
         self.started_at = time.time()
         self._solve_s: deque[float] = deque(maxlen=1000)  # recent solve times, for percentiles
         self.stats = {"reports": 0, "solves": 0, "solve_s_total": 0.0, "solve_s_max": 0.0,
-                      "solve_errors": 0, "probes": 0, "probe_s_total": 0.0}
+                      "solve_errors": 0, "probes": 0, "probe_s_total": 0.0,
+                      # plan_queue.PlanQueue: reports merged into a waiting one, solve requests
+                      # dropped unsolved (replaced by a newer one, or past their budget)
+                      "reports_coalesced": 0, "solves_superseded": 0, "solves_expired": 0}
         self.plans_by_solver: dict[str, int] = {}  # central plans by the solver that made them
 
     def _policy(self, worker_id: str, spec: PolicySpec, cost_model, solver: str) -> KVPolicy:
@@ -92,15 +96,18 @@ class CentralPlanner:
         self.stats["probe_s_total"] += dt
         return RoutingAdvice(next(self._versions), self.probe_tokens, tuple(damage), time.time())
 
-    def solve(self, req: SolveRequest) -> RemotePlan:
-        """Solve one worker's predicted batch with its own policy and cost model, on `solver`."""
-        policy = self._policy(req.worker_id, req.policy, req.cost_model, self.solver)
-        solve_for = getattr(policy, "solve_for", None)
-        if solve_for is None:
+    def solve(self, req: SolveRequest, deadline: float | None = None) -> RemotePlan:
+        """Solve one worker's predicted batch with its own policy and cost model, on `solver`.
+        `deadline` (time.perf_counter()) stops the ILP's wall-clock part; by default
+        DEADLINE_SHARE of the request's budget from now (the rest is the trip back)."""
+        planning = planning_of(self._policy(req.worker_id, req.policy, req.cost_model, self.solver))
+        if planning is None:
             raise ValueError(f"policy {req.policy.name!r} does not plan; nothing to solve")
         t0 = time.perf_counter()
+        if deadline is None and req.budget_s is not None:
+            deadline = t0 + DEADLINE_SHARE * req.budget_s
         try:
-            result = solve_for(list(req.views), req.capacity, req.pinned)
+            result = planning.solve_for(list(req.views), req.capacity, req.pinned, deadline)
         except Exception:
             self.stats["solve_errors"] += 1
             raise
@@ -109,9 +116,15 @@ class CentralPlanner:
         self.stats["solve_s_total"] += dt
         self.stats["solve_s_max"] = max(self.stats["solve_s_max"], dt)
         self._solve_s.append(dt)
-        made_by = result[0].solver
+        made_by = result.plan.solver
         self.plans_by_solver[made_by] = self.plans_by_solver.get(made_by, 0) + 1
-        return RemotePlan(next(self._versions), req.key, result)
+        return RemotePlan(next(self._versions), req.key, result, solve_s=dt)
+
+    def dropped(self, req: SolveRequest, why: str) -> RemotePlan:
+        """The answer to a solve request dropped unsolved (`plan_queue.PlanQueue`): "expired" or
+        "superseded"."""
+        self.stats[f"solves_{why}"] += 1
+        return RemotePlan(next(self._versions), req.key, None, dropped=why)
 
     def _forget_stale(self) -> None:
         """Drop workers that stopped reporting (dead replicas, scaled down)."""
@@ -133,8 +146,10 @@ class CentralPlanner:
                 "context_tokens": sum(v.num_tokens for v in t.running),
                 "plan_version": int(t.policy_stats.get("plan_version", 0)),
                 "plan_solver": t.plan_solver,
-                **{k: int(t.policy_stats.get(k, 0)) for k in ("remote_plans_used", "remote_plans_late",
-                                                              "remote_plans_other_batch", "solves_remote")},
+                **{k: int(t.policy_stats.get(k, 0)) for k in (
+                    "remote_plans_used", "remote_plans_late", "remote_plans_other_batch", "remote_plans_dropped",
+                    "solves_remote", "remote_lead_steps")},
+                "remote_round_trip_s": t.policy_stats.get("remote_round_trip_s", 0.0),
                 "mean_step_s": t.mean_step_s, **t.kv,
             }
         return {"uptime_s": round(now - self.started_at, 3), "workers": workers,
@@ -166,3 +181,4 @@ class InProcessPlanner:
 
     async def solve(self, request: SolveRequest) -> RemotePlan:
         return self.planner.solve(request)
+
