@@ -139,3 +139,23 @@ def test_a_newer_solve_supersedes_and_solves_go_earliest_deadline_first():
     with pytest.raises(ValueError, match="does not plan"):
         planner.solve(SolveRequest("y", 1, tuple(views), CAP, frozenset(), COST, PolicySpec.of("no-offload", L, {})))
     assert isinstance(planner.dropped(SolveRequest("y", 1, (), CAP, frozenset(), COST, SPEC), "expired"), RemotePlan)
+
+
+def test_a_report_waiting_too_long_goes_before_the_solves():
+    clock = Clock()
+    planner = CentralPlanner(probe_tokens=(16,), solver="fast")
+    queue = PlanQueue(planner, clock, report_max_wait_s=1.0)
+    views = FakeWorker("x", queue).views
+    order = []
+    queue.report(WorkerTelemetry("r", 0.0, SPEC, tuple(views), 0, 0, CAP, COST, 2048)).add_done_callback(
+        lambda f: order.append("report"))
+    for wid in ("s1", "s2"):
+        req = SolveRequest(wid, (wid,), tuple(views), CAP, frozenset(), COST, SPEC, 10.0)
+        queue.solve(req).add_done_callback(lambda f: order.append(f.result().key[0]))
+    queue.run_once()
+    clock.now += 1.5  # the report has waited past its limit: it goes next
+    while queue.run_once():
+        pass
+    assert order == ["s1", "report", "s2"]
+    with pytest.raises(ValueError, match="report_max_wait_s"):
+        PlanQueue(planner, report_max_wait_s=0)

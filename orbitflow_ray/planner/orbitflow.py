@@ -34,7 +34,7 @@ import random
 import time
 from dataclasses import replace
 
-from orbitflow_ray.costmodel import OnlineCostModel, default_prior
+from orbitflow_ray.costmodel import CostModel, OnlineCostModel, default_prior
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
@@ -162,6 +162,10 @@ class OrbitFlow(KVPolicy):
         finally:
             self.solver.set_deadline(None)
         return PlanResult(plan, tuple(paused))
+
+    def use_cost_model(self, model: CostModel) -> None:
+        """Plan on `model` (the central planner: the worker's fit) (`PlanningPolicy`)."""
+        self.cost.model = model
 
     def attach_remote(self, remote: RemoteSolve | None) -> None:
         """Send the window and drift re-plans to the central planner (`PlanningPolicy`)."""

@@ -1,11 +1,11 @@
 """The planning interface between serving and a KV policy: the plan objects that cross it and the
-two calls serving makes.
+calls serving makes.
 
 Serving never reaches into a policy: it asks `planning_of(policy)` for its `PlanningPolicy` (None
-when the policy does not plan) and then only solves for a batch on another's behalf (the central
-planner) or attaches a remote solver (a worker with a central planner). What crosses is a
-`PlanResult` (the plan and the ids paused to reach it), wrapped in a versioned `RemotePlan`.
-"""
+when the policy does not plan) and then only solves for a batch on another's behalf on the
+worker's fitted cost model (the central planner), or attaches a remote solver (a worker with a
+central planner). What crosses is a `PlanResult` (the plan and the ids paused to reach it),
+wrapped in a versioned `RemotePlan`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Hashable, Iterator, Protocol, runtime_checkable
 
+from orbitflow_ray.costmodel import CostModel
 from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.planner.problem import Plan
 
@@ -59,6 +60,10 @@ class PlanningPolicy(Protocol):
                   deadline: float | None = None) -> PlanResult:
         """Solve this batch on another's behalf, warm-started from the placements the views carry;
         `deadline` (time.perf_counter()) bounds a wall-clock solver (the central ILP)."""
+        ...
+
+    def use_cost_model(self, model: CostModel) -> None:
+        """Plan on this fitted model from now on (the central planner: the worker's own fit)."""
         ...
 
     def attach_remote(self, remote: RemoteSolve | None) -> None:

@@ -68,9 +68,9 @@ class CentralPlanner:
             policy = make_policy(spec.name, spec.num_layers, cost_model=OnlineCostModel(cost_model), **options)
             held = (spec, policy)
             self._policies[(worker_id, solver)] = held
-        cost = getattr(held[1], "cost", None)
-        if cost is not None:
-            cost.model = cost_model
+        planning = planning_of(held[1])
+        if planning is not None:
+            planning.use_cost_model(cost_model)
         return held[1]
 
     # ---- worker -> planner -----------------------------------------------------------------------

@@ -11,7 +11,8 @@ and one solve request wait:
   predicted batch, so the older caller is answered at once, unsolved;
 - solve requests go first, earliest deadline first (deadline = arrival + the worker's budget); one
   whose deadline passed while it waited is answered unsolved (expired) instead of being solved for
-  a step that has already run; reports follow, oldest first.
+  a step that has already run; reports follow, oldest first, except that a report waiting longer
+  than `report_max_wait_s` goes before the solves (routing advice must not starve).
 
 An unsolved answer is a `RemotePlan` with `result=None` and `dropped` saying why; the worker counts
 it (`remote_plans_dropped`) and solves on the spot, as for a late plan. `run_once` does one item
@@ -33,10 +34,14 @@ log = logging.getLogger(__name__)
 
 
 class PlanQueue:
-    def __init__(self, planner: CentralPlanner, clock: Callable[[], float] = time.monotonic) -> None:
-        self.planner, self.clock = planner, clock
+    def __init__(self, planner: CentralPlanner, clock: Callable[[], float] = time.monotonic,
+                 report_max_wait_s: float = 1.0) -> None:
+        if report_max_wait_s <= 0:
+            raise ValueError("report_max_wait_s must be positive")
+        self.planner, self.clock, self.report_max_wait_s = planner, clock, report_max_wait_s
         self._cv = threading.Condition()
-        self._reports: dict[str, tuple[WorkerTelemetry, list[Future]]] = {}  # arrival order
+        # worker -> (newest report, its callers, when the first of them arrived); arrival order
+        self._reports: dict[str, tuple[WorkerTelemetry, list[Future], float]] = {}
         self._solves: dict[str, tuple[SolveRequest, float, Future]] = {}  # worker -> (req, deadline, fut)
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -46,12 +51,12 @@ class PlanQueue:
         """Queue a report; the Future gets its `RoutingAdvice`."""
         fut: Future = Future()
         with self._cv:
-            waiting = self._reports.pop(t.worker_id, None)
-            futures = [fut]
-            if waiting is not None:
+            waiting = self._reports.get(t.worker_id)
+            if waiting is None:
+                self._reports[t.worker_id] = (t, [fut], self.clock())
+            else:  # keeps its place in line
                 self.planner.stats["reports_coalesced"] += 1
-                futures = waiting[1] + futures
-            self._reports[t.worker_id] = (t, futures)
+                self._reports[t.worker_id] = (t, waiting[1] + [fut], waiting[2])
             self._cv.notify()
         return fut
 
@@ -76,13 +81,14 @@ class PlanQueue:
     def run_once(self) -> bool:
         """Do the most urgent waiting item; False if none waits."""
         with self._cv:
-            if self._solves:
+            oldest = next(iter(self._reports.values()), None)
+            overdue = oldest is not None and self.clock() - oldest[2] > self.report_max_wait_s
+            if self._solves and not overdue:
                 wid = min(self._solves, key=lambda w: self._solves[w][1])
                 req, deadline, fut = self._solves.pop(wid)
                 item = ("solve", req, deadline, [fut])
             elif self._reports:
-                wid = next(iter(self._reports))
-                t, futures = self._reports.pop(wid)
+                t, futures, _ = self._reports.pop(next(iter(self._reports)))
                 item = ("report", t, None, futures)
             else:
                 return False
