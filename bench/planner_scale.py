@@ -9,11 +9,12 @@ Run from the repository root with the project venv:
 Each fake worker is the real OrbitFlow policy (fast path on the spot, window re-plans sent to the
 central planner) stepping a synthetic batch on its own thread: `--requests` requests of the
 llama3.1-8b preset of bench/planner.py (L = 32, 4 KiB of KV per token per layer, contexts
-log-uniform 4K-32K, per-token SLOs of {1, 1.5, 2.5} x the no-offload step, device KV for 75 % of
-the batch), each step sleeping the plan's predicted step time; every `--churn-s` seconds on
+log-uniform 4K-32K, per-token SLOs of {1, 1.5, 2.5} x the no-offload step, device KV for
+`--device-frac` of the batch), each step sleeping the plan's predicted step time; every `--churn-s` seconds on
 average one request finishes and another arrives (an on-the-spot re-plan). Reports go out every
 `--report-s`. The central planner is `CentralPlanner` behind a `PlanQueue` (one planning thread,
-the compact cvxpy ILP, coalescing, earliest deadline first), in this process.
+the compact cvxpy ILP, coalescing, earliest deadline first) in a child process, reached over a
+pipe (as on a cluster, its solves do not hold the workers' GIL).
 
 Two modes, the same workload and seed: `ahead` (what serving runs: the plan is asked for as many
 steps ahead as the measured round trip needs) and `one-step` (the baseline: asked one step
@@ -21,8 +22,9 @@ before the window ends, as before). Printed per mode: central solve time p50/p99
 (ask -> answer) p50/p99, of the central plans asked for and settled by the end (taken or not at
 the step that needed them) the share used in time, late, for another batch, or dropped unsolved
 by the planner (expired or superseded), and reports coalesced. The first
-solve of each worker's shape compiles the cvxpy model; it runs before the clock starts. Workers,
-planner and ILP share one Python process (the GIL): on a real cluster the workers run elsewhere.
+solve of each worker's shape compiles the cvxpy model; it runs before the clock starts. The
+workers share one process (their fast-path solves contend for its GIL; `step_ms_mean` shows the
+step time they reached).
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 sys.path[0:0] = [str(Path(__file__).resolve().parent.parent)]
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
+import multiprocessing  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from concurrent.futures import Future  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -59,7 +64,7 @@ OUTCOMES = ("remote_plans_used", "remote_plans_late", "remote_plans_other_batch"
 class FakeWorker:
     """One worker's policy over a synthetic batch; `run` steps it until `stop` is set."""
 
-    def __init__(self, wid: str, queue: PlanQueue, args, one_step: bool) -> None:
+    def __init__(self, wid: str, queue, args, one_step: bool) -> None:
         self.wid, self.queue, self.args = wid, queue, args
         self.rng = np.random.default_rng(args.seed + int(wid[1:]))
         self.spec = PolicySpec.of("orbitflow", L, {"slo_s": 0.05, "windows": args.windows})
@@ -70,9 +75,9 @@ class FakeWorker:
         planning_of(self.policy).attach_remote(self.remote)
         self.views = [self._arrival(i) for i in range(args.requests)]
         demand = sum(v.num_tokens + 64 for v in self.views) * L
-        self.device_blocks = int(0.75 * demand / BLOCK)
+        self.device_blocks = int(args.device_frac * demand / BLOCK)
         self.round_trips: list[float] = []
-        self.reports = 0
+        self.reports = self.steps = 0
         self._n = args.requests
 
     def _arrival(self, i: int) -> RequestView:
@@ -101,6 +106,7 @@ class FakeWorker:
         last_report, step_s = 0.0, 0.03
         while not stop.is_set():
             t0 = time.perf_counter()
+            self.steps += 1
             ids = tuple(v.request_id for v in self.views)
             self.policy.observe(StepStats(0, step_s, ids, sum(v.num_tokens for v in self.views), len(ids), len(ids)))
             change = self.policy.replan(self.views, self.capacity())
@@ -128,18 +134,89 @@ class FakeWorker:
             self._n += 1
 
 
-def run_mode(args, one_step: bool) -> dict:
+class PlannerProcess:
+    """`CentralPlanner` behind a `PlanQueue` in a child process (as on a cluster: the workers'
+    threads and the ILP do not share a GIL); `report` and `solve` return Futures like the queue's."""
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("fork")  # before any thread starts
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_planner_main, args=(child,), daemon=True)
+        self.proc.start()
+        self._futures: dict[int, Future] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _call(self, kind: str, msg) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            i = next(self._ids)
+            self._futures[i] = fut
+            self.conn.send((i, kind, msg))
+        return fut
+
+    def report(self, t: WorkerTelemetry) -> Future:
+        return self._call("report", t)
+
+    def solve(self, req: SolveRequest) -> Future:
+        return self._call("solve", req)
+
+    def warm(self, req: SolveRequest) -> Future:
+        return self._call("warm", req)
+
+    def finish(self) -> dict:
+        return self._call("finish", None).result(timeout=120)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                i, ok, answer = self.conn.recv()
+            except EOFError:
+                return
+            fut = self._futures.pop(i)
+            fut.set_result(answer) if ok else fut.set_exception(answer)
+
+
+def _planner_main(conn) -> None:
     planner = CentralPlanner()
     queue = PlanQueue(planner)
-    workers = [FakeWorker(f"w{i}", queue, args, one_step) for i in range(args.workers)]
+    lock = threading.Lock()
+
+    def answer(i: int, fut: Future) -> None:
+        with lock:
+            conn.send((i, fut.exception() is None, fut.exception() or fut.result()))
+
+    while True:
+        i, kind, msg = conn.recv()
+        if kind == "warm":  # compile this worker's cvxpy shape, then forget the solve
+            planner.solve(msg)
+            planner._solve_s.clear()
+            planner.stats.update(solves=0, solve_s_total=0.0, solve_s_max=0.0)
+            planner.plans_by_solver.clear()
+            with lock:
+                conn.send((i, True, None))
+            if queue._thread is None:
+                queue.start()
+        elif kind == "finish":
+            queue.close()
+            with lock:
+                conn.send((i, True, {"stats": dict(planner.stats), "summary": planner.solve_summary()}))
+            return
+        else:
+            fut = queue.report(msg) if kind == "report" else queue.solve(msg)
+            fut.add_done_callback(lambda f, i=i: answer(i, f))
+
+
+def run_mode(args, one_step: bool) -> dict:
+    planner = PlannerProcess()
+    workers = [FakeWorker(f"w{i}", planner, args, one_step) for i in range(args.workers)]
     t = time.perf_counter()
     for w in workers:  # compile each worker's cvxpy shape before the clock starts
-        planner.solve(SolveRequest(w.wid, "warm-up", tuple(w.views), w.capacity(), frozenset(), COST, w.spec))
+        planner.warm(SolveRequest(w.wid, "warm-up", tuple(w.views), w.capacity(), frozenset(), COST,
+                                  w.spec)).result(timeout=300)
     warm_s = time.perf_counter() - t
-    planner._solve_s.clear()
-    planner.stats.update(solves=0, solve_s_total=0.0, solve_s_max=0.0)
-    planner.plans_by_solver.clear()
-    queue.start()
     stop = threading.Event()
     threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in workers]
     for th in threads:
@@ -148,27 +225,29 @@ def run_mode(args, one_step: bool) -> dict:
     stop.set()
     for th in threads:
         th.join()
-    queue.close()
+    central = planner.finish()
+    stats, solve = central["stats"], central["summary"]
     asked = sum(w.policy.ahead.stats["solves_remote"] for w in workers)
     outcome = {k: sum(w.policy.ahead.stats[k] for w in workers) for k in OUTCOMES}
     settled = sum(outcome.values())  # asked and settled: shares leave out those still pending
     rt = [x for w in workers for x in w.round_trips]
-    solve = planner.solve_summary()
+    steps = sum(w.steps for w in workers)
     pct = (lambda xs, q: round(1e3 * float(np.percentile(xs, q)), 1) if len(xs) else None)
+    ms = (lambda x: None if x is None else round(1e3 * x, 1))
     return {
         "mode": "one-step" if one_step else "ahead", "warm_up_s": round(warm_s, 1),
-        "central_solves": planner.stats["solves"], "plans_by_solver": solve["plans_by_solver"],
-        "central_solve_ms_p50": None if solve["solve_s_p50"] is None else round(1e3 * solve["solve_s_p50"], 1),
-        "central_solve_ms_p99": None if solve["solve_s_p99"] is None else round(1e3 * solve["solve_s_p99"], 1),
+        "worker_steps": steps, "step_ms_mean": round(1e3 * args.workers * args.seconds / max(steps, 1), 1),
+        "central_solves": stats["solves"], "plans_by_solver": solve["plans_by_solver"],
+        "central_solve_ms_p50": ms(solve["solve_s_p50"]), "central_solve_ms_p99": ms(solve["solve_s_p99"]),
         "round_trip_ms_p50": pct(rt, 50), "round_trip_ms_p99": pct(rt, 99),
         "central_plans_asked": asked,
         **{f"share_{k.removeprefix('remote_plans_')}": round(v / settled, 3) if settled else None
            for k, v in outcome.items()},
         **outcome, "pending_at_end": asked - settled,
         "lead_steps_mean": round(float(np.mean([w.policy.ahead.stats["remote_lead_steps"] for w in workers])), 1),
-        "reports_sent": sum(w.reports for w in workers), "reports_solved": planner.stats["reports"],
-        "reports_coalesced": planner.stats["reports_coalesced"],
-        "solves_superseded": planner.stats["solves_superseded"], "solves_expired": planner.stats["solves_expired"],
+        "reports_sent": sum(w.reports for w in workers), "reports_solved": stats["reports"],
+        "reports_coalesced": stats["reports_coalesced"],
+        "solves_superseded": stats["solves_superseded"], "solves_expired": stats["solves_expired"],
         "ilp_out_of_time": solve.get("solver_out_of_time", 0),
     }
 
@@ -181,12 +260,16 @@ def main(argv=None) -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="measured time per mode")
     ap.add_argument("--report-s", type=float, default=0.5, help="telemetry period (serving's default)")
     ap.add_argument("--churn-s", type=float, default=4.0, help="mean seconds between a finish+arrival")
+    ap.add_argument("--device-frac", type=float, default=0.9,
+                    help="device KV as a share of the batch's (lower: more offload, longer steps)")
     ap.add_argument("--windows", default="32,64,128", help="plan windows in decode steps (serving's default)")
     ap.add_argument("--modes", default="ahead,one-step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     args.windows = tuple(int(w) for w in args.windows.split(","))
+    if not 0 < args.device_frac <= 1:
+        ap.error("--device-frac must be in (0, 1]")
     if args.workers < 1 or args.requests < 1 or args.seconds <= 0 or args.report_s <= 0 or args.churn_s <= 0:
         ap.error("--workers, --requests, --seconds, --report-s and --churn-s must be positive")
     results = [run_mode(args, mode == "one-step") for mode in args.modes.split(",")]
