@@ -20,8 +20,9 @@ Two modes, the same workload and seed: `ahead` (what serving runs: the plan is a
 steps ahead as the measured round trip needs) and `one-step` (the baseline: asked one step
 before the window ends, as before). Printed per mode: central solve time p50/p99, round trip
 (ask -> answer) p50/p99, of the central plans asked for and settled by the end (taken or not at
-the step that needed them) the share used in time, late, for another batch, or dropped unsolved
-by the planner (expired or superseded), and reports coalesced. The first
+the step that needed them) the share used in time, late, for another batch, dropped unsolved
+by the planner (expired or superseded), or replaced by the worker (its batch changed first), and
+reports coalesced or answered from the last probes (`probes_reused`). The first
 solve of each worker's shape compiles the cvxpy model; it runs before the clock starts. The
 workers share one process (their fast-path solves contend for its GIL; `step_ms_mean` shows the
 step time they reached).
@@ -58,7 +59,8 @@ from orbitflow_ray.serving.plan_queue import PlanQueue  # noqa: E402
 
 L, KVB, A, B, LINK, BLOCK = 32, 4096, 0.27e-3, 2.4e-9, 25e9, 16
 COST = CostModel(L, A, B, 0.0, LINK)
-OUTCOMES = ("remote_plans_used", "remote_plans_late", "remote_plans_other_batch", "remote_plans_dropped")
+OUTCOMES = ("remote_plans_used", "remote_plans_late", "remote_plans_other_batch", "remote_plans_dropped",
+            "remote_plans_replaced")
 
 
 class FakeWorker:
@@ -246,7 +248,7 @@ def run_mode(args, one_step: bool) -> dict:
         **outcome, "pending_at_end": asked - settled,
         "lead_steps_mean": round(float(np.mean([w.policy.ahead.stats["remote_lead_steps"] for w in workers])), 1),
         "reports_sent": sum(w.reports for w in workers), "reports_solved": stats["reports"],
-        "reports_coalesced": stats["reports_coalesced"],
+        "reports_coalesced": stats["reports_coalesced"], "probes_reused": stats["probes_reused"],
         "solves_superseded": stats["solves_superseded"], "solves_expired": stats["solves_expired"],
         "ilp_out_of_time": solve.get("solver_out_of_time", 0),
     }

@@ -108,6 +108,7 @@ def test_workers_adopt_the_central_plan_for_their_batch_and_drop_what_is_stale()
     for w in (a, c):
         assert w.policy.plan is solved[w.wid].result.plan  # adopted the central plan for its batch
         assert w.stats["remote_plans_used"] == 1 and w.stats["plan_version"] == solved[w.wid].version
+    assert a.stats["remote_plans_replaced"] == 1  # its first prediction, void once the batch changed
     assert b.stats["remote_plans_used"] == 0 and b.stats["remote_plans_dropped"] == 1
     assert b.stats["plan_version"] == 0 and b.policy.plan.solver == "fast"  # solved on the spot
     assert a.stats["remote_round_trip_s"] > 0 and b.stats["remote_round_trip_s"] == 0.0
@@ -159,3 +160,15 @@ def test_a_report_waiting_too_long_goes_before_the_solves():
     assert order == ["s1", "report", "s2"]
     with pytest.raises(ValueError, match="report_max_wait_s"):
         PlanQueue(planner, report_max_wait_s=0)
+
+
+def test_a_report_of_the_same_batch_reuses_the_last_probes():
+    planner = CentralPlanner(probe_tokens=(16, 64), solver="fast")
+    w = FakeWorker("w", PlanQueue(planner))
+    first = planner.report(w.telemetry())
+    again = planner.report(w.telemetry())
+    assert again.damage == first.damage and again.version > first.version
+    assert planner.stats["probes"] == 2 and planner.stats["probes_reused"] == 1
+    w.views = w.views[:1]  # a finish: a new batch, probed again
+    planner.report(w.telemetry())
+    assert planner.stats["probes"] == 4 and planner.stats["probes_reused"] == 1

@@ -14,7 +14,9 @@ plan version. A central solve takes far longer than a step, so the policy asks f
 an answer that is late, lost, dropped by the planner, or for another batch is ignored and the
 step solves locally, exactly as when a local speculation misses. `stats` counts central plans used
 (`remote_plans_used`), not back in time (`remote_plans_late`), solved for a batch that did not
-happen (`remote_plans_other_batch`) and dropped unsolved by the planner (`remote_plans_dropped`);
+happen (`remote_plans_other_batch`), dropped unsolved by the planner (`remote_plans_dropped`) and
+replaced by a newer request before the step that needed them (`remote_plans_replaced`: the batch
+changed first);
 `remote_round_trip_s` and `remote_lead_steps` are the latest estimate and lead.
 """
 
@@ -46,9 +48,11 @@ class AheadSolver(Generic[R]):
         self.stats = {"solves_sync": 0, "solves_ahead": 0, "solves_ahead_used": 0,
                       "solve_s_sync": 0.0, "solve_s_ahead": 0.0, "solve_s_max": 0.0,
                       "solves_remote": 0, "remote_plans_used": 0, "remote_plans_late": 0,
-                      "remote_plans_other_batch": 0, "remote_plans_dropped": 0, "plan_version": 0,
+                      "remote_plans_other_batch": 0, "remote_plans_dropped": 0, "remote_plans_replaced": 0,
+                      "plan_version": 0,
                       "remote_round_trip_s": 0.0, "remote_lead_steps": 0}
         self._remote_pending = False
+        self._missed = False  # the pending remote plan was already counted late or for another batch
 
     def attach_remote(self, remote: RemoteSolve | None) -> None:
         self.remote = remote
@@ -84,6 +88,9 @@ class AheadSolver(Generic[R]):
         """Start solving for a predicted state `key` (replaces any earlier speculation); `budget_s`:
         seconds until the step that needs it (the central planner drops it unsolved past that)."""
         if self.remote is not None:
+            if self._remote_pending and self._pending is not None and not self._missed:
+                self.stats["remote_plans_replaced"] += 1  # the batch changed before it was needed
+            self._missed = False
             self.stats["solves_remote"] += 1
             sent = time.perf_counter()
             fut = self.remote(key, *args, budget_s=budget_s)
@@ -111,6 +118,7 @@ class AheadSolver(Generic[R]):
         if self._pending[0] != key or not self._pending[1].done():
             if self._remote_pending:
                 self.stats["remote_plans_other_batch" if self._pending[0] != key else "remote_plans_late"] += 1
+                self._missed = True  # counted: not "replaced" as well when a newer one follows
             return None
         fut = self._pending[1]
         self._pending = None

@@ -38,13 +38,17 @@ DEADLINE_SHARE = 0.8  # of a solve request's budget the ILP may use; the rest is
 
 class CentralPlanner:
     def __init__(self, probe_tokens: tuple[int, ...] = PROBE_TOKENS, probe_max_tokens: int = 128,
-                 stale_after_s: float = 30.0, solver: str = "cvxpy-highs") -> None:
+                 stale_after_s: float = 30.0, solver: str = "cvxpy-highs", probe_reuse_s: float = 2.0) -> None:
         if not probe_tokens or list(probe_tokens) != sorted(probe_tokens) or probe_max_tokens < 1:
             raise ValueError("probe_tokens must be ascending and non-empty; probe_max_tokens >= 1")
         SolverKind(solver)  # ValueError on an unknown solver, here rather than at the first solve
         self.solver = solver
         self.probe_tokens, self.probe_max_tokens = tuple(probe_tokens), probe_max_tokens
         self.stale_after_s = stale_after_s
+        self.probe_reuse_s = probe_reuse_s
+        # worker -> (probe signature, when probed, damage): a report of the same batch with about
+        # the same free room within probe_reuse_s is answered from it, without probing again
+        self._probed: dict[str, tuple[tuple, float, tuple[float, ...]]] = {}
         self.workers: dict[str, WorkerTelemetry] = {}
         self._heard: dict[str, float] = {}  # planner-clock receive time (worker clocks may be skewed)
         # (worker, solver) -> (spec, policy copy): one for plans, one on the fast path for probes
@@ -53,7 +57,7 @@ class CentralPlanner:
         self.started_at = time.time()
         self._solve_s: deque[float] = deque(maxlen=1000)  # recent solve times, for percentiles
         self.stats = {"reports": 0, "solves": 0, "solve_s_total": 0.0, "solve_s_max": 0.0,
-                      "solve_errors": 0, "probes": 0, "probe_s_total": 0.0,
+                      "solve_errors": 0, "probes": 0, "probe_s_total": 0.0, "probes_reused": 0,
                       # plan_queue.PlanQueue: reports merged into a waiting one, solve requests
                       # dropped unsolved (replaced by a newer one, or past their budget)
                       "reports_coalesced": 0, "solves_superseded": 0, "solves_expired": 0}
@@ -80,6 +84,11 @@ class CentralPlanner:
         self._heard[t.worker_id] = time.time()
         self.stats["reports"] += 1
         self._forget_stale()
+        sig = _probe_signature(t)
+        held = self._probed.get(t.worker_id)
+        if held is not None and held[0] == sig and time.time() - held[1] < self.probe_reuse_s:
+            self.stats["probes_reused"] += 1  # same batch, about the same room: the same answer
+            return RoutingAdvice(next(self._versions), self.probe_tokens, held[2], time.time())
         policy = self._policy(t.worker_id, t.policy, t.cost_model, "fast")
         t0 = time.perf_counter()
         fit = [n for n in self.probe_tokens if n < t.max_model_len]  # longer ones can never run: inf
@@ -94,6 +103,7 @@ class CentralPlanner:
         dt = time.perf_counter() - t0
         self.stats["probes"] += len(self.probe_tokens)
         self.stats["probe_s_total"] += dt
+        self._probed[t.worker_id] = (sig, time.time(), tuple(damage))
         return RoutingAdvice(next(self._versions), self.probe_tokens, tuple(damage), time.time())
 
     def solve(self, req: SolveRequest, deadline: float | None = None) -> RemotePlan:
@@ -131,6 +141,7 @@ class CentralPlanner:
         cutoff = time.time() - self.stale_after_s
         for wid in [w for w, heard in self._heard.items() if heard < cutoff]:
             del self.workers[wid], self._heard[wid]
+            self._probed.pop(wid, None)
             for key in [k for k in self._policies if k[0] == wid]:
                 del self._policies[key]
 
@@ -139,16 +150,17 @@ class CentralPlanner:
         """A JSON-friendly summary: per worker, what it last reported (no prompt text)."""
         now = time.time()
         workers = {}
-        for wid, t in sorted(self.workers.items()):
+        heard = dict(self._heard)  # copies: a PlanQueue thread may be updating them
+        for wid, t in sorted(dict(self.workers).items()):
             workers[wid] = {
-                "age_s": round(now - self._heard[wid], 3), "policy": t.policy.name,
+                "age_s": round(now - heard.get(wid, now), 3), "policy": t.policy.name,
                 "running": len(t.running), "waiting": t.num_waiting, "paused": t.num_paused,
                 "context_tokens": sum(v.num_tokens for v in t.running),
                 "plan_version": int(t.policy_stats.get("plan_version", 0)),
                 "plan_solver": t.plan_solver,
                 **{k: int(t.policy_stats.get(k, 0)) for k in (
                     "remote_plans_used", "remote_plans_late", "remote_plans_other_batch", "remote_plans_dropped",
-                    "solves_remote", "remote_lead_steps")},
+                    "remote_plans_replaced", "solves_remote", "remote_lead_steps")},
                 "remote_round_trip_s": t.policy_stats.get("remote_round_trip_s", 0.0),
                 "mean_step_s": t.mean_step_s, **t.kv,
             }
@@ -158,9 +170,9 @@ class CentralPlanner:
     def solve_summary(self) -> dict:
         """The central solves: solver, plans by the solver that made them, recent p50/p99 (s),
         and how the ILP settled them (summed over the workers' policy copies)."""
-        times = np.array(self._solve_s)
+        times = np.array(list(self._solve_s))
         ilp: dict[str, float] = {}
-        for (_, solver), (_, policy) in self._policies.items():
+        for (_, solver), (_, policy) in list(self._policies.items()):
             if solver == self.solver:
                 for k, v in policy.metrics().items():
                     if k.startswith("solver_"):
@@ -168,6 +180,14 @@ class CentralPlanner:
         return {"solver": self.solver, "plans_by_solver": dict(self.plans_by_solver),
                 "solve_s_p50": float(np.percentile(times, 50)) if len(times) else None,
                 "solve_s_p99": float(np.percentile(times, 99)) if len(times) else None, **ilp}
+
+
+def _probe_signature(t: WorkerTelemetry) -> tuple:
+    """What a report's routing advice depends on, coarsely: the policy and model, the batch's
+    ids, the queues, and the free device room in 1/32ths of the device."""
+    cap = t.capacity
+    return (t.policy, t.max_model_len, frozenset(v.request_id for v in t.running), t.num_waiting, t.num_paused,
+            cap.device_total_blocks, cap.device_free_blocks * 32 // max(1, cap.device_total_blocks))
 
 
 class InProcessPlanner:

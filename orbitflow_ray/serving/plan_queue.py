@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 class PlanQueue:
     def __init__(self, planner: CentralPlanner, clock: Callable[[], float] = time.monotonic,
-                 report_max_wait_s: float = 1.0) -> None:
+                 report_max_wait_s: float = 2.0) -> None:
         if report_max_wait_s <= 0:
             raise ValueError("report_max_wait_s must be positive")
         self.planner, self.clock, self.report_max_wait_s = planner, clock, report_max_wait_s
