@@ -34,7 +34,7 @@ PROMPTS = [[(7 * i + j) % 500 + 1 for j in range(8 + i)] for i in range(6)]
 
 
 def _running_replicas() -> int:
-    app = serve.status().applications["tests"]
+    app = serve.status().applications["orbitflow"]  # serve_app deploys it under this name
     return app.deployments["OrbitFlowWorker"].replica_states.get("RUNNING", 0)
 
 
@@ -81,6 +81,8 @@ def test_autoscaler_adds_a_worker_under_load_and_removes_it_idle_losing_nothing(
         t1 = time.monotonic()
         quiet = asyncio.run(_load(base, 1, lambda: _running_replicas() == 1 or time.monotonic() - t1 > 60))
         wait_for(lambda: _running_replicas() == 1, 30, "the second replica to be removed when idle")
+        print(f"scaled up after {seen['up'] - t0:.1f} s of load ({len(busy)} requests), down after "
+              f"{time.monotonic() - t1:.1f} s of one client ({len(quiet)} requests)")
         for i, got in busy + quiet:
             assert got == want[i % len(PROMPTS)], f"request {i}: wrong tokens"
         assert len(busy) >= 8 and len(quiet) >= 1
