@@ -8,8 +8,9 @@ compact ILP in cvxpy + HiGHS, never worse than it). `problem.py` has the model. 
 its window of W decode steps; it is re-solved when
 
 - the batch changes (admission, finish, pause, resume)      -> on the spot
-- the window runs out                                        -> solved one step ahead (central)
+- the window runs out                                        -> solved ahead (central)
 - measured step time drifts from the prediction              -> solved one step ahead (central)
+  (locally a window's end is solved one step ahead; centrally as many as the round trip needs)
 - the next step's growth does not fit the free device blocks -> on the spot
 
 When the batch does not fit without streaming all-host some request that could keep layers on
@@ -19,9 +20,10 @@ first, when the ILP admits them again. Pauses are decided by that loop around th
 inside the ILP: the set it reaches pausing largest first is the fewest pauses that make the
 batch feasible (feasibility depends on each request's largest-offload KV alone). On the central
 planner the loop runs with the ILP solver, so a central plan carries its own pause decisions.
-Solving ahead, a worker with a central planner sends the predicted batch there
-(`planner/ahead.py`) and adopts the answer if it is back, for that batch, by the step that needs
-it; otherwise it solves on the spot with the fast path. A request paused longer than `max_pause_s` is pinned: the
+Solving ahead, a worker with a central planner sends the batch predicted at the window's end
+there, as many steps ahead as the measured round trip needs (`planner/ahead.py`), and adopts the
+answer if it is back, for that batch, by the step that needs it; otherwise it solves on the spot
+with the fast path. A request paused longer than `max_pause_s` is pinned: the
 solve pauses others instead, so nobody starves. A solver error falls back to a safe heuristic
 (every request at its largest offload short of all-host, all-host where only that holds it),
 logged and counted; no request is ever dropped.
