@@ -3,14 +3,16 @@ advice out.
 
 Each worker runs the same KV policy locally, with the fast path (its plans for unpredictable
 events: arrivals, finishes, capacity). The central planner solves the predictable ones for every
-worker (a plan window running out, measured drift), one step ahead, from the worker's own view and
-fitted cost model, with `solver` ("cvxpy-highs" by default: the fast plan, warm-started from the
-worker's plan in force, improved by the compact cvxpy ILP and never worse than it;
+worker (a plan window running out, measured drift), for the batch the worker predicts at the step
+that needs the plan, from the worker's own view and fitted cost model, with `solver`
+("cvxpy-highs" by default: the fast plan, warm-started from the worker's plan in force, improved
+by the compact cvxpy ILP, cut short by the worker's budget, and never worse than it;
 `planner/ilp_compact.py`); Pause-Resume decisions come from the same solve loop. It also tells
 the router how much SLO damage a new request would do on each worker: those probes run the fast
 path on a separate policy copy, so they neither cost ILP solves nor overwrite the ILP's warm
-start. It keeps only the latest report of each worker (and the policy copies built from it), so a
-restarted planner is whole again after one report per worker.
+start, and a report of an unchanged batch reuses them. It keeps only the latest report of each
+worker (and the policy copies built from it), so a restarted planner is whole again after one
+report per worker. `plan_queue.PlanQueue` orders and coalesces the calls in front of it.
 """
 
 from __future__ import annotations
