@@ -81,7 +81,9 @@ def main(argv=None) -> None:
             app.deploy()
             print(f"{router}: ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             client = ClientConfig(app.url, args.name, timeout_s=300.0)
-            runs.append(measure(router, app.url, trace, prompts, client, slos, progress=False))
+            run = measure(router, app.url, trace, prompts, client, slos, progress=False)
+            run["rate"], run["slo_scale"] = o.rate, None
+            runs.append(run)
     context = {"config": o.config, "workers": 2, "model": args.model,
                "trace": f"Poisson {o.rate:g}/s for {o.duration:g} s, {len(trace)} requests, "
                         f"{o.long_share:.0%} long ({o.long_tokens} tokens in) / short ({o.short_tokens} in), 32 out",
