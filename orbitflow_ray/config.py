@@ -71,6 +71,10 @@ class EngineConfig:
     seed: int = _help("Seed for random-initialised presets.", default=0)
     max_model_len: int | None = _help("Context limit. None: the model's max_position_embeddings.",
                                       default=None)
+    tensor_parallel_size: int = _help(
+        "Shards of the model (Megatron tensor parallelism): > 1 runs one shard actor per GPU (one CPU "
+        "on the cpu backend) in a Ray placement group. Must divide the model's heads and MLP width. "
+        "The KV byte budgets are per shard. 1: one device, no Ray.", default=1)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -102,6 +106,9 @@ class EngineConfig:
             raise ValueError(f"deposit_pace must be in (0, 1], got {self.deposit_pace}")
         if not self.tpot_slo_s > 0 or not self.max_pause_s > 0:
             raise ValueError("tpot_slo_s and max_pause_s must be positive")
+        if (not isinstance(self.tensor_parallel_size, int) or isinstance(self.tensor_parallel_size, bool)
+                or self.tensor_parallel_size < 1):
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 
