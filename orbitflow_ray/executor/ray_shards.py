@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from typing import Any
 
 import ray
@@ -58,8 +59,12 @@ class _ShardActor:
             self.worker.close()
 
 
+SHARD_NAME_PREFIX = "orbitflow-tp-shard"
+
+
 class RayShardGroup:
-    """config.tensor_parallel_size shard actors, started and joined before the constructor returns."""
+    """config.tensor_parallel_size shard actors, started and joined before the constructor returns.
+    Actors are named `orbitflow-tp-shard-<group>-<rank>` (operators and fault tests find them)."""
 
     def __init__(self, config: EngineConfig, device_blocks: int, host_blocks: int,
                  start_timeout_s: float = 600.0) -> None:
@@ -77,9 +82,10 @@ class RayShardGroup:
                 raise RuntimeError(f"no node could place {self.size} bundles of {bundle} for "
                                    f"tensor_parallel_size={self.size} within {start_timeout_s:.0f} s")
             actor = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(_ShardActor)
-            self.actors = [actor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self.pg, placement_group_bundle_index=rank)).remote(config, rank, device_blocks, host_blocks)
-                for rank in range(self.size)]
+            group = uuid.uuid4().hex[:8]
+            self.actors = [actor.options(name=f"{SHARD_NAME_PREFIX}-{group}-{rank}", scheduling_strategy=(
+                PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank))).remote(
+                config, rank, device_blocks, host_blocks) for rank in range(self.size)]
             init_method = ray.get(self.actors[0].rendezvous.remote(), timeout=start_timeout_s)
             ray.get([a.start.remote(init_method) for a in self.actors], timeout=start_timeout_s)
         except BaseException:
