@@ -5,11 +5,12 @@
 
 Both runs generate the same greedy workload (--prompts prompts of --prompt-len token ids, seed 0,
 --output-len tokens each, EOS ignored) through `LLM(tensor_parallel_size=N)`, after a warm-up
-generate, with --device-kv-bytes / N per shard so both have the same blocks to place. Printed: out
-tok/s of each, their ratio, the all-reduces per step each shard issued (2 per layer), and the
-simulator's count for the same config. On this 2-core CPU machine TP > 1 is slower, not faster:
-the shards share the same two cores, each step adds one Ray call per shard and 2 gloo all-reduces
-per layer, and the weights a step reads are no fewer in total. The point of TP on GPUs is memory
+generate, with --device-kv-bytes / N per shard so both have the same blocks to place. TP-1 runs on
+--tp1-threads torch threads (1 by default, as each shard actor does). Printed: out tok/s of each,
+their ratio, the all-reduces per step each shard issued (2 per layer), the simulator's count for the
+same config, and the load average. On this 2-core CPU machine TP > 1 is slower, not faster: the
+shards share the same two cores, each step adds one Ray call per shard and 2 gloo all-reduces per
+layer, and the weights a step reads are no fewer in total. The point of TP on GPUs is memory
 (a model larger than one GPU) and aggregate HBM bandwidth, which this machine cannot show.
 """
 
@@ -17,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
 import ray
+import torch
 
 from orbitflow_ray import SamplingParams
 from orbitflow_ray.llm import LLM
@@ -52,8 +55,13 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--device-kv-bytes", type=int, default=256 << 20)
+    ap.add_argument("--tp1-threads", type=int, default=1,
+                    help="torch threads of the TP-1 engine (default 1, as each "
+                         "shard actor has: Ray sets OMP_NUM_THREADS from its 1 CPU; 0: torch default)")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     args = ap.parse_args()
+    if args.tp1_threads:
+        torch.set_num_threads(args.tp1_threads)
     spec = load_spec(args.model)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, spec.vocab_size, args.prompt_len).tolist() for _ in range(args.prompts)]
@@ -67,12 +75,15 @@ def main() -> None:
               "tpn_out_tok_s": round(tp["out_tok_s"], 2), "ratio_tpn_over_tp1": round(tp["out_tok_s"] / base["out_tok_s"], 3),
               "all_reduces_per_step": tp["all_reduces_per_step"],
               "sim_all_reduces_per_step": allreduces_per_step(spec, args.tp),
-              "identical_outputs": f"{same}/{len(prompts)}"}
+              "identical_outputs": f"{same}/{len(prompts)}", "tp1_threads": torch.get_num_threads(),
+              "load_avg_1m": round(os.getloadavg()[0], 2)}
     if args.json:
         print(json.dumps(result))
         return
     print(f"{args.model}: TP1 {result['tp1_out_tok_s']} out tok/s, TP{args.tp} {result['tpn_out_tok_s']} out tok/s, "
-          f"ratio {result['ratio_tpn_over_tp1']} (CPU shards share 2 cores: slower is expected here)")
+          f"ratio {result['ratio_tpn_over_tp1']} (TP1 on {result['tp1_threads']} torch threads; load average "
+          f"{result['load_avg_1m']}: on a shared 2-core box the ratio is mostly noise, and TP > 1 is "
+          "expected to be slower on an idle one)")
     print(f"all-reduces per step per shard: {result['all_reduces_per_step']} "
           f"(simulator: {result['sim_all_reduces_per_step']}); identical greedy outputs {result['identical_outputs']}")
 
