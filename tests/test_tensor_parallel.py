@@ -113,7 +113,8 @@ def test_bad_tensor_parallel_sizes_are_refused_by_name():
 
 
 def test_one_in_process_shard_is_the_single_device_runner():
-    """TPExecutor + ShardWorker (no Ray) at size 1 give bit-identical tokens and logprobs."""
+    """TPExecutor + ShardWorker (no Ray) at size 1 give bit-identical tokens and logprobs, with
+    penalties (which read the token histories the executor sends) and seeded sampling too."""
     cfg = dict(model="tiny-llama", kv_policy="no-offload", device_kv_bytes=TINY_DEVICE_BYTES["no-offload"])
     engine = LLMEngine(EngineConfig(**cfg))
     plain = LLMEngine(EngineConfig(**cfg))
@@ -123,8 +124,11 @@ def test_one_in_process_shard_is_the_single_device_runner():
     engine.runner, engine.transfer = sharded, sharded.transfer
     results = []
     for e in (plain, engine):
-        for i, ids in enumerate(TINY_PROMPTS.values()):
-            e.add_request(ids, SamplingParams(max_tokens=MAX_TOKENS, logprobs=5, ignore_eos=True), f"r{i}")
+        params = [SamplingParams(max_tokens=MAX_TOKENS, logprobs=5, ignore_eos=True),
+                  SamplingParams(max_tokens=MAX_TOKENS, logprobs=5, repetition_penalty=1.5, frequency_penalty=0.5),
+                  SamplingParams(max_tokens=MAX_TOKENS, logprobs=5, temperature=0.8, seed=7, min_tokens=20)]
+        for i, (ids, sp) in enumerate(zip(TINY_PROMPTS.values(), params)):
+            e.add_request(ids, sp, f"r{i}")
         done = {}
         while e.has_unfinished_requests():
             done.update({o.request_id: (o.token_ids, o.logprobs) for o in e.step() if o.finished})

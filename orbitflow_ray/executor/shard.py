@@ -20,6 +20,8 @@ import torch
 
 from orbitflow_kernels import Direction, make_transfer_engine
 from orbitflow_ray.config import EngineConfig
+from orbitflow_ray.kv.block_table import BlockTables
+from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.kv.store import KVStore
 from orbitflow_ray.model.llama import AllReduceFn, LlamaModel
 from orbitflow_ray.model.loader import load_model
@@ -75,6 +77,8 @@ class ShardWorker:
         del loaded
         store = KVStore(self.transfer, device_blocks, host_blocks, config.block_size, self.shard.num_kv_heads,
                         spec.head_dim, dtype, config.prefetch_depth)
+        # Made now, not from the first plan's live tables, which `executor.tp.for_shards` leaves out.
+        store.tables = BlockTables(spec.num_layers, store.pools[Tier.DEVICE].device)
         self.runner = ModelRunner(LlamaModel(spec, weights, self.transfer.device, self.shard, all_reduce), store)
         self.runner.samples = rank == 0
 

@@ -14,6 +14,7 @@ placement group; `LocalShardGroup` for one in-process shard).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Protocol
 
 from orbitflow_kernels import Direction
@@ -85,7 +86,7 @@ class TPExecutor:
 
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         """Run one plan on every shard; rank 0's sampled tokens (and logprobs, set on out.seqs)."""
-        results: list[ShardResult] = self.group.call("execute", out)
+        results: list[ShardResult] = self.group.call("execute", for_shards(out))
         first = results[0]
         for seq in out.seqs:
             if seq.request_id in first.logprobs:
@@ -105,6 +106,18 @@ class TPExecutor:
         if not self._closed:
             self._closed = True
             self.group.close()
+
+
+def for_shards(out: SchedulerOutput) -> SchedulerOutput:
+    """The plan as shards read it, smaller to send each step: table deltas but not the live tables
+    (a shard's block tables are built from deltas alone, `ShardWorker`), and the token histories
+    only of requests whose logits the sampler edits (penalties, min_tokens). out is not changed."""
+    if not out.seqs:
+        return out
+    seqs = [replace(s, table=[], prompt_token_ids=s.prompt_token_ids if s.sampling_params.changes_logits else [],
+                    output_token_ids=s.output_token_ids if s.sampling_params.changes_logits else [])
+            for s in out.seqs]
+    return replace(out, seqs=seqs)
 
 
 def make_tp_executor(config: EngineConfig, device_blocks: int, host_blocks: int) -> TPExecutor:
