@@ -110,6 +110,8 @@ def test_bad_tensor_parallel_sizes_are_refused_by_name():
     with pytest.raises(ValueError, match="tensor_parallel_size=3"):
         AppArgs(model="tiny-llama", tensor_parallel_size=3)
     assert AppArgs(model="tiny-llama", tensor_parallel_size=2).engine_config().tensor_parallel_size == 2
+    # A cluster path absent here validates; the engine checks the sizes on its node.
+    assert AppArgs(model="/models/absent-70b", tensor_parallel_size=4).engine_config().tensor_parallel_size == 4
 
 
 def test_one_in_process_shard_is_the_single_device_runner():

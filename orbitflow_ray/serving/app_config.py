@@ -21,7 +21,8 @@ class AppArgs(BaseModel):
                                    description="EngineConfig fields (see `orbitflow run --help`).")
     tensor_parallel_size: int = Field(1, description="Shards per worker replica (tensor parallelism): each "
                                       "replica drives this many shard actors in one Ray placement group, one "
-                                      "GPU each on a cluster (one CPU on the cpu backend). KV budgets in "
+                                      "GPU each on a cluster (one CPU on the cpu backend), so the replica "
+                                      "itself needs no GPU (ray_actor_options num_gpus: 0). KV budgets in "
                                       "args.engine are per shard.")
     default_ttft_slo_s: float = Field(10.0, description="TTFT SLO for requests that set none; the TPOT "
                                       "default is engine.tpot_slo_s.")
@@ -85,7 +86,12 @@ class AppArgs(BaseModel):
         if self.tensor_parallel_size > 1:
             from orbitflow_ray.model.loader import load_spec
             from orbitflow_ray.model.tp import check_tp
-            check_tp(load_spec(self.model), self.tensor_parallel_size)
+            try:
+                spec = load_spec(self.model)
+            except (ValueError, OSError):  # not on this machine (a cluster path): the engine checks on its node
+                spec = None
+            if spec is not None:
+                check_tp(spec, self.tensor_parallel_size)
         return self
 
     def engine_config(self) -> EngineConfig:
