@@ -4,7 +4,7 @@ sets, and an idle stream under `orbitflow` released as produced (in the simulato
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from orbitflow_ray.planner.deposit import TokenDeposit, bank_target
+from orbitflow_ray.planner.deposit import ArrivalForecast, TokenDeposit, bank_target
 from orbitflow_ray.sim.simulator import SimConfig, simulate
 from orbitflow_ray.sim.workload import TraceRequest
 
@@ -138,15 +138,35 @@ def test_release_invariants(steps, slo, pace, flush):
     assert d.banked(emits[-1]) == sum(1 for r in rel if r > emits[-1] + EPS)
 
 
-def test_bank_target_covers_the_predicted_stall_and_lag():
+def test_bank_target_covers_the_predicted_stalls_and_lag():
     assert bank_target(0.05, 0.1, 64) == 0  # the step meets the SLO: nothing to bank
     # one step carries a 0.25 s prefill: 0.3 s, of which the SLO covers 0.1; 0.2 / 0.09 -> 3 tokens
-    assert bank_target(0.05, 0.1, 64, stall_s=0.25, pace=0.9) == 3
-    assert bank_target(0.05, 0.1, 64, stall_s=0.04) == 0  # 0.09 s: on time without a bank
+    assert bank_target(0.05, 0.1, 64, [0.25], pace=0.9) == 3
+    assert bank_target(0.05, 0.1, 64, [0.25, 0.0, 0.25], pace=0.9) == 5  # two: 0.4 / 0.09 -> 5
+    assert bank_target(0.05, 0.1, 64, [0.04]) == 0  # 0.09 s: on time without a bank
     assert bank_target(0.12, 0.1, 10) == 2  # a slow window: 10 x 20 ms of lag, 0.1 s a token
-    assert bank_target(0.2, 0.1, 0, stall_s=1.0) == 0  # nothing left to cover
+    assert bank_target(0.2, 0.1, 0, [1.0]) == 0  # nothing left to cover
     with pytest.raises(ValueError, match="slo_s"):
         bank_target(0.1, 0.0, 4)
+    with pytest.raises(ValueError, match="stalls_s"):
+        bank_target(0.1, 0.1, 4, [-1.0])
+
+
+def test_arrival_forecast():
+    f = ArrivalForecast(memory_s=10.0)
+    f.note("a", 0.0, 0.3)
+    assert f.stalls(1.0, 100.0) == []  # one arrival is no rate: an idle server forecasts nothing
+    f.note("b", 1.0, 0.5)
+    f.note("b", 1.0, 0.5)  # seen again (every replan): counted once
+    f.note("c", 2.0, 0.1)
+    assert f.stalls(4.0, 2.0) == [0.5]  # 2 arrivals in 4 s: one expected in 2 s, the largest prefill
+    assert f.stalls(4.0, 0.9) == []  # 0.45 expected: rounds to none
+    assert f.stalls(10.5, 6.0) == [0.5]  # "a" forgotten: 1 arrival over 9.5 s, 0.63 expected
+    assert f.stalls(30.0, 6.0) == []  # all forgotten: the server went idle
+    f.forget("b")
+    f.note("b", 31.0, 0.2)  # a new request under a reused id
+    with pytest.raises(ValueError, match="memory_s"):
+        ArrivalForecast(memory_s=0.0)
 
 
 # ---- through the scheduler: an idle stream is not paced ----------------------------------------

@@ -132,14 +132,23 @@ def test_the_plan_sets_the_deposit_bank_target():
     running = [replace(v, placement=tuple([Tier.DEVICE] * LAYERS)) for v in running]
     p.replan(running, _cap())
     assert p.deposit_target("r0") == p.deposit_target("r1") == 0 and p.deposit_target("gone") == 0
-    T, left, most = p._predicted_s, p.steps_left, running[0].max_new_tokens_left
+    T, W = p._predicted_s, min(p.plan.window, running[0].max_new_tokens_left)
     loose = [replace(v, slo_s=2 * T) for v in running]
     owing = [loose[0], replace(loose[1], num_tokens=2000, num_computed_tokens=40)]  # r1: a long prompt
     p.replan(owing, _cap())
     debt = p._prefill_debt_s(owing)
-    assert debt > 2 * T and p.deposit_target("r0") == bank_target(p._predicted_s, 2 * T, min(left - 1, most), debt, 0.9) > 0
+    assert debt > 2 * T and p.deposit_target("r0") == bank_target(p._predicted_s, 2 * T, W, [debt], 0.9) > 0
     p.replan([replace(v, slo_s=T / 2) for v in running], _cap())  # every step twice the SLO
-    assert p.deposit_target("r0") == bank_target(p._predicted_s, T / 2, min(left - 2, most)) > 0
+    assert p.deposit_target("r0") == bank_target(p._predicted_s, T / 2, W) > 0
+    # two arrivals in the last second (one a second), a plan window of 2 s: two prefills expected;
+    # the step just meets the SLO, so each would make a token late
+    busy = [replace(v, slo_s=T, arrival_time=0.5 * i) for i, v in enumerate(running)]
+    p.observe(StepStats(9, T, ("r0", "r1"), 80, 2, 2, now=1.0))
+    p.plan.window = round(2.0 / T)
+    p.replan(busy, _cap())
+    prefill = LAYERS * p.cost.model.compute_p_s_per_token * busy[0].num_prompt_tokens
+    expect = bank_target(p._predicted_s, T, min(p.plan.window, 99), [0.0, prefill, prefill], 0.9)
+    assert p.deposit_target("r0") == expect > 0
     ablation = make_policy("orbitflow-no-deposit", LAYERS, solve_ahead=False)
     ablation.admit(running[0], [], _cap())
     ablation.replan([replace(running[0], slo_s=T / 2)], _cap())

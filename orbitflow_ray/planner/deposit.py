@@ -37,27 +37,73 @@ token is late.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Sequence
 
 _EPS = 1e-9  # tolerance on time comparisons (timestamps are perf_counter floats)
 
 
-def bank_target(step_s: float, slo_s: float, tokens: int, stall_s: float = 0.0, pace: float = 1.0) -> int:
+def bank_target(step_s: float, slo_s: float, tokens: int, stalls_s: Sequence[float] = (),
+                pace: float = 1.0) -> int:
     """Tokens a request's bank must hold so that its next `tokens` tokens, each taking `step_s`
-    seconds with one step taking `stall_s` more (prefill chunks the batch still owes), stay on time.
+    seconds, with some steps taking `stalls_s` more (one entry per stalled step: prefill chunks),
+    stay on time.
 
     Two needs, the larger wins, 0 when neither exists:
-    - the stall step (TBT): while it runs, the bank releases one token per pace x slo, and the
-      token after it is late unless step + stall <= banked x pace x slo + slo;
+    - the stalled steps (TBT): while one runs, the bank releases a token per pace x slo, and the
+      token after it is late unless step + stall <= banked x pace x slo + slo; each stall draws
+      its own share (the bank is not counted as refilled between them: the conservative side);
     - a slow window (TPOT): tokens x (step - slo) of lag, one banked token per SLO of it, as the
       planner counts credit (`PlanRequest.effective_slo_s`).
     Raises ValueError on a non-positive step, SLO or pace, or negative tokens or stall."""
-    if not (step_s > 0 and slo_s > 0 and 0 < pace <= 1) or tokens < 0 or stall_s < 0:
-        raise ValueError(f"need step_s > 0, slo_s > 0, 0 < pace <= 1, tokens >= 0 and stall_s >= 0, got "
-                         f"{step_s=}, {slo_s=}, {pace=}, {tokens=}, {stall_s=}")
-    stall = (step_s + stall_s - slo_s) / (pace * slo_s) if stall_s > 0 and tokens > 0 else 0.0
+    if not (step_s > 0 and slo_s > 0 and 0 < pace <= 1) or tokens < 0 or any(s < 0 for s in stalls_s):
+        raise ValueError(f"need step_s > 0, slo_s > 0, 0 < pace <= 1, tokens >= 0 and stalls_s >= 0, got "
+                         f"{step_s=}, {slo_s=}, {pace=}, {tokens=}, {stalls_s=}")
+    if tokens == 0:
+        return 0
+    stall = sum(max(0.0, step_s + s - slo_s) for s in stalls_s if s > 0) / (pace * slo_s)
     lag = tokens * (step_s - slo_s) / slo_s
     return max(0, math.ceil(max(stall, lag) - 1e-6))
+
+
+@dataclass(slots=True)
+class ArrivalForecast:
+    """The prefill stalls arrivals will bring, forecast from the recent ones.
+
+    An arrival's prompt is prefilled in the steps that decode the running batch: a stall the
+    batch's streams must cover, which the plan's inputs cannot show before it arrives. The
+    forecast: arrivals keep coming at the rate of those seen in the last `memory_s` seconds
+    ((n - 1) arrivals over the span from the oldest to now: one arrival alone is no rate), each
+    stalling one step by the largest of their prefills. So an idle server, or one serving a lone
+    request, forecasts none."""
+
+    memory_s: float = 30.0
+    _arrivals: deque = field(default_factory=deque)  # (arrival time s, prefill s), oldest first
+    _seen: set = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if not self.memory_s > 0:
+            raise ValueError(f"memory_s must be positive, got {self.memory_s}")
+
+    def note(self, request_id: str, arrival_s: float, prefill_s: float) -> None:
+        """An admitted request (noted once, however often it is seen again)."""
+        if request_id not in self._seen:
+            self._seen.add(request_id)
+            self._arrivals.append((arrival_s, prefill_s))
+
+    def forget(self, request_id: str) -> None:
+        self._seen.discard(request_id)
+
+    def stalls(self, now: float, horizon_s: float) -> list[float]:
+        """Prefill stall seconds expected within the next `horizon_s`, one per expected arrival
+        (the expected count, rounded to nearest)."""
+        while self._arrivals and self._arrivals[0][0] < now - self.memory_s:
+            self._arrivals.popleft()
+        if len(self._arrivals) < 2 or now <= self._arrivals[0][0]:
+            return []
+        rate = (len(self._arrivals) - 1) / (now - self._arrivals[0][0])
+        return [max(p for _, p in self._arrivals)] * math.floor(rate * max(horizon_s, 0.0) + 0.5)
 
 
 @dataclass(slots=True)
