@@ -57,7 +57,7 @@ def main() -> int:
             print(_fmt({"rate": rate, "seed": "mean", "policy": policy,
                         **{k: float(np.mean([r[k] for r in sel])) for k in KEYS}}))
         for key in ("tpot_attainment", "tbt_attainment"):
-            worse = sum(_get(rows, rate, s, "orbitflow", key) < _get(rows, rate, s, "orbitflow-no-deposit", key) - 1e-12
+            worse = sum(_get(rows, rate, s, POLICIES[0], key) < _get(rows, rate, s, POLICIES[1], key) - 1e-12
                         for s in {r["seed"] for r in rows})
             print(f"  rate {rate}: deposit worse than no-deposit on {key} in {worse} of {len(args.seeds.split(','))} seeds")
     if args.json:

@@ -129,8 +129,9 @@ def test_release_invariants(steps, slo, pace, flush):
             assert r == max(t, prev + pace * slo)  # banking: paced, as the paper's rule
     if flush:
         d.flush(t)
-        assert d.banked(t) == 0 and d.release_times[-1] == t
+        assert d.banked(t) == 0 and d.release_times[-1] == t  # TPOT as without the deposit
     rel, emits = d.release_times, d.emit_times
+    assert rel[0] == emits[0]
     assert all(r >= e - EPS for r, e in zip(rel, emits))
     assert all(b >= a - EPS for a, b in zip(rel, rel[1:]))
     late = sum(1 for i in range(1, len(emits)) if emits[i] > rel[i - 1] + slo + EPS)

@@ -4,7 +4,9 @@ The paper (OrbitFlow, Token-Deposit) paces every stream at the SLO: a token prod
 pace is banked and released when the pace reaches it, so a later slow step (a stall) is hidden by
 the tokens in the bank. Pacing a stream that no stall will hit only slows it down, so here the
 bank has a *target*: `target_tokens`, the tokens that cover the stalls the plan predicts over its
-window (`bank_target`; the scheduler sets it from `KVPolicy.deposit_target` before every token).
+window (`bank_target`: its slow steps, the prefill the batch owes, and the prefills of arrivals
+forecast from the recent ones, `ArrivalForecast`). The scheduler sets it from
+`KVPolicy.deposit_target` before every token; on an idle server it is 0.
 
 Release rule, with ps = pace * slo and the previous token's release r_{i-1} (final or banked):
 
@@ -19,15 +21,16 @@ Invariants (tests/test_deposit.py checks each):
   limit, every token is paced (the paper's rule, for a policy without a plan).
 - While the bank is below its target, a new token leaves at least ps after the previous one;
   right after an emit the bank holds at most `target_tokens` tokens. A banked token's release is
-  provisional: a later emit (the bank outgrew a lowered target) or `flush` (the request finished:
-  nothing is left to cover) may move it earlier, never later. `release_times` below the latest
-  emit are final.
+  provisional: a later emit (the bank outgrew a lowered target) or `flush` may move it earlier,
+  never later. `release_times` below the latest emit are final.
+- A finished request's bank goes out at its last emit (`flush`: nothing is left to cover), so its
+  first and last releases are its first and last emissions: its TPOT (the mean gap) is exactly
+  what it would be without the deposit, for the same emissions.
 - A token is *late* exactly when the bank was empty and it missed the SLO: e_i > r_{i-1} + slo
   with r_{i-1} <= e_i. Since r_{i-1} >= e_{i-1}, a late token is late without the deposit too,
-  so the deposit never adds late tokens. `pace` = 1 is the paper's pacing; the default 0.9
-  releases slightly faster than the SLO, which keeps TBT on time just the same but leaves a
-  banked stream 10 % of slack in its mean (TPOT): at pace 1 the mean of a banked stream sits
-  exactly at the SLO, so one late token would fail the request's TPOT.
+  so the deposit never adds late tokens.
+- `pace` = 1 is the paper's pacing; the default 0.9 fills the bank releasing slightly faster than
+  the SLO, which keeps every gap on time just the same and leaves slack for a late one.
 
 Tokens in the bank at time t (emitted, not yet released) are the credit the planner counts
 against SLO violations (`PlanRequest.deposit_tokens`). Disabled, release == emit and every slow
@@ -79,8 +82,8 @@ class ArrivalForecast:
     request, forecasts none."""
 
     memory_s: float = 30.0
-    _arrivals: deque = field(default_factory=deque)  # (arrival time s, prefill s), oldest first
-    _seen: set = field(default_factory=set)
+    _arrivals: deque = field(default_factory=deque, init=False, repr=False)  # (arrival s, prefill s)
+    _seen: set = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.memory_s > 0:
@@ -115,7 +118,7 @@ class TokenDeposit:
     emit_times: list[float] = field(default_factory=list)
     release_times: list[float] = field(default_factory=list)
     num_late: int = 0
-    _first_banked: int = 0  # no token before this index is still banked
+    _first_banked: int = field(default=0, init=False, repr=False)  # no token before it is banked
 
     def __post_init__(self) -> None:
         if not self.slo_s > 0:
