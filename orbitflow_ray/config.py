@@ -53,11 +53,13 @@ class EngineConfig:
         "no-offload decode step of the default model with a full batch on 2 CPU cores (the paper's "
         "SLOs are 1-2.5x that step); set it from your model and GPU.", default=0.25)
     token_deposit: bool | None = _help(
-        "Pace each stream at its SLO, banking early tokens (Token-Deposit). None: the policy's "
-        "default (on for orbitflow, off for the baselines).", default=None)
+        "Token-Deposit: bank each stream's early tokens up to what covers the stalls the policy's "
+        "plan predicts (every token, paced at the SLO, under a policy that has no plan). None: the "
+        "policy's default (on for orbitflow, off for the baselines).", default=None)
     deposit_pace: float = _help(
-        "Token-Deposit releases banked tokens every deposit_pace x SLO: 1 is the paper's pace; 0.9 "
-        "keeps every gap on time and leaves 10%% slack in each stream's mean (TPOT).", default=0.9)
+        "While its bank fills, Token-Deposit releases a stream's tokens every deposit_pace x SLO: "
+        "1 is the paper's pace; 0.9 keeps every gap on time and leaves 10%% slack in each stream's "
+        "mean (TPOT).", default=0.9)
     pause_strategy: str = _help("Pause-Resume victim when no placement fits: largest (fewest "
                                 "pauses), shortest or random.", default="largest")
     max_pause_s: float = _help("A request paused longer than this is resumed first and not paused "

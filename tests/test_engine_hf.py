@@ -178,7 +178,8 @@ def test_each_result_identical_to_running_alone(prompts):
 def test_orbitflow_pause_resume_loses_nothing(prompts):
     """OrbitFlow under a device budget that holds the batch at admission but not after it grows:
     the planner pauses the largest request (all its KV to host) and resumes it later. Its output
-    is identical to an uninterrupted run, and Token-Deposit paces every stream."""
+    is identical to an uninterrupted run, and Token-Deposit holds nothing back: under a 10 s SLO
+    the plan predicts no stall, so every token is released as produced."""
     subset = {k: prompts[k] for k in ("tiny", "chat", "medium")}
     per_block, window = 15 * 16 * 1536, 4  # largest offload keeps 15 of 30 layers on device
     budget = sum(-(-(len(p) + window) // 16) for p in subset.values()) * per_block
@@ -195,6 +196,4 @@ def test_orbitflow_pause_resume_loses_nothing(prompts):
     for o in outs:
         m = o.metrics
         assert len(m.release_times) == len(m.token_times) == MAX_TOKENS
-        pace = llm.engine.config.deposit_pace * m.slo_s
-        assert all(b - a >= pace - 1e-9 for a, b in zip(m.release_times, m.release_times[1:]))
-        assert all(r >= t for r, t in zip(m.release_times, m.token_times))
+        assert m.release_times == m.token_times
