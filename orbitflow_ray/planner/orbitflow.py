@@ -41,6 +41,7 @@ from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         StepStats, register_policy)
+from orbitflow_ray.planner.deposit import ArrivalForecast, bank_target
 from orbitflow_ray.planner.pause import pause_strategy
 from orbitflow_ray.planner.planning import PlanResult, RemoteSolve
 from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs, PlanRequest,
@@ -67,7 +68,8 @@ class OrbitFlow(KVPolicy):
                  distances: tuple[int, ...] | None = None, windows: tuple[int, ...] = DEFAULT_WINDOWS,
                  pause_strategy_name: str = "largest", max_pause_s: float = 30.0, slo_s: float = 0.5,
                  drift_threshold: float = 0.25, drift_patience: int = 3, solve_ahead: bool = True,
-                 seed: int = 0, solver: str = "fast", **options) -> None:
+                 seed: int = 0, solver: str = "fast", deposit_pace: float = 0.9, arrival_memory_s: float = 30.0,
+                 **options) -> None:
         super().__init__(num_layers)
         if max_pause_s <= 0 or drift_threshold <= 0 or drift_patience < 1 or slo_s <= 0:
             raise ValueError("need max_pause_s > 0, drift_threshold > 0, drift_patience >= 1, slo_s > 0")
@@ -91,6 +93,10 @@ class OrbitFlow(KVPolicy):
         self._cap: CapacityView | None = None
         self._refused: dict[str, frozenset[str]] = {}  # admission refused for this running set
         self._protected: frozenset[str] = frozenset()  # resumed after an overlong pause: not paused again
+        self._bank: dict[str, int] = {}  # Token-Deposit bank targets (`deposit_target`)
+        self.deposit_pace = deposit_pace  # the deposit's release pace, for its bank targets
+        self.arrivals = ArrivalForecast(arrival_memory_s)  # the stalls arrivals bring (bank targets)
+        self._now = 0.0  # the clock of the last observed step
         self.counters = {k: 0 for k in ("plans", "pauses", "resumes", "fallbacks", "infeasible",
                                         "trigger_batch", "trigger_window", "trigger_drift",
                                         "trigger_capacity", "plans_missing_slo")}
@@ -102,8 +108,7 @@ class OrbitFlow(KVPolicy):
         # Prefill chunks still owed by the batch (a new arrival's whole prompt included) will share
         # steps with the decodes: their compute is debt every request's tokens must absorb within
         # the first window, so it comes off each request's SLO as debt / tokens in that window.
-        debt = (self.num_layers * self.cost.model.compute_p_s_per_token
-                * sum(v.prefill_tokens_left for v in views))
+        debt = self._prefill_debt_s(views)
         w0 = self.windows[0]
         reqs = tuple(PlanRequest(v.request_id, max(1, v.num_tokens), v.max_new_tokens_left,
                                  _slo_after_debt(v.slo_s or self.default_slo_s, debt,
@@ -112,6 +117,9 @@ class OrbitFlow(KVPolicy):
         return PlanInputs(reqs, self.num_layers, kvb, cap.device_total_blocks * cap.block_bytes,
                           self.cost.model.link_bytes_per_s, a, b, self.distances, self.windows,
                           cap.block_size)
+
+    def _prefill_debt_s(self, views: list[RequestView]) -> float:
+        return self.num_layers * self.cost.model.compute_p_s_per_token * sum(v.prefill_tokens_left for v in views)
 
     def _solve(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str],
                probe: bool = False) -> tuple[Plan, list[str]]:
@@ -261,6 +269,7 @@ class OrbitFlow(KVPolicy):
             plan, paused = solved
             result = self._install(plan, running, paused)
         self._predict(running, cap)
+        self._bank = self._bank_targets(running)
         self._solve_ahead(running, cap)
         return result
 
@@ -311,10 +320,31 @@ class OrbitFlow(KVPolicy):
         _, ctx0, T0 = self._anchor
         self._predicted_s = T0 + self.num_layers * self.cost.model.compute_b_s_per_token * (ctx - ctx0)
 
+    def _bank_targets(self, running: list[RequestView]) -> dict[str, int]:
+        """Token-Deposit: per planned request, the tokens that cover the stalls predicted over the
+        next plan window (`deposit.bank_target`): the plan's step above the request's SLO, the
+        prefill the batch still owes, and the prefills of the arrivals forecast from the recent
+        ones (`deposit.ArrivalForecast`: arrivals are not in the plan's inputs). 0 where none is
+        predicted: on an idle server a stream goes out as produced."""
+        if not self.uses_deposit or self.plan is None or self._predicted_s is None:
+            return {}
+        kp = self.num_layers * self.cost.model.compute_p_s_per_token
+        for v in running:
+            self.arrivals.note(v.request_id, v.arrival_time, kp * v.num_prompt_tokens)
+        T, W = self._predicted_s, self.plan.window
+        stalls = [self._prefill_debt_s(running)] + self.arrivals.stalls(self._now, W * T)
+        return {v.request_id: bank_target(T, v.slo_s or self.default_slo_s, min(W, v.max_new_tokens_left),
+                                          stalls, self.deposit_pace)
+                for v in running if v.request_id in self.plan.distances}
+
+    def deposit_target(self, request_id: str) -> int | None:
+        return self._bank.get(request_id, 0)
+
     def observe(self, stats: StepStats) -> None:
         """Runtime feedback: the cost model learns from every step; a decode-only step that
         misses the prediction by more than the threshold, `drift_patience` times in a row,
         marks the plan stale (re-solved one step ahead, on the refitted model)."""
+        self._now = stats.now
         if stats.num_decodes and stats.new_tokens == stats.num_decodes:  # what solving ahead budgets
             self._step_s = stats.wall_s if self._step_s is None else 0.8 * self._step_s + 0.2 * stats.wall_s
         pred = self._predicted_s
@@ -329,6 +359,7 @@ class OrbitFlow(KVPolicy):
             self._drift_run = 0
 
     def request_finished(self, request_id: str) -> None:
+        self.arrivals.forget(request_id)
         self._refused.pop(request_id, None)
         self._protected -= {request_id}
 
