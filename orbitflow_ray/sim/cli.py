@@ -69,7 +69,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload")
     w.add_argument("--trace", help="a JSONL trace (arrival_s, input_tokens, output_tokens[, tpot_slo_s, ttft_slo_s]) "
                                    "instead of a generated workload")
-    w.add_argument("--workload", default="sharegpt", help="sharegpt, longbench, fixed or uniform (default: sharegpt)")
+    w.add_argument("--workload", default="sharegpt", help="sharegpt, longbench, fixed, uniform or pressure (default: sharegpt)")
     w.add_argument("--arrival", default="lognormal", help="poisson, gamma or lognormal (default: lognormal)")
     w.add_argument("--cv", type=float, default=1.0, help="arrival-gap coefficient of variation (default: 1)")
     w.add_argument("--num-requests", type=int, default=None, help="requests in the trace (default: 50)")
@@ -150,13 +150,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from orbitflow_ray.sim.compare import run_grid
+    from orbitflow_ray.sim.compare import run_grid, split_policy
 
     if args.list:
         return _list()
     rates = args.rates
     trace, workload = _trace(args, rates[0])
-    cfg = _base_config(args, args.policies[0], args.slo_scales[0])
+    cfg = _base_config(args, split_policy(args.policies[0])[0], args.slo_scales[0])
     runs = run_grid(cfg, trace, rates[0], args.policies, rates, args.slo_scales)
     _emit(args, runs, _context(args, cfg, trace, workload))
     if not args.out and not args.json:
@@ -220,7 +220,8 @@ def add_sim_commands(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--policies", type=_names,
                    default=_names("orbitflow,all-offload,static-uniform,flexgen-plus,select-n,no-offload"),
-                   help="comma-separated policies (default: orbitflow and the five baselines)")
+                   help="comma-separated policies, each optionally with +fcfs or +slo for that admission "
+                        "instead of its own (default: orbitflow and the five baselines)")
     c.add_argument("--rates", type=_floats, default=[0.5, 1, 2, 4], help="arrival rates (default: 0.5,1,2,4)")
     c.add_argument("--slo-scales", type=_floats, default=[1.5],
                    help="SLO scales, of the TPOT/TBT and the default TTFT SLO (default: 1.5)")

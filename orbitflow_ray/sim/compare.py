@@ -1,7 +1,8 @@
 """Every policy on the same trace, side by side: a grid of (SLO scale, policy, admission, rate) runs.
 
-Rates are a sweep on one trace (`scale_rate`), so every policy and rate sees the same requests. A run
-with an admission other than the policy's own is labelled `policy+admission` (`run_label`).
+Rates are a sweep on one trace (`scale_rate`), so every policy and rate sees the same requests. A
+policy named `policy+admission` (e.g. `flexgen-plus+slo`, `orbitflow+fcfs`) runs with that admission
+instead of the policy's own, and its runs are labelled so (`run_label`).
 """
 
 from __future__ import annotations
@@ -50,14 +51,21 @@ def run_entry(result: SimResult, rate: float, slo_scale: float) -> dict:
             "tbt_over_slo": tbt_over_slo(result.records)}
 
 
+def split_policy(spec: str, admission: str | None = None) -> tuple[str, str | None]:
+    """`policy` or `policy+admission` -> (policy, admission); without a suffix, `admission`."""
+    name, plus, adm = spec.partition("+")
+    if plus and not adm:
+        raise ValueError(f"{spec!r}: name an admission after '+' (e.g. {name}+slo)")
+    return name, adm or admission
+
+
 def run_grid(base: SimConfig, trace: list[TraceRequest], base_rate: float, policies: Sequence[str],
-             rates: Sequence[float], slo_scales: Sequence[float], progress: bool = True,
-             admissions: Sequence[str | None] | None = None) -> list[dict]:
-    """`admissions`: each policy runs with each (None: its own); None: `base.admission` only."""
+             rates: Sequence[float], slo_scales: Sequence[float], progress: bool = True) -> list[dict]:
+    """Every (SLO scale, policy, rate); a policy may be `policy+admission` (`split_policy`)."""
     runs = []
-    adms = [base.admission] if admissions is None else list(admissions)
-    grid = [(s, p, a, r) for s in slo_scales for p in policies for a in adms for r in rates]
-    for scale, policy, admission, rate in tqdm(grid, desc="compare", disable=not progress):
+    grid = [(s, p, r) for s in slo_scales for p in policies for r in rates]
+    for scale, spec, rate in tqdm(grid, desc="compare", disable=not progress):
+        policy, admission = split_policy(spec, base.admission)
         cfg = dataclasses.replace(base, kv_policy=policy, admission=admission, slo_scale=scale)
         result = simulate(cfg, scale_rate(trace, rate / base_rate))
         runs.append(run_entry(result, rate, scale))

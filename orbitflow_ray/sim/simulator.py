@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from tqdm.auto import tqdm
 
-from orbitflow_ray.config import EngineConfig
+from orbitflow_ray.config import ADMISSIONS, EngineConfig
 from orbitflow_ray.costmodel import OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.kv.tier_manager import KVTierManager
@@ -91,6 +91,8 @@ class SimConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive seconds when set, got {value!r}")
+        if self.admission is not None and self.admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS} or None, got {self.admission!r}")
         self.plan_windows = tuple(self.plan_windows)
 
     @classmethod
