@@ -45,7 +45,7 @@ SETUPS = {
     "70b-tp4-h100-longbench": (SimConfig(model="llama-3-70b", gpu="h100-80gb-sxm", tp=4, device_kv_bytes=2 * GiB),
                                dict(length="longbench", max_input_tokens=7_500), [0.25, 0.5, 1.0, 2.0]),
     "8b-a100-pressure": (SimConfig(model="llama-3.1-8b", gpu="a100-80gb", device_kv_bytes=1 * GiB),
-                         dict(length="pressure", arrival="gamma", cv=3.0), [0.05, 0.1, 0.2, 0.4]),
+                         dict(length="pressure", arrival="gamma", cv=3.0), [0.025, 0.05, 0.1, 0.2]),
 }
 SEED_METRICS = (("goodput_req_s", "goodput req/s", "{:.4f}"), ("ttft_attainment", "TTFT att.", "{:.0%}"),
                 ("p95_ttft_s", "P95 TTFT s", "{:.1f}"), ("tpot_attainment", "TPOT att.", "{:.0%}"),
