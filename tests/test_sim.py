@@ -119,15 +119,16 @@ def test_cli_slo_flags(capsys):
 
 
 def test_cli_simulate_and_compare(tmp_path, capsys):
-    assert main(["simulate", "--policy", "orbitflow", "--workload", "sharegpt", "--num-requests", "8",
-                 "--rate", "4", "--device-kv-bytes", "1GiB", "--json"]) == 0
+    assert main(["simulate", "--policy", "orbitflow", "--admission", "fcfs", "--workload", "sharegpt",
+                 "--num-requests", "8", "--rate", "4", "--device-kv-bytes", "1GiB", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["runs"][0]["policy"] == "orbitflow" and out["runs"][0]["metrics"]["num_requests"] == 8
-    assert main(["compare", "--policies", "orbitflow,all-offload", "--rates", "1,4", "--num-requests", "6",
+    assert out["runs"][0]["policy"] == "orbitflow+fcfs" and out["runs"][0]["metrics"]["num_requests"] == 8
+    # a policy+admission name runs that policy with that admission
+    assert main(["compare", "--policies", "orbitflow,all-offload+slo", "--rates", "1,4", "--num-requests", "6",
                  "--device-kv-bytes", "1GiB", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert {(r["policy"], r["rate"]) for r in report["runs"]} == {
-        (p, r) for p in ("orbitflow", "all-offload") for r in (1.0, 4.0)}
+        (p, r) for p in ("orbitflow", "all-offload+slo") for r in (1.0, 4.0)}
     md = (tmp_path / "report.md").read_text()
     head = next(line for line in md.splitlines() if line.startswith("| policy"))
     assert head.startswith("| policy | goodput req/s @1/s | TTFT att. @1/s | P95 TTFT @1/s | TPOT att. @1/s | "
