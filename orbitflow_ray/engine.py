@@ -15,12 +15,15 @@ import torch
 from orbitflow_kernels import Direction, make_transfer_engine
 from orbitflow_ray.config import EngineConfig
 from orbitflow_ray.costmodel import OnlineCostModel, default_prior
+from orbitflow_ray.executor.tp import make_tp_executor
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.kv.store import KVStore
 from orbitflow_ray.kv.tier_manager import KVTierManager
 from orbitflow_ray.model.llama import LlamaModel
-from orbitflow_ray.model.loader import load_model, load_spec
+from orbitflow_ray.model.loader import load_model, load_spec, load_tokenizer
 from orbitflow_ray.model.runner import ModelRunner
+from orbitflow_ray.model.tp import check_tp
+from orbitflow_ray.model.tp import kv_bytes_per_token_per_layer as tp_kv_bytes
 from orbitflow_ray.outputs import RequestMetrics, RequestOutput, StepRecord
 from orbitflow_ray.planner import policy_from_config
 from orbitflow_ray.request import Request
@@ -39,16 +42,28 @@ class LLMEngine:
         self.cost = OnlineCostModel(default_prior(spec.num_layers, config.link_bandwidth_bytes_per_s,
                                                   config.backend))
         self.policy = policy_from_config(config, spec.num_layers, self.cost)
-        self.block_bytes = spec.kv_bytes_per_token_per_layer(dtype.itemsize) * config.block_size
+        tp = config.tensor_parallel_size
+        check_tp(spec, tp)
+        # Byte budgets and blocks are per shard: a block holds one shard's KV heads (all of them at TP 1).
+        self.block_bytes = tp_kv_bytes(spec, tp, dtype.itemsize) * config.block_size
         device_blocks = config.device_kv_bytes // self.block_bytes
         if device_blocks == 0:
             raise ValueError(f"device_kv_bytes={config.device_kv_bytes} cannot hold even one KV block of one "
                              f"layer ({self.block_bytes} bytes = {config.block_size} tokens of {spec.name})")
         host_blocks = config.host_kv_bytes // self.block_bytes
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
-        loaded = load_model(config.model, dtype=dtype, seed=config.seed)
-        self.spec, self.tokenizer = loaded.spec, loaded.tokenizer
-        self.transfer = make_transfer_engine(config.backend, bandwidth_bytes_per_s=config.link_bandwidth_bytes_per_s)
+        if tp > 1:  # shard actors load their own weight slices and own their stores (executor/)
+            self.spec, self.tokenizer = spec, load_tokenizer(config.model)
+            self.runner = make_tp_executor(config, device_blocks, host_blocks)
+            self.transfer = self.runner.transfer
+        else:
+            loaded = load_model(config.model, dtype=dtype, seed=config.seed)
+            self.spec, self.tokenizer = loaded.spec, loaded.tokenizer
+            self.transfer = make_transfer_engine(config.backend,
+                                                 bandwidth_bytes_per_s=config.link_bandwidth_bytes_per_s)
+            store = KVStore(self.transfer, device_blocks, host_blocks, config.block_size, spec.num_kv_heads,
+                            spec.head_dim, dtype, config.prefetch_depth)
+            self.runner = ModelRunner(LlamaModel(spec, loaded.weights, self.transfer.device), store)
         self.kv = KVTierManager(spec.num_layers, config.block_size, self.block_bytes, device_blocks, host_blocks)
         eos = set(spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -57,9 +72,6 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         if self.tokenizer is not None:
             self.scheduler.detokenize = self._check_stop_strings
-        store = KVStore(self.transfer, device_blocks, host_blocks, config.block_size, spec.num_kv_heads,
-                        spec.head_dim, dtype, config.prefetch_depth)
-        self.runner = ModelRunner(LlamaModel(spec, loaded.weights, self.transfer.device), store)
         self._ids = itertools.count()
         self.peak_bytes = {Tier.DEVICE: 0, Tier.HOST: 0}
         self.num_steps = 0

@@ -111,7 +111,7 @@ def batch_plan_inputs(views: Sequence[RequestView], cap: CapacityView, num_layer
     so it comes off each request's SLO as debt / tokens in that window (never below a tenth of the
     SLO: the planner then reports the miss instead of dividing by nothing)."""
     a, b = cost.model.decode_layer_coeffs(len(views))
-    debt = num_layers * cost.model.compute_p_s_per_token * sum(v.prefill_tokens_left for v in views)
+    debt = prefill_debt_s(views, num_layers, cost)
     w0 = windows[0]
     reqs = []
     for v in views:
@@ -121,6 +121,11 @@ def batch_plan_inputs(views: Sequence[RequestView], cap: CapacityView, num_layer
                                 max(0.1 * slo, slo - debt / max(tokens, 1)), v.deposit_tokens if deposit else 0))
     return PlanInputs(tuple(reqs), num_layers, cap.block_bytes // cap.block_size, cap.device_total_blocks * cap.block_bytes,
                       cost.model.link_bytes_per_s, a, b, distances, windows, cap.block_size)
+
+
+def prefill_debt_s(views: Sequence[RequestView], num_layers: int, cost: OnlineCostModel) -> float:
+    """Seconds of prefill compute the batch still owes (every prompt token not yet computed)."""
+    return num_layers * cost.model.compute_p_s_per_token * sum(v.prefill_tokens_left for v in views)
 
 
 def distance_like(tiers: Sequence[Tier], num_layers: int) -> int:

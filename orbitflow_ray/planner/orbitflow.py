@@ -36,10 +36,11 @@ from dataclasses import replace
 
 from orbitflow_ray.costmodel import OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
-from orbitflow_ray.planner.admission import AdmissionKind, batch_plan_inputs
+from orbitflow_ray.planner.admission import AdmissionKind, batch_plan_inputs, prefill_debt_s
 from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         StepStats, register_policy)
+from orbitflow_ray.planner.deposit import ArrivalForecast, bank_target
 from orbitflow_ray.planner.pause import pause_strategy
 from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs,
                                            PlanStatus, distance_set, make_plan, placement_for_distance,
@@ -66,7 +67,8 @@ class OrbitFlow(KVPolicy):
                  distances: tuple[int, ...] | None = None, windows: tuple[int, ...] = DEFAULT_WINDOWS,
                  pause_strategy_name: str = "largest", max_pause_s: float = 30.0, slo_s: float = 0.5,
                  drift_threshold: float = 0.25, drift_patience: int = 3, solve_ahead: bool = True,
-                 seed: int = 0, solver: str = "fast", **options) -> None:
+                 seed: int = 0, solver: str = "fast", deposit_pace: float = 0.9, arrival_memory_s: float = 30.0,
+                 **options) -> None:
         super().__init__(num_layers, cost_model=cost_model, slo_s=slo_s, windows=windows, **options)
         if max_pause_s <= 0 or drift_threshold <= 0 or drift_patience < 1:
             raise ValueError("need max_pause_s > 0, drift_threshold > 0, drift_patience >= 1")
@@ -89,6 +91,10 @@ class OrbitFlow(KVPolicy):
         self._refused: dict[str, frozenset[str]] = {}  # admission refused for this running set
         self._proposal: tuple[Plan, list[str], PlacementPlan] | None = None  # the last `propose`'s
         self._protected: frozenset[str] = frozenset()  # resumed after an overlong pause: not paused again
+        self._bank: dict[str, int] = {}  # Token-Deposit bank targets (`deposit_target`)
+        self.deposit_pace = deposit_pace  # the deposit's release pace, for its bank targets
+        self.arrivals = ArrivalForecast(arrival_memory_s)  # the stalls arrivals bring (bank targets)
+        self._now = 0.0  # the clock of the last observed step
         self.counters = {k: 0 for k in ("plans", "pauses", "resumes", "fallbacks", "infeasible",
                                         "trigger_batch", "trigger_window", "trigger_drift",
                                         "trigger_capacity", "plans_missing_slo")}
@@ -98,6 +104,9 @@ class OrbitFlow(KVPolicy):
         """The batch's problem, prefill debt taken off the SLOs (`admission.batch_plan_inputs`)."""
         return batch_plan_inputs(views, cap, self.num_layers, self.cost, self.default_slo_s, self.windows,
                                  self.distances, deposit=self.uses_deposit)
+
+    def _prefill_debt_s(self, views: list[RequestView]) -> float:
+        return prefill_debt_s(views, self.num_layers, self.cost)
 
     def _solve(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str],
                probe: bool = False) -> tuple[Plan, list[str]]:
@@ -265,6 +274,7 @@ class OrbitFlow(KVPolicy):
             plan, paused = solved
             result = self._install(plan, running, paused)
         self._predict(running, cap)
+        self._bank = self._bank_targets(running)
         if self.steps_left == 1 or self._stale:  # the window ends next step: solve it now, off-thread
             nxt = [_advance(v) for v in running if v.max_new_tokens_left > 1]
             if nxt and not self.ahead.pending(self._key(nxt)):
@@ -306,10 +316,31 @@ class OrbitFlow(KVPolicy):
         _, ctx0, T0 = self._anchor
         self._predicted_s = T0 + self.num_layers * self.cost.model.compute_b_s_per_token * (ctx - ctx0)
 
+    def _bank_targets(self, running: list[RequestView]) -> dict[str, int]:
+        """Token-Deposit: per planned request, the tokens that cover the stalls predicted over the
+        next plan window (`deposit.bank_target`): the plan's step above the request's SLO, the
+        prefill the batch still owes, and the prefills of the arrivals forecast from the recent
+        ones (`deposit.ArrivalForecast`: arrivals are not in the plan's inputs). 0 where none is
+        predicted: on an idle server a stream goes out as produced."""
+        if not self.uses_deposit or self.plan is None or self._predicted_s is None:
+            return {}
+        kp = self.num_layers * self.cost.model.compute_p_s_per_token
+        for v in running:
+            self.arrivals.note(v.request_id, v.arrival_time, kp * v.num_prompt_tokens)
+        T, W = self._predicted_s, self.plan.window
+        stalls = [self._prefill_debt_s(running)] + self.arrivals.stalls(self._now, W * T)
+        return {v.request_id: bank_target(T, v.slo_s or self.default_slo_s, min(W, v.max_new_tokens_left),
+                                          stalls, self.deposit_pace)
+                for v in running if v.request_id in self.plan.distances}
+
+    def deposit_target(self, request_id: str) -> int | None:
+        return self._bank.get(request_id, 0)
+
     def observe(self, stats: StepStats) -> None:
         """Runtime feedback: the cost model learns from every step; a decode-only step that
         misses the prediction by more than the threshold, `drift_patience` times in a row,
         marks the plan stale (re-solved one step ahead, on the refitted model)."""
+        self._now = stats.now
         pred = self._predicted_s
         if pred is None or stats.new_tokens != stats.num_decodes or pred <= 0:
             return
@@ -322,6 +353,7 @@ class OrbitFlow(KVPolicy):
             self._drift_run = 0
 
     def request_finished(self, request_id: str) -> None:
+        self.arrivals.forget(request_id)
         self._refused.pop(request_id, None)
         self._protected -= {request_id}
 
