@@ -7,6 +7,9 @@ computes (issued `prefetch_depth` host layers ahead, so the copy overlaps the co
 layers); the new tokens are written into the staging copy, attention reads it (decodes through
 `decode_groups`, prefill chunks through `read`), and the touched blocks are written back to host. The
 transfer engine runs jobs in order, so a write-back always lands before the next step's prefetch.
+A prefill chunk's host layer instead reads and writes its prompt's own buffer (`PromptStage`), kept
+across chunks, so the prior context is not copied in again for every chunk. With `slot_blocks` set
+the slots are that size, inside the device budget, and the scheduler keeps each step within them.
 Block ids come from the store's own tensor tables (`BlockTables`), kept current by the plan's table
 deltas, so indexing a step is a few tensor ops over the batch whatever the context length.
 """
