@@ -66,11 +66,13 @@ class EngineConfig:
         "no-offload decode step of the default model with a full batch on 2 CPU cores (the paper's "
         "SLOs are 1-2.5x that step); set it from your model and GPU.", default=0.25)
     token_deposit: bool | None = _help(
-        "Pace each stream at its SLO, banking early tokens (Token-Deposit). None: the policy's "
-        "default (on for orbitflow, off for the baselines).", default=None)
+        "Token-Deposit: bank each stream's early tokens up to what covers the stalls the policy's "
+        "plan predicts (every token, paced at the SLO, under a policy that has no plan). None: the "
+        "policy's default (on for orbitflow, off for the baselines).", default=None)
     deposit_pace: float = _help(
-        "Token-Deposit releases banked tokens every deposit_pace x SLO: 1 is the paper's pace; 0.9 "
-        "keeps every gap on time and leaves 10%% slack in each stream's mean (TPOT).", default=0.9)
+        "While its bank fills, Token-Deposit releases a stream's tokens every deposit_pace x SLO: "
+        "1 is the paper's pace; 0.9 keeps every gap on time and leaves 10%% slack in each stream's "
+        "mean (TPOT).", default=0.9)
     pause_strategy: str = _help("Pause-Resume victim when no placement fits: largest (fewest "
                                 "pauses), shortest or random.", default="largest")
     max_pause_s: float = _help("A request paused longer than this is resumed first and not paused "
@@ -84,6 +86,10 @@ class EngineConfig:
     seed: int = _help("Seed for random-initialised presets.", default=0)
     max_model_len: int | None = _help("Context limit. None: the model's max_position_embeddings.",
                                       default=None)
+    tensor_parallel_size: int = _help(
+        "Shards of the model (Megatron tensor parallelism): > 1 runs one shard actor per GPU (one CPU "
+        "on the cpu backend) in a Ray placement group. Must divide the model's heads and MLP width. "
+        "The KV byte budgets are per shard. 1: one device, no Ray.", default=1)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -118,6 +124,9 @@ class EngineConfig:
             raise ValueError(f"deposit_pace must be in (0, 1], got {self.deposit_pace}")
         if not self.tpot_slo_s > 0 or not self.max_pause_s > 0:
             raise ValueError("tpot_slo_s and max_pause_s must be positive")
+        if (not isinstance(self.tensor_parallel_size, int) or isinstance(self.tensor_parallel_size, bool)
+                or self.tensor_parallel_size < 1):
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 

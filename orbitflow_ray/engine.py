@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,20 +17,38 @@ from orbitflow_ray.config import EngineConfig
 from orbitflow_ray.costmodel import OnlineCostModel, default_prior
 from orbitflow_ray.detokenizer import IncrementalDetokenizer, first_stop
 from orbitflow_ray.device_tier import DeviceTier, auto_device_kv_bytes, size_device_tier
+from orbitflow_ray.executor.tp import make_tp_executor
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.kv.store import KVStore
 from orbitflow_ray.kv.tier_manager import KVTierManager
 from orbitflow_ray.model.llama import LlamaModel
-from orbitflow_ray.model.loader import load_model, load_spec
+from orbitflow_ray.model.loader import load_model, load_spec, load_tokenizer
 from orbitflow_ray.model.runner import ModelRunner
+from orbitflow_ray.model.tp import check_tp
+from orbitflow_ray.model.tp import kv_bytes_per_token_per_layer as tp_kv_bytes
 from orbitflow_ray.outputs import RequestMetrics, RequestOutput, StepRecord
 from orbitflow_ray.planner import policy_from_config
-from orbitflow_ray.request import Request
+from orbitflow_ray.planner.base import CapacityView, RequestView
+from orbitflow_ray.request import Request, RequestStatus
 from orbitflow_ray.sampling_params import SamplingParams
 from orbitflow_ray.sched.feedback import feed_back
 from orbitflow_ray.sched.scheduler import Scheduler
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    """What a worker reports about its engine at a step boundary (`LLMEngine.snapshot`)."""
+
+    running: tuple[RequestView, ...]  # planner views of the running batch
+    num_waiting: int
+    num_paused: int  # swapped out by Pause-Resume (not by preemption)
+    capacity: CapacityView
+    kv: dict[str, int]  # `kv_stats()`: bytes per tier, peaks, transfers, preemptions, steps
+    policy_stats: dict[str, float]  # the policy's counters (`KVPolicy.metrics`)
+    plan_solver: str | None  # which solver made the plan in force; None: the policy does not plan
+    num_steps: int
 
 
 class LLMEngine:
@@ -41,14 +59,28 @@ class LLMEngine:
         self.cost = OnlineCostModel(default_prior(spec.num_layers, config.link_bandwidth_bytes_per_s,
                                                   config.backend))
         self.policy = policy_from_config(config, spec.num_layers, self.cost)
-        self.block_bytes = spec.kv_bytes_per_token_per_layer(dtype.itemsize) * config.block_size
+        tp = config.tensor_parallel_size
+        check_tp(spec, tp)
+        # Byte budgets and blocks are per shard: a block holds one shard's KV heads (all of them at TP 1).
+        self.block_bytes = tp_kv_bytes(spec, tp, dtype.itemsize) * config.block_size
         host_blocks = config.host_kv_bytes // self.block_bytes
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
-        loaded = load_model(config.model, dtype=dtype, seed=config.seed)
-        self.spec, self.tokenizer = loaded.spec, loaded.tokenizer
-        tier, config = self._size_device_tier(config, loaded.weights, dtype.itemsize)
-        self.config, device_blocks = config, tier.kv_blocks
-        self.transfer = make_transfer_engine(config.backend, bandwidth_bytes_per_s=config.link_bandwidth_bytes_per_s)
+        if tp > 1:  # shard actors load their own weight slices and own their stores (executor/)
+            self.spec, self.tokenizer = spec, load_tokenizer(config.model)
+            tier, config = self._size_device_tier(config, {}, dtype.itemsize)
+            self.config, device_blocks = config, tier.kv_blocks
+            self.runner = make_tp_executor(config, device_blocks, host_blocks)
+            self.transfer = self.runner.transfer
+        else:
+            loaded = load_model(config.model, dtype=dtype, seed=config.seed)
+            self.spec, self.tokenizer = loaded.spec, loaded.tokenizer
+            tier, config = self._size_device_tier(config, loaded.weights, dtype.itemsize)
+            self.config, device_blocks = config, tier.kv_blocks
+            self.transfer = make_transfer_engine(config.backend,
+                                                 bandwidth_bytes_per_s=config.link_bandwidth_bytes_per_s)
+            store = KVStore(self.transfer, device_blocks, host_blocks, config.block_size, spec.num_kv_heads,
+                            spec.head_dim, dtype, config.prefetch_depth, tier.slot_blocks, tier.prompt_blocks)
+            self.runner = ModelRunner(LlamaModel(spec, loaded.weights, self.transfer.device), store)
         self.kv = KVTierManager(spec.num_layers, config.block_size, self.block_bytes, device_blocks, host_blocks,
                                 tier.slot_blocks, tier.staging_blocks)
         eos = set(spec.eos_token_ids)
@@ -58,9 +90,6 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         if self.tokenizer is not None:
             self.scheduler.detokenize = self._check_stop_strings
-        store = KVStore(self.transfer, device_blocks, host_blocks, config.block_size, spec.num_kv_heads,
-                        spec.head_dim, dtype, config.prefetch_depth, tier.slot_blocks, tier.prompt_blocks)
-        self.runner = ModelRunner(LlamaModel(spec, loaded.weights, self.transfer.device), store)
         self._ids = itertools.count()
         self.peak_bytes = {Tier.DEVICE: 0, Tier.HOST: 0}
         self.num_steps = 0
@@ -197,6 +226,14 @@ class LLMEngine:
 
     def policy_stats(self) -> dict[str, float]:
         return self.policy.metrics()
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's state now, for telemetry (engine thread only)."""
+        s = self.scheduler
+        return EngineSnapshot(tuple(s.view(r) for r in s.running), len(s.waiting),
+                              sum(r.status == RequestStatus.PAUSED for r in s.swapped), s.capacity(),
+                              self.kv_stats(), {k: float(v) for k, v in self.policy_stats().items()},
+                              self.policy.plan_solver(), self.num_steps)
 
     def close(self) -> None:
         close = getattr(self.policy, "close", None)

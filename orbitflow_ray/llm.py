@@ -19,10 +19,14 @@ class LLM:
 
     >>> llm = LLM(model="smollm2-135m", kv_policy="static-uniform", device_kv_bytes=64 << 20)
     >>> llm.generate(["Hello"], SamplingParams(max_tokens=8))[0].text
+
+    tensor_parallel_size=N shards the model over N Ray actors (one GPU each; one CPU each on the
+    cpu backend), through the same `LLMEngine` the server runs.
     """
 
-    def __init__(self, model: str = "smollm2-135m", **engine_args) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+    def __init__(self, model: str = "smollm2-135m", tensor_parallel_size: int = 1, **engine_args) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, tensor_parallel_size=tensor_parallel_size,
+                                             **engine_args))
 
     @property
     def tokenizer(self):

@@ -9,6 +9,7 @@ log-probabilities, and comparison stops there); each test prints how many flips 
 
 import pytest
 import torch
+from logprobs_close import check_logprobs_close
 
 from orbitflow_ray import SamplingParams
 from orbitflow_ray.kv.blocks import Tier
@@ -81,24 +82,6 @@ def reference(loaded, prompts):
                               output_scores=True, return_dict_in_generate=True)
             out[name] = (gen.sequences[0, len(ids):].tolist(), [_top5(s)[0] for s in gen.scores])
     return out
-
-
-def check_logprobs_close(got: dict, ref: dict, label: str) -> int:
-    """vLLM's rule, per prompt: ids equal, or at the first divergence each side's token is in the
-    other's top-5 (comparison stops there). Returns (and prints) the number of such flips."""
-    flips = 0
-    for name, (ids, top) in got.items():
-        ref_ids, ref_top = ref[name]
-        for pos, (a, b) in enumerate(zip(ids, ref_ids)):
-            if a != b:
-                assert a in ref_top[pos] and b in top[pos], (
-                    f"{label}/{name}: token {pos} is {a}, HF's {b}; ours top-5 {top[pos]}, HF's {ref_top[pos]}")
-                flips += 1
-                break
-        else:
-            assert len(ids) == len(ref_ids), f"{label}/{name}: {len(ids)} tokens, HF {len(ref_ids)}"
-    print(f"{label}: {flips} near-tie flip(s) against HF over {len(got)} prompts")
-    return flips
 
 
 def _record_top5(llm) -> dict[str, list[dict[int, float]]]:
@@ -196,7 +179,8 @@ def test_each_result_identical_to_running_alone(prompts):
 def test_orbitflow_pause_resume_loses_nothing(prompts):
     """OrbitFlow under a device budget that holds the batch at admission but not after it grows:
     the planner pauses the largest request (all its KV to host) and resumes it later. Its output
-    is identical to an uninterrupted run, and Token-Deposit paces every stream."""
+    is identical to an uninterrupted run, and Token-Deposit holds nothing back: under a 10 s SLO
+    the plan predicts no stall, so every token is released as produced."""
     subset = {k: prompts[k] for k in ("tiny", "chat", "medium")}
     per_block, window = 15 * 16 * 1536, 4  # largest offload keeps 15 of 30 layers on device
     budget = sum(-(-(len(p) + window) // 16) for p in subset.values()) * per_block
@@ -213,6 +197,4 @@ def test_orbitflow_pause_resume_loses_nothing(prompts):
     for o in outs:
         m = o.metrics
         assert len(m.release_times) == len(m.token_times) == MAX_TOKENS
-        pace = llm.engine.config.deposit_pace * m.slo_s
-        assert all(b - a >= pace - 1e-9 for a, b in zip(m.release_times, m.release_times[1:]))
-        assert all(r >= t for r, t in zip(m.release_times, m.token_times))
+        assert m.release_times == m.token_times

@@ -286,8 +286,8 @@ def real_app(serve_loop):
 
 def _steer(case) -> None:
     """Name the served model and cap the output length, so valid bodies reach the engine rather than
-    a 404 or a 400 (both covered with the fake engine above), and keep paced streams short (a stream
-    is paced at slo.tpot_s, up to 60 s a token)."""
+    a 404 or a 400 (both covered with the fake engine above), and keep paced streams short (while
+    Token-Deposit banks, a stream is paced at slo.tpot_s, up to 60 s a token)."""
     body = case.body
     if not isinstance(body, dict):
         return

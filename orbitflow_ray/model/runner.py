@@ -30,6 +30,9 @@ class ModelRunner:
         self.attention = paged_decode_attention
         # False: decodes too attend one SDPA per seq after a gather (the baseline benches compare to).
         self.batched_decode = True
+        # False on tensor-parallel shards other than rank 0: they compute their slice of every
+        # layer but leave the (replicated) LM head and sampling to rank 0.
+        self.samples = True
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
@@ -50,7 +53,7 @@ class ModelRunner:
         hidden = self.model.forward(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device),
                                     self._attend, self.store.before_layer)
         sampling = [i for i, s in enumerate(out.seqs) if s.sample]
-        if not sampling:
+        if not sampling or not self.samples:
             return {}
         last = torch.tensor([self._slices[i][1] - 1 for i in sampling], device=self.device)
         logits = self.model.logits(hidden[last])

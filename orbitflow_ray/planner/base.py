@@ -104,6 +104,12 @@ class KVPolicy(abc.ABC):
     def request_finished(self, request_id: str) -> None:
         """Drop per-request state."""
 
+    def deposit_target(self, request_id: str) -> int | None:
+        """Tokens the request's Token-Deposit should bank now: what covers the stalls the plan
+        predicts (0: none, its tokens stream as produced). None, here: no plan, so every token is
+        paced at the SLO (the paper's rule, for a policy run with `token_deposit` forced on)."""
+        return None
+
     def plan_solver(self) -> str | None:
         """Which solver produced the plan in force ("fast", "cvxpy-highs", "fallback-...");
         None for a policy that does not plan."""
@@ -157,7 +163,7 @@ def policy_options(config) -> dict:
     return dict(static_offload_fraction=config.static_offload_fraction,
                 pause_strategy_name=config.pause_strategy, max_pause_s=config.max_pause_s,
                 slo_s=config.tpot_slo_s, windows=tuple(config.plan_windows),
-                solve_ahead=config.solve_ahead, seed=config.seed)
+                solve_ahead=config.solve_ahead, seed=config.seed, deposit_pace=config.deposit_pace)
 
 
 def policy_from_config(config, num_layers: int, cost_model) -> KVPolicy:

@@ -30,7 +30,9 @@ placement at the window the fast plan chose (one MIP, plus its tie-break solve),
 candidate window costs several times as much for a rarely different answer.
 
 Budget: HiGHS runs single-threaded (deterministic) with a node limit (`max_nodes`) and an LP
-iteration limit; `time_limit_s` is only a safety stop for a pathological instance. Whatever
+iteration limit; `time_limit_s` is only a safety stop for a pathological instance. A deadline
+(`set_deadline`: the central planner passes the worker's budget, so the plan is back before the
+step that needs it) cuts that stop shorter; past it the fast plan is returned. Whatever
 HiGHS returns is re-scored exactly (`problem.evaluate`) and compared with the fast plan on the
 full objective (violations, T, link bytes, -W); the better plan wins, so a plan from here is
 never worse than the fast path's.
@@ -155,7 +157,14 @@ class CompactIlpPlanner:
         self.fast = fast or FastPlanner(warm_start=True)
         self._shapes = ShapeCache(_Compiled, max_cached)
         self.last: dict[str, int] = {}
-        self.stats = dict.fromkeys(("improved", "confirmed", "kept_fast", "windows", "stopped"), 0)
+        self.stats = dict.fromkeys(("improved", "confirmed", "kept_fast", "windows", "stopped", "out_of_time"), 0)
+        self.deadline: float | None = None
+
+    def set_deadline(self, at: float | None) -> None:
+        """Stop HiGHS by `at` (time.perf_counter()); past it the fast plan is returned unimproved
+        ("out_of_time"). The central planner sets it from the worker's budget, so that the plan
+        is back before the step that needs it."""
+        self.deadline = at
 
     @property
     def compiles(self) -> int:
@@ -174,6 +183,9 @@ class CompactIlpPlanner:
         fast = self.fast.solve(inputs)
         self.last = fast.distances
         if fast.status is PlanStatus.INFEASIBLE or not inputs.requests:
+            return fast
+        if self._time_left() <= 0:
+            self.stats["out_of_time"] += 1
             return fast
         index = {d: k for k, d in enumerate(inputs.distances)}
         start = np.array([index[fast.distances[r.request_id]] for r in inputs.requests])
@@ -207,13 +219,17 @@ class CompactIlpPlanner:
             proven = proven and tie_proven
         return ks, proven
 
+    def _time_left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.perf_counter()
+
     def _fitting(self, inputs: PlanInputs, window: int, data: dict, start: np.ndarray | None
                  ) -> tuple[np.ndarray | None, bool, float]:
         compiled = self.compiled(inputs)
         # the objective is U[L-1] = T / c - L: a gap of rel_gap on T is rel_gap * T / c on it
         t_over_c = inputs.num_layers if start is None else step_time(
             inputs, [inputs.distances[k] for k in start]) / inputs.compute_per_layer_s
-        options = {**self.options, "mip_abs_gap": self.rel_gap * t_over_c}
+        options = {**self.options, "mip_abs_gap": self.rel_gap * t_over_c,
+                   "time_limit": max(1e-3, min(self.options["time_limit"], self._time_left()))}
         for _ in range(3):  # HiGHS may overshoot the capacity row by its feasibility tolerance:
             # then re-solve with the row's bound just under that plan (exact check in `fits`)
             ks, status, bound = compiled.solve(data, start, options)

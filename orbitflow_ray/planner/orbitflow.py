@@ -8,8 +8,9 @@ compact ILP in cvxpy + HiGHS, never worse than it). `problem.py` has the model. 
 its window of W decode steps; it is re-solved when
 
 - the batch changes (admission, finish, pause, resume)      -> on the spot
-- the window runs out                                        -> solved one step ahead (central)
+- the window runs out                                        -> solved ahead (central)
 - measured step time drifts from the prediction              -> solved one step ahead (central)
+  (locally a window's end is solved one step ahead; centrally as many as the round trip needs)
 - the next step's growth does not fit the free device blocks -> on the spot
 
 When the batch does not fit without streaming all-host some request that could keep layers on
@@ -19,9 +20,10 @@ first, when the ILP admits them again. Pauses are decided by that loop around th
 inside the ILP: the set it reaches pausing largest first is the fewest pauses that make the
 batch feasible (feasibility depends on each request's largest-offload KV alone). On the central
 planner the loop runs with the ILP solver, so a central plan carries its own pause decisions.
-Solving ahead, a worker with a central planner sends the predicted batch there
-(`planner/ahead.py`) and adopts the answer if it is back, for that batch, by the step that needs
-it; otherwise it solves on the spot with the fast path. A request paused longer than `max_pause_s` is pinned: the
+Solving ahead, a worker with a central planner sends the batch predicted at the window's end
+there, as many steps ahead as the measured round trip needs (`planner/ahead.py`), and adopts the
+answer if it is back, for that batch, by the step that needs it; otherwise it solves on the spot
+with the fast path. A request paused longer than `max_pause_s` is pinned: the
 solve pauses others instead, so nobody starves. A solver error falls back to a safe heuristic
 (every request at its largest offload short of all-host, all-host where only that holds it),
 logged and counted; no request is ever dropped.
@@ -34,12 +36,14 @@ import random
 import time
 from dataclasses import replace
 
-from orbitflow_ray.costmodel import OnlineCostModel, default_prior
+from orbitflow_ray.costmodel import CostModel, OnlineCostModel, default_prior
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         StepStats, register_policy)
+from orbitflow_ray.planner.deposit import ArrivalForecast, bank_target
 from orbitflow_ray.planner.pause import pause_strategy
+from orbitflow_ray.planner.planning import PlanResult, RemoteSolve
 from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs, PlanRequest,
                                            PlanStatus, distance_set, make_plan, placement_for_distance,
                                            step_time)
@@ -64,7 +68,8 @@ class OrbitFlow(KVPolicy):
                  distances: tuple[int, ...] | None = None, windows: tuple[int, ...] = DEFAULT_WINDOWS,
                  pause_strategy_name: str = "largest", max_pause_s: float = 30.0, slo_s: float = 0.5,
                  drift_threshold: float = 0.25, drift_patience: int = 3, solve_ahead: bool = True,
-                 seed: int = 0, solver: str = "fast", **options) -> None:
+                 seed: int = 0, solver: str = "fast", deposit_pace: float = 0.9, arrival_memory_s: float = 30.0,
+                 **options) -> None:
         super().__init__(num_layers)
         if max_pause_s <= 0 or drift_threshold <= 0 or drift_patience < 1 or slo_s <= 0:
             raise ValueError("need max_pause_s > 0, drift_threshold > 0, drift_patience >= 1, slo_s > 0")
@@ -82,11 +87,16 @@ class OrbitFlow(KVPolicy):
         self._stale = False
         self._drift_run = 0
         self._predicted_s: float | None = None
+        self._step_s: float | None = None  # EWMA of measured decode-step time (solve-ahead budgets)
         self._anchor: tuple[Plan, int, float] | None = None  # (plan, batch context, T) at install
         self._last_views: list[RequestView] = []
         self._cap: CapacityView | None = None
         self._refused: dict[str, frozenset[str]] = {}  # admission refused for this running set
         self._protected: frozenset[str] = frozenset()  # resumed after an overlong pause: not paused again
+        self._bank: dict[str, int] = {}  # Token-Deposit bank targets (`deposit_target`)
+        self.deposit_pace = deposit_pace  # the deposit's release pace, for its bank targets
+        self.arrivals = ArrivalForecast(arrival_memory_s)  # the stalls arrivals bring (bank targets)
+        self._now = 0.0  # the clock of the last observed step
         self.counters = {k: 0 for k in ("plans", "pauses", "resumes", "fallbacks", "infeasible",
                                         "trigger_batch", "trigger_window", "trigger_drift",
                                         "trigger_capacity", "plans_missing_slo")}
@@ -98,8 +108,7 @@ class OrbitFlow(KVPolicy):
         # Prefill chunks still owed by the batch (a new arrival's whole prompt included) will share
         # steps with the decodes: their compute is debt every request's tokens must absorb within
         # the first window, so it comes off each request's SLO as debt / tokens in that window.
-        debt = (self.num_layers * self.cost.model.compute_p_s_per_token
-                * sum(v.prefill_tokens_left for v in views))
+        debt = self._prefill_debt_s(views)
         w0 = self.windows[0]
         reqs = tuple(PlanRequest(v.request_id, max(1, v.num_tokens), v.max_new_tokens_left,
                                  _slo_after_debt(v.slo_s or self.default_slo_s, debt,
@@ -108,6 +117,9 @@ class OrbitFlow(KVPolicy):
         return PlanInputs(reqs, self.num_layers, kvb, cap.device_total_blocks * cap.block_bytes,
                           self.cost.model.link_bytes_per_s, a, b, self.distances, self.windows,
                           cap.block_size)
+
+    def _prefill_debt_s(self, views: list[RequestView]) -> float:
+        return self.num_layers * self.cost.model.compute_p_s_per_token * sum(v.prefill_tokens_left for v in views)
 
     def _solve(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str],
                probe: bool = False) -> tuple[Plan, list[str]]:
@@ -146,14 +158,28 @@ class OrbitFlow(KVPolicy):
         return make_plan(inputs, choice, step_time(inputs, choice), inputs.windows[0],
                          PlanStatus.FEASIBLE, time.perf_counter(), why)
 
-    def solve_for(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str] = frozenset()
-                  ) -> tuple[Plan, list[str]]:
+    def solve_for(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str] = frozenset(),
+                  deadline: float | None = None) -> PlanResult:
         """One planning solve on another's behalf (the central planner solving for a worker),
-        warm-started from the placements the worker's views carry (its plan in force)."""
+        warm-started from the placements the worker's views carry (its plan in force); `deadline`
+        (time.perf_counter()) bounds a wall-clock solver (`PlanningPolicy`)."""
         ds = distance_set(self.distances, self.num_layers)
         self.solver.seed({v.request_id: d for v in views
                           if (d := distance_of(v.placement, self.num_layers, ds)) is not None})
-        return self._solve(list(views), cap, frozenset(pinned))
+        self.solver.set_deadline(deadline)
+        try:
+            plan, paused = self._solve(list(views), cap, frozenset(pinned))
+        finally:
+            self.solver.set_deadline(None)
+        return PlanResult(plan, tuple(paused))
+
+    def use_cost_model(self, model: CostModel) -> None:
+        """Plan on `model` (the central planner: the worker's fit) (`PlanningPolicy`)."""
+        self.cost.model = model
+
+    def attach_remote(self, remote: RemoteSolve | None) -> None:
+        """Send the window and drift re-plans to the central planner (`PlanningPolicy`)."""
+        self.ahead.attach_remote(remote)
 
     def admission_damage(self, reqs: list[RequestView], running: list[RequestView], cap: CapacityView
                          ) -> list[float]:
@@ -243,11 +269,21 @@ class OrbitFlow(KVPolicy):
             plan, paused = solved
             result = self._install(plan, running, paused)
         self._predict(running, cap)
-        if self.steps_left == 1 or self._stale:  # the window ends next step: solve it now, off-thread
-            nxt = [_advance(v) for v in running if v.max_new_tokens_left > 1]
-            if nxt and not self.ahead.pending(self._key(nxt)):
-                self.ahead.submit(self._key(nxt), nxt, cap, self._protected)
+        self._bank = self._bank_targets(running)
+        self._solve_ahead(running, cap)
         return result
+
+    def _solve_ahead(self, running: list[RequestView], cap: CapacityView) -> None:
+        """Ask for the plan of the window's last step now if it is `lead_steps` or fewer away (one
+        step for the local thread; the central planner's round trip in steps otherwise), for the
+        batch predicted there: every request `ahead` tokens longer, those finished by then gone."""
+        ahead = 1 if self._stale else self.steps_left
+        if ahead < 1 or ahead > self.ahead.lead_steps(self._step_s, max(self.steps_left, 1)):
+            return
+        nxt = [_advance(v, ahead) for v in running if v.max_new_tokens_left > ahead]
+        if nxt and not self.ahead.pending(self._key(nxt)):
+            budget = None if self._step_s is None else ahead * self._step_s
+            self.ahead.submit(self._key(nxt), nxt, cap, self._protected, budget_s=budget)
 
     def _trigger(self, running: list[RequestView], cap: CapacityView) -> str | None:
         if self.plan is None or frozenset(v.request_id for v in running) != self.plan_ids:
@@ -284,10 +320,33 @@ class OrbitFlow(KVPolicy):
         _, ctx0, T0 = self._anchor
         self._predicted_s = T0 + self.num_layers * self.cost.model.compute_b_s_per_token * (ctx - ctx0)
 
+    def _bank_targets(self, running: list[RequestView]) -> dict[str, int]:
+        """Token-Deposit: per planned request, the tokens that cover the stalls predicted over the
+        next plan window (`deposit.bank_target`): the plan's step above the request's SLO, the
+        prefill the batch still owes, and the prefills of the arrivals forecast from the recent
+        ones (`deposit.ArrivalForecast`: arrivals are not in the plan's inputs). 0 where none is
+        predicted: on an idle server a stream goes out as produced."""
+        if not self.uses_deposit or self.plan is None or self._predicted_s is None:
+            return {}
+        kp = self.num_layers * self.cost.model.compute_p_s_per_token
+        for v in running:
+            self.arrivals.note(v.request_id, v.arrival_time, kp * v.num_prompt_tokens)
+        T, W = self._predicted_s, self.plan.window
+        stalls = [self._prefill_debt_s(running)] + self.arrivals.stalls(self._now, W * T)
+        return {v.request_id: bank_target(T, v.slo_s or self.default_slo_s, min(W, v.max_new_tokens_left),
+                                          stalls, self.deposit_pace)
+                for v in running if v.request_id in self.plan.distances}
+
+    def deposit_target(self, request_id: str) -> int | None:
+        return self._bank.get(request_id, 0)
+
     def observe(self, stats: StepStats) -> None:
         """Runtime feedback: the cost model learns from every step; a decode-only step that
         misses the prediction by more than the threshold, `drift_patience` times in a row,
         marks the plan stale (re-solved one step ahead, on the refitted model)."""
+        self._now = stats.now
+        if stats.num_decodes and stats.new_tokens == stats.num_decodes:  # what solving ahead budgets
+            self._step_s = stats.wall_s if self._step_s is None else 0.8 * self._step_s + 0.2 * stats.wall_s
         pred = self._predicted_s
         if pred is None or stats.new_tokens != stats.num_decodes or pred <= 0:
             return
@@ -300,6 +359,7 @@ class OrbitFlow(KVPolicy):
             self._drift_run = 0
 
     def request_finished(self, request_id: str) -> None:
+        self.arrivals.forget(request_id)
         self._refused.pop(request_id, None)
         self._protected -= {request_id}
 
@@ -328,9 +388,9 @@ def distance_of(placement: tuple[Tier, ...] | None, num_layers: int, distances: 
     return next((d for d in distances if placement_for_distance(d, num_layers) == host), None)
 
 
-def _advance(v: RequestView) -> RequestView:
-    """The view one decode step later (the batch the next plan will run on)."""
-    return replace(v, num_tokens=v.num_tokens + 1, num_output_tokens=v.num_output_tokens + 1)
+def _advance(v: RequestView, steps: int = 1) -> RequestView:
+    """The view `steps` decode steps later (the batch a plan asked for ahead will run on)."""
+    return replace(v, num_tokens=v.num_tokens + steps, num_output_tokens=v.num_output_tokens + steps)
 
 
 @register_policy

@@ -5,8 +5,9 @@ One step: resume swapped-out or paused requests the policy admits, let the polic
 chunk for prefills) within the token budget, then admit waiting requests. When a tier runs out
 anyway, the newest running request is preempted: swapped to host whole (nothing recomputed) or,
 when the host is full too, its KV is dropped and recomputed later. The scheduler owns the tier
-manager; the executor only reads block tables and runs MoveOps. Each request's stream is paced by
-its Token-Deposit, whose banked tokens the policy sees as SLO credit.
+manager; the executor only reads block tables and runs MoveOps. Each request's stream goes through
+its Token-Deposit, which banks up to the policy's `deposit_target` (what covers the stalls its plan
+predicts) and releases the rest as produced; the policy sees banked tokens as SLO credit.
 """
 
 from __future__ import annotations
@@ -347,9 +348,12 @@ class Scheduler:
                 if seq.logprobs is not None:
                     req.output_logprobs.append(seq.logprobs)
                 req.token_times.append(now)
+                req.deposit.target_tokens = self.policy.deposit_target(req.request_id)
                 req.deposit.emit(now)
                 updated.append(req)
                 self._check_stop(req, tok)
+                if req.status.finished:
+                    req.deposit.flush(now)
         return updated
 
     def _check_stop(self, req: Request, tok: int) -> None:

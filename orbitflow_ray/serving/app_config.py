@@ -19,6 +19,11 @@ class AppArgs(BaseModel):
     served_model_name: str | None = Field(None, description="Name clients pass as `model` (default: model).")
     engine: dict[str, Any] = Field(default_factory=lambda: {"kv_policy": "orbitflow"},
                                    description="EngineConfig fields (see `orbitflow run --help`).")
+    tensor_parallel_size: int = Field(1, description="Shards per worker replica (tensor parallelism): each "
+                                      "replica drives this many shard actors in one Ray placement group, one "
+                                      "GPU each on a cluster (one CPU on the cpu backend), so the replica "
+                                      "itself needs no GPU (ray_actor_options num_gpus: 0). KV budgets in "
+                                      "args.engine are per shard.")
     default_ttft_slo_s: float = Field(10.0, description="TTFT SLO for requests that set none; the TPOT "
                                       "default is engine.tpot_slo_s.")
     torch_threads: int | None = Field(None, description="Torch threads per worker; None: as Ray sets "
@@ -50,7 +55,7 @@ class AppArgs(BaseModel):
             raise ValueError("must be a positive number of seconds")
         return v
 
-    @field_validator("torch_threads", "max_prompt_tokens", "max_output_tokens", "max_waiting_per_worker",
+    @field_validator("torch_threads", "tensor_parallel_size", "max_prompt_tokens", "max_output_tokens", "max_waiting_per_worker",
                      "max_request_body_bytes")
     @classmethod
     def _at_least_one(cls, v: int | None) -> int | None:
@@ -67,8 +72,9 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _engine_valid(self) -> AppArgs:
-        if "model" in self.engine:
-            raise ValueError("set the model at the top level (args.model), not in args.engine")
+        for top in ("model", "tensor_parallel_size"):
+            if top in self.engine:
+                raise ValueError(f"set {top} at the top level (args.{top}), not in args.engine")
         try:
             cfg = self.engine_config()
         except TypeError as e:
@@ -77,10 +83,19 @@ class AppArgs(BaseModel):
         if cfg.kv_policy not in available_policies():
             raise ValueError(f"args.engine.kv_policy {cfg.kv_policy!r} is unknown; choose one of "
                              f"{available_policies()}")
+        if self.tensor_parallel_size > 1:
+            from orbitflow_ray.model.loader import load_spec
+            from orbitflow_ray.model.tp import check_tp
+            try:
+                spec = load_spec(self.model)
+            except (ValueError, OSError):  # not on this machine (a cluster path): the engine checks on its node
+                spec = None
+            if spec is not None:
+                check_tp(spec, self.tensor_parallel_size)
         return self
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(model=self.model, **self.engine)
+        return EngineConfig(model=self.model, tensor_parallel_size=self.tensor_parallel_size, **self.engine)
 
     @property
     def name(self) -> str:

@@ -6,12 +6,14 @@ not thread-safe, so only the engine thread touches it: the asyncio side enqueues
 abort, call) that the thread runs at the next step boundary. That is also where an abandoned
 stream's KV is freed: a client that disconnects is aborted at the next boundary.
 
-Streams are paced by Token-Deposit: a token leaves at its release time, not when it was computed.
+Streams go through Token-Deposit: a token leaves at its release time, which is when it was computed
+unless the plan banks it to cover a stall it predicts (`planner/deposit.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -83,13 +85,8 @@ class AsyncEngine:
             yield StreamDelta("", [], prompt_tokens=req.num_prompt_tokens)
             detok = _Detokenizer(req.params.stop)
             sent = 0
-            async for out in self._outputs(req, stream):
+            async for out in self._released(req, stream):
                 new = out.token_ids[sent:]
-                releases = out.metrics.release_times
-                if req.paced and new and len(releases) >= len(out.token_ids):
-                    wait = releases[len(out.token_ids) - 1] - time.perf_counter()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
                 sent = len(out.token_ids)
                 text = detok.delta(out.text, out.finished)
                 finished = out.finished
@@ -113,6 +110,34 @@ class AsyncEngine:
             self.abort(req.request_id)
             raise
         return stream
+
+    async def _released(self, req: GenerateRequest, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        """The outputs in order, each once its newest token's Token-Deposit release time has come
+        (at once when the request is not paced). Release times are read from the newest output
+        the engine has sent: a banked token's release may move earlier after its own output (the
+        bank outgrew its target, or the request finished), never later."""
+        pending: collections.deque[RequestOutput] = collections.deque()
+        latest: list[float] = []
+        finished = False
+        while pending or not finished:
+            item = None
+            if pending:
+                i = len(pending[0].token_ids) - 1
+                wait = latest[i] - time.perf_counter() if req.paced and 0 <= i < len(latest) else 0.0
+                if wait <= 0:
+                    yield pending.popleft()
+                    continue
+                try:  # a newer output may release it earlier: wait for that or for its time
+                    item = await asyncio.wait_for(stream.queue.get(), wait)
+                except asyncio.TimeoutError:
+                    continue
+            else:
+                item = await stream.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            finished = item.finished
+            latest = item.metrics.release_times
+            pending.append(item)
 
     async def _outputs(self, req: GenerateRequest, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False

@@ -15,6 +15,8 @@ attention is KV-bytes bound and a layer's time grows linearly with context: the 
 Tensor parallelism (Megatron layout) gives each GPU 1/tp of the heads and MLP columns, hence 1/tp of
 the weights and KV, and adds two all-reduces of the hidden states per layer (after attention and
 after the MLP), timed as a ring: 2 (tp-1) hops of latency plus 2 (tp-1)/tp of the bytes over the link.
+KV heads per GPU and all-reduces per layer come from `model/tp.py`, the layout the engine's shards
+run, so the simulator and the engine count the same KV bytes per shard and all-reduces per step.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 
 from orbitflow_ray.costmodel import CostModel
 from orbitflow_ray.model.spec import ModelSpec
+from orbitflow_ray.model.tp import ALLREDUCES_PER_LAYER, allreduces_per_step, kv_heads_per_shard
 from orbitflow_ray.sim.hardware import GpuSpec
 
 _LOGIT_BYTES = 4  # the LM head writes fp32 logits for sampling
@@ -38,10 +41,11 @@ class Roofline:
         self.model, self.gpu, self.tp, self.dtype_bytes = model, gpu, tp, dtype_bytes
         self.heads = model.num_heads // tp
         # With fewer KV heads than GPUs each KV head is replicated, as vLLM does.
-        self.kv_heads = math.ceil(model.num_kv_heads / tp)
+        self.kv_heads = kv_heads_per_shard(model, tp)
         self.inter = model.intermediate_size // tp
         self.kv_bytes_per_token_per_layer: int = 2 * self.kv_heads * model.head_dim * dtype_bytes
         self.weight_bytes_per_gpu: int = self._weight_bytes()
+        self.allreduces_per_step: int = allreduces_per_step(model, tp)  # per GPU, whatever the batch
 
     def _weight_bytes(self) -> int:
         m, h, hd = self.model, self.model.hidden_size, self.model.head_dim
@@ -113,7 +117,7 @@ class Roofline:
                    + 2 * self._linear_s(T, h, self.inter)  # gate, up
                    + self._linear_s(T, self.inter, h))  # down
         return (linears + self._attention_s(context_tokens, T, num_seqs) + self._elementwise_s(T)
-                + 2 * self.allreduce_s(T) + self.gpu.per_layer_overhead_s
+                + ALLREDUCES_PER_LAYER * self.allreduce_s(T) + self.gpu.per_layer_overhead_s
                 + num_seqs * self.gpu.per_seq_layer_overhead_s)
 
     def head_time_s(self, num_sampled: int, new_tokens: int) -> float:

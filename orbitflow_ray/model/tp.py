@@ -1,0 +1,114 @@
+"""Tensor-parallel layout (Megatron): which heads, MLP columns and weight rows one shard holds.
+
+    shard = TPShard(spec, size=3, rank=1)
+    local = shard_weights(load_model("smollm2-135m").weights, shard)
+
+Column-parallel linears (q, k, v, gate, up) keep a contiguous block of output rows per shard;
+row-parallel linears (o, down) keep the matching input columns, and their partial outputs are summed
+by one all-reduce each, so a layer costs `ALLREDUCES_PER_LAYER` all-reduces. Query heads split
+evenly; KV heads split evenly too, or, with more shards than KV heads, each KV head is replicated on
+the size / num_kv_heads shards whose query heads read it (vLLM's rule), so one shard holds
+`kv_heads_per_shard` heads of every layer's KV. The embedding, the final norm and the LM head stay
+replicated on every shard (rank 0 alone computes logits and samples). The simulator's roofline
+(`sim/roofline.py`) reads the same functions, so both count the same KV bytes per shard and the
+same all-reduces per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from orbitflow_ray.model.spec import ModelSpec
+
+ALLREDUCES_PER_LAYER = 2  # after attention's o_proj and after the MLP's down_proj
+
+
+def check_tp(spec: ModelSpec, size: int) -> None:
+    """Raise ValueError unless `size` shards can split spec's heads, KV heads and MLP columns."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
+    if spec.num_heads % size or spec.intermediate_size % size:
+        raise ValueError(f"tensor_parallel_size={size} must divide num_heads={spec.num_heads} and "
+                         f"intermediate_size={spec.intermediate_size} of {spec.name}")
+    if spec.num_kv_heads % size and size % spec.num_kv_heads:
+        raise ValueError(f"tensor_parallel_size={size} must divide num_kv_heads={spec.num_kv_heads} of "
+                         f"{spec.name}, or be a multiple of it (KV heads are then replicated)")
+
+
+def kv_heads_per_shard(spec: ModelSpec, size: int) -> int:
+    """KV heads of each layer one shard holds (replicated ones included)."""
+    return -(-spec.num_kv_heads // size)
+
+
+def kv_bytes_per_token_per_layer(spec: ModelSpec, size: int, dtype_bytes: int) -> int:
+    """K and V of one token in one layer on one shard: the unit of the per-shard byte budgets."""
+    return 2 * kv_heads_per_shard(spec, size) * spec.head_dim * dtype_bytes
+
+
+def allreduces_per_step(spec: ModelSpec, size: int) -> int:
+    """All-reduces one forward step issues on each shard (none without tensor parallelism)."""
+    return ALLREDUCES_PER_LAYER * spec.num_layers if size > 1 else 0
+
+
+@dataclass(frozen=True, slots=True)
+class TPShard:
+    """Shard `rank` of `size`: its query heads, KV heads and MLP columns, as [start, start + n)."""
+
+    spec: ModelSpec
+    size: int
+    rank: int
+
+    def __post_init__(self) -> None:
+        check_tp(self.spec, self.size)
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"rank must be in [0, {self.size}), got {self.rank}")
+
+    @property
+    def num_heads(self) -> int:
+        return self.spec.num_heads // self.size
+
+    @property
+    def num_kv_heads(self) -> int:
+        return kv_heads_per_shard(self.spec, self.size)
+
+    @property
+    def head_start(self) -> int:
+        return self.rank * self.num_heads
+
+    @property
+    def kv_head_start(self) -> int:
+        # Query head h reads KV head h // group; a shard's query heads share one group or span whole ones.
+        group = self.spec.num_heads // self.spec.num_kv_heads
+        return self.head_start // group if self.size > self.spec.num_kv_heads else self.rank * self.num_kv_heads
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.spec.intermediate_size // self.size
+
+    def kv_bytes_per_token_per_layer(self, dtype_bytes: int) -> int:
+        return kv_bytes_per_token_per_layer(self.spec, self.size, dtype_bytes)
+
+
+def shard_weights(weights: dict[str, torch.Tensor], shard: TPShard) -> dict[str, torch.Tensor]:
+    """Shard's slice of every weight (contiguous copies, so the full tensors can be freed);
+    weights it does not split (norms, embedding, LM head) are the same tensor objects."""
+    if shard.size == 1:
+        return dict(weights)
+    hd = shard.spec.head_dim
+    q = slice(shard.head_start * hd, (shard.head_start + shard.num_heads) * hd)
+    kv = slice(shard.kv_head_start * hd, (shard.kv_head_start + shard.num_kv_heads) * hd)
+    mlp = slice(shard.rank * shard.intermediate_size, (shard.rank + 1) * shard.intermediate_size)
+    rows = {"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": mlp, "up_proj": mlp}
+    cols = {"o_proj": q, "down_proj": mlp}
+    out = {}
+    for name, w in weights.items():
+        proj = name.split(".")[-2] if name.startswith("layers.") else ""
+        if proj in rows:
+            out[name] = w[rows[proj]].contiguous()
+        elif proj in cols:
+            out[name] = w[:, cols[proj]].contiguous()
+        else:
+            out[name] = w
+    return out
