@@ -52,6 +52,9 @@ class CapacityView:
     device_free_blocks: int
     host_total_blocks: int
     host_free_blocks: int
+    # Device blocks reserved for staging host-resident layers (prefetch slots, prompt buffers): not
+    # counted in device_total_blocks, which is what KV placements may use.
+    staging_blocks: int = 0
 
 
 @dataclass(slots=True)
