@@ -155,7 +155,8 @@ class CompactIlpPlanner:
         self.fast = fast or FastPlanner(warm_start=True)
         self._shapes = ShapeCache(_Compiled, max_cached)
         self.last: dict[str, int] = {}
-        self.stats = dict.fromkeys(("improved", "confirmed", "kept_fast", "windows", "stopped"), 0)
+        self.stats = dict.fromkeys(("improved", "confirmed", "kept_fast", "windows", "stopped", "precertified",
+                                    "tie_skipped"), 0)
 
     @property
     def compiles(self) -> int:
@@ -191,14 +192,27 @@ class CompactIlpPlanner:
 
     def solve_window(self, inputs: PlanInputs, window: int, start: np.ndarray) -> tuple[np.ndarray, bool]:
         """Least T, then least link bytes at that T, from incumbent `start` when it fits; True when
-        proven (within rel_gap, violation set settled)."""
+        proven (within rel_gap, violation set settled). The T solve is skipped when the fast path's
+        lower bound already proves `start` within rel_gap; the byte tie-break solve is skipped when
+        the T solve stopped on its budget still at `start` (the plan is FEASIBLE either way)."""
         self.stats["windows"] += 1
         data, ds, c = window_data(inputs, window), np.array(inputs.distances), inputs.compute_per_layer_s
         L = inputs.num_layers
-        ks, proven, bound = self._fitting(inputs, window, data, start if fits(inputs, window, start) else None)
-        if ks is None:
-            ks, proven, bound = start, False, 0.0
+        start_fits = fits(inputs, window, start)
+        lower = self.fast.bound(inputs, window) / c - L  # certified bound on U[L-1] (the stall)
+        t_start = step_time(inputs, ds[start].tolist()) / c  # T / c; HiGHS's gap is rel_gap of it
+        if start_fits and t_start - L <= lower + self.rel_gap * t_start:
+            ks, proven, bound = start, True, lower
+            self.stats["precertified"] += 1
+        else:
+            ks, proven, bound = self._fitting(inputs, window, data, start if start_fits else None)
+            if ks is None:
+                ks, proven, bound = start, False, 0.0
+        bound = max(bound, lower)
         proven = proven and violations_settled(inputs, window, c * (L + bound), step_time(inputs, ds[ks].tolist()))
+        if not proven and np.array_equal(ks, start):  # budget spent, nothing better: a second MIP
+            self.stats["tie_skipped"] += 1  # would search again from the same incumbent
+            return ks, False
         tie = tie_data(inputs, window, data, ds[ks].tolist())
         if tie is not None:
             ks_tie, tie_proven, _ = self._fitting(inputs, window, tie, ks)
