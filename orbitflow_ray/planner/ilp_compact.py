@@ -33,7 +33,7 @@ What a solve costs (measured with HiGHS's log on bench/planner.py's 32 x 32 inst
 relaxation takes about 4 ms, but HiGHS's root node (cut separation and probing on the knapsack
 and interval rows) about 250 ms of CPU whatever the options (presolve, probing lifting, symmetry
 detection, cut-pool limits: none moved it). The root bound lies within about 1e-4 of T of the
-optimum, but the fast plan 1e-3 to 3e-3 above it: finding the optimum and proving the 1e-4
+optimum, but the fast plan 8e-4 to 3e-3 above it: finding the optimum and proving the 1e-4
 default gap took 79, 931 and 5,116 nodes on three instances (a fourth: not in 1,000), so the
 default budget (32 nodes) mostly returns FEASIBLE, sometimes improved. Hence two shortcuts: no
 MIP at all when the fast path's certified lower bound (`FastPlanner.bound`) already proves its
