@@ -28,6 +28,7 @@ def test_16k_prefill_moves_each_host_layer_once():
         steps += 1
         if eng.kv.request_ids():
             host_layers = eng.kv.placement(eng.kv.request_ids()[0]).count(Tier.HOST)
+    eng.transfer.synchronize()  # the last chunk's write-back may still be on the link (bytes count when done)
     stats = eng.kv_stats()
     eng.close()
     assert steps == PROMPT_TOKENS // CHUNK and host_layers == spec.num_layers // 2
