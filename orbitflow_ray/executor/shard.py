@@ -6,10 +6,11 @@
 
 A shard loads its own weights (`model.tp_loader.load_shard_weights`), so no weights travel between
 processes: from a safetensors directory it reads only its slice of each split tensor; the built-in
-GGUF and other sources are loaded whole and then sliced (`model.tp.shard_weights`). Its KV store holds its slice of
-every layer's KV (its KV heads) in both tiers, with the same block ids as every other shard: the
-driver's tier manager places each request's layers once for all shards, and each shard's transfer
-engine moves its own slice of the blocks a plan moves. Rank 0 alone computes logits and samples.
+GGUF and other sources are loaded whole and then sliced (`model.tp.shard_weights`). Its KV store
+holds its slice of every layer's KV (its KV heads) in both tiers, with the same block ids as every
+other shard: the driver's tier manager places each request's layers once for all shards, and each
+shard's transfer engine moves its own slice of the blocks a plan moves. Rank 0 alone computes
+logits and samples.
 """
 
 from __future__ import annotations

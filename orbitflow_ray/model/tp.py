@@ -9,9 +9,11 @@ by one all-reduce each, so a layer costs `ALLREDUCES_PER_LAYER` all-reduces. Que
 evenly; KV heads split evenly too, or, with more shards than KV heads, each KV head is replicated on
 the size / num_kv_heads shards whose query heads read it (vLLM's rule), so one shard holds
 `kv_heads_per_shard` heads of every layer's KV. The embedding, the final norm and the LM head stay
-replicated on every shard (rank 0 alone computes logits and samples). The simulator's roofline
-(`sim/roofline.py`) reads the same functions, so both count the same KV bytes per shard and the
-same all-reduces per step.
+replicated on every shard (rank 0 alone computes logits and samples). `TPShard.weight_slice` is
+the one statement of which part of each weight a shard keeps: `shard_weights` cuts loaded tensors
+with it, `model/tp_loader.py` reads just that part from safetensors files. The simulator's roofline
+(`sim/roofline.py`) reads the same functions and replicates the same weights, so both count the
+same weight and KV bytes per shard and the same all-reduces per step.
 """
 
 from __future__ import annotations
