@@ -29,7 +29,7 @@ demo: install
 		--rate 0.12 --seed 3 --warmup 10 --duration 50 --compare-sim --out reports/demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -2,11 +2,18 @@
 
     python bench/sim_results.py              # all setups (about 10-15 minutes on 2 cores)
     python bench/sim_results.py --quick      # 30 requests, two rates: a smoke run
+    python bench/sim_results.py --setups 8b-a100-longbench,8b-a100-pressure --scales 1.5 \
+        --rate-index 0,3 --seeds 0,1,2 --requests 30 --policies orbitflow,orbitflow+fcfs,no-offload,no-offload+slo \
+        --out runs/admission      # the admission ablation: means over seeds in seeds.md
 
 Setups follow the paper's evaluation: Llama-3.1-8B on one A100-80GB and Llama-3-70B at TP-4 on
 H100-SXM, ShareGPT-like and LongBench-like traces (lognormal arrivals, CV 1), SLO scales 1, 1.5 and
 2.5 of the no-offload decode step at full KV, and a device KV capacity capped well below the
-traces' peak demand (as the paper caps it) so that placement matters.
+traces' peak demand (as the paper caps it) so that placement matters. `8b-a100-pressure` is the
+Pause-Resume family: outputs of 2K-4K tokens (many plan windows long) from 256-1K-token prompts,
+bursty arrivals (gamma, CV 3) and 1 GiB of device KV, so batches admitted when they fit outgrow it.
+A policy named `policy+admission` (`flexgen-plus+slo`, `orbitflow+fcfs`) runs with that admission
+instead of its own (`orbitflow_ray.planner.admission`).
 """
 
 from __future__ import annotations
@@ -18,13 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-from orbitflow_ray.sim.compare import run_grid
+from orbitflow_ray.sim.compare import run_grid, split_policy
 from orbitflow_ray.sim.report import write_report
 from orbitflow_ray.sim.simulator import SimConfig
 from orbitflow_ray.sim.workload import WorkloadConfig, generate
 
-POLICIES = ["orbitflow", "all-offload", "static-uniform", "flexgen-plus", "select-n", "no-offload",
-            "orbitflow-uniform", "orbitflow-no-deposit", "orbitflow-no-pause"]
+BASELINES = ["all-offload", "static-uniform", "flexgen-plus", "select-n", "no-offload"]
+POLICIES = (["orbitflow"] + BASELINES + [f"{b}+slo" for b in BASELINES]
+            + ["orbitflow+fcfs", "orbitflow-uniform", "orbitflow-no-deposit", "orbitflow-no-pause"])
 SCALES = [1.0, 1.5, 2.5]
 GiB = 1 << 30
 SETUPS = {
@@ -36,7 +44,16 @@ SETUPS = {
                               dict(length="sharegpt", max_input_tokens=6_000), [1.0, 2.0, 4.0, 8.0]),
     "70b-tp4-h100-longbench": (SimConfig(model="llama-3-70b", gpu="h100-80gb-sxm", tp=4, device_kv_bytes=2 * GiB),
                                dict(length="longbench", max_input_tokens=7_500), [0.25, 0.5, 1.0, 2.0]),
+    "8b-a100-pressure": (SimConfig(model="llama-3.1-8b", gpu="a100-80gb", device_kv_bytes=1 * GiB),
+                         dict(length="pressure", arrival="gamma", cv=3.0), [0.025, 0.05, 0.1, 0.2]),
 }
+SEED_METRICS = (("goodput_req_s", "goodput req/s", "{:.4f}"), ("ttft_attainment", "TTFT att.", "{:.0%}"),
+                ("p95_ttft_s", "P95 TTFT s", "{:.1f}"), ("tpot_attainment", "TPOT att.", "{:.0%}"),
+                ("tbt_attainment", "TBT att.", "{:.0%}"), ("total_pauses", "pauses", "{:.1f}"))
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
 
 
 def main() -> int:
@@ -45,32 +62,70 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=100, help="requests per trace (default: 100)")
     ap.add_argument("--setups", default=",".join(SETUPS), help="comma-separated setups")
     ap.add_argument("--out", default="docs/results", help="output folder (default: docs/results)")
+    ap.add_argument("--policies", default=",".join(POLICIES),
+                    help="comma-separated policies, each optionally +fcfs or +slo (default: the full grid)")
+    ap.add_argument("--scales", type=_floats, default=None, help="SLO scales (default: 1,1.5,2.5)")
+    ap.add_argument("--rate-index", default=None,
+                    help="comma-separated indices into each setup's rates, e.g. 0,3 (default: all)")
+    ap.add_argument("--seeds", default="0",
+                    help="comma-separated trace seeds; the first seed's runs make each setup's report, "
+                         "seeds.md holds the means over all (default: 0)")
     args = ap.parse_args()
+    policies = [p for p in args.policies.split(",") if p]
+    for p in policies:
+        split_policy(p)
+    seeds = [int(x) for x in args.seeds.split(",") if x]
     summary = []
     for name in args.setups.split(","):
         base, wl, rates = SETUPS[name]
-        n, scales = (30, SCALES[1:2]) if args.quick else (args.requests, SCALES)
+        n, scales = (30, SCALES[1:2]) if args.quick else (args.requests, args.scales or SCALES)
         rates = rates[1:3] if args.quick else rates
-        trace = generate(WorkloadConfig(rate_per_s=rates[0], num_requests=n, seed=0, **wl))
-        t0 = time.perf_counter()
-        runs = run_grid(base, trace, rates[0], POLICIES, rates, scales)
-        context = {"setup": name, "sim_config": dataclasses.asdict(base), "workload": wl, "requests": n,
-                   "simulated_in_s": round(time.perf_counter() - t0, 1)}
-        write_report(runs, Path(args.out) / name, title=f"{name}: policies side by side", context=context)
-        summary.append((name, runs))
-        print(f"{name}: {len(runs)} runs in {context['simulated_in_s']} s", file=sys.stderr)
-    doc = [{"setup": n, "runs": [{k: r[k] for k in ("policy", "rate", "slo_scale", "metrics")} for r in runs]}
-           for n, runs in summary]
+        if args.rate_index:
+            rates = [rates[int(i)] for i in args.rate_index.split(",")]
+        for seed in seeds:
+            trace = generate(WorkloadConfig(rate_per_s=rates[0], num_requests=n, seed=seed, **wl))
+            t0 = time.perf_counter()
+            runs = run_grid(base, trace, rates[0], policies, rates, scales)
+            context = {"setup": name, "sim_config": dataclasses.asdict(base), "workload": wl, "requests": n,
+                       "seed": seed, "simulated_in_s": round(time.perf_counter() - t0, 1)}
+            if seed == seeds[0]:
+                write_report(runs, Path(args.out) / name, title=f"{name}: policies side by side", context=context)
+            summary.append((name, seed, runs))
+            print(f"{name} seed {seed}: {len(runs)} runs in {context['simulated_in_s']} s", file=sys.stderr)
+    doc = [{"setup": n, "seed": seed, "runs": [{k: r[k] for k in ("policy", "rate", "slo_scale", "metrics")}
+                                               for r in runs]} for n, seed, runs in summary]
     Path(args.out, "summary.json").write_text(json.dumps(doc, default=str))
-    Path(args.out, "tables.md").write_text(summary_tables(doc))
+    Path(args.out, "tables.md").write_text(summary_tables([d for d in doc if d["seed"] == seeds[0]], policies))
+    Path(args.out, "seeds.md").write_text(seed_tables(doc, policies))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def seed_tables(summary: list[dict], policies: list[str]) -> str:
+    """Markdown: per setup, SLO scale and rate, every policy's mean over the seeds (goodput, TTFT
+    attainment, P95 TTFT, TPOT and TBT attainment, pauses)."""
+    lines = []
+    for setup in dict.fromkeys(d["setup"] for d in summary):
+        entries = [d for d in summary if d["setup"] == setup]
+        runs = [r for d in entries for r in d["runs"]]
+        seeds = [d["seed"] for d in entries]
+        for scale in sorted({r["slo_scale"] for r in runs}):
+            for rate in sorted({r["rate"] for r in runs}):
+                lines += [f"### {setup}, SLO scale {scale:g}, {rate:g} req/s (mean of seeds {seeds})", "",
+                          "| policy | " + " | ".join(h for _, h, _ in SEED_METRICS) + " |",
+                          "|---" * (len(SEED_METRICS) + 1) + "|"]
+                for policy in policies:
+                    ms = [r["metrics"] for r in runs if r["policy"] == policy and r["rate"] == rate
+                          and r["slo_scale"] == scale]
+                    cells = []
+                    for key, _, fmt in SEED_METRICS:
+                        vals = [m[key] for m in ms if m.get(key) is not None]
+                        cells.append(fmt.format(sum(vals) / len(vals)) if vals and len(vals) == len(ms) else "-")
+                    lines.append(f"| `{policy}` | " + " | ".join(cells) + " |")
+                lines.append("")
+    return "\n".join(lines)
 
 
-def summary_tables(summary: list[dict]) -> str:
+def summary_tables(summary: list[dict], policies: list[str] = POLICIES) -> str:
     """Markdown: per setup and SLO scale, every policy at the lowest and highest rate."""
     lines = []
     for entry in summary:
@@ -81,7 +136,7 @@ def summary_tables(summary: list[dict]) -> str:
             lines += [f"SLO scale {scale:g} (rates {rates[0]:g} and {rates[-1]:g} req/s):", "",
                       "| policy | TPOT att. | TBT att. | P95 TBT / SLO | throughput tok/s | pauses |",
                       "|---|---|---|---|---|---|"]
-            for policy in POLICIES:
+            for policy in policies:
                 cells = []
                 for key, fmt in (("tpot_attainment", "{:.0%}"), ("tbt_attainment", "{:.0%}"),
                                  ("p95_tbt_over_slo", "{:.2f}"), ("throughput_tok_s", "{:,.0f}"),
@@ -96,3 +151,7 @@ def summary_tables(summary: list[dict]) -> str:
                 lines.append(f"| `{policy}` | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,7 +23,8 @@ def sim_config(args: AppArgs, gpu: str) -> SimConfig:
     """The simulator's view of the app's (first) worker engine."""
     e = args.engine_config()
     return SimConfig(model=e.model, gpu=gpu, dtype_bytes=_DTYPE_BYTES.get(e.dtype, 2), kv_policy=e.kv_policy,
-                     device_kv_bytes=e.device_kv_bytes, host_kv_bytes=e.host_kv_bytes, block_size=e.block_size,
+                     admission=e.admission, device_kv_bytes=e.device_kv_bytes, host_kv_bytes=e.host_kv_bytes,
+                     block_size=e.block_size,
                      max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
                      prefill_chunk_size=e.prefill_chunk_size, prefetch_depth=e.prefetch_depth,
                      tpot_slo_s=e.tpot_slo_s, ttft_slo_s=args.default_ttft_slo_s, token_deposit=e.token_deposit,

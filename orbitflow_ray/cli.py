@@ -17,7 +17,7 @@ import typing
 
 from orbitflow_ray.config import EngineConfig
 
-_INT_FIELDS_AS_BYTES = {"device_kv_bytes", "host_kv_bytes"}
+_INT_FIELDS_AS_BYTES = {"device_kv_bytes", "host_kv_bytes", "staging_kv_bytes"}
 
 
 def parse_bytes(text: str) -> int:

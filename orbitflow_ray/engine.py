@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from orbitflow_kernels import Direction, make_transfer_engine
 from orbitflow_ray.config import EngineConfig
 from orbitflow_ray.costmodel import OnlineCostModel, default_prior
+from orbitflow_ray.detokenizer import IncrementalDetokenizer, first_stop
+from orbitflow_ray.device_tier import DeviceTier, auto_device_kv_bytes, size_device_tier
 from orbitflow_ray.executor.tp import make_tp_executor
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.kv.store import KVStore
@@ -27,12 +29,27 @@ from orbitflow_ray.model.tp import check_tp
 from orbitflow_ray.model.tp import kv_bytes_per_token_per_layer as tp_kv_bytes
 from orbitflow_ray.outputs import RequestMetrics, RequestOutput, StepRecord
 from orbitflow_ray.planner import policy_from_config
-from orbitflow_ray.request import Request
+from orbitflow_ray.planner.base import CapacityView, RequestView
+from orbitflow_ray.request import Request, RequestStatus
 from orbitflow_ray.sampling_params import SamplingParams
 from orbitflow_ray.sched.feedback import feed_back
 from orbitflow_ray.sched.scheduler import Scheduler
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    """What a worker reports about its engine at a step boundary (`LLMEngine.snapshot`)."""
+
+    running: tuple[RequestView, ...]  # planner views of the running batch
+    num_waiting: int
+    num_paused: int  # swapped out by Pause-Resume (not by preemption)
+    capacity: CapacityView
+    kv: dict[str, int]  # `kv_stats()`: bytes per tier, peaks, transfers, preemptions, steps
+    policy_stats: dict[str, float]  # the policy's counters (`KVPolicy.metrics`)
+    plan_solver: str | None  # which solver made the plan in force; None: the policy does not plan
+    num_steps: int
 
 
 class LLMEngine:
@@ -54,25 +71,26 @@ class LLMEngine:
         check_tp(spec, tp)
         # Byte budgets and blocks are per shard: a block holds one shard's KV heads (all of them at TP 1).
         self.block_bytes = tp_kv_bytes(spec, tp, dtype.itemsize) * config.block_size
-        device_blocks = config.device_kv_bytes // self.block_bytes
-        if device_blocks == 0:
-            raise ValueError(f"device_kv_bytes={config.device_kv_bytes} cannot hold even one KV block of one "
-                             f"layer ({self.block_bytes} bytes = {config.block_size} tokens of {spec.name})")
         host_blocks = config.host_kv_bytes // self.block_bytes
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         if tp > 1:  # shard actors load their own weight slices and own their stores (executor/)
             self.spec, self.tokenizer = spec, load_tokenizer(config.model)
+            tier, config = self._size_device_tier(config, {}, dtype.itemsize)
+            self.config, device_blocks = config, tier.kv_blocks
             self.runner = make_tp_executor(config, device_blocks, host_blocks)
             self.transfer = self.runner.transfer  # its close() stops the shard actors
         else:
             loaded = load_model(config.model, dtype=dtype, seed=config.seed)
             self.spec, self.tokenizer = loaded.spec, loaded.tokenizer
+            tier, config = self._size_device_tier(config, loaded.weights, dtype.itemsize)
+            self.config, device_blocks = config, tier.kv_blocks
             self.transfer = make_transfer_engine(config.backend,
                                                  bandwidth_bytes_per_s=config.link_bandwidth_bytes_per_s)
             store = KVStore(self.transfer, device_blocks, host_blocks, config.block_size, spec.num_kv_heads,
-                            spec.head_dim, dtype, config.prefetch_depth)
+                            spec.head_dim, dtype, config.prefetch_depth, tier.slot_blocks, tier.prompt_blocks)
             self.runner = ModelRunner(LlamaModel(spec, loaded.weights, self.transfer.device), store)
-        self.kv = KVTierManager(spec.num_layers, config.block_size, self.block_bytes, device_blocks, host_blocks)
+        self.kv = KVTierManager(spec.num_layers, config.block_size, self.block_bytes, device_blocks, host_blocks,
+                                tier.slot_blocks, tier.staging_blocks)
         eos = set(spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -84,6 +102,22 @@ class LLMEngine:
         self.peak_bytes = {Tier.DEVICE: 0, Tier.HOST: 0}
         self.num_steps = 0
         self.step_log: list[StepRecord] | None = None  # set to a list to record every step
+
+    def _size_device_tier(self, config: EngineConfig, weights: dict[str, torch.Tensor],
+                          itemsize: int) -> tuple[DeviceTier, EngineConfig]:
+        """The device tier's split (`device_tier.py`), and the config with its budgets resolved."""
+        auto = config.device_kv_bytes is None
+        device_bytes = config.device_kv_bytes
+        if auto:
+            s = self.spec  # one step's activations: hidden states, q/k/v, the MLP's two projections
+            width = 4 * s.hidden_size + 3 * s.intermediate_size + 2 * s.num_heads * s.head_dim
+            weight_bytes = sum(w.numel() * w.element_size() for w in weights.values())
+            device_bytes = auto_device_kv_bytes(config, weight_bytes,
+                                                4 * config.max_num_batched_tokens * width * itemsize)
+        tier = size_device_tier(config, device_bytes, self.block_bytes, -(-self.max_model_len // config.block_size),
+                                self.spec.num_layers, auto)
+        staging = tier.staging_blocks * self.block_bytes or None
+        return tier, replace(config, device_kv_bytes=device_bytes, staging_kv_bytes=staging)
 
     # ---- intake --------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -166,19 +200,18 @@ class LLMEngine:
                                        else None))
 
     def _check_stop_strings(self, req: Request, find_stop: bool) -> str | None:
-        """Decode req's output into req.output_text; if find_stop, return the first stop string (in
-        the request's order) whose match ends in the newest token's text, cutting the text before
-        it. Only the new tail is searched (as vLLM): an earlier match would have stopped earlier."""
+        """Bring req.output_text up to its newest token, decoding only the new tail
+        (`IncrementalDetokenizer`); if find_stop, return the first stop string (in the request's
+        order) whose match ends in the new text, cutting the text before it."""
+        if req.detokenizer is None:
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer)
         before = req.output_text.rstrip("\ufffd")  # a partial UTF-8 character may decode differently now
-        req.output_text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
-        if not find_stop:
+        req.output_text = req.detokenizer.update(req.output_token_ids)
+        hit = first_stop(req.output_text, len(before), req.sampling_params.stop) if find_stop else None
+        if hit is None:
             return None
-        for stop in req.sampling_params.stop:
-            at = req.output_text.find(stop, max(0, len(before) - len(stop) + 1))
-            if at >= 0:
-                req.output_text = req.output_text[:at]
-                return stop
-        return None
+        req.output_text = req.output_text[:hit[1]]
+        return hit[0]
 
     def kv_stats(self) -> dict[str, int]:
         moved = self.transfer.bytes_moved
@@ -190,6 +223,7 @@ class LLMEngine:
             "device_kv_bytes_used_peak": self.peak_bytes[Tier.DEVICE],
             "host_kv_bytes_used_peak": self.peak_bytes[Tier.HOST],
             "staging_bytes": self.runner.store.staging_bytes,
+            "staging_bytes_reserved": self.kv.staging_blocks * self.block_bytes,
             "bytes_h2d": moved.get(Direction.H2D, 0),
             "bytes_d2h": moved.get(Direction.D2H, 0),
             "num_preemptions": self.scheduler.num_preemptions,
@@ -200,6 +234,14 @@ class LLMEngine:
 
     def policy_stats(self) -> dict[str, float]:
         return self.policy.metrics()
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's state now, for telemetry (engine thread only)."""
+        s = self.scheduler
+        return EngineSnapshot(tuple(s.view(r) for r in s.running), len(s.waiting),
+                              sum(r.status == RequestStatus.PAUSED for r in s.swapped), s.capacity(),
+                              self.kv_stats(), {k: float(v) for k, v in self.policy_stats().items()},
+                              self.policy.plan_solver(), self.num_steps)
 
     def close(self) -> None:
         """Stop the policy's helpers and release the transfer engine, or the shard actors and their

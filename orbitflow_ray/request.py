@@ -15,6 +15,7 @@ from orbitflow_ray.outputs import TokenLogprobs
 from orbitflow_ray.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from orbitflow_ray.detokenizer import IncrementalDetokenizer
     from orbitflow_ray.planner.deposit import TokenDeposit
 
 
@@ -47,6 +48,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     token_times: list[float] = field(default_factory=list)
     output_text: str = ""
+    detokenizer: IncrementalDetokenizer | None = None  # set by an engine that detokenizes
     stop_reason: str | int | None = None
     # Token-Deposit pacing of this request's stream (release times, late tokens); set by the scheduler.
     deposit: TokenDeposit | None = None

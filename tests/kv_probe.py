@@ -110,9 +110,10 @@ class ProbeStore(KVStore):
 class ProbeEngine:
     """Scheduler + tier manager + store + runner + the config's transfer engine (CPU or CUDA),
     stepped on a virtual clock (so every policy decides deterministically), as `LLMEngine.step`
-    runs them."""
+    runs them. `with_model=False` drops the data path (store, runner, transfer engine): each plan's
+    tokens are sampled as the probe model would sample them, for tests of scheduling alone."""
 
-    def __init__(self, config: EngineConfig, spec: ModelSpec | None = None) -> None:
+    def __init__(self, config: EngineConfig, spec: ModelSpec | None = None, with_model: bool = True) -> None:
         self.spec = spec = spec or probe_spec()
         self.config = config
         self.clock = 0.0
@@ -124,10 +125,12 @@ class ProbeEngine:
         self.kv = KVTierManager(spec.num_layers, config.block_size, block_bytes, dev, host)
         self.scheduler = Scheduler(config, self.kv, self.policy, frozenset(), spec.max_position_embeddings,
                                    clock=lambda: self.clock)
-        self.transfer = make_transfer_engine(config.backend, config.link_bandwidth_bytes_per_s)
-        self.store = ProbeStore(self.transfer, dev, host, config.block_size, spec.num_kv_heads, 4,
-                                torch.float32, config.prefetch_depth)
-        self.runner = ModelRunner(ProbeModel(spec, self.transfer.device), self.store)
+        self.transfer = self.store = self.runner = None
+        if with_model:
+            self.transfer = make_transfer_engine(config.backend, config.link_bandwidth_bytes_per_s)
+            self.store = ProbeStore(self.transfer, dev, host, config.block_size, spec.num_kv_heads, 4,
+                                    torch.float32, config.prefetch_depth)
+            self.runner = ModelRunner(ProbeModel(spec, self.transfer.device), self.store)
         self.bases: dict[str, int] = {}
         self.prompt_lens: dict[str, int] = {}
         self.outputs: dict[str, list[int]] = {}
@@ -149,11 +152,15 @@ class ProbeEngine:
 
     def step(self) -> None:
         out = self.scheduler.schedule()
-        sampled = self.runner.execute(out)
+        sampled = self.runner.execute(out) if self.runner is not None else self._next_tokens(out)
         wall = 0.01 + 1e-5 * sum(s.start_pos + len(s.token_ids) for s in out.seqs)
         self.clock += wall
         feed_back(out, wall, self.clock, self.cost, self.policy)
         self.scheduler.update_from_output(out, sampled, self.clock)
+
+    def _next_tokens(self, out) -> dict[str, int]:
+        """What the probe model samples for `out`: each sampling sequence's last token id + 1."""
+        return {s.request_id: s.token_ids[-1] + 1 for s in out.seqs if s.sample}
 
     def check_resident(self) -> None:
         """Every live request's KV, read straight from the pools of both tiers, is what it must be."""
@@ -182,7 +189,8 @@ class ProbeEngine:
             assert out == list(range(first, first + len(out))), f"{rid}: output {out} does not continue its prompt"
 
     def close(self) -> None:
-        self.transfer.close()
+        if self.transfer is not None:
+            self.transfer.close()
         close = getattr(self.policy, "close", None)
         if close is not None:
             close()

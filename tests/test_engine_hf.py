@@ -135,9 +135,10 @@ def test_mixed_batch_matches_hf(policy, prompts, reference):
 
 
 def test_orbitflow_offloads_nothing_without_memory_pressure():
-    """The default 512 MiB device tier holds this request many times over. On the CPU backend's
-    link an offloaded layer's transfer hides behind compute, so offloading ties with keeping the
-    KV on device on predicted step time; the planner breaks the tie towards moving nothing."""
+    """The default device tier (4 GiB on cpu, `device_tier.py`) holds this request many times
+    over. On the CPU backend's link an offloaded layer's transfer hides behind compute, so
+    offloading ties with keeping the KV on device on predicted step time; the planner breaks the
+    tie towards moving nothing."""
     llm = LLM(model="smollm2-135m", kv_policy="orbitflow", plan_windows=(8,))
     llm.generate(["The capital of France is"], SamplingParams(max_tokens=40))
     stats = llm.kv_stats()

@@ -11,8 +11,8 @@ from orbitflow_ray.planner.fastpath import FastPlanner, link_eval
 from orbitflow_ray.planner.ilp import IlpPlanner
 from orbitflow_ray.planner.ilp_highs import HighsPlanner
 from orbitflow_ray.planner.problem import (T_RTOL, PlanInputs, PlanRequest, PlanStatus, _stall_s,
-                                           evaluate, link_bytes, placement_for_distance, window_counts,
-                                           window_data)
+                                           evaluate, link_bytes, placement_for_distance, plan_better,
+                                           window_counts, window_data)
 from orbitflow_ray.planner.uniform import UniformPlanner
 
 KVB, BW, A, B = 4096, 25e9, 2e-4, 2.3e-9  # Llama-3.1-8B-like per-layer KV; PCIe-class link
@@ -342,3 +342,53 @@ def test_inputs_validation():
     with pytest.raises(ValueError):
         PlanRequest("a", 0, 1, 1.0)
     assert _one_request(1.0, 64, 10**12).requests[0].effective_slo_s(32) == pytest.approx(3.0)
+
+
+@st.composite
+def mid_instances(draw):
+    """Batches too large for the fast path to enumerate (K^R x intervals > ENUM_LIMIT), small
+    enough for the reference MIP to prove its optimum."""
+    L, n = 8, draw(st.integers(6, 7))  # 8 distances: 8^6 x 22 intervals > ENUM_LIMIT
+    reqs = [PlanRequest(f"r{i}", draw(st.integers(4, 128)) * 256, draw(st.integers(1, 200)),
+                        draw(st.floats(1.0, 3.0)) * L * 3e-4, draw(st.sampled_from([0, 5, 50])))
+            for i in range(n)]
+    full = sum(r.context_tokens + r.growth(32) for r in reqs) * L * KVB
+    return PlanInputs(reqs, L, KVB, int(full * draw(st.floats(0.6, 0.95))), BW, A, B, windows=(32, 64))
+
+
+@settings(max_examples=5, deadline=None)
+@given(mid_instances())
+def test_compact_ilp_reaches_the_reference_optimum(inp):
+    """The compact model (no violation binaries, distance classes, critical intervals only),
+    given a budget to prove, lands on the reference model's optimum at its window, and is never
+    worse than the fast plan it starts from."""
+    from orbitflow_ray.planner.ilp_compact import CompactIlpPlanner
+    compact = CompactIlpPlanner(rel_gap=EXACT, max_nodes=100_000, time_limit_s=PROVE_S,
+                                fast=FastPlanner(warm_start=False))
+    plan, fast = compact.solve(inp), FastPlanner(warm_start=False).solve(inp)
+    assert not plan_better(inp, fast, plan)
+    if fast.status is PlanStatus.INFEASIBLE:
+        assert plan.status is PlanStatus.INFEASIBLE
+        return
+    assert plan.status is PlanStatus.OPTIMAL and plan.window == fast.window
+    ks, proven = CVXPY.solve_window(inp, plan.window)
+    ref = [inp.distances[k] for k in ks]
+    T_ref, late_ref, _ = evaluate(inp, ref, plan.window)
+    assert proven and plan.predicted_step_s == pytest.approx(T_ref, rel=1e-6)
+    assert len(plan.violations) == len(late_ref)
+    assert link_bytes(inp, plan.distances) <= link_bytes(inp, ref) * (1 + 1e-9)
+    T, late, dev = evaluate(inp, plan.distances, plan.window)
+    assert dev == plan.device_bytes <= inp.device_capacity_bytes and (T, late) == (plan.predicted_step_s, plan.violations)
+
+
+def test_compact_ilp_skips_the_mip_when_the_fast_bound_proves_the_plan():
+    """Ample capacity: nothing offloaded, T = L * c, which the fast path's bound proves; no MIP
+    is built or run, and the plan is OPTIMAL."""
+    from orbitflow_ray.planner.ilp_compact import CompactIlpPlanner
+    reqs = [PlanRequest(f"r{i}", 4096 * (i + 1), 64, 1.0, 0) for i in range(12)]
+    full = sum(r.context_tokens + r.growth(128) for r in reqs) * 8 * KVB
+    inp = PlanInputs(reqs, 8, KVB, 2 * full, BW, A, B, windows=(32, 64))
+    compact = CompactIlpPlanner(fast=FastPlanner(warm_start=False))
+    plan = compact.solve(inp)
+    assert plan.status is PlanStatus.OPTIMAL and link_bytes(inp, plan.distances) == 0
+    assert compact.stats["precertified"] == 1 and compact.compiles == 0

@@ -117,7 +117,7 @@ def test_ahead_solver_counts_central_plans_used_late_and_for_another_batch():
     ahead = AheadSolver(lambda *a: None, background=False)
     pending: list[Future] = []
 
-    def remote(key, *args):
+    def remote(key, *args, budget_s=None):
         pending.append(Future())
         return pending[-1]
 
@@ -128,3 +128,15 @@ def test_ahead_solver_counts_central_plans_used_late_and_for_another_batch():
     pending[-1].set_result(RemotePlan(7, "a", ("plan", [])))
     assert ahead.take("a") == ("plan", []) and ahead.stats["remote_plans_used"] == 1
     assert ahead.stats["plan_version"] == 7
+
+
+def test_ilp_past_its_deadline_returns_the_fast_plan():
+    import time
+
+    inp = _batch(12, 3)
+    ilp = CompactIlpPlanner()
+    ilp.set_deadline(time.perf_counter() - 1.0)
+    plan = ilp.solve(inp)
+    fast = FastPlanner(warm_start=False).solve(inp)
+    assert plan.solver == "fast" and plan.distances == fast.distances
+    assert ilp.stats["out_of_time"] == 1 and ilp.stats["windows"] == 0 and ilp.compiles == 0

@@ -245,7 +245,7 @@ def _remote_solver(outcome) -> tuple[AheadSolver, list]:
     calls: list = []
     solver = AheadSolver(lambda *a: ("local", a), background=False)
 
-    def remote(key, *args):
+    def remote(key, *args, budget_s=None):
         calls.append((key, args))
         fut: concurrent.futures.Future = concurrent.futures.Future()
         if isinstance(outcome, BaseException):

@@ -119,15 +119,16 @@ def test_cli_slo_flags(capsys):
 
 
 def test_cli_simulate_and_compare(tmp_path, capsys):
-    assert main(["simulate", "--policy", "orbitflow", "--workload", "sharegpt", "--num-requests", "8",
-                 "--rate", "4", "--device-kv-bytes", "1GiB", "--json"]) == 0
+    assert main(["simulate", "--policy", "orbitflow", "--admission", "fcfs", "--workload", "sharegpt",
+                 "--num-requests", "8", "--rate", "4", "--device-kv-bytes", "1GiB", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["runs"][0]["policy"] == "orbitflow" and out["runs"][0]["metrics"]["num_requests"] == 8
-    assert main(["compare", "--policies", "orbitflow,all-offload", "--rates", "1,4", "--num-requests", "6",
+    assert out["runs"][0]["policy"] == "orbitflow+fcfs" and out["runs"][0]["metrics"]["num_requests"] == 8
+    # a policy+admission name runs that policy with that admission
+    assert main(["compare", "--policies", "orbitflow,all-offload+slo", "--rates", "1,4", "--num-requests", "6",
                  "--device-kv-bytes", "1GiB", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert {(r["policy"], r["rate"]) for r in report["runs"]} == {
-        (p, r) for p in ("orbitflow", "all-offload") for r in (1.0, 4.0)}
+        (p, r) for p in ("orbitflow", "all-offload+slo") for r in (1.0, 4.0)}
     md = (tmp_path / "report.md").read_text()
     head = next(line for line in md.splitlines() if line.startswith("| policy"))
     assert head.startswith("| policy | goodput req/s @1/s | TTFT att. @1/s | P95 TTFT @1/s | TPOT att. @1/s | "
@@ -137,3 +138,19 @@ def test_cli_simulate_and_compare(tmp_path, capsys):
     assert (tmp_path / "attainment_vs_rate.png").exists()
     assert main(["simulate", "--list"]) == 0
     assert "llama-3.1-8b" in capsys.readouterr().out
+
+
+def test_pressure_family_makes_orbitflow_pause_and_every_request_finishes():
+    # The results grid's Pause-Resume family: 2K-4K-token outputs from short prompts, bursty
+    # arrivals, 512 MiB of device KV (4K tokens of Llama-3.1-8B): batches admitted when they fit
+    # outgrow the device within a few plan windows.
+    trace = generate(WorkloadConfig(length="pressure", arrival="gamma", cv=3.0, rate_per_s=1.0,
+                                    num_requests=8, seed=0))
+    assert all(t.output_tokens > 128 for t in trace)  # longer than the longest plan window
+    r = simulate(SimConfig(model="llama-3.1-8b", gpu="a100-80gb", kv_policy="orbitflow",
+                           device_kv_bytes=512 << 20), trace)
+    assert r.metrics["num_finished"] == len(trace)
+    assert r.metrics["total_pauses"] > 0
+    assert r.policy_metrics["pauses"] == r.metrics["total_pauses"]
+    outputs = {t.request_id: t.output_tokens for t in trace}
+    assert {rec.request_id: len(rec.release_times) for rec in r.records} == outputs

@@ -76,6 +76,13 @@ def test_fixed_and_uniform():
     assert {r.output_tokens for r in uni} == {1, 2, 3}
 
 
+def test_pressure_outputs_outlast_the_plan_windows():
+    trace = generate(WorkloadConfig(length="pressure", num_requests=300, seed=1))
+    assert min(r.input_tokens for r in trace) >= 256 and max(r.input_tokens for r in trace) <= 1024
+    assert min(r.output_tokens for r in trace) >= 2048 and max(r.output_tokens for r in trace) <= 4096
+    assert all(r.output_tokens > r.input_tokens for r in trace)  # KV grows past what was admitted
+
+
 def test_slos_from_config():
     trace = generate(WorkloadConfig(num_requests=3, tpot_slo_s=0.1, ttft_slo_s=2.0))
     assert all(r.tpot_slo_s == 0.1 and r.ttft_slo_s == 2.0 for r in trace)
@@ -165,7 +172,7 @@ def test_apply_slo_scale_fills_only_missing_slos():
     (dict(arrival="weibull"), r"unknown arrival process 'weibull'; choose one of \['poisson', "
                               r"'gamma', 'lognormal'\]"),
     (dict(length="alpaca"), r"unknown length distribution 'alpaca'; choose one of \['sharegpt', "
-                            r"'longbench', 'fixed', 'uniform'\]"),
+                            r"'longbench', 'fixed', 'uniform', 'pressure'\]"),
     (dict(num_requests=5, duration_s=10.0), "not both"),
     (dict(num_requests=-1), "num_requests"),
     (dict(duration_s=0.0), "duration_s"),

@@ -39,7 +39,8 @@ class WorkerMetrics:
                                keys + ("where",))
         self.plan_version = Gauge("orbitflow_plan_version", "Last central-planner plan version applied.", keys)
         self.central_plans = Counter("orbitflow_central_plans_total",
-                                     "Central plans by outcome: used, late (not back by the step), other_batch.",
+                                     "Central plans by outcome: used, late (not back by the step), other_batch, "
+                                     "dropped (unsolved by the planner: expired or superseded), replaced (the batch changed first).",
                                      keys + ("outcome",))
         self.plan_solver = Gauge("orbitflow_plan_solver", "1 for the solver that made the plan in force.",
                                  keys + ("solver",))
@@ -77,7 +78,7 @@ class WorkerMetrics:
             self._inc(self.solves, n, ps.get(n, 0), where=where)
             self._inc(self.solve_s, s, ps.get(s, 0.0), where=where)
         self._inc(self.solves, "remote_plans_used", ps.get("remote_plans_used", 0), where="planner")
-        for outcome in ("used", "late", "other_batch"):
+        for outcome in ("used", "late", "other_batch", "dropped", "replaced"):
             key = f"remote_plans_{outcome}"
             self._inc(self.central_plans, "central_" + key, ps.get(key, 0), outcome=outcome)
         if t.plan_solver is not None:

@@ -10,7 +10,7 @@ from typing import AsyncIterator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from orbitflow_ray.planner.ahead import RemotePlan
+from orbitflow_ray.planner.planning import RemotePlan
 from orbitflow_ray.serving.app_config import AppArgs
 from orbitflow_ray.serving.messages import GenerateRequest, RoutingAdvice, SolveRequest, StreamDelta, WorkerTelemetry
 from orbitflow_ray.serving.worker_core import WorkerCore

@@ -8,16 +8,28 @@ at least nbytes / bandwidth wall seconds, so offloading costs what it would over
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
 import weakref
 
+import numpy as np
 import torch
 
 from orbitflow_kernels.base import Direction, TransferEngine, TransferError, TransferJob
 
 _STOP = None  # queue sentinel: the worker drains everything before it and exits
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeroed memory that costs RAM only where it is written: numpy's zeroed allocation is calloc,
+    which maps large regions lazily (torch.zeros writes every page). A tier budget of gigabytes then
+    reserves address space, not memory, as vLLM's KV cache does on a GPU."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def copy_rows(job: TransferJob) -> None:
@@ -102,10 +114,10 @@ class CpuTransferEngine(TransferEngine):
         return self._link.bandwidth
 
     def alloc_device(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.zeros(shape, dtype=dtype)
+        return lazy_zeros(shape, dtype)
 
     def alloc_host(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.zeros(shape, dtype=dtype)
+        return lazy_zeros(shape, dtype)
 
     def submit(self, job: TransferJob) -> int:
         if self._closed:

@@ -7,6 +7,9 @@ computes (issued `prefetch_depth` host layers ahead, so the copy overlaps the co
 layers); the new tokens are written into the staging copy, attention reads it (decodes through
 `decode_groups`, prefill chunks through `read`), and the touched blocks are written back to host. The
 transfer engine runs jobs in order, so a write-back always lands before the next step's prefetch.
+A prefill chunk's host layer instead reads and writes its prompt's own buffer (`PromptStage`), kept
+across chunks, so the prior context is not copied in again for every chunk. With `slot_blocks` set
+the slots are that size, inside the device budget, and the scheduler keeps each step within them.
 Block ids come from the store's own tensor tables (`BlockTables`), kept current by the plan's table
 deltas, so indexing a step is a few tensor ops over the batch whatever the context length.
 """
@@ -22,7 +25,11 @@ from orbitflow_kernels import Direction, TransferEngine, TransferJob
 from orbitflow_kernels.gather import gather_kv, scatter_tokens
 from orbitflow_ray.kv.block_table import BlockTables
 from orbitflow_ray.kv.blocks import MoveOp, Tier
+from orbitflow_ray.kv.prompt_stage import PromptStage
 from orbitflow_ray.sched.output import ScheduledSeq
+
+
+_DEVICE, _SLOT = -1, -2  # where a layer's tokens go (`_HostLayer.parts`); i >= 0: seq i's prompt buffer
 
 
 @dataclass(slots=True)
@@ -30,10 +37,10 @@ class _HostLayer:
     """One host-resident layer of this step: which seqs, where they sit in its staging slot."""
 
     layer: int
-    seqs: torch.Tensor  # int64 [R_h]: indices (in step order) of the seqs whose layer is on host
+    seqs: torch.Tensor  # int64 [R_h]: indices (in step order) of the seqs staged in the slot
+    pinned: list[int]  # seqs whose KV of this layer sits in their prompt buffer (`PromptStage`)
     num_blocks: int  # slot blocks this layer needs
-    host_toks: torch.Tensor | None  # a mixed layer's new tokens on host / on device, else None
-    device_toks: torch.Tensor | None
+    parts: list[tuple[int, torch.Tensor | None]]  # (_DEVICE | _SLOT | seq, its new tokens; None: all)
     job_id: int | None = None
     slot: int = -1
 
@@ -75,7 +82,12 @@ def _seq_of_tokens(lens: torch.Tensor) -> torch.Tensor:
 
 class KVStore:
     def __init__(self, engine: TransferEngine, device_blocks: int, host_blocks: int, block_size: int,
-                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, prefetch_depth: int) -> None:
+                 num_kv_heads: int, head_dim: int, dtype: torch.dtype, prefetch_depth: int,
+                 slot_blocks: int | None = None, prompt_blocks: int = 0) -> None:
+        """slot_blocks: the most blocks one staging slot holds (prefetch_depth + 1 slots); the
+        scheduler never stages more per layer and step (`EngineConfig.staging_kv_bytes`). None:
+        each slot grows to the largest layer slice seen. prompt_blocks: the device blocks prompts'
+        host layers may keep across prefill chunks (`PromptStage`)."""
         self.engine = engine
         self.block_size = block_size
         self.row_shape = (2, num_kv_heads, block_size, head_dim)
@@ -83,6 +95,8 @@ class KVStore:
         self.pools = {Tier.DEVICE: engine.alloc_device((device_blocks, *self.row_shape), dtype),
                       Tier.HOST: engine.alloc_host((host_blocks, *self.row_shape), dtype)}
         self.depth = prefetch_depth
+        self.slot_blocks = slot_blocks
+        self.prompts = PromptStage(engine, self.row_shape, dtype, block_size, prompt_blocks)
         self._slots: list[torch.Tensor | None] = [None] * (prefetch_depth + 1)
         self._seqs: list[ScheduledSeq] = []
         self._host_layers: dict[int, _HostLayer] = {}
@@ -94,7 +108,12 @@ class KVStore:
 
     @property
     def staging_bytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self._slots if s is not None)
+        slots = sum(s.shape[0] for s in self._slots if s is not None)
+        return (slots + self.prompts.used_blocks) * self.block_bytes
+
+    @property
+    def block_bytes(self) -> int:
+        return torch.Size(self.row_shape).numel() * self.dtype.itemsize
 
     # ---- placement changes ---------------------------------------------------------------------
     def apply_moves(self, moves: list[MoveOp]) -> None:
@@ -144,6 +163,7 @@ class KVStore:
         """Drop finished requests' tables (before the plan's deltas: an id may come back)."""
         if self.tables is not None:
             self.tables.forget(request_ids)
+        self.prompts.forget(request_ids)
 
     def begin_step(self, seqs: list[ScheduledSeq]) -> None:
         """Apply the plan's table deltas and index the step, all with tensor ops over the batch:
@@ -166,8 +186,10 @@ class KVStore:
         self._ctx_nbs = (starts + bs - 1) // bs
         self._first = starts // bs
         host = self.tables.host[:, self._rows]  # [L, R]
-        # A host layer's seqs sit end to end in its staging slot, in step order.
-        sizes = self._nbs * host
+        pinned = self.prompts.pin([s.request_id for s in seqs], starts.tolist(), lens.tolist(),
+                                  [len(s.prompt_token_ids) + s.num_output_tokens for s in seqs], host)
+        # A host layer's staged seqs sit end to end in its staging slot, in step order.
+        sizes = self._nbs * (host & ~pinned)
         self._offsets = sizes.cumsum(1) - sizes  # [L, R]
         tok_seq = _seq_of_tokens(lens)
         tok_pos = torch.arange(int(lens.sum())) - (lens.cumsum(0) - lens)[tok_seq] + starts[tok_seq]
@@ -176,15 +198,12 @@ class KVStore:
         ids = self.tables.ids_dev[:, self._rows.to(dev)[tok_seq.to(dev)], tok_blk.to(dev)]  # [L, N]
         host_layers = host.any(1).nonzero().flatten().tolist()
         if host_layers:
-            tok_host = host[:, tok_seq]
-            staged = self._offsets[:, tok_seq] + tok_blk
+            tok_host, tok_pin = host[:, tok_seq], pinned[:, tok_seq]
+            staged = torch.where(tok_pin, tok_blk, self._offsets[:, tok_seq] + tok_blk)
             ids = torch.where(tok_host.to(dev), staged.to(dev), ids)
-            mixed = set((~host[host_layers]).any(1).nonzero().flatten().tolist())
-            for k, layer in enumerate(host_layers):
-                idx = host[layer].nonzero().flatten()
-                toks = tok_host[layer].nonzero().flatten().to(dev) if k in mixed else None
-                rest = (~tok_host[layer]).nonzero().flatten().to(dev) if k in mixed else None
-                self._host_layers[layer] = _HostLayer(layer, idx, int(sizes[layer].sum()), toks, rest)
+            for layer in host_layers:
+                self._host_layers[layer] = self._host_layer(layer, host[layer], pinned[layer], tok_seq,
+                                                            int(sizes[layer].sum()))
         self._order = host_layers
         self._host_step = host
         self._decodes = (lens == 1).nonzero().flatten()
@@ -192,6 +211,19 @@ class KVStore:
         self._decode_rows = self._rows[self._decodes].to(dev)
         self._tok_ids = ids
         self._tok_off = (tok_pos % bs).to(dev)
+
+    def _host_layer(self, layer: int, host: torch.Tensor, pinned: torch.Tensor, tok_seq: torch.Tensor,
+                    num_blocks: int) -> _HostLayer:
+        """Index one host layer: its slot seqs, its pinned seqs, and where each new token goes."""
+        slot = host & ~pinned
+        pins = pinned.nonzero().flatten().tolist()
+        if not pins and bool(host.all()):
+            return _HostLayer(layer, slot.nonzero().flatten(), [], num_blocks, [(_SLOT, None)])
+        dev = self.pools[Tier.DEVICE].device
+        parts = [(where, mask[tok_seq].nonzero().flatten().to(dev))
+                 for where, mask in ((_DEVICE, ~host), (_SLOT, slot)) if bool(mask.any())]
+        parts += [(i, (tok_seq == i).nonzero().flatten().to(dev)) for i in pins]
+        return _HostLayer(layer, slot.nonzero().flatten(), pins, num_blocks, parts)
 
     def before_layer(self, layer: int) -> None:
         """Issue prefetches up to `depth` host layers ahead of `layer`, then wait for its own."""
@@ -210,8 +242,12 @@ class KVStore:
     def _prefetch(self, hl: _HostLayer, slot: int) -> None:
         hl.slot = slot
         buf = self._slots[slot]
+        if self.slot_blocks is not None and hl.num_blocks > self.slot_blocks:
+            raise RuntimeError(f"layer {hl.layer} stages {hl.num_blocks} blocks this step; a staging slot holds "
+                               f"{self.slot_blocks} (the scheduler's staging budget was not kept)")
         if buf is None or buf.shape[0] < hl.num_blocks:
-            self._slots[slot] = buf = self.engine.alloc_device((hl.num_blocks, *self.row_shape), self.dtype)
+            size = hl.num_blocks if self.slot_blocks is None else self.slot_blocks
+            self._slots[slot] = buf = self.engine.alloc_device((size, *self.row_shape), self.dtype)
         src, dst = self._spans(hl, torch.zeros_like(self._ctx_nbs), self._ctx_nbs)
         # Submitted even when empty (a prefill from position 0): waiting on it fences the slot
         # against the still-running write-back of the layer that used it before.
@@ -220,13 +256,20 @@ class KVStore:
     def _spans(self, hl: _HostLayer, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(host block ids, slot block ids) of blocks lo[i]..hi[i] of each host seq i of the layer."""
         i = hl.seqs
+        if i.numel() == 0:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
         host_ids = _ranges(self.tables.ids[hl.layer, self._rows[i]], lo[i], hi[i])
         slots = self._offsets[hl.layer, i][:, None] + torch.arange(int(hi[i].max()))[None, :]
         return host_ids, _ranges(slots, lo[i], hi[i])
 
-    def _tensor(self, layer: int, tier: Tier) -> torch.Tensor:
-        """The tensor that holds `tier`'s seqs of `layer` this step: the device pool, or the slot."""
-        return self.pools[Tier.DEVICE] if tier == Tier.DEVICE else self._slots[self._host_layers[layer].slot]
+    def _tensor(self, layer: int, where: int) -> torch.Tensor:
+        """The tensor that holds `layer` of this step's seqs at `where`: the device pool, the
+        layer's staging slot, or seq `where`'s prompt buffer."""
+        if where == _DEVICE:
+            return self.pools[Tier.DEVICE]
+        if where == _SLOT:
+            return self._slots[self._host_layers[layer].slot]
+        return self.prompts.buffer(self._seqs[where].request_id, layer)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new K/V [N, Hkv, D] of every seq of this step (flattened in step order) for
@@ -236,19 +279,23 @@ class KVStore:
         hl = self._host_layers.get(layer)
         if hl is None:
             scatter_tokens(self.pools[Tier.DEVICE], ids, off, kv)
-        elif hl.host_toks is None:
-            scatter_tokens(self._tensor(layer, Tier.HOST), ids, off, kv)
         else:
-            for tier, toks in ((Tier.HOST, hl.host_toks), (Tier.DEVICE, hl.device_toks)):
-                scatter_tokens(self._tensor(layer, tier), ids[toks], off[toks], kv[toks])
+            for where, toks in hl.parts:
+                if toks is None:
+                    scatter_tokens(self._tensor(layer, where), ids, off, kv)
+                else:
+                    scatter_tokens(self._tensor(layer, where), ids[toks], off[toks], kv[toks])
 
     def block_ids(self, layer: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(the tensor that holds seq i's KV of `layer` this step, its block ids there)."""
         hl = self._host_layers.get(layer)
         n = int(self._nbs[i])
+        dev = self.pools[Tier.DEVICE].device
+        if hl is not None and i in hl.pinned:
+            return self._tensor(layer, i), torch.arange(n, device=dev)
         if hl is not None and bool(self.tables.host[layer, self._rows[i]]):
             first = int(self._offsets[layer, i])
-            return self._tensor(layer, Tier.HOST), torch.arange(first, first + n, device=self.pools[Tier.DEVICE].device)
+            return self._tensor(layer, _SLOT), torch.arange(first, first + n, device=self.pools[Tier.DEVICE].device)
         return self.pools[Tier.DEVICE], self.tables.ids_dev[layer, int(self._rows[i]), :n]
 
     def decode_groups(self, layer: int) -> list[PagedGroup]:
@@ -271,7 +318,7 @@ class KVStore:
             if host:
                 width = int(self._nbs[seqs].max())
                 table = (self._offsets[layer, seqs][:, None] + torch.arange(width)[None, :]).to(dev)
-                groups.append(PagedGroup(seqs, self._tensor(layer, Tier.HOST), table, None, lens))
+                groups.append(PagedGroup(seqs, self._tensor(layer, _SLOT), table, None, lens))
             else:
                 groups.append(PagedGroup(seqs, self.pools[Tier.DEVICE], self.tables.ids_dev[layer],
                                          self._decode_rows[pick.to(dev)], lens))
@@ -294,3 +341,10 @@ class KVStore:
             return
         dst, src = self._spans(hl, self._first, self._nbs)
         self.engine.submit(TransferJob(self._slots[hl.slot], self.pools[Tier.HOST], src, dst, Direction.D2H))
+        for i in hl.pinned:
+            lo, hi = int(self._first[i]), int(self._nbs[i])
+            rid = self._seqs[i].request_id
+            job = self.engine.submit(TransferJob(
+                self.prompts.buffer(rid, layer), self.pools[Tier.HOST], torch.arange(lo, hi),
+                self.tables.ids[layer, int(self._rows[i]), lo:hi].clone(), Direction.D2H))
+            self.prompts.wrote_back(rid, job)

@@ -22,10 +22,16 @@ def cdiv(a: int, b: int) -> int:
 
 class KVTierManager:
     def __init__(self, num_layers: int, block_size: int, block_bytes: int,
-                 device_blocks: int, host_blocks: int) -> None:
+                 device_blocks: int, host_blocks: int, staging_slot_blocks: int | None = None,
+                 staging_blocks: int = 0) -> None:
+        """staging_slot_blocks: the most blocks of one layer a step may stage for its host-resident
+        layers (the scheduler keeps each step within it; None: no limit); staging_blocks: the device
+        blocks reserved for staging beside the `device_blocks` of KV (reported, not allocated here)."""
         self.num_layers = num_layers
         self.block_size = block_size
         self.block_bytes = block_bytes
+        self.staging_slot_blocks = staging_slot_blocks
+        self.staging_blocks = staging_blocks
         self.pools = {Tier.DEVICE: BlockPool(device_blocks), Tier.HOST: BlockPool(host_blocks)}
         self._tables: dict[str, list[LayerKV]] = {}
         # Host blocks of layers moved to device this step: the host -> device copy reads them later

@@ -35,6 +35,8 @@ _TINY = [
     # bands: kept, smoothed and divided.
     _tiny("tiny-llama3", rope_theta=500000.0,
           rope_scaling={**_LLAMA31_ROPE, "original_max_position_embeddings": 256}),
+    # Long-context tests (a 16K-token prefill in seconds): tiny-llama with a 32K window.
+    _tiny("tiny-llama-32k", max_position_embeddings=32768),
 ]
 
 _CONFIG_ONLY = [

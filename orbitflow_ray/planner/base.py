@@ -11,7 +11,11 @@ import abc
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
+from orbitflow_ray.costmodel import OnlineCostModel, default_prior
 from orbitflow_ray.kv.blocks import Tier
+from orbitflow_ray.planner.admission import (Admission, AdmissionKind, batch_plan_inputs, make_admission,
+                                             predicted_late)
+from orbitflow_ray.planner.problem import DEFAULT_WINDOWS
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,9 @@ class CapacityView:
     device_free_blocks: int
     host_total_blocks: int
     host_free_blocks: int
+    # Device blocks reserved for staging host-resident layers (prefetch slots, prompt buffers): not
+    # counted in device_total_blocks, which is what KV placements may use.
+    staging_blocks: int = 0
 
 
 @dataclass(slots=True)
@@ -75,10 +82,25 @@ class StepStats:
 
 
 class KVPolicy(abc.ABC):
-    name: ClassVar[str]
+    """A KV placement policy. Options every policy takes (`policy_options` offers them all):
+    `admission` (`admission.py`'s kinds; None: `native_admission`), `cost_model` (the online cost
+    model the SLO predictions read; None: a CPU prior), `slo_s` (the per-token SLO of requests that
+    set none) and `windows` (plan windows in decode steps: the first spreads prefill debt)."""
 
-    def __init__(self, num_layers: int, **options) -> None:
+    name: ClassVar[str]
+    native_admission: ClassVar[AdmissionKind] = AdmissionKind.FCFS
+
+    def __init__(self, num_layers: int, admission: str | None = None, cost_model: OnlineCostModel | None = None,
+                 slo_s: float = 0.5, windows: tuple[int, ...] = DEFAULT_WINDOWS, **options) -> None:
+        if not slo_s > 0:
+            raise ValueError(f"slo_s must be > 0, got {slo_s}")
+        if not windows or any(int(w) != w or w < 1 for w in windows):
+            raise ValueError(f"windows must be integers >= 1, got {windows}")
         self.num_layers = num_layers
+        self.admission: Admission = make_admission(self.native_admission if admission is None else admission)
+        self.cost = cost_model or OnlineCostModel(default_prior(num_layers, None, "cpu"))
+        self.default_slo_s = slo_s
+        self.windows = tuple(windows)
 
     @abc.abstractmethod
     def place_new(self, req: RequestView, cap: CapacityView) -> list[Tier]:
@@ -88,8 +110,32 @@ class KVPolicy(abc.ABC):
     def admit(self, req: RequestView, running: list[RequestView], cap: CapacityView
               ) -> PlacementPlan | None:
         """Admit (or resume) `req` into the running batch: its placement, plus any changes to the
-        running requests that make room. None: not now, keep it waiting."""
+        running requests that make room. None: not now, keep it waiting. The policy proposes
+        (`propose`), its admission (`self.admission`) decides."""
+        plan = self.propose(req, running, cap)
+        if plan is None or not self.admission.admits(self, req, running, cap, plan):
+            return None
+        return plan
+
+    def propose(self, req: RequestView, running: list[RequestView], cap: CapacityView
+                ) -> PlacementPlan | None:
+        """Where `req` would go if it joined now (its placement, plus any changes to the running
+        requests that make room); None when no placement this policy allows fits. Here: `place_new`
+        (the scheduler still checks its prompt against the free blocks)."""
         return PlacementPlan({req.request_id: self.place_new(req, cap)})
+
+    def predicted_misses(self, views: list[RequestView], plan: PlacementPlan | None, cap: CapacityView) -> int:
+        """Requests of `views` predicted to miss their per-token SLO (TPOT/TBT) in the next decode
+        steps, each at its placement in `plan`, else its own (a request without one, at
+        `place_new`'s): the online cost model's decode step at those placements (`problem.step_time`,
+        a placement taken as the prefetch distance offloading at least as many layers) against each
+        SLO less its share of the batch's prefill debt (`admission.batch_plan_inputs`)."""
+        if not views:
+            return 0
+        changed = plan.placements if plan is not None else {}
+        tiers = [changed.get(v.request_id) or v.placement or self.place_new(v, cap) for v in views]
+        inputs = batch_plan_inputs(views, cap, self.num_layers, self.cost, self.default_slo_s, self.windows)
+        return len(predicted_late(inputs, tiers, self.windows[0]))
 
     def replan(self, running: list[RequestView], cap: CapacityView) -> PlacementPlan | None:
         """Placement changes between steps. Static policies change nothing."""
@@ -113,8 +159,9 @@ class KVPolicy(abc.ABC):
         return None
 
     def metrics(self) -> dict[str, float]:
-        """Policy counters for the engine's stats (solve times, fallbacks, pauses)."""
-        return {}
+        """Policy counters for the engine's stats (solve times, fallbacks, pauses); here the
+        admission's decisions on proposals that fit (`admission_admitted`, `admission_refused`)."""
+        return {f"admission_{k}": v for k, v in self.admission.stats.items()}
 
     def admission_damage(self, reqs: list[RequestView], running: list[RequestView], cap: CapacityView
                          ) -> list[float]:
@@ -157,7 +204,7 @@ def describe_policy(name: str) -> str:
 def policy_options(config) -> dict:
     """The options every policy is offered from an `EngineConfig` (each takes what it uses);
     plain values, so a central planner can rebuild the same policy from them."""
-    return dict(static_offload_fraction=config.static_offload_fraction,
+    return dict(admission=config.admission, static_offload_fraction=config.static_offload_fraction,
                 pause_strategy_name=config.pause_strategy, max_pause_s=config.max_pause_s,
                 slo_s=config.tpot_slo_s, windows=tuple(config.plan_windows),
                 solve_ahead=config.solve_ahead, seed=config.seed, deposit_pace=config.deposit_pace)

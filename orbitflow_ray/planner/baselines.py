@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 
-from orbitflow_ray.costmodel import OnlineCostModel, default_prior
+from orbitflow_ray.costmodel import OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         register_policy)
@@ -37,25 +37,29 @@ class BatchUniformPolicy(KVPolicy):
 
     def __init__(self, num_layers: int, cost_model: OnlineCostModel | None = None, slo_s: float = 0.5,
                  **options) -> None:
-        super().__init__(num_layers)
-        if not slo_s > 0:
-            raise ValueError(f"slo_s must be > 0, got {slo_s}")
-        self.cost = cost_model or OnlineCostModel(default_prior(num_layers, None, "cpu"))
-        self.default_slo_s = slo_s
+        super().__init__(num_layers, cost_model=cost_model, slo_s=slo_s, **options)
         self.counters = {"replans": 0, "placements": 0, "admit_refused": 0, "over_capacity": 0}
 
     @abc.abstractmethod
     def choose(self, views: list[RequestView], cap: CapacityView) -> list[Tier] | None:
         """The placement for every request in `views`; None when no candidate fits the device."""
 
-    def admit(self, req: RequestView, running: list[RequestView], cap: CapacityView
-              ) -> PlacementPlan | None:
+    def propose(self, req: RequestView, running: list[RequestView], cap: CapacityView
+                ) -> PlacementPlan | None:
+        """The batch's placement re-chosen with `req` in it; None when no candidate fits."""
         views = running + [req]
         tiers = self.choose(views, cap)
         if tiers is None:
             self.counters["admit_refused"] += 1
             return None
         return self._plan(views, tiers, always=req.request_id)
+
+    def admit(self, req: RequestView, running: list[RequestView], cap: CapacityView
+              ) -> PlacementPlan | None:
+        plan = super().admit(req, running, cap)
+        if plan is not None:
+            self.counters["placements"] += len(plan.placements)
+        return plan
 
     def replan(self, running: list[RequestView], cap: CapacityView) -> PlacementPlan | None:
         if not running:
@@ -66,21 +70,20 @@ class BatchUniformPolicy(KVPolicy):
             self.counters["over_capacity"] += 1
             tiers = self.place_new(running[0], cap)
         plan = self._plan(running, tiers)
+        self.counters["placements"] += len(plan.placements)
         return plan if plan.placements else None
 
     def _plan(self, views: list[RequestView], tiers: list[Tier], always: str | None = None
               ) -> PlacementPlan:
         """Placements for the requests not already at `tiers` (and always for `always`)."""
-        changed = {v.request_id: list(tiers) for v in views
-                   if v.request_id == always or v.placement is None or list(v.placement) != tiers}
-        self.counters["placements"] += len(changed)
-        return PlacementPlan(changed)
+        return PlacementPlan({v.request_id: list(tiers) for v in views
+                              if v.request_id == always or v.placement is None or list(v.placement) != tiers})
 
     def fits(self, tiers: list[Tier], views: list[RequestView], cap: CapacityView) -> bool:
         return device_layers(tiers) * next_step_blocks(views, cap.block_size) <= cap.device_total_blocks
 
     def metrics(self) -> dict[str, float]:
-        return dict(self.counters)
+        return {**super().metrics(), **self.counters}
 
 
 @register_policy
@@ -91,7 +94,7 @@ class FlexGenPlus(BatchUniformPolicy):
 
     def __init__(self, num_layers: int, cost_model: OnlineCostModel | None = None, slo_s: float = 0.5,
                  **options) -> None:
-        super().__init__(num_layers, cost_model, slo_s)
+        super().__init__(num_layers, cost_model, slo_s, **options)
         self.fraction = 0.0
 
     def place_new(self, req: RequestView, cap: CapacityView) -> list[Tier]:
@@ -108,7 +111,7 @@ class FlexGenPlus(BatchUniformPolicy):
         raise AssertionError("unreachable: all layers on host needs no device blocks")
 
     def metrics(self) -> dict[str, float]:
-        return {**self.counters, "offload_fraction": self.fraction}
+        return {**super().metrics(), "offload_fraction": self.fraction}
 
 
 @register_policy
@@ -119,7 +122,7 @@ class SelectN(BatchUniformPolicy):
 
     def __init__(self, num_layers: int, cost_model: OnlineCostModel | None = None, slo_s: float = 0.5,
                  distances: tuple[int, ...] | None = None, **options) -> None:
-        super().__init__(num_layers, cost_model, slo_s)
+        super().__init__(num_layers, cost_model, slo_s, **options)
         # the research code's set: all-host (d = 0) is OrbitFlow's addition, not Select-N's
         ds = PAPER_DISTANCES + (num_layers,) if distances is None else tuple(distances)
         if not ds or any(int(d) != d or d < 1 for d in ds):
@@ -158,4 +161,4 @@ class SelectN(BatchUniformPolicy):
         return fitting[d]
 
     def metrics(self) -> dict[str, float]:
-        return {**self.counters, "distance": self.distance}
+        return {**super().metrics(), "distance": self.distance}

@@ -371,6 +371,9 @@ class FastPlanner:
                                     "fallback", "violations_unsettled"), 0)
         self._chains: list[Chain] = []
 
+    def set_deadline(self, at: float | None) -> None:
+        """No wall clock here: the budget is counted (`PlacementSolver`)."""
+
     def _arrays(self, inputs: PlanInputs, window: int):
         data = window_data(inputs, window)
         dev, e = inputs.device_layers().astype(np.int64), inputs.end_tokens(window)

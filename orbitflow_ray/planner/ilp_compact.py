@@ -26,11 +26,24 @@ solve goes through cvxpy's solving chain by hand (`get_problem_data` -> the chai
 `var_id_to_col`): the incumbent handed to HiGHS is the fast path's plan, with its exact stalls.
 
 Window: the fast path searches the windows (`problem.search_windows`); the ILP re-solves the
-placement at the window the fast plan chose (one MIP, plus its tie-break solve), since a MIP per
-candidate window costs several times as much for a rarely different answer.
+placement at the window the fast plan chose (at most one MIP, plus its tie-break solve), since a
+MIP per candidate window costs several times as much for a rarely different answer.
+
+What a solve costs (measured with HiGHS's log on bench/planner.py's 32 x 32 instances): the LP
+relaxation takes about 4 ms, but HiGHS's root node (cut separation and probing on the knapsack
+and interval rows) about 250 ms of CPU whatever the options (presolve, probing lifting, symmetry
+detection, cut-pool limits: none moved it). The root bound lies within about 1e-4 of T of the
+optimum, but the fast plan 8e-4 to 3e-3 above it: finding the optimum and proving the 1e-4
+default gap took 79, 931 and 5,116 nodes on three instances (a fourth: not in 1,000), so the
+default budget (32 nodes) mostly returns FEASIBLE, sometimes improved. Hence two shortcuts: no
+MIP at all when the fast path's certified lower bound (`FastPlanner.bound`) already proves its
+plan within rel_gap (`stats["precertified"]`), and no tie-break MIP when the T solve spent its
+budget without leaving the fast plan (`stats["tie_skipped"]`: the plan is FEASIBLE either way).
 
 Budget: HiGHS runs single-threaded (deterministic) with a node limit (`max_nodes`) and an LP
-iteration limit; `time_limit_s` is only a safety stop for a pathological instance. Whatever
+iteration limit; `time_limit_s` is only a safety stop for a pathological instance. A deadline
+(`set_deadline`: the central planner passes the worker's budget, so the plan is back before the
+step that needs it) cuts that stop shorter; past it the fast plan is returned. Whatever
 HiGHS returns is re-scored exactly (`problem.evaluate`) and compared with the fast plan on the
 full objective (violations, T, link bytes, -W); the better plan wins, so a plan from here is
 never worse than the fast path's.
@@ -155,7 +168,15 @@ class CompactIlpPlanner:
         self.fast = fast or FastPlanner(warm_start=True)
         self._shapes = ShapeCache(_Compiled, max_cached)
         self.last: dict[str, int] = {}
-        self.stats = dict.fromkeys(("improved", "confirmed", "kept_fast", "windows", "stopped"), 0)
+        self.stats = dict.fromkeys(("improved", "confirmed", "kept_fast", "windows", "stopped", "out_of_time",
+                                    "precertified", "tie_skipped"), 0)
+        self.deadline: float | None = None
+
+    def set_deadline(self, at: float | None) -> None:
+        """Stop HiGHS by `at` (time.perf_counter()); past it the fast plan is returned unimproved
+        ("out_of_time"). The central planner sets it from the worker's budget, so that the plan
+        is back before the step that needs it."""
+        self.deadline = at
 
     @property
     def compiles(self) -> int:
@@ -175,6 +196,9 @@ class CompactIlpPlanner:
         self.last = fast.distances
         if fast.status is PlanStatus.INFEASIBLE or not inputs.requests:
             return fast
+        if self._time_left() <= 0:
+            self.stats["out_of_time"] += 1
+            return fast
         index = {d: k for k, d in enumerate(inputs.distances)}
         start = np.array([index[fast.distances[r.request_id]] for r in inputs.requests])
         ks, proven = self.solve_window(inputs, fast.window, start)
@@ -191,14 +215,27 @@ class CompactIlpPlanner:
 
     def solve_window(self, inputs: PlanInputs, window: int, start: np.ndarray) -> tuple[np.ndarray, bool]:
         """Least T, then least link bytes at that T, from incumbent `start` when it fits; True when
-        proven (within rel_gap, violation set settled)."""
+        proven (within rel_gap, violation set settled). The T solve is skipped when the fast path's
+        lower bound already proves `start` within rel_gap; the byte tie-break solve is skipped when
+        the T solve stopped on its budget still at `start` (the plan is FEASIBLE either way)."""
         self.stats["windows"] += 1
         data, ds, c = window_data(inputs, window), np.array(inputs.distances), inputs.compute_per_layer_s
         L = inputs.num_layers
-        ks, proven, bound = self._fitting(inputs, window, data, start if fits(inputs, window, start) else None)
-        if ks is None:
-            ks, proven, bound = start, False, 0.0
+        start_fits = fits(inputs, window, start)
+        lower = self.fast.bound(inputs, window) / c - L  # certified bound on U[L-1] (the stall)
+        t_start = step_time(inputs, ds[start].tolist()) / c  # T / c; HiGHS's gap is rel_gap of it
+        if start_fits and t_start - L <= lower + self.rel_gap * t_start:
+            ks, proven, bound = start, True, lower
+            self.stats["precertified"] += 1
+        else:
+            ks, proven, bound = self._fitting(inputs, window, data, start if start_fits else None)
+            if ks is None:
+                ks, proven, bound = start, False, 0.0
+        bound = max(bound, lower)
         proven = proven and violations_settled(inputs, window, c * (L + bound), step_time(inputs, ds[ks].tolist()))
+        if not proven and np.array_equal(ks, start):  # budget spent, nothing better: a second MIP
+            self.stats["tie_skipped"] += 1  # would search again from the same incumbent
+            return ks, False
         tie = tie_data(inputs, window, data, ds[ks].tolist())
         if tie is not None:
             ks_tie, tie_proven, _ = self._fitting(inputs, window, tie, ks)
@@ -207,13 +244,17 @@ class CompactIlpPlanner:
             proven = proven and tie_proven
         return ks, proven
 
+    def _time_left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.perf_counter()
+
     def _fitting(self, inputs: PlanInputs, window: int, data: dict, start: np.ndarray | None
                  ) -> tuple[np.ndarray | None, bool, float]:
         compiled = self.compiled(inputs)
         # the objective is U[L-1] = T / c - L: a gap of rel_gap on T is rel_gap * T / c on it
         t_over_c = inputs.num_layers if start is None else step_time(
             inputs, [inputs.distances[k] for k in start]) / inputs.compute_per_layer_s
-        options = {**self.options, "mip_abs_gap": self.rel_gap * t_over_c}
+        options = {**self.options, "mip_abs_gap": self.rel_gap * t_over_c,
+                   "time_limit": max(1e-3, min(self.options["time_limit"], self._time_left()))}
         for _ in range(3):  # HiGHS may overshoot the capacity row by its feasibility tolerance:
             # then re-solve with the row's bound just under that plan (exact check in `fits`)
             ks, status, bound = compiled.solve(data, start, options)

@@ -8,8 +8,9 @@ compact ILP in cvxpy + HiGHS, never worse than it). `problem.py` has the model. 
 its window of W decode steps; it is re-solved when
 
 - the batch changes (admission, finish, pause, resume)      -> on the spot
-- the window runs out                                        -> solved one step ahead (central)
+- the window runs out                                        -> solved ahead (central)
 - measured step time drifts from the prediction              -> solved one step ahead (central)
+  (locally a window's end is solved one step ahead; centrally as many as the round trip needs)
 - the next step's growth does not fit the free device blocks -> on the spot
 
 When the batch does not fit without streaming all-host some request that could keep layers on
@@ -19,9 +20,10 @@ first, when the ILP admits them again. Pauses are decided by that loop around th
 inside the ILP: the set it reaches pausing largest first is the fewest pauses that make the
 batch feasible (feasibility depends on each request's largest-offload KV alone). On the central
 planner the loop runs with the ILP solver, so a central plan carries its own pause decisions.
-Solving ahead, a worker with a central planner sends the predicted batch there
-(`planner/ahead.py`) and adopts the answer if it is back, for that batch, by the step that needs
-it; otherwise it solves on the spot with the fast path. A request paused longer than `max_pause_s` is pinned: the
+Solving ahead, a worker with a central planner sends the batch predicted at the window's end
+there, as many steps ahead as the measured round trip needs (`planner/ahead.py`), and adopts the
+answer if it is back, for that batch, by the step that needs it; otherwise it solves on the spot
+with the fast path. A request paused longer than `max_pause_s` is pinned: the
 solve pauses others instead, so nobody starves. A solver error falls back to a safe heuristic
 (every request at its largest offload short of all-host, all-host where only that holds it),
 logged and counted; no request is ever dropped.
@@ -34,14 +36,16 @@ import random
 import time
 from dataclasses import replace
 
-from orbitflow_ray.costmodel import OnlineCostModel, default_prior
+from orbitflow_ray.costmodel import CostModel, OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
+from orbitflow_ray.planner.admission import AdmissionKind, batch_plan_inputs, prefill_debt_s
 from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         StepStats, register_policy)
 from orbitflow_ray.planner.deposit import ArrivalForecast, bank_target
 from orbitflow_ray.planner.pause import pause_strategy
-from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs, PlanRequest,
+from orbitflow_ray.planner.planning import PlanResult, RemoteSolve
+from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs,
                                            PlanStatus, distance_set, make_plan, placement_for_distance,
                                            step_time)
 from orbitflow_ray.planner.solvers import PlacementSolver, make_solver
@@ -57,6 +61,7 @@ class OrbitFlow(KVPolicy):
     """OrbitFlow: per-request layer placement by ILP, refined at run time, Deposit + Pause-Resume."""
 
     name = "orbitflow"
+    native_admission = AdmissionKind.SLO
     uses_deposit = True
     can_pause = True
     uniform = False
@@ -67,13 +72,12 @@ class OrbitFlow(KVPolicy):
                  drift_threshold: float = 0.25, drift_patience: int = 3, solve_ahead: bool = True,
                  seed: int = 0, solver: str = "fast", deposit_pace: float = 0.9, arrival_memory_s: float = 30.0,
                  **options) -> None:
-        super().__init__(num_layers)
-        if max_pause_s <= 0 or drift_threshold <= 0 or drift_patience < 1 or slo_s <= 0:
-            raise ValueError("need max_pause_s > 0, drift_threshold > 0, drift_patience >= 1, slo_s > 0")
-        self.cost = cost_model or OnlineCostModel(default_prior(num_layers, None, "cpu"))
-        self.distances, self.windows = distances, tuple(windows)
+        super().__init__(num_layers, cost_model=cost_model, slo_s=slo_s, windows=windows, **options)
+        if max_pause_s <= 0 or drift_threshold <= 0 or drift_patience < 1:
+            raise ValueError("need max_pause_s > 0, drift_threshold > 0, drift_patience >= 1")
+        self.distances = distances
         self.pick_victim = pause_strategy(pause_strategy_name)
-        self.max_pause_s, self.default_slo_s = max_pause_s, slo_s
+        self.max_pause_s = max_pause_s
         self.drift_threshold, self.drift_patience = drift_threshold, drift_patience
         self.solver: PlacementSolver = make_solver("uniform" if self.uniform else solver)
         self.ahead: AheadSolver = AheadSolver(self._solve, background=solve_ahead)
@@ -84,10 +88,12 @@ class OrbitFlow(KVPolicy):
         self._stale = False
         self._drift_run = 0
         self._predicted_s: float | None = None
+        self._step_s: float | None = None  # EWMA of measured decode-step time (solve-ahead budgets)
         self._anchor: tuple[Plan, int, float] | None = None  # (plan, batch context, T) at install
         self._last_views: list[RequestView] = []
         self._cap: CapacityView | None = None
         self._refused: dict[str, frozenset[str]] = {}  # admission refused for this running set
+        self._proposal: tuple[Plan, list[str], PlacementPlan] | None = None  # the last `propose`'s
         self._protected: frozenset[str] = frozenset()  # resumed after an overlong pause: not paused again
         self._bank: dict[str, int] = {}  # Token-Deposit bank targets (`deposit_target`)
         self.deposit_pace = deposit_pace  # the deposit's release pace, for its bank targets
@@ -99,23 +105,12 @@ class OrbitFlow(KVPolicy):
 
     # ---- the problem ---------------------------------------------------------------------------
     def _inputs(self, views: list[RequestView], cap: CapacityView) -> PlanInputs:
-        a, b = self.cost.model.decode_layer_coeffs(len(views))
-        kvb = cap.block_bytes // cap.block_size
-        # Prefill chunks still owed by the batch (a new arrival's whole prompt included) will share
-        # steps with the decodes: their compute is debt every request's tokens must absorb within
-        # the first window, so it comes off each request's SLO as debt / tokens in that window.
-        debt = self._prefill_debt_s(views)
-        w0 = self.windows[0]
-        reqs = tuple(PlanRequest(v.request_id, max(1, v.num_tokens), v.max_new_tokens_left,
-                                 _slo_after_debt(v.slo_s or self.default_slo_s, debt,
-                                                 min(w0, v.max_new_tokens_left)),
-                                 v.deposit_tokens if self.uses_deposit else 0) for v in views)
-        return PlanInputs(reqs, self.num_layers, kvb, cap.device_total_blocks * cap.block_bytes,
-                          self.cost.model.link_bytes_per_s, a, b, self.distances, self.windows,
-                          cap.block_size)
+        """The batch's problem, prefill debt taken off the SLOs (`admission.batch_plan_inputs`)."""
+        return batch_plan_inputs(views, cap, self.num_layers, self.cost, self.default_slo_s, self.windows,
+                                 self.distances, deposit=self.uses_deposit)
 
     def _prefill_debt_s(self, views: list[RequestView]) -> float:
-        return self.num_layers * self.cost.model.compute_p_s_per_token * sum(v.prefill_tokens_left for v in views)
+        return prefill_debt_s(views, self.num_layers, self.cost)
 
     def _solve(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str],
                probe: bool = False) -> tuple[Plan, list[str]]:
@@ -154,30 +149,47 @@ class OrbitFlow(KVPolicy):
         return make_plan(inputs, choice, step_time(inputs, choice), inputs.windows[0],
                          PlanStatus.FEASIBLE, time.perf_counter(), why)
 
-    def solve_for(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str] = frozenset()
-                  ) -> tuple[Plan, list[str]]:
+    def solve_for(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str] = frozenset(),
+                  deadline: float | None = None) -> PlanResult:
         """One planning solve on another's behalf (the central planner solving for a worker),
-        warm-started from the placements the worker's views carry (its plan in force)."""
+        warm-started from the placements the worker's views carry (its plan in force); `deadline`
+        (time.perf_counter()) bounds a wall-clock solver (`PlanningPolicy`)."""
         ds = distance_set(self.distances, self.num_layers)
         self.solver.seed({v.request_id: d for v in views
                           if (d := distance_of(v.placement, self.num_layers, ds)) is not None})
-        return self._solve(list(views), cap, frozenset(pinned))
+        self.solver.set_deadline(deadline)
+        try:
+            plan, paused = self._solve(list(views), cap, frozenset(pinned))
+        finally:
+            self.solver.set_deadline(None)
+        return PlanResult(plan, tuple(paused))
+
+    def use_cost_model(self, model: CostModel) -> None:
+        """Plan on `model` (the central planner: the worker's fit) (`PlanningPolicy`)."""
+        self.cost.model = model
+
+    def attach_remote(self, remote: RemoteSolve | None) -> None:
+        """Send the window and drift re-plans to the central planner (`PlanningPolicy`)."""
+        self.ahead.attach_remote(remote)
 
     def admission_damage(self, reqs: list[RequestView], running: list[RequestView], cap: CapacityView
                          ) -> list[float]:
         """Per request of `reqs` (each alone), the SLO misses the plan predicts if it joined now,
-        beyond the batch's own (solved once for all); inf when it could join only by pausing
-        others or not at all (the router then prefers another worker)."""
+        beyond the batch's own (solved once for all), or 0 under `fcfs` admission; inf when it
+        could join only by pausing others or not at all (the router then prefers another worker)."""
+        slo_aware = self.admission.kind is AdmissionKind.SLO
         base = len(self._solve(list(running), cap, frozenset(), probe=True)[0].violations) if running else 0
         out = []
         for req in reqs:
             plan, paused = self._solve(list(running) + [req], cap, frozenset({req.request_id}), probe=True)
             joins = not paused and req.request_id in plan.distances and not plan.solver.startswith("fallback")
-            out.append(float(max(0, len(plan.violations) - base)) if joins else float("inf"))
+            damage = max(0, len(plan.violations) - base) if slo_aware else 0
+            out.append(float(damage) if joins else float("inf"))
         return out
 
     # ---- applying plans ------------------------------------------------------------------------
     def _install(self, plan: Plan, views: list[RequestView], paused: list[str]) -> PlacementPlan:
+        placements = self._placements(plan, views, paused)
         self.plan = plan
         self.plan_ids = frozenset(plan.distances)
         self.steps_left = plan.window
@@ -188,6 +200,10 @@ class OrbitFlow(KVPolicy):
             self.counters["plans_missing_slo"] += 1
             log.info("plan of %d requests cannot meet the SLO of %s (step %.1f ms)", len(plan.distances),
                      sorted(plan.violations), plan.predicted_step_s * 1e3)
+        return placements
+
+    def _placements(self, plan: Plan, views: list[RequestView], paused: list[str]) -> PlacementPlan:
+        """What installing `plan` changes: placements that differ from the views', and the pauses."""
         current = {v.request_id: v.placement for v in views}
         changed = {}
         for rid, d in plan.distances.items():
@@ -211,28 +227,53 @@ class OrbitFlow(KVPolicy):
             return tiers_for_distance(ALL_HOST, L)
         return tiers
 
-    def admit(self, req: RequestView, running: list[RequestView], cap: CapacityView
-              ) -> PlacementPlan | None:
+    def propose(self, req: RequestView, running: list[RequestView], cap: CapacityView
+                ) -> PlacementPlan | None:
+        """The batch's plan re-solved with `req` in it (kept, with its pauses, for `admit` to
+        install); None when no plan holds it: the solve fell back for lack of room, left it out,
+        or had to pause others (allowed only for a request paused past `max_pause_s`)."""
         pinned = self._overdue([req])
-        ids = frozenset(v.request_id for v in running)
-        if not pinned and self._refused.get(req.request_id) == ids:
-            return None  # the same batch refused it before; it only grew since
         views = running + [req]
         plan, paused = self.ahead.solve_now(views, cap, pinned | {req.request_id}, not pinned)
         refused = plan.solver == "fallback-infeasible" or (
             plan.solver == "fallback-error" and plan.device_bytes > cap.device_total_blocks * cap.block_bytes)
-        # SLO-aware admission: a request joins only if the plan with it misses no more SLOs than
-        # the batch already does (waiting costs it TTFT; joining would cost everyone TBT).
-        before = len(self.plan.violations) if self.plan is not None and self.plan_ids == ids else 0
-        hurts = running and not pinned and len(plan.violations) > before
-        if req.request_id not in plan.distances or refused or (paused and not pinned) or hurts:
+        if req.request_id not in plan.distances or refused or (paused and not pinned):
+            self._proposal = None
+            return None
+        placements = self._placements(plan, views, paused)
+        self._proposal = (plan, paused, placements)
+        return placements
+
+    def predicted_misses(self, views: list[RequestView], plan: PlacementPlan | None, cap: CapacityView) -> int:
+        """From the plans: the proposal's violation set when `plan` is the last proposal; for the
+        batch as it runs (`plan` None), the plan in force's, or 0 when that plan is not this batch's
+        (it is re-solved at the next step anyway)."""
+        if plan is None:
+            ids = frozenset(v.request_id for v in views)
+            return len(self.plan.violations) if self.plan is not None and self.plan_ids == ids else 0
+        if self._proposal is not None and plan is self._proposal[2]:
+            return len(self._proposal[0].violations)
+        return super().predicted_misses(views, plan, cap)
+
+    def admit(self, req: RequestView, running: list[RequestView], cap: CapacityView
+              ) -> PlacementPlan | None:
+        """`propose`, then the admission decides (natively `slo`: the plan with `req` misses no
+        more SLOs than the batch already does; waiting costs it TTFT, joining would cost everyone
+        TBT). A request paused past `max_pause_s` joins whenever a plan holds it (no starvation)."""
+        pinned = self._overdue([req])
+        ids = frozenset(v.request_id for v in running)
+        if not pinned and self._refused.get(req.request_id) == ids:
+            return None  # the same batch refused it before; it only grew since
+        proposal = self.propose(req, running, cap)
+        if proposal is None or not (pinned or self.admission.admits(self, req, running, cap, proposal)):
             self._refused[req.request_id] = ids
             return None
+        plan, paused, _ = self._proposal
         self._refused.pop(req.request_id, None)
         if req.paused_s is not None:
             self.counters["resumes"] += 1
             self._protected |= pinned
-        return self._install(plan, views, paused)
+        return self._install(plan, running + [req], paused)
 
     def replan(self, running: list[RequestView], cap: CapacityView) -> PlacementPlan | None:
         self._cap = cap
@@ -252,11 +293,20 @@ class OrbitFlow(KVPolicy):
             result = self._install(plan, running, paused)
         self._predict(running, cap)
         self._bank = self._bank_targets(running)
-        if self.steps_left == 1 or self._stale:  # the window ends next step: solve it now, off-thread
-            nxt = [_advance(v) for v in running if v.max_new_tokens_left > 1]
-            if nxt and not self.ahead.pending(self._key(nxt)):
-                self.ahead.submit(self._key(nxt), nxt, cap, self._protected)
+        self._solve_ahead(running, cap)
         return result
+
+    def _solve_ahead(self, running: list[RequestView], cap: CapacityView) -> None:
+        """Ask for the plan of the window's last step now if it is `lead_steps` or fewer away (one
+        step for the local thread; the central planner's round trip in steps otherwise), for the
+        batch predicted there: every request `ahead` tokens longer, those finished by then gone."""
+        ahead = 1 if self._stale else self.steps_left
+        if ahead < 1 or ahead > self.ahead.lead_steps(self._step_s, max(self.steps_left, 1)):
+            return
+        nxt = [_advance(v, ahead) for v in running if v.max_new_tokens_left > ahead]
+        if nxt and not self.ahead.pending(self._key(nxt)):
+            budget = None if self._step_s is None else ahead * self._step_s
+            self.ahead.submit(self._key(nxt), nxt, cap, self._protected, budget_s=budget)
 
     def _trigger(self, running: list[RequestView], cap: CapacityView) -> str | None:
         if self.plan is None or frozenset(v.request_id for v in running) != self.plan_ids:
@@ -318,6 +368,8 @@ class OrbitFlow(KVPolicy):
         misses the prediction by more than the threshold, `drift_patience` times in a row,
         marks the plan stale (re-solved one step ahead, on the refitted model)."""
         self._now = stats.now
+        if stats.num_decodes and stats.new_tokens == stats.num_decodes:  # what solving ahead budgets
+            self._step_s = stats.wall_s if self._step_s is None else 0.8 * self._step_s + 0.2 * stats.wall_s
         pred = self._predicted_s
         if pred is None or stats.new_tokens != stats.num_decodes or pred <= 0:
             return
@@ -342,13 +394,8 @@ class OrbitFlow(KVPolicy):
 
     def metrics(self) -> dict[str, float]:
         solver = {f"solver_{k}": v for k, v in self.solver.stats.items()}
-        return {**self.counters, **self.ahead.stats, **solver, "cost_model_fits": self.cost.num_fits}
-
-
-def _slo_after_debt(slo: float, debt_s: float, tokens: int) -> float:
-    """The per-token budget left once `debt_s` of prefill is spread over `tokens` (never below a
-    tenth of the SLO: the planner then reports the miss instead of dividing by nothing)."""
-    return max(0.1 * slo, slo - debt_s / max(tokens, 1))
+        return {**super().metrics(), **self.counters, **self.ahead.stats, **solver,
+                "cost_model_fits": self.cost.num_fits}
 
 
 def distance_of(placement: tuple[Tier, ...] | None, num_layers: int, distances: tuple[int, ...]) -> int | None:
@@ -359,9 +406,9 @@ def distance_of(placement: tuple[Tier, ...] | None, num_layers: int, distances: 
     return next((d for d in distances if placement_for_distance(d, num_layers) == host), None)
 
 
-def _advance(v: RequestView) -> RequestView:
-    """The view one decode step later (the batch the next plan will run on)."""
-    return replace(v, num_tokens=v.num_tokens + 1, num_output_tokens=v.num_output_tokens + 1)
+def _advance(v: RequestView, steps: int = 1) -> RequestView:
+    """The view `steps` decode steps later (the batch a plan asked for ahead will run on)."""
+    return replace(v, num_tokens=v.num_tokens + steps, num_output_tokens=v.num_output_tokens + steps)
 
 
 @register_policy

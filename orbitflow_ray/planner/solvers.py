@@ -8,8 +8,10 @@
 - "uniform": `uniform.UniformPlanner`, one distance for the whole batch (an ablation).
 
 Every solver takes `PlanInputs` and returns a `Plan` whose `solver` field names what produced it,
-`seed(distances)` warm-starts its next solve from a placement (request id -> distance), and
-`stats` counts how its solves were settled.
+`seed(distances)` warm-starts its next solve from a placement (request id -> distance),
+`set_deadline(at)` bounds its wall-clock part (only "cvxpy-highs" has one: past the deadline it
+returns the fast plan; the others count their budgets and ignore it), and `stats` counts how its
+solves were settled.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class PlacementSolver(Protocol):
     def solve(self, inputs: PlanInputs) -> Plan: ...
 
     def seed(self, distances: dict[str, int]) -> None: ...
+
+    def set_deadline(self, at: float | None) -> None: ...  # time.perf_counter(); None: no deadline
 
 
 class SolverKind(str, enum.Enum):

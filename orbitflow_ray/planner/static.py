@@ -47,7 +47,7 @@ class StaticUniform(KVPolicy):
     name = "static-uniform"
 
     def __init__(self, num_layers: int, static_offload_fraction: float = 0.5, **options) -> None:
-        super().__init__(num_layers)
+        super().__init__(num_layers, **options)
         self.placement = uniform_placement(num_layers, static_offload_fraction)
 
     def place_new(self, req: RequestView, cap: CapacityView) -> list[Tier]:

@@ -19,6 +19,9 @@ class UniformPlanner:
     def seed(self, distances: dict[str, int]) -> None:
         """Nothing to warm-start: the K uniform placements are enumerated."""
 
+    def set_deadline(self, at: float | None) -> None:
+        """No wall clock here: the budget is counted (`PlacementSolver`)."""
+
     def solve(self, inputs: PlanInputs) -> Plan:
         R = len(inputs.requests)
 

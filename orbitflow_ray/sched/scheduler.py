@@ -56,6 +56,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_ids: list[str] = []
         self._step = 0
+        self._stage_left: int | None = None  # blocks left in this step's staging budget (None: no limit)
         self.num_preemptions = 0
         self.num_pauses = 0
         self.max_pause_s = 0.0
@@ -127,7 +128,7 @@ class Scheduler:
     def capacity(self) -> CapacityView:
         d, h = self.kv.pools[Tier.DEVICE], self.kv.pools[Tier.HOST]
         return CapacityView(self.kv.num_layers, self.kv.block_size, self.kv.block_bytes,
-                            d.num_blocks, d.num_free, h.num_blocks, h.num_free)
+                            d.num_blocks, d.num_free, h.num_blocks, h.num_free, self.kv.staging_blocks)
 
     # ---- the step ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -135,16 +136,18 @@ class Scheduler:
         self._resume_swapped()
         self._apply(self.policy.replan([self.view(r) for r in self.running], self.capacity()))
         budget = self.config.max_num_batched_tokens
+        self._stage_left = self.kv.staging_slot_blocks
         seqs: list[ScheduledSeq] = []
         for req in list(self.running):
             if req not in self.running or budget <= 0:
                 continue
             n = self._chunk(req)
-            if n > budget:
+            if n > budget or not self._stages(req, n):
                 continue
             if n > 0 and self._reserve(req, n):
                 seqs.append(self._seq(req, n))
                 budget -= n
+                self._stage(req, n)
         if not self.swapped:  # FCFS: swapped requests are older than any waiting one
             budget = self._admit(budget, seqs)
         finished, self._finished_ids = self._finished_ids, []
@@ -239,7 +242,8 @@ class Scheduler:
                 raise RuntimeError(f"kv_policy {self.policy.name!r} admitted {req.request_id!r} without a placement")
             self._apply(plan)
             # Admit only if the whole prompt fits, so a long prefill is not preempted half-way.
-            if not self.kv.fits(self.kv.demand(placement, self.kv.blocks_for(req.num_tokens))):
+            if (not self.kv.fits(self.kv.demand(placement, self.kv.blocks_for(req.num_tokens)))
+                    or not self._stages(req, self._chunk(req), placement)):
                 break
             self.waiting.popleft()
             self.kv.register(req.request_id, placement)
@@ -249,7 +253,24 @@ class Scheduler:
             if self._reserve(req, n):
                 seqs.append(self._seq(req, n))
                 budget -= n
+                self._stage(req, n, placement)
         return budget
+
+    def _staged(self, req: Request, n: int, placement: list[Tier] | None) -> int:
+        """Blocks req's next n tokens stage per host-resident layer (0 with every layer on device)."""
+        placement = placement if placement is not None else self.kv.placement(req.request_id)
+        return self.kv.blocks_for(req.num_computed_tokens + n) if Tier.HOST in placement else 0
+
+    def _stages(self, req: Request, n: int, placement: list[Tier] | None = None) -> bool:
+        """Does req's staging fit what is left of this step's staging budget (a staging slot)?
+        Its blocks are counted once for all its host layers: exact when requests offload the same
+        layers (static-uniform), an upper bound otherwise. A sequence of max_model_len tokens
+        always fits an empty budget (`EngineConfig.staging_kv_bytes`), so every step progresses."""
+        return self._stage_left is None or self._staged(req, n, placement) <= self._stage_left
+
+    def _stage(self, req: Request, n: int, placement: list[Tier] | None = None) -> None:
+        if self._stage_left is not None:
+            self._stage_left -= self._staged(req, n, placement)
 
     def _apply(self, plan: PlacementPlan | None) -> None:
         """Carry out a policy's plan: pauses first (they free device blocks), then placements. A

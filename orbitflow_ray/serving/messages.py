@@ -90,7 +90,8 @@ class WorkerTelemetry:
 
 @dataclass(frozen=True, slots=True)
 class SolveRequest:
-    """Solve the placement for a worker's predicted next batch `key`."""
+    """Solve the placement for a worker's predicted batch `key` (the batch at the step its plan
+    window ends, `budget_s` from now: the planner drops it unsolved past that)."""
 
     worker_id: str
     key: Hashable
@@ -99,6 +100,7 @@ class SolveRequest:
     pinned: frozenset[str]
     cost_model: CostModel
     policy: PolicySpec
+    budget_s: float | None = None  # seconds until the step that needs the plan; None: no deadline
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,8 +9,9 @@ one is in flight), and remote plans are taken only if they are back in time (see
 
 What runs where: this worker's policy solves arrivals, finishes, pauses and capacity events on the
 spot with its fast path (deterministic budget); its plan-window and drift re-plans go to the
-central planner, which solves them with the cvxpy ILP (`planner/ilp_compact.py`), and are adopted
-when back in time. Telemetry carries which solver made the plan in force (`plan_solver`).
+central planner, which solves them with the cvxpy ILP (`planner/ilp_compact.py`): the policy asks
+for the batch it predicts at the window's end, as many steps ahead as the measured round trip
+needs (`planner/ahead.py`), and adopts the answer when it is back by then for the batch running. Telemetry carries which solver made the plan in force (`plan_solver`).
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ import concurrent.futures
 import logging
 import resource
 import time
-from typing import Protocol
+from typing import Hashable, Protocol
 
 from orbitflow_ray.config import EngineConfig
 from orbitflow_ray.engine import LLMEngine
-from orbitflow_ray.planner.ahead import RemotePlan
-from orbitflow_ray.planner.base import policy_options
-from orbitflow_ray.request import RequestStatus
+from orbitflow_ray.planner.base import CapacityView, RequestView, policy_options
+from orbitflow_ray.planner.planning import RemotePlan, planning_of
 from orbitflow_ray.serving.engine_loop import AsyncEngine
 from orbitflow_ray.serving.messages import PolicySpec, RoutingAdvice, SolveRequest, WorkerTelemetry
 
@@ -61,9 +61,9 @@ class WorkerCore:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> WorkerCore:
         self._loop = loop
-        ahead = getattr(self.engine.policy, "ahead", None)
-        if self.planner is not None and ahead is not None:
-            ahead.remote = self._remote_solve
+        planning = planning_of(self.engine.policy)
+        if self.planner is not None and planning is not None:
+            planning.attach_remote(self._remote_solve)
         self.core = AsyncEngine(self.engine, on_boundary=self._boundary, max_waiting=self.max_waiting).start()
         return self
 
@@ -83,17 +83,18 @@ class WorkerCore:
 
     def telemetry(self, mean_step_s: float | None = None) -> WorkerTelemetry:
         """The worker's state now (engine thread only)."""
-        e, s = self.engine, self.engine.scheduler
-        return WorkerTelemetry(
-            self.worker_id, time.time(), self.policy_spec, tuple(s.view(r) for r in s.running),
-            len(s.waiting), sum(r.status == RequestStatus.PAUSED for r in s.swapped), s.capacity(),
-            e.cost.model, e.max_model_len,
-            {**e.kv_stats(), "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
-            {k: float(v) for k, v in e.policy_stats().items()}, mean_step_s, e.policy.plan_solver())
+        e, snap = self.engine, self.engine.snapshot()
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return WorkerTelemetry(self.worker_id, time.time(), self.policy_spec, snap.running, snap.num_waiting,
+                               snap.num_paused, snap.capacity, e.cost.model, e.max_model_len,
+                               {**snap.kv, "rss_peak_bytes": rss}, snap.policy_stats, mean_step_s,
+                               snap.plan_solver)
 
-    def _remote_solve(self, key, views, cap, pinned) -> concurrent.futures.Future:
+    def _remote_solve(self, key: Hashable, views: list[RequestView], cap: CapacityView, pinned: frozenset[str],
+                      budget_s: float | None) -> concurrent.futures.Future:
+        """`RemoteSolve` for this worker's policy: the request goes out on the event loop."""
         req = SolveRequest(self.worker_id, key, tuple(views), cap, frozenset(pinned), self.engine.cost.model,
-                           self.policy_spec)
+                           self.policy_spec, budget_s)
         return asyncio.run_coroutine_threadsafe(self._solve(req), self._loop)
 
     # ---- asyncio side --------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from orbitflow_ray.config import ADMISSIONS
+
 
 def _floats(text: str) -> list[float]:
     try:
@@ -52,6 +54,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     h.add_argument("--max-num-seqs", type=int, default=16, help="largest batch (default: 16)")
     h.add_argument("--solve-cost-s", type=float, default=0.005,
                    help="virtual seconds charged per planning solve (default: 0.005)")
+    h.add_argument("--admission", choices=ADMISSIONS, default=None,
+                   help="who joins the batch: fcfs (arrival order while the placement fits) or slo (also "
+                        "only if no more TPOT/TBT SLOs are predicted to miss); default: each policy's own "
+                        "(slo for orbitflow, fcfs for the others)")
     s = p.add_argument_group("SLOs (a trace's per-request tpot_slo_s / ttft_slo_s win over these)")
     s.add_argument("--tpot-slo", type=_seconds, default=None,
                    help="TPOT/TBT SLO in seconds for every request (default: the SLO scale x the no-offload "
@@ -63,7 +69,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload")
     w.add_argument("--trace", help="a JSONL trace (arrival_s, input_tokens, output_tokens[, tpot_slo_s, ttft_slo_s]) "
                                    "instead of a generated workload")
-    w.add_argument("--workload", default="sharegpt", help="sharegpt, longbench, fixed or uniform (default: sharegpt)")
+    w.add_argument("--workload", default="sharegpt", help="sharegpt, longbench, fixed, uniform or pressure (default: sharegpt)")
     w.add_argument("--arrival", default="lognormal", help="poisson, gamma or lognormal (default: lognormal)")
     w.add_argument("--cv", type=float, default=1.0, help="arrival-gap coefficient of variation (default: 1)")
     w.add_argument("--num-requests", type=int, default=None, help="requests in the trace (default: 50)")
@@ -93,7 +99,7 @@ def _trace(args, rate: float):
 def _base_config(args, policy: str, slo_scale: float):
     from orbitflow_ray.sim.simulator import SimConfig
 
-    return SimConfig(model=args.model, gpu=args.gpu, tp=args.tp, kv_policy=policy,
+    return SimConfig(model=args.model, gpu=args.gpu, tp=args.tp, kv_policy=policy, admission=args.admission,
                      device_kv_bytes=args.device_kv_bytes, kv_capacity_fraction=args.kv_capacity_fraction,
                      max_num_seqs=args.max_num_seqs, slo_scale=slo_scale, solve_cost_s=args.solve_cost_s,
                      tpot_slo_s=args.tpot_slo, ttft_slo_s=args.ttft_slo)
@@ -124,7 +130,7 @@ def _context(args, cfg, trace, workload) -> dict:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from orbitflow_ray.sim.compare import run_entry
+    from orbitflow_ray.sim.compare import run_entry, run_label
     from orbitflow_ray.sim.simulator import simulate
 
     if args.list:
@@ -133,7 +139,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _base_config(args, args.policy, args.slo_scale)
     result = simulate(cfg, trace, progress=True)
     m = result.metrics
-    print(f"{cfg.kv_policy} on {cfg.model}/{cfg.gpu} TP{cfg.tp}: {m['num_finished']}/{m['num_requests']} "
+    print(f"{run_label(cfg)} on {cfg.model}/{cfg.gpu} TP{cfg.tp}: {m['num_finished']}/{m['num_requests']} "
           f"finished, goodput {m['goodput_req_s'] or 0:.3f} req/s, TTFT att. {_pct(m['ttft_attainment'])} "
           f"(P95 TTFT {_s(m['p95_ttft_s'])}), TPOT att. {_pct(m['tpot_attainment'])}, TBT att. "
           f"{_pct(m['tbt_attainment'])}, P95 TBT {_ms(m['p95_tbt_s'])} (SLO {result.tpot_slo_s * 1e3:.1f} ms), "
@@ -144,19 +150,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from orbitflow_ray.sim.compare import run_grid
+    from orbitflow_ray.sim.compare import run_grid, split_policy
 
     if args.list:
         return _list()
     rates = args.rates
     trace, workload = _trace(args, rates[0])
-    cfg = _base_config(args, args.policies[0], args.slo_scales[0])
+    cfg = _base_config(args, split_policy(args.policies[0])[0], args.slo_scales[0])
     runs = run_grid(cfg, trace, rates[0], args.policies, rates, args.slo_scales)
     _emit(args, runs, _context(args, cfg, trace, workload))
     if not args.out and not args.json:
         for r in runs:
             m = r["metrics"]
-            print(f"{r['policy']:22s} rate {r['rate']:<5g} scale {r['slo_scale']:<4g} goodput "
+            print(f"{r['policy']:26s} rate {r['rate']:<5g} scale {r['slo_scale']:<4g} goodput "
                   f"{m['goodput_req_s'] or 0:.3f} TTFT {_pct(m['ttft_attainment'])} P95 TTFT {_s(m['p95_ttft_s'])} "
                   f"TPOT {_pct(m['tpot_attainment'])} TBT {_pct(m['tbt_attainment'])} "
                   f"P95/SLO {m['p95_tbt_over_slo'] or 0:.2f}")
@@ -214,7 +220,8 @@ def add_sim_commands(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--policies", type=_names,
                    default=_names("orbitflow,all-offload,static-uniform,flexgen-plus,select-n,no-offload"),
-                   help="comma-separated policies (default: orbitflow and the five baselines)")
+                   help="comma-separated policies, each optionally with +fcfs or +slo for that admission "
+                        "instead of its own (default: orbitflow and the five baselines)")
     c.add_argument("--rates", type=_floats, default=[0.5, 1, 2, 4], help="arrival rates (default: 0.5,1,2,4)")
     c.add_argument("--slo-scales", type=_floats, default=[1.5],
                    help="SLO scales, of the TPOT/TBT and the default TTFT SLO (default: 1.5)")

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from tqdm.auto import tqdm
 
-from orbitflow_ray.config import EngineConfig
+from orbitflow_ray.config import ADMISSIONS, EngineConfig
 from orbitflow_ray.costmodel import OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.kv.tier_manager import KVTierManager
@@ -50,6 +50,8 @@ class SimConfig:
     tp: int = _help("Tensor-parallel degree (divides compute and KV, adds all-reduces).", default=1)
     dtype_bytes: int = _help("Bytes per weight/KV element (2: bf16).", default=2)
     kv_policy: str = _help("KV placement policy.", default="orbitflow")
+    admission: str | None = _help("Admission: fcfs or slo (None: the policy's own), see "
+                                  "EngineConfig.admission.", default=None)
     device_kv_bytes: int | None = _help(
         "Device KV budget per GPU. None: kv_capacity_fraction of what HBM has left after weights.",
         default=None)
@@ -89,6 +91,8 @@ class SimConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive seconds when set, got {value!r}")
+        if self.admission is not None and self.admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS} or None, got {self.admission!r}")
         self.plan_windows = tuple(self.plan_windows)
 
     @classmethod
@@ -132,7 +136,7 @@ class Simulator:
         self.prefill_chunk = min(cfg.prefill_chunk_size, cfg.max_num_batched_tokens)  # the scheduler's
         self._idle_prefill: dict[int, tuple[float, int]] = {}
         self.engine_config = EngineConfig(
-            model=cfg.model, kv_policy=cfg.kv_policy, device_kv_bytes=device, host_kv_bytes=cfg.host_kv_bytes,
+            model=cfg.model, kv_policy=cfg.kv_policy, admission=cfg.admission, device_kv_bytes=device, host_kv_bytes=cfg.host_kv_bytes,
             block_size=cfg.block_size, max_num_seqs=B, max_num_batched_tokens=cfg.max_num_batched_tokens,
             prefill_chunk_size=cfg.prefill_chunk_size, prefetch_depth=cfg.prefetch_depth,
             tpot_slo_s=self.tpot_slo_s, token_deposit=cfg.token_deposit, pause_strategy=cfg.pause_strategy,

@@ -115,6 +115,7 @@ class LengthKind(str, Enum):
     LONGBENCH = "longbench"
     FIXED = "fixed"
     UNIFORM = "uniform"
+    PRESSURE = "pressure"
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +184,12 @@ _LENGTHS: dict[LengthKind, _LengthDist] = {
                                       _BOUNDS, _longbench),
     LengthKind.FIXED: _LengthDist(LengthParams(), ("input_tokens", "output_tokens"), _fixed),
     LengthKind.UNIFORM: _LengthDist(LengthParams(None, None, 1, None, 1, None), _BOUNDS, _uniform),
+    # KV pressure (the results grid's Pause-Resume family): inputs 1K-4K and outputs 1K-4K tokens,
+    # uniform, so every output outlasts the longest plan window (128 decode steps) many times and a
+    # batch admitted when it fitted outgrows the device KV mid-run; pair it with bursty arrivals
+    # (CV > 1) and a device KV budget well below the batch's peak.
+    LengthKind.PRESSURE: _LengthDist(LengthParams(None, None, 256, 1 << 10, 2 << 10, 4 << 10),
+                                     _BOUNDS, _uniform),
 }
 
 
@@ -232,7 +239,7 @@ class WorkloadConfig:
         "Trace length in requests. None with no duration_s: 50, the paper's trace size.", default=None)
     duration_s: float | None = _help(
         "Instead of num_requests: keep the arrivals before this time.", default=None)
-    length: LengthKind | str = _help("Length distribution: sharegpt, longbench, fixed or uniform.",
+    length: LengthKind | str = _help("Length distribution: sharegpt, longbench, fixed, uniform or pressure.",
                                      default=LengthKind.SHAREGPT)
     input_tokens: int | None = _help("fixed: every input's length; sharegpt: the mean (1000).",
                                      default=None)

@@ -1,0 +1,146 @@
+"""Admission: may a waiting (or swapped-out, or paused) request join the running batch now?
+
+A policy proposes where the request would go (`KVPolicy.propose`: its placement, plus any changes
+to the running requests that make room, or None when no placement it allows fits); the admission
+says yes or no to that proposal. Admissions are an enum plus a registry (as Vidur does); every
+policy runs with any of them (`EngineConfig.admission`), or with its own when that is None
+(`KVPolicy.native_admission`: `fcfs` for the baselines, `slo` for `orbitflow`).
+
+- `fcfs`: first come, first served while it fits: the request joins whenever the policy's proposal
+  fits. The scheduler offers requests in arrival order and stops at the first refused (or whose
+  prompt does not fit the free blocks), so nobody overtakes. What the offloading baselines and
+  vLLM do.
+- `slo`: SLO-aware: it fits, and the batch with it is predicted to miss no more per-token SLOs
+  (TPOT/TBT) than the batch without it (`KVPolicy.predicted_misses`): waiting costs the request
+  TTFT; joining would cost everyone TBT. Into an empty batch a request that fits always joins.
+  What `orbitflow` does natively (its prediction is its plan's violation set); on the other
+  policies the prediction is `predicted_misses`' decode-step model.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
+
+from orbitflow_ray.kv.blocks import Tier
+from orbitflow_ray.planner.problem import (ALL_HOST, PlanInputs, PlanRequest, late_requests,
+                                           placement_for_distance, step_time)
+
+if TYPE_CHECKING:
+    from orbitflow_ray.costmodel import OnlineCostModel
+    from orbitflow_ray.planner.base import CapacityView, KVPolicy, PlacementPlan, RequestView
+
+
+class AdmissionKind(str, enum.Enum):
+    FCFS = "fcfs"
+    SLO = "slo"
+
+
+class Admission(abc.ABC):
+    kind: ClassVar[AdmissionKind]
+
+    def __init__(self) -> None:
+        self.stats = {"admitted": 0, "refused": 0}  # decisions on proposals that fit
+
+    def admits(self, policy: KVPolicy, req: RequestView, running: list[RequestView], cap: CapacityView,
+               plan: PlacementPlan) -> bool:
+        """Whether `req` joins `running` at `plan` (the policy's proposal, which fits)."""
+        ok = self._admits(policy, req, running, cap, plan)
+        self.stats["admitted" if ok else "refused"] += 1
+        return ok
+
+    @abc.abstractmethod
+    def _admits(self, policy: KVPolicy, req: RequestView, running: list[RequestView], cap: CapacityView,
+                plan: PlacementPlan) -> bool: ...
+
+
+_REGISTRY: dict[AdmissionKind, Callable[[], Admission]] = {}
+
+
+def register_admission(cls: type[Admission]) -> type[Admission]:
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+@register_admission
+class FcfsAdmission(Admission):
+    """Join whenever the policy's proposal fits (arrival order is the scheduler's)."""
+
+    kind = AdmissionKind.FCFS
+
+    def _admits(self, policy, req, running, cap, plan) -> bool:
+        return True
+
+
+@register_admission
+class SloAdmission(Admission):
+    """Join only if the batch with the request is predicted to miss no more SLOs than without."""
+
+    kind = AdmissionKind.SLO
+
+    def _admits(self, policy, req, running, cap, plan) -> bool:
+        if not running:
+            return True
+        return policy.predicted_misses(running + [req], plan, cap) <= policy.predicted_misses(running, None, cap)
+
+
+def available_admissions() -> list[str]:
+    return [k.value for k in AdmissionKind if k in _REGISTRY]
+
+
+def make_admission(kind: str | AdmissionKind) -> Admission:
+    """A fresh admission of this kind; ValueError names the known kinds."""
+    try:
+        kind = AdmissionKind(kind)
+    except ValueError:
+        raise ValueError(f"unknown admission {kind!r}; choose one of {available_admissions()}") from None
+    return _REGISTRY[kind]()
+
+
+# ---- the per-token SLO prediction both `slo` and the planner use -----------------------------------
+
+def batch_plan_inputs(views: Sequence[RequestView], cap: CapacityView, num_layers: int, cost: OnlineCostModel,
+                      default_slo_s: float, windows: tuple[int, ...], distances: tuple[int, ...] | None = None,
+                      deposit: bool = False) -> PlanInputs:
+    """The placement problem of a batch: context lengths, tokens left, SLOs (a request's own, else
+    `default_slo_s`), Token-Deposit credit when `deposit`, and the online cost model's coefficients.
+
+    Prefill chunks still owed by the batch (an arrival's whole prompt included) share steps with
+    the decodes: their compute is debt every request's tokens must absorb within the first window,
+    so it comes off each request's SLO as debt / tokens in that window (never below a tenth of the
+    SLO: the planner then reports the miss instead of dividing by nothing)."""
+    a, b = cost.model.decode_layer_coeffs(len(views))
+    debt = prefill_debt_s(views, num_layers, cost)
+    w0 = windows[0]
+    reqs = []
+    for v in views:
+        slo = v.slo_s or default_slo_s
+        tokens = min(w0, v.max_new_tokens_left)
+        reqs.append(PlanRequest(v.request_id, max(1, v.num_tokens), v.max_new_tokens_left,
+                                max(0.1 * slo, slo - debt / max(tokens, 1)), v.deposit_tokens if deposit else 0))
+    return PlanInputs(tuple(reqs), num_layers, cap.block_bytes // cap.block_size, cap.device_total_blocks * cap.block_bytes,
+                      cost.model.link_bytes_per_s, a, b, distances, windows, cap.block_size)
+
+
+def prefill_debt_s(views: Sequence[RequestView], num_layers: int, cost: OnlineCostModel) -> float:
+    """Seconds of prefill compute the batch still owes (every prompt token not yet computed)."""
+    return num_layers * cost.model.compute_p_s_per_token * sum(v.prefill_tokens_left for v in views)
+
+
+def distance_like(tiers: Sequence[Tier], num_layers: int) -> int:
+    """The prefetch distance whose placement (problem.py) offloads at least as many layers as
+    `tiers`, the fewest such: all-device is L, all-host 0, and an evenly spread fraction (FlexGen's,
+    `static.uniform_placement`) the distance with the same spacing or one tighter."""
+    n_host = sum(t == Tier.HOST for t in tiers)
+    if n_host == 0:
+        return num_layers
+    return max((d for d in range(num_layers) if sum(placement_for_distance(d, num_layers)) >= n_host),
+               default=ALL_HOST)
+
+
+def predicted_late(inputs: PlanInputs, placements: Sequence[Sequence[Tier]], window: int) -> set[str]:
+    """Requests of `inputs` (in order, each at its placement) whose per-token SLO is under the
+    modelled decode step (`problem.step_time`) at this window's effective SLOs."""
+    ds = [distance_like(p, inputs.num_layers) for p in placements]
+    return late_requests(inputs, step_time(inputs, ds), window)

@@ -1,0 +1,170 @@
+"""Admission as its own component: `fcfs` and `slo` on hand-built views with a known answer (which
+requests join, in which order, at which placement), on a static, a batch-uniform and the OrbitFlow
+policy; the config plumbing; and every registered policy with each admission in the simulator."""
+
+from dataclasses import replace
+
+import pytest
+
+from orbitflow_ray.config import ADMISSIONS, EngineConfig
+from orbitflow_ray.costmodel import CostModel, OnlineCostModel
+from orbitflow_ray.kv.blocks import Tier
+from orbitflow_ray.planner import available_policies, make_policy, policy_from_config
+from orbitflow_ray.planner.admission import AdmissionKind, available_admissions, distance_like, make_admission
+from orbitflow_ray.planner.base import CapacityView, RequestView
+from orbitflow_ray.planner.orbitflow import tiers_for_distance
+from orbitflow_ray.planner.static import uniform_placement
+from orbitflow_ray.sim.simulator import SimConfig, simulate
+from orbitflow_ray.sim.workload import TraceRequest
+
+H = Tier.HOST
+# The default SLO of these tests: 6 ms. With the cost model below an all-device decode step of N
+# batch context tokens takes 4 x (1 ms + N us): 5.6 ms at 400 tokens (on time), 6.4 ms at 600 (late).
+SLO_S = 0.006
+
+
+def cost():
+    """L = 4; 1 ms + 1 us per context token per layer; one host layer of a 200-token request is
+    5,000 bytes at 1 MB/s, 5 ms: any offload of these requests misses a 6 ms SLO."""
+    return OnlineCostModel(CostModel(4, compute_a_s=1e-3, compute_b_s_per_token=1e-6,
+                                     compute_p_s_per_token=0.0, link_bytes_per_s=1e6))
+
+
+def policy(name, admission, slo_s=SLO_S):
+    return make_policy(name, 4, cost_model=cost(), slo_s=slo_s, admission=admission, solve_ahead=False,
+                       windows=(16,))
+
+
+def view(i, num_tokens):
+    """A request in decode (no prefill owed), 16 tokens left, arrived at i seconds."""
+    return RequestView(f"r{i}", num_tokens, num_tokens, 16, float(i), None)
+
+
+def cap(device_blocks):
+    """4 tokens per block, 25 bytes per token per layer."""
+    return CapacityView(4, 4, 100, device_blocks, device_blocks, 10_000, 10_000)
+
+
+QUEUE = [view(0, 200), view(1, 200), view(2, 200), view(3, 50)]  # in arrival order
+
+
+def admit_in_order(p, queue, capacity):
+    """What the scheduler does with its waiting queue: offer requests in arrival order, stop at the
+    first refused. Returns (request id, host layers of its placement) per admitted request."""
+    running, admitted = [], []
+    for v in queue:
+        plan = p.admit(v, running, capacity)
+        if plan is None:
+            break
+        tiers = plan.placements[v.request_id]
+        running = [replace(r, placement=tuple(plan.placements.get(r.request_id, r.placement))) for r in running]
+        running.append(replace(v, placement=tuple(tiers)))
+        admitted.append((v.request_id, tiers.count(H)))
+    return admitted, running
+
+
+def test_no_offload_fcfs_admits_while_it_fits_slo_while_the_step_meets_the_slo():
+    fcfs, _ = admit_in_order(policy("no-offload", "fcfs"), QUEUE, cap(10_000))
+    assert fcfs == [("r0", 0), ("r1", 0), ("r2", 0), ("r3", 0)]
+    p = policy("no-offload", "slo")
+    slo, running = admit_in_order(p, QUEUE, cap(10_000))
+    assert slo == [("r0", 0), ("r1", 0)]  # r2 would make the step 6.4 ms: all three late
+    # The judgement is per request: the short r3 (450 tokens, 5.8 ms) would join; the scheduler's
+    # arrival order keeps it behind r2.
+    assert p.admit(QUEUE[3], running, cap(10_000)) is not None
+    assert p.metrics() == {"admission_admitted": 3, "admission_refused": 1}
+
+
+def test_no_offload_slo_admits_into_an_empty_batch_whatever_the_slo():
+    p = policy("no-offload", "slo", slo_s=1e-6)
+    assert p.admit(QUEUE[0], [], cap(10_000)).placements == {"r0": [Tier.DEVICE] * 4}
+
+
+def test_flexgen_plus_fcfs_offloads_to_admit_slo_waits():
+    # 420 device blocks: two 200-token requests (51 blocks per layer each next step) fit all on
+    # device (408); three need half the layers on host (2 x 153 = 306), which costs 5 ms per host
+    # layer per request over the link.
+    fcfs, _ = admit_in_order(policy("flexgen-plus", "fcfs"), QUEUE, cap(420))
+    assert fcfs == [("r0", 0), ("r1", 0), ("r2", 2), ("r3", 2)]
+    slo, _ = admit_in_order(policy("flexgen-plus", "slo"), QUEUE, cap(420))
+    assert slo == [("r0", 0), ("r1", 0)]
+    # With a loose SLO the offload costs no SLO, and slo admits what fcfs does.
+    loose, _ = admit_in_order(policy("flexgen-plus", "slo", slo_s=1.0), QUEUE, cap(420))
+    assert loose == fcfs
+
+
+def test_static_uniform_slo_keeps_the_first_and_refuses_a_second_offloaded_request():
+    fcfs, _ = admit_in_order(policy("static-uniform", "fcfs"), QUEUE, cap(10_000))
+    assert fcfs == [("r0", 2), ("r1", 2), ("r2", 2), ("r3", 2)]
+    # r0 alone is already late (its host layers stall the step); r1 would make both late.
+    slo, _ = admit_in_order(policy("static-uniform", "slo"), QUEUE, cap(10_000))
+    assert slo == [("r0", 2)]
+
+
+def test_orbitflow_native_is_slo_and_fcfs_is_its_ablation():
+    assert make_policy("orbitflow", 4, solve_ahead=False).admission.kind is AdmissionKind.SLO
+    assert make_policy("no-offload", 4).admission.kind is AdmissionKind.FCFS
+    # 440 blocks hold r0 and r1 all on device to the window's end (2 x 4 x 54 = 432); r2 joins
+    # only by offloading, which misses the SLO: slo refuses it, fcfs plans it in (the placement
+    # still the plan's: some layers on host).
+    native, _ = admit_in_order(policy("orbitflow", None), QUEUE, cap(440))
+    slo, _ = admit_in_order(policy("orbitflow", "slo"), QUEUE, cap(440))
+    assert native == slo == [("r0", 0), ("r1", 0)]
+    p = policy("orbitflow", "fcfs")
+    fcfs, running = admit_in_order(p, QUEUE, cap(440))
+    assert [rid for rid, _ in fcfs] == ["r0", "r1", "r2", "r3"]
+    assert fcfs[2][1] > 0
+    assert p.plan.violations  # admitted although the plan predicts misses
+    assert sorted(p.plan.distances) == ["r0", "r1", "r2", "r3"]
+    # The router's damage follows the admission: none under fcfs (it joins), counted under slo.
+    assert p.admission_damage([view(4, 10)], running[:2], cap(440)) == [0.0]
+
+
+def test_orbitflow_fcfs_still_refuses_what_fits_no_plan():
+    # No all-host distance, 120 blocks: r0 fits only at the largest offload (2 device layers x 54
+    # blocks), r1 does not fit beside it however placed, so it waits (and r3 behind it).
+    p = make_policy("orbitflow", 4, cost_model=cost(), slo_s=1.0, admission="fcfs", solve_ahead=False,
+                    windows=(16,), distances=(1, 4))
+    admitted, _ = admit_in_order(p, QUEUE, cap(120))
+    assert admitted == [("r0", 2)]
+    assert p.admit(QUEUE[1], [replace(QUEUE[0], placement=tuple(tiers_for_distance(1, 4)))], cap(120)) is None
+
+
+def test_distance_like_offloads_at_least_as_many_layers():
+    assert distance_like([Tier.DEVICE] * 8, 8) == 8
+    assert distance_like([H] * 8, 8) == 0
+    for fraction in (0.125, 0.25, 0.5, 0.75):
+        tiers = uniform_placement(8, fraction)
+        d = distance_like(tiers, 8)
+        assert tiers_for_distance(d, 8).count(H) >= tiers.count(H)
+        assert d == 7 or tiers_for_distance(d + 1, 8).count(H) < tiers.count(H)
+
+
+def test_admission_names_and_config_validation():
+    assert list(ADMISSIONS) == available_admissions() == ["fcfs", "slo"]
+    with pytest.raises(ValueError, match="unknown admission 'lifo'"):
+        make_admission("lifo")
+    with pytest.raises(ValueError, match="admission must be one of"):
+        EngineConfig(admission="lifo")
+    with pytest.raises(ValueError, match="unknown admission"):
+        make_policy("select-n", 4, admission="lifo")
+    for name in ("no-offload", "orbitflow"):
+        p = policy_from_config(EngineConfig(kv_policy=name, admission="fcfs", solve_ahead=False), 4, cost())
+        assert p.admission.kind is AdmissionKind.FCFS
+
+
+TRACE = [TraceRequest(f"q{i}", 0.05 * i, 600 + 200 * i, 40) for i in range(6)]
+
+
+@pytest.mark.parametrize("admission", ADMISSIONS)
+def test_every_policy_runs_with_each_admission_in_the_simulator(admission):
+    # the policies the package registers (other test modules register test-only ones)
+    builtin = [n for n in available_policies()
+               if type(make_policy(n, 4, solve_ahead=False)).__module__.startswith("orbitflow_ray.")]
+    assert len(builtin) >= 9
+    for name in builtin:
+        # 512 MiB: 4K tokens of Llama-3.1-8B on device, below the trace's 6.6K; each prompt fits alone.
+        r = simulate(SimConfig(model="llama-3.1-8b", gpu="a100-80gb", kv_policy=name, admission=admission,
+                               device_kv_bytes=512 << 20), TRACE)
+        assert r.metrics["num_finished"] == len(TRACE), name
+        assert r.policy_metrics["admission_admitted"] >= 1, name
