@@ -24,6 +24,7 @@ from orbitflow_ray.kv.tier_manager import KVTierManager
 from orbitflow_ray.model.llama import LlamaModel
 from orbitflow_ray.model.loader import load_model, load_spec, load_tokenizer
 from orbitflow_ray.model.runner import ModelRunner
+from orbitflow_ray.model.spec import ModelSpec
 from orbitflow_ray.model.tp import check_tp
 from orbitflow_ray.model.tp import kv_bytes_per_token_per_layer as tp_kv_bytes
 from orbitflow_ray.outputs import RequestMetrics, RequestOutput, StepRecord
@@ -55,10 +56,17 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         spec = load_spec(config.model)  # fails fast on an unknown model, before loading weights
-        dtype = _DTYPES[config.dtype]
         self.cost = OnlineCostModel(default_prior(spec.num_layers, config.link_bandwidth_bytes_per_s,
                                                   config.backend))
         self.policy = policy_from_config(config, spec.num_layers, self.cost)
+        self.transfer = None  # set by _build; close() releases what was made, shard actors included
+        try:
+            self._build(config, spec, _DTYPES[config.dtype])
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config: EngineConfig, spec: ModelSpec, dtype: torch.dtype) -> None:
         tp = config.tensor_parallel_size
         check_tp(spec, tp)
         # Byte budgets and blocks are per shard: a block holds one shard's KV heads (all of them at TP 1).
@@ -70,7 +78,7 @@ class LLMEngine:
             tier, config = self._size_device_tier(config, {}, dtype.itemsize)
             self.config, device_blocks = config, tier.kv_blocks
             self.runner = make_tp_executor(config, device_blocks, host_blocks)
-            self.transfer = self.runner.transfer
+            self.transfer = self.runner.transfer  # its close() stops the shard actors
         else:
             loaded = load_model(config.model, dtype=dtype, seed=config.seed)
             self.spec, self.tokenizer = loaded.spec, loaded.tokenizer
@@ -236,7 +244,13 @@ class LLMEngine:
                               self.policy.plan_solver(), self.num_steps)
 
     def close(self) -> None:
-        close = getattr(self.policy, "close", None)
-        if close is not None:
-            close()
-        self.transfer.close()
+        """Stop the policy's helpers and release the transfer engine, or the shard actors and their
+        placement group (tensor parallelism), even if the policy fails to stop. Construction calls it
+        when it fails part way, so a failed engine leaves no shard actors behind."""
+        try:
+            close = getattr(self.policy, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if self.transfer is not None:
+                self.transfer.close()

@@ -13,25 +13,33 @@ import json
 from pathlib import Path
 
 import jsonschema  # Ray's own dependency, for its cluster launcher schema
+import pytest
 import yaml
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from ray.serve.schema import ServeDeploySchema
 
+from orbitflow_ray.model.presets import get_preset
 from orbitflow_ray.serving.app_config import AppArgs
+from orbitflow_ray.sim.hardware import load_gpu
+from orbitflow_ray.sim.roofline import Roofline
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_CONFIG = ROOT / "deployments" / "config.gpu.yaml"
 LOCAL_CONFIG = ROOT / "deployments" / "config.yaml"
 LAUNCHER = ROOT / "cluster" / "ray-cluster.gpu.yaml"
 RAYSERVICE = ROOT / "cluster" / "kuberay-rayservice.yaml"
+TP4_CONFIG = ROOT / "deployments" / "config.70b-tp4.yaml"
+TP4_RAYSERVICE = ROOT / "cluster" / "kuberay-rayservice.70b-tp4.yaml"
+# Each RayService manifest and the Serve config it embeds.
+EMBEDS = [(RAYSERVICE, GPU_CONFIG), (TP4_RAYSERVICE, TP4_CONFIG)]
 
 
 def _load(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def _serve_config_of_rayservice() -> dict:
-    return yaml.safe_load(_load(RAYSERVICE)["spec"]["serveConfigV2"])
+def _serve_config_of_rayservice(manifest: Path = RAYSERVICE) -> dict:
+    return yaml.safe_load(_load(manifest)["spec"]["serveConfigV2"])
 
 
 def _validate(config: dict) -> ServeDeploySchema:
@@ -74,21 +82,40 @@ def test_gpu_engine_args_are_engine_config_fields():
     EngineConfig(**engine)  # the cuda backend is only checked, not started
 
 
-def test_gpu_args_are_valid_app_args():
-    AppArgs.model_validate(_load(GPU_CONFIG)["applications"][0]["args"])
+@pytest.mark.parametrize("config", [GPU_CONFIG, TP4_CONFIG], ids=lambda p: p.name)
+def test_gpu_args_are_valid_app_args(config):
+    AppArgs.model_validate(_load(config)["applications"][0]["args"])  # the model path is absent here
 
 
-def test_rayservice_embeds_the_gpu_application():
-    embedded = _validate(_serve_config_of_rayservice())
-    gpu = _validate(_load(GPU_CONFIG))
+def test_tp4_config_asks_4_gpus_per_replica_through_its_shards():
+    """The 70B TP-4 application: a GPU-less replica whose engine places 4 one-GPU shard actors;
+    per-shard KV budgets that fit next to a shard's weights on an 80 GB GPU (the roofline's count)."""
+    schema = _validate(_load(TP4_CONFIG))
+    args = schema.applications[0].args
+    a = AppArgs.model_validate(args)
+    assert a.tensor_parallel_size == 4 and a.model.startswith("/")
+    engine = a.engine_config()
+    assert engine.backend == "cuda" and engine.dtype == "bfloat16"
+    worker = _deployments(schema)["OrbitFlowWorker"]
+    assert worker.ray_actor_options.num_gpus == 0
+    assert worker.max_ongoing_requests == engine.max_num_seqs
+    roofline = Roofline(get_preset("llama-3-70b"), load_gpu("h100-80gb-sxm"), tp=4)
+    assert engine.device_kv_bytes <= roofline.device_kv_capacity_bytes()
+
+
+@pytest.mark.parametrize("manifest,config", EMBEDS, ids=lambda p: p.name)
+def test_rayservice_embeds_its_application(manifest, config):
+    embedded = _validate(_serve_config_of_rayservice(manifest))
+    gpu = _validate(_load(config))
     assert embedded.applications[0].args == gpu.applications[0].args
     assert embedded.applications[0].import_path == gpu.applications[0].import_path
     # Deployments, proxy and HTTP options too (unset fields hold sentinels that do not serialize).
     assert embedded.model_dump(exclude_unset=True) == gpu.model_dump(exclude_unset=True)
 
 
-def test_rayservice_has_an_autoscaling_gpu_worker_group():
-    manifest = _load(RAYSERVICE)
+@pytest.mark.parametrize("path", [RAYSERVICE, TP4_RAYSERVICE], ids=lambda p: p.name)
+def test_rayservice_has_an_autoscaling_gpu_worker_group(path):
+    manifest = _load(path)
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
     cluster = manifest["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
@@ -100,10 +127,15 @@ def test_rayservice_has_an_autoscaling_gpu_worker_group():
     group = gpu_groups[0]
     assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     assert group["rayStartParams"]["metrics-export-port"] == "8080"
-    # One GPU per pod: the group must be able to grow to the worker deployment's max_replicas.
-    deployments = _serve_config_of_rayservice()["applications"][0]["deployments"]
-    worker = next(d for d in deployments if d["name"] == "OrbitFlowWorker")
-    assert group["maxReplicas"] >= worker["autoscaling_config"]["max_replicas"]
+    # A pod holds whole replicas (tensor_parallel_size GPUs each, one node: STRICT_PACK), and the
+    # group must be able to grow to the worker deployment's max_replicas.
+    app = _serve_config_of_rayservice(path)["applications"][0]
+    tp = app["args"].get("tensor_parallel_size", 1)
+    gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpus % tp == 0
+    worker = next(d for d in app["deployments"] if d["name"] == "OrbitFlowWorker")
+    assert worker["ray_actor_options"]["num_gpus"] == (1 if tp == 1 else 0)
+    assert group["maxReplicas"] * (gpus // tp) >= worker["autoscaling_config"]["max_replicas"]
 
 
 def test_launcher_config_has_cpu_head_and_gpu_workers():

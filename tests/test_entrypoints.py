@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv running the tests holds `serve` and `orbitflow`
 DOCS = [ROOT / "README.md", ROOT / "cluster" / "README.md", *sorted((ROOT / "cluster").glob("*.yaml")),
         *sorted((ROOT / "deployments").glob("*.yaml"))]
-RAYSERVICE = ROOT / "cluster" / "kuberay-rayservice.yaml"
+RAYSERVICES = sorted((ROOT / "cluster").glob("kuberay-rayservice*.yaml"))
 # `serve run X.yaml`, `serve deploy X.yaml --address ...`, `orbitflow serve --config X.yaml`
 COMMAND = re.compile(r"\b(?:serve (?:run|deploy)|orbitflow serve --config) ([\w./-]+\.ya?ml)")
 PROMPT = "The capital of France is"
@@ -59,15 +59,16 @@ def _documented_configs() -> list[str]:
 
 
 def _serve_configs() -> dict[str, dict]:
-    """Every Serve config a documented command deploys, and the one the RayService embeds."""
+    """Every Serve config a documented command deploys, and the ones the RayServices embed."""
     configs = {p: yaml.safe_load((ROOT / p).read_text()) for p in _documented_configs()}
-    configs["kuberay serveConfigV2"] = yaml.safe_load(yaml.safe_load(RAYSERVICE.read_text())["spec"]["serveConfigV2"])
+    for manifest in RAYSERVICES:
+        configs[f"{manifest.name} serveConfigV2"] = yaml.safe_load(yaml.safe_load(manifest.read_text())["spec"]["serveConfigV2"])
     return configs
 
 
 def test_documented_commands_name_existing_configs():
     named = _documented_configs()
-    assert {"deployments/config.yaml", "deployments/config.gpu.yaml"} <= set(named)
+    assert {"deployments/config.yaml", "deployments/config.gpu.yaml", "deployments/config.70b-tp4.yaml"} <= set(named)
     missing = [p for p in named if not (ROOT / p).is_file()]
     assert not missing, f"commands in the docs name configs that do not exist: {missing}"
 
@@ -101,6 +102,20 @@ def test_gpu_config_builds_a_cuda_worker_without_a_gpu():
     bound_args = worker.init_args[0]
     assert bound_args["model"] == "/models/Meta-Llama-3.1-8B-Instruct"
     assert bound_args["engine"]["backend"] == "cuda" and bound_args["engine"]["dtype"] == "bfloat16"
+
+
+def test_tp4_config_builds_a_gpu_less_worker_for_4_shards_without_a_gpu():
+    """config.70b-tp4.yaml as far as this machine takes it: the worker is bound to 4 shards of the
+    user's 70B directory (absent here: AppArgs leaves the head and KV-head checks to the engine on
+    its node) and asks Serve for no GPU (its shard actors ask Ray for them)."""
+    doc = yaml.safe_load((ROOT / "deployments" / "config.70b-tp4.yaml").read_text())
+    app_schema = ServeDeploySchema.model_validate(doc).applications[0]
+    app = call_user_app_builder_with_args_if_necessary(import_attr(app_schema.import_path), app_schema.args)
+    worker = next(d for d in serve_build_app(app, name="orbitflow").deployments if d.name == "OrbitFlowWorker")
+    bound_args = worker.init_args[0]
+    assert bound_args["model"] == "/models/Meta-Llama-3-70B-Instruct" and bound_args["tensor_parallel_size"] == 4
+    assert bound_args["engine"]["backend"] == "cuda"
+    assert next(d for d in app_schema.deployments if d.name == "OrbitFlowWorker").ray_actor_options.num_gpus == 0
 
 
 def test_builder_rejects_bad_args_naming_the_field():

@@ -106,7 +106,10 @@ def test_kv_bytes_per_token_per_layer():
 def test_tp4_divides_kv_and_weights_and_adds_allreduces():
     rl1, rl4 = _rl("llama-3-70b", "h100-80gb-sxm"), _rl("llama-3-70b", "h100-80gb-sxm", tp=4)
     assert rl4.kv_bytes_per_token_per_layer * 4 == rl1.kv_bytes_per_token_per_layer
-    assert rl4.weight_bytes_per_gpu == pytest.approx(rl1.weight_bytes_per_gpu / 4, rel=1e-3)
+    m = rl1.model  # the embedding and LM head (untied here) stay whole on every GPU, as in the engine
+    replicated = 2 * m.vocab_size * m.hidden_size * 2
+    assert rl4.weight_bytes_per_gpu == pytest.approx(replicated + (rl1.weight_bytes_per_gpu - replicated) / 4,
+                                                     rel=1e-3)
     assert rl1.device_kv_capacity_bytes() == 0  # 141 GB of weights do not fit one H100
     assert rl4.device_kv_capacity_bytes() > 30e9
     assert rl1.allreduce_s(16) == 0 and rl4.allreduce_s(16) > 0

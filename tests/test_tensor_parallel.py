@@ -17,7 +17,10 @@ import ray
 import torch
 from logprobs_close import check_logprobs_close
 
+from ray.util import placement_group_table
+
 from orbitflow_ray import SamplingParams
+from orbitflow_ray import engine as engine_module
 from orbitflow_ray.config import EngineConfig
 from orbitflow_ray.engine import LLMEngine
 from orbitflow_ray.executor import LocalShardGroup, ShardWorker, TPExecutor
@@ -172,6 +175,41 @@ def test_sim_and_engine_agree_on_kv_bytes_per_shard_and_all_reduces(tiny_runs):
         assert s["device_block_bytes"] == s["host_block_bytes"] == sim.kv.block_bytes
     assert sim.roofline.kv_bytes_per_token_per_layer * cfg.block_size == sim.kv.block_bytes
     assert all_reduces == sim.roofline.allreduces_per_step == ALLREDUCES_PER_LAYER * spec.num_layers == 8
+
+
+def test_shard_actors_are_released_when_construction_fails_and_on_close(local_ray, monkeypatch):
+    """An engine whose construction fails after its shards started, and one closed after use, leave
+    no shard actor alive and their placement groups removed."""
+    started = []
+
+    def spy(*args):
+        executor = real_make(*args)
+        started.append((list(executor.group.actors), executor.group.pg.id))
+        return executor
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected after the shards started")
+
+    real_make, real_kv = engine_module.make_tp_executor, engine_module.KVTierManager
+    monkeypatch.setattr(engine_module, "make_tp_executor", spy)
+    monkeypatch.setattr(engine_module, "KVTierManager", fail)
+    cfg = EngineConfig(model="tiny-llama", tensor_parallel_size=2, kv_policy="no-offload",
+                       device_kv_bytes=TINY_DEVICE_BYTES["no-offload"] // 2)
+    with pytest.raises(RuntimeError, match="injected"):
+        LLMEngine(cfg)
+    monkeypatch.setattr(engine_module, "KVTierManager", real_kv)
+    engine = LLMEngine(cfg)
+    engine.add_request(TINY_PROMPTS["a"], SamplingParams(max_tokens=2), "r")
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.close()
+    assert len(started) == 2
+    for actors, pg_id in started:
+        assert len(actors) == 2
+        for actor in actors:
+            with pytest.raises(ray.exceptions.RayActorError):
+                ray.get(actor.describe.remote(), timeout=60)
+        assert placement_group_table()[pg_id.hex()]["state"] == "REMOVED"
 
 
 @pytest.mark.slow

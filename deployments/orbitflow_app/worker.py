@@ -87,6 +87,8 @@ class OrbitFlowWorker:
         self._started().core.check_health()
 
     def __del__(self) -> None:
-        core = getattr(getattr(self, "worker", None), "core", None)
-        if core is not None:
-            core.shutdown(timeout_s=2.0)
+        worker = getattr(self, "worker", None)
+        if worker is not None and worker.core is not None:
+            worker.core.shutdown(timeout_s=2.0)
+        elif worker is not None:  # never served: still stop the engine (and its shard actors)
+            worker.engine.close()

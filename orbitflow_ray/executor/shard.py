@@ -4,11 +4,13 @@
     worker = ShardWorker(config, rank=0, device_blocks=64, host_blocks=256, all_reduce=all_reduce)
     result = worker.execute(scheduler_output)  # every shard gets the same plan, in the same order
 
-A shard loads the whole checkpoint itself (`load_model`) and keeps only its slice
-(`model.tp.shard_weights`), so no weights travel between processes. Its KV store holds its slice of
-every layer's KV (its KV heads) in both tiers, with the same block ids as every other shard: the
-driver's tier manager places each request's layers once for all shards, and each shard's transfer
-engine moves its own slice of the blocks a plan moves. Rank 0 alone computes logits and samples.
+A shard loads its own weights (`model.tp_loader.load_shard_weights`), so no weights travel between
+processes: from a safetensors directory it reads only its slice of each split tensor; the built-in
+GGUF and other sources are loaded whole and then sliced (`model.tp.shard_weights`). Its KV store
+holds its slice of every layer's KV (its KV heads) in both tiers, with the same block ids as every
+other shard: the driver's tier manager places each request's layers once for all shards, and each
+shard's transfer engine moves its own slice of the blocks a plan moves. Rank 0 alone computes
+logits and samples.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from orbitflow_ray.kv.block_table import BlockTables
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.kv.store import KVStore
 from orbitflow_ray.model.llama import AllReduceFn, LlamaModel
-from orbitflow_ray.model.loader import load_model
+from orbitflow_ray.model.loader import load_spec
 from orbitflow_ray.model.runner import ModelRunner
-from orbitflow_ray.model.tp import TPShard, shard_weights
+from orbitflow_ray.model.tp import TPShard
+from orbitflow_ray.model.tp_loader import load_shard_weights
 from orbitflow_ray.outputs import TokenLogprobs
 from orbitflow_ray.sched.output import SchedulerOutput
 
@@ -68,13 +71,11 @@ class ShardWorker:
     def __init__(self, config: EngineConfig, rank: int, device_blocks: int, host_blocks: int,
                  all_reduce: AllReduceFn | None = None) -> None:
         dtype = getattr(torch, config.dtype)
-        loaded = load_model(config.model, dtype=dtype, seed=config.seed)
-        spec = loaded.spec
+        spec = load_spec(config.model)
         self.rank = rank
         self.shard = TPShard(spec, config.tensor_parallel_size, rank)
+        weights = load_shard_weights(config.model, self.shard, dtype, config.seed)
         self.transfer = make_transfer_engine(config.backend, bandwidth_bytes_per_s=config.link_bandwidth_bytes_per_s)
-        weights = shard_weights(loaded.weights, self.shard)
-        del loaded
         store = KVStore(self.transfer, device_blocks, host_blocks, config.block_size, self.shard.num_kv_heads,
                         spec.head_dim, dtype, config.prefetch_depth)
         # Made now, not from the first plan's live tables, which `executor.tp.for_shards` leaves out.
@@ -92,10 +93,11 @@ class ShardWorker:
                            dict(self.transfer.bytes_moved), dict(busy))
 
     def describe(self) -> dict[str, int]:
-        """This shard's heads, and the bytes of one block of each of its KV pools (tests, bench)."""
+        """This shard's heads, its weight bytes, and the bytes of one block of each of its KV pools
+        (tests, bench)."""
         pools = self.runner.store.pools
         return {"rank": self.rank, "num_heads": self.shard.num_heads, "num_kv_heads": self.shard.num_kv_heads,
-                "intermediate_size": self.shard.intermediate_size,
+                "intermediate_size": self.shard.intermediate_size, "weight_bytes": self.runner.model.weight_bytes(),
                 **{f"{tier.name.lower()}_block_bytes": pool[0].numel() * pool.element_size()
                    for tier, pool in pools.items()},
                 "num_all_reduces": self.runner.model.num_all_reduces}

@@ -69,6 +69,13 @@ class LlamaModel:
         self.layers = [LlamaLayer(w, i) for i in range(spec.num_layers)]
         self.rope = RotaryEmbedding(spec, device=device)
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weight tensors this model (or shard) holds, a tied LM head counted once."""
+        tensors = [self.embed, self.norm, self.lm_head] + [t for layer in self.layers for t in vars(layer).values()
+                                                           if isinstance(t, torch.Tensor)]
+        unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}
+        return sum(unique.values())
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
                 before_layer: Callable[[int], None] | None = None) -> torch.Tensor:

@@ -9,9 +9,11 @@ by one all-reduce each, so a layer costs `ALLREDUCES_PER_LAYER` all-reduces. Que
 evenly; KV heads split evenly too, or, with more shards than KV heads, each KV head is replicated on
 the size / num_kv_heads shards whose query heads read it (vLLM's rule), so one shard holds
 `kv_heads_per_shard` heads of every layer's KV. The embedding, the final norm and the LM head stay
-replicated on every shard (rank 0 alone computes logits and samples). The simulator's roofline
-(`sim/roofline.py`) reads the same functions, so both count the same KV bytes per shard and the
-same all-reduces per step.
+replicated on every shard (rank 0 alone computes logits and samples). `TPShard.weight_slice` is
+the one statement of which part of each weight a shard keeps: `shard_weights` cuts loaded tensors
+with it, `model/tp_loader.py` reads just that part from safetensors files. The simulator's roofline
+(`sim/roofline.py`) reads the same functions and replicates the same weights, so both count the
+same weight and KV bytes per shard and the same all-reduces per step.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch
 from orbitflow_ray.model.spec import ModelSpec
 
 ALLREDUCES_PER_LAYER = 2  # after attention's o_proj and after the MLP's down_proj
+# Column-parallel linears keep output rows (dim 0), row-parallel ones input columns (dim 1).
+_SPLIT_DIM = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, "o_proj": 1, "down_proj": 1}
 
 
 def check_tp(spec: ModelSpec, size: int) -> None:
@@ -90,25 +94,35 @@ class TPShard:
     def kv_bytes_per_token_per_layer(self, dtype_bytes: int) -> int:
         return kv_bytes_per_token_per_layer(self.spec, self.size, dtype_bytes)
 
+    def weight_slice(self, name: str) -> tuple[int, slice] | None:
+        """(dim, [start, stop)) of weight `name` (our names: `layers.0.mlp.up_proj.weight`) this
+        shard keeps: dim 0 (output rows, and a bias) of column-parallel q/k/v/gate/up, dim 1 (input
+        columns) of row-parallel o/down; None for weights every shard holds whole (norms, embedding,
+        LM head), and for every weight when size is 1."""
+        proj = name.split(".")[-2] if name.startswith("layers.") else ""
+        if self.size == 1 or proj not in _SPLIT_DIM:
+            return None
+        hd = self.spec.head_dim
+        if proj in ("q_proj", "o_proj"):
+            part = slice(self.head_start * hd, (self.head_start + self.num_heads) * hd)
+        elif proj in ("k_proj", "v_proj"):
+            part = slice(self.kv_head_start * hd, (self.kv_head_start + self.num_kv_heads) * hd)
+        else:
+            part = slice(self.rank * self.intermediate_size, (self.rank + 1) * self.intermediate_size)
+        return _SPLIT_DIM[proj], part
+
 
 def shard_weights(weights: dict[str, torch.Tensor], shard: TPShard) -> dict[str, torch.Tensor]:
     """Shard's slice of every weight (contiguous copies, so the full tensors can be freed);
     weights it does not split (norms, embedding, LM head) are the same tensor objects."""
     if shard.size == 1:
         return dict(weights)
-    hd = shard.spec.head_dim
-    q = slice(shard.head_start * hd, (shard.head_start + shard.num_heads) * hd)
-    kv = slice(shard.kv_head_start * hd, (shard.kv_head_start + shard.num_kv_heads) * hd)
-    mlp = slice(shard.rank * shard.intermediate_size, (shard.rank + 1) * shard.intermediate_size)
-    rows = {"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": mlp, "up_proj": mlp}
-    cols = {"o_proj": q, "down_proj": mlp}
     out = {}
     for name, w in weights.items():
-        proj = name.split(".")[-2] if name.startswith("layers.") else ""
-        if proj in rows:
-            out[name] = w[rows[proj]].contiguous()
-        elif proj in cols:
-            out[name] = w[:, cols[proj]].contiguous()
-        else:
+        cut = shard.weight_slice(name)
+        if cut is None:
             out[name] = w
+        else:
+            dim, part = cut
+            out[name] = (w[part] if dim == 0 else w[:, part]).contiguous()
     return out

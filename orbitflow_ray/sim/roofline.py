@@ -13,15 +13,15 @@ attention is KV-bytes bound and a layer's time grows linearly with context: the 
 `CostModel` (a + b * context + p * new tokens) assumes, which `cost_model()` derives from here.
 
 Tensor parallelism (Megatron layout) gives each GPU 1/tp of the heads and MLP columns, hence 1/tp of
-the weights and KV, and adds two all-reduces of the hidden states per layer (after attention and
+the layers' weights and of the KV (the embedding, final norm and LM head stay whole on every GPU and
+one GPU computes the logits, as the engine's shards do), and adds two all-reduces of the hidden states per layer (after attention and
 after the MLP), timed as a ring: 2 (tp-1) hops of latency plus 2 (tp-1)/tp of the bytes over the link.
 KV heads per GPU and all-reduces per layer come from `model/tp.py`, the layout the engine's shards
-run, so the simulator and the engine count the same KV bytes per shard and all-reduces per step.
+run, so the simulator and the engine count the same KV and weight bytes per shard and all-reduces
+per step.
 """
 
 from __future__ import annotations
-
-import math
 
 from orbitflow_ray.costmodel import CostModel
 from orbitflow_ray.model.spec import ModelSpec
@@ -53,8 +53,8 @@ class Roofline:
         layer = h * qkv_out + self.heads * hd * h + 3 * h * self.inter + 2 * h  # + 2 norms (replicated)
         if m.attention_bias:
             layer += qkv_out
-        vocab_rows = math.ceil(m.vocab_size / self.tp)  # vocab-parallel embedding and LM head
-        emb = vocab_rows * h * (1 if m.tie_word_embeddings else 2)
+        # The embedding and LM head are replicated on every GPU, as the engine's shards hold them.
+        emb = m.vocab_size * h * (1 if m.tie_word_embeddings else 2)
         return (m.num_layers * layer + emb + h) * self.dtype_bytes
 
     # --- per-operator roofline -------------------------------------------------------------------
@@ -123,18 +123,14 @@ class Roofline:
     def head_time_s(self, num_sampled: int, new_tokens: int) -> float:
         """Embedding gather and final norm over every new token, the LM head over the rows that
         sample (a prefill chunk that does not end its prompt samples nothing), plus the per-step
-        framework overhead. Under TP the head is vocab-parallel and its logits are all-gathered."""
+        framework overhead. Under TP the LM head is replicated and one GPU (the engine's rank 0)
+        computes every logit and samples: no gather, and the step waits for that GPU."""
         if not 0 <= num_sampled <= new_tokens:
             raise ValueError(f"need 0 <= num_sampled <= new_tokens, got {num_sampled=}, {new_tokens=}")
         h, db = self.model.hidden_size, self.dtype_bytes
         t = self._op_s(0.0, 4 * new_tokens * h * db)  # gather rows + norm, each read and written
         if num_sampled:
-            vocab = math.ceil(self.model.vocab_size / self.tp)
-            t += self._linear_s(num_sampled, h, vocab, out_bytes=_LOGIT_BYTES)
-            if self.tp > 1:
-                gathered = num_sampled * self.model.vocab_size * _LOGIT_BYTES
-                t += ((self.tp - 1) * self.gpu.interconnect_latency_s
-                      + (self.tp - 1) / self.tp * gathered / self.gpu.interconnect_effective_bytes_per_s)
+            t += self._linear_s(num_sampled, h, self.model.vocab_size, out_bytes=_LOGIT_BYTES)
         return t + self.gpu.per_step_overhead_s
 
     def step_compute_s(self, context_tokens: int, new_tokens: int, num_seqs: int, num_sampled: int) -> float:
