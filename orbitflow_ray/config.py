@@ -34,7 +34,8 @@ class EngineConfig:
         "Byte budget of the device KV tier. None: sized as vLLM sizes its KV cache: on cuda, "
         "gpu_memory_utilization of the GPU less what is in use, the weights and one step's "
         "activations; on cpu, 4 GiB (vLLM's CPU KV cache space default), at most half the free RAM "
-        "(the CPU backend maps it lazily). Staging then sits inside it (staging_kv_bytes).",
+        "(the CPU backend maps it lazily). Staging then sits inside it (staging_kv_bytes). "
+        "Required with tensor_parallel_size > 1 on cuda.",
         default=None)
     gpu_memory_utilization: float = _help(
         "cuda, device_kv_bytes=None: share of the GPU's memory the engine may use, 0.9 as in vLLM.",
@@ -135,6 +136,11 @@ class EngineConfig:
         if (not isinstance(self.tensor_parallel_size, int) or isinstance(self.tensor_parallel_size, bool)
                 or self.tensor_parallel_size < 1):
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        if self.tensor_parallel_size > 1 and self.backend == "cuda" and self.device_kv_bytes is None:
+            # The engine (the driver) holds no GPU under tensor parallelism: it cannot measure the
+            # shards' free memory, so the per-shard budget must be given.
+            raise ValueError("tensor_parallel_size > 1 on the cuda backend needs device_kv_bytes (per shard); "
+                             "it cannot be sized from GPU memory yet")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
 

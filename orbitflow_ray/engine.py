@@ -25,7 +25,7 @@ from orbitflow_ray.model.llama import LlamaModel
 from orbitflow_ray.model.loader import load_model, load_spec, load_tokenizer
 from orbitflow_ray.model.runner import ModelRunner
 from orbitflow_ray.model.spec import ModelSpec
-from orbitflow_ray.model.tp import check_tp
+from orbitflow_ray.model.tp import check_tp, weight_bytes_per_shard
 from orbitflow_ray.model.tp import kv_bytes_per_token_per_layer as tp_kv_bytes
 from orbitflow_ray.outputs import RequestMetrics, RequestOutput, StepRecord
 from orbitflow_ray.planner import policy_from_config
@@ -75,14 +75,16 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or spec.max_position_embeddings, spec.max_position_embeddings)
         if tp > 1:  # shard actors load their own weight slices and own their stores (executor/)
             self.spec, self.tokenizer = spec, load_tokenizer(config.model)
-            tier, config = self._size_device_tier(config, {}, dtype.itemsize)
+            shard_weights = weight_bytes_per_shard(spec, tp, dtype.itemsize)  # what each shard will load
+            tier, config = self._size_device_tier(config, shard_weights, dtype.itemsize)
             self.config, device_blocks = config, tier.kv_blocks
             self.runner = make_tp_executor(config, device_blocks, host_blocks)
             self.transfer = self.runner.transfer  # its close() stops the shard actors
         else:
             loaded = load_model(config.model, dtype=dtype, seed=config.seed)
             self.spec, self.tokenizer = loaded.spec, loaded.tokenizer
-            tier, config = self._size_device_tier(config, loaded.weights, dtype.itemsize)
+            weight_bytes = sum(w.numel() * w.element_size() for w in loaded.weights.values())
+            tier, config = self._size_device_tier(config, weight_bytes, dtype.itemsize)
             self.config, device_blocks = config, tier.kv_blocks
             self.transfer = make_transfer_engine(config.backend,
                                                  bandwidth_bytes_per_s=config.link_bandwidth_bytes_per_s)
@@ -103,15 +105,15 @@ class LLMEngine:
         self.num_steps = 0
         self.step_log: list[StepRecord] | None = None  # set to a list to record every step
 
-    def _size_device_tier(self, config: EngineConfig, weights: dict[str, torch.Tensor],
+    def _size_device_tier(self, config: EngineConfig, weight_bytes: int,
                           itemsize: int) -> tuple[DeviceTier, EngineConfig]:
-        """The device tier's split (`device_tier.py`), and the config with its budgets resolved."""
+        """The device tier's split (`device_tier.py`), and the config with its budgets resolved;
+        weight_bytes: what this device's weights take (one shard's under tensor parallelism)."""
         auto = config.device_kv_bytes is None
         device_bytes = config.device_kv_bytes
         if auto:
             s = self.spec  # one step's activations: hidden states, q/k/v, the MLP's two projections
             width = 4 * s.hidden_size + 3 * s.intermediate_size + 2 * s.num_heads * s.head_dim
-            weight_bytes = sum(w.numel() * w.element_size() for w in weights.values())
             device_bytes = auto_device_kv_bytes(config, weight_bytes,
                                                 4 * config.max_num_batched_tokens * width * itemsize)
         tier = size_device_tier(config, device_bytes, self.block_bytes, -(-self.max_model_len // config.block_size),

@@ -98,6 +98,8 @@ def test_shard_slices_reassemble_to_the_full_weights(model, size):
 def test_bad_tensor_parallel_sizes_are_refused_by_name():
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         EngineConfig(model="tiny-llama", tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="needs device_kv_bytes"):  # the driver cannot see the shards' GPUs
+        EngineConfig(model="tiny-llama", backend="cuda", tensor_parallel_size=2)
     with pytest.raises(ValueError, match="tensor_parallel_size=3 must divide num_heads=4"):
         LLM(model="tiny-llama", tensor_parallel_size=3)  # refused before any shard starts
     smol = load_spec("smollm2-135m")  # 9 heads, 3 KV heads

@@ -112,6 +112,19 @@ class TPShard:
         return _SPLIT_DIM[proj], part
 
 
+def weight_bytes_per_shard(spec: ModelSpec, size: int, dtype_bytes: int) -> int:
+    """Bytes of the weights one shard of `size` holds: its slices of q/k/v/o and the MLP, the
+    norms, and the embedding and LM head whole (replicated, as `shard_weights` keeps them)."""
+    h, hd = spec.hidden_size, spec.head_dim
+    heads, kv_heads = spec.num_heads // size, kv_heads_per_shard(spec, size)
+    qkv_out = (heads + 2 * kv_heads) * hd
+    layer = h * qkv_out + heads * hd * h + 3 * h * (spec.intermediate_size // size) + 2 * h  # + 2 norms
+    if spec.attention_bias:
+        layer += qkv_out
+    emb = spec.vocab_size * h * (1 if spec.tie_word_embeddings else 2)
+    return (spec.num_layers * layer + emb + h) * dtype_bytes
+
+
 def shard_weights(weights: dict[str, torch.Tensor], shard: TPShard) -> dict[str, torch.Tensor]:
     """Shard's slice of every weight (contiguous copies, so the full tensors can be freed);
     weights it does not split (norms, embedding, LM head) are the same tensor objects."""

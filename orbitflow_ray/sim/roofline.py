@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from orbitflow_ray.costmodel import CostModel
 from orbitflow_ray.model.spec import ModelSpec
-from orbitflow_ray.model.tp import ALLREDUCES_PER_LAYER, allreduces_per_step, kv_heads_per_shard
+from orbitflow_ray.model.tp import (ALLREDUCES_PER_LAYER, allreduces_per_step, kv_heads_per_shard,
+                                    weight_bytes_per_shard)
 from orbitflow_ray.sim.hardware import GpuSpec
 
 _LOGIT_BYTES = 4  # the LM head writes fp32 logits for sampling
@@ -44,18 +45,9 @@ class Roofline:
         self.kv_heads = kv_heads_per_shard(model, tp)
         self.inter = model.intermediate_size // tp
         self.kv_bytes_per_token_per_layer: int = 2 * self.kv_heads * model.head_dim * dtype_bytes
-        self.weight_bytes_per_gpu: int = self._weight_bytes()
-        self.allreduces_per_step: int = allreduces_per_step(model, tp)  # per GPU, whatever the batch
-
-    def _weight_bytes(self) -> int:
-        m, h, hd = self.model, self.model.hidden_size, self.model.head_dim
-        qkv_out = (self.heads + 2 * self.kv_heads) * hd
-        layer = h * qkv_out + self.heads * hd * h + 3 * h * self.inter + 2 * h  # + 2 norms (replicated)
-        if m.attention_bias:
-            layer += qkv_out
         # The embedding and LM head are replicated on every GPU, as the engine's shards hold them.
-        emb = m.vocab_size * h * (1 if m.tie_word_embeddings else 2)
-        return (m.num_layers * layer + emb + h) * self.dtype_bytes
+        self.weight_bytes_per_gpu: int = weight_bytes_per_shard(model, tp, dtype_bytes)
+        self.allreduces_per_step: int = allreduces_per_step(model, tp)  # per GPU, whatever the batch
 
     # --- per-operator roofline -------------------------------------------------------------------
 
