@@ -196,12 +196,18 @@ class KVTierManager:
             self._moved_from_host = []
 
     def free(self, request_id: str) -> None:
-        """Release a request's blocks and drop its pending moves (their destinations are free
-        again; their sources were released when the move was issued)."""
+        """Release a request's blocks and drop its pending moves: their destinations are free
+        again with the table; the host sources of its moves to device, held until the step's
+        copies ran (`release_moved`), are freed now, since no copy will read them."""
         table = self._tables.pop(request_id, [])
-        if any(op.request_id == request_id for op in self._moves):
+        dropped = [op for op in self._moves if op.request_id == request_id]
+        if dropped:
             self._moves = [op for op in self._moves if op.request_id != request_id]
             for layer in range(len(table)):
                 self._last_move.pop((request_id, layer), None)
+            unread = {b for op in dropped if op.src_tier == Tier.HOST for b in op.src_blocks}
+            if unread:
+                self._moved_from_host = [b for b in self._moved_from_host if b not in unread]
+                self.pools[Tier.HOST].free(sorted(unread))
         for lk in table:
             self.pools[lk.tier].free(lk.blocks)
