@@ -33,7 +33,7 @@ STEP_CAP = 4000  # 8 x 150 tokens need ~170 steps unpressured; a livelock fails 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", available_policies())
+@pytest.mark.parametrize("policy", available_policies(builtin_only=True))
 def test_every_admitted_request_finishes(policy):
     outcomes = []
     for blocks in BUDGETS:

@@ -191,8 +191,11 @@ def register_policy(cls: type[KVPolicy]) -> type[KVPolicy]:
     return cls
 
 
-def available_policies() -> list[str]:
-    return sorted(_REGISTRY)
+def available_policies(builtin_only: bool = False) -> list[str]:
+    """Registered policy names; builtin_only: those this package defines (not ones a caller, such
+    as a test module, registered)."""
+    return sorted(n for n, cls in _REGISTRY.items()
+                  if not builtin_only or getattr(cls, "__module__", "").startswith("orbitflow_ray."))
 
 
 def describe_policy(name: str) -> str:
