@@ -205,7 +205,8 @@ class KVTierManager:
             self._moves = [op for op in self._moves if op.request_id != request_id]
             for layer in range(len(table)):
                 self._last_move.pop((request_id, layer), None)
-            unread = {b for op in dropped if op.src_tier == Tier.HOST for b in op.src_blocks}
+            # (those still held: `release_moved` may have freed them already)
+            unread = {b for op in dropped if op.src_tier == Tier.HOST for b in op.src_blocks} & set(self._moved_from_host)
             if unread:
                 self._moved_from_host = [b for b in self._moved_from_host if b not in unread]
                 self.pools[Tier.HOST].free(sorted(unread))
