@@ -159,8 +159,7 @@ class KVTierManager:
         grown = self.pools[Tier.HOST].allocate(extra) if extra > 0 else []
         if grown is None:
             return None
-        held = set(earlier.src_blocks)
-        self._moved_from_host = [b for b in self._moved_from_host if b not in held]
+        self._unhold(earlier.src_blocks)
         self.pools[Tier.DEVICE].free(lk.blocks)
         lk.tier, lk.blocks = Tier.HOST, list(earlier.src_blocks) + grown
         self._moves = [op for op in self._moves if op is not earlier]
@@ -189,6 +188,15 @@ class KVTierManager:
                                                                     for i in into]
         return [op for op in ops if op is not None]
 
+    def _unhold(self, blocks) -> list[int]:
+        """Stop holding `blocks` for this step's copies to device; returns those that were held
+        (`release_moved` may have freed the others already)."""
+        wanted = set(blocks)
+        held = [b for b in self._moved_from_host if b in wanted]
+        if held:
+            self._moved_from_host = [b for b in self._moved_from_host if b not in wanted]
+        return held
+
     def release_moved(self) -> None:
         """The step's copies are done: host blocks vacated by moves to device are free again."""
         if self._moved_from_host:
@@ -205,10 +213,8 @@ class KVTierManager:
             self._moves = [op for op in self._moves if op.request_id != request_id]
             for layer in range(len(table)):
                 self._last_move.pop((request_id, layer), None)
-            # (those still held: `release_moved` may have freed them already)
-            unread = {b for op in dropped if op.src_tier == Tier.HOST for b in op.src_blocks} & set(self._moved_from_host)
+            unread = self._unhold([b for op in dropped if op.src_tier == Tier.HOST for b in op.src_blocks])
             if unread:
-                self._moved_from_host = [b for b in self._moved_from_host if b not in unread]
-                self.pools[Tier.HOST].free(sorted(unread))
+                self.pools[Tier.HOST].free(unread)
         for lk in table:
             self.pools[lk.tier].free(lk.blocks)
