@@ -7,7 +7,6 @@ instead of the policy's own, and its runs are labelled so (`run_label`).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -39,12 +38,13 @@ def _p50_ttft_slo(result: SimResult) -> float | None:
 
 def run_label(cfg: SimConfig) -> str:
     """The policy's name, with `+admission` when the config sets one (None: the policy's own)."""
-    return cfg.kv_policy if cfg.admission is None else f"{cfg.kv_policy}+{cfg.admission}"
+    e = cfg.engine
+    return e.kv_policy if e.admission is None else f"{e.kv_policy}+{e.admission}"
 
 
 def run_entry(result: SimResult, rate: float, slo_scale: float) -> dict:
-    return {"policy": run_label(result.config), "kv_policy": result.config.kv_policy,
-            "admission": result.config.admission, "rate": rate, "slo_scale": slo_scale,
+    return {"policy": run_label(result.config), "kv_policy": result.config.engine.kv_policy,
+            "admission": result.config.engine.admission, "rate": rate, "slo_scale": slo_scale,
             "metrics": {**result.metrics, "tpot_slo_s": result.tpot_slo_s, "p50_ttft_slo_s": _p50_ttft_slo(result),
                         "sim_wall_s": result.sim_wall_s,
                         "solve_s_sync": result.policy_metrics.get("solve_s_sync")},
@@ -65,8 +65,8 @@ def run_grid(base: SimConfig, trace: list[TraceRequest], base_rate: float, polic
     runs = []
     grid = [(s, p, r) for s in slo_scales for p in policies for r in rates]
     for scale, spec, rate in tqdm(grid, desc="compare", disable=not progress):
-        policy, admission = split_policy(spec, base.admission)
-        cfg = dataclasses.replace(base, kv_policy=policy, admission=admission, slo_scale=scale)
+        policy, admission = split_policy(spec, base.engine.admission)
+        cfg = base.replace(kv_policy=policy, admission=admission, slo_scale=scale)
         result = simulate(cfg, scale_rate(trace, rate / base_rate))
         runs.append(run_entry(result, rate, scale))
     return runs
