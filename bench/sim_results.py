@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from orbitflow_ray.sim.compare import run_grid, split_policy
-from orbitflow_ray.sim.report import write_report
+from orbitflow_ray.metrics.report import write_report
 from orbitflow_ray.sim.simulator import SimConfig
 from orbitflow_ray.sim.workload import WorkloadConfig, generate
 

@@ -114,7 +114,7 @@ def _list() -> int:
 
 
 def _emit(args, runs: list[dict], context: dict) -> None:
-    from orbitflow_ray.sim.report import write_report
+    from orbitflow_ray.metrics.report import write_report
 
     if args.out:
         written = write_report(runs, args.out, context=context)

@@ -12,23 +12,9 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from orbitflow_ray.metrics import RequestRecord
+from orbitflow_ray.metrics import tbt_over_slo
 from orbitflow_ray.sim.simulator import SimConfig, SimResult, simulate
 from orbitflow_ray.sim.workload import TraceRequest, scale_rate
-
-TBT_SAMPLES = 2000  # per run, for CDF plots
-
-
-def tbt_over_slo(records: list[RequestRecord], k: int = TBT_SAMPLES, seed: int = 0) -> list[float]:
-    """Every paced token's TBT / SLO, subsampled to at most k (deterministically)."""
-    vals = [r.tbts / r.tpot_slo_s for r in records if r.finished and len(r.release_times) > 1]
-    if not vals:
-        return []
-    arr = np.concatenate(vals)
-    if len(arr) > k:
-        arr = np.random.default_rng(seed).choice(arr, k, replace=False)
-    return np.sort(arr).round(6).tolist()
-
 
 def _p50_ttft_slo(result: SimResult) -> float | None:
     """The median TTFT SLO the run judged (each request's own; the default rule scales with its prompt)."""
