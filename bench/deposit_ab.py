@@ -13,7 +13,6 @@ no-deposit on TPOT or TBT attainment. `--json PATH` writes every row.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -46,7 +45,7 @@ def main() -> int:
         trace = generate(WorkloadConfig(rate_per_s=rates[0], num_requests=args.requests, seed=seed, **wl))
         for rate in rates:
             for policy in POLICIES:
-                cfg = dataclasses.replace(base, kv_policy=policy, slo_scale=args.slo_scale, seed=seed)
+                cfg = base.replace(kv_policy=policy, slo_scale=args.slo_scale, seed=seed)
                 m = simulate(cfg, scale_rate(trace, rate / rates[0])).metrics
                 rows.append({"rate": rate, "seed": seed, "policy": policy, **{k: m[k] for k in KEYS}})
                 print(_fmt(rows[-1]), flush=True)

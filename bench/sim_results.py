@@ -19,14 +19,13 @@ instead of its own (`orbitflow_ray.planner.admission`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
 from orbitflow_ray.sim.compare import run_grid, split_policy
-from orbitflow_ray.sim.report import write_report
+from orbitflow_ray.metrics.report import write_report
 from orbitflow_ray.sim.simulator import SimConfig
 from orbitflow_ray.sim.workload import WorkloadConfig, generate
 
@@ -36,15 +35,15 @@ POLICIES = (["orbitflow"] + BASELINES + [f"{b}+slo" for b in BASELINES]
 SCALES = [1.0, 1.5, 2.5]
 GiB = 1 << 30
 SETUPS = {
-    "8b-a100-sharegpt": (SimConfig(model="llama-3.1-8b", gpu="a100-80gb", device_kv_bytes=4 * GiB),
+    "8b-a100-sharegpt": (SimConfig.build(model="llama-3.1-8b", gpu="a100-80gb", device_kv_bytes=4 * GiB),
                          dict(length="sharegpt"), [1.0, 2.0, 4.0, 8.0]),
-    "8b-a100-longbench": (SimConfig(model="llama-3.1-8b", gpu="a100-80gb", device_kv_bytes=8 * GiB),
+    "8b-a100-longbench": (SimConfig.build(model="llama-3.1-8b", gpu="a100-80gb", device_kv_bytes=8 * GiB),
                           dict(length="longbench", max_input_tokens=32_000), [0.1, 0.2, 0.4, 0.8]),
-    "70b-tp4-h100-sharegpt": (SimConfig(model="llama-3-70b", gpu="h100-80gb-sxm", tp=4, device_kv_bytes=2 * GiB),
+    "70b-tp4-h100-sharegpt": (SimConfig.build(model="llama-3-70b", gpu="h100-80gb-sxm", tensor_parallel_size=4, device_kv_bytes=2 * GiB),
                               dict(length="sharegpt", max_input_tokens=6_000), [1.0, 2.0, 4.0, 8.0]),
-    "70b-tp4-h100-longbench": (SimConfig(model="llama-3-70b", gpu="h100-80gb-sxm", tp=4, device_kv_bytes=2 * GiB),
+    "70b-tp4-h100-longbench": (SimConfig.build(model="llama-3-70b", gpu="h100-80gb-sxm", tensor_parallel_size=4, device_kv_bytes=2 * GiB),
                                dict(length="longbench", max_input_tokens=7_500), [0.25, 0.5, 1.0, 2.0]),
-    "8b-a100-pressure": (SimConfig(model="llama-3.1-8b", gpu="a100-80gb", device_kv_bytes=1 * GiB),
+    "8b-a100-pressure": (SimConfig.build(model="llama-3.1-8b", gpu="a100-80gb", device_kv_bytes=1 * GiB),
                          dict(length="pressure", arrival="gamma", cv=3.0), [0.025, 0.05, 0.1, 0.2]),
 }
 SEED_METRICS = (("goodput_req_s", "goodput req/s", "{:.4f}"), ("ttft_attainment", "TTFT att.", "{:.0%}"),
@@ -86,7 +85,7 @@ def main() -> int:
             trace = generate(WorkloadConfig(rate_per_s=rates[0], num_requests=n, seed=seed, **wl))
             t0 = time.perf_counter()
             runs = run_grid(base, trace, rates[0], policies, rates, scales)
-            context = {"setup": name, "sim_config": dataclasses.asdict(base), "workload": wl, "requests": n,
+            context = {"setup": name, "sim_config": base.to_dict(), "workload": wl, "requests": n,
                        "seed": seed, "simulated_in_s": round(time.perf_counter() - t0, 1)}
             if seed == seeds[0]:
                 write_report(runs, Path(args.out) / name, title=f"{name}: policies side by side", context=context)

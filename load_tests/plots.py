@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from orbitflow_ray.metrics import RequestRecord
-from orbitflow_ray.sim.report import DPI, plt
+from orbitflow_ray.metrics.plots import DPI, plt
 
 SIM_STYLE = {"ls": "--", "alpha": 0.8}
 

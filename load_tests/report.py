@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from load_tests.plots import write_plots
-from orbitflow_ray.sim.report import comparison_markdown, fmt_metric, fmt_value, json_safe
+from orbitflow_ray.metrics.tables import comparison_markdown, fmt_metric, fmt_value, json_safe
 
 # (label, metric key, format) of the rows of the results table
 ROWS = [("requests finished", "num_finished", "int"), ("requests failed", "num_failed", "int"),

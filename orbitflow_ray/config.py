@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 BACKENDS = ("cpu", "cuda")
-DTYPES = ("float32", "bfloat16", "float16")
 PAUSE_STRATEGIES = ("largest", "shortest", "random")  # planner/pause.py implements them
 ADMISSIONS = ("fcfs", "slo")  # planner/admission.py implements them
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes per weight / KV element
 
 
 def _help(text: str, **kw):
@@ -101,8 +101,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.host_kv_bytes is None:
             self.host_kv_bytes = 1 << 30
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "prefill_chunk_size",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from orbitflow_ray.metrics.latency import tbts_s, tpot_s, ttft_s
+
 
 @dataclass(slots=True)
 class RequestMetrics:
@@ -18,20 +20,20 @@ class RequestMetrics:
     num_pauses: int = 0
     ttft_slo_s: float | None = None  # the request's TTFT SLO (SamplingParams.ttft_slo_s), if it set one
 
+    # Engine-side latencies on emission times (`orbitflow_ray.metrics.latency`); what the client
+    # sees (release times) is `metrics.record_from_output(out)`.
     @property
     def ttft(self) -> float | None:
-        return self.token_times[0] - self.arrival_time if self.token_times else None
+        return ttft_s(self.arrival_time, self.token_times)
 
     @property
     def tbts(self) -> list[float]:
-        t = self.token_times
-        return [b - a for a, b in zip(t, t[1:])]
+        return tbts_s(self.token_times).tolist()
 
     @property
     def tpot(self) -> float | None:
         """Mean time per output token after the first (vLLM's definition)."""
-        t = self.token_times
-        return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None
+        return tpot_s(self.token_times)
 
 
 @dataclass(frozen=True, slots=True)

@@ -163,7 +163,7 @@ def test_every_policy_runs_with_each_admission_in_the_simulator(admission):
     assert len(builtin) >= 9
     for name in builtin:
         # 512 MiB: 4K tokens of Llama-3.1-8B on device, below the trace's 6.6K; each prompt fits alone.
-        r = simulate(SimConfig(model="llama-3.1-8b", gpu="a100-80gb", kv_policy=name, admission=admission,
-                               device_kv_bytes=512 << 20), TRACE)
+        r = simulate(SimConfig.build(model="llama-3.1-8b", gpu="a100-80gb", kv_policy=name, admission=admission,
+                                     device_kv_bytes=512 << 20), TRACE)
         assert r.metrics["num_finished"] == len(TRACE), name
         assert r.policy_metrics["admission_admitted"] >= 1, name

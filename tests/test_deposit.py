@@ -172,7 +172,7 @@ def test_arrival_forecast():
 
 # ---- through the scheduler: an idle stream is not paced ----------------------------------------
 def _one(policy, **kw):
-    cfg = SimConfig(model="llama-3.1-8b", gpu="a100-80gb", kv_policy=policy, device_kv_bytes=2 << 30, **kw)
+    cfg = SimConfig.build(model="llama-3.1-8b", gpu="a100-80gb", kv_policy=policy, device_kv_bytes=2 << 30, **kw)
     rec = simulate(cfg, [TraceRequest("solo", 0.0, 512, 48)]).records[0]
     assert rec.finished and len(rec.release_times) == 48
     return rec

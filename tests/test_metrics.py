@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from orbitflow_ray.metrics import RequestRecord, default_ttft_slo_s, record_from_output, summarize
+from orbitflow_ray.metrics import (RequestRecord, default_ttft_slo_s, record_from_output, summarize, tbt_over_slo,
+                                   tbts_s, tpot_s, ttft_s)
 from orbitflow_ray.outputs import RequestMetrics, RequestOutput
 from orbitflow_ray.sampling_params import SamplingParams
 
@@ -84,3 +85,22 @@ def test_engine_output_carries_the_request_ttft_slo():
     rec = record_from_output(out)
     assert (rec.ttft_s, rec.ttft_slo_s, rec.tpot_slo_s) == (pytest.approx(2.0), 1.5, 0.2)
     assert rec.slo_met() == {"ttft": False, "tpot": True, "tbt": True}
+
+
+def test_one_definition_of_ttft_tbt_tpot_for_engine_outputs_and_records():
+    """latency.py by hand; RequestMetrics (emission times) and RequestRecord (release times) use it."""
+    times = [12.0, 12.25, 12.75, 13.0]
+    assert ttft_s(10.0, times) == 2.0 and tpot_s(times) == pytest.approx(1.0 / 3)
+    assert tbts_s(times).tolist() == [0.25, 0.5, 0.25]
+    assert ttft_s(10.0, []) is None and tpot_s([12.0]) is None and tbts_s([12.0]).size == 0
+    m = RequestMetrics(10.0, times, [12.5, 12.75, 13.0, 13.5])
+    assert (m.ttft, m.tbts, m.tpot) == (2.0, [0.25, 0.5, 0.25], tpot_s(times))
+    rec = record_from_output(RequestOutput("r", None, [1, 2], "", [3] * 4, True, "length", m))
+    assert rec.ttft_s == 2.5 and rec.tpot_s == pytest.approx(1.0 / 3) and rec.tbts.tolist() == [0.25, 0.25, 0.5]
+
+
+def test_tbt_over_slo_samples_are_sorted_ratios_of_finished_requests():
+    recs = [RequestRecord("a", 0.0, 1, (1.0, 1.2, 1.3), 0.1), RequestRecord("b", 0.0, 1, (1.0, 1.5), 0.5),
+            RequestRecord("c", 0.0, 1, (1.0, 9.0), 0.1, finished=False)]
+    assert tbt_over_slo(recs) == pytest.approx([1.0, 1.0, 2.0])
+    assert len(tbt_over_slo(recs, k=2)) == 2 and tbt_over_slo(recs[2:]) == []

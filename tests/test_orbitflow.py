@@ -15,6 +15,7 @@ from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.planner.deposit import bank_target
 from orbitflow_ray.planner.pause import pause_strategy
+from orbitflow_ray.planner.problem import PlanStatus
 from orbitflow_ray.request import RequestStatus
 from orbitflow_ray.sampling_params import SamplingParams
 from test_scheduler import LAYERS, drive, make, req
@@ -169,6 +170,18 @@ def test_solver_failure_falls_back_without_dropping():
     assert plan is not None and "r0" in plan.placements  # the heuristic placement, not a refusal
     assert plan.placements["r0"].count(Tier.HOST) == LAYERS // 2
     assert p.metrics()["fallbacks"] == 1
+    assert p.plan.status is PlanStatus.FALLBACK_ERROR and p.plan.status.is_fallback
+    assert p.plan_solver() == "fallback-error"  # the label metrics and dashboards show
+
+
+def test_no_room_and_no_pause_gives_the_infeasible_fallback():
+    """Three requests whose KV cannot fit 4 device blocks even at the largest offload, under a
+    policy that may not pause: the plan is the largest-offload fallback, typed as such."""
+    p = make_policy("orbitflow-no-pause", LAYERS, solve_ahead=False, distances=(1, 2, LAYERS))  # no all-host
+    plan, paused = p._solve(_views(3), _cap(device_blocks=4), frozenset())
+    assert plan.status is PlanStatus.FALLBACK_INFEASIBLE and plan.status.is_fallback and not paused
+    assert plan.solver == "fallback-infeasible" and set(plan.distances) == {"r0", "r1", "r2"}
+    assert not PlanStatus.FEASIBLE.is_fallback and not PlanStatus.INFEASIBLE.is_fallback
 
 
 # ---- all-host (d = 0) ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ def trace():
 
 def config(policy, **kw):
     # 2 GiB of KV: about 16K tokens of Llama-3.1-8B, far below the trace's demand.
-    return SimConfig(model="llama-3.1-8b", gpu="a100-80gb", kv_policy=policy, device_kv_bytes=2 << 30, **kw)
+    return SimConfig.build(model="llama-3.1-8b", gpu="a100-80gb", kv_policy=policy, device_kv_bytes=2 << 30, **kw)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -147,10 +147,41 @@ def test_pressure_family_makes_orbitflow_pause_and_every_request_finishes():
     trace = generate(WorkloadConfig(length="pressure", arrival="gamma", cv=3.0, rate_per_s=1.0,
                                     num_requests=8, seed=0))
     assert all(t.output_tokens > 128 for t in trace)  # longer than the longest plan window
-    r = simulate(SimConfig(model="llama-3.1-8b", gpu="a100-80gb", kv_policy="orbitflow",
-                           device_kv_bytes=512 << 20), trace)
+    r = simulate(SimConfig.build(model="llama-3.1-8b", gpu="a100-80gb", kv_policy="orbitflow",
+                                 device_kv_bytes=512 << 20), trace)
     assert r.metrics["num_finished"] == len(trace)
     assert r.metrics["total_pauses"] > 0
     assert r.policy_metrics["pauses"] == r.metrics["total_pauses"]
     outputs = {t.request_id: t.output_tokens for t in trace}
     assert {rec.request_id: len(rec.release_times) for rec in r.records} == outputs
+
+
+def test_config_holds_an_engine_config_and_names_a_bad_field():
+    cfg = SimConfig.build(model="llama-3-70b", gpu="h100-80gb-sxm", tensor_parallel_size=4, kv_policy="select-n",
+                          device_kv_bytes=1 << 30, slo_scale=2.5, tpot_slo_s=0.05)
+    e = cfg.engine
+    assert (e.model, e.tensor_parallel_size, e.kv_policy, e.device_kv_bytes) == ("llama-3-70b", 4, "select-n", 1 << 30)
+    assert (cfg.gpu, cfg.slo_scale, cfg.tpot_slo_s, cfg.dtype_bytes) == ("h100-80gb-sxm", 2.5, 0.05, 2)
+    assert (e.max_num_seqs, e.host_kv_bytes, e.solve_ahead) == (16, 512 << 30, False)  # the simulator's defaults
+    moved = cfg.replace(kv_policy="orbitflow", slo_scale=1.0)
+    assert (moved.engine.kv_policy, moved.slo_scale, moved.engine.model) == ("orbitflow", 1.0, "llama-3-70b")
+    assert cfg.engine.kv_policy == "select-n"  # replace copies
+    flat = cfg.to_dict()  # what reports show: engine fields the simulator reads, then its own
+    assert flat["tensor_parallel_size"] == 4 and flat["tpot_slo_s"] == 0.05 and "backend" not in flat
+    with pytest.raises(TypeError, match="'tp'"):
+        SimConfig.build(tp=2)
+    with pytest.raises(ValueError, match="block_size"):
+        SimConfig.build(block_size=0)
+    with pytest.raises(ValueError, match="kv_capacity_fraction"):
+        SimConfig(kv_capacity_fraction=1.5)
+    with pytest.raises(ValueError, match="ttft_slo_s"):
+        SimConfig(ttft_slo_s=0.0)
+    with pytest.raises(TypeError, match="engine"):
+        SimConfig(engine={"model": "llama-3.1-8b"})
+
+
+def test_engine_link_bandwidth_replaces_the_gpu_link():
+    """A CPU engine's emulated link (engine.link_bandwidth_bytes_per_s) is the simulated host link."""
+    fast, slow = (Simulator(config("static-uniform", link_bandwidth_bytes_per_s=bw)) for bw in (None, 1e9))
+    assert slow.roofline.gpu.host_link_bytes_per_s == 1e9 and slow.roofline.gpu.host_link_efficiency == 1.0
+    assert fast.roofline.gpu.host_link_bytes_per_s != 1e9

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from orbitflow_ray.sim.report import write_report
+from orbitflow_ray.metrics.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 POLICIES = ["deepspeed", "flexgen", "orbitflow"]

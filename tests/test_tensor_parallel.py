@@ -169,9 +169,7 @@ def test_sim_and_engine_agree_on_kv_bytes_per_shard_and_all_reduces(tiny_runs):
     bytes per token and layer on each shard, and the same all-reduces per step (2 per layer)."""
     _, _, (shards, all_reduces, _) = tiny_runs[2, "no-offload"]
     cfg = EngineConfig(model="tiny-llama", tensor_parallel_size=2, device_kv_bytes=TINY_DEVICE_BYTES["no-offload"] // 2)
-    sim = Simulator(SimConfig(model=cfg.model, gpu="cpu-2core", tp=cfg.tensor_parallel_size, dtype_bytes=4,
-                              block_size=cfg.block_size, device_kv_bytes=cfg.device_kv_bytes,
-                              host_kv_bytes=cfg.host_kv_bytes, kv_policy="no-offload"))
+    sim = Simulator(SimConfig(engine=cfg, gpu="cpu-2core"))
     spec = load_spec(cfg.model)
     for s in shards:
         assert s["device_block_bytes"] == s["host_block_bytes"] == sim.kv.block_bytes

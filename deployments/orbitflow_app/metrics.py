@@ -1,7 +1,8 @@
 """Prometheus metrics through `ray.util.metrics`, so they reach Ray's metrics endpoint on every
 node (port `--metrics-export-port`). All names are prefixed `orbitflow_`; no label ever carries
 prompt text. Latencies are what the client sees: TTFT from the ingress's arrival time, TBT and
-TPOT on Token-Deposit release times.
+TPOT on Token-Deposit release times, each computed by `orbitflow_ray.metrics` (one RequestRecord
+per finished request); this module only observes them.
 """
 
 from __future__ import annotations
@@ -54,16 +55,16 @@ class WorkerMetrics:
         times = m.release_times or m.token_times
         if not times:
             return
-        first_unix = time.time() - (time.perf_counter() - times[0])
-        self.ttft.observe(max(0.0, first_unix - req.arrival_unix), self.tags)
-        for a, b in zip(times, times[1:]):
-            self.tbt.observe(b - a, self.tags)
-        if len(times) > 1:
-            self.tpot.observe((times[-1] - times[0]) / (len(times) - 1), self.tags)
-        self.tokens.inc(len(out.token_ids), self.tags)
+        first_unix = time.time() - (time.perf_counter() - times[0])  # the ingress's clock
         rec = RequestRecord(req.request_id, req.arrival_unix, req.num_prompt_tokens,
                             tuple(first_unix + (t - times[0]) for t in times), m.slo_s or float("inf"),
                             req.ttft_slo_s, out.finish_reason != "abort")
+        self.ttft.observe(max(0.0, rec.ttft_s), self.tags)
+        for gap in rec.tbts:
+            self.tbt.observe(float(gap), self.tags)
+        if rec.tpot_s is not None:
+            self.tpot.observe(rec.tpot_s, self.tags)
+        self.tokens.inc(len(out.token_ids), self.tags)
         for kind, met in rec.slo_met().items():
             self.slo.inc(1, {**self.tags, "slo": kind, "outcome": "met" if met else "missed"})
 

@@ -23,15 +23,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
-from orbitflow_ray.outputs import RequestOutput
-from orbitflow_ray.request import Request
+from orbitflow_ray.metrics.latency import tbts_s, tpot_s, ttft_s
+
+if TYPE_CHECKING:  # outputs.py imports metrics.latency: no runtime import back
+    from orbitflow_ray.outputs import RequestOutput
+    from orbitflow_ray.request import Request
 
 _TOL = 1e-9  # a token released exactly at the pace is on time
 TBT_QUANTILE = 0.99  # the per-request TBT SLO judges this quantile of the request's gaps
+TBT_SAMPLES = 2000  # TBT / SLO samples kept per run for CDF plots (`tbt_over_slo`)
 
 
 def default_ttft_slo_s(prefill_s: float, prefill_steps: int, decode_step_s: float, scale: float) -> float:
@@ -68,16 +72,15 @@ class RequestRecord:
 
     @property
     def ttft_s(self) -> float | None:
-        return self.release_times[0] - self.arrival_s if self.release_times else None
+        return ttft_s(self.arrival_s, self.release_times)
 
     @property
     def tbts(self) -> np.ndarray:
-        return np.diff(np.asarray(self.release_times, dtype=float))
+        return tbts_s(self.release_times)
 
     @property
     def tpot_s(self) -> float | None:
-        t = self.release_times
-        return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None
+        return tpot_s(self.release_times)
 
     @property
     def e2e_s(self) -> float | None:
@@ -152,6 +155,18 @@ def summarize(records: Iterable[RequestRecord], makespan_s: float | None = None,
         "mean_pause_s": float(np.mean(pauses)) if pauses else 0.0,
         "link_bytes_per_output_token": link_bytes / out_tokens if out_tokens else None,
     }
+
+
+def tbt_over_slo(records: Iterable[RequestRecord], k: int = TBT_SAMPLES, seed: int = 0) -> list[float]:
+    """Every paced token's TBT / SLO over the finished records, sorted, subsampled to at most k
+    (deterministically under `seed`), for CDF plots."""
+    vals = [r.tbts / r.tpot_slo_s for r in records if r.finished and len(r.release_times) > 1]
+    if not vals:
+        return []
+    arr = np.concatenate(vals)
+    if len(arr) > k:
+        arr = np.random.default_rng(seed).choice(arr, k, replace=False)
+    return np.sort(arr).round(6).tolist()
 
 
 def record_from_output(out: RequestOutput) -> RequestRecord:

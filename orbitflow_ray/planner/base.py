@@ -154,7 +154,8 @@ class KVPolicy(abc.ABC):
         return None
 
     def plan_solver(self) -> str | None:
-        """Which solver produced the plan in force ("fast", "cvxpy-highs", "fallback-...");
+        """Which solver produced the plan in force ("fast", "cvxpy-highs", or a fallback's
+        `PlanStatus` label such as "fallback-infeasible"), for display and metrics labels only;
         None for a policy that does not plan."""
         return None
 

@@ -124,30 +124,30 @@ class OrbitFlow(KVPolicy):
             except Exception:  # a solver bug or timeout must not stop serving
                 log.exception("placement solve failed; falling back to the largest offload")
                 self.counters["fallbacks"] += 1
-                return self._fallback(inputs, "fallback-error"), paused
+                return self._fallback(inputs, PlanStatus.FALLBACK_ERROR), paused
             if plan.status != PlanStatus.INFEASIBLE:
                 return plan, paused
             victims = [v for v in active if v.request_id not in pinned]
             if probe:
                 if not self.can_pause or not victims:
-                    return self._fallback(inputs, "fallback-infeasible"), paused
+                    return self._fallback(inputs, PlanStatus.FALLBACK_INFEASIBLE), paused
             else:
                 self.counters["infeasible"] += 1
                 if not self.can_pause or not victims:
                     log.warning("no placement fits %d requests in %d device bytes; largest-offload "
                                 "fallback", len(active), inputs.device_capacity_bytes)
                     self.counters["fallbacks"] += 1
-                    return self._fallback(inputs, "fallback-infeasible"), paused
+                    return self._fallback(inputs, PlanStatus.FALLBACK_INFEASIBLE), paused
             victim = self.pick_victim(victims, self.rng)
             active = [v for v in active if v.request_id != victim]
             paused.append(victim)
 
-    def _fallback(self, inputs: PlanInputs, why: str) -> Plan:
+    def _fallback(self, inputs: PlanInputs, status: PlanStatus) -> Plan:
         """Every request at its largest offload short of all-host, all-host where only that holds
         it (`PlanInputs.largest_offload`); the scheduler's preemption covers what does not fit."""
         choice = inputs.largest_offload()
         return make_plan(inputs, choice, step_time(inputs, choice), inputs.windows[0],
-                         PlanStatus.FEASIBLE, time.perf_counter(), why)
+                         status, time.perf_counter(), status.value)
 
     def solve_for(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str] = frozenset(),
                   deadline: float | None = None) -> PlanResult:
@@ -182,7 +182,7 @@ class OrbitFlow(KVPolicy):
         out = []
         for req in reqs:
             plan, paused = self._solve(list(running) + [req], cap, frozenset({req.request_id}), probe=True)
-            joins = not paused and req.request_id in plan.distances and not plan.solver.startswith("fallback")
+            joins = not paused and req.request_id in plan.distances and not plan.status.is_fallback
             damage = max(0, len(plan.violations) - base) if slo_aware else 0
             out.append(float(damage) if joins else float("inf"))
         return out
@@ -235,8 +235,8 @@ class OrbitFlow(KVPolicy):
         pinned = self._overdue([req])
         views = running + [req]
         plan, paused = self.ahead.solve_now(views, cap, pinned | {req.request_id}, not pinned)
-        refused = plan.solver == "fallback-infeasible" or (
-            plan.solver == "fallback-error" and plan.device_bytes > cap.device_total_blocks * cap.block_bytes)
+        refused = plan.status is PlanStatus.FALLBACK_INFEASIBLE or (
+            plan.status is PlanStatus.FALLBACK_ERROR and plan.device_bytes > cap.device_total_blocks * cap.block_bytes)
         if req.request_id not in plan.distances or refused or (paused and not pinned):
             self._proposal = None
             return None

@@ -196,9 +196,19 @@ def distance_set(distances: Sequence[int] | None, num_layers: int) -> tuple[int,
 
 
 class PlanStatus(enum.Enum):
+    """How a plan came to be. Solvers return the first three; the policy makes the fallbacks.
+    The value is a display label only (a plan's `solver` field names its maker for metrics)."""
+
     OPTIMAL = "optimal"
     FEASIBLE = "feasible"  # a plan, not proven: time limit, or an SLO inside the unproven gap
     INFEASIBLE = "infeasible"  # capacity cannot hold the batch even at the largest offload
+    FALLBACK_INFEASIBLE = "fallback-infeasible"  # largest offload: nothing fits, no one may pause
+    FALLBACK_ERROR = "fallback-error"  # largest offload: the solver raised
+
+    @property
+    def is_fallback(self) -> bool:
+        """A largest-offload plan the policy made without a solver's answer."""
+        return self in (PlanStatus.FALLBACK_INFEASIBLE, PlanStatus.FALLBACK_ERROR)
 
 
 @dataclass(slots=True)

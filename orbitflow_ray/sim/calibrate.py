@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import least_squares
 
+from orbitflow_ray.metrics import tpot_s
 from orbitflow_ray.outputs import StepRecord
 from orbitflow_ray.sim.hardware import GpuSpec, load_gpu, load_model_spec
 from orbitflow_ray.sim.roofline import Roofline
@@ -133,24 +134,14 @@ def fidelity(model: str, gpu: GpuSpec, prompt_lens: list[int], max_tokens: int, 
     real_steps = [r.wall_s for r in eng.step_log]
     cfg = eng.config
     eng.close()
-    link = cfg.link_bandwidth_bytes_per_s
-    if link is not None:  # the CPU engine's emulated link, copied as is
-        gpu = gpu.replace(host_link_bytes_per_s=link, host_link_efficiency=1.0)
-    sim_cfg = SimConfig(model=model, gpu="-", dtype_bytes=4, kv_policy=policy, device_kv_bytes=cfg.device_kv_bytes,
-                        host_kv_bytes=cfg.host_kv_bytes, block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
-                        max_num_batched_tokens=cfg.max_num_batched_tokens,
-                        prefill_chunk_size=cfg.prefill_chunk_size, prefetch_depth=cfg.prefetch_depth,
-                        tpot_slo_s=cfg.tpot_slo_s, solve_cost_s=0.0)
+    # The engine's own config (its emulated link included, `SimConfig`) on the fitted spec.
+    sim_cfg = SimConfig(engine=cfg, gpu="-", tpot_slo_s=cfg.tpot_slo_s, solve_cost_s=0.0)
     trace = [TraceRequest(f"req-{i}", 0.0, n, max_tokens) for i, n in enumerate(prompt_lens)]
     result = simulate(sim_cfg, trace, gpu=gpu)
-    sim_tpot = {r.request_id: _tpot(r.emit_times) for r in result.records}
+    sim_tpot = {r.request_id: tpot_s(r.emit_times) for r in result.records}
     real_tpot = [o.metrics.tpot for o in outs]
     errors = tuple(abs(sim_tpot[f"req-{i}"] - t) / t for i, t in enumerate(real_tpot))
     return Fidelity(float(np.mean(real_steps)), result.metrics["makespan_s"] / result.metrics["num_steps"], errors)
-
-
-def _tpot(times) -> float:
-    return (times[-1] - times[0]) / (len(times) - 1)
 
 
 def calibrate(model: str = "smollm2-135m", base: str = "cpu-2core", **engine_args) -> tuple[GpuSpec, dict]:

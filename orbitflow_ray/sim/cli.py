@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -99,10 +98,11 @@ def _trace(args, rate: float):
 def _base_config(args, policy: str, slo_scale: float):
     from orbitflow_ray.sim.simulator import SimConfig
 
-    return SimConfig(model=args.model, gpu=args.gpu, tp=args.tp, kv_policy=policy, admission=args.admission,
-                     device_kv_bytes=args.device_kv_bytes, kv_capacity_fraction=args.kv_capacity_fraction,
-                     max_num_seqs=args.max_num_seqs, slo_scale=slo_scale, solve_cost_s=args.solve_cost_s,
-                     tpot_slo_s=args.tpot_slo, ttft_slo_s=args.ttft_slo)
+    return SimConfig.build(model=args.model, gpu=args.gpu, tensor_parallel_size=args.tp, kv_policy=policy,
+                           admission=args.admission, device_kv_bytes=args.device_kv_bytes,
+                           kv_capacity_fraction=args.kv_capacity_fraction, max_num_seqs=args.max_num_seqs,
+                           slo_scale=slo_scale, solve_cost_s=args.solve_cost_s, tpot_slo_s=args.tpot_slo,
+                           ttft_slo_s=args.ttft_slo)
 
 
 def _list() -> int:
@@ -114,7 +114,7 @@ def _list() -> int:
 
 
 def _emit(args, runs: list[dict], context: dict) -> None:
-    from orbitflow_ray.sim.report import write_report
+    from orbitflow_ray.metrics.report import write_report
 
     if args.out:
         written = write_report(runs, args.out, context=context)
@@ -126,7 +126,7 @@ def _emit(args, runs: list[dict], context: dict) -> None:
 
 def _context(args, cfg, trace, workload) -> dict:
     return {"model": args.model, "gpu": args.gpu, "tp": args.tp, "requests": len(trace),
-            "workload": workload or {"trace": args.trace}, "sim_config": dataclasses.asdict(cfg)}
+            "workload": workload or {"trace": args.trace}, "sim_config": cfg.to_dict()}
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -139,7 +139,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = _base_config(args, args.policy, args.slo_scale)
     result = simulate(cfg, trace, progress=True)
     m = result.metrics
-    print(f"{run_label(cfg)} on {cfg.model}/{cfg.gpu} TP{cfg.tp}: {m['num_finished']}/{m['num_requests']} "
+    print(f"{run_label(cfg)} on {cfg.engine.model}/{cfg.gpu} TP{cfg.engine.tensor_parallel_size}: {m['num_finished']}/{m['num_requests']} "
           f"finished, goodput {m['goodput_req_s'] or 0:.3f} req/s, TTFT att. {_pct(m['ttft_attainment'])} "
           f"(P95 TTFT {_s(m['p95_ttft_s'])}), TPOT att. {_pct(m['tpot_attainment'])}, TBT att. "
           f"{_pct(m['tbt_attainment'])}, P95 TBT {_ms(m['p95_tbt_s'])} (SLO {result.tpot_slo_s * 1e3:.1f} ms), "

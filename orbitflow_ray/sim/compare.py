@@ -7,29 +7,14 @@ instead of the policy's own, and its runs are labelled so (`run_label`).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from orbitflow_ray.metrics import RequestRecord
+from orbitflow_ray.metrics import tbt_over_slo
 from orbitflow_ray.sim.simulator import SimConfig, SimResult, simulate
 from orbitflow_ray.sim.workload import TraceRequest, scale_rate
-
-TBT_SAMPLES = 2000  # per run, for CDF plots
-
-
-def tbt_over_slo(records: list[RequestRecord], k: int = TBT_SAMPLES, seed: int = 0) -> list[float]:
-    """Every paced token's TBT / SLO, subsampled to at most k (deterministically)."""
-    vals = [r.tbts / r.tpot_slo_s for r in records if r.finished and len(r.release_times) > 1]
-    if not vals:
-        return []
-    arr = np.concatenate(vals)
-    if len(arr) > k:
-        arr = np.random.default_rng(seed).choice(arr, k, replace=False)
-    return np.sort(arr).round(6).tolist()
-
 
 def _p50_ttft_slo(result: SimResult) -> float | None:
     """The median TTFT SLO the run judged (each request's own; the default rule scales with its prompt)."""
@@ -39,12 +24,13 @@ def _p50_ttft_slo(result: SimResult) -> float | None:
 
 def run_label(cfg: SimConfig) -> str:
     """The policy's name, with `+admission` when the config sets one (None: the policy's own)."""
-    return cfg.kv_policy if cfg.admission is None else f"{cfg.kv_policy}+{cfg.admission}"
+    e = cfg.engine
+    return e.kv_policy if e.admission is None else f"{e.kv_policy}+{e.admission}"
 
 
 def run_entry(result: SimResult, rate: float, slo_scale: float) -> dict:
-    return {"policy": run_label(result.config), "kv_policy": result.config.kv_policy,
-            "admission": result.config.admission, "rate": rate, "slo_scale": slo_scale,
+    return {"policy": run_label(result.config), "kv_policy": result.config.engine.kv_policy,
+            "admission": result.config.engine.admission, "rate": rate, "slo_scale": slo_scale,
             "metrics": {**result.metrics, "tpot_slo_s": result.tpot_slo_s, "p50_ttft_slo_s": _p50_ttft_slo(result),
                         "sim_wall_s": result.sim_wall_s,
                         "solve_s_sync": result.policy_metrics.get("solve_s_sync")},
@@ -65,8 +51,8 @@ def run_grid(base: SimConfig, trace: list[TraceRequest], base_rate: float, polic
     runs = []
     grid = [(s, p, r) for s in slo_scales for p in policies for r in rates]
     for scale, spec, rate in tqdm(grid, desc="compare", disable=not progress):
-        policy, admission = split_policy(spec, base.admission)
-        cfg = dataclasses.replace(base, kv_policy=policy, admission=admission, slo_scale=scale)
+        policy, admission = split_policy(spec, base.engine.admission)
+        cfg = base.replace(kv_policy=policy, admission=admission, slo_scale=scale)
         result = simulate(cfg, scale_rate(trace, rate / base_rate))
         runs.append(run_entry(result, rate, scale))
     return runs

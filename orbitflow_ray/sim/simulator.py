@@ -1,7 +1,7 @@
 """The discrete-event simulator: our real Scheduler and policies, a roofline executor.
 
     from orbitflow_ray.sim.simulator import SimConfig, simulate
-    result = simulate(SimConfig(model="llama-3.1-8b", gpu="a100-80gb", kv_policy="orbitflow"), trace)
+    result = simulate(SimConfig.build(model="llama-3.1-8b", gpu="a100-80gb", kv_policy="orbitflow"), trace)
 
 The event loop advances a virtual clock: requests arrive at their trace times; each step is
 scheduled by the same `Scheduler` and `KVPolicy` objects the engine runs (built by the same
@@ -19,11 +19,12 @@ and TTFT SLO = slo_scale x (its prefill alone on the device + (prefill chunks + 
 from __future__ import annotations
 
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 
 from tqdm.auto import tqdm
 
-from orbitflow_ray.config import ADMISSIONS, EngineConfig
+from orbitflow_ray.config import DTYPE_BYTES, EngineConfig
 from orbitflow_ray.costmodel import OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.kv.tier_manager import KVTierManager
@@ -43,57 +44,101 @@ def _help(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
 
+# The simulator's defaults for the engine fields it reads: a paper-scale GPU server (bf16, the
+# paper's batch of up to 16, 8K-token steps and prefill chunks, 512 GiB of pinned host memory).
+SIM_ENGINE_DEFAULTS = dict(model="llama-3.1-8b", kv_policy="orbitflow", dtype="bfloat16", host_kv_bytes=512 << 30,
+                           max_num_seqs=16, max_num_batched_tokens=8192, prefill_chunk_size=8192,
+                           max_pause_s=60.0, solve_ahead=False)
+
+
+def sim_engine(**fields_: object) -> EngineConfig:
+    """An EngineConfig with the simulator's defaults (`SIM_ENGINE_DEFAULTS`), `fields_` over them."""
+    return EngineConfig(**{**SIM_ENGINE_DEFAULTS, **fields_})
+
+
+_ENGINE_FIELDS = frozenset(f.name for f in fields(EngineConfig))
+# Engine fields the simulator does not read (it sets tpot_slo_s and solve_ahead itself, SimConfig).
+NOT_SIMULATED = ("backend", "gpu_memory_utilization", "staging_kv_bytes", "tpot_slo_s", "solve_ahead")
+
+
 @dataclass(slots=True)
 class SimConfig:
-    model: str = _help("Model spec (config only), see `orbitflow simulate --list`.", default="llama-3.1-8b")
-    gpu: str = _help("GPU spec.", default="a100-80gb")
-    tp: int = _help("Tensor-parallel degree (divides compute and KV, adds all-reduces).", default=1)
-    dtype_bytes: int = _help("Bytes per weight/KV element (2: bf16).", default=2)
-    kv_policy: str = _help("KV placement policy.", default="orbitflow")
-    admission: str | None = _help("Admission: fcfs or slo (None: the policy's own), see "
-                                  "EngineConfig.admission.", default=None)
-    device_kv_bytes: int | None = _help(
-        "Device KV budget per GPU. None: kv_capacity_fraction of what HBM has left after weights.",
-        default=None)
+    """A simulated server: the engine config it runs (`engine`) on a GPU spec, and how it is judged.
+
+    The simulator reads of `engine` what the scheduler and policy read (model, kv_policy, admission,
+    block size, batch and step budgets, KV budgets, Token-Deposit, Pause-Resume, plan windows, seed),
+    plus dtype (bytes per element), tensor_parallel_size (the TP degree), max_model_len and
+    link_bandwidth_bytes_per_s (replaces the GPU spec's host link, as the CPU engine emulates it).
+    It sets three itself: device_kv_bytes None is sized from the GPU spec (kv_capacity_fraction of
+    the HBM left after weights); tpot_slo_s is the run's TPOT SLO (this config's tpot_slo_s, else
+    slo_scale x the no-offload step); solve_ahead is off (solves run inline, charged solve_cost_s).
+    backend, gpu_memory_utilization and staging_kv_bytes are not modelled.
+
+    `SimConfig.build(**flat)` and `cfg.replace(**flat)` take engine and simulator fields in one list.
+    """
+
+    engine: EngineConfig = _help("The engine config simulated (`sim_engine()`: paper-scale defaults).",
+                                 default_factory=sim_engine)
+    gpu: str = _help("GPU spec (see `orbitflow simulate --list`).", default="a100-80gb")
     kv_capacity_fraction: float = _help(
-        "Share of the free HBM given to KV when device_kv_bytes is None. The paper caps KV capacity "
+        "Share of the free HBM given to KV when engine.device_kv_bytes is None. The paper caps KV capacity "
         "well below peak demand to study offloading.", default=1.0)
-    host_kv_bytes: int = _help("Host (pinned) KV budget.", default=512 << 30)
-    block_size: int = _help("Tokens per KV block.", default=16)
-    max_num_seqs: int = _help("Most requests in a batch (the paper: 2-16).", default=16)
-    max_num_batched_tokens: int = _help("Token budget of one step.", default=8192)
-    prefill_chunk_size: int = _help("Most prompt tokens of one request per step.", default=8192)
-    prefetch_depth: int = _help("Host layers prefetched ahead of compute.", default=1)
     slo_scale: float = _help("TPOT/TBT SLO = slo_scale x the no-offload decode step at full device "
                              "KV (the paper's 1, 1.5, 2.5), for requests without one; it scales the "
                              "default TTFT SLO too.", default=1.5)
-    tpot_slo_s: float | None = _help("Absolute TPOT/TBT SLO; overrides slo_scale.", default=None)
+    tpot_slo_s: float | None = _help("Absolute TPOT/TBT SLO; overrides slo_scale (engine.tpot_slo_s is "
+                                     "not read).", default=None)
     ttft_slo_s: float | None = _help(
         "Absolute TTFT SLO for requests without one (inf: not judged). None: the default rule, "
         "slo_scale x (the request's prefill on an idle device + one no-offload decode step per "
         "prefill chunk + one), see metrics.default_ttft_slo_s.", default=None)
-    token_deposit: bool | None = _help("Token-Deposit pacing (None: the policy's default).", default=None)
-    pause_strategy: str = _help("Pause-Resume victim: largest, shortest or random.", default="largest")
-    max_pause_s: float = _help("Starvation bound of a paused request.", default=60.0)
-    plan_windows: tuple[int, ...] = _help("Candidate plan windows (decode steps).", default=(32, 64, 128))
     solve_cost_s: float = _help("Virtual time charged per planning solve (the fast path's measured "
                                 "p50 at 32 requests on a CPU core is ~5 ms).", default=0.005)
-    seed: int = _help("Seed for policies that draw (random pause).", default=0)
 
     def __post_init__(self) -> None:
-        for name in ("tp", "dtype_bytes", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                     "prefill_chunk_size", "prefetch_depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.kv_capacity_fraction <= 1 or self.slo_scale <= 0 or self.solve_cost_s < 0:
-            raise ValueError("need 0 < kv_capacity_fraction <= 1, slo_scale > 0, solve_cost_s >= 0")
+        if not isinstance(self.engine, EngineConfig):
+            raise TypeError(f"engine must be an EngineConfig, got {type(self.engine).__name__}")
+        if not isinstance(self.gpu, str) or not self.gpu:
+            raise ValueError(f"gpu must name a GPU spec, got {self.gpu!r}")
+        if not 0 < self.kv_capacity_fraction <= 1:
+            raise ValueError(f"kv_capacity_fraction must be in (0, 1], got {self.kv_capacity_fraction}")
+        if not self.slo_scale > 0:
+            raise ValueError(f"slo_scale must be positive, got {self.slo_scale}")
+        if not self.solve_cost_s >= 0:
+            raise ValueError(f"solve_cost_s must be >= 0, got {self.solve_cost_s}")
         for name in ("tpot_slo_s", "ttft_slo_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive seconds when set, got {value!r}")
-        if self.admission is not None and self.admission not in ADMISSIONS:
-            raise ValueError(f"admission must be one of {ADMISSIONS} or None, got {self.admission!r}")
-        self.plan_windows = tuple(self.plan_windows)
+
+    @classmethod
+    def build(cls, **flat: object) -> SimConfig:
+        """A config from one flat list of fields: EngineConfig's go to `engine` (over the
+        simulator's defaults), the rest to SimConfig; tpot_slo_s is SimConfig's. TypeError names
+        a field neither has."""
+        return cls().replace(**flat)
+
+    def replace(self, **flat: object) -> SimConfig:
+        """A copy with fields changed, taken as in `build` (an engine field changes `engine`)."""
+        own = {f.name for f in fields(self)}
+        unknown = sorted(set(flat) - own - _ENGINE_FIELDS)
+        if unknown:
+            raise TypeError(f"SimConfig has no field {', '.join(map(repr, unknown))} (nor has EngineConfig)")
+        engine_kw = {k: v for k, v in flat.items() if k not in own}
+        sim_kw = {k: v for k, v in flat.items() if k in own}
+        if engine_kw:
+            sim_kw["engine"] = dataclasses.replace(sim_kw.get("engine", self.engine), **engine_kw)
+        return dataclasses.replace(self, **sim_kw)
+
+    def to_dict(self) -> dict:
+        """Flat: the engine fields the simulator reads, then the simulator's (for reports)."""
+        engine = {k: v for k, v in asdict(self.engine).items() if k not in NOT_SIMULATED}
+        return {**engine, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "engine"}}
+
+    @property
+    def dtype_bytes(self) -> int:
+        """Bytes per weight and KV element of engine.dtype."""
+        return DTYPE_BYTES[self.engine.dtype]
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
@@ -110,7 +155,7 @@ class SimResult:
     sim_wall_s: float  # real seconds the simulation took
 
     def to_dict(self) -> dict:
-        return {"config": asdict(self.config), "metrics": self.metrics, "policy": self.policy_metrics,
+        return {"config": self.config.to_dict(), "metrics": self.metrics, "policy": self.policy_metrics,
                 "tpot_slo_s": self.tpot_slo_s, "sim_wall_s": self.sim_wall_s}
 
 
@@ -118,38 +163,37 @@ class Simulator:
     def __init__(self, cfg: SimConfig, gpu: GpuSpec | None = None) -> None:
         """`gpu`: a spec object (e.g. freshly calibrated) instead of `cfg.gpu`'s name or file."""
         self.cfg = cfg
-        self.spec = load_model_spec(cfg.model)
-        self.roofline = Roofline(self.spec, gpu or load_gpu(cfg.gpu), cfg.tp, cfg.dtype_bytes)
+        e = cfg.engine
+        self.spec = load_model_spec(e.model)
+        gpu = gpu or load_gpu(cfg.gpu)
+        if e.link_bandwidth_bytes_per_s is not None:  # the CPU engine's emulated link, copied as is
+            gpu = gpu.replace(host_link_bytes_per_s=e.link_bandwidth_bytes_per_s, host_link_efficiency=1.0)
+        self.roofline = Roofline(self.spec, gpu, e.tensor_parallel_size, cfg.dtype_bytes)
         kvb = self.roofline.kv_bytes_per_token_per_layer
-        device = cfg.device_kv_bytes
+        device = e.device_kv_bytes
         if device is None:
             device = int(self.roofline.device_kv_capacity_bytes() * cfg.kv_capacity_fraction)
-        block_bytes = kvb * cfg.block_size
+        block_bytes = kvb * e.block_size
         if device < block_bytes:
-            raise ValueError(f"device KV budget {device} B holds no {cfg.block_size}-token block of "
-                             f"{cfg.model} on {cfg.gpu} (TP {cfg.tp})")
+            raise ValueError(f"device KV budget {device} B holds no {e.block_size}-token block of "
+                             f"{e.model} on {cfg.gpu} (TP {e.tensor_parallel_size})")
         L = self.spec.num_layers
         full_tokens = device // (kvb * L)
-        B = cfg.max_num_seqs
+        B = e.max_num_seqs
         self.base_step_s = self.roofline.step_compute_s(full_tokens, B, B, B)
         self.tpot_slo_s = cfg.tpot_slo_s or cfg.slo_scale * self.base_step_s
-        self.prefill_chunk = min(cfg.prefill_chunk_size, cfg.max_num_batched_tokens)  # the scheduler's
+        self.prefill_chunk = min(e.prefill_chunk_size, e.max_num_batched_tokens)  # the scheduler's
         self._idle_prefill: dict[int, tuple[float, int]] = {}
-        self.engine_config = EngineConfig(
-            model=cfg.model, kv_policy=cfg.kv_policy, admission=cfg.admission, device_kv_bytes=device, host_kv_bytes=cfg.host_kv_bytes,
-            block_size=cfg.block_size, max_num_seqs=B, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            prefill_chunk_size=cfg.prefill_chunk_size, prefetch_depth=cfg.prefetch_depth,
-            tpot_slo_s=self.tpot_slo_s, token_deposit=cfg.token_deposit, pause_strategy=cfg.pause_strategy,
-            max_pause_s=cfg.max_pause_s, plan_windows=cfg.plan_windows, solve_ahead=False, seed=cfg.seed)
-        self.kv = KVTierManager(L, cfg.block_size, block_bytes, device // block_bytes,
-                                cfg.host_kv_bytes // block_bytes)
+        self.engine_config = dataclasses.replace(e, device_kv_bytes=device, tpot_slo_s=self.tpot_slo_s,
+                                                 solve_ahead=False)
+        self.kv = KVTierManager(L, e.block_size, block_bytes, device // block_bytes, e.host_kv_bytes // block_bytes)
         self.cost = OnlineCostModel(self.roofline.cost_model(B, max(1, full_tokens // B)))
         self.policy = policy_from_config(self.engine_config, L, self.cost)
         self.clock = 0.0
         self.scheduler = Scheduler(self.engine_config, self.kv, self.policy, frozenset(),
-                                   self.spec.max_position_embeddings, clock=lambda: self.clock,
+                                   e.max_model_len or self.spec.max_position_embeddings, clock=lambda: self.clock,
                                    snapshot_tables=False)
-        self.executor = SimExecutor(self.roofline, cfg.block_size, cfg.prefetch_depth)
+        self.executor = SimExecutor(self.roofline, e.block_size, e.prefetch_depth)
         self.link_bytes = 0
         self.num_steps = 0
         self.peak_device_bytes = 0
@@ -194,7 +238,7 @@ class Simulator:
         admitted: list[Request] = []
         failed: list[RequestRecord] = []
         i, sched = 0, self.scheduler
-        bar = tqdm(total=len(pending), desc=f"sim {self.cfg.kv_policy}", disable=not progress, leave=False)
+        bar = tqdm(total=len(pending), desc=f"sim {self.cfg.engine.kv_policy}", disable=not progress, leave=False)
         while i < len(pending) or sched.has_unfinished():
             while i < len(pending) and pending[i].arrival_s <= self.clock:
                 req = self._arrive(pending[i], failed)
