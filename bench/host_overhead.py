@@ -121,7 +121,7 @@ def measure(args) -> dict:
     def step():
         t0 = time.perf_counter()
         out = sched.schedule()
-        sampled = runner.execute(out)
+        sampled = runner.execute(out).sampled
         now = time.perf_counter()
         feed_back(out, now - t0, now, cost, policy)
         sched.update_from_output(out, sampled, now)

@@ -492,7 +492,7 @@ def test_scatter_tokens_then_gather_roundtrips(dtype):
 def _store_step_seqs(tables, starts, lens, tracker):
     """The plan's seqs as the scheduler makes them: live tables and what changed since last sent."""
     from orbitflow_ray.sampling_params import SamplingParams
-    from orbitflow_ray.sched.output import ScheduledSeq
+    from orbitflow_ray.kv.plan import ScheduledSeq
     return [ScheduledSeq(f"r{i}", [0] * n, start, True, table, SamplingParams(), 0,
                          table_deltas=tracker.deltas(f"r{i}", table))
             for i, (table, start, n) in enumerate(zip(tables, starts, lens))]
@@ -636,7 +636,7 @@ def test_table_deltas_send_appends_and_rewrites_only():
     from orbitflow_ray.kv.block_table import BlockTables
     from orbitflow_ray.kv.blocks import LayerKV, Tier
     from orbitflow_ray.sampling_params import SamplingParams
-    from orbitflow_ray.sched.output import ScheduledSeq, TableDelta
+    from orbitflow_ray.kv.plan import ScheduledSeq, TableDelta
     from orbitflow_ray.sched.table_deltas import TableTracker
 
     tracker, tables = TableTracker(), BlockTables(2, torch.device("cpu"), rows=1, blocks=1)

@@ -26,7 +26,7 @@ from orbitflow_kernels.gather import gather_kv, scatter_tokens
 from orbitflow_ray.kv.block_table import BlockTables
 from orbitflow_ray.kv.blocks import MoveOp, Tier
 from orbitflow_ray.kv.prompt_stage import PromptStage
-from orbitflow_ray.sched.output import ScheduledSeq
+from orbitflow_ray.kv.plan import ScheduledSeq
 
 
 _DEVICE, _SLOT = -1, -2  # where a layer's tokens go (`_HostLayer.parts`); i >= 0: seq i's prompt buffer

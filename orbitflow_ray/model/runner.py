@@ -1,4 +1,5 @@
-"""The model runner: executes one SchedulerOutput and returns the sampled tokens.
+"""The model runner: executes one SchedulerOutput and returns a StepResult (the sampled tokens and
+what the step measured: wall and stall seconds, bytes and link seconds each way).
 
 It never allocates KV: it reads block tables from the plan, runs the MoveOps, and lets the KV store
 stream host-resident layers in while earlier layers compute.
@@ -6,15 +7,22 @@ stream host-resident layers in while earlier layers compute.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
+from orbitflow_kernels import Direction
 from orbitflow_kernels.attention import paged_decode_attention
 
 from orbitflow_ray.kv.store import KVStore
 from orbitflow_ray.model.llama import LlamaModel
 from orbitflow_ray.model.sampler import sample
-from orbitflow_ray.sched.output import SchedulerOutput
+from orbitflow_ray.kv.plan import SchedulerOutput, StepResult
+
+
+def _delta(after: dict[Direction, float], before: dict[Direction, float], d: Direction) -> float:
+    return after.get(d, 0) - before.get(d, 0)
 
 
 class ModelRunner:
@@ -34,8 +42,21 @@ class ModelRunner:
         # layer but leave the (replicated) LM head and sampling to rank 0.
         self.samples = True
 
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Run one plan. Bytes and link seconds count the copies that completed during the step
+        (`TransferEngine.bytes_moved` / `busy_seconds`); stall is what the KV store waited for."""
+        link = self.store.engine
+        t0 = time.perf_counter()
+        moved0, busy0 = link.bytes_moved, link.busy_seconds
+        sampled = self._execute(out)
+        moved, busy = link.bytes_moved, link.busy_seconds
+        wall = time.perf_counter() - t0
+        return StepResult(sampled, wall, self.store.last_stall_s, _delta(moved, moved0, Direction.H2D),
+                          _delta(moved, moved0, Direction.D2H), _delta(busy, busy0, Direction.H2D),
+                          _delta(busy, busy0, Direction.D2H))
+
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+    def _execute(self, out: SchedulerOutput) -> dict[str, int]:
         self.store.apply_moves(out.moves)
         self.store.forget(out.finished_request_ids)
         if not out.seqs:
