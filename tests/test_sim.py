@@ -154,3 +154,19 @@ def test_pressure_family_makes_orbitflow_pause_and_every_request_finishes():
     assert r.policy_metrics["pauses"] == r.metrics["total_pauses"]
     outputs = {t.request_id: t.output_tokens for t in trace}
     assert {rec.request_id: len(rec.release_times) for rec in r.records} == outputs
+
+
+def test_an_empty_plan_is_skipped_by_the_simulator_and_run_by_the_engine():
+    """One StepLoop for both: the simulator neither executes nor counts a plan with nothing in it
+    (it waits for the next arrival); the engine executes every plan (finished ids reach the runner)."""
+    from orbitflow_ray.engine import LLMEngine
+    from orbitflow_ray.config import EngineConfig
+
+    sim = Simulator(SimConfig(model="llama-3.1-8b", gpu="a100-80gb", device_kv_bytes=1 << 30))
+    assert sim.loop.executor is sim.executor and sim.loop.step() is None and sim.num_steps == 0
+    eng = LLMEngine(EngineConfig(model="tiny-llama", kv_policy="no-offload"))
+    calls, execute = [], eng.runner.execute
+    eng.runner.execute = lambda out: calls.append(out) or execute(out)
+    step = eng.loop.step()
+    assert calls == [step.out] and step.out.is_empty and step.result.sampled == {} and step.updated == []
+    eng.close()

@@ -8,7 +8,8 @@ It mirrors `ModelRunner` + `KVStore` step for step, with a roofline in place of 
    queues the write-back of the blocks it touched (not waited for);
 3. the LM head and sampling.
 The link is one FIFO queue that carries over from step to step, so a write-back still in flight
-delays the next step's prefetches exactly as the CPU and CUDA transfer engines order them.
+delays the next step's prefetches exactly as the CPU transfer engine orders them (the CUDA engine
+gives each direction its own stream, so there this queue is the conservative, half-duplex bound).
 """
 
 from __future__ import annotations
