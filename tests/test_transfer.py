@@ -643,9 +643,9 @@ def test_cuda_wait_covers_earlier_jobs_on_both_streams_and_is_timed(cuda_engine)
     dev = cuda_engine.alloc_device((8, *ROW), torch.float32)
     host = cuda_engine.alloc_host((8, *ROW), torch.float32)
     dev.copy_(torch.randn(dev.shape, device=dev.device))
-    out = cuda_engine.submit(TransferJob(dev, host, _idx([0, 1, 2]), _idx([0, 1, 2]), Direction.D2H))
+    cuda_engine.submit(TransferJob(dev, host, _idx([0, 1, 2]), _idx([0, 1, 2]), Direction.D2H))
     into = cuda_engine.submit(TransferJob(host, dev, _idx([6]), _idx([7]), Direction.H2D))  # other rows
-    cuda_engine.wait_host(into)  # covers `out`, submitted earlier on the D2H stream
+    cuda_engine.wait_host(into)  # covers the D2H job before it (its own stream)
     torch.testing.assert_close(host[:3], dev[:3].cpu(), rtol=0, atol=0)
     job = cuda_engine.submit(TransferJob(host, dev, _idx([0, 1, 2]), _idx([3, 4, 5]), Direction.H2D))
     cuda_engine.wait(job, tag=7)
