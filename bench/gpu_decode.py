@@ -11,8 +11,9 @@ cpu backend, float32, 2 x 64 tokens, 1 + 4 steps. Both tiers get room for every 
 so the policy alone decides what goes to host. Per step: `step` is `engine.step()` wall time,
 `execute` the model runner's part of it (KV moves, prefetch waits, forward, sampling: it ends on a
 device sync), `host_overhead` the rest (schedule, cost-model feedback, update, outputs), `index`
-the KV store's per-step block-id tensors (inside execute), `stall` the store's `last_stall_s`: CPU
-time blocked on copies (on CUDA the compute stream waits instead, so it stays near 0 there).
+the KV store's per-step block-id tensors (inside execute), `stall` the store's `last_stall_s`: time
+compute waited on copies (CPU: the caller's clock while blocked; CUDA: events around the compute
+stream's waits).
 """
 
 from __future__ import annotations

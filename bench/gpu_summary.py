@@ -118,7 +118,7 @@ def summary(result: dict) -> list[str]:
             f"(p10 {_fmt(d['step_ms']['p10'], '.2f')}, p90 {_fmt(d['step_ms']['p90'], '.2f')}), "
             f"{_fmt(d['tokens_per_s'], '.0f')} tok/s; host {_fmt(d['host_overhead_ms']['median'], '.2f')} ms "
             f"(schedule {_fmt(d['schedule_ms']['median'], '.2f')}), store index "
-            f"{_fmt(d['store_index_ms']['median'], '.2f')} ms, CPU-side stall {_fmt(d['stall_ms']['median'], '.2f')} ms; "
+            f"{_fmt(d['store_index_ms']['median'], '.2f')} ms, stall {_fmt(d['stall_ms']['median'], '.2f')} ms; "
             f"H2D {_fmt(d['h2d_bytes_per_step'] / 1e6)} MB/step; HBM floor {_fmt(d['hbm_floor_ms'], '.2f')} ms{link}; "
             f"build {_fmt(d['build_s'])} s, prefill {_fmt(d['prefill_s'])} s")
     if "decode_batched_over_per_seq" in result:

@@ -45,7 +45,7 @@ from orbitflow_ray.model.spec import ModelSpec  # noqa: E402
 from orbitflow_ray.planner import policy_from_config  # noqa: E402
 from orbitflow_ray.request import Request  # noqa: E402
 from orbitflow_ray.sampling_params import SamplingParams  # noqa: E402
-from orbitflow_ray.sched.feedback import feed_back  # noqa: E402
+from orbitflow_ray.sched.loop import StepLoop  # noqa: E402
 from orbitflow_ray.sched.scheduler import Scheduler  # noqa: E402
 
 BLOCK_SIZE = 16
@@ -118,14 +118,12 @@ def measure(args) -> dict:
     for i in range(args.requests):
         sched.add_request(Request(f"r{i}", [1] * args.context, params))
 
+    loop = StepLoop(sched, runner, cost, policy)  # the engine's step, over the null model
+
     def step():
         t0 = time.perf_counter()
-        out = sched.schedule()
-        sampled = runner.execute(out)
-        now = time.perf_counter()
-        feed_back(out, now - t0, now, cost, policy)
-        sched.update_from_output(out, sampled, now)
-        return now - t0, out
+        s = loop.step()
+        return s.now - t0, s.out  # schedule + execute: the step ends before feedback and update
 
     while any(r.num_computed_tokens < args.context for r in sched.running) or sched.waiting:
         step()

@@ -32,7 +32,7 @@ from orbitflow_ray.planner import policy_from_config
 from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.request import Request, RequestStatus
 from orbitflow_ray.sampling_params import SamplingParams
-from orbitflow_ray.sched.feedback import feed_back
+from orbitflow_ray.sched.loop import StepLoop
 from orbitflow_ray.sched.scheduler import Scheduler
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -97,6 +97,7 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.scheduler = Scheduler(config, self.kv, self.policy, frozenset(eos), self.max_model_len)
+        self.loop = StepLoop(self.scheduler, self.runner, self.cost, self.policy)
         self.eos_token_ids = tuple(sorted(eos))
         if self.tokenizer is not None:
             self.scheduler.detokenize = self._check_stop_strings
@@ -165,28 +166,16 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
-        out = self.scheduler.schedule()
-        h2d0, busy0 = self._link_counters()
-        d2h0 = self.transfer.bytes_moved.get(Direction.D2H, 0)
-        t0 = time.perf_counter()
-        sampled = self.runner.execute(out)
-        now = time.perf_counter()
-        h2d1, busy1 = self._link_counters()
-        feed_back(out, now - t0, now, self.cost, self.policy, h2d1 - h2d0, busy1 - busy0,
-                  getattr(self.runner.store, "last_stall_s", None))
-        updated = self.scheduler.update_from_output(out, sampled, now)
+        step = self.loop.step()
+        out, res = step.out, step.result
         self.num_steps += 1
         if self.step_log is not None and out.seqs:
             self.step_log.append(StepRecord(out.step_id, sum(q.start_pos for q in out.seqs), out.num_batched_tokens,
-                                            len(out.seqs), len(sampled), now - started, h2d1 - h2d0,
-                                            self.transfer.bytes_moved.get(Direction.D2H, 0) - d2h0))
+                                            len(out.seqs), len(res.sampled), step.now - started, res.h2d_bytes,
+                                            res.d2h_bytes))
         for tier in self.peak_bytes:
             self.peak_bytes[tier] = max(self.peak_bytes[tier], self.kv.used_bytes(tier))
-        return [self._output(req) for req in updated]
-
-    def _link_counters(self) -> tuple[int, float]:
-        busy = getattr(self.transfer, "busy_seconds", None)
-        return self.transfer.bytes_moved.get(Direction.H2D, 0), (busy or {}).get(Direction.H2D, 0.0)
+        return [self._output(req) for req in step.updated]
 
     def _output(self, req: Request) -> RequestOutput:
         """req's output after a step that gave it a token (its text is decoded by the scheduler's

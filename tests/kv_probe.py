@@ -152,7 +152,7 @@ class ProbeEngine:
 
     def step(self) -> None:
         out = self.scheduler.schedule()
-        sampled = self.runner.execute(out) if self.runner is not None else self._next_tokens(out)
+        sampled = self.runner.execute(out).sampled if self.runner is not None else self._next_tokens(out)
         wall = 0.01 + 1e-5 * sum(s.start_pos + len(s.token_ids) for s in out.seqs)
         self.clock += wall
         feed_back(out, wall, self.clock, self.cost, self.policy)

@@ -153,3 +153,30 @@ def test_generate_with_one_bad_prompt_queues_nothing():
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.kv.used_bytes(Tier.DEVICE) == 0
     assert len(llm.generate([PROMPTS[0]], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
+
+
+def test_step_results_add_up_to_the_link_counters():
+    """The runner's StepResult per step: tokens for the sampling seqs, bytes and link seconds that
+    add up to the transfer engine's counters, stall that adds up to its waits (tagged by layer)."""
+    from orbitflow_kernels import Direction
+
+    eng = LLMEngine(EngineConfig(model="tiny-llama", kv_policy="static-uniform", device_kv_bytes=8 << 20,
+                                 host_kv_bytes=8 << 20, prefill_chunk_size=64))
+    results, execute = [], eng.runner.execute
+    eng.runner.execute = lambda out: results.append(execute(out)) or results[-1]
+    for p in PROMPTS:
+        eng.add_request(p, SamplingParams(max_tokens=6, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+    link = eng.transfer
+    stalls = link.stall_seconds  # before synchronize(), which waits too
+    link.synchronize()
+    assert len(results) == eng.num_steps and sum(len(r.sampled) for r in results) == 6 * len(PROMPTS)
+    # every prefetch is waited for within its step; write-backs may land after the last one
+    assert sum(r.h2d_bytes for r in results) == link.bytes_moved[Direction.H2D] > 0
+    assert 0 < sum(r.d2h_bytes for r in results) <= link.bytes_moved[Direction.D2H]
+    assert sum(r.h2d_busy_s for r in results) == pytest.approx(link.busy_seconds[Direction.H2D])
+    assert sum(r.stall_s for r in results) == pytest.approx(sum(stalls.values()))
+    assert set(stalls) - {-1} and set(stalls) <= {-1, *range(eng.spec.num_layers)}
+    assert all(r.wall_s > 0 and r.stall_s >= 0 for r in results)
+    eng.close()

@@ -96,10 +96,10 @@ def _record_top5(llm) -> dict[str, list[dict[int, float]]]:
 
     def execute_hook(out):
         last.clear()
-        sampled = execute(out)
-        for rid, top in zip(sampled, last[0] if last else []):  # sampled is in logits-row order
+        result = execute(out)
+        for rid, top in zip(result.sampled, last[0] if last else []):  # sampled is in logits-row order
             seen.setdefault(rid, []).append(top)
-        return sampled
+        return result
     runner.model.logits, runner.execute = logits_hook, execute_hook
     return seen
 

@@ -15,7 +15,7 @@ import torch
 from orbitflow_ray import SamplingParams
 from orbitflow_ray.llm import LLM
 from orbitflow_ray.model.sampler import apply_logit_edits, sample, token_logprobs
-from orbitflow_ray.sched.output import ScheduledSeq
+from orbitflow_ray.kv.plan import ScheduledSeq
 
 ROW = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0])
 

@@ -185,3 +185,19 @@ def test_engine_link_bandwidth_replaces_the_gpu_link():
     fast, slow = (Simulator(config("static-uniform", link_bandwidth_bytes_per_s=bw)) for bw in (None, 1e9))
     assert slow.roofline.gpu.host_link_bytes_per_s == 1e9 and slow.roofline.gpu.host_link_efficiency == 1.0
     assert fast.roofline.gpu.host_link_bytes_per_s != 1e9
+
+
+def test_an_empty_plan_is_skipped_by_the_simulator_and_run_by_the_engine():
+    """One StepLoop for both: the simulator neither executes nor counts a plan with nothing in it
+    (it waits for the next arrival); the engine executes every plan (finished ids reach the runner)."""
+    from orbitflow_ray.engine import LLMEngine
+    from orbitflow_ray.config import EngineConfig
+
+    sim = Simulator(SimConfig.build(model="llama-3.1-8b", gpu="a100-80gb", device_kv_bytes=1 << 30))
+    assert sim.loop.executor is sim.executor and sim.loop.step() is None and sim.num_steps == 0
+    eng = LLMEngine(EngineConfig(model="tiny-llama", kv_policy="no-offload"))
+    calls, execute = [], eng.runner.execute
+    eng.runner.execute = lambda out: calls.append(out) or execute(out)
+    step = eng.loop.step()
+    assert calls == [step.out] and step.out.is_empty and step.result.sampled == {} and step.updated == []
+    eng.close()

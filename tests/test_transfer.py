@@ -26,7 +26,7 @@ from orbitflow_kernels import (CpuTransferEngine, CudaTransferEngine, Direction,
                                gather_kv, make_transfer_engine, scatter_tokens)
 from orbitflow_kernels import gather as gather_mod
 from orbitflow_kernels.cpu import copy_rows
-from orbitflow_kernels.cuda import GPU_HELP, _check_rows, contiguous_runs
+from orbitflow_kernels.cuda import GPU_HELP, _check_rows, conflicts, contiguous_runs
 
 ROW = (2, 4, 2, 8)  # [2, block_size, Hkv, D]: a small KV block
 
@@ -236,7 +236,7 @@ def _cuda_engine_on_host_memory(calls: list) -> CudaTransferEngine:
                                               Device=lambda index: contextlib.nullcontext()))
     engine = CudaTransferEngine.__new__(CudaTransferEngine)
     engine._closed = True  # never opened a stream: nothing for __del__ to do
-    engine.device, engine._cp, engine._stream = torch.device("cuda", 0), cp, SimpleNamespace(ptr=0)
+    engine.device, engine._cp = torch.device("cuda", 0), cp
     return engine
 
 
@@ -247,7 +247,7 @@ def test_cuda_run_copies_address_the_right_rows(strided):
     src = torch.randn(10, 3, 5)[:, :2] if strided else torch.randn(10, 2, 5)  # rows of 2x5 floats
     dst = torch.zeros(12, 2, 5)
     s, d = _idx([4, 5, 6, 0, 9, 2]), _idx([0, 1, 2, 7, 11, 3])
-    engine._copy_runs(TransferJob(src, dst, s, d, Direction.H2D))
+    engine._copy_runs(TransferJob(src, dst, s, d, Direction.H2D), 0)
     expected = torch.zeros(12, 2, 5)
     copy_rows(TransferJob(src.contiguous(), expected, s, d, Direction.H2D))
     torch.testing.assert_close(dst, expected, rtol=0, atol=0)
@@ -492,7 +492,7 @@ def test_scatter_tokens_then_gather_roundtrips(dtype):
 def _store_step_seqs(tables, starts, lens, tracker):
     """The plan's seqs as the scheduler makes them: live tables and what changed since last sent."""
     from orbitflow_ray.sampling_params import SamplingParams
-    from orbitflow_ray.sched.output import ScheduledSeq
+    from orbitflow_ray.kv.plan import ScheduledSeq
     return [ScheduledSeq(f"r{i}", [0] * n, start, True, table, SamplingParams(), 0,
                          table_deltas=tracker.deltas(f"r{i}", table))
             for i, (table, start, n) in enumerate(zip(tables, starts, lens))]
@@ -562,7 +562,44 @@ def test_kv_store_moves_into_device_overlap_until_their_layer():
         store.before_layer(2)
         assert not store._move_jobs
         assert torch.equal(store.pools[Tier.DEVICE][:16], store.pools[Tier.HOST][:16])
-        assert store.last_stall_s > 0
+        stalls = engine.stall_seconds  # by the layer each wait named; -1: the move out, waited at once
+        assert set(stalls) <= {-1, 2} and stalls[2] > 0
+        assert store.last_stall_s == pytest.approx(sum(stalls.values()))
+
+
+def test_cpu_engine_stall_and_busy_seconds_agree_with_the_callers_clock():
+    """A wait's stall is the time the caller was blocked in it (by the caller's clock, under its
+    tag); busy time counts the link's share of each completed job, per direction."""
+    with CpuTransferEngine(bandwidth_bytes_per_s=4e6) as engine:  # 64 KiB takes ~16 ms
+        src, dst = torch.randn(16, 1024), torch.zeros(16, 1024)
+        job = engine.submit(TransferJob(src, dst, torch.arange(16), torch.arange(16), Direction.H2D))
+        t0 = time.perf_counter()
+        engine.wait(job, tag=3)
+        blocked = time.perf_counter() - t0
+        assert set(engine.stall_seconds) == {3} and 0 < engine.stall_seconds[3] <= blocked
+        assert engine.busy_seconds[Direction.H2D] > 0 and engine.busy_seconds[Direction.D2H] == 0
+        before = engine.stall_seconds[3]
+        back = engine.submit(TransferJob(dst, src, torch.arange(16), torch.arange(16), Direction.D2H))
+        engine.wait(back)  # untagged: -1
+        assert engine.stall_seconds[3] == before and engine.stall_seconds[-1] > 0
+        assert engine.busy_seconds[Direction.D2H] > 0
+        torch.testing.assert_close(src, dst, rtol=0, atol=0)
+
+
+def test_copy_jobs_conflict_only_on_shared_rows_with_a_writer():
+    """What orders jobs across the CUDA engine's two streams (pure tensor logic, checked on CPU)."""
+    host, dev, slot = torch.zeros(10, 4), torch.zeros(8, 4), torch.zeros(4, 4)
+
+    def job(src, dst, s, d, direction):
+        return TransferJob(src, dst, _idx(s), _idx(d), direction)
+    write_back = job(slot, host, [0, 1], [4, 5], Direction.D2H)
+    assert conflicts(write_back, job(host, slot, [5, 9], [2, 3], Direction.H2D))  # reads what it writes
+    assert conflicts(write_back, job(host, slot, [0], [1], Direction.H2D))  # overwrites slot rows it reads
+    assert not conflicts(write_back, job(host, slot, [0, 2], [2, 3], Direction.H2D))  # other rows
+    assert not conflicts(job(host, dev, [1], [0], Direction.H2D), job(host, slot, [1], [0], Direction.H2D))  # both read
+    assert not conflicts(write_back, job(torch.zeros(10, 4), dev, [4], [0], Direction.H2D))  # other memory
+    assert conflicts(write_back, job(host[6:], dev, [0], [0], Direction.H2D))  # another view: assumed to overlap
+    assert not conflicts(write_back, job(host, dev, [], [], Direction.H2D))  # an empty job touches nothing
 
 
 # ---- CUDA (skipped without cupy + GPU) ---------------------------------------------------------
@@ -598,6 +635,23 @@ def test_cuda_write_back_then_prefetch_without_cpu_wait(cuda_engine):
         assert torch.all(staging[:2] == float(step + 1))
     last = cuda_engine.submit(TransferJob(dev, host, _idx([0]), _idx([7]), Direction.D2H))
     cuda_engine.wait_host(last)
+
+
+def test_cuda_wait_covers_earlier_jobs_on_both_streams_and_is_timed(cuda_engine):
+    """wait(job) also covers every job submitted before it, on the other direction's stream too;
+    the compute time a wait holds and each direction's link time come from CUDA events."""
+    dev = cuda_engine.alloc_device((8, *ROW), torch.float32)
+    host = cuda_engine.alloc_host((8, *ROW), torch.float32)
+    dev.copy_(torch.randn(dev.shape, device=dev.device))
+    cuda_engine.submit(TransferJob(dev, host, _idx([0, 1, 2]), _idx([0, 1, 2]), Direction.D2H))
+    into = cuda_engine.submit(TransferJob(host, dev, _idx([6]), _idx([7]), Direction.H2D))  # other rows
+    cuda_engine.wait_host(into)  # covers the D2H job before it (its own stream)
+    torch.testing.assert_close(host[:3], dev[:3].cpu(), rtol=0, atol=0)
+    job = cuda_engine.submit(TransferJob(host, dev, _idx([0, 1, 2]), _idx([3, 4, 5]), Direction.H2D))
+    cuda_engine.wait(job, tag=7)
+    torch.cuda.synchronize()
+    assert 7 in cuda_engine.stall_seconds and cuda_engine.stall_seconds[7] >= 0
+    assert cuda_engine.busy_seconds[Direction.H2D] > 0 and cuda_engine.busy_seconds[Direction.D2H] > 0
     assert torch.all(host[7] == 5.0)
 
 
@@ -636,7 +690,7 @@ def test_table_deltas_send_appends_and_rewrites_only():
     from orbitflow_ray.kv.block_table import BlockTables
     from orbitflow_ray.kv.blocks import LayerKV, Tier
     from orbitflow_ray.sampling_params import SamplingParams
-    from orbitflow_ray.sched.output import ScheduledSeq, TableDelta
+    from orbitflow_ray.kv.plan import ScheduledSeq, TableDelta
     from orbitflow_ray.sched.table_deltas import TableTracker
 
     tracker, tables = TableTracker(), BlockTables(2, torch.device("cpu"), rows=1, blocks=1)

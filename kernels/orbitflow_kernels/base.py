@@ -1,8 +1,13 @@
 """The transfer-engine contract: the worker-side half of KV offloading.
 
 The scheduler-side tier manager decides which blocks move; an engine only copies. A job copies whole
-rows along dim 0: `dst[dst_index] = src[src_index]`. Jobs run in submission order (one FIFO stream),
-so a device->host write of step t always lands before a host->device prefetch of step t+1 reads it.
+rows along dim 0: `dst[dst_index] = src[src_index]`. Order: a job that touches rows an earlier job
+touches, one of them writing, runs after it, so a device->host write of step t always lands before a
+host->device prefetch of step t+1 reads it (the CPU engine runs every job in submission order; the
+CUDA engine has one stream per direction and orders across them only where rows conflict). A wait
+on a job covers it and every job submitted before it.
+Both engines measure the same things, each with its own clock: `busy_seconds` (link time per
+direction) and `stall_seconds` (time compute was held in `wait`, per the caller's tag).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ class TransferError(RuntimeError):
 
 
 class TransferEngine(abc.ABC):
-    """Allocates tier memory and runs copy jobs asynchronously, in order."""
+    """Allocates tier memory and runs copy jobs asynchronously, ordered as above."""
 
     device: torch.device  # where the model computes ("cpu" for the CPU backend)
 
@@ -63,8 +68,10 @@ class TransferEngine(abc.ABC):
         """Queue a job; returns its id. Never blocks on the copy itself."""
 
     @abc.abstractmethod
-    def wait(self, job_id: int) -> None:
-        """Return once the job's data is visible to the compute stream (CUDA: stream waits on event)."""
+    def wait(self, job_id: int, tag: int = -1) -> None:
+        """Return once the data of the job and of every job before it is visible to compute (CUDA:
+        the compute stream waits on events). The time compute is held counts in stall_seconds[tag]
+        (the KV store tags a layer's wait with the layer, -1 otherwise)."""
 
     @abc.abstractmethod
     def synchronize(self) -> None:
@@ -74,6 +81,16 @@ class TransferEngine(abc.ABC):
     @abc.abstractmethod
     def bytes_moved(self) -> dict[Direction, int]:
         """Bytes copied so far per direction (completed jobs)."""
+
+    @property
+    @abc.abstractmethod
+    def busy_seconds(self) -> dict[Direction, float]:
+        """Link seconds spent so far per direction (completed jobs): the cost model's bandwidth."""
+
+    @property
+    @abc.abstractmethod
+    def stall_seconds(self) -> dict[int, float]:
+        """Seconds compute was held in `wait` so far, per tag (waits that completed)."""
 
     def close(self) -> None:
         """Stop worker threads / release streams. Idempotent."""

@@ -52,6 +52,7 @@ class _Link:
         self.errors: dict[int, BaseException] = {}
         self.bytes = {d: 0 for d in Direction}
         self.busy = {d: 0.0 for d in Direction}  # seconds the link spent on each direction
+        self.stall: dict[int, float] = {}  # seconds callers were blocked in wait(), per tag
         self.busy_until = 0.0  # monotonic time at which the emulated link is next free
         self.alive = True
 
@@ -130,12 +131,16 @@ class CpuTransferEngine(TransferEngine):
         self._link.jobs.put((job_id, job))
         return job_id
 
-    def wait(self, job_id: int) -> None:
+    def wait(self, job_id: int, tag: int = -1) -> None:
+        """Block until the job (and, FIFO, every job before it) is done; the time blocked counts
+        in stall_seconds[tag]."""
         if not 0 <= job_id < self._next_id:
             raise ValueError(f"unknown job id {job_id} (submitted so far: {self._next_id})")
         link = self._link
+        t0 = time.perf_counter()
         with link.cond:
             link.cond.wait_for(lambda: link.completed > job_id or not link.alive)
+            link.stall[tag] = link.stall.get(tag, 0.0) + time.perf_counter() - t0
             if link.completed <= job_id:
                 raise TransferError(f"transfer worker stopped before job {job_id} ran")
             failed = sorted(i for i in link.errors if i <= job_id)
@@ -158,6 +163,12 @@ class CpuTransferEngine(TransferEngine):
         """Link time spent per direction (completed jobs): the cost model's effective bandwidth."""
         with self._link.cond:
             return dict(self._link.busy)
+
+    @property
+    def stall_seconds(self) -> dict[int, float]:
+        """Seconds callers were blocked in wait() per tag, by the caller's clock (perf_counter)."""
+        with self._link.cond:
+            return dict(self._link.stall)
 
     def close(self) -> None:
         """Finish the queued jobs, then stop the worker. Idempotent; errors stay for synchronize()."""

@@ -1,25 +1,33 @@
-"""The CUDA transfer engine: an HBM device tier, a CuPy-pinned host tier, one copy stream.
+"""The CUDA transfer engine: an HBM device tier, a CuPy-pinned host tier, one copy stream per direction.
 
-Design. Every job is issued at submit() as DMA on one dedicated non-blocking CuPy stream: one
-`cudaMemcpyAsync` per run of rows that are consecutive on both sides (vLLM's swap_blocks copies
-block by block the same way; KV rows are whole blocks, tens of KB, so per-run DMA runs near link
-speed). Host rows are written or read in place, with no host-side gather into a staging buffer and
-no host-side scatter afterwards, so:
+Design. Every job is issued at submit() as DMA on a dedicated non-blocking CuPy stream, one for
+host -> device (which also runs device -> device jobs) and one for device -> host, so a layer's
+write-back overlaps the next layers' prefetches on a full-duplex link: one `cudaMemcpyAsync` per run
+of rows that are consecutive on both sides (vLLM's swap_blocks copies block by block the same way;
+KV rows are whole blocks, tens of KB, so per-run DMA runs near link speed). Host rows are written or
+read in place, with no host-side gather into a staging buffer and no host-side scatter afterwards, so:
   * a D2H job is complete, host rows included, exactly when its event completes: there is no
     completion step to run on a CPU thread, and nothing for wait() to poll;
-  * FIFO order is the stream's order, so a D2H write followed by an H2D read of the same host rows
-    needs no CPU blocking at all;
   * submit() never touches payload bytes on the CPU; its cost is one API call per run.
-D2D jobs are two torch index kernels on the copy stream (one launch pair, whatever the row count).
-Before its copies, each job makes the copy stream wait for the caller's current (compute) stream, so
+Order (the contract in `base.py`): each stream is FIFO; a job that touches rows an in-flight job on
+the other stream touches, one of them writing, first makes its stream wait for that job's event
+(`conflicts`), so a D2H write-back followed by an H2D prefetch of the same host rows, or a prefetch
+into a staging slot whose previous write-back still reads it, needs no CPU blocking. wait(job)
+covers the job and every job submitted before it, on both streams.
+D2D jobs are two torch index kernels on the H2D stream (one launch pair, whatever the row count).
+Before its copies, each job makes its stream wait for the caller's current (compute) stream, so
 it reads what compute wrote before submit and never overwrites rows that compute still reads.
-wait(job) makes the compute stream wait on the job's event: the CPU does not block. A CPU reader of
+wait(job) makes the compute stream wait on the events: the CPU does not block. A CPU reader of
 host rows written by D2H must call `wait_host(job)` or `synchronize()` first. The engine keeps each
 job's tensors alive until its event has completed, so callers may drop them right after submit.
 Host memory comes from CuPy's process-wide pinned pool: a pooled block is released to the pool only
 when its tensor dies, and the pool itself never dies before the process does.
-Each job's copies sit between two timing events, so `busy_seconds` reports the link time each
-direction took (the cost model's effective bandwidth), as the CPU engine's does.
+Measured with CUDA events, as the CPU engine measures with its clock: each job's copies sit between
+two timing events (`busy_seconds`: the link time each direction took, the cost model's effective
+bandwidth), and each wait() that makes compute wait sits between two events on the compute stream
+(`stall_seconds`: how long compute was held, per the tag the caller gave, e.g. the layer). Both
+count only what has completed when read (they never block): the model runner reads them after a
+step whose sampling synchronised compute, so a step's figures are whole unless it sampled nothing.
 Not thread-safe: one caller thread (the model runner) submits and waits.
 """
 
@@ -37,6 +45,7 @@ from orbitflow_kernels.base import Direction, TransferEngine, TransferJob
 GPU_HELP = ("CUDA transfer engine needs CuPy for your CUDA major version and a GPU: "
             "pip install 'orbitflow-ray[gpu]' (cupy-cuda12x) or 'orbitflow-ray[gpu-cu13]' (cupy-cuda13x)")
 _KIND = {Direction.H2D: 1, Direction.D2H: 2}  # cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost
+_STREAMS = (Direction.H2D, Direction.D2H)  # one copy stream each; D2D jobs run on the H2D one
 
 
 def _load_cupy():
@@ -73,12 +82,48 @@ def _check_rows(t: torch.Tensor, index: torch.Tensor, what: str) -> None:
                          f"min {int(index.min())}, max {int(index.max())}")
 
 
+def _sides(job: TransferJob) -> tuple[tuple[torch.Tensor, torch.Tensor, bool], ...]:
+    """(tensor, row index, written) for each side of a job."""
+    return (job.src, job.src_index, False), (job.dst, job.dst_index, True)
+
+
+def _rows_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if int(a.max()) < int(b.min()) or int(b.max()) < int(a.min()):
+        return False
+    return bool(torch.isin(a.reshape(-1), b.reshape(-1)).any())
+
+
+def conflicts(a: TransferJob, b: TransferJob) -> bool:
+    """True when a and b touch the same rows of the same memory and at least one of them writes
+    them: then the later must not start before the earlier ends. Two views of one storage that do
+    not index rows alike (another offset or row stride) count as touching the same rows."""
+    for ta, ia, wa in _sides(a):
+        for tb, ib, wb in _sides(b):
+            if not (wa or wb) or ta.device != tb.device:
+                continue
+            if ta.untyped_storage().data_ptr() != tb.untyped_storage().data_ptr():
+                continue
+            if ta.data_ptr() != tb.data_ptr() or ta.stride(0) != tb.stride(0) or _rows_overlap(ia, ib):
+                return True
+    return False
+
+
 @dataclass(slots=True)
 class _Pending:
     job_id: int
+    stream: Direction  # the stream it runs on: H2D (D2D jobs too) or D2H
     start: torch.cuda.Event  # recorded once the copy stream reaches the job: busy = start -> event
     event: torch.cuda.Event
     job: TransferJob  # held so its tensors outlive the copy
+
+
+@dataclass(slots=True)
+class _Stall:
+    tag: int
+    arrive: torch.cuda.Event  # compute reached the wait
+    resume: torch.cuda.Event  # compute went on: arrive -> resume is the stall
 
 
 class CudaTransferEngine(TransferEngine):
@@ -93,13 +138,15 @@ class CudaTransferEngine(TransferEngine):
         self.device = dev
         self._cp = cp
         with cp.cuda.Device(dev.index):
-            self._stream = cp.cuda.Stream(non_blocking=True)
-        self._torch_stream = torch.cuda.ExternalStream(self._stream.ptr, device=dev)
+            self._streams = {d: cp.cuda.Stream(non_blocking=True) for d in _STREAMS}
+        self._torch_streams = {d: torch.cuda.ExternalStream(st.ptr, device=dev) for d, st in self._streams.items()}
         self._pinned = cp.get_default_pinned_memory_pool()
-        self._inflight: deque[_Pending] = deque()
+        self._inflight: dict[Direction, deque[_Pending]] = {d: deque() for d in _STREAMS}
+        self._stalls: deque[_Stall] = deque()
         self._next_id = 0
         self._bytes = {d: 0 for d in Direction}
         self._busy = {d: 0.0 for d in Direction}
+        self._stall_s: dict[int, float] = {}
         self._closed = False
 
     # ---- memory --------------------------------------------------------------------------------
@@ -131,28 +178,33 @@ class CudaTransferEngine(TransferEngine):
         if self._closed:
             raise RuntimeError("submit on a closed CudaTransferEngine")
         self._validate(job)
+        self._retire()
+        key = Direction.D2H if job.direction == Direction.D2H else Direction.H2D
+        stream = self._torch_streams[key]
         with torch.cuda.device(self.device):
-            self._torch_stream.wait_stream(torch.cuda.current_stream(self.device))
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            other = next((p for p in reversed(self._inflight[_other(key)]) if conflicts(p.job, job)), None)
+            if other is not None:  # the other stream's queue is FIFO: its newest conflict covers the rest
+                stream.wait_event(other.event)
             start = torch.cuda.Event(enable_timing=True)
-            start.record(self._torch_stream)
+            start.record(stream)
             if job.direction == Direction.D2D:
-                self._copy_d2d(job)
+                self._copy_d2d(job, stream)
             else:
-                self._copy_runs(job)
+                self._copy_runs(job, self._streams[key].ptr)
             event = torch.cuda.Event(enable_timing=True)
-            event.record(self._torch_stream)
+            event.record(stream)
         job_id = self._next_id
         self._next_id += 1
-        self._inflight.append(_Pending(job_id, start, event, job))
-        self._retire()
+        self._inflight[key].append(_Pending(job_id, key, start, event, job))
         return job_id
 
-    def _copy_runs(self, job: TransferJob) -> None:
+    def _copy_runs(self, job: TransferJob, stream: int) -> None:
         size = job.src.element_size()
         row = math.prod(job.src.shape[1:]) * size
         s_base, s_pitch = job.src.data_ptr(), job.src.stride(0) * size
         d_base, d_pitch = job.dst.data_ptr(), job.dst.stride(0) * size
-        memcpy, kind, stream = self._cp.cuda.runtime.memcpyAsync, _KIND[job.direction], self._stream.ptr
+        memcpy, kind = self._cp.cuda.runtime.memcpyAsync, _KIND[job.direction]
         packed = s_pitch == row and d_pitch == row  # a run of rows is one span on both sides
         with self._cp.cuda.Device(self.device.index):
             for s, d, n in contiguous_runs(job.src_index, job.dst_index):
@@ -162,42 +214,61 @@ class CudaTransferEngine(TransferEngine):
                 for i in range(n):
                     memcpy(d_base + (d + i) * d_pitch, s_base + (s + i) * s_pitch, row, kind, stream)
 
-    def _copy_d2d(self, job: TransferJob) -> None:
-        with torch.cuda.stream(self._torch_stream):
+    def _copy_d2d(self, job: TransferJob, stream: torch.cuda.Stream) -> None:
+        with torch.cuda.stream(stream):
             src_index = job.src_index.to(self.device, non_blocking=True)
             dst_index = job.dst_index.to(self.device, non_blocking=True)
             job.dst.index_copy_(0, dst_index, job.src.index_select(0, src_index))
 
     def _retire(self) -> None:
-        """Release jobs whose event has completed (stream order: a prefix of the deque)."""
-        while self._inflight and self._inflight[0].event.query():
-            done = self._inflight.popleft()
-            self._bytes[done.job.direction] += done.job.nbytes
-            self._busy[done.job.direction] += done.start.elapsed_time(done.event) / 1e3  # ms -> s
+        """Release jobs whose event has completed (stream order: a prefix of each queue), and
+        count the stalls whose events have completed."""
+        for queue in self._inflight.values():
+            while queue and queue[0].event.query():
+                done = queue.popleft()
+                self._bytes[done.job.direction] += done.job.nbytes
+                self._busy[done.job.direction] += done.start.elapsed_time(done.event) / 1e3  # ms -> s
+        while self._stalls and self._stalls[0].resume.query():
+            st = self._stalls.popleft()
+            self._stall_s[st.tag] = self._stall_s.get(st.tag, 0.0) + st.arrive.elapsed_time(st.resume) / 1e3
 
-    def _pending(self, job_id: int) -> _Pending | None:
+    def _covering(self, job_id: int) -> list[_Pending]:
+        """The in-flight jobs whose end covers job_id and every job before it: per stream, the
+        newest in-flight job submitted at or before it."""
         if not 0 <= job_id < self._next_id:
             raise ValueError(f"unknown job id {job_id} (submitted so far: {self._next_id})")
         self._retire()
-        if not self._inflight or job_id < self._inflight[0].job_id:
-            return None
-        return self._inflight[job_id - self._inflight[0].job_id]
+        out = []
+        for queue in self._inflight.values():
+            last = next((p for p in reversed(queue) if p.job_id <= job_id), None)
+            if last is not None:
+                out.append(last)
+        return out
 
-    def wait(self, job_id: int) -> None:
-        """Order the caller's current stream after the job; the CPU does not block."""
-        pending = self._pending(job_id)
-        if pending is not None:
-            torch.cuda.current_stream(self.device).wait_event(pending.event)
+    def wait(self, job_id: int, tag: int = -1) -> None:
+        """Order the caller's current stream after the job and every job before it; the CPU does not
+        block. The time compute is held there is measured with two events (`stall_seconds[tag]`)."""
+        pending = self._covering(job_id)
+        if not pending:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        arrive, resume = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        arrive.record(compute)
+        for p in pending:
+            compute.wait_event(p.event)
+        resume.record(compute)
+        self._stalls.append(_Stall(tag, arrive, resume))
 
     def wait_host(self, job_id: int) -> None:
-        """Block the CPU until the job is done (for CPU readers of host rows a D2H job wrote)."""
-        pending = self._pending(job_id)
-        if pending is not None:
-            pending.event.synchronize()
-            self._retire()
+        """Block the CPU until the job and every job before it are done (for CPU readers of host rows
+        a D2H job wrote)."""
+        for p in self._covering(job_id):
+            p.event.synchronize()
+        self._retire()
 
     def synchronize(self) -> None:
-        self._stream.synchronize()
+        for stream in self._streams.values():
+            stream.synchronize()
         self._retire()
 
     @property
@@ -211,13 +282,20 @@ class CudaTransferEngine(TransferEngine):
         self._retire()
         return dict(self._busy)
 
+    @property
+    def stall_seconds(self) -> dict[int, float]:
+        """Compute-stream time held by wait(), per tag (completed waits), from timing events."""
+        self._retire()
+        return dict(self._stall_s)
+
     def close(self) -> None:
         """Finish every queued copy and release the stream. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self.synchronize()
-        self._inflight.clear()
+        for queue in self._inflight.values():
+            queue.clear()
 
     def __enter__(self) -> CudaTransferEngine:
         return self
@@ -230,3 +308,7 @@ class CudaTransferEngine(TransferEngine):
             self.close()
         except Exception:  # interpreter teardown: CUDA/CuPy may already be gone
             pass
+
+
+def _other(stream: Direction) -> Direction:
+    return Direction.D2H if stream == Direction.H2D else Direction.H2D

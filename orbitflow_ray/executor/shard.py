@@ -2,7 +2,7 @@
 
     all_reduce = init_distributed("cpu", "tcp://10.0.0.1:29500", world_size=2, rank=0)
     worker = ShardWorker(config, rank=0, device_blocks=64, host_blocks=256, all_reduce=all_reduce)
-    result = worker.execute(scheduler_output)  # every shard gets the same plan, in the same order
+    result = worker.execute(scheduler_output)  # ShardResult; every shard gets the same plan, in order
 
 A shard loads its own weights (`model.tp_loader.load_shard_weights`), so no weights travel between
 processes: from a safetensors directory it reads only its slice of each split tensor; the built-in
@@ -31,7 +31,7 @@ from orbitflow_ray.model.runner import ModelRunner
 from orbitflow_ray.model.tp import TPShard
 from orbitflow_ray.model.tp_loader import load_shard_weights
 from orbitflow_ray.outputs import TokenLogprobs
-from orbitflow_ray.sched.output import SchedulerOutput
+from orbitflow_ray.kv.plan import SchedulerOutput, StepResult
 
 
 def init_distributed(backend: str, init_method: str, world_size: int, rank: int,
@@ -52,12 +52,13 @@ def init_distributed(backend: str, init_method: str, world_size: int, rank: int,
 
 @dataclass(slots=True)
 class ShardResult:
-    """What one shard reports after a step. Counters are cumulative since the shard started."""
+    """What one shard reports after a step: its runner's StepResult (sampled tokens on rank 0 only,
+    {} elsewhere; this shard's stall, bytes and link seconds in this step), and cumulative counters
+    since the shard started."""
 
     rank: int
-    sampled: dict[str, int]  # request id -> token; rank 0 only ({} elsewhere)
+    step: StepResult
     logprobs: dict[str, TokenLogprobs]  # for requests that asked for logprobs; rank 0 only
-    stall_s: float  # compute waiting on this shard's transfers in this step
     num_all_reduces: int  # issued by this step's forward (2 per layer when it computed)
     staging_bytes: int
     bytes_moved: dict[Direction, int] = field(default_factory=dict)
@@ -85,12 +86,10 @@ class ShardWorker:
 
     def execute(self, out: SchedulerOutput) -> ShardResult:
         before = self.runner.model.num_all_reduces
-        sampled = self.runner.execute(out)
+        step = self.runner.execute(out)
         logprobs = {s.request_id: s.logprobs for s in out.seqs if s.logprobs is not None}
-        busy = getattr(self.transfer, "busy_seconds", None) or {}
-        return ShardResult(self.rank, sampled, logprobs, self.runner.store.last_stall_s,
-                           self.runner.model.num_all_reduces - before, self.runner.store.staging_bytes,
-                           dict(self.transfer.bytes_moved), dict(busy))
+        return ShardResult(self.rank, step, logprobs, self.runner.model.num_all_reduces - before,
+                           self.runner.store.staging_bytes, self.transfer.bytes_moved, self.transfer.busy_seconds)
 
     def describe(self) -> dict[str, int]:
         """This shard's heads, its weight bytes, and the bytes of one block of each of its KV pools

@@ -1,26 +1,28 @@
 """The driver side of tensor parallelism: one plan out to every shard, one step result back.
 
     executor = TPExecutor(RayShardGroup(config, device_blocks, host_blocks))  # or make_tp_executor
-    sampled = executor.execute(scheduler_output)  # {request id: token}, like ModelRunner.execute
+    result = executor.execute(scheduler_output)  # a StepResult, like ModelRunner.execute
 
 The scheduler, tier manager, planner and cost model stay with the engine (the driver) and place
 each request's layers once for all shards; this class stands where `ModelRunner` stands for one
-device. It reads like one runner to the engine: `execute`, `store.last_stall_s`,
-`store.staging_bytes`, and a `transfer` view whose counters are one shard's (every shard moves the
-same blocks of the same size, its own slice of them; `shard_bytes_moved` has each shard's).
+device. It reads like one runner to the engine: `execute` (one StepResult: rank 0's tokens, the
+slowest shard's stall, rank 0's bytes and link seconds), `store.staging_bytes`, and a `transfer`
+view whose counters are one shard's (every shard moves the same blocks of the same size, its own
+slice of them; `shard_bytes_moved` has each shard's).
 Ray-free: a `ShardGroup` carries the calls (`ray_shards.RayShardGroup` for processes in a Ray
 placement group; `LocalShardGroup` for one in-process shard).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Any, Protocol
 
 from orbitflow_kernels import Direction
 from orbitflow_ray.config import EngineConfig
 from orbitflow_ray.executor.shard import ShardResult, ShardWorker
-from orbitflow_ray.sched.output import SchedulerOutput
+from orbitflow_ray.kv.plan import SchedulerOutput, StepResult
 
 
 class ShardGroup(Protocol):
@@ -48,10 +50,9 @@ class LocalShardGroup:
 
 
 class _StoreView:
-    """The store attributes the engine reads, over the last step's shard results."""
+    """The store attribute the engine reads, over the last step's shard results."""
 
     def __init__(self) -> None:
-        self.last_stall_s = 0.0  # the slowest shard's: the step waits for every shard
         self.staging_bytes = 0  # rank 0's (every shard stages the same blocks)
 
 
@@ -84,19 +85,22 @@ class TPExecutor:
         self.last_num_all_reduces = 0  # per shard, in the last step
         self._closed = False
 
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
-        """Run one plan on every shard; rank 0's sampled tokens (and logprobs, set on out.seqs)."""
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Run one plan on every shard: rank 0's sampled tokens (and logprobs, set on out.seqs), the
+        wall time of the whole group call, the slowest shard's stall (the step waits for every
+        shard), rank 0's bytes and link seconds."""
+        t0 = time.perf_counter()
         results: list[ShardResult] = self.group.call("execute", for_shards(out))
+        wall = time.perf_counter() - t0
         first = results[0]
         for seq in out.seqs:
             if seq.request_id in first.logprobs:
                 seq.logprobs = first.logprobs[seq.request_id]
         self.shard_bytes_moved = [r.bytes_moved for r in results]
         self.shard_busy_seconds = [r.busy_seconds for r in results]
-        self.store.last_stall_s = max(r.stall_s for r in results)
         self.store.staging_bytes = first.staging_bytes
         self.last_num_all_reduces = first.num_all_reduces
-        return first.sampled
+        return replace(first.step, wall_s=wall, stall_s=max(r.step.stall_s for r in results))
 
     def describe(self) -> list[dict[str, int]]:
         """Each shard's `ShardWorker.describe()`, in rank order."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from orbitflow_ray.kv.blocks import Tier
-from orbitflow_ray.sched.output import ScheduledSeq
+from orbitflow_ray.kv.plan import ScheduledSeq
 
 
 class BlockTables:

@@ -6,7 +6,8 @@ For a layer on host, the request's blocks are copied into a device staging slot 
 computes (issued `prefetch_depth` host layers ahead, so the copy overlaps the compute of earlier
 layers); the new tokens are written into the staging copy, attention reads it (decodes through
 `decode_groups`, prefill chunks through `read`), and the touched blocks are written back to host. The
-transfer engine runs jobs in order, so a write-back always lands before the next step's prefetch.
+transfer engine orders jobs that touch the same rows, so a write-back always lands before the next
+step's prefetch reads it.
 A prefill chunk's host layer instead reads and writes its prompt's own buffer (`PromptStage`), kept
 across chunks, so the prior context is not copied in again for every chunk. With `slot_blocks` set
 the slots are that size, inside the device budget, and the scheduler keeps each step within them.
@@ -16,7 +17,6 @@ deltas, so indexing a step is a few tensor ops over the batch whatever the conte
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,7 @@ from orbitflow_kernels.gather import gather_kv, scatter_tokens
 from orbitflow_ray.kv.block_table import BlockTables
 from orbitflow_ray.kv.blocks import MoveOp, Tier
 from orbitflow_ray.kv.prompt_stage import PromptStage
-from orbitflow_ray.sched.output import ScheduledSeq
+from orbitflow_ray.kv.plan import ScheduledSeq
 
 
 _DEVICE, _SLOT = -1, -2  # where a layer's tokens go (`_HostLayer.parts`); i >= 0: seq i's prompt buffer
@@ -104,7 +104,17 @@ class KVStore:
         self._issued = 0
         self._move_jobs: dict[int, int] = {}  # layer -> its host -> device move job, in flight
         self.tables: BlockTables | None = None  # made at the first step, which says the layer count
-        self.last_stall_s = 0.0  # compute waiting on transfers in the last step (cost-model fit)
+        self._stall_mark = 0.0  # the engine's total stall when this step began (`last_stall_s`)
+
+    @property
+    def last_stall_s(self) -> float:
+        """Seconds compute waited on transfers since this step began (its moves included): the
+        engine's `stall_seconds` (its own clock on CPU, CUDA events on CUDA), for the cost model.
+        Per layer: `engine.stall_seconds[layer]` (-1: moves and other waits), cumulative."""
+        return self._total_stall() - self._stall_mark
+
+    def _total_stall(self) -> float:
+        return sum(self.engine.stall_seconds.values())
 
     @property
     def staging_bytes(self) -> int:
@@ -122,9 +132,9 @@ class KVStore:
         moves go one job per layer and are waited for only before that layer computes
         (`before_layer`), so they overlap the compute of the layers before it. That is safe
         because nothing else touches their destination blocks before that layer, and every write
-        into the host blocks they free (a write-back, a later move) is queued after them on the
-        in-order link."""
-        t0 = time.perf_counter()  # every wait of a step counts as stall, these included
+        into the host blocks they free (a write-back, a later move) is ordered after them by the
+        transfer engine (it touches the same rows)."""
+        self._stall_mark = self._total_stall()  # every wait of a step counts as stall, these included
         self.wait_moves()  # a step with moves but no compute left some in flight
         out_src, out_dst = [], []
         into: dict[int, tuple[list[int], list[int]]] = {}
@@ -146,7 +156,6 @@ class KVStore:
         if out_src:
             self.engine.wait(self.engine.submit(TransferJob(
                 self.pools[Tier.DEVICE], self.pools[Tier.HOST], _idx(out_src), _idx(out_dst), Direction.D2H)))
-        self.last_stall_s = time.perf_counter() - t0
         for layer in sorted(into):
             src, dst = into[layer]
             self._move_jobs[layer] = self.engine.submit(TransferJob(
@@ -235,9 +244,7 @@ class KVStore:
         jobs = [j for j in (self._move_jobs.pop(layer, None), hl.job_id if hl is not None else None)
                 if j is not None]
         if jobs:
-            t0 = time.perf_counter()
-            self.engine.wait(max(jobs))  # in-order link: the later job's end covers both
-            self.last_stall_s += time.perf_counter() - t0
+            self.engine.wait(max(jobs), layer)  # a wait covers every earlier job: the later one covers both
 
     def _prefetch(self, hl: _HostLayer, slot: int) -> None:
         hl.slot = slot

@@ -1,4 +1,5 @@
-"""The model runner: executes one SchedulerOutput and returns the sampled tokens.
+"""The model runner: executes one SchedulerOutput and returns a StepResult (the sampled tokens and
+what the step measured: wall and stall seconds, bytes and link seconds each way).
 
 It never allocates KV: it reads block tables from the plan, runs the MoveOps, and lets the KV store
 stream host-resident layers in while earlier layers compute.
@@ -6,15 +7,22 @@ stream host-resident layers in while earlier layers compute.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
+from orbitflow_kernels import Direction
 from orbitflow_kernels.attention import paged_decode_attention
 
+from orbitflow_ray.kv.plan import SchedulerOutput, StepResult
 from orbitflow_ray.kv.store import KVStore
 from orbitflow_ray.model.llama import LlamaModel
 from orbitflow_ray.model.sampler import sample
-from orbitflow_ray.sched.output import SchedulerOutput
+
+
+def _delta(after: dict[Direction, float], before: dict[Direction, float], d: Direction) -> float:
+    return after.get(d, 0) - before.get(d, 0)
 
 
 class ModelRunner:
@@ -33,9 +41,24 @@ class ModelRunner:
         # False on tensor-parallel shards other than rank 0: they compute their slice of every
         # layer but leave the (replicated) LM head and sampling to rank 0.
         self.samples = True
+        self._seen: tuple[dict, dict] = ({}, {})  # the link counters at the last step's report
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Run one plan. Bytes and link seconds are those of copies that completed since the last
+        step's report (`TransferEngine.bytes_moved` / `busy_seconds`: a write-back that lands after
+        a step ends counts in the next), so the steps' figures add up to the engine's counters;
+        stall is what the KV store waited for in this step."""
+        t0 = time.perf_counter()
+        sampled = self._execute(out)
+        link = self.store.engine
+        (moved0, busy0), (moved, busy) = self._seen, (link.bytes_moved, link.busy_seconds)
+        self._seen = moved, busy
+        return StepResult(sampled, time.perf_counter() - t0, self.store.last_stall_s,
+                          _delta(moved, moved0, Direction.H2D), _delta(moved, moved0, Direction.D2H),
+                          _delta(busy, busy0, Direction.H2D), _delta(busy, busy0, Direction.D2H))
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+    def _execute(self, out: SchedulerOutput) -> dict[str, int]:
         self.store.apply_moves(out.moves)
         self.store.forget(out.finished_request_ids)
         if not out.seqs:

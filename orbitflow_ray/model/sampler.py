@@ -16,7 +16,7 @@ import torch
 
 from orbitflow_ray.outputs import TokenLogprobs
 from orbitflow_ray.sampling_params import SamplingParams
-from orbitflow_ray.sched.output import ScheduledSeq
+from orbitflow_ray.kv.plan import ScheduledSeq
 
 _LOGIT_CAP = 1e30  # x 1/temperature (at most 1e5, see SamplingParams.greedy) stays below float32's 3.4e38
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from orbitflow_ray.costmodel import OnlineCostModel, StepSample
 from orbitflow_ray.planner.base import KVPolicy, StepStats
-from orbitflow_ray.sched.output import SchedulerOutput
+from orbitflow_ray.kv.plan import SchedulerOutput
 
 
 def feed_back(out: SchedulerOutput, wall_s: float, now: float, cost: OnlineCostModel, policy: KVPolicy,

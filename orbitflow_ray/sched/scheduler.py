@@ -23,7 +23,7 @@ from orbitflow_ray.kv.tier_manager import KVTierManager
 from orbitflow_ray.planner.base import CapacityView, KVPolicy, PlacementPlan, RequestView
 from orbitflow_ray.planner.deposit import TokenDeposit
 from orbitflow_ray.request import Request, RequestStatus
-from orbitflow_ray.sched.output import ScheduledSeq, SchedulerOutput
+from orbitflow_ray.kv.plan import ScheduledSeq, SchedulerOutput
 from orbitflow_ray.sched.states import transition
 from orbitflow_ray.sched.table_deltas import TableTracker
 

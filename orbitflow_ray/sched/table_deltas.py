@@ -11,7 +11,7 @@ Cost per request per step: O(layers), plus the blocks that changed.
 from __future__ import annotations
 
 from orbitflow_ray.kv.blocks import LayerKV, Tier
-from orbitflow_ray.sched.output import TableDelta
+from orbitflow_ray.kv.plan import TableDelta
 
 
 class TableTracker:

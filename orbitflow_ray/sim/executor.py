@@ -8,30 +8,25 @@ It mirrors `ModelRunner` + `KVStore` step for step, with a roofline in place of 
    queues the write-back of the blocks it touched (not waited for);
 3. the LM head and sampling.
 The link is one FIFO queue that carries over from step to step, so a write-back still in flight
-delays the next step's prefetches exactly as the CPU and CUDA transfer engines order them.
+delays the next step's prefetches exactly as the CPU transfer engine orders them (the CUDA engine
+gives each direction its own stream, so there this queue is the conservative, half-duplex bound).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from orbitflow_ray.kv.blocks import Tier
+from orbitflow_ray.kv.plan import SchedulerOutput, StepResult
 from orbitflow_ray.kv.tier_manager import cdiv
-from orbitflow_ray.sched.output import SchedulerOutput
-
-
-@dataclass(frozen=True, slots=True)
-class StepTiming:
-    wall_s: float
-    stall_s: float  # compute waiting on prefetches
-    h2d_bytes: int
-    d2h_bytes: int
-    h2d_busy_s: float
 
 
 class SimExecutor:
-    def __init__(self, roofline, block_size: int, prefetch_depth: int = 1) -> None:
+    def __init__(self, roofline, block_size: int, prefetch_depth: int = 1,
+                 clock: Callable[[], float] = lambda: 0.0) -> None:
+        """clock: the virtual time a step starts at (the simulator's clock)."""
         self.roofline = roofline
+        self.clock = clock
         self.block_size = block_size
         self.depth = prefetch_depth
         self.block_bytes = roofline.kv_bytes_per_token_per_layer * block_size
@@ -43,7 +38,11 @@ class SimExecutor:
         self.link_free_at = max(self.link_free_at, now) + busy
         return self.link_free_at, busy
 
-    def execute(self, out: SchedulerOutput, start: float) -> StepTiming:
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """The step's predicted wall and stall seconds and link traffic; every sampling seq gets
+        token 0 (the simulator runs no model)."""
+        start = self.clock()
+        sampled = {s.request_id: 0 for s in out.seqs if s.sample}
         now, h2d, d2h, busy_in = start, 0, 0, 0.0
         # 1. moves: out of the device first, waited for; into the device per layer, in flight
         n_out = sum(len(op.src_blocks) for op in out.moves if op.dst_tier == Tier.HOST)
@@ -62,7 +61,7 @@ class SimExecutor:
         seqs = out.seqs
         if not seqs:
             now = max([now, *ready.values()])
-            return StepTiming(now - start, now - start, h2d, d2h, busy_in)
+            return StepResult(sampled, now - start, now - start, h2d, d2h, busy_in)
         ctx = sum(s.start_pos for s in seqs)
         new = sum(len(s.token_ids) for s in seqs)
         layer_s = self.roofline.layer_time_s(ctx, new, len(seqs))
@@ -99,4 +98,4 @@ class SimExecutor:
                 d2h += loads[layer][1]
         now += self.roofline.head_time_s(sum(1 for s in seqs if s.sample), new)
         now += (h2d + d2h) * self.roofline.gpu.copy_compute_s_per_byte
-        return StepTiming(now - start, stall, h2d, d2h, busy_in)
+        return StepResult(sampled, now - start, stall, h2d, d2h, busy_in)

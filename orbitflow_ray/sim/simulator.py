@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 from orbitflow_ray.config import DTYPE_BYTES, EngineConfig
 from orbitflow_ray.costmodel import OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
+from orbitflow_ray.kv.plan import SchedulerOutput
 from orbitflow_ray.kv.tier_manager import KVTierManager
 from orbitflow_ray.metrics import RequestRecord, default_ttft_slo_s, record_from_request, summarize
 from orbitflow_ray.planner import policy_from_config
 from orbitflow_ray.request import Request
 from orbitflow_ray.sampling_params import SamplingParams
-from orbitflow_ray.sched.feedback import feed_back
+from orbitflow_ray.sched.loop import StepLoop
 from orbitflow_ray.sched.scheduler import Scheduler
 from orbitflow_ray.sim.executor import SimExecutor
 from orbitflow_ray.sim.hardware import GpuSpec, load_gpu, load_model_spec
@@ -193,7 +194,9 @@ class Simulator:
         self.scheduler = Scheduler(self.engine_config, self.kv, self.policy, frozenset(),
                                    e.max_model_len or self.spec.max_position_embeddings, clock=lambda: self.clock,
                                    snapshot_tables=False)
-        self.executor = SimExecutor(self.roofline, e.block_size, e.prefetch_depth)
+        self.executor = SimExecutor(self.roofline, e.block_size, e.prefetch_depth, clock=lambda: self.clock)
+        self.loop = StepLoop(self.scheduler, self.executor, self.cost, self.policy, advance=self._advance,
+                             schedule=self._schedule, skip_empty=True)
         self.link_bytes = 0
         self.num_steps = 0
         self.peak_device_bytes = 0
@@ -266,22 +269,27 @@ class Simulator:
 
     def _step(self) -> bool:
         """One scheduled step on the virtual clock; False when nothing was runnable."""
+        step = self.loop.step()
+        if step is None:
+            return False
+        self.link_bytes += step.result.h2d_bytes + step.result.d2h_bytes
+        self.num_steps += 1
+        return True
+
+    def _schedule(self) -> SchedulerOutput:
+        """The scheduler's plan, its planning solves charged to the clock (`solve_cost_s` each)."""
         solves = self._solves()
         out = self.scheduler.schedule()
         self.clock += (self._solves() - solves) * self.cfg.solve_cost_s
-        if out.is_empty:
-            return False
-        timing = self.executor.execute(out, self.clock)
-        self.clock += timing.wall_s
-        self.link_bytes += timing.h2d_bytes + timing.d2h_bytes
-        used = self.kv.used_bytes(Tier.DEVICE)
-        assert used <= self.kv.capacity_bytes(Tier.DEVICE), "device KV over capacity"
-        self.peak_device_bytes = max(self.peak_device_bytes, used)
-        feed_back(out, timing.wall_s, self.clock, self.cost, self.policy, timing.h2d_bytes,
-                  timing.h2d_busy_s, timing.stall_s)
-        self.scheduler.update_from_output(out, {s.request_id: 0 for s in out.seqs if s.sample}, self.clock)
-        self.num_steps += 1
-        return True
+        if not out.is_empty:  # blocks are taken at schedule and freed at update: the peak is now
+            used = self.kv.used_bytes(Tier.DEVICE)
+            assert used <= self.kv.capacity_bytes(Tier.DEVICE), "device KV over capacity"
+            self.peak_device_bytes = max(self.peak_device_bytes, used)
+        return out
+
+    def _advance(self, wall_s: float) -> float:
+        self.clock += wall_s
+        return self.clock
 
     def _solves(self) -> int:
         m = self.policy.metrics()

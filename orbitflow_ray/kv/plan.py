@@ -1,4 +1,8 @@
-"""The plan one scheduler step hands to the executor. Only plan objects cross this boundary."""
+"""The plan one scheduler step hands to the executor. Only plan objects cross this boundary.
+
+They live with the KV layer (below `model/` and `sched/`): the KV store and the model runner read
+them, the scheduler writes them, and neither lower layer imports the scheduler.
+"""
 
 from __future__ import annotations
 
@@ -61,3 +65,19 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.seqs and not self.moves
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What an executor reports after running one `SchedulerOutput` (vLLM's ModelRunnerOutput):
+    the scheduler's `update_from_output` takes `sampled`, the online cost model and the policy take
+    the rest (`sched.feedback.feed_back`). Measured by the engine's executors (wall clock on CPU,
+    CUDA events for link and stall time on CUDA), predicted by the simulator's."""
+
+    sampled: dict[str, int]  # request id -> the token sampled for it (seqs with sample=True only)
+    wall_s: float  # seconds the step took, moves included
+    stall_s: float = 0.0  # seconds compute waited on transfers in this step
+    h2d_bytes: int = 0  # bytes moved host -> device by jobs that completed in this step
+    d2h_bytes: int = 0
+    h2d_busy_s: float = 0.0  # link seconds those host -> device bytes took (the cost model's bandwidth)
+    d2h_busy_s: float = 0.0
