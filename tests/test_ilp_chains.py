@@ -6,21 +6,8 @@ import pytest
 
 from orbitflow_ray.planner.fastpath import FastPlanner, knapsack_bound
 from orbitflow_ray.planner.ilp_compact import CompactIlpPlanner
-from orbitflow_ray.planner.problem import (PlanInputs, PlanRequest, PlanStatus, evaluate, fits, plan_better,
-                                           step_time, window_data)
-
-KVB, BW = 4096, 25e9
-
-
-def _batch(R: int, seed: int, L: int, cap_frac: float = 0.8) -> PlanInputs:
-    """Serving-like: long contexts, SLOs around the no-offload step, KV over capacity."""
-    rng = np.random.default_rng(seed)
-    n = np.exp(rng.uniform(np.log(4096), np.log(131072), R)).astype(int)
-    step = L * (2.7e-4 + 2.4e-9 * n.sum())
-    reqs = [PlanRequest(f"r{i}", int(t), int(rng.integers(16, 2048)), step * float(rng.choice([1.0, 1.5, 2.5])),
-                        int(rng.integers(0, 17))) for i, t in enumerate(n)]
-    demand = sum(r.context_tokens + r.growth(32) for r in reqs) * L * KVB
-    return PlanInputs(reqs, L, KVB, int(demand * cap_frac), BW, 2.7e-4, 2.4e-9, windows=(32,))
+from orbitflow_ray.planner.problem import PlanStatus, evaluate, fits, plan_better, step_time, window_data
+from test_planner_central import _batch
 
 
 def test_lp_row_bounds_every_placement_and_equals_the_lp():
@@ -49,8 +36,7 @@ def test_lp_row_bounds_every_placement_and_equals_the_lp():
     assert lp <= step_time(inp, [fast.distances[r.request_id] for r in inp.requests]) / c - L
 
 
-# seed 0: HiGHS overshoots the capacity row there unless its tolerances are tightened (found by
-# this test); the whole-model MIP needs about 12 s of CPU to prove it
+# seed 0 is the slow one: the whole-model MIP takes several times as long to prove it as the others
 @pytest.mark.parametrize("seed", [pytest.param(0, marks=pytest.mark.slow), 1, 2])
 def test_chain_search_agrees_with_branch_and_bound_on_the_compact_model(seed):
     """Two searches of the same model, each proving T within 1e-5: their step times agree within

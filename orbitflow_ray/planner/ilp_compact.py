@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from typing import Any
 
 import cvxpy as cp
 import highspy
@@ -101,6 +102,17 @@ _NO_HEURISTICS = {"mip_heuristic_effort": 0.0, "mip_heuristic_run_rins": False,
 C_MAX = 16  # chain rows of the chain-restricted MIP (`_ChainModel`)
 SEARCHES = ("chains", "mip")  # how the T solve searches (`CompactIlpPlanner`)
 _STOPPED = ("kSolutionLimit", "kIterationLimit", "kTimeLimit", "kInterrupt")
+
+
+def _problem_data(problem: cp.Problem, params: dict[str, cp.Parameter], values: dict) -> tuple[dict, Any]:
+    """Write the parameter values; cvxpy applies them to its cached matrices (DPP). Returns
+    (the HiGHS problem data, cvxpy's solving chain)."""
+    for name, param in params.items():
+        param.value = values[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        prob_data, chain, _ = problem.get_problem_data(cp.HIGHS, enforce_dpp=True)
+    return prob_data, chain
 
 
 class _Compiled:
@@ -143,13 +155,8 @@ class _Compiled:
         covers each layer at most once sums those increments to at most U[L-1]). At the LP
         optimum the multiple-choice knapsack over (m, s) (`fastpath.knapsack_bound`) equals the LP
         bound, so the branch and bound prices every node with it at the cost of a sort."""
-        for name, param in self.params.items():
-            param.value = data[name]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            prob_data, _, _ = self.problem.get_problem_data(cp.HIGHS, enforce_dpp=True)
-        if self._cols is None:
-            self._cols = prob_data[PARAM_PROB].var_id_to_col
+        prob_data, _ = _problem_data(self.problem, self.params, data)
+        self._cols = self._cols or prob_data[PARAM_PROB].var_id_to_col
         A, b, c = prob_data[cps.A].tocsc(), prob_data[cps.B], prob_data[cps.C]
         n_eq, inf = dims_to_solver_dict(prob_data[cps.DIMS])[cps.EQ_DIM], highspy.kHighsInf
         lp = highspy.HighsLp()
@@ -188,14 +195,9 @@ class _Compiled:
 
     def solve(self, data: dict, start: np.ndarray | None, options: dict) -> tuple[np.ndarray | None, str, float]:
         """(class per request or None, HiGHS model status, dual bound on the objective)."""
-        for name, param in self.params.items():
-            param.value = data[name]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            prob_data, chain, _ = self.problem.get_problem_data(cp.HIGHS, enforce_dpp=True)
+        prob_data, chain = _problem_data(self.problem, self.params, data)
         n_cols = prob_data["c"].shape[0]
-        if self._cols is None:
-            self._cols = prob_data[PARAM_PROB].var_id_to_col
+        self._cols = self._cols or prob_data[PARAM_PROB].var_id_to_col
         cache = {}
         if start is not None:
             cache[chain.solver.name()] = (None, None, {"model_status": "kOptimal",
@@ -265,13 +267,8 @@ class _ChainModel:
         for i, (m, s) in enumerate(chains[:C_MAX]):
             M[i], sv[i] = m, s
         values = {"load": data["load"], "cap": data["cap"], "cap_rhs": data["cap_rhs"], "M": M, "s": sv}
-        for name, param in self.params.items():
-            param.value = values[name]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            prob_data, chain, _ = self.problem.get_problem_data(cp.HIGHS, enforce_dpp=True)
-        if self._cols is None:
-            self._cols = prob_data[PARAM_PROB].var_id_to_col
+        prob_data, chain = _problem_data(self.problem, self.params, values)
+        self._cols = self._cols or prob_data[PARAM_PROB].var_id_to_col
         x = np.zeros((self.R, self.K))
         x[np.arange(self.R), start] = 1.0
         Y = data["load"] @ x
