@@ -1,6 +1,8 @@
 """The central ILP's lazy chain search (`planner/ilp_compact.py`, search="chains"): its LP row is a
 valid bound, and its plans agree with HiGHS's branch and bound on the whole compact model."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -36,12 +38,13 @@ def test_lp_row_bounds_every_placement_and_equals_the_lp():
     assert lp <= step_time(inp, [fast.distances[r.request_id] for r in inp.requests]) / c - L
 
 
-# seed 0 is the slow one: the whole-model MIP takes several times as long to prove it as the others
+# seed 0: HiGHS's answer there overshoots the capacity row within its default feasibility
+# tolerance (the search re-solves with tighter ones); the whole-model MIP takes about 15 s on it
 @pytest.mark.parametrize("seed", [pytest.param(0, marks=pytest.mark.slow), 1, 2])
 def test_chain_search_agrees_with_branch_and_bound_on_the_compact_model(seed):
     """Two searches of the same model, each proving T within 1e-5: their step times agree within
     that, both plans fit and are scored exactly, and neither is worse than the fast plan."""
-    inp = _batch(10, seed, 16, cap_frac=0.7)
+    inp = dataclasses.replace(_batch(10, seed, 16, cap_frac=0.7), windows=(32,))
     gap = 1e-5
     chains = CompactIlpPlanner(rel_gap=gap, max_nodes=20_000, max_rounds=8, time_limit_s=60.0,
                                fast=FastPlanner(warm_start=False))

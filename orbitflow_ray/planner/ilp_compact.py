@@ -101,6 +101,7 @@ _NO_HEURISTICS = {"mip_heuristic_effort": 0.0, "mip_heuristic_run_rins": False,
                   "mip_heuristic_run_feasibility_jump": False}
 C_MAX = 16  # chain rows of the chain-restricted MIP (`_ChainModel`)
 SEARCHES = ("chains", "mip")  # how the T solve searches (`CompactIlpPlanner`)
+_TIGHT = {"mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9}
 _STOPPED = ("kSolutionLimit", "kIterationLimit", "kTimeLimit", "kInterrupt")
 
 
@@ -320,7 +321,6 @@ class CompactIlpPlanner:
         # the chain MIP keeps HiGHS's primal heuristics: its sub-MIPs (RENS, RINS) find the plans
         # the fast path misses, in the root node (measured)
         self.chain_options = {"threads": 1, "mip_rel_gap": 0.0, "mip_max_nodes": max_nodes,
-                              "mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9,
                               "simplex_iteration_limit": iteration_limit, "random_seed": 0}
         self.lp_options = {"threads": 1, "presolve": "off", "simplex_iteration_limit": iteration_limit,
                            "time_limit": time_limit_s, "random_seed": 0}
@@ -428,7 +428,9 @@ class CompactIlpPlanner:
         one weighting row); then the chain-restricted MIP (`_ChainModel`) over that row, the fast
         path's chains and the critical chain of the incumbent, from the incumbent, on a node
         budget. Its answer is scored exactly; when its critical chain is not in the model yet it
-        is added and the MIP solved again, at most `max_rounds` times. Proven once the best plan's
+        is added and the MIP solved again, at most `max_rounds` times (an answer over capacity by
+        HiGHS's feasibility tolerance is solved again with tolerances 1e-9, then with the capacity
+        row's bound just under it, when the MIP's bound stops counting). Proven once the best plan's
         T is within rel_gap of the best lower bound (LP, the MIP's dual bound, or the fast path's)."""
         link, load, e, dev, cap = self.fast._arrays(inputs, window)
         L, ef, devf = inputs.num_layers, e.astype(float), dev.astype(float)
@@ -452,12 +454,13 @@ class CompactIlpPlanner:
         if model is None:
             model = self._chain_models[(len(load), len(dev))] = _ChainModel(len(load), len(dev))
             self.chain_compiles += 1
-        cap_rhs = data["cap_rhs"]
+        cap_rhs, tight = data["cap_rhs"], {}
         for _ in range(self.max_rounds):
             S = stall(best)
             if L + S <= (L + lower) * (1 + self.rel_gap) or self._time_left() <= 0:
                 break
-            options = {**self.chain_options, "mip_abs_gap": self.rel_gap * (L + S), "time_limit": self._budget_s()}
+            options = {**self.chain_options, **tight, "mip_abs_gap": self.rel_gap * (L + S),
+                       "time_limit": self._budget_s()}
             ks, status, dual = model.solve(data, chains, best, options)
             self.stats["chain_mips"] += 1
             if ks is None:
@@ -466,8 +469,11 @@ class CompactIlpPlanner:
             if data["cap_rhs"] == cap_rhs:  # a relaxation's bound (less HiGHS's tolerance), while the
                 lower = max(lower, dual * (1 - 1e-9) - 1e-9)  # capacity row is the model's own
             if not fits(inputs, window, ks):  # over capacity within HiGHS's feasibility tolerance:
-                # solve again with the row's bound just under that plan (exact check in `fits`)
-                data = {**data, "cap_rhs": float(data["cap"][np.arange(len(ks)), ks].sum()) - 1e-5}
+                # solve again with tolerances 1e-9 (slower, so not by default), then with the row's
+                # bound just under that plan (exact check in `fits`; the MIP's bound no longer counts)
+                if "mip_feasibility_tolerance" in options:
+                    data = {**data, "cap_rhs": float(data["cap"][np.arange(len(ks)), ks].sum()) - 1e-5}
+                tight = _TIGHT
                 continue
             if stall(ks) < S:
                 best = ks
