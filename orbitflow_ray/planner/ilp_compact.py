@@ -51,10 +51,11 @@ compact model HiGHS's root node (cut separation and probing on the knapsack and 
 takes about 250 ms whatever the options, and the fast plan lies 8e-4 to 3e-3 above the optimum,
 so "mip" returned mostly FEASIBLE plans on its 32-node budget. The LP bound is tight (on one
 32 x 32 bench instance solved to 1e-6 the optimum lay 8e-6 of T above it; on ten, the plans found
-lay within 1e-4 of it), so the problem is finding the plan, which HiGHS's sub-MIP heuristics (RENS, RINS) do in the chain MIP's root node: about 40
-rows instead of 300-1,500, which is why "chains" keeps HiGHS's heuristics on; "mip" runs with
-them off (there the fast plan is the incumbent and they cost most of the time). HiGHS's run time
-is about 90 % of a "chains" solve (the rest: cvxpy's parameter update and the fast path).
+lay within 1e-4 of it), so the problem is finding the plan. HiGHS's sub-MIP heuristics (RENS,
+RINS) find it in the chain MIP's root node, a model of R + K + 17 rows instead of the compact
+model's R + K + 270 to 1,430, which is why "chains" keeps HiGHS's heuristics on ("mip" runs with
+them off: there they cost most of the time). HiGHS's run time is about 90 % of a "chains" solve
+(the rest: cvxpy's parameter update and the fast path). bench/planner.py has the figures.
 
 Ties on bytes: a plan whose T is settled to the tie tolerance (T_RTOL; e.g. no stall, or
 rel_gap <= T_RTOL) gets the tie-break MIP on the compact model (`problem.tie_data`); otherwise
