@@ -53,7 +53,7 @@ so "mip" returned mostly FEASIBLE plans on its 32-node budget. The LP bound is t
 32 x 32 bench instance solved to 1e-6 the optimum lay 8e-6 of T above it; on ten, the plans found
 lay within 1e-4 of it), so the problem is finding the plan. HiGHS's sub-MIP heuristics (RENS,
 RINS) find it in the chain MIP's root node, a model of R + K + 17 rows instead of the compact
-model's R + K + 270 to 1,430, which is why "chains" keeps HiGHS's heuristics on ("mip" runs with
+model's R + K + 300 to 1,500, which is why "chains" keeps HiGHS's heuristics on ("mip" runs with
 them off: there they cost most of the time). HiGHS's run time is about 90 % of a "chains" solve
 (the rest: cvxpy's parameter update and the fast path). bench/planner.py has the figures.
 
