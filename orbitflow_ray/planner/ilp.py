@@ -64,6 +64,9 @@ class ShapeCache:
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self.compiles = 0
 
+    def values(self) -> list[Any]:
+        return list(self._cache.values())
+
     def get(self, inputs: PlanInputs) -> Any:
         key = (len(inputs.requests), inputs.num_layers, inputs.distances)
         if key in self._cache:

@@ -1,5 +1,5 @@
-"""The central planner's placement ILP: a compact cvxpy model solved by HiGHS, warm-started from
-the fast path's plan and never worse than it.
+"""The central planner's placement ILP: a compact cvxpy model, its LP relaxation and a
+chain-restricted MIP solved by HiGHS, warm-started from the fast path's plan and never worse than it.
 
 Compact model (one window W, units of one layer's compute c, data from `problem.window_data`):
 
@@ -16,7 +16,8 @@ plan has the fewest violations (`problem.py`); the violation count is read off t
 classes aggregate the link side (K class loads instead of R x L per-layer terms) and only the
 intervals every split crosses get a row (`problem.critical_intervals`: 267 rows at L = 32 with
 11 distances, 1421 at L = 80). Ties on T go to the fewest link bytes by a second solve of the same
-compiled problem (`problem.tie_data`: hostload on, ucoef off, U[L-1] capped at the tie limit).
+compiled problem (`problem.tie_data`: hostload on, ucoef off, U[L-1] capped at the tie limit)
+when T is settled to a tie (below, "Ties on bytes").
 
 Every datum is a cvxpy Parameter (DPP: `problem.is_dpp()`), so a shape (requests, layers,
 distances) compiles once; a re-solve only writes parameter values and cvxpy re-applies them to
@@ -26,44 +27,70 @@ solve goes through cvxpy's solving chain by hand (`get_problem_data` -> the chai
 `var_id_to_col`): the incumbent handed to HiGHS is the fast path's plan, with its exact stalls.
 
 Window: the fast path searches the windows (`problem.search_windows`); the ILP re-solves the
-placement at the window the fast plan chose (at most one MIP, plus its tie-break solve), since a
-MIP per candidate window costs several times as much for a rarely different answer.
+placement at the window the fast plan chose, since a MIP per candidate window costs several times
+as much for a rarely different answer.
 
-What a solve costs (measured with HiGHS's log on bench/planner.py's 32 x 32 instances): the LP
-relaxation takes about 4 ms, but HiGHS's root node (cut separation and probing on the knapsack
-and interval rows) about 250 ms of CPU whatever the options (presolve, probing lifting, symmetry
-detection, cut-pool limits: none moved it). The root bound lies within about 1e-4 of T of the
-optimum, but the fast plan 8e-4 to 3e-3 above it: finding the optimum and proving the 1e-4
-default gap took 79, 931 and 5,116 nodes on three instances (a fourth: not in 1,000), so the
-default budget (32 nodes) mostly returns FEASIBLE, sometimes improved. Hence two shortcuts: no
-MIP at all when the fast path's certified lower bound (`FastPlanner.bound`) already proves its
-plan within rel_gap (`stats["precertified"]`), and no tie-break MIP when the T solve spent its
-budget without leaving the fast plan (`stats["tie_skipped"]`: the plan is FEASIBLE either way).
+How the T solve searches (`search`, default "chains"), everything through cvxpy (DPP) and HiGHS:
+
+- "chains" (lazy chain generation). (1) HiGHS solves the LP relaxation of the compact model above
+  (`_Compiled.relaxation`: cvxpy's matrices of the boolean model, integrality dropped). Its link
+  rows' duals, as one weighting of link intervals, give a row t >= m . Y - s that every placement
+  satisfies and whose knapsack minimum equals the LP bound. (2) A small MIP in cvxpy
+  (`_ChainModel`: x, Y, the capacity row and C_MAX such rows, minimise t) is solved by HiGHS from
+  the fast plan, with that row, the fast path's chains and the incumbent's critical chain. It is a
+  relaxation of the compact model (a longest path is at least any chain), so its dual bound is a
+  lower bound on the least stall; its answer is scored exactly (`fastpath.LinkEval`), and if the
+  answer's critical chain is new it is added and the MIP solved again (at most `max_rounds`).
+  Proven when the best plan's T is within rel_gap of the best lower bound (LP row's knapsack in our
+  arithmetic, the MIP's dual bound less 1e-9, the fast path's chains).
+- "mip": HiGHS branch and bound on the compact model itself, its heuristics off (the former
+  default; kept as a reference and for bench/planner.py's before/after).
+
+What a solve costs (process time on a shared 2-core machine, bench/planner.py --cpu-time): on the
+compact model HiGHS's root node (cut separation and probing on the knapsack and interval rows)
+takes about 250 ms whatever the options, and the fast plan lies 8e-4 to 3e-3 above the optimum,
+so "mip" returned mostly FEASIBLE plans on its 32-node budget. The LP bound is tight (on one
+32 x 32 bench instance solved to 1e-6 the optimum lay 8e-6 of T above it; on ten, the plans found
+lay within 1e-4 of it), so the problem is finding the plan. HiGHS's sub-MIP heuristics (RENS,
+RINS) find it in the chain MIP's root node, a model of R + K + 17 rows instead of the compact
+model's R + K + 300 to 1,500, which is why "chains" keeps HiGHS's heuristics on ("mip" runs with
+them off: there they cost most of the time). HiGHS's run time is about 90 % of a "chains" solve
+(the rest: cvxpy's parameter update and the fast path). bench/planner.py has the figures.
+
+Ties on bytes: a plan whose T is settled to the tie tolerance (T_RTOL; e.g. no stall, or
+rel_gap <= T_RTOL) gets the tie-break MIP on the compact model (`problem.tie_data`); otherwise
+the fast path's greedy `reclaim` at the plan's tie limit (proving least bytes among plans that
+only tie within rel_gap is not attempted). Shortcut: no MIP at all when the fast path's
+certified lower bound (`FastPlanner.bound`) already proves its plan within rel_gap
+(`stats["precertified"]`).
 
 Budget: HiGHS runs single-threaded (deterministic) with a node limit (`max_nodes`) and an LP
-iteration limit; `time_limit_s` is only a safety stop for a pathological instance. A deadline
-(`set_deadline`: the central planner passes the worker's budget, so the plan is back before the
-step that needs it) cuts that stop shorter; past it the fast plan is returned. Whatever
-HiGHS returns is re-scored exactly (`problem.evaluate`) and compared with the fast plan on the
-full objective (violations, T, link bytes, -W); the better plan wins, so a plan from here is
-never worse than the fast path's.
+iteration limit per MIP, `max_rounds` chain MIPs per window; `time_limit_s` is only a safety stop
+for a pathological instance. A deadline (`set_deadline`: the central planner passes the worker's
+budget, so the plan is back before the step that needs it) cuts that stop shorter; past it the
+best plan so far is returned. Whatever HiGHS returns is checked exactly (`problem.fits`,
+`problem.evaluate`) and compared with the fast plan on the full objective (violations, T, link
+bytes, -W); the better plan wins, so a plan from here is never worse than the fast path's.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from typing import Any
 
 import cvxpy as cp
 import highspy
 import numpy as np
 import scipy.sparse as sp
+import cvxpy.settings as cps
+from cvxpy.reductions.solvers.conic_solvers.highs_conif import dims_to_solver_dict
 from cvxpy.settings import PARAM_PROB
 
-from orbitflow_ray.planner.fastpath import FastPlanner
+from orbitflow_ray.planner.fastpath import Chain, FastPlanner, knapsack_bound, offload_greedy, reclaim
 from orbitflow_ray.planner.ilp import ShapeCache, link_rows
-from orbitflow_ray.planner.problem import (Plan, PlanInputs, PlanStatus, fits,
-                                           make_plan, plan_better, step_time, tie_data,
+from orbitflow_ray.planner.problem import (T_RTOL, Plan, PlanInputs, PlanStatus, fits,
+                                           make_plan, plan_better, step_time, tie_data, tie_limit,
                                            ties_with_fewer_bytes, violations_settled, window_counts,
                                            window_data)
 
@@ -73,7 +100,21 @@ _SOLVED = ("kOptimal",)
 _NO_HEURISTICS = {"mip_heuristic_effort": 0.0, "mip_heuristic_run_rins": False,
                   "mip_heuristic_run_rens": False, "mip_heuristic_run_root_reduced_cost": False,
                   "mip_heuristic_run_feasibility_jump": False}
+C_MAX = 16  # chain rows of the chain-restricted MIP (`_ChainModel`)
+SEARCHES = ("chains", "mip")  # how the T solve searches (`CompactIlpPlanner`)
+_TIGHT = {"mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9}
 _STOPPED = ("kSolutionLimit", "kIterationLimit", "kTimeLimit", "kInterrupt")
+
+
+def _problem_data(problem: cp.Problem, params: dict[str, cp.Parameter], values: dict) -> tuple[dict, Any]:
+    """Write the parameter values; cvxpy applies them to its cached matrices (DPP). Returns
+    (the HiGHS problem data, cvxpy's solving chain)."""
+    for name, param in params.items():
+        param.value = values[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        prob_data, chain, _ = problem.get_problem_data(cp.HIGHS, enforce_dpp=True)
+    return prob_data, chain
 
 
 class _Compiled:
@@ -99,19 +140,66 @@ class _Compiled:
         if not self.problem.is_dpp():
             raise AssertionError("the compact placement model must be DPP (compile once per shape)")
         self._cols: dict[int, int] | None = None
+        self.pairs, self.counts = pairs, counts
         self.highs_s = 0.0  # HiGHS's own run time over all solves (the rest is cvxpy)
         self.nodes = 0
 
+    def relaxation(self, data: dict, options: dict) -> tuple[float, Chain, np.ndarray] | None:
+        """The LP relaxation (x in [0, 1]) of this compiled model with these parameter values,
+        solved by HiGHS: (its optimum, the multiplier it certifies, x [R, K]), None if HiGHS did
+        not solve it.
+
+        cvxpy writes the parameters into its cached matrices (`get_problem_data`, DPP); the LP is
+        the MIP's data with the integrality dropped, passed to HiGHS as in cvxpy's own interface.
+        The multiplier is the link rows' duals lambda >= 0 as one "chain" (m, s) = (counts^T lambda,
+        spans . lambda), scaled so no layer is covered more than once: then for any placement,
+        stall >= m . Y - s (each row reads count . Y - span <= U[b] - U[a-1], and a weighting that
+        covers each layer at most once sums those increments to at most U[L-1]). At the LP
+        optimum the multiple-choice knapsack over (m, s) (`fastpath.knapsack_bound`) equals the LP
+        bound, so the branch and bound prices every node with it at the cost of a sort."""
+        prob_data, _ = _problem_data(self.problem, self.params, data)
+        self._cols = self._cols or prob_data[PARAM_PROB].var_id_to_col
+        A, b, c = prob_data[cps.A].tocsc(), prob_data[cps.B], prob_data[cps.C]
+        n_eq, inf = dims_to_solver_dict(prob_data[cps.DIMS])[cps.EQ_DIM], highspy.kHighsInf
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = A.shape[1], A.shape[0]
+        lp.col_cost_, lp.row_upper_ = c, b
+        lp.row_lower_ = np.concatenate([b[:n_eq], np.full(len(b) - n_eq, -inf)])
+        lower, upper = prob_data[cps.LOWER_BOUNDS], prob_data[cps.UPPER_BOUNDS]
+        lower = np.full(A.shape[1], -inf) if lower is None else lower.copy()
+        upper = np.full(A.shape[1], inf) if upper is None else upper.copy()
+        binary = np.asarray(prob_data[cps.BOOL_IDX], dtype=int)
+        lower[binary], upper[binary] = np.maximum(lower[binary], 0.0), np.minimum(upper[binary], 1.0)
+        lp.col_lower_, lp.col_upper_ = lower, upper
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = A.indptr, A.indices, A.data
+        highs = highspy.Highs()
+        highs.setOptionValue("output_flag", False)
+        for name, value in options.items():
+            highs.setOptionValue(name, value)
+        highs.passModel(lp)
+        highs.run()
+        self.highs_s += highs.getRunTime()
+        if highs.getModelStatus() != highspy.HighsModelStatus.kOptimal or not len(self.pairs):
+            return None
+        # the link rows are the model's last constraint, so the last rows of its data
+        solution = highs.getSolution()
+        lam = np.maximum(-np.asarray(solution.row_dual)[-len(self.pairs):], 0.0)
+        at = self._cols[self.x.id]
+        x = np.asarray(solution.col_value)[at:at + self.R * self.K].reshape((self.R, self.K), order="F")
+        cover = np.zeros(self.L + 1)
+        np.add.at(cover, self.pairs[:, 0], lam)
+        np.add.at(cover, self.pairs[:, 1] + 1, -lam)
+        scale = max(1.0, float(np.cumsum(cover).max()))
+        spans = (self.pairs[:, 1] - self.pairs[:, 0]).astype(float)
+        return (highs.getInfo().objective_function_value,
+                (self.counts.T @ lam / scale, float(spans @ lam) / scale), x)
+
     def solve(self, data: dict, start: np.ndarray | None, options: dict) -> tuple[np.ndarray | None, str, float]:
         """(class per request or None, HiGHS model status, dual bound on the objective)."""
-        for name, param in self.params.items():
-            param.value = data[name]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            prob_data, chain, _ = self.problem.get_problem_data(cp.HIGHS, enforce_dpp=True)
+        prob_data, chain = _problem_data(self.problem, self.params, data)
         n_cols = prob_data["c"].shape[0]
-        if self._cols is None:
-            self._cols = prob_data[PARAM_PROB].var_id_to_col
+        self._cols = self._cols or prob_data[PARAM_PROB].var_id_to_col
         cache = {}
         if start is not None:
             cache[chain.solver.name()] = (None, None, {"model_status": "kOptimal",
@@ -146,30 +234,104 @@ class _Compiled:
         return sol
 
 
+class _ChainModel:
+    """The chain-restricted placement MIP of one (requests, distances) shape, in cvxpy (DPP):
+
+        x[r, k] in {0, 1}, sum_k x[r, k] = 1,  Y = load @ x,  sum_{r,k} cap[r, k] x[r, k] <= cap_rhs
+        t >= M[i] . Y - s[i]  for each of C_MAX rows (m, s): chains of link intervals, or a
+                              weighting of them (`_Compiled.relaxation`); unused rows are zero
+        minimise t
+
+    Each row is a valid lower bound on the stall of any placement (a longest path is at least any
+    chain), so this is a relaxation of the compact model: its optimum is a lower bound on the
+    least stall, and a solution whose exact stall equals its t is optimal for the full model."""
+
+    def __init__(self, R: int, K: int) -> None:
+        self.R, self.K = R, K
+        self.x, self.Y, self.t = cp.Variable((R, K), boolean=True), cp.Variable(K), cp.Variable(nonneg=True)
+        self.params = {"load": cp.Parameter(R, nonneg=True), "cap": cp.Parameter((R, K), nonneg=True),
+                       "cap_rhs": cp.Parameter(), "M": cp.Parameter((C_MAX, K), nonneg=True),
+                       "s": cp.Parameter(C_MAX)}
+        p, x = self.params, self.x
+        self.problem = cp.Problem(cp.Minimize(self.t), [
+            cp.sum(x, axis=1) == 1, self.Y == p["load"] @ x, cp.sum(cp.multiply(p["cap"], x)) <= p["cap_rhs"],
+            p["M"] @ self.Y - self.t <= p["s"]])
+        if not self.problem.is_dpp():
+            raise AssertionError("the chain-restricted model must be DPP (compile once per shape)")
+        self._cols: dict[int, int] | None = None
+        self.highs_s, self.nodes = 0.0, 0
+
+    def solve(self, data: dict, chains: list[Chain], start: np.ndarray, options: dict
+              ) -> tuple[np.ndarray | None, str, float]:
+        """(class per request or None, HiGHS model status, HiGHS's dual bound on the least stall),
+        from incumbent `start` (classes per request; it must fit)."""
+        M, sv = np.zeros((C_MAX, self.K)), np.zeros(C_MAX)
+        for i, (m, s) in enumerate(chains[:C_MAX]):
+            M[i], sv[i] = m, s
+        values = {"load": data["load"], "cap": data["cap"], "cap_rhs": data["cap_rhs"], "M": M, "s": sv}
+        prob_data, chain = _problem_data(self.problem, self.params, values)
+        self._cols = self._cols or prob_data[PARAM_PROB].var_id_to_col
+        x = np.zeros((self.R, self.K))
+        x[np.arange(self.R), start] = 1.0
+        Y = data["load"] @ x
+        col = np.zeros(prob_data["c"].shape[0])
+        for var, value in ((self.x, x.ravel(order="F")), (self.Y, Y), (self.t, [max(0.0, float((M @ Y - sv).max()))])):
+            at = self._cols[var.id]
+            col[at:at + var.size] = value
+        incumbent = highspy.HighsSolution()
+        incumbent.col_value, incumbent.value_valid = col.tolist(), True
+        cache = {chain.solver.name(): (None, None, {"model_status": "kOptimal", "solution": incumbent})}
+        raw = chain.solver.solve_via_data(prob_data, True, False, dict(options), cache)
+        self.highs_s += raw["run_time"]
+        self.nodes += int(raw["info"].mip_node_count)
+        status, col = raw["model_status"], np.asarray(raw["solution"].col_value)
+        if status not in _SOLVED + _STOPPED or len(col) != len(prob_data["c"]) or not raw["solution"].value_valid:
+            return None, status, 0.0
+        at = self._cols[self.x.id]
+        xs = col[at:at + self.R * self.K].reshape((self.R, self.K), order="F")
+        return np.argmax(xs, axis=1), status, float(raw["info"].mip_dual_bound)
+
+
 class CompactIlpPlanner:
     """The central planner's solver: the fast path's plan, improved by the compact ILP.
 
-    `rel_gap`: HiGHS stops once T is proven within this factor of the optimum. `max_nodes`: its
-    branch-and-bound node budget per window solve (deterministic; single thread). `stats` counts
-    how each plan was settled: "improved" (the ILP beat the fast plan), "confirmed" (the ILP proved
-    the fast plan optimal within rel_gap or found an equal one), "kept_fast" (the ILP stopped on
-    its budget without a better plan: the fast plan is returned, labelled "fast")."""
+    `rel_gap`: a plan is OPTIMAL once its T is proven within this factor of the optimum (then
+    the search stops). `max_nodes`: HiGHS's branch-and-bound node budget per MIP (deterministic;
+    single thread). `search`: "chains" or "mip" (module docstring); `max_rounds`: chain MIPs per
+    window ("chains"). `stats` counts how each plan was settled: "improved" (the ILP beat the fast
+    plan), "confirmed" (the ILP proved the fast plan optimal within rel_gap or found an equal one),
+    "kept_fast" (the ILP stopped on its budget without a better plan: the fast plan is returned,
+    labelled "fast"), and the solves run ("lp_solves", "chain_mips", "tie_mips")."""
 
     name = "cvxpy-highs"
 
     def __init__(self, rel_gap: float = 1e-4, max_nodes: int = 32, iteration_limit: int = 100_000,
-                 time_limit_s: float = 2.0, max_cached: int = 32, fast: FastPlanner | None = None) -> None:
+                 time_limit_s: float = 2.0, max_cached: int = 32, fast: FastPlanner | None = None,
+                 search: str = "chains", max_rounds: int = 4) -> None:
         if not (0 <= rel_gap < 1) or max_nodes < 1 or iteration_limit < 1 or time_limit_s <= 0:
             raise ValueError("need 0 <= rel_gap < 1, max_nodes >= 1, iteration_limit >= 1, time_limit_s > 0")
-        self.rel_gap = rel_gap
+        if not 1 <= max_rounds <= C_MAX - 4:
+            raise ValueError(f"need 1 <= max_rounds <= {C_MAX - 4}, got {max_rounds}")
+        self.max_rounds = max_rounds
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+        self.rel_gap, self.max_nodes, self.search = rel_gap, max_nodes, search
         self.options = {"threads": 1, "mip_rel_gap": 0.0, "mip_max_nodes": max_nodes,
                         "simplex_iteration_limit": iteration_limit, "time_limit": time_limit_s,
                         "random_seed": 0, "mip_allow_restart": False, **_NO_HEURISTICS}
+        # the chain MIP keeps HiGHS's primal heuristics: its sub-MIPs (RENS, RINS) find the plans
+        # the fast path misses, in the root node (measured)
+        self.chain_options = {"threads": 1, "mip_rel_gap": 0.0, "mip_max_nodes": max_nodes,
+                              "simplex_iteration_limit": iteration_limit, "random_seed": 0}
+        self.lp_options = {"threads": 1, "presolve": "off", "simplex_iteration_limit": iteration_limit,
+                           "time_limit": time_limit_s, "random_seed": 0}
         self.fast = fast or FastPlanner(warm_start=True)
         self._shapes = ShapeCache(_Compiled, max_cached)
         self.last: dict[str, int] = {}
         self.stats = dict.fromkeys(("improved", "confirmed", "kept_fast", "windows", "stopped", "out_of_time",
-                                    "precertified", "tie_skipped"), 0)
+                                    "precertified", "tie_skipped", "lp_solves", "chain_mips", "tie_mips"), 0)
+        self._chain_models: dict[tuple[int, int], _ChainModel] = {}
+        self.chain_compiles = 0
         self.deadline: float | None = None
 
     def set_deadline(self, at: float | None) -> None:
@@ -181,6 +343,12 @@ class CompactIlpPlanner:
     @property
     def compiles(self) -> int:
         return self._shapes.compiles
+
+    @property
+    def highs_s(self) -> float:
+        """HiGHS's own run time over every solve of this planner, in seconds (the rest is cvxpy
+        and the fast path)."""
+        return sum(m.highs_s for m in self._shapes.values()) + sum(m.highs_s for m in self._chain_models.values())
 
     def compiled(self, inputs: PlanInputs) -> _Compiled:
         return self._shapes.get(inputs)
@@ -214,10 +382,12 @@ class CompactIlpPlanner:
         return ilp
 
     def solve_window(self, inputs: PlanInputs, window: int, start: np.ndarray) -> tuple[np.ndarray, bool]:
-        """Least T, then least link bytes at that T, from incumbent `start` when it fits; True when
-        proven (within rel_gap, violation set settled). The T solve is skipped when the fast path's
-        lower bound already proves `start` within rel_gap; the byte tie-break solve is skipped when
-        the T solve stopped on its budget still at `start` (the plan is FEASIBLE either way)."""
+        """Least T, then least link bytes at that T, from incumbent `start`; True when proven
+        (T within rel_gap of the optimum, violation set settled). The T search is skipped when the
+        fast path's lower bound already proves `start` within rel_gap. Ties on bytes: the
+        tie-break MIP when T is settled to the tie tolerance (T_RTOL), else `fastpath.reclaim`
+        (greedy); with search="mip" as before: the tie-break MIP unless the T solve spent its
+        budget still at `start`."""
         self.stats["windows"] += 1
         data, ds, c = window_data(inputs, window), np.array(inputs.distances), inputs.compute_per_layer_s
         L = inputs.num_layers
@@ -227,22 +397,97 @@ class CompactIlpPlanner:
         if start_fits and t_start - L <= lower + self.rel_gap * t_start:
             ks, proven, bound = start, True, lower
             self.stats["precertified"] += 1
+        elif self.search == "chains":
+            ks, proven, bound = self._chain_search(inputs, window, data, start)
         else:
             ks, proven, bound = self._fitting(inputs, window, data, start if start_fits else None)
             if ks is None:
                 ks, proven, bound = start, False, 0.0
         bound = max(bound, lower)
-        proven = proven and violations_settled(inputs, window, c * (L + bound), step_time(inputs, ds[ks].tolist()))
-        if not proven and np.array_equal(ks, start):  # budget spent, nothing better: a second MIP
-            self.stats["tie_skipped"] += 1  # would search again from the same incumbent
+        t_plan = step_time(inputs, ds[ks].tolist())
+        proven = proven and violations_settled(inputs, window, c * (L + bound), t_plan)
+        if self.search == "mip" and not proven and np.array_equal(ks, start):  # budget spent, nothing
+            self.stats["tie_skipped"] += 1  # better: a second MIP would search again from the same incumbent
             return ks, False
+        if self.search == "chains" and t_plan > c * (L + bound) * (1 + T_RTOL):  # T not settled to a tie
+            link, load, e, dev, cap = self.fast._arrays(inputs, window)
+            ks = reclaim(link, load, e, dev, cap, ks, tie_limit(inputs, window, t_plan) / c - L)
+            return ks, proven and step_time(inputs, ds[ks].tolist()) <= c * (L + bound) * (1 + self.rel_gap)
         tie = tie_data(inputs, window, data, ds[ks].tolist())
         if tie is not None:
+            self.stats["tie_mips"] += 1
             ks_tie, tie_proven, _ = self._fitting(inputs, window, tie, ks)
             if ks_tie is not None and ties_with_fewer_bytes(inputs, window, ds[ks].tolist(), ds[ks_tie].tolist()):
                 ks = ks_tie
             proven = proven and tie_proven
         return ks, proven
+
+    def _chain_search(self, inputs: PlanInputs, window: int, data: dict, start: np.ndarray
+                      ) -> tuple[np.ndarray, bool, float]:
+        """(placement, proven within rel_gap, lower bound on the stall): lazy chain generation.
+        HiGHS solves the compact model's LP relaxation (`_Compiled.relaxation`: the lower bound and
+        one weighting row); then the chain-restricted MIP (`_ChainModel`) over that row, the fast
+        path's chains and the critical chain of the incumbent, from the incumbent, on a node
+        budget. Its answer is scored exactly; when its critical chain is not in the model yet it
+        is added and the MIP solved again, at most `max_rounds` times (an answer over capacity by
+        HiGHS's feasibility tolerance is solved again with tolerances 1e-9, then with the capacity
+        row's bound just under it, when the MIP's bound stops counting). Proven once the best plan's
+        T is within rel_gap of the best lower bound (LP, the MIP's dual bound, or the fast path's)."""
+        link, load, e, dev, cap = self.fast._arrays(inputs, window)
+        L, ef, devf = inputs.num_layers, e.astype(float), dev.astype(float)
+
+        def stall(ks: np.ndarray) -> float:
+            return float(link.stall(np.bincount(ks, weights=load, minlength=len(dev))[None])[0])
+
+        def chain_of(ks: np.ndarray) -> Chain:
+            m, s, _ = link.chain(np.bincount(ks, weights=load, minlength=len(dev)))
+            return m, s
+
+        best = start if fits(inputs, window, start) else offload_greedy(link, load, e, dev, cap, start)
+        chains = list(self.fast._chains)[-(C_MAX - self.max_rounds - 2):] + [chain_of(best)]
+        relaxed = self.compiled(inputs).relaxation(data, {**self.lp_options, "time_limit": self._budget_s()})
+        self.stats["lp_solves"] += 1
+        if relaxed is not None:
+            chains.insert(0, relaxed[1])
+        # the bound in our own arithmetic (not the solver's tolerances): knapsack over every row
+        lower = max([0.0] + [knapsack_bound(load, ef, devf, float(cap), m)[0] - s for m, s in chains])
+        model = self._chain_models.get((len(load), len(dev)))
+        if model is None:
+            model = self._chain_models[(len(load), len(dev))] = _ChainModel(len(load), len(dev))
+            self.chain_compiles += 1
+        cap_rhs, tight = data["cap_rhs"], {}
+        for _ in range(self.max_rounds):
+            S = stall(best)
+            if L + S <= (L + lower) * (1 + self.rel_gap) or self._time_left() <= 0:
+                break
+            options = {**self.chain_options, **tight, "mip_abs_gap": self.rel_gap * (L + S),
+                       "time_limit": self._budget_s()}
+            ks, status, dual = model.solve(data, chains, best, options)
+            self.stats["chain_mips"] += 1
+            if ks is None:
+                break
+            self.stats["stopped"] += status != "kOptimal"
+            if data["cap_rhs"] == cap_rhs:  # a relaxation's bound (less HiGHS's tolerance), while the
+                lower = max(lower, dual * (1 - 1e-9) - 1e-9)  # capacity row is the model's own
+            if not fits(inputs, window, ks):  # over capacity within HiGHS's feasibility tolerance:
+                # solve again with tolerances 1e-9 (slower, so not by default), then with the row's
+                # bound just under that plan (exact check in `fits`; the MIP's bound no longer counts)
+                if "mip_feasibility_tolerance" in options:
+                    data = {**data, "cap_rhs": float(data["cap"][np.arange(len(ks)), ks].sum()) - 1e-5}
+                tight = _TIGHT
+                continue
+            if stall(ks) < S:
+                best = ks
+            new = chain_of(ks)
+            if any(new[1] == s2 and np.array_equal(new[0], m2) for m2, s2 in chains):
+                break  # the MIP already saw its answer's critical chain: its bound is final
+            chains.append(new)
+            if len(chains) > C_MAX:
+                chains.pop(1 if relaxed is not None else 0)
+        return best, L + stall(best) <= (L + lower) * (1 + self.rel_gap), lower
+
+    def _budget_s(self) -> float:
+        return max(1e-3, min(self.options["time_limit"], self._time_left()))
 
     def _time_left(self) -> float:
         return float("inf") if self.deadline is None else self.deadline - time.perf_counter()

@@ -3,8 +3,10 @@
 - "fast": `fastpath.FastPlanner`, the certified heuristic with deterministic (counted) budgets.
   What a worker runs on its decode thread and on its solve-ahead thread.
 - "cvxpy-highs": `ilp_compact.CompactIlpPlanner`, the fast plan improved by the compact placement
-  ILP in cvxpy, solved by HiGHS (never worse than the fast plan). What the central planner runs for
-  the workers' window and drift re-plans. Imports cvxpy on first use only.
+  ILP in cvxpy, solved by HiGHS (its LP relaxation, then a chain-restricted MIP; T proven within
+  1e-4 of the optimum when its node budgets allow: OPTIMAL, else FEASIBLE; never worse than the
+  fast plan). What the central planner runs for the workers' window and drift re-plans. Imports
+  cvxpy on first use only.
 - "uniform": `uniform.UniformPlanner`, one distance for the whole batch (an ablation).
 
 Every solver takes `PlanInputs` and returns a `Plan` whose `solver` field names what produced it,
