@@ -363,7 +363,7 @@ def test_compact_ilp_reaches_the_reference_optimum(inp):
     given a budget to prove, lands on the reference model's optimum at its window, and is never
     worse than the fast plan it starts from."""
     from orbitflow_ray.planner.ilp_compact import CompactIlpPlanner
-    compact = CompactIlpPlanner(rel_gap=EXACT, max_nodes=100_000, time_limit_s=PROVE_S,
+    compact = CompactIlpPlanner(rel_gap=EXACT, max_nodes=100_000, prove=True, time_limit_s=PROVE_S,
                                 fast=FastPlanner(warm_start=False))
     plan, fast = compact.solve(inp), FastPlanner(warm_start=False).solve(inp)
     assert not plan_better(inp, fast, plan)

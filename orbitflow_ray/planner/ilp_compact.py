@@ -298,7 +298,9 @@ class CompactIlpPlanner:
     `rel_gap`: a plan is OPTIMAL once its T is proven within this factor of the optimum (then
     the search stops). `max_nodes`: HiGHS's branch-and-bound node budget per MIP (deterministic;
     single thread). `search`: "chains" or "mip" (module docstring); `max_rounds`: chain MIPs per
-    window ("chains"). `stats` counts how each plan was settled: "improved" (the ILP beat the fast
+    window ("chains"); `prove`: when the chain search ends unproven, go on with the whole-model
+    MIP from its best plan on the remaining budget (exact given the budget; off by default, where
+    the deadline counts more than the last 1e-4). `stats` counts how each plan was settled: "improved" (the ILP beat the fast
     plan), "confirmed" (the ILP proved the fast plan optimal within rel_gap or found an equal one),
     "kept_fast" (the ILP stopped on its budget without a better plan: the fast plan is returned,
     labelled "fast"), and the solves run ("lp_solves", "chain_mips", "tie_mips")."""
@@ -307,12 +309,12 @@ class CompactIlpPlanner:
 
     def __init__(self, rel_gap: float = 1e-4, max_nodes: int = 32, iteration_limit: int = 100_000,
                  time_limit_s: float = 2.0, max_cached: int = 32, fast: FastPlanner | None = None,
-                 search: str = "chains", max_rounds: int = 4) -> None:
+                 search: str = "chains", max_rounds: int = 4, prove: bool = False) -> None:
         if not (0 <= rel_gap < 1) or max_nodes < 1 or iteration_limit < 1 or time_limit_s <= 0:
             raise ValueError("need 0 <= rel_gap < 1, max_nodes >= 1, iteration_limit >= 1, time_limit_s > 0")
         if not 1 <= max_rounds <= C_MAX - 4:
             raise ValueError(f"need 1 <= max_rounds <= {C_MAX - 4}, got {max_rounds}")
-        self.max_rounds = max_rounds
+        self.max_rounds, self.prove = max_rounds, prove
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
         self.rel_gap, self.max_nodes, self.search = rel_gap, max_nodes, search
@@ -399,6 +401,12 @@ class CompactIlpPlanner:
             self.stats["precertified"] += 1
         elif self.search == "chains":
             ks, proven, bound = self._chain_search(inputs, window, data, start)
+            if self.prove and not proven:
+                ks_mip, proven_mip, bound_mip = self._fitting(inputs, window, data, ks)
+                if ks_mip is not None:
+                    if step_time(inputs, ds[ks_mip].tolist()) <= step_time(inputs, ds[ks].tolist()):
+                        ks = ks_mip
+                    proven, bound = proven_mip, max(bound, bound_mip)
         else:
             ks, proven, bound = self._fitting(inputs, window, data, start if start_fits else None)
             if ks is None:
