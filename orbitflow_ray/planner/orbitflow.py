@@ -18,7 +18,9 @@ device (INFEASIBLE, `problem.py`), Pause-Resume pauses one request (strategy: la
 default), re-solves, and repeats; paused requests keep all their KV on host and rejoin, oldest
 first, when the ILP admits them again. Pauses are decided by that loop around the solver, not
 inside the ILP: the set it reaches pausing largest first is the fewest pauses that make the
-batch feasible (feasibility depends on each request's largest-offload KV alone). On the central
+batch feasible (feasibility depends on each request's largest-offload KV alone). A feasible plan
+that misses the SLOs of requests still able to meet all theirs pauses too, when pausing leaves
+fewer misses than it costs (`_pause_for_slo`: a slow link pauses, as no-offload preempts). On the central
 planner the loop runs with the ILP solver, so a central plan carries its own pause decisions.
 Solving ahead, a worker with a central planner sends the batch predicted at the window's end
 there, as many steps ahead as the measured round trip needs (`planner/ahead.py`), and adopts the
