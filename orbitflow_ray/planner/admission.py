@@ -113,18 +113,18 @@ def batch_plan_inputs(views: Sequence[RequestView], cap: CapacityView, num_layer
     `default_slo_s`), Token-Deposit credit when `deposit`, and the online cost model's coefficients.
 
     Prefill chunks still owed by the batch (an arrival's whole prompt included) share steps with
-    the decodes: their compute is debt the other requests' tokens must absorb within the first
-    window, so it comes off each request's SLO as (the debt of the others) / tokens in that window
-    (never below a tenth of the SLO: the planner then reports the miss instead of dividing by
-    nothing). A request's own prefill is not its debt: it runs before its first token, where
-    TTFT judges it, and TPOT/TBT start at that token."""
+    the decodes: their compute is debt the other requests' tokens must absorb. TPOT is the mean
+    gap over a request's output, so the debt comes off each request's SLO as (the debt of the
+    others) / its tokens left (never below a tenth of the SLO: the planner then reports the miss
+    instead of dividing by nothing); the late gaps of the stalled steps themselves (TBT) are what
+    Token-Deposit banks for (`OrbitFlow._bank_targets`). A request's own prefill is not its debt:
+    it runs before its first token, where TTFT judges it, and TPOT/TBT start at that token."""
     a, b = cost.model.decode_layer_coeffs(len(views))
     debt = prefill_debt_s(views, num_layers, cost)
-    w0 = windows[0]
     reqs = []
     for v in views:
         slo = v.slo_s or default_slo_s
-        tokens = min(w0, v.max_new_tokens_left)
+        tokens = v.max_new_tokens_left
         others = debt - prefill_debt_s([v], num_layers, cost)
         reqs.append(PlanRequest(v.request_id, max(1, v.num_tokens), v.max_new_tokens_left,
                                 max(0.1 * slo, slo - others / max(tokens, 1)), v.deposit_tokens if deposit else 0))

@@ -93,7 +93,7 @@ class KVPolicy(abc.ABC):
     """A KV placement policy. Options every policy takes (`policy_options` offers them all):
     `admission` (`admission.py`'s kinds; None: `native_admission`), `cost_model` (the online cost
     model the SLO predictions read; None: a CPU prior), `slo_s` (the per-token SLO of requests that
-    set none) and `windows` (plan windows in decode steps: the first spreads prefill debt)."""
+    set none) and `windows` (plan windows in decode steps)."""
 
     name: ClassVar[str]
     native_admission: ClassVar[AdmissionKind] = AdmissionKind.FCFS
