@@ -10,7 +10,8 @@ from orbitflow_ray.config import ADMISSIONS, EngineConfig
 from orbitflow_ray.costmodel import CostModel, OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.planner import available_policies, make_policy, policy_from_config
-from orbitflow_ray.planner.admission import AdmissionKind, available_admissions, distance_like, make_admission
+from orbitflow_ray.planner.admission import (AdmissionKind, available_admissions, batch_plan_inputs, distance_like,
+                                            make_admission, ttft_at_stake)
 from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.planner.orbitflow import tiers_for_distance
 from orbitflow_ray.planner.static import uniform_placement
@@ -128,6 +129,66 @@ def test_orbitflow_fcfs_still_refuses_what_fits_no_plan():
     admitted, _ = admit_in_order(p, QUEUE, cap(120))
     assert admitted == [("r0", 2)]
     assert p.admit(QUEUE[1], [replace(QUEUE[0], placement=tuple(tiers_for_distance(1, 4)))], cap(120)) is None
+
+
+def test_a_request_owes_no_debt_for_its_own_prefill():
+    """Prefill debt comes off the SLO of the requests that decode through it, not of the request
+    prefilling: its own prompt runs before its first token (TTFT's business)."""
+    c = OnlineCostModel(CostModel(4, compute_a_s=1e-3, compute_b_s_per_token=1e-6,
+                                  compute_p_s_per_token=1e-6, link_bytes_per_s=1e6))
+    decoding = view(0, 200)
+    arriving = replace(view(1, 101), num_computed_tokens=0)  # 100 prompt tokens owed: 4 x 100 us
+    inputs = batch_plan_inputs([decoding, arriving], cap(10_000), 4, c, SLO_S, (16,))
+    assert [r.slo_s for r in inputs.requests] == [pytest.approx(SLO_S - 4e-4 / 16), SLO_S]
+
+
+# r0 alone: 4.8 ms a step; with a 400-token arrival, 6.4 ms: r0 (6 ms SLO) late, the arrival (1 s) not.
+LONE = view(0, 200)
+ARRIVAL = replace(view(1, 400), slo_s=1.0, num_computed_tokens=0)
+WAIT_S = 16 * 4 * (1e-3 + 200e-6)  # until r0 (16 tokens left) finishes, at its step
+
+
+@pytest.mark.parametrize("name", ["no-offload", "orbitflow"])
+def test_slo_admission_weighs_the_ttft_that_waiting_costs(name):
+    """One per-token miss (r0's) against the arrival's TTFT: refused while it can wait for r0 to
+    finish, admitted once waiting would miss its TTFT SLO, refused again once that SLO is lost."""
+    p = policy(name, None if name == "orbitflow" else "slo")
+    can_wait = replace(ARRIVAL, ttft_slack_s=WAIT_S + 0.01)
+    assert not ttft_at_stake(can_wait, [LONE], 4, p.cost)
+    assert p.admit(can_wait, [LONE], cap(10_000)) is None
+    lost = replace(ARRIVAL, ttft_slack_s=-0.01)
+    assert not ttft_at_stake(lost, [LONE], 4, p.cost)
+    assert p.admit(lost, [LONE], cap(10_000)) is None
+    at_stake = replace(ARRIVAL, ttft_slack_s=WAIT_S - 0.01)
+    assert ttft_at_stake(at_stake, [LONE], 4, p.cost)
+    plan = p.admit(at_stake, [LONE], cap(10_000))  # the same batch: orbitflow's refusal cache re-decides
+    assert plan is not None and plan.placements["r1"] == [Tier.DEVICE] * 4
+    # Two misses (another 6 ms request in the batch) outweigh one TTFT.
+    other = view(2, 10)
+    assert p.admit(at_stake, [LONE, other], cap(10_000)) is None
+
+
+@pytest.mark.parametrize("name", ["no-offload", "orbitflow"])
+def test_slo_admission_counts_no_miss_of_a_request_whose_ttft_is_missed(name):
+    """r0 already missed its TTFT SLO: it cannot count toward goodput, so the arrival that would make
+    it late joins (what fcfs does); while r0 can still meet all its SLOs, the arrival waits."""
+    p = policy(name, None if name == "orbitflow" else "slo")
+    assert p.admit(ARRIVAL, [replace(LONE, ttft_slack_s=0.5)], cap(10_000)) is None
+    assert p.admit(ARRIVAL, [replace(LONE, ttft_slack_s=-0.5)], cap(10_000)) is not None
+
+
+def test_orbitflow_pauses_a_request_whose_ttft_is_missed_when_it_makes_others_late():
+    """r1 (TTFT missed) makes r0's step 6.4 ms, over its 6 ms SLO: the plan pauses r1 (a pause that
+    costs no goodput) and r0 runs alone on time. With r1 able to meet its SLOs, one pause would
+    cost as much as it saves, and nobody is paused."""
+    p = policy("orbitflow", None)
+    dev = tuple([Tier.DEVICE] * 4)
+    r0, r1 = replace(LONE, placement=dev), replace(view(1, 400), slo_s=1.0, placement=dev, ttft_slack_s=-1.0)
+    plan = p.replan([r0, r1], cap(10_000))
+    assert plan.pause == ["r1"] and sorted(p.plan.distances) == ["r0"] and not p.plan.violations
+    q = policy("orbitflow", None)
+    plan = q.replan([r0, replace(r1, ttft_slack_s=1.0)], cap(10_000))
+    assert plan.pause == [] and q.plan.violations == {"r0"}
 
 
 def test_distance_like_offloads_at_least_as_many_layers():

@@ -10,9 +10,13 @@ policy runs with any of them (`EngineConfig.admission`), or with its own when th
   fits. The scheduler offers requests in arrival order and stops at the first refused (or whose
   prompt does not fit the free blocks), so nobody overtakes. What the offloading baselines and
   vLLM do.
-- `slo`: SLO-aware: it fits, and the batch with it is predicted to miss no more per-token SLOs
-  (TPOT/TBT) than the batch without it (`KVPolicy.predicted_misses`): waiting costs the request
-  TTFT; joining would cost everyone TBT. Into an empty batch a request that fits always joins.
+- `slo`: SLO-aware: it fits, and the batch with it is predicted to miss no more SLOs than the
+  batch without it plus the request waiting: per-token SLOs (TPOT/TBT) by
+  `KVPolicy.predicted_misses` (of requests still able to meet all their SLOs: goodput counts
+  only those), and the request's own TTFT when waiting would cost it
+  (`ttft_at_stake`: joining now could still meet it, waiting until the batch next changes could
+  not). Joining may cost others TBT; waiting costs the request TTFT; either is one miss, and a tie
+  joins. Into an empty batch a request that fits always joins.
   What `orbitflow` does natively (its prediction is its plan's violation set); on the other
   policies the prediction is `predicted_misses`' decode-step model.
 """
@@ -82,7 +86,9 @@ class SloAdmission(Admission):
     def _admits(self, policy, req, running, cap, plan) -> bool:
         if not running:
             return True
-        return policy.predicted_misses(running + [req], plan, cap) <= policy.predicted_misses(running, None, cap)
+        waiting = policy.predicted_misses(running, None, cap) + ttft_at_stake(req, running, policy.num_layers,
+                                                                              policy.cost)
+        return policy.predicted_misses(running + [req], plan, cap) <= waiting
 
 
 def available_admissions() -> list[str]:
@@ -107,20 +113,46 @@ def batch_plan_inputs(views: Sequence[RequestView], cap: CapacityView, num_layer
     `default_slo_s`), Token-Deposit credit when `deposit`, and the online cost model's coefficients.
 
     Prefill chunks still owed by the batch (an arrival's whole prompt included) share steps with
-    the decodes: their compute is debt every request's tokens must absorb within the first window,
-    so it comes off each request's SLO as debt / tokens in that window (never below a tenth of the
-    SLO: the planner then reports the miss instead of dividing by nothing)."""
+    the decodes: their compute is debt the other requests' tokens must absorb. TPOT is the mean
+    gap over a request's output, so the debt comes off each request's SLO as (the debt of the
+    others) / its tokens left (never below a tenth of the SLO: the planner then reports the miss
+    instead of dividing by nothing); the late gaps of the stalled steps themselves (TBT) are what
+    Token-Deposit banks for (`OrbitFlow._bank_targets`). A request's own prefill is not its debt:
+    it runs before its first token, where TTFT judges it, and TPOT/TBT start at that token."""
     a, b = cost.model.decode_layer_coeffs(len(views))
     debt = prefill_debt_s(views, num_layers, cost)
-    w0 = windows[0]
     reqs = []
     for v in views:
         slo = v.slo_s or default_slo_s
-        tokens = min(w0, v.max_new_tokens_left)
+        tokens = v.max_new_tokens_left
+        others = debt - prefill_debt_s([v], num_layers, cost)
         reqs.append(PlanRequest(v.request_id, max(1, v.num_tokens), v.max_new_tokens_left,
-                                max(0.1 * slo, slo - debt / max(tokens, 1)), v.deposit_tokens if deposit else 0))
+                                max(0.1 * slo, slo - others / max(tokens, 1)), v.deposit_tokens if deposit else 0))
     return PlanInputs(tuple(reqs), num_layers, cap.block_bytes // cap.block_size, cap.device_total_blocks * cap.block_bytes,
                       cost.model.link_bytes_per_s, a, b, distances, windows, cap.block_size)
+
+
+def ttft_at_stake(req: RequestView, running: Sequence[RequestView], num_layers: int, cost: OnlineCostModel) -> bool:
+    """Would `req` lose its TTFT SLO by waiting instead of joining `running` now? True when its
+    slack (`RequestView.ttft_slack_s`) still covers its prefill (joining now can meet the SLO) but
+    not its prefill plus the wait until the batch next changes: the decode steps until the running
+    request with the fewest tokens left finishes, at the cost model's decode step for the batch
+    (all its KV on device: the shortest such wait). False for a request with a token already, no
+    TTFT SLO, a slack its prefill already overruns (lost either way), or an empty batch."""
+    slack = req.ttft_slack_s
+    if slack is None or req.num_output_tokens or not running:
+        return False
+    prefill = prefill_debt_s([req], num_layers, cost)
+    a, b = cost.model.decode_layer_coeffs(len(running))
+    step = num_layers * (a + b * sum(v.num_tokens for v in running))
+    wait = min(v.max_new_tokens_left for v in running) * step
+    return prefill <= slack < prefill + wait
+
+
+def ttft_missed_ids(views: Sequence[RequestView]) -> set[str]:
+    """Ids of `views` whose TTFT SLO is missed already (`RequestView.ttft_missed`): a per-token miss
+    of theirs costs no goodput, so the SLO predictions do not count it."""
+    return {v.request_id for v in views if v.ttft_missed}
 
 
 def prefill_debt_s(views: Sequence[RequestView], num_layers: int, cost: OnlineCostModel) -> float:

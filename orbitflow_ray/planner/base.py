@@ -14,7 +14,7 @@ from typing import Callable, ClassVar
 from orbitflow_ray.costmodel import OnlineCostModel, default_prior
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.planner.admission import (Admission, AdmissionKind, batch_plan_inputs, make_admission,
-                                             predicted_late)
+                                             predicted_late, ttft_missed_ids)
 from orbitflow_ray.planner.problem import DEFAULT_WINDOWS
 
 
@@ -31,6 +31,9 @@ class RequestView:
     deposit_tokens: int = 0  # tokens banked by Token-Deposit pacing, released at the SLO pace
     paused_s: float | None = None  # seconds paused so far; None when not paused
     num_computed_tokens: int | None = None  # KV already computed; None: all of num_tokens but one
+    # TTFT SLO slack, seconds: arrival + TTFT SLO - the first token's time (now, before it comes);
+    # negative: the TTFT SLO is missed. None: the request set no TTFT SLO.
+    ttft_slack_s: float | None = None
 
     @property
     def prefill_tokens_left(self) -> int:
@@ -41,6 +44,11 @@ class RequestView:
     @property
     def max_new_tokens_left(self) -> int:
         return max(1, self.max_tokens - self.num_output_tokens)
+
+    @property
+    def ttft_missed(self) -> bool:
+        """Its TTFT SLO is already missed: it cannot count toward goodput, whatever its TPOT/TBT."""
+        return self.ttft_slack_s is not None and self.ttft_slack_s < 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +93,7 @@ class KVPolicy(abc.ABC):
     """A KV placement policy. Options every policy takes (`policy_options` offers them all):
     `admission` (`admission.py`'s kinds; None: `native_admission`), `cost_model` (the online cost
     model the SLO predictions read; None: a CPU prior), `slo_s` (the per-token SLO of requests that
-    set none) and `windows` (plan windows in decode steps: the first spreads prefill debt)."""
+    set none) and `windows` (plan windows in decode steps)."""
 
     name: ClassVar[str]
     native_admission: ClassVar[AdmissionKind] = AdmissionKind.FCFS
@@ -129,13 +137,14 @@ class KVPolicy(abc.ABC):
         steps, each at its placement in `plan`, else its own (a request without one, at
         `place_new`'s): the online cost model's decode step at those placements (`problem.step_time`,
         a placement taken as the prefetch distance offloading at least as many layers) against each
-        SLO less its share of the batch's prefill debt (`admission.batch_plan_inputs`)."""
+        SLO less its share of the batch's prefill debt (`admission.batch_plan_inputs`). Only misses
+        that cost goodput count: a request whose TTFT SLO is missed already (`ttft_missed`) is not."""
         if not views:
             return 0
         changed = plan.placements if plan is not None else {}
         tiers = [changed.get(v.request_id) or v.placement or self.place_new(v, cap) for v in views]
         inputs = batch_plan_inputs(views, cap, self.num_layers, self.cost, self.default_slo_s, self.windows)
-        return len(predicted_late(inputs, tiers, self.windows[0]))
+        return len(predicted_late(inputs, tiers, self.windows[0]) - ttft_missed_ids(views))
 
     def replan(self, running: list[RequestView], cap: CapacityView) -> PlacementPlan | None:
         """Placement changes between steps. Static policies change nothing."""

@@ -18,7 +18,9 @@ device (INFEASIBLE, `problem.py`), Pause-Resume pauses one request (strategy: la
 default), re-solves, and repeats; paused requests keep all their KV on host and rejoin, oldest
 first, when the ILP admits them again. Pauses are decided by that loop around the solver, not
 inside the ILP: the set it reaches pausing largest first is the fewest pauses that make the
-batch feasible (feasibility depends on each request's largest-offload KV alone). On the central
+batch feasible (feasibility depends on each request's largest-offload KV alone). A feasible plan
+that misses the SLOs of requests still able to meet all theirs pauses too, when pausing leaves
+fewer misses than it costs (`_pause_for_slo`: a slow link pauses, as no-offload preempts). On the central
 planner the loop runs with the ILP solver, so a central plan carries its own pause decisions.
 Solving ahead, a worker with a central planner sends the batch predicted at the window's end
 there, as many steps ahead as the measured round trip needs (`planner/ahead.py`), and adopts the
@@ -38,7 +40,8 @@ from dataclasses import replace
 
 from orbitflow_ray.costmodel import CostModel, OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
-from orbitflow_ray.planner.admission import AdmissionKind, batch_plan_inputs, prefill_debt_s
+from orbitflow_ray.planner.admission import (AdmissionKind, batch_plan_inputs, prefill_debt_s, ttft_at_stake,
+                                             ttft_missed_ids)
 from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         StepStats, register_policy)
@@ -92,7 +95,7 @@ class OrbitFlow(KVPolicy):
         self._anchor: tuple[Plan, int, float] | None = None  # (plan, batch context, T) at install
         self._last_views: list[RequestView] = []
         self._cap: CapacityView | None = None
-        self._refused: dict[str, frozenset[str]] = {}  # admission refused for this running set
+        self._refused: dict[str, tuple] = {}  # admission refused for this (running set, TTFT missed, at stake)
         self._proposal: tuple[Plan, list[str], PlacementPlan] | None = None  # the last `propose`'s
         self._protected: frozenset[str] = frozenset()  # resumed after an overlong pause: not paused again
         self._bank: dict[str, int] = {}  # Token-Deposit bank targets (`deposit_target`)
@@ -101,7 +104,7 @@ class OrbitFlow(KVPolicy):
         self._now = 0.0  # the clock of the last observed step
         self.counters = {k: 0 for k in ("plans", "pauses", "resumes", "fallbacks", "infeasible",
                                         "trigger_batch", "trigger_window", "trigger_drift",
-                                        "trigger_capacity", "plans_missing_slo")}
+                                        "trigger_capacity", "plans_missing_slo", "slo_pauses")}
 
     # ---- the problem ---------------------------------------------------------------------------
     def _inputs(self, views: list[RequestView], cap: CapacityView) -> PlanInputs:
@@ -126,7 +129,7 @@ class OrbitFlow(KVPolicy):
                 self.counters["fallbacks"] += 1
                 return self._fallback(inputs, PlanStatus.FALLBACK_ERROR), paused
             if plan.status != PlanStatus.INFEASIBLE:
-                return plan, paused
+                return self._pause_for_slo(plan, active, cap, pinned, paused, probe)
             victims = [v for v in active if v.request_id not in pinned]
             if probe:
                 if not self.can_pause or not victims:
@@ -141,6 +144,40 @@ class OrbitFlow(KVPolicy):
             victim = self.pick_victim(victims, self.rng)
             active = [v for v in active if v.request_id != victim]
             paused.append(victim)
+
+    def _pause_for_slo(self, plan: Plan, active: list[RequestView], cap: CapacityView, pinned: frozenset[str],
+                       paused: list[str], probe: bool) -> tuple[Plan, list[str]]:
+        """Pause-Resume under a slow link: when the plan misses the SLOs of requests that can still
+        meet all theirs (`ttft_missed_ids`), pause requests one by one (those whose TTFT is missed
+        first, then `pick_victim`'s), re-solving each time, and keep the fewest pauses that leave
+        the fewest misses in all, counting a pause as its request's miss (one late gap) when that
+        request can still meet all its SLOs: the trade the admission makes. No pause when none pays."""
+        if not self.can_pause or probe:
+            return plan, paused
+        missed = ttft_missed_ids(active)
+        best = (len(plan.violations - missed), plan, active, [])
+        trial, rest, extra, cost = plan, list(active), [], 0
+        while best[0] > 0 and len(rest) > 1:
+            victims = [v for v in rest if v.request_id not in pinned]
+            if not victims:
+                break
+            victim = self.pick_victim([v for v in victims if v.request_id in missed] or victims, self.rng)
+            rest = [v for v in rest if v.request_id != victim]
+            extra.append(victim)
+            cost += victim not in missed
+            try:
+                trial = self.solver.solve(self._inputs(rest, cap))
+            except Exception:
+                log.exception("placement solve failed while pausing for the SLO; keeping the plan")
+                break
+            if trial.status == PlanStatus.INFEASIBLE:
+                continue
+            misses = len(trial.violations - missed) + cost
+            if misses < best[0]:
+                best = (misses, trial, rest, list(extra))
+        _, plan, _, extra = best
+        self.counters["slo_pauses"] += len(extra)
+        return plan, paused + extra
 
     def _fallback(self, inputs: PlanInputs, status: PlanStatus) -> Plan:
         """Every request at its largest offload short of all-host, all-host where only that holds
@@ -247,21 +284,26 @@ class OrbitFlow(KVPolicy):
     def predicted_misses(self, views: list[RequestView], plan: PlacementPlan | None, cap: CapacityView) -> int:
         """From the plans: the proposal's violation set when `plan` is the last proposal; for the
         batch as it runs (`plan` None), the plan in force's, or 0 when that plan is not this batch's
-        (it is re-solved at the next step anyway)."""
+        (it is re-solved at the next step anyway). Requests whose TTFT SLO is missed already do not
+        count (`KVPolicy.predicted_misses`)."""
+        missed = ttft_missed_ids(views)
         if plan is None:
             ids = frozenset(v.request_id for v in views)
-            return len(self.plan.violations) if self.plan is not None and self.plan_ids == ids else 0
+            return len(self.plan.violations - missed) if self.plan is not None and self.plan_ids == ids else 0
         if self._proposal is not None and plan is self._proposal[2]:
-            return len(self._proposal[0].violations)
+            return len(self._proposal[0].violations - missed)
         return super().predicted_misses(views, plan, cap)
 
     def admit(self, req: RequestView, running: list[RequestView], cap: CapacityView
               ) -> PlacementPlan | None:
         """`propose`, then the admission decides (natively `slo`: the plan with `req` misses no
-        more SLOs than the batch already does; waiting costs it TTFT, joining would cost everyone
-        TBT). A request paused past `max_pause_s` joins whenever a plan holds it (no starvation)."""
+        more SLOs than the batch already does plus, when waiting would cost it its TTFT SLO
+        (`admission.ttft_at_stake`), that miss). A request paused past `max_pause_s` joins whenever
+        a plan holds it (no starvation)."""
         pinned = self._overdue([req])
-        ids = frozenset(v.request_id for v in running)
+        # what a refusal weighs: the batch, those in it whose TTFT is missed, whether waiting costs req its TTFT
+        ids = (frozenset(v.request_id for v in running), frozenset(ttft_missed_ids(running)),
+               ttft_at_stake(req, running, self.num_layers, self.cost))
         if not pinned and self._refused.get(req.request_id) == ids:
             return None  # the same batch refused it before; it only grew since
         proposal = self.propose(req, running, cap)

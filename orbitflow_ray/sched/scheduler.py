@@ -118,12 +118,15 @@ class Scheduler:
     def view(self, req: Request) -> RequestView:
         placement = tuple(self.kv.placement(req.request_id)) if self.kv.has(req.request_id) else None
         now = self.clock()
+        ttft = req.sampling_params.ttft_slo_s
         return RequestView(req.request_id, req.num_tokens, req.num_prompt_tokens,
                            req.sampling_params.max_tokens, req.arrival_time, placement,
                            len(req.output_token_ids), req.sampling_params.slo_s or self.config.tpot_slo_s,
                            req.deposit.banked(now) if req.deposit is not None and req.deposit.enabled else 0,
                            now - req.paused_at if req.paused_at is not None else None,
-                           req.num_computed_tokens)
+                           req.num_computed_tokens,
+                           None if ttft is None else
+                           req.arrival_time + ttft - (req.token_times[0] if req.token_times else now))
 
     def capacity(self) -> CapacityView:
         d, h = self.kv.pools[Tier.DEVICE], self.kv.pools[Tier.HOST]
