@@ -59,12 +59,14 @@ class StepLoop:
         self.cost = cost
         self.policy = policy
         self.advance = advance
-        self.schedule = schedule or scheduler.schedule
+        self._schedule = schedule
         self.skip_empty = skip_empty
 
     def step(self) -> Step | None:
         """One step; None when the plan was empty and skip_empty is set."""
-        out = self.schedule()
+        # looked up per step, as the executor's execute is: a wrapper set on the scheduler later
+        # (a test's or a bench's instrumentation) is the one that runs
+        out = self._schedule() if self._schedule is not None else self.scheduler.schedule()
         if self.skip_empty and out.is_empty:
             return None
         result = self.executor.execute(out)
