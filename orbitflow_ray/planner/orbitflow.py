@@ -155,8 +155,8 @@ class OrbitFlow(KVPolicy):
         if not self.can_pause or probe:
             return plan, paused
         missed = ttft_missed_ids(active)
-        best = (len(plan.violations - missed), plan, active, [])
-        trial, rest, extra, cost = plan, list(active), [], 0
+        best = (len(plan.violations - missed), plan, [])
+        rest, extra, cost = list(active), [], 0
         while best[0] > 0 and len(rest) > 1:
             victims = [v for v in rest if v.request_id not in pinned]
             if not victims:
@@ -174,8 +174,8 @@ class OrbitFlow(KVPolicy):
                 continue
             misses = len(trial.violations - missed) + cost
             if misses < best[0]:
-                best = (misses, trial, rest, list(extra))
-        _, plan, _, extra = best
+                best = (misses, trial, list(extra))
+        _, plan, extra = best
         self.counters["slo_pauses"] += len(extra)
         return plan, paused + extra
 
