@@ -1,6 +1,7 @@
 """Batched decode attention over a paged KV pool (kernels/orbitflow_kernels/attention.py) against
 per-sequence SDPA on gathered K/V: GQA, ragged lengths (one token, a block boundary, tiles past a
-short sequence's end), table rows picked through `rows`, fp32 and bf16; the Triton kernel under
+short sequence's end), table rows picked through `rows`, fp32 and bf16; the CPU's compiled (Numba)
+kernel, batch invariance; the Triton kernel under
 Triton's CPU interpreter where Triton is installed, and on CUDA where there is a GPU."""
 
 from __future__ import annotations
@@ -59,6 +60,38 @@ def test_torch_paged_decode_matches_sdpa(dtype, tile_blocks):
     assert got.dtype == dtype and got.shape == q.shape
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_numba_paged_decode_matches_sdpa():
+    q, pool, table, lens, rows = _case(torch.float32)
+    got = paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="numba")
+    want = _reference(q, pool, table, lens, rows, 0.3)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "numba"])
+def test_a_sequence_gets_the_same_bits_in_any_batch(impl):
+    """Batch invariance, which the pressure-identity tests build on: each sequence alone, and the
+    batch in reverse order, give exactly the batch's rows (the CPU default, numba, included)."""
+    q, pool, table, lens, rows = _case(torch.float32)
+    whole = paged_decode_attention(q, pool, table, lens, 0.3, rows, impl=impl)
+    for r in range(len(LENS)):
+        alone = paged_decode_attention(q[r:r + 1], pool, table, lens[r:r + 1], 0.3, rows[r:r + 1], impl=impl)
+        assert torch.equal(alone[0], whole[r]), r
+    rev = torch.arange(len(LENS) - 1, -1, -1)
+    assert torch.equal(paged_decode_attention(q[rev], pool, table, lens[rev], 0.3, rows[rev], impl=impl), whole[rev])
+
+
+def test_auto_takes_numba_on_a_cpu_pool_of_its_dtypes_and_refuses_it_for_bf16():
+    q, pool, table, lens, rows = _case(torch.float32)
+    assert torch.equal(paged_decode_attention(q, pool, table, lens, 0.3, rows),
+                       paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="numba"))
+    qb, poolb, *_ = _case(torch.bfloat16)
+    with pytest.raises(ValueError, match="numba"):
+        paged_decode_attention(qb, poolb, table, lens, 0.3, rows, impl="numba")
+    torch.testing.assert_close(paged_decode_attention(qb, poolb, table, lens, 0.3, rows),  # auto: torch
+                               paged_decode_attention(qb, poolb, table, lens, 0.3, rows, impl="torch"))
 
 
 def test_rows_default_to_the_table_order_and_bad_shapes_are_refused():

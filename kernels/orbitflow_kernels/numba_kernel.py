@@ -1,0 +1,84 @@
+"""Paged decode attention on the CPU as one compiled loop (Numba), reading the pool in place.
+
+The algorithm is attention.py's flash-decoding, as vLLM's CPU paged-attention kernel runs it: one
+task per (sequence, KV head), all query heads of that KV head together (GQA); the task walks its
+sequence's blocks through the block-table row, scores a block's keys, and folds the block into a
+running max / sum / output (online softmax, fp32). Nothing is gathered or padded: the bytes read
+are the sequence's own KV, once. A task's arithmetic depends only on its own sequence (not on the
+batch around it, nor on the thread count), so a sequence's output has the same bits in any batch,
+as the pressure-identity tests need.
+
+Compiled on first use (a few seconds; cached on disk beside this file where it is writable).
+fp32 pools only (Numba has no bfloat16 and no float16 arithmetic): others take the torch loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import config, get_num_threads, njit, prange, set_num_threads
+
+
+# fastmath limited to reassociation and FMA contraction (vectorised dot products); infinities stay
+# IEEE (the first block folds into m = -inf).
+@njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
+def _paged_decode(q, pool, table, rows, lens, scale, out):  # pragma: no cover - compiled
+    # q [R, H, D] fp32; pool [NB, 2, Hkv, bs, D]; table [T, W] int64; rows [R]; lens [R]; out [R, H, D]
+    r_n, h_n, d_n = q.shape
+    hkv_n, bs = pool.shape[2], pool.shape[3]
+    g_n = h_n // hkv_n
+    for task in prange(r_n * hkv_n):
+        r = task // hkv_n
+        kh = task % hkv_n
+        row = rows[r]
+        n = lens[r]
+        m = np.full(g_n, -np.inf, dtype=np.float32)
+        den = np.zeros(g_n, dtype=np.float32)
+        acc = np.zeros((g_n, d_n), dtype=np.float32)
+        s = np.empty((g_n, bs), dtype=np.float32)
+        qh = np.empty((g_n, d_n), dtype=np.float32)
+        for g in range(g_n):
+            for d in range(d_n):
+                qh[g, d] = q[r, kh * g_n + g, d] * scale
+        for j in range((n + bs - 1) // bs):
+            b = table[row, j]
+            t_n = min(bs, n - j * bs)
+            for g in range(g_n):
+                top = -np.inf
+                for t in range(t_n):
+                    x = np.float32(0.0)
+                    for d in range(d_n):
+                        x += qh[g, d] * pool[b, 0, kh, t, d]
+                    s[g, t] = x
+                    top = max(top, x)
+                new = max(m[g], top)
+                corr = np.float32(math.exp(m[g] - new))
+                den[g] *= corr
+                for d in range(d_n):
+                    acc[g, d] *= corr
+                for t in range(t_n):
+                    p = np.float32(math.exp(s[g, t] - new))
+                    den[g] += p
+                    for d in range(d_n):
+                        acc[g, d] += p * pool[b, 1, kh, t, d]
+                m[g] = new
+        for g in range(g_n):
+            for d in range(d_n):
+                out[r, kh * g_n + g, d] = acc[g, d] / den[g]
+
+
+def paged_decode(q: torch.Tensor, pool: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, scale: float,
+                 rows: torch.Tensor | None) -> torch.Tensor:
+    """attention.paged_decode_attention's contract on CPU tensors (checked by the caller)."""
+    r = q.shape[0]
+    rows = torch.arange(r) if rows is None else rows
+    qf = q.detach().to(torch.float32).contiguous()
+    out = torch.empty(qf.shape, dtype=torch.float32)
+    threads = min(torch.get_num_threads(), config.NUMBA_NUM_THREADS)  # torch's intra-op setting rules
+    if get_num_threads() != threads:
+        set_num_threads(threads)
+    _paged_decode(qf.numpy(), pool.detach().numpy(), table.contiguous().numpy(), rows.contiguous().numpy(),
+                  lens.contiguous().numpy(), np.float32(scale), out.numpy())
+    return out.to(q.dtype)
