@@ -211,5 +211,15 @@ def scatter_tokens(pool: torch.Tensor, block_ids: torch.Tensor, offsets: torch.T
     if off.numel() != ids.numel() or tuple(values.shape) != want:
         raise ValueError(f"scatter_tokens: {ids.numel()} block ids, {off.numel()} offsets; values "
                          f"must be {want}, got {tuple(values.shape)}")
-    # Advanced indices split by slices: torch puts the token dim first, so the target is [T, 2, Hkv, D].
-    pool[ids, :, :, off] = values.to(device=pool.device, dtype=pool.dtype)
+    values = values.to(device=pool.device, dtype=pool.dtype)
+    if not pool.is_contiguous():
+        # Advanced indices split by slices: torch puts the token dim first, so the target is [T, 2, Hkv, D].
+        pool[ids, :, :, off] = values
+        return
+    # One row copy per (token, K/V, head) into the pool seen as rows of D: index_copy_ runs serially
+    # for a decode step's few rows, where index_put_ enters a parallel region (its OpenMP barrier
+    # cost up to 15 ms a call on a 2-core box whose other core was busy).
+    _, kv, hkv, bs, d = pool.shape
+    slab = torch.arange(kv * hkv, device=pool.device)  # (K/V, head) in values' order
+    rows = ((ids[:, None] * (kv * hkv) + slab[None, :]) * bs + off[:, None]).reshape(-1)
+    pool.view(-1, d).index_copy_(0, rows, values.reshape(-1, d))
