@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orbitflow_kernels.attention import paged_decode_attention
+from orbitflow_kernels.attention import chunk_attention_cpu, paged_decode_attention
 from orbitflow_kernels.gather import gather_kv
 
 BS, HKV, G, D = 4, 2, 3, 8
@@ -92,6 +92,23 @@ def test_auto_takes_numba_on_a_cpu_pool_of_its_dtypes_and_refuses_it_for_bf16():
         paged_decode_attention(qb, poolb, table, lens, 0.3, rows, impl="numba")
     torch.testing.assert_close(paged_decode_attention(qb, poolb, table, lens, 0.3, rows),  # auto: torch
                                paged_decode_attention(qb, poolb, table, lens, 0.3, rows, impl="torch"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ctx, n", [(1, 1), (1, 7), (16, 5), (37, 40)])
+def test_chunk_attention_after_context_matches_masked_sdpa(dtype, ctx, n):
+    gen = torch.Generator().manual_seed(ctx * 100 + n)
+    q = torch.randn(1, HKV * G, n, D, generator=gen).to(dtype)
+    k, v = (torch.randn(1, HKV, ctx + n, D, generator=gen).to(dtype) for _ in range(2))
+    mask = torch.arange(ctx + n)[None, :] <= torch.arange(ctx, ctx + n)[:, None]  # query i sees keys <= ctx + i
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.3,
+                                          enable_gqa=True)
+    got = chunk_attention_cpu(q, k, v, ctx, 0.3)
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="ctx"):
+        chunk_attention_cpu(q, k, v, 0, 0.3)
 
 
 def test_rows_default_to_the_table_order_and_bad_shapes_are_refused():
