@@ -20,6 +20,11 @@ import numpy as np
 import torch
 from numba import config, get_num_threads, njit, prange, set_num_threads
 
+# Engine threads (tensor-parallel shards in one process, the serving core's engine thread) may run the
+# kernel at once: only the OpenMP and TBB layers take concurrent launches (workqueue aborts on them).
+if config.THREADING_LAYER == "default":
+    config.THREADING_LAYER = "threadsafe"
+
 
 # fastmath limited to reassociation and FMA contraction (vectorised dot products); infinities stay
 # IEEE (the first block folds into m = -inf).
