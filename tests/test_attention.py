@@ -83,6 +83,13 @@ def test_a_sequence_gets_the_same_bits_in_any_batch(impl):
     assert torch.equal(paged_decode_attention(q[rev], pool, table, lens[rev], 0.3, rows[rev], impl=impl), whole[rev])
 
 
+def test_numba_refuses_a_block_id_outside_the_pool():
+    q, pool, table, lens, rows = _case(torch.float32)
+    table[rows[2], 1] = pool.shape[0]  # sequence 2 (5 keys, 2 blocks): its second block
+    with pytest.raises(ValueError, match=r"sequences \[2\]"):
+        paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="numba")
+
+
 def test_auto_takes_numba_on_a_cpu_pool_of_its_dtypes_and_refuses_it_for_bf16():
     q, pool, table, lens, rows = _case(torch.float32)
     assert torch.equal(paged_decode_attention(q, pool, table, lens, 0.3, rows),

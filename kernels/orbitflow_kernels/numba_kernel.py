@@ -29,10 +29,11 @@ if config.THREADING_LAYER == "default":
 # fastmath limited to reassociation and FMA contraction (vectorised dot products); infinities stay
 # IEEE (the first block folds into m = -inf).
 @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
-def _paged_decode(q, pool, table, rows, lens, scale, out):  # pragma: no cover - compiled
-    # q [R, H, D] fp32; pool [NB, 2, Hkv, bs, D]; table [T, W] int64; rows [R]; lens [R]; out [R, H, D]
+def _paged_decode(q, pool, table, rows, lens, scale, out, bad):  # pragma: no cover - compiled
+    # q [R, H, D] fp32; pool [NB, 2, Hkv, bs, D]; table [T, W] int64; rows [R]; lens [R]; out [R, H, D];
+    # bad [R * Hkv]: set where a block id is outside the pool (that task stops; the caller raises)
     r_n, h_n, d_n = q.shape
-    hkv_n, bs = pool.shape[2], pool.shape[3]
+    nb, hkv_n, bs = pool.shape[0], pool.shape[2], pool.shape[3]
     g_n = h_n // hkv_n
     for task in prange(r_n * hkv_n):
         r = task // hkv_n
@@ -49,6 +50,9 @@ def _paged_decode(q, pool, table, rows, lens, scale, out):  # pragma: no cover -
                 qh[g, d] = q[r, kh * g_n + g, d] * scale
         for j in range((n + bs - 1) // bs):
             b = table[row, j]
+            if b < 0 or b >= nb:
+                bad[task] = 1
+                break
             t_n = min(bs, n - j * bs)
             for g in range(g_n):
                 top = -np.inf
@@ -84,6 +88,10 @@ def paged_decode(q: torch.Tensor, pool: torch.Tensor, table: torch.Tensor, lens:
     threads = min(torch.get_num_threads(), config.NUMBA_NUM_THREADS)  # torch's intra-op setting rules
     if get_num_threads() != threads:
         set_num_threads(threads)
+    bad = np.zeros(r * pool.shape[2], dtype=np.uint8)
     _paged_decode(qf.numpy(), pool.detach().numpy(), table.contiguous().numpy(), rows.contiguous().numpy(),
-                  lens.contiguous().numpy(), np.float32(scale), out.numpy())
+                  lens.contiguous().numpy(), np.float32(scale), out.numpy(), bad)
+    if bad.any():
+        seqs = sorted({int(t) // pool.shape[2] for t in np.flatnonzero(bad)})
+        raise ValueError(f"block table rows of sequences {seqs} name blocks outside the pool's {pool.shape[0]}")
     return out.to(q.dtype)
