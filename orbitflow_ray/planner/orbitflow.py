@@ -20,7 +20,8 @@ first, when the ILP admits them again. Pauses are decided by that loop around th
 inside the ILP: the set it reaches pausing largest first is the fewest pauses that make the
 batch feasible (feasibility depends on each request's largest-offload KV alone). A feasible plan
 that misses the SLOs of requests still able to meet all theirs pauses too, when pausing leaves
-fewer misses than it costs (`_pause_for_slo`: a slow link pauses, as no-offload preempts). On the central
+fewer misses than it costs (`_pause_for_slo`: a slow link pauses, as no-offload preempts; at most
+`slo_pause_max_trials` trial solves per re-plan, SLO_PAUSE_MAX_TRIALS by default). On the central
 planner the loop runs with the ILP solver, so a central plan carries its own pause decisions.
 Solving ahead, a worker with a central planner sends the batch predicted at the window's end
 there, as many steps ahead as the measured round trip needs (`planner/ahead.py`), and adopts the
@@ -49,11 +50,14 @@ from orbitflow_ray.planner.deposit import ArrivalForecast, bank_target
 from orbitflow_ray.planner.pause import pause_strategy
 from orbitflow_ray.planner.planning import PlanResult, RemoteSolve
 from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs,
-                                           PlanStatus, distance_set, make_plan, placement_for_distance,
+                                           PlanStatus, certain_late, distance_set, make_plan, placement_for_distance,
                                            step_time)
 from orbitflow_ray.planner.solvers import PlacementSolver, make_solver
 
 log = logging.getLogger(__name__)
+# Trial solves one Pause-for-SLO search may run (`OrbitFlow._pause_for_slo`), each a full fast-path
+# solve on the decode thread: a count, so the bound holds whatever the machine's load.
+SLO_PAUSE_MAX_TRIALS = 8
 
 def tiers_for_distance(d: int, num_layers: int) -> list[Tier]:
     return [Tier.HOST if h else Tier.DEVICE for h in placement_for_distance(d, num_layers)]
@@ -74,10 +78,14 @@ class OrbitFlow(KVPolicy):
                  pause_strategy_name: str = "largest", max_pause_s: float = 30.0, slo_s: float = 0.5,
                  drift_threshold: float = 0.25, drift_patience: int = 3, solve_ahead: bool = True,
                  seed: int = 0, solver: str = "fast", deposit_pace: float = 0.9, arrival_memory_s: float = 30.0,
-                 **options) -> None:
+                 slo_pause_max_trials: int = SLO_PAUSE_MAX_TRIALS, **options) -> None:
         super().__init__(num_layers, cost_model=cost_model, slo_s=slo_s, windows=windows, **options)
         if max_pause_s <= 0 or drift_threshold <= 0 or drift_patience < 1:
             raise ValueError("need max_pause_s > 0, drift_threshold > 0, drift_patience >= 1")
+        if isinstance(slo_pause_max_trials, bool) or not isinstance(slo_pause_max_trials, int) \
+                or slo_pause_max_trials < 0:
+            raise ValueError(f"slo_pause_max_trials must be an integer >= 0, got {slo_pause_max_trials!r}")
+        self.slo_pause_max_trials = slo_pause_max_trials
         self.distances = distances
         self.pick_victim = pause_strategy(pause_strategy_name)
         self.max_pause_s = max_pause_s
@@ -104,7 +112,8 @@ class OrbitFlow(KVPolicy):
         self._now = 0.0  # the clock of the last observed step
         self.counters = {k: 0 for k in ("plans", "pauses", "resumes", "fallbacks", "infeasible",
                                         "trigger_batch", "trigger_window", "trigger_drift",
-                                        "trigger_capacity", "plans_missing_slo", "slo_pauses")}
+                                        "trigger_capacity", "plans_missing_slo", "slo_pauses", "slo_pause_trials",
+                                        "slo_pause_trials_max", "slo_pause_skipped", "slo_pause_capped")}
 
     # ---- the problem ---------------------------------------------------------------------------
     def _inputs(self, views: list[RequestView], cap: CapacityView) -> PlanInputs:
@@ -151,22 +160,41 @@ class OrbitFlow(KVPolicy):
         meet all theirs (`ttft_missed_ids`), pause requests one by one (those whose TTFT is missed
         first, then `pick_victim`'s), re-solving each time, and keep the fewest pauses that leave
         the fewest misses in all, counting a pause as its request's miss (one late gap) when that
-        request can still meet all its SLOs: the trade the admission makes. No pause when none pays."""
+        request can still meet all its SLOs: the trade the admission makes. No pause when none pays.
+
+        Bounded by counts, never a clock (this runs on the decode thread): at most
+        `slo_pause_max_trials` trial solves per call; the loop ends once the pauses' own misses
+        reach the best total (no later trial can beat it); a trial whose certain misses
+        (`problem.certain_late`: compute alone is over their SLO) already reach it is not solved.
+        Every trial is warm-started from `plan`, so skipping one changes no other trial's plan, and
+        the solver is left seeded with the plan chosen. Counted in `slo_pause_trials` (solves),
+        `slo_pause_trials_max` (most in one call), `slo_pause_skipped` and `slo_pause_capped`."""
         if not self.can_pause or probe:
             return plan, paused
         missed = ttft_missed_ids(active)
         best = (len(plan.violations - missed), plan, [])
-        rest, extra, cost = list(active), [], 0
-        while best[0] > 0 and len(rest) > 1:
+        rest, extra, cost, trials = list(active), [], 0, 0
+        while best[0] > cost and len(rest) > 1:
             victims = [v for v in rest if v.request_id not in pinned]
             if not victims:
+                break
+            if trials >= self.slo_pause_max_trials:
+                self.counters["slo_pause_capped"] += 1
                 break
             victim = self.pick_victim([v for v in victims if v.request_id in missed] or victims, self.rng)
             rest = [v for v in rest if v.request_id != victim]
             extra.append(victim)
             cost += victim not in missed
+            if cost >= best[0]:  # misses >= pauses' own, from here on: none beats best
+                break
+            inputs = self._inputs(rest, cap)
+            if cost + len(certain_late(inputs) - missed) >= best[0]:
+                self.counters["slo_pause_skipped"] += 1
+                continue
+            trials += 1
+            self.solver.seed(plan.distances)
             try:
-                trial = self.solver.solve(self._inputs(rest, cap))
+                trial = self.solver.solve(inputs)
             except Exception:
                 log.exception("placement solve failed while pausing for the SLO; keeping the plan")
                 break
@@ -175,6 +203,10 @@ class OrbitFlow(KVPolicy):
             misses = len(trial.violations - missed) + cost
             if misses < best[0]:
                 best = (misses, trial, list(extra))
+        self.counters["slo_pause_trials"] += trials
+        self.counters["slo_pause_trials_max"] = max(self.counters["slo_pause_trials_max"], trials)
+        if trials:
+            self.solver.seed(best[1].distances)
         _, plan, extra = best
         self.counters["slo_pauses"] += len(extra)
         return plan, paused + extra
