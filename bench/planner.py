@@ -43,7 +43,7 @@ than one solver call: `OrbitFlow.replan` (fast path, solve ahead off) on indepen
 of the same preset (each a new batch: solved on the spot, including Pause-for-SLO's trial solves
 when the plan misses SLOs), always in CPU time (time.process_time). Per (requests, layers) and per
 --slo-pause-max-trials value (the policy's cap on trial solves per re-plan; the largest value in
-the list is the ratio's baseline): p50/p99 ms, solver calls per re-plan (p50/max), the share of
+the list is the ratio's baseline; --device-frac and --slo-scales set how tight the batches are): p50/p99 ms, solver calls per re-plan (p50/max), the share of
 re-plans whose plan missed an SLO (`missing`) and that paused for it (`paused`), the trial solves
 (p50/max), and the SLO misses plus pauses each plan was left with (mean).
 """
@@ -87,19 +87,19 @@ def make_request(rng, rid: str) -> PlanRequest:
     return PlanRequest(rid, n, int(rng.integers(16, 2048)), 1.0, int(rng.integers(0, 17)))
 
 
-def with_slos(rng, reqs, preset: str, cap_frac: float) -> PlanInputs:
+def with_slos(rng, reqs, preset: str, cap_frac: float, scales=(1.0, 1.5, 2.5)) -> PlanInputs:
     L, kvb, a, b = PRESETS[preset]
     step = L * (a + b * sum(r.context_tokens for r in reqs))
-    reqs = [dataclasses.replace(r, slo_s=step * float(rng.choice([1.0, 1.5, 2.5]))) for r in reqs]
+    reqs = [dataclasses.replace(r, slo_s=step * float(rng.choice(scales))) for r in reqs]
     demand = sum(r.context_tokens + r.growth(32) for r in reqs) * L * kvb
     return PlanInputs(reqs, L, kvb, int(demand * cap_frac), LINK, a, b)
 
 
-def cold_batches(R: int, preset: str, n: int, seed: int):
+def cold_batches(R: int, preset: str, n: int, seed: int, device_frac=(0.6, 0.98), scales=(1.0, 1.5, 2.5)):
     rng = np.random.default_rng(seed)
     for i in range(n):
         reqs = [make_request(rng, f"b{i}-r{j}") for j in range(R)]
-        yield with_slos(rng, reqs, preset, rng.uniform(0.6, 0.98))
+        yield with_slos(rng, reqs, preset, rng.uniform(*device_frac), scales)
 
 
 def warm_batches(R: int, preset: str, n: int, seed: int):
@@ -179,6 +179,10 @@ def main(argv=None) -> None:
     ap.add_argument("--slo-pause-max-trials", default="8,1000",
                     help="--decode-thread: the policy's caps on Pause-for-SLO trial solves (comma list; the "
                          "largest is the baseline)")
+    ap.add_argument("--device-frac", default="0.6,0.98",
+                    help="--decode-thread: device KV as a share of the batch's demand, drawn from this range")
+    ap.add_argument("--slo-scales", default="1,1.5,2.5",
+                    help="--decode-thread: per-token SLOs drawn from these multiples of the no-offload step")
     args = ap.parse_args(argv)
     if args.decode_thread:
         decode_thread(args)
@@ -214,6 +218,10 @@ def main(argv=None) -> None:
             json.dump({"args": vars(args), "rows": rows, "gap": gap}, f, indent=1)
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x)
+
+
 class CountingSolver:
     """A placement solver that counts its solves (the policy's solver, wrapped)."""
 
@@ -231,11 +239,11 @@ class CountingSolver:
 BLOCK = 16  # tokens per KV block in the decode-thread batches
 
 
-def decode_batches(R: int, preset: str, n: int, seed: int):
+def decode_batches(R: int, preset: str, n: int, seed: int, device_frac, scales):
     """Independent random batches as the policy sees them: (views, capacity). The requests,
     SLOs and device capacity of `cold_batches`, every request on device, its prompt computed."""
     L, kvb, _, _ = PRESETS[preset]
-    for i, inp in enumerate(cold_batches(R, preset, n, seed)):
+    for i, inp in enumerate(cold_batches(R, preset, n, seed, device_frac, scales)):
         views = [RequestView(f"d{i}-{r.request_id}", r.context_tokens, r.context_tokens - 1,
                              r.context_tokens - 1 + r.max_new_tokens_left, float(j), (Tier.DEVICE,) * L, 1,
                              r.slo_s) for j, r in enumerate(inp.requests)]
@@ -251,7 +259,8 @@ def decode_cell(R: int, preset: str, cap_trials: int, args) -> dict:
     policy.solver = CountingSolver(policy.solver)
     times, solves, trials, left = [], [], [], []
     missing = paused = 0
-    for views, cap in decode_batches(R, preset, args.instances, args.seed):
+    for views, cap in decode_batches(R, preset, args.instances, args.seed, _floats(args.device_frac),
+                                     _floats(args.slo_scales)):
         calls, tried, misses = policy.solver.calls, policy.counters["slo_pause_trials"], policy.counters["plans_missing_slo"]
         t = time.process_time()
         change = policy.replan(views, cap)

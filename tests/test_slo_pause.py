@@ -1,6 +1,6 @@
 """Pause-for-SLO (`OrbitFlow._pause_for_slo`) is bounded by counts: at most `slo_pause_max_trials`
 trial solves per re-plan, none once the pauses' own misses reach the best, none for a trial its
-certain misses settle; within the bound it decides as the unbounded search does.
+certain misses settle; when the bound covers the search it decides as the unbounded one does.
 
 The batches here have no device KV (capacity 0): every request streams all-host, the only
 placement, so each trial's step time T is `step_time` of the all-host placement and the
@@ -86,21 +86,25 @@ def test_trials_that_compute_alone_settles_are_not_solved():
     assert p.counters["slo_pause_skipped"] == 4 and p.counters["slo_pause_trials"] == 0
 
 
-def test_a_batch_where_all_miss_runs_at_most_the_bound():
-    """32 equal requests and an SLO only two of them together meet: every pause keeps the misses
-    at 32 until two are left (30 pauses, 0 misses: 30 in all). The unbounded search solves 30
-    trials to find that; the default bound stops after SLO_PAUSE_MAX_TRIALS and pauses nobody."""
-    batch = views([60] * 32, 0.0)
+@pytest.mark.parametrize("meet, bounded_pauses", [(20, 12), (2, 31)])
+def test_a_batch_where_all_miss_runs_at_most_the_bound(meet, bounded_pauses):
+    """32 equal requests and an SLO that only `meet` of them together meet: every pause leaves the
+    misses at 32 until `meet` are left (32 - meet pauses and no late request). The unbounded search
+    solves 32 - meet trials to find that. The bound solves 8: k = 1, 2, 3, 4, then 8, 16 (16 left)
+    and, for meet = 2, 31; the doubling that pays is bisected on the budget left: 12 (20 left: the
+    unbounded search's answer) and 10 for meet = 20, 23 for meet = 2, where 31 pauses (31 misses)
+    stay, one more than the unbounded search's 30."""
     p = policy()
-    two, three = all_host_T(p, batch[:2]), all_host_T(p, batch[:3])
-    batch = views([60] * 32, (two + three) / 2)
+    meets, late = all_host_T(p, views([60] * meet, 1.0)), all_host_T(p, views([60] * (meet + 1), 1.0))
+    batch = views([60] * 32, (meets + late) / 2)
     bounded, unbounded = policy(), policy(slo_pause_max_trials=1000)
     paused, plan, calls = replan(bounded, batch)
-    assert calls == 1 + SLO_PAUSE_MAX_TRIALS and paused == [] and len(plan.violations) == 32
-    assert bounded.counters["slo_pause_trials_max"] == SLO_PAUSE_MAX_TRIALS
+    assert calls == 1 + SLO_PAUSE_MAX_TRIALS and bounded.counters["slo_pause_trials_max"] == SLO_PAUSE_MAX_TRIALS
+    assert paused == [f"r{i}" for i in range(31, 31 - bounded_pauses, -1)] and not plan.violations
     assert bounded.counters["slo_pause_capped"] == 1
     paused, plan, calls = replan(unbounded, batch)
-    assert calls == 1 + 30 and len(paused) == 30 and not plan.violations
+    assert calls == 1 + 32 - meet and len(paused) == 32 - meet and not plan.violations
+    assert unbounded.counters["slo_pause_capped"] == 0
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "8"])
