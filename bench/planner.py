@@ -43,7 +43,9 @@ than one solver call: `OrbitFlow.replan` (fast path, solve ahead off) on indepen
 of the same preset (each a new batch: solved on the spot, including Pause-for-SLO's trial solves
 when the plan misses SLOs), always in CPU time (time.process_time). Per (requests, layers) and per
 --slo-pause-max-trials value (the policy's cap on trial solves per re-plan; the largest value in
-the list is the ratio's baseline; --device-frac and --slo-scales set how tight the batches are): p50/p99 ms, solver calls per re-plan (p50/max), the share of
+the list is the ratio's baseline; --device-frac, --slo-scales and --same-context set how tight the
+batches are: `--same-context 32768 --device-frac 0.6,0.6 --slo-scales 1` makes every request miss
+until a dozen are paused): p50/p99 ms, solver calls per re-plan (p50/max), the share of
 re-plans whose plan missed an SLO (`missing`) and that paused for it (`paused`), the trial solves
 (p50/max), and the SLO misses plus pauses each plan was left with (mean).
 """
@@ -181,6 +183,9 @@ def main(argv=None) -> None:
                          "largest is the baseline)")
     ap.add_argument("--device-frac", default="0.6,0.98",
                     help="--decode-thread: device KV as a share of the batch's demand, drawn from this range")
+    ap.add_argument("--same-context", type=int, default=0,
+                    help="--decode-thread: every request this many tokens (0: random), device KV the "
+                         "low end of --device-frac")
     ap.add_argument("--slo-scales", default="1,1.5,2.5",
                     help="--decode-thread: per-token SLOs drawn from these multiples of the no-offload step")
     args = ap.parse_args(argv)
@@ -239,11 +244,15 @@ class CountingSolver:
 BLOCK = 16  # tokens per KV block in the decode-thread batches
 
 
-def decode_batches(R: int, preset: str, n: int, seed: int, device_frac, scales):
+def decode_batches(R: int, preset: str, n: int, seed: int, device_frac, scales, same_context: int = 0):
     """Independent random batches as the policy sees them: (views, capacity). The requests,
-    SLOs and device capacity of `cold_batches`, every request on device, its prompt computed."""
+    SLOs and device capacity of `cold_batches`, every request on device, its prompt computed;
+    `same_context` > 0: every request that long, 512 tokens left (pauses that change nothing)."""
     L, kvb, _, _ = PRESETS[preset]
     for i, inp in enumerate(cold_batches(R, preset, n, seed, device_frac, scales)):
+        if same_context:
+            reqs = [dataclasses.replace(r, context_tokens=same_context, max_new_tokens_left=512) for r in inp.requests]
+            inp = with_slos(np.random.default_rng((seed, i)), reqs, preset, device_frac[0], scales)
         views = [RequestView(f"d{i}-{r.request_id}", r.context_tokens, r.context_tokens - 1,
                              r.context_tokens - 1 + r.max_new_tokens_left, float(j), (Tier.DEVICE,) * L, 1,
                              r.slo_s) for j, r in enumerate(inp.requests)]
@@ -260,7 +269,7 @@ def decode_cell(R: int, preset: str, cap_trials: int, args) -> dict:
     times, solves, trials, left = [], [], [], []
     missing = paused = 0
     for views, cap in decode_batches(R, preset, args.instances, args.seed, _floats(args.device_frac),
-                                     _floats(args.slo_scales)):
+                                     _floats(args.slo_scales), args.same_context):
         calls, tried, misses = policy.solver.calls, policy.counters["slo_pause_trials"], policy.counters["plans_missing_slo"]
         t = time.process_time()
         change = policy.replan(views, cap)
