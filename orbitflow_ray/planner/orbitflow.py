@@ -175,9 +175,9 @@ class OrbitFlow(KVPolicy):
         Every trial is warm-started from `plan`, so a skipped k changes no other trial's plan, and
         the solver is left seeded with the plan chosen. Counted in `slo_pause_trials` (solves),
         `slo_pause_trials_max` (most in one call), `slo_pause_skipped` and `slo_pause_capped`."""
-        if not self.can_pause or probe:
-            return plan, paused
         missed = ttft_missed_ids(active)
+        if not self.can_pause or probe or not plan.violations - missed:
+            return plan, paused
         order = self._pause_order(active, pinned, missed)
         cost = [0]  # cost[k]: misses the first k pauses count themselves
         for rid in order:
@@ -188,7 +188,8 @@ class OrbitFlow(KVPolicy):
         def tries(k: int) -> bool:
             """Solve with the first k paused; True when that beats the best so far."""
             nonlocal trials, failed
-            rest = [v for v in active if v.request_id not in order[:k]]
+            gone = set(order[:k])
+            rest = [v for v in active if v.request_id not in gone]
             inputs = self._inputs(rest, cap)
             if cost[k] + len(certain_late(inputs) - missed) >= best[0]:
                 self.counters["slo_pause_skipped"] += 1
