@@ -8,6 +8,7 @@ Run from the repository root with the project venv:
     .venv/bin/python bench/planner.py --json runs/planner.json
     .venv/bin/python bench/planner.py --batches 32,128 --layers 32,80 --solvers fast,central,central-mip \
         --cpu-time --gap-instances 1000 --json runs/planner.json    # the issue-16 table
+    .venv/bin/python bench/planner.py --decode-thread --batches 8,16,32 --layers 32 --json runs/decode.json
 
 Solver paths: `central` (CompactIlpPlanner: what the central planner runs; the fast plan, then the
 LP relaxation of the compact cvxpy model and the chain-restricted cvxpy MIP, both solved by HiGHS,
@@ -36,6 +37,17 @@ excluded from its percentiles and reported as first_ms; highs_share is the part 
 spent inside HiGHS (the rest is cvxpy: parameter update, matrix stuffing, result unpacking).
 BLAS is pinned to one thread (the planner's arrays are tiny; a multithreaded BLAS on a shared host
 is 100x slower at these sizes).
+
+--decode-thread: what a re-plan costs the worker's decode thread, the policy's whole solve rather
+than one solver call: `OrbitFlow.replan` (fast path, solve ahead off) on independent random batches
+of the same preset (each a new batch: solved on the spot, including Pause-for-SLO's trial solves
+when the plan misses SLOs), always in CPU time (time.process_time). Per (requests, layers) and per
+--slo-pause-max-trials value (the policy's cap on trial solves per re-plan; the largest value in
+the list is the ratio's baseline; --device-frac, --slo-scales and --same-context set how tight the
+batches are: `--same-context 32768 --device-frac 0.6,0.6 --slo-scales 1` makes every request miss
+until a dozen are paused): p50/p99 ms, solver calls per re-plan (p50/max), the share of
+re-plans whose plan missed an SLO (`missing`) and that paused for it (`paused`), the trial solves
+(p50/max), and the SLO misses plus pauses each plan was left with (mean).
 """
 
 from __future__ import annotations
@@ -55,6 +67,9 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from orbitflow_ray.costmodel import CostModel, OnlineCostModel  # noqa: E402
+from orbitflow_ray.kv.blocks import Tier  # noqa: E402
+from orbitflow_ray.planner.base import CapacityView, RequestView, make_policy  # noqa: E402
 from orbitflow_ray.planner.fastpath import FastPlanner  # noqa: E402
 from orbitflow_ray.planner.ilp import IlpPlanner  # noqa: E402
 from orbitflow_ray.planner.ilp_compact import CompactIlpPlanner  # noqa: E402
@@ -74,19 +89,19 @@ def make_request(rng, rid: str) -> PlanRequest:
     return PlanRequest(rid, n, int(rng.integers(16, 2048)), 1.0, int(rng.integers(0, 17)))
 
 
-def with_slos(rng, reqs, preset: str, cap_frac: float) -> PlanInputs:
+def with_slos(rng, reqs, preset: str, cap_frac: float, scales=(1.0, 1.5, 2.5)) -> PlanInputs:
     L, kvb, a, b = PRESETS[preset]
     step = L * (a + b * sum(r.context_tokens for r in reqs))
-    reqs = [dataclasses.replace(r, slo_s=step * float(rng.choice([1.0, 1.5, 2.5]))) for r in reqs]
+    reqs = [dataclasses.replace(r, slo_s=step * float(rng.choice(scales))) for r in reqs]
     demand = sum(r.context_tokens + r.growth(32) for r in reqs) * L * kvb
     return PlanInputs(reqs, L, kvb, int(demand * cap_frac), LINK, a, b)
 
 
-def cold_batches(R: int, preset: str, n: int, seed: int):
+def cold_batches(R: int, preset: str, n: int, seed: int, device_frac=(0.6, 0.98), scales=(1.0, 1.5, 2.5)):
     rng = np.random.default_rng(seed)
     for i in range(n):
         reqs = [make_request(rng, f"b{i}-r{j}") for j in range(R)]
-        yield with_slos(rng, reqs, preset, rng.uniform(0.6, 0.98))
+        yield with_slos(rng, reqs, preset, rng.uniform(*device_frac), scales)
 
 
 def warm_batches(R: int, preset: str, n: int, seed: int):
@@ -161,7 +176,22 @@ def main(argv=None) -> None:
     ap.add_argument("--gap-instances", type=int, default=0,
                     help="random instances (4-32 requests, L = 32) for the fast path's gap to the ILP optimum")
     ap.add_argument("--procs", type=int, default=1, help="processes for the gap study")
+    ap.add_argument("--decode-thread", action="store_true",
+                    help="time the policy's whole re-plan (OrbitFlow.replan incl. Pause-for-SLO) instead of solvers")
+    ap.add_argument("--slo-pause-max-trials", default="8,1000",
+                    help="--decode-thread: the policy's caps on Pause-for-SLO trial solves (comma list; the "
+                         "largest is the baseline)")
+    ap.add_argument("--device-frac", default="0.6,0.98",
+                    help="--decode-thread: device KV as a share of the batch's demand, drawn from this range")
+    ap.add_argument("--same-context", type=int, default=0,
+                    help="--decode-thread: every request this many tokens (0: random), device KV the "
+                         "low end of --device-frac")
+    ap.add_argument("--slo-scales", default="1,1.5,2.5",
+                    help="--decode-thread: per-token SLOs drawn from these multiples of the no-offload step")
     args = ap.parse_args(argv)
+    if args.decode_thread:
+        decode_thread(args)
+        return
     if args.quick:
         args.batches, args.layers, args.instances, args.mip_instances = "4,32", "32", 15, 3
     by_layers = {p[0]: name for name, p in PRESETS.items()}
@@ -191,6 +221,94 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows, "gap": gap}, f, indent=1)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x)
+
+
+class CountingSolver:
+    """A placement solver that counts its solves (the policy's solver, wrapped)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, 0
+
+    def solve(self, inputs: PlanInputs):
+        self.calls += 1
+        return self.inner.solve(inputs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+BLOCK = 16  # tokens per KV block in the decode-thread batches
+
+
+def decode_batches(R: int, preset: str, n: int, seed: int, device_frac, scales, same_context: int = 0):
+    """Independent random batches as the policy sees them: (views, capacity). The requests,
+    SLOs and device capacity of `cold_batches`, every request on device, its prompt computed;
+    `same_context` > 0: every request that long, 512 tokens left (pauses that change nothing)."""
+    L, kvb, _, _ = PRESETS[preset]
+    for i, inp in enumerate(cold_batches(R, preset, n, seed, device_frac, scales)):
+        if same_context:
+            reqs = [dataclasses.replace(r, context_tokens=same_context, max_new_tokens_left=512) for r in inp.requests]
+            inp = with_slos(np.random.default_rng((seed, i)), reqs, preset, device_frac[0], scales)
+        views = [RequestView(f"d{i}-{r.request_id}", r.context_tokens, r.context_tokens - 1,
+                             r.context_tokens - 1 + r.max_new_tokens_left, float(j), (Tier.DEVICE,) * L, 1,
+                             r.slo_s) for j, r in enumerate(inp.requests)]
+        blocks = inp.device_capacity_bytes // (BLOCK * kvb)
+        yield views, CapacityView(L, BLOCK, BLOCK * kvb, blocks, blocks, 10 ** 9, 10 ** 9)
+
+
+def decode_cell(R: int, preset: str, cap_trials: int, args) -> dict:
+    """One (requests, layers, trial cap) cell of --decode-thread (module docstring)."""
+    L, _, a, b = PRESETS[preset]
+    policy = make_policy("orbitflow", L, cost_model=OnlineCostModel(CostModel(L, a, b, 0.0, LINK)),
+                         solve_ahead=False, slo_pause_max_trials=cap_trials)
+    policy.solver = CountingSolver(policy.solver)
+    times, solves, trials, left = [], [], [], []
+    missing = paused = 0
+    for views, cap in decode_batches(R, preset, args.instances, args.seed, _floats(args.device_frac),
+                                     _floats(args.slo_scales), args.same_context):
+        calls, tried, misses = policy.solver.calls, policy.counters["slo_pause_trials"], policy.counters["plans_missing_slo"]
+        t = time.process_time()
+        change = policy.replan(views, cap)
+        times.append(time.process_time() - t)
+        solves.append(policy.solver.calls - calls)
+        trials.append(policy.counters["slo_pause_trials"] - tried)
+        pauses = len(change.pause) if change is not None else 0
+        missing += policy.counters["plans_missing_slo"] > misses or pauses > 0
+        paused += pauses > 0
+        left.append(len(policy.plan.violations) + pauses)
+    policy.close()
+    return {"n": len(times), "p50_ms": 1e3 * float(np.percentile(times, 50)),
+            "p99_ms": 1e3 * float(np.percentile(times, 99)), "max_ms": 1e3 * max(times),
+            "solves_p50": float(np.percentile(solves, 50)), "solves_max": max(solves),
+            "trials_p50": float(np.percentile(trials, 50)), "trials_max": max(trials),
+            "missing": missing / len(times), "paused": paused / len(times),
+            "misses_plus_pauses": float(np.mean(left))}
+
+
+def decode_thread(args) -> None:
+    by_layers = {p[0]: name for name, p in PRESETS.items()}
+    caps = sorted(int(c) for c in args.slo_pause_max_trials.split(","))
+    rows = []
+    print(f"{'L':>3} {'R':>4} {'cap':>5} {'n':>4} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'p99/base':>8} "
+          f"{'solves p50/max':>14} {'trials p50/max':>14} {'missing':>7} {'paused':>6} {'misses+pauses':>13}")
+    for L in map(int, args.layers.split(",")):
+        for R in map(int, args.batches.split(",")):
+            cells = {c: decode_cell(R, by_layers[L], c, args) for c in caps}
+            base = cells[caps[-1]]
+            for c, cell in cells.items():
+                print(f"{L:>3} {R:>4} {c:>5} {cell['n']:>4} {cell['p50_ms']:>8.1f} {cell['p99_ms']:>8.1f} "
+                      f"{cell['max_ms']:>8.1f} {cell['p99_ms'] / base['p99_ms']:>8.3f} "
+                      f"{cell['solves_p50']:>6.0f} / {cell['solves_max']:<5} {cell['trials_p50']:>6.0f} / "
+                      f"{cell['trials_max']:<5} {cell['missing']:>7.0%} {cell['paused']:>6.0%} "
+                      f"{cell['misses_plus_pauses']:>13.2f}", flush=True)
+                rows.append({"layers": L, "requests": R, "slo_pause_max_trials": c, **cell})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "mode": "decode-thread", "rows": rows}, f, indent=1)
 
 
 GAP_TOLERANCE = 1e-4  # the gap study's ILP proves T within this of the optimum

@@ -327,6 +327,13 @@ def late_requests(inputs: PlanInputs, T: float, window: int) -> set[str]:
     return {r.request_id for r in inputs.requests if T > r.effective_slo_s(window) * (1 + SLO_RTOL)}
 
 
+def certain_late(inputs: PlanInputs) -> set[str]:
+    """Ids late under every plan of these inputs: the batch's compute alone (T with no stall, the
+    least any placement reaches) is over their effective SLO at the shortest window (the largest
+    it gets: a longer window only shrinks it)."""
+    return late_requests(inputs, inputs.num_layers * inputs.compute_per_layer_s, inputs.windows[0])
+
+
 def device_bytes(inputs: PlanInputs, distances: Sequence[int], window: int) -> int:
     dev = np.array([inputs.num_layers - _n_host(d, inputs.num_layers) for d in distances], dtype=np.int64)
     return int(dev @ inputs.end_tokens(window)) * inputs.kv_bytes_per_token_per_layer if len(dev) else 0
