@@ -335,6 +335,27 @@ def test_closing_a_stream_aborts_the_request_and_frees_its_kv():
     assert (unfinished, device, host) == (False, 0, 0)
 
 
+def test_a_client_gone_before_the_engine_takes_its_request_costs_nothing_else():
+    """The client's wait for acceptance is cancelled while the engine thread is busy; when the
+    engine reaches the request it drops it (before: setting the cancelled future's result raised
+    InvalidStateError on the engine thread, which died, and every later request got a 503)."""
+    async def run(ae):
+        busy = ae.call(lambda e: time.sleep(0.5))  # holds the engine thread
+        left = asyncio.create_task(anext(ae.stream(_req("gone", [5] * 8, _greedy(4)))))
+        await asyncio.sleep(0.1)
+        left.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await left
+        await asyncio.wrap_future(busy)
+        deltas = await _drain(ae.stream(_req("next", [5] * 8, _greedy(4))))
+        assert sum(len(d.token_ids) for d in deltas) == 4 and deltas[-1].finished
+        ae.check_health()
+        return await _settle(ae)
+
+    unfinished, device, host, _ = _run_on_tiny(run)
+    assert (unfinished, device, host) == (False, 0, 0)
+
+
 def test_closing_a_stream_right_after_acceptance_aborts_the_request():
     async def run(ae):
         stream = ae.stream(_req("r", [5, 6, 7, 8] * 10, _greedy(1500)))

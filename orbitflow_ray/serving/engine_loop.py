@@ -211,6 +211,10 @@ class AsyncEngine:
         kind = cmd[0]
         if kind == "add":
             _, req, stream = cmd
+            # Running from here on, so the client's cancel can no longer void the future under us;
+            # False: it left before the engine took it (its abort command follows): nothing to add.
+            if not stream.accepted.set_running_or_notify_cancel():
+                return
             waiting = len(self.engine.scheduler.waiting)
             if self.max_waiting is not None and waiting >= self.max_waiting:
                 stream.accepted.set_exception(WorkerOverloaded(
@@ -255,7 +259,7 @@ class AsyncEngine:
                 cmd = self._cmds.get_nowait()
             except queue.Empty:
                 return
-            if cmd[0] == "add":
+            if cmd[0] == "add" and cmd[2].accepted.set_running_or_notify_cancel():
                 cmd[2].accepted.set_exception(err)
             elif cmd[0] == "call":
                 cmd[2].set_exception(err)
