@@ -336,9 +336,9 @@ def test_streams_with_a_huge_tpot_slo_are_refused_not_held_open(real_app):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("field", ["temperature", "top_p"])
-def test_tiny_temperature_or_top_p_does_not_kill_the_worker(real_app, field):
-    app, loop, core = real_app
-    hi = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
-    first = _send(loop, app, "POST", COMPLETIONS, json={**hi, field: 5e-324})
-    after = _send(loop, app, "POST", COMPLETIONS, json=hi)
-    assert core.alive and first.status_code in (200, 400) and after.status_code == 200, core.error
+def test_tiny_temperature_or_top_p_does_not_kill_the_worker(serve_loop, field):
+    with _real_app(serve_loop) as (app, loop, core):
+        hi = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        first = _send(loop, app, "POST", COMPLETIONS, json={**hi, field: 5e-324})
+        after = _send(loop, app, "POST", COMPLETIONS, json=hi)
+        assert core.alive and first.status_code in (200, 400) and after.status_code == 200, core.error
