@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 
 from orbitflow_ray.cli import main, parse_bytes
 
@@ -51,3 +52,15 @@ def test_serve_execs_serve_run_with_the_api_key_in_the_environment(monkeypatch, 
     assert argv[1:] == ["run", str(cfg)] and path.endswith("serve")
     assert env["ORBITFLOW_API_KEY"] == "sk-0123456789"
     assert main(["serve", "--config", str(tmp_path / "missing.yaml")]) == 2  # a clear error, no exec
+
+
+def test_calibrate_scale_shrinks_lengths_and_is_checked(capsys):
+    from orbitflow_ray.sim.calibrate import PROBE_CONTEXTS, scaled_lengths
+
+    assert scaled_lengths(PROBE_CONTEXTS, 1.0) == PROBE_CONTEXTS
+    assert scaled_lengths((128, 512, 1536, 20), 0.4) == (51, 205, 614, 16)  # at least 16 tokens each
+    with pytest.raises(ValueError, match="scale"):
+        scaled_lengths(PROBE_CONTEXTS, 1.5)
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--scale", "0", "--out", "unused"])
+    assert "--scale" in capsys.readouterr().err

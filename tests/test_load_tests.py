@@ -83,7 +83,7 @@ async def _failing_server():
                                  status=400)
 
     async def slow(request):
-        await asyncio.sleep(5)
+        await asyncio.sleep(2)  # well past the client's 0.3 s timeout
         return web.Response(text="late")
 
     async def broken(request):  # a stream that stops without finishing
@@ -223,7 +223,7 @@ def test_policies_redeploy_the_app_into_one_side_by_side_report(tmp_path):
     out = tmp_path / "policies"
     cmd = [sys.executable, "-m", "load_tests", "--config", "deployments/config.yaml", "--port", "0",
            "--policies", "no-offload,orbitflow", "--workload", "fixed", "--input-tokens", "200",
-           "--output-tokens", "8", "--num-requests", "3", "--rate", "1", "--warmup", "0",
+           "--output-tokens", "8", "--num-requests", "3", "--rate", "3", "--warmup", "0",
            "--out", str(out), "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -33,6 +33,16 @@ OFFLOAD_PROBES = ((4, 512), (8, 1536))  # (batch, context) under static-uniform 
 PROBE_LINK_BYTES_PER_S = 1e9
 PROBE_BATCHES = (1, 4, 8)
 PROBE_CONTEXTS = (128, 512, 1536)
+REPLAY_PROMPT_LENS = (150, 400, 700, 1000, 300, 1200, 90, 600)  # the fidelity trace, tokens
+REPLAY_MAX_TOKENS = 24
+
+
+def scaled_lengths(lengths, scale: float) -> tuple[int, ...]:
+    """Token lengths times `scale` (0 < scale <= 1), each at least 16: the probe grid and the replay
+    trace of a quicker, coarser calibration. Raises ValueError on a scale outside (0, 1]."""
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
+    return tuple(max(16, round(n * scale)) for n in lengths)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +154,14 @@ def fidelity(model: str, gpu: GpuSpec, prompt_lens: list[int], max_tokens: int, 
     return Fidelity(float(np.mean(real_steps)), result.metrics["makespan_s"] / result.metrics["num_steps"], errors)
 
 
-def calibrate(model: str = "smollm2-135m", base: str = "cpu-2core", **engine_args) -> tuple[GpuSpec, dict]:
-    records = measure(model, **engine_args)
+def calibrate(model: str = "smollm2-135m", base: str = "cpu-2core", scale: float = 1.0,
+              **engine_args) -> tuple[GpuSpec, dict]:
+    """Measure, fit and score the fit. `scale` (0, 1] shrinks every probe context (the offload
+    probes' too) by that factor: fewer prefill tokens to run, the same grid of batches."""
+    contexts = scaled_lengths(PROBE_CONTEXTS, scale)
+    offload_contexts = scaled_lengths([n for _, n in OFFLOAD_PROBES], scale)
+    offload = tuple((b, n) for (b, _), n in zip(OFFLOAD_PROBES, offload_contexts))
+    records = measure(model, contexts=contexts, offload_probes=offload, **engine_args)
     gpu = fit(model, records, load_gpu(base))
     err = fit_errors(model, gpu, records)
     return gpu, {"samples": len(records), "mean_abs_rel_error": float(np.mean(np.abs(err))),

@@ -6,6 +6,7 @@
         --policies orbitflow,all-offload,static-uniform,flexgen-plus,select-n,no-offload \\
         --rates 0.5,1,2,4 --slo-scales 1,1.5,2.5 --out runs/cmp
     orbitflow calibrate --out runs/calib   # fit the cost model to this machine, check fidelity
+    orbitflow calibrate --out runs/calib --scale 0.4   # the same over shorter contexts, quicker
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ def _floats(text: str) -> list[float]:
         return [float(x) for x in text.split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -170,22 +181,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from orbitflow_ray.sim.calibrate import calibrate, fidelity
+    from orbitflow_ray.sim.calibrate import REPLAY_MAX_TOKENS, REPLAY_PROMPT_LENS, calibrate, fidelity, scaled_lengths
     from orbitflow_ray.sim.hardware import save_gpu
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"measuring {args.model} on this machine (about a minute)...", file=sys.stderr)
-    gpu, fit = calibrate(args.model, args.base)
+    print(f"measuring {args.model} on this machine (a few minutes at --scale 1)...", file=sys.stderr)
+    gpu, fit = calibrate(args.model, args.base, args.scale)
     path = out / f"{gpu.name}.yaml"
     save_gpu(gpu, path)
     print(f"fit over {fit['samples']} steps: mean |error| {fit['mean_abs_rel_error']:.1%}, "
           f"max {fit['max_abs_rel_error']:.1%}; wrote {path}", file=sys.stderr)
-    report = {"gpu": str(path), "fit": fit}
+    report = {"gpu": str(path), "scale": args.scale, "fit": fit}
     if not args.skip_fidelity:
-        lens = [150, 400, 700, 1000, 300, 1200, 90, 600]
+        lens = list(scaled_lengths(REPLAY_PROMPT_LENS, args.scale))
         for policy, extra in (("no-offload", {}), ("static-uniform", {"link_bandwidth_bytes_per_s": 1e9})):
-            f = fidelity(args.model, gpu, lens, 24, policy, **extra)
+            f = fidelity(args.model, gpu, lens, REPLAY_MAX_TOKENS, policy, **extra)
             report[f"fidelity_{policy}"] = f.to_dict()
             print(f"fidelity {policy}: mean step real {f.mean_step_real_s * 1e3:.0f} ms vs sim "
                   f"{f.mean_step_sim_s * 1e3:.0f} ms ({f.step_rel_error:.1%}); per-request TPOT error "
@@ -232,5 +243,8 @@ def add_sim_commands(sub) -> None:
     k.add_argument("--model", default="smollm2-135m", help="model to measure (default: smollm2-135m)")
     k.add_argument("--base", default="cpu-2core", help="spec whose peaks the factors scale (default: cpu-2core)")
     k.add_argument("--out", default="runs/calibration", help="output directory (default: runs/calibration)")
+    k.add_argument("--scale", type=_scale, default=1.0,
+                   help="shrink every probe context and replayed prompt by this factor, in (0, 1]: a "
+                        "quicker, coarser calibration over shorter contexts (default: 1)")
     k.add_argument("--skip-fidelity", action="store_true", help="fit only, skip the replay check")
     k.set_defaults(func=cmd_calibrate)
