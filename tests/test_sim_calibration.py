@@ -1,10 +1,12 @@
 """Calibration fidelity: the simulator, fitted to this machine, predicts the real engine.
 
-`orbitflow calibrate --scale 0.4` measures the engine (SmolLM2-135M, CPU backend) over a batch x
+`orbitflow calibrate --scale 0.6` measures the engine (SmolLM2-135M, CPU backend) over a batch x
 context grid, fits the roofline's factors, then replays one trace through the engine and through the
 simulator: mean step time and per-request TPOT must agree within 15 % (the issue's bar; Vidur reports
-< 9 %). The scale shrinks the probe contexts and the replayed prompts to 0.4x the default's (the same
-batches and decode lengths; 0.4x the prefill tokens). It runs in its own process, as users run it:
+< 9 %). The scale shrinks the probe contexts and the replayed prompts to 0.6x the default's (the same
+batches and decode lengths; 0.6x the prefill tokens; at 0.4 a first attempt missed the bar by a few
+points on a quiet box, 66 s an attempt at 0.6 against 129 s at 1). It runs in its own process, as
+users run it:
 timings taken inside a process that has already run the rest of the suite (dozens of models loaded,
 threads parked, a fragmented heap) are not this machine's."""
 
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 ATTEMPTS = 3  # a calibration is a measurement: a noisy neighbour can spoil one; it must hold in one of 3
-SCALE = 0.4
+SCALE = 0.6
 
 
 def _within(data: dict) -> bool:
