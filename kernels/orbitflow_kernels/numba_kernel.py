@@ -16,9 +16,18 @@ from __future__ import annotations
 
 import math
 
+import os
+
 import numpy as np
 import torch
-from numba import config, get_num_threads, njit, prange, set_num_threads
+
+# Numba's thread pool is sized once, at its first parallel launch, from NUMBA_NUM_THREADS (default:
+# every CPU). Size it from torch's intra-op setting as this module is first imported (lazily, by the
+# first decode): a shard actor with one thread must not carry an idle pool that competes with the
+# other shards for two cores (3 shards on 2 cores ran 3.7x slower).
+os.environ.setdefault("NUMBA_NUM_THREADS", str(torch.get_num_threads()))
+
+from numba import config, get_num_threads, njit, prange, set_num_threads  # noqa: E402
 
 # Engine threads (tensor-parallel shards in one process, the serving core's engine thread) may run the
 # kernel at once: only the OpenMP and TBB layers take concurrent launches (workqueue aborts on them).
