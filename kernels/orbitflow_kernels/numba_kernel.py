@@ -15,19 +15,24 @@ fp32 pools only (Numba has no bfloat16 and no float16 arithmetic): others take t
 from __future__ import annotations
 
 import math
-
 import os
 
 import numpy as np
 import torch
 
-# Numba's thread pool is sized once, at its first parallel launch, from NUMBA_NUM_THREADS (default:
-# every CPU). Size it from torch's intra-op setting as this module is first imported (lazily, by the
-# first decode): a shard actor with one thread must not carry an idle pool that competes with the
-# other shards for two cores (3 shards on 2 cores ran 3.7x slower).
-os.environ.setdefault("NUMBA_NUM_THREADS", str(torch.get_num_threads()))
-
-from numba import config, get_num_threads, njit, prange, set_num_threads  # noqa: E402
+# Numba sizes its thread pool from NUMBA_NUM_THREADS (default: every CPU) when it is imported. Unless
+# the user set it, size it from torch's intra-op setting as this module is first imported (lazily,
+# by the first decode), then unset it again so processes started later (Ray actors) size their own:
+# a shard actor with one thread must not carry an idle pool that competes with the other shards
+# for two cores (3 shards on 2 cores ran 3.7x slower).
+_ours = "NUMBA_NUM_THREADS" not in os.environ
+if _ours:
+    os.environ["NUMBA_NUM_THREADS"] = str(torch.get_num_threads())
+try:
+    from numba import config, get_num_threads, njit, prange, set_num_threads  # noqa: E402
+finally:
+    if _ours:
+        del os.environ["NUMBA_NUM_THREADS"]
 
 # Engine threads (tensor-parallel shards in one process, the serving core's engine thread) may run the
 # kernel at once: only the OpenMP and TBB layers take concurrent launches (workqueue aborts on them).
