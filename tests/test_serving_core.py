@@ -29,6 +29,7 @@ from orbitflow_ray.planner.ahead import AheadSolver, RemotePlan
 from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.sampling_params import SamplingParams
 from orbitflow_ray.serving import central
+from orbitflow_ray.serving import protocol as p
 from orbitflow_ray.serving.api import build_api
 from orbitflow_ray.serving.app_config import AppArgs
 from orbitflow_ray.serving.central import CentralPlanner, InProcessPlanner
@@ -305,6 +306,29 @@ def test_refused_request_raises_and_others_go_on():
         assert not (await _settle(ae))[0]
 
     _run_on_tiny(run, max_model_len=64)
+
+
+def test_a_refusal_from_a_worker_replica_reaches_the_client_as_its_own_message():
+    """Over Serve the worker's ValueError comes back wrapped in Ray's RayTaskError, whose text starts
+    with the replica's name and pid; the 400 must carry the engine's own words."""
+    from ray.exceptions import RayTaskError
+
+    why = "the prompt needs 90 KV blocks; this worker's device tier holds 64"
+    try:
+        raise ValueError(why)
+    except ValueError as cause:
+        wrapped = RayTaskError("handle_request_with_rejection", f"  File \"worker.py\", line 1\nValueError: {why}", cause,
+                               proctitle="ray::ServeReplica:orbitflow:OrbitFlowWorker", pid=1, ip="127.0.0.1",
+                               actor_id="ab").as_instanceof_cause()
+    assert isinstance(wrapped, ValueError) and not str(wrapped).startswith(why)
+
+    async def refused():
+        raise wrapped
+        yield  # an async generator, as the worker's stream is
+
+    with pytest.raises(p.BadRequestError) as err:
+        asyncio.run(OpenAIService._accepted(None, refused(), None))
+    assert str(err.value) == why and err.value.status_code == 400
 
 
 def test_stream_token_ids_match_offline_generate():

@@ -276,5 +276,10 @@ async def _close(stream) -> None:
 
 
 def _first_line(e: BaseException) -> str:
+    """The message a client sees for a worker's exception: the original one when Ray wrapped it (a
+    `RayTaskError` carries it as `cause`; its own text starts with the actor's name and pid)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[-1] if "Traceback" in text else text.splitlines()[0]
