@@ -165,8 +165,9 @@ class PlanInputs:
     def end_tokens(self, window: int) -> np.ndarray:
         """Tokens of KV each request holds at the window's end, in whole blocks."""
         bs = self.block_size
-        return np.array([-(-(r.context_tokens + r.growth(window)) // bs) * bs for r in self.requests],
-                        dtype=np.int64)
+        # `growth` inlined: this runs for every window, bound and trial of a solve
+        return np.array([-(-(r.context_tokens + min(window, r.max_new_tokens_left)) // bs) * bs
+                         for r in self.requests], dtype=np.int64)
 
     def largest_offload(self) -> list[int]:
         """Per request, the distance with the fewest device layers short of all-host, or all-host

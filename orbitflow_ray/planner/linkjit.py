@@ -1,0 +1,202 @@
+"""The fast path's longest-path loops, compiled (Numba): `fastpath.LinkEval` calls these.
+
+The link stall of a class-load vector is a longest path over the critical intervals
+(`problem.critical_intervals`), a Python loop over layers in numpy; the fast path evaluates it for
+thousands of candidate placements per solve. Here it is one compiled loop per batch of vectors.
+
+Same numbers as the numpy loop: `need` sums count_k * Y_k over k in class order from zero (what
+numpy's einsum does for two or more vectors; terms with a zero count add exactly zero, so they are
+skipped), the longest path takes the same maxima, so a batch of two or more vectors gives the same
+bits. One vector alone numpy sums with SIMD multiply-adds (machine-dependent rounding): the caller
+computes that `need` with numpy and passes it in (`path_stall`), so a plan is the same as before.
+
+Compiled single-threaded (`nogil`, no `parallel`: the decode thread must not start a pool), cached
+on disk beside this file where that is writable, and warmed up when this module is imported, so a
+solve never compiles: the first import compiles (a few seconds), later ones load the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+# As kernels/orbitflow_kernels/numba_kernel.py: Numba sizes its thread pool from NUMBA_NUM_THREADS
+# when first imported. If the planner imports it first, size it as that kernel would (torch's
+# intra-op threads, when torch is loaded) and unset it again for processes started later.
+_ours = "NUMBA_NUM_THREADS" not in os.environ and "torch" in sys.modules
+if _ours:
+    os.environ["NUMBA_NUM_THREADS"] = str(sys.modules["torch"].get_num_threads())
+try:
+    from numba import njit  # noqa: E402
+finally:
+    if _ours:
+        del os.environ["NUMBA_NUM_THREADS"]
+
+
+@njit(cache=True, nogil=True)
+def _path(need, a, group, out_u):  # pragma: no cover - compiled
+    # need [I] per interval (grouped by end layer: group[j]:group[j+1] end at j), a [I] first layers;
+    # out_u [L + 1]: U[j + 1] the least stall through layer j. Returns U[L].
+    L = len(group) - 1
+    out_u[0] = 0.0
+    for j in range(L):
+        u = out_u[j]
+        for i in range(group[j], group[j + 1]):
+            v = out_u[a[i]] + need[i]
+            if v > u:
+                u = v
+        out_u[j + 1] = u
+    return out_u[L]
+
+
+CHUNK = 128  # vectors per pass: need [I, CHUNK] and U [L + 1, CHUNK] stay in cache
+
+
+@njit(cache=True, nogil=True)
+def _stall_rows(counts, span, a, group, YT, out):  # pragma: no cover - compiled
+    # counts [I, K]; YT [K, N] (class loads, one column per vector); out [N]: each column's stall.
+    # The vectors run in the innermost loops (SIMD across vectors, each sum still in class order).
+    n_int, n_cls = counts.shape
+    L = len(group) - 1
+    need = np.empty((n_int, CHUNK))
+    u = np.empty((L + 1, CHUNK))
+    for lo in range(0, YT.shape[1], CHUNK):
+        w = min(CHUNK, YT.shape[1] - lo)
+        for i in range(n_int):
+            row = need[i]
+            for n in range(w):
+                row[n] = 0.0
+            for k in range(n_cls):
+                c = counts[i, k]
+                if c != 0.0:
+                    y = YT[k, lo:lo + w]
+                    for n in range(w):
+                        row[n] += c * y[n]
+            s = span[i]
+            for n in range(w):
+                row[n] -= s
+        for n in range(w):
+            u[0, n] = 0.0
+        for j in range(L):
+            dst, src = u[j + 1], u[j]
+            for n in range(w):
+                dst[n] = src[n]
+            for i in range(group[j], group[j + 1]):
+                ua, nd = u[a[i]], need[i]
+                for n in range(w):
+                    v = ua[n] + nd[n]
+                    if v > dst[n]:
+                        dst[n] = v
+        for n in range(w):
+            out[lo + n] = u[L, n]
+
+
+@njit(cache=True, nogil=True)
+def _chain_path(need, a, group, out_u, arg):  # pragma: no cover - compiled
+    # `_path` that also records, per layer, the interval that set U there (-1: U carried over);
+    # ties keep the first interval of the group, as numpy's argmax does.
+    L = len(group) - 1
+    out_u[0] = 0.0
+    arg[0] = -1
+    for j in range(L):
+        out_u[j + 1], arg[j + 1] = out_u[j], -1
+        best, at = -np.inf, -1
+        for i in range(group[j], group[j + 1]):
+            v = out_u[a[i]] + need[i]
+            if v > best:
+                best, at = v, i
+        if at >= 0 and best > out_u[j]:
+            out_u[j + 1], arg[j + 1] = best, at
+
+
+@njit(cache=True, nogil=True)
+def _improve_round(counts, span, a, group, Y, ks, load, e, dev, slack, p_r, p_q):  # pragma: no cover
+    # One round of `fastpath.improve`: every single move and swap that fits (`slack` device
+    # token-layers), in its order (moves by request then class, then the swaps), scored at once.
+    # Returns (candidates, of them moves, best index (the first least), its stall, its request, and
+    # its class (a move) or partner (a swap)).
+    R, K = len(ks), len(Y)
+    n_sw = len(p_r)
+    YT = np.empty((K, R * (K - 1) + n_sw))
+    who = np.empty((len(YT[0]), 2), dtype=np.int64)
+    n = 0
+    for r in range(R):
+        for k in range(K):
+            if k != ks[r] and e[r] * (dev[k] - dev[ks[r]]) <= slack:
+                YT[:, n] = Y
+                YT[ks[r], n] -= load[r]
+                YT[k, n] += load[r]
+                who[n, 0], who[n, 1] = r, k
+                n += 1
+    n_mv = n
+    for t in range(n_sw):
+        r, q = p_r[t], p_q[t]
+        if ks[r] != ks[q] and (e[r] - e[q]) * (dev[ks[q]] - dev[ks[r]]) <= slack:
+            YT[:, n] = Y
+            YT[ks[r], n] += load[q] - load[r]
+            YT[ks[q], n] += load[r] - load[q]
+            who[n, 0], who[n, 1] = r, q
+            n += 1
+    if n == 0:
+        return 0, 0, -1, 0.0, -1, -1
+    out = np.empty(n)
+    _stall_rows(counts, span, a, group, YT[:, :n].copy(), out)
+    b = 0
+    for i in range(1, n):
+        if out[i] < out[b]:
+            b = i
+    return n, n_mv, b, out[b], who[b, 0], who[b, 1]
+
+
+class CompiledLink:
+    """The compiled side of one (layers, distances) link: counts [I, K], interval starts `a` [I]
+    and spans [I], grouped by end layer (`group` [L + 1] offsets)."""
+
+    def __init__(self, counts: np.ndarray, a: np.ndarray, span: np.ndarray, group: np.ndarray) -> None:
+        self.counts = np.ascontiguousarray(counts, dtype=np.float64)
+        self.a, self.group = np.ascontiguousarray(a, dtype=np.int64), np.ascontiguousarray(group, dtype=np.int64)
+        self.span = np.ascontiguousarray(span, dtype=np.float64)
+        self.L = len(group) - 1
+
+    def stall(self, Y: np.ndarray) -> np.ndarray:
+        """Least stall of each row of Y [N, K] (class loads), in compute layers: [N]."""
+        if Y.shape[0] == 1:  # numpy's one-vector sum (module docstring)
+            return np.array([self.path_stall(np.einsum("ik,kn->in", self.counts, np.ascontiguousarray(Y.T))[:, 0] - self.span)])
+        out = np.empty(Y.shape[0])
+        _stall_rows(self.counts, self.span, self.a, self.group, np.ascontiguousarray(Y.T, dtype=np.float64), out)
+        return out
+
+    def improve_round(self, Y, ks, load, e, dev, slack: int, p_r, p_q) -> tuple[int, int, int, float, int, int]:
+        """`_improve_round` on this link: Y [K] class loads, ks [R] classes, load [R], e [R] end
+        tokens, dev [K] device layers, p_r / p_q [S] swap partners (the dtypes it was compiled for)."""
+        f, i = np.float64, np.int64
+        return _improve_round(self.counts, self.span, self.a, self.group, np.asarray(Y, f), np.asarray(ks, i),
+                              np.asarray(load, f), np.asarray(e, i), np.asarray(dev, i), int(slack),
+                              np.asarray(p_r, i), np.asarray(p_q, i))
+
+    def path_stall(self, need: np.ndarray) -> float:
+        """U[L] for a per-interval need [I] (transfers minus compute, in compute layers)."""
+        return float(_path(np.ascontiguousarray(need, dtype=np.float64), self.a, self.group,
+                           np.empty(self.L + 1)))
+
+    def chain_path(self, need: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(U [L + 1], arg [L + 1]): the longest path and the interval that ends it at each layer."""
+        U, arg = np.empty(self.L + 1), np.empty(self.L + 1, dtype=np.int64)
+        _chain_path(np.ascontiguousarray(need, dtype=np.float64), self.a, self.group, U, arg)
+        return U, arg
+
+
+def _warm_up() -> None:
+    """Compile (or load from the cache) every signature a solve uses."""
+    counts = np.array([[1.0, 0.0], [1.0, 2.0]])
+    link = CompiledLink(counts, np.array([0, 0]), np.array([0.0, 1.0]), np.array([0, 1, 2]))
+    link.stall(np.ones((2, 2)))
+    link.stall(np.ones((1, 2)))
+    link.chain_path(np.ones(2))
+    ks = np.array([0, 1])
+    link.improve_round(np.ones(2), ks, np.ones(2), ks, np.array([1, 0]), 1, np.array([0]), np.array([1]))
+
+
+_warm_up()
