@@ -196,7 +196,11 @@ def _warm_up() -> None:
     link.stall(np.ones((1, 2)))
     link.chain_path(np.ones(2))
     ks = np.array([0, 1])
-    link.improve_round(np.ones(2), ks, np.ones(2), ks, np.array([1, 0]), 1, np.array([0]), np.array([1]))
+    for frozen in (False, True):  # the fast path's per-window arrays are read-only
+        load, e, dev = np.ones(2), np.array([1, 1]), np.array([1, 0])
+        for arr in (load, e, dev):
+            arr.flags.writeable = not frozen
+        link.improve_round(np.ones(2), ks, load, e, dev, 1, np.array([0]), np.array([1]))
 
 
 _warm_up()

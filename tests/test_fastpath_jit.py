@@ -1,0 +1,118 @@
+"""The fast path's compiled loops (planner/linkjit.py) against numpy references and the exact model.
+
+Same plans as before the loops were compiled: the compiled stall must equal the numpy loop bit for
+bit, `improve` and `LinkEval.chain` must take the steps their numpy versions (kept here as the
+reference) take, and a solve must never compile (the decode thread runs it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from orbitflow_ray.planner import linkjit
+from orbitflow_ray.planner.fastpath import FastPlanner, LinkEval, _moved, improve, link_eval
+from orbitflow_ray.planner.problem import (PlanInputs, PlanRequest, _device_layers, _stall_s, distance_set,
+                                           window_counts)
+
+
+def improve_numpy(link: LinkEval, load, e, dev, cap, ks, rounds: int = 12, partners: int = 6) -> np.ndarray:
+    """`fastpath.improve` as it was in numpy (every round's candidates scored by `stall_numpy`)."""
+    ks, R = ks.copy(), len(ks)
+    by_size = np.argsort(load, kind="stable")
+    i, j = np.triu_indices(R, 1)
+    near = (j - i) <= partners
+    p_r, p_q = by_size[i[near]], by_size[j[near]]
+    for _ in range(rounds):
+        Y = np.bincount(ks, weights=load, minlength=len(dev))
+        F, slack = link.stall_numpy(Y[None])[0], cap - int(e @ dev[ks])
+        rr, kk = np.nonzero(np.arange(len(dev))[None, :] != ks[:, None])
+        ok = e[rr] * (dev[kk] - dev[ks[rr]]) <= slack
+        rr, kk = rr[ok], kk[ok]
+        sw = (ks[p_r] != ks[p_q]) & ((e[p_r] - e[p_q]) * (dev[ks[p_q]] - dev[ks[p_r]]) <= slack)
+        r2, q2 = p_r[sw], p_q[sw]
+        swapped = np.repeat(Y[None], len(r2), 0)
+        idx = np.arange(len(r2))
+        swapped[idx, ks[r2]] += load[q2] - load[r2]
+        swapped[idx, ks[q2]] += load[r2] - load[q2]
+        Ys = np.vstack([_moved(Y, ks, load, rr, kk), swapped])
+        if not len(Ys):
+            break
+        Fs = link.stall_numpy(Ys)
+        b = int(np.argmin(Fs))
+        if Fs[b] >= F - 1e-12 * (link.L + F):
+            break
+        if b < len(rr):
+            ks[rr[b]] = kk[b]
+        else:
+            r, q = r2[b - len(rr)], q2[b - len(rr)]
+            ks[r], ks[q] = ks[q], ks[r]
+    return ks
+
+
+def chain_numpy(link: LinkEval, Y: np.ndarray):
+    """`LinkEval.chain`'s longest path as it was in numpy: (U, interval ending the path at each layer)."""
+    need = link.counts @ Y - link.span
+    U, arg = np.zeros(link.L + 1), np.full(link.L + 1, -1)
+    for j, g in enumerate(link.by_end):
+        U[j + 1] = U[j]
+        if g.stop > g.start:
+            i = g.start + int(np.argmax(U[link.a[g]] + need[g]))
+            if U[link.a[i]] + need[i] > U[j]:
+                U[j + 1], arg[j + 1] = U[link.a[i]] + need[i], i
+    return U, arg
+
+
+@st.composite
+def links(draw):
+    L = draw(st.integers(1, 80))
+    ds = distance_set(draw(st.lists(st.integers(0, 90), min_size=1, max_size=11, unique=True)), L)
+    return L, ds
+
+
+@settings(max_examples=60, deadline=None)
+@given(links(), st.integers(1, 300), st.integers(0, 2**32 - 1))
+def test_compiled_stall_is_the_numpy_loop_and_the_exact_model(link_def, n, seed):
+    L, ds = link_def
+    link, rng = link_eval(L, ds), np.random.default_rng(seed)
+    Y = rng.exponential(rng.uniform(0.01, 5.0), (n, len(ds))) * (rng.random((n, len(ds))) < 0.7)
+    got = link.stall(Y)
+    assert np.array_equal(got, link.stall_numpy(Y))  # bit for bit: the plans cannot change
+    for row in range(min(n, 4)):
+        exact = _stall_s(window_counts(L, ds), Y[row], 1.0, 1.0)
+        assert got[row] == pytest.approx(exact, rel=1e-12, abs=1e-9)
+    U, arg = link.jit.chain_path(link.counts @ Y[0] - link.span)
+    U_ref, arg_ref = chain_numpy(link, Y[0])
+    assert np.array_equal(U, U_ref) and np.array_equal(arg, arg_ref)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([8, 32, 80]), st.integers(2, 48), st.floats(0.5, 1.0), st.integers(0, 2**32 - 1))
+def test_compiled_improve_takes_the_numpy_steps(L, R, cap_frac, seed):
+    ds = distance_set(None, L)
+    link, rng = link_eval(L, ds), np.random.default_rng(seed)
+    dev = _device_layers(L, ds)
+    load = rng.exponential(1.0, R)
+    e = rng.integers(256, 131072, R)
+    ks = rng.integers(0, len(ds), R)
+    cap = int(e @ dev[ks] + cap_frac * 0.1 * int(e @ dev[ks]))  # some slack for moves and swaps
+    assert np.array_equal(improve(link, load, e, dev, cap, ks), improve_numpy(link, load, e, dev, cap, ks))
+
+
+def _batch(rng, R: int, L: int) -> PlanInputs:
+    reqs = [PlanRequest(f"r{i}", int(rng.integers(4096, 131072)), int(rng.integers(16, 2048)),
+                        L * 3e-4 * float(rng.choice([1.0, 1.5, 2.5])), int(rng.integers(0, 17))) for i in range(R)]
+    demand = sum(r.context_tokens + r.growth(32) for r in reqs) * L * 4096
+    return PlanInputs(reqs, L, 4096, int(demand * rng.uniform(0.6, 0.98)), 25e9, 0.27e-3, 2.4e-9)
+
+
+def test_a_solve_never_compiles():
+    kernels = (linkjit._stall_rows, linkjit._improve_round, linkjit._path, linkjit._chain_path)
+    before = [len(k.signatures) for k in kernels]
+    assert all(before)  # the import warmed every kernel up
+    rng = np.random.default_rng(0)
+    for warm in (False, True):
+        planner = FastPlanner(warm_start=warm)
+        for R, L in ((2, 32), (12, 32), (32, 32), (48, 80)):  # enumerated, branch and bound, greedy
+            planner.solve(_batch(rng, R, L))
+    assert [len(k.signatures) for k in kernels] == before
