@@ -213,13 +213,18 @@ def offload_greedy(link: LinkEval, load, e, dev, cap, ks) -> np.ndarray:
     return ks
 
 
+def size_partners(load, partners: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of requests at most `partners` apart in size order: (smaller, larger) index arrays."""
+    by_size = np.argsort(load, kind="stable")
+    i, j = np.triu_indices(len(load), 1)
+    near = (j - i) <= partners
+    return by_size[i[near]], by_size[j[near]]
+
+
 def improve(link: LinkEval, load, e, dev, cap, ks, rounds: int = 12, partners: int = 6) -> np.ndarray:
     """Steepest descent over single moves and swaps of requests close in size, within capacity."""
-    ks, R = ks.copy(), len(ks)
-    by_size = np.argsort(load, kind="stable")
-    i, j = np.triu_indices(R, 1)
-    near = (j - i) <= partners
-    p_r, p_q = by_size[i[near]], by_size[j[near]]
+    ks = ks.copy()
+    p_r, p_q = size_partners(load, partners)
     for _ in range(rounds):
         Y = np.bincount(ks, weights=load, minlength=len(dev))
         F, slack = link.stall(Y[None])[0], cap - int(e @ dev[ks])
@@ -262,11 +267,7 @@ def reclaim(link: LinkEval, load, e, dev, cap, ks, stall_cap: float, partners: i
     """Fewer link bytes at a tie: move requests to classes with fewer host layers, or swap the
     classes of two requests close in size so the larger one moves less, while the plan fits and
     its stall stays within `stall_cap`. Greedy (most bytes saved first), so not always the least."""
-    ks = ks.copy()
-    by_size = np.argsort(load, kind="stable")
-    i, j = np.triu_indices(len(ks), 1)
-    near = (j - i) <= partners
-    pairs = by_size[i[near]], by_size[j[near]]  # (smaller, larger)
+    ks, pairs = ks.copy(), size_partners(load, partners)
     while _reclaim_moves(link, load, e, dev, cap, ks, stall_cap) \
             or _reclaim_swap(link, load, e, dev, cap, ks, stall_cap, *pairs):
         pass
