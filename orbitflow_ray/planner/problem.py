@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -299,10 +300,10 @@ def _stall_s(counts: np.ndarray, loads: np.ndarray, c: float, bw: float) -> floa
     U[j+1] the stall accumulated up to and including layer j (a longest path, so exact)."""
     L = counts.shape[0]
     need = counts @ loads / bw - (np.arange(L)[None, :] - np.arange(L)[:, None]) * c
-    U = np.zeros(L + 1)
-    for b in range(L):
-        U[b + 1] = max(U[b], float(np.max(U[: b + 1] + need[: b + 1, b])))
-    return float(U[L])
+    U = [0.0]  # Python floats: the same double sums as numpy, without a numpy call per layer
+    for b, col in enumerate(need.T.tolist()):
+        U.append(max(U[b], max(map(operator.add, U, col))))  # U has b + 1 entries: a <= b
+    return U[L]
 
 
 def _normalise(inputs: PlanInputs, distances_by_request: Mapping[str, int] | Sequence[int]) -> list[int]:
