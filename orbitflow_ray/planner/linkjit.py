@@ -141,13 +141,56 @@ def _improve_round(counts, span, a, group, Y, ks, load, e, dev, slack, p_r, p_q)
             n += 1
     if n == 0:
         return 0, 0, -1, 0.0, -1, -1
-    out = np.empty(n)
-    _stall_rows(counts, span, a, group, YT[:, :n].copy(), out)
-    b = 0
-    for i in range(1, n):
-        if out[i] < out[b]:
-            b = i
-    return n, n_mv, b, out[b], who[b, 0], who[b, 1]
+    b, best = _least(counts, span, a, group, Y, YT[:, :n])
+    return n, n_mv, b, best, who[b, 0], who[b, 1]
+
+
+SCORE_CHUNK = 32  # candidates scored per pass in `_least`
+
+
+@njit(cache=True, nogil=True)
+def _least(counts, span, a, group, Y, YT):  # pragma: no cover - compiled
+    # (first index of the least stall, that stall) over the columns of YT, scoring as few as it
+    # can: the critical chain of Y (intervals m_C, compute s_C) bounds each column's stall from
+    # below (stall >= m_C . y - s_C, a path), columns are scored in order of that bound, and the
+    # search stops when the next bound is over the least found (with a margin far above rounding).
+    n_int, K, n = len(span), len(Y), YT.shape[1]
+    need, u, arg = np.empty(n_int), np.empty(len(group)), np.empty(len(group), dtype=np.int64)
+    for i in range(n_int):
+        acc = 0.0
+        for k in range(K):
+            acc += counts[i, k] * Y[k]
+        need[i] = acc - span[i]
+    _chain_path(need, a, group, u, arg)
+    m, s, j = np.zeros(K), 0.0, len(group) - 1
+    while j > 0:
+        if arg[j] < 0:
+            j -= 1
+        else:
+            m += counts[arg[j]]
+            s += span[arg[j]]
+            j = a[arg[j]]
+    lb = np.empty(n)
+    for c in range(n):
+        acc = 0.0
+        for k in range(K):
+            acc += m[k] * YT[k, c]
+        lb[c] = acc - s
+    order = np.argsort(lb, kind="mergesort")
+    buf, out = np.empty((K, SCORE_CHUNK)), np.empty(SCORE_CHUNK)
+    b, best = -1, np.inf
+    for lo in range(0, n, SCORE_CHUNK):
+        if lb[order[lo]] - 1e-9 * (1.0 + abs(lb[order[lo]]) + s) > best:
+            break
+        w = min(SCORE_CHUNK, n - lo)
+        for t in range(w):
+            buf[:, t] = YT[:, order[lo + t]]
+        _stall_rows(counts, span, a, group, buf[:, :w], out)
+        for t in range(w):
+            c = order[lo + t]
+            if out[t] < best or (out[t] == best and c < b):
+                b, best = c, out[t]
+    return b, best
 
 
 class CompiledLink:
