@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from orbitflow_ray.planner import linkjit
-from orbitflow_ray.planner.fastpath import FastPlanner, LinkEval, _moved, improve, link_eval, size_partners
+from orbitflow_ray.planner.fastpath import (FastPlanner, LinkEval, _hull, _moved, improve, knapsack_bound, link_eval,
+                                            size_partners)
 from orbitflow_ray.planner.problem import (PlanInputs, PlanRequest, _device_layers, _stall_s, distance_set,
                                            window_counts)
 
@@ -104,6 +105,41 @@ def test_improve_descends_within_capacity(L, R, seed):
     assert int(e @ dev[out]) <= cap and stall[1] <= stall[0]
 
 
+def knapsack_numpy(load, e, dev, cap, m):
+    """`fastpath.knapsack_bound` as it was in numpy (the hull from the same cache)."""
+    hull = _hull(dev.tobytes(), m.tobytes())
+    pos = np.zeros(len(load), dtype=int)
+    weight, value = float(e.sum() * dev[hull[0]]), float(load.sum() * m[hull[0]])
+    if len(hull) == 1 or weight <= cap:
+        return value, hull[pos], -1
+    H = len(hull) - 1
+    slopes = (m[hull[1:]] - m[hull[:-1]]) / (dev[hull[:-1]] - dev[hull[1:]])
+    order = np.argsort((slopes[None, :] * (load / e)[:, None]).ravel(), kind="stable")
+    r, j = np.divmod(order, H)
+    save = np.cumsum(e[r] * (dev[hull[j]] - dev[hull[j + 1]]))
+    cost = np.cumsum(load[r] * (m[hull[j + 1]] - m[hull[j]]))
+    n = min(int(np.searchsorted(save, weight - cap)), len(order) - 1)
+    prev_save, prev_cost = (save[n - 1], cost[n - 1]) if n else (0.0, 0.0)
+    value += prev_cost + (cost[n] - prev_cost) * (weight - cap - prev_save) / (save[n] - prev_save)
+    np.add.at(pos, r[:n + 1], 1)
+    return value, hull[pos], int(r[n])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([8, 32, 80]), st.integers(1, 64), st.integers(1, 4), st.floats(0.2, 1.2),
+       st.integers(0, 2**32 - 1))
+def test_compiled_knapsack_is_the_numpy_one(L, R, sizes, cap_frac, seed):
+    ds, rng = distance_set(None, L), np.random.default_rng(seed)
+    dev = _device_layers(L, ds).astype(float)
+    pick = rng.integers(0, sizes, R)  # few distinct sizes: ties in the sort, kept in request order
+    load, e = rng.exponential(1.0, sizes)[pick], rng.integers(256, 131072, sizes)[pick].astype(float)
+    m = rng.integers(0, 4, len(ds)).astype(float)
+    cap = cap_frac * float(e.sum() * dev.max())
+    value, ks, frac = knapsack_bound(load, e, dev, cap, m)
+    want_value, want_ks, want_frac = knapsack_numpy(load, e, dev, cap, m)
+    assert value == want_value and np.array_equal(ks, want_ks) and frac == want_frac
+
+
 def _batch(rng, R: int, L: int) -> PlanInputs:
     reqs = [PlanRequest(f"r{i}", int(rng.integers(4096, 131072)), int(rng.integers(16, 2048)),
                         L * 3e-4 * float(rng.choice([1.0, 1.5, 2.5])), int(rng.integers(0, 17))) for i in range(R)]
@@ -112,7 +148,7 @@ def _batch(rng, R: int, L: int) -> PlanInputs:
 
 
 def test_a_solve_never_compiles():
-    kernels = (linkjit._stall_rows, linkjit._improve_round, linkjit._path, linkjit._chain_path)
+    kernels = (linkjit._stall_rows, linkjit._improve_round, linkjit._path, linkjit._chain_path, linkjit.knapsack)
     before = [len(k.signatures) for k in kernels]
     assert all(before)  # the import warmed every kernel up
     rng = np.random.default_rng(0)

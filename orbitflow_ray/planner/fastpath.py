@@ -53,7 +53,7 @@ import functools
 import numpy as np
 
 from orbitflow_ray.planner.ilp_highs import HighsPlanner
-from orbitflow_ray.planner.linkjit import CompiledLink
+from orbitflow_ray.planner.linkjit import CompiledLink, knapsack
 from orbitflow_ray.planner.problem import (Plan, PlanInputs, critical_intervals, host_layers,
                                            search_windows, tie_limit, violations_settled, window_data)
 
@@ -116,23 +116,11 @@ def link_eval(num_layers: int, distances: tuple[int, ...]) -> LinkEval:
 def knapsack_bound(load, e, dev, cap, m) -> tuple[float, np.ndarray, int]:
     """LP optimum of min sum_r load_r m[k_r] s.t. sum_r e_r dev[k_r] <= cap, an integral rounding
     of it (the one fractional request takes its next hull point) and that request (-1: none)."""
-    hull = _hull(np.asarray(dev, dtype=float).tobytes(), np.asarray(m, dtype=float).tobytes())
-    pos = np.zeros(len(load), dtype=int)
-    weight, value = float(e.sum() * dev[hull[0]]), float(load.sum() * m[hull[0]])
-    if len(hull) == 1 or weight <= cap:
-        return value, hull[pos], -1
-    H = len(hull) - 1  # segments, each with a cost per capacity freed growing along the hull
-    slopes = (m[hull[1:]] - m[hull[:-1]]) / (dev[hull[:-1]] - dev[hull[1:]])
-    order = np.argsort((slopes[None, :] * (load / e)[:, None]).ravel(), kind="stable")
-    r, j = np.divmod(order, H)
-    save = np.cumsum(e[r] * (dev[hull[j]] - dev[hull[j + 1]]))
-    cost = np.cumsum(load[r] * (m[hull[j + 1]] - m[hull[j]]))
-    n = int(np.searchsorted(save, weight - cap))  # segments fully taken before the fractional one
-    n = min(n, len(order) - 1)
-    prev_save, prev_cost = (save[n - 1], cost[n - 1]) if n else (0.0, 0.0)
-    value += prev_cost + (cost[n] - prev_cost) * (weight - cap - prev_save) / (save[n] - prev_save)
-    np.add.at(pos, r[:n + 1], 1)
-    return value, hull[pos], int(r[n])
+    f = np.float64
+    hull = _hull(np.asarray(dev, dtype=f).tobytes(), np.asarray(m, dtype=f).tobytes())
+    value, pos, frac = knapsack(np.asarray(load, f), np.asarray(e, f), np.asarray(dev, f), float(cap),
+                                np.asarray(m, f), hull, float(load.sum()), float(e.sum()))
+    return value, hull[pos], int(frac)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -193,6 +193,37 @@ def _least(counts, span, a, group, Y, YT):  # pragma: no cover - compiled
     return b, best
 
 
+@njit(cache=True, nogil=True)
+def knapsack(load, e, dev, cap, m, hull, load_sum, e_sum):  # pragma: no cover - compiled
+    """`fastpath.knapsack_bound` past its hull (the same operations in the same order; numpy's
+    pairwise sums `load_sum`, `e_sum` come from the caller). Returns (value, hull position per
+    request, the fractional request or -1)."""
+    pos = np.zeros(len(load), dtype=np.int64)
+    weight, value = e_sum * dev[hull[0]], load_sum * m[hull[0]]
+    if len(hull) == 1 or weight <= cap:
+        return value, pos, -1
+    H, R = len(hull) - 1, len(load)
+    key = np.empty(R * H)
+    for r in range(R):
+        ratio = load[r] / e[r]
+        for h in range(H):
+            key[r * H + h] = (m[hull[h + 1]] - m[hull[h]]) / (dev[hull[h]] - dev[hull[h + 1]]) * ratio
+    order = np.argsort(key, kind="mergesort")  # stable, as numpy's "stable"
+    save, cost = np.empty(len(order)), np.empty(len(order))
+    s_acc = c_acc = 0.0
+    for t in range(len(order)):
+        r, h = order[t] // H, order[t] % H
+        s_acc += e[r] * (dev[hull[h]] - dev[hull[h + 1]])
+        c_acc += load[r] * (m[hull[h + 1]] - m[hull[h]])
+        save[t], cost[t] = s_acc, c_acc
+    n = min(np.searchsorted(save, weight - cap), len(order) - 1)
+    prev_save, prev_cost = (save[n - 1], cost[n - 1]) if n else (0.0, 0.0)
+    value += prev_cost + (cost[n] - prev_cost) * (weight - cap - prev_save) / (save[n] - prev_save)
+    for t in range(n + 1):
+        pos[order[t] // H] += 1
+    return value, pos, order[n] // H
+
+
 class CompiledLink:
     """The compiled side of one (layers, distances) link: counts [I, K], interval starts `a` [I]
     and spans [I], grouped by end layer (`group` [L + 1] offsets)."""
@@ -238,6 +269,12 @@ def _warm_up() -> None:
     link.stall(np.ones((2, 2)))
     link.stall(np.ones((1, 2)))
     link.chain_path(np.ones(2))
+    hull = np.array([0, 1])
+    hull.flags.writeable = False  # the fast path's hulls are cached, read-only
+    for frozen in (False, True):  # its loads are read-only when they come from its per-window cache
+        load = np.array([1.0, 2.0])
+        load.flags.writeable = not frozen
+        knapsack(load, np.array([1.0, 2.0]), np.array([2.0, 1.0]), 1.0, np.array([1.0, 2.0]), hull, 3.0, 3.0)
     ks = np.array([0, 1])
     for frozen in (False, True):  # the fast path's per-window arrays are read-only
         load, e, dev = np.ones(2), np.array([1, 1]), np.array([1, 0])
