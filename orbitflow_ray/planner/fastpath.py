@@ -37,13 +37,15 @@ changes. This is what the worker runs on its decode thread; the central planner 
 then tries to improve its plan with the cvxpy ILP (`ilp_compact.py`).
 
 Compiled (Numba, `linkjit.py`): the batched longest path of `LinkEval.stall`, the one of
-`LinkEval.chain`, and each round of `improve` (candidates built and scored in one call). They give
-the numpy loops' numbers bit for bit (tests/test_fastpath_jit.py), so the plans are the ones the
-numpy version made. They compile, or load from the on-disk cache, when this module is imported:
-never inside a solve. Per solve, the knapsack hull is cached by chain and the per-window arrays by
-inputs (`_arrays`). Measured in CPU time on a shared 2-core box (bench/README.md): one solve at
-32 requests x 32 layers 2.6 ms p50 / 5 ms p99 cold (numpy: 9.9 / 20.5), a decode-thread re-plan
-with its Pause-for-SLO trials 13-22 ms p50 / 34-54 ms p99 at 32 requests (numpy: 50-54 / 125-134).
+`LinkEval.chain`, each round of `improve` (candidates built and scored in one call, in order of a
+lower bound from the current plan's critical chain, stopping once the bound passes the best found:
+the same argmin) and `knapsack_bound` past its hull. They give the numpy versions' numbers bit for
+bit (tests/test_fastpath_jit.py), so the plans are the ones the numpy version made. They compile,
+or load from the on-disk cache, when this module is imported: never inside a solve. The knapsack
+hull is cached by chain and the per-window arrays by inputs (`_arrays`). Measured in CPU time on a
+shared 2-core box (bench/README.md): one solve at 32 requests x 32 layers 2.2 ms p50 / 4.5 ms p99
+cold (numpy: 8.7-9.0 / 18.9-19.6), a decode-thread re-plan with its Pause-for-SLO trials at 32
+requests 8.6 ms p50 / 23 ms p99 (numpy: 47 / 118-123).
 """
 
 from __future__ import annotations
