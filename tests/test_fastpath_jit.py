@@ -39,7 +39,7 @@ def improve_round_numpy(link: LinkEval, Y, ks, load, e, dev, slack: int, p_r, p_
 
 
 def chain_numpy(link: LinkEval, Y: np.ndarray):
-    """`LinkEval.chain`'s longest path as it was in numpy: (U, interval ending the path at each layer)."""
+    """`LinkEval.chain` as it was in numpy: (m_C, s_C, U) of the critical chain of one load vector."""
     need = link.counts @ Y - link.span
     U, arg = np.zeros(link.L + 1), np.full(link.L + 1, -1)
     for j, g in enumerate(link.by_end):
@@ -48,7 +48,13 @@ def chain_numpy(link: LinkEval, Y: np.ndarray):
             i = g.start + int(np.argmax(U[link.a[g]] + need[g]))
             if U[link.a[i]] + need[i] > U[j]:
                 U[j + 1], arg[j + 1] = U[link.a[i]] + need[i], i
-    return U, arg
+    m, s, j = np.zeros(link.counts.shape[1]), 0.0, link.L
+    while j > 0:
+        if arg[j] < 0:
+            j -= 1
+        else:
+            m, s, j = m + link.counts[arg[j]], s + link.span[arg[j]], link.a[arg[j]]
+    return m, s, U
 
 
 @st.composite
@@ -69,9 +75,9 @@ def test_compiled_stall_is_the_numpy_loop_and_the_exact_model(link_def, n, seed)
     for row in range(min(n, 4)):
         exact = _stall_s(window_counts(L, ds), Y[row], 1.0, 1.0)
         assert got[row] == pytest.approx(exact, rel=1e-12, abs=1e-9)
-    U, arg = link.jit.chain_path(link.counts @ Y[0] - link.span)
-    U_ref, arg_ref = chain_numpy(link, Y[0])
-    assert np.array_equal(U, U_ref) and np.array_equal(arg, arg_ref)
+    m, s, U = link.chain(Y[0])
+    m_ref, s_ref, U_ref = chain_numpy(link, Y[0])
+    assert np.array_equal(m, m_ref) and s == s_ref and np.array_equal(U, U_ref)
 
 
 @settings(max_examples=60, deadline=None)
@@ -148,7 +154,7 @@ def _batch(rng, R: int, L: int) -> PlanInputs:
 
 
 def test_a_solve_never_compiles():
-    kernels = (linkjit._stall_rows, linkjit._improve_round, linkjit._path, linkjit._chain_path, linkjit.knapsack)
+    kernels = (linkjit._stall_rows, linkjit._improve_round, linkjit._path, linkjit._chain, linkjit.knapsack)
     before = [len(k.signatures) for k in kernels]
     assert all(before)  # the import warmed every kernel up
     rng = np.random.default_rng(0)

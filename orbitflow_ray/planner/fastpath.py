@@ -100,14 +100,7 @@ class LinkEval:
 
     def chain(self, Y: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
         """(m_C, s_C, U) of the critical chain of one load vector; U[j+1]: stall through layer j."""
-        U, arg = self.jit.chain_path(self.counts @ Y - self.span)
-        m, s, j = np.zeros(self.counts.shape[1]), 0.0, self.L
-        while j > 0:
-            if arg[j] < 0:
-                j -= 1
-            else:
-                m, s, j = m + self.counts[arg[j]], s + self.span[arg[j]], self.a[arg[j]]
-        return m, s, U
+        return self.jit.chain(self.counts @ Y - self.span)
 
 
 @functools.lru_cache(maxsize=32)

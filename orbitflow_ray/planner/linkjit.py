@@ -1,18 +1,25 @@
-"""The fast path's longest-path loops, compiled (Numba): `fastpath.LinkEval` calls these.
+"""The fast path's hot loops, compiled (Numba): `fastpath` calls these.
 
 The link stall of a class-load vector is a longest path over the critical intervals
-(`problem.critical_intervals`), a Python loop over layers in numpy; the fast path evaluates it for
-thousands of candidate placements per solve. Here it is one compiled loop per batch of vectors.
+(`problem.critical_intervals`); the fast path evaluates it for thousands of candidate placements
+per solve. Here: the stall of a batch of vectors (`_stall_rows`, SIMD across the vectors), the
+critical chain of one (`_chain`), a whole round of `improve` (`_improve_round`: its candidates
+built and scored in one call) and the knapsack bound past its hull (`knapsack`).
 
-Same numbers as the numpy loop: `need` sums count_k * Y_k over k in class order from zero (what
-numpy's einsum does for two or more vectors; terms with a zero count add exactly zero, so they are
-skipped), the longest path takes the same maxima, so a batch of two or more vectors gives the same
-bits. One vector alone numpy sums with SIMD multiply-adds (machine-dependent rounding): the caller
-computes that `need` with numpy and passes it in (`path_stall`), so a plan is the same as before.
+Same numbers as the numpy code they replace, so the same plans: `need` sums count_k * Y_k over k in
+class order from zero (what numpy's einsum does for two or more vectors; terms with a zero count
+add exactly zero, so they are skipped), the longest path takes the same maxima, and cumulative sums
+and the stable sort run in numpy's order. One vector alone numpy sums with SIMD multiply-adds
+(machine-dependent rounding): the caller computes that `need` with numpy and passes it in
+(`path_stall`, `chain`). `_improve_round` returns the first least stall, as numpy's argmin: it
+scores the candidates in order of a lower bound (the current plan's critical chain evaluated at
+each candidate: a path, so never above its stall) and stops once the next bound is over the least
+found, by a margin far above rounding. tests/test_fastpath_jit.py checks each against numpy.
 
 Compiled single-threaded (`nogil`, no `parallel`: the decode thread must not start a pool), cached
-on disk beside this file where that is writable, and warmed up when this module is imported, so a
-solve never compiles: the first import compiles (a few seconds), later ones load the cache.
+on disk beside this file where that is writable, and warmed up when this module is imported for
+every signature a solve uses, so a solve never compiles: the first import compiles (about 10 s of
+CPU), later ones load the cache (numba's import and the load add about 0.3 s to the planner's).
 """
 
 from __future__ import annotations
@@ -112,6 +119,23 @@ def _chain_path(need, a, group, out_u, arg):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
+def _chain(counts, span, a, group, need):  # pragma: no cover - compiled
+    # (m_C [K], s_C, U [L + 1]) of the critical chain: `_chain_path`, then the walk back from the
+    # last layer summing the chain's count rows and spans in that order (as `LinkEval.chain` did).
+    u, arg = np.empty(len(group)), np.empty(len(group), dtype=np.int64)
+    _chain_path(need, a, group, u, arg)
+    m, s, j = np.zeros(counts.shape[1]), 0.0, len(group) - 1
+    while j > 0:
+        if arg[j] < 0:
+            j -= 1
+        else:
+            m = m + counts[arg[j]]
+            s = s + span[arg[j]]
+            j = a[arg[j]]
+    return m, s, u
+
+
+@njit(cache=True, nogil=True)
 def _improve_round(counts, span, a, group, Y, ks, load, e, dev, slack, p_r, p_q):  # pragma: no cover
     # One round of `fastpath.improve`: every single move and swap that fits (`slack` device
     # token-layers), in its order (moves by request then class, then the swaps), scored at once.
@@ -155,21 +179,13 @@ def _least(counts, span, a, group, Y, YT):  # pragma: no cover - compiled
     # below (stall >= m_C . y - s_C, a path), columns are scored in order of that bound, and the
     # search stops when the next bound is over the least found (with a margin far above rounding).
     n_int, K, n = len(span), len(Y), YT.shape[1]
-    need, u, arg = np.empty(n_int), np.empty(len(group)), np.empty(len(group), dtype=np.int64)
+    need = np.empty(n_int)
     for i in range(n_int):
         acc = 0.0
         for k in range(K):
             acc += counts[i, k] * Y[k]
         need[i] = acc - span[i]
-    _chain_path(need, a, group, u, arg)
-    m, s, j = np.zeros(K), 0.0, len(group) - 1
-    while j > 0:
-        if arg[j] < 0:
-            j -= 1
-        else:
-            m += counts[arg[j]]
-            s += span[arg[j]]
-            j = a[arg[j]]
+    m, s, _ = _chain(counts, span, a, group, need)
     lb = np.empty(n)
     for c in range(n):
         acc = 0.0
@@ -255,11 +271,10 @@ class CompiledLink:
         return float(_path(np.ascontiguousarray(need, dtype=np.float64), self.a, self.group,
                            np.empty(self.L + 1)))
 
-    def chain_path(self, need: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(U [L + 1], arg [L + 1]): the longest path and the interval that ends it at each layer."""
-        U, arg = np.empty(self.L + 1), np.empty(self.L + 1, dtype=np.int64)
-        _chain_path(np.ascontiguousarray(need, dtype=np.float64), self.a, self.group, U, arg)
-        return U, arg
+    def chain(self, need: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+        """(m_C [K], s_C, U [L + 1]) of the critical chain for a per-interval need [I]."""
+        m, s, U = _chain(self.counts, self.span, self.a, self.group, np.ascontiguousarray(need, dtype=np.float64))
+        return m, float(s), U
 
 
 def _warm_up() -> None:
@@ -268,7 +283,7 @@ def _warm_up() -> None:
     link = CompiledLink(counts, np.array([0, 0]), np.array([0.0, 1.0]), np.array([0, 1, 2]))
     link.stall(np.ones((2, 2)))
     link.stall(np.ones((1, 2)))
-    link.chain_path(np.ones(2))
+    link.chain(np.ones(2))
     hull = np.array([0, 1])
     hull.flags.writeable = False  # the fast path's hulls are cached, read-only
     for frozen in (False, True):  # its loads are read-only when they come from its per-window cache
