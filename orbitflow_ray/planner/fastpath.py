@@ -43,9 +43,9 @@ the same argmin) and `knapsack_bound` past its hull. They give the numpy version
 bit (tests/test_fastpath_jit.py), so the plans are the ones the numpy version made. They compile,
 or load from the on-disk cache, when this module is imported: never inside a solve. The knapsack
 hull is cached by chain and the per-window arrays by inputs (`_arrays`). Measured in CPU time on a
-shared 2-core box (bench/README.md): one solve at 32 requests x 32 layers 2.2 ms p50 / 4.5 ms p99
-cold (numpy: 8.7-9.0 / 18.9-19.6), a decode-thread re-plan with its Pause-for-SLO trials at 32
-requests 8.6 ms p50 / 23 ms p99 (numpy: 47 / 118-123).
+shared 2-core box (bench/README.md): one solve at 32 requests x 32 layers 2.1 ms p50 / 4.4 ms p99
+cold (numpy: 8.7-9.0 / 19.1-19.9), a decode-thread re-plan with its Pause-for-SLO trials at 32
+requests 8.2-8.9 ms p50 / 22-24 ms p99 (numpy: 47-49 / 120-124).
 """
 
 from __future__ import annotations
