@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -165,8 +166,9 @@ class PlanInputs:
     def end_tokens(self, window: int) -> np.ndarray:
         """Tokens of KV each request holds at the window's end, in whole blocks."""
         bs = self.block_size
-        return np.array([-(-(r.context_tokens + r.growth(window)) // bs) * bs for r in self.requests],
-                        dtype=np.int64)
+        # `growth` inlined: this runs for every window, bound and trial of a solve
+        return np.array([-(-(r.context_tokens + min(window, r.max_new_tokens_left)) // bs) * bs
+                         for r in self.requests], dtype=np.int64)
 
     def largest_offload(self) -> list[int]:
         """Per request, the distance with the fewest device layers short of all-host, or all-host
@@ -298,10 +300,10 @@ def _stall_s(counts: np.ndarray, loads: np.ndarray, c: float, bw: float) -> floa
     U[j+1] the stall accumulated up to and including layer j (a longest path, so exact)."""
     L = counts.shape[0]
     need = counts @ loads / bw - (np.arange(L)[None, :] - np.arange(L)[:, None]) * c
-    U = np.zeros(L + 1)
-    for b in range(L):
-        U[b + 1] = max(U[b], float(np.max(U[: b + 1] + need[: b + 1, b])))
-    return float(U[L])
+    U = [0.0]  # Python floats: the same double sums as numpy, without a numpy call per layer
+    for b, col in enumerate(need.T.tolist()):
+        U.append(max(U[b], max(map(operator.add, U, col))))  # U has b + 1 entries: a <= b
+    return U[L]
 
 
 def _normalise(inputs: PlanInputs, distances_by_request: Mapping[str, int] | Sequence[int]) -> list[int]:
