@@ -323,6 +323,42 @@ def step_time(inputs: PlanInputs, distances: Sequence[int]) -> float:
     return L * c + stall
 
 
+def engine_step_time(inputs: PlanInputs, distances: Sequence[int], prefetch_depth: int) -> float:
+    """T in seconds as the engine runs the placement (`kv/store.py`, mirrored by `sim/executor.py`),
+    not as the EDF link model (`step_time`) bounds it: at the start of each layer, the copies of the
+    batch's host layers (the union over its requests, one copy per layer carrying every request's KV
+    of it) are issued in layer order up to the `prefetch_depth + 1`-th host layer at or after it,
+    onto one FIFO link; a host layer waits for its copy, computes, and queues the write-back of the
+    block each request's new token touched. A request at a long distance then shares its copy with
+    the short-distance requests offloading the same layer, and its copy is issued only when that
+    layer comes into the union's lookahead: later than its own window. Equal to `step_time` when
+    every request has one distance (up to the write-backs and blocks), up to a quarter above it
+    in batches that mix them. The link is taken idle at the top of the step."""
+    L, kvb, bs = inputs.num_layers, inputs.kv_bytes_per_token_per_layer, inputs.block_size
+    loads: dict[int, int] = {}
+    backs: dict[int, int] = {}
+    for r, d in zip(inputs.requests, distances):
+        for h in _host_layers(min(int(d), L), L):
+            loads[h] = loads.get(h, 0) + -(-r.context_tokens // bs) * bs * kvb
+            backs[h] = backs.get(h, 0) + bs * kvb
+    order = sorted(loads)
+    c, bw = inputs.compute_per_layer_s, inputs.link_bytes_per_s
+    now = link = 0.0
+    ready: dict[int, float] = {}
+    issued = 0
+    for layer in range(L):
+        ahead = [h for h in order if h >= layer][: prefetch_depth + 1]
+        while issued < len(order) and ahead and order[issued] <= ahead[-1]:
+            h = order[issued]
+            link = max(link, now) + loads[h] / bw
+            ready[h] = link
+            issued += 1
+        now = max(now, ready.get(layer, now)) + c
+        if layer in loads:
+            link = max(link, now) + backs[layer] / bw
+    return now
+
+
 def late_requests(inputs: PlanInputs, T: float, window: int) -> set[str]:
     return {r.request_id for r in inputs.requests if T > r.effective_slo_s(window) * (1 + SLO_RTOL)}
 
