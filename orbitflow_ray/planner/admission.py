@@ -139,7 +139,8 @@ def batch_plan_inputs(views: Sequence[RequestView], cap: CapacityView, num_layer
         reqs.append(PlanRequest(v.request_id, max(1, v.num_tokens), v.max_new_tokens_left,
                                 max(0.1 * slo, slo - others / max(tokens, 1)), v.deposit_tokens if deposit else 0))
     return PlanInputs(tuple(reqs), num_layers, cap.block_bytes // cap.block_size, cap.device_total_blocks * cap.block_bytes,
-                      cost.model.link_bytes_per_s, a, b, distances, windows, cap.block_size)
+                      cost.model.link_bytes_per_s, a, b, distances, windows, cap.block_size,
+                      cost.model.step_tail_s)
 
 
 def lifetime_peak(views: Sequence[RequestView]) -> list[RequestView]:

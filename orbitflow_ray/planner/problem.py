@@ -136,11 +136,16 @@ class PlanInputs:
     # KV is held in blocks of this many tokens: a request's KV at the window's end is rounded up
     # to whole blocks, so a plan that fits here fits the block pool exactly.
     block_size: int = 1
+    # Of the step's L * compute, the seconds after the last layer (LM head, sampling) that no copy
+    # overlaps (`CostModel.step_tail_s`); only `engine_step_time` reads it. 0: unknown.
+    step_tail_s: float = 0.0
 
     def __post_init__(self) -> None:
         L = self.num_layers
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not self.step_tail_s >= 0:
+            raise ValueError(f"step_tail_s must be >= 0, got {self.step_tail_s}")
         if L < 1 or self.kv_bytes_per_token_per_layer < 1 or self.device_capacity_bytes < 0:
             raise ValueError("need num_layers >= 1, kv_bytes_per_token_per_layer >= 1, capacity >= 0")
         if not (self.link_bytes_per_s > 0 and self.compute_a_s > 0 and self.compute_b_s_per_token >= 0):
@@ -329,7 +334,8 @@ def engine_step_time(inputs: PlanInputs, distances: Sequence[int], prefetch_dept
     batch's host layers (the union over its requests, one copy per layer carrying every request's KV
     of it) are issued in layer order up to the `prefetch_depth + 1`-th host layer at or after it,
     onto one FIFO link; a host layer waits for its copy, computes, and queues the write-back of the
-    block each request's new token touched. A request at a long distance then shares its copy with
+    block each request's new token touched; the step's tail (`PlanInputs.step_tail_s`, part of
+    L * c) runs after the last layer, where no copy overlaps it. A request at a long distance then shares its copy with
     the short-distance requests offloading the same layer, and its copy is issued only when that
     layer comes into the union's lookahead: later than its own window. Equal to `step_time` when
     every request has one distance (up to the write-backs and blocks), up to a quarter above it
@@ -342,7 +348,8 @@ def engine_step_time(inputs: PlanInputs, distances: Sequence[int], prefetch_dept
             loads[h] = loads.get(h, 0) + -(-r.context_tokens // bs) * bs * kvb
             backs[h] = backs.get(h, 0) + bs * kvb
     order = sorted(loads)
-    c, bw = inputs.compute_per_layer_s, inputs.link_bytes_per_s
+    tail = min(inputs.step_tail_s, L * inputs.compute_per_layer_s)
+    c, bw = inputs.compute_per_layer_s - tail / L, inputs.link_bytes_per_s
     now = link = 0.0
     ready: dict[int, float] = {}
     issued = 0
@@ -356,7 +363,7 @@ def engine_step_time(inputs: PlanInputs, distances: Sequence[int], prefetch_dept
         now = max(now, ready.get(layer, now)) + c
         if layer in loads:
             link = max(link, now) + backs[layer] / bw
-    return now
+    return now + tail
 
 
 def late_requests(inputs: PlanInputs, T: float, window: int) -> set[str]:
