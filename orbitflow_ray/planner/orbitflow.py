@@ -13,6 +13,12 @@ its window of W decode steps; it is re-solved when
   (locally a window's end is solved one step ahead; centrally as many as the round trip needs)
 - the next step's growth does not fit the free device blocks -> on the spot
 
+Each plan is judged as the engine runs it (`link_model` "engine", `_engine_checked`): its step at
+`problem.engine_step_time` and its misses at that step at the window's end; where the engine's copy
+order makes a mixed-distance plan miss more, the best single-distance plan is taken if it misses
+fewer. Admission (`slo`) also weighs the batch's KV peak over its lifetime (`admission_horizon`
+"lifetime", `lifetime_misses`).
+
 When the batch does not fit without streaming all-host some request that could keep layers on
 device (INFEASIBLE, `problem.py`), Pause-Resume pauses one request (strategy: largest by
 default), re-solves, and repeats; paused requests keep all their KV on host and rejoin, oldest

@@ -27,7 +27,8 @@ overlaps layer h - 1's compute. The model leaves that overlap out: it is the con
 (Batches that mix distances are another matter, with or without d = 0: the engine's slots serve
 the union of the batch's host layers in order, so a large request's copy at a long distance can
 be issued later than its window here when a small request at d = 0 or 1 shares the batch; replayed
-by `sim/executor.py`, such a step took up to a quarter longer than modelled.)
+by `sim/executor.py`, such a step took up to a quarter longer than modelled; `engine_step_time`
+models the engine's order exactly, and `orbitflow` judges the solvers' plans by it.)
 
 Link model: the transfer engine serves released transfers earliest-deadline-first in block-sized
 chunks (a runner that issues copies in release order, FIFO, can stall more). For one link with
