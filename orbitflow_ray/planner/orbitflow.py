@@ -56,7 +56,7 @@ from orbitflow_ray.planner.deposit import ArrivalForecast, bank_target
 from orbitflow_ray.planner.pause import pause_strategy
 from orbitflow_ray.planner.planning import PlanResult, RemoteSolve
 from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs, PlanStatus,
-                                           certain_late, distance_set, engine_step_time, late_requests, make_plan,
+                                           certain_late, device_bytes, distance_set, engine_step_time, late_requests, make_plan,
                                            placement_for_distance, step_time)
 from orbitflow_ray.planner.solvers import PlacementSolver, make_solver
 
@@ -443,8 +443,14 @@ class OrbitFlow(KVPolicy):
         peak = lifetime_peak(views)
         if not peak:
             return 0
-        plan, paused = self.ahead.solve_now(peak, cap, frozenset(), True)
         missed = ttft_missed_ids(peak)
+        inputs = self._inputs(peak, cap)
+        L, w = self.num_layers, inputs.windows[0]
+        if L in inputs.distances and device_bytes(inputs, [L] * len(peak), w) <= inputs.device_capacity_bytes:
+            # all on device fits the peak: the plan is that (no stall, no pause), its misses the
+            # compute's alone (nothing banked there), known without a solve on the decode thread
+            return len(certain_late(inputs) - missed)
+        plan, paused = self.ahead.solve_now(peak, cap, frozenset(), True)
         return len(set(paused) - missed) + len(plan.violations - missed)
 
     def admit(self, req: RequestView, running: list[RequestView], cap: CapacityView
