@@ -74,8 +74,9 @@ def test_plans_never_exceed_capacity(policy):
 
 def test_overdue_pause_is_resumed_and_protected():
     # max_pause_s tiny: a paused request is overdue at once, so it is pinned on resume and others
-    # are paused in its place; everyone still finishes.
-    s, reqs = overloaded("orbitflow", max_pause_s=1e-9)
+    # are paused in its place; everyone still finishes. (Window-horizon admission: the lifetime
+    # one would not let in the batch that outgrows the device.)
+    s, reqs = overloaded("orbitflow-window-admit", max_pause_s=1e-9)
     drive(s)
     assert all(len(r.output_token_ids) == 150 for r in reqs)
     assert s.policy.metrics()["resumes"] >= 1
