@@ -302,6 +302,11 @@ def test_engine_step_time_issues_the_union_of_host_layers_in_order():
     assert engine_step_time(inputs, [7, 1], 1) == pytest.approx(13.0)
     # One distance for both: one copy at the top of the step, both models give 7 + 1 s.
     assert step_time(inputs, [7, 7]) == engine_step_time(inputs, [7, 7], 1) == pytest.approx(8.0)
+    # A 2 s tail (LM head) of the 8 s of compute runs after the last layer: layers take 0.75 s, the
+    # copy still lands at 7 s, layer 7 ends at 7.75 s, the tail at 9.75 s; no copy overlaps it.
+    tailed = replace(inputs, step_tail_s=2.0)
+    assert engine_step_time(tailed, [7, 7], 1) == pytest.approx(9.75)
+    assert engine_step_time(tailed, [8, 8], 1) == pytest.approx(8.0)  # all on device: compute alone
 
 
 def test_orbitflow_judges_plans_at_the_engine_step_and_its_ablation_at_the_edf_one():
