@@ -11,7 +11,7 @@ from orbitflow_ray.costmodel import CostModel, OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.planner import available_policies, make_policy, policy_from_config
 from orbitflow_ray.planner.admission import (AdmissionKind, available_admissions, batch_plan_inputs, distance_like,
-                                            make_admission, ttft_at_stake)
+                                            lifetime_peak, make_admission, ttft_at_stake)
 from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.planner.orbitflow import tiers_for_distance
 from orbitflow_ray.planner.static import uniform_placement
@@ -228,3 +228,44 @@ def test_every_policy_runs_with_each_admission_in_the_simulator(admission):
                                      device_kv_bytes=512 << 20), TRACE)
         assert r.metrics["num_finished"] == len(TRACE), name
         assert r.policy_metrics["admission_admitted"] >= 1, name
+
+
+def test_lifetime_peak_is_the_batch_at_its_largest_kv():
+    # r0: 200 tokens, 100 left; r1: 100 tokens, 10 left. Step t holds 300 + 2t tokens while both
+    # run (318 at t = 9, r1's last step), then r0 alone 200 + t (299 at t = 99): the peak is t = 9.
+    r0 = RequestView("r0", 200, 200, 100, 0.0, None, deposit_tokens=5)
+    r1 = RequestView("r1", 100, 100, 10, 1.0, None, num_computed_tokens=50)
+    peak = lifetime_peak([r0, r1])
+    assert [(v.request_id, v.num_tokens, v.max_new_tokens_left) for v in peak] == [("r0", 209, 91), ("r1", 109, 1)]
+    assert [v.deposit_tokens for v in peak] == [0, 0] and [v.prefill_tokens_left for v in peak] == [0, 0]
+    # With r1 at 10 tokens, r0 alone at t = 99 (299) beats the pair at t = 9 (209 + 19 = 228).
+    assert [v.request_id for v in lifetime_peak([r0, replace(r1, num_tokens=10)])] == ["r0"]
+    assert lifetime_peak([]) == []
+
+
+def test_lifetime_admission_refuses_a_request_whose_growth_outgrows_the_device():
+    # 400 device blocks. r0 (200 tokens, 100 left) and r1 (100 tokens, 100 left) fit all on device
+    # for the 16-step window (4 x (54 + 29) = 332 blocks, step 5.2 ms), so the window judgement
+    # admits r1. At their peak (t = 99: 299 + 199 tokens, 4 x 125 = 500 blocks) only an offload of
+    # r1 fits, and any host layer of it (5 ms over the link) makes both late: lifetime refuses.
+    r0 = RequestView("r0", 200, 200, 100, 0.0, tuple([Tier.DEVICE] * 4))
+    r1 = RequestView("r1", 100, 100, 100, 1.0, None)
+    window, lifetime = policy("orbitflow-window-admit", None), policy("orbitflow", None)
+    assert window.admission_horizon == "window" and lifetime.admission_horizon == "lifetime"
+    assert window.lifetime_misses([r0, r1], cap(400)) is None
+    assert lifetime.lifetime_misses([r0], cap(400)) == 0
+    assert lifetime.lifetime_misses([r0, r1], cap(400)) == 2
+    assert window.admit(r1, [r0], cap(400)).placements["r1"] == [Tier.DEVICE] * 4
+    assert lifetime.admit(r1, [r0], cap(400)) is None
+    # The reverse: r1 with 10 tokens left peaks with r0 at 318 tokens (4 x 81 = 324 blocks, 5.3 ms),
+    # on device and on time for life: it joins under both.
+    short = replace(r1, max_tokens=10)
+    assert lifetime.lifetime_misses([r0, short], cap(400)) == 0
+    for p in (window, policy("orbitflow", None)):
+        assert p.admit(short, [r0], cap(400)).placements["r1"] == [Tier.DEVICE] * 4
+
+
+def test_admission_horizon_is_validated():
+    with pytest.raises(ValueError, match="admission_horizon must be one of"):
+        make_policy("orbitflow", 4, solve_ahead=False, admission_horizon="forever")
+    assert make_policy("orbitflow", 4, solve_ahead=False, admission_horizon="window").admission_horizon == "window"

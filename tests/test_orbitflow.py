@@ -15,7 +15,7 @@ from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.planner.deposit import bank_target
 from orbitflow_ray.planner.pause import pause_strategy
-from orbitflow_ray.planner.problem import PlanStatus
+from orbitflow_ray.planner.problem import PlanInputs, PlanRequest, PlanStatus, engine_step_time, step_time
 from orbitflow_ray.request import RequestStatus
 from orbitflow_ray.sampling_params import SamplingParams
 from test_scheduler import LAYERS, drive, make, req
@@ -32,7 +32,9 @@ def overloaded(policy, n=5, max_tokens=150, **kw):
 
 
 def test_pause_resume_under_overload_loses_nothing():
-    s, reqs = overloaded("orbitflow")
+    # The window-horizon admission lets this batch in and it outgrows the device: Pause-Resume
+    # keeps it running (`orbitflow`'s lifetime horizon would not have admitted it all).
+    s, reqs = overloaded("orbitflow-window-admit")
     checked = 0
     for _ in range(5000):
         if not s.has_unfinished():
@@ -72,8 +74,9 @@ def test_plans_never_exceed_capacity(policy):
 
 def test_overdue_pause_is_resumed_and_protected():
     # max_pause_s tiny: a paused request is overdue at once, so it is pinned on resume and others
-    # are paused in its place; everyone still finishes.
-    s, reqs = overloaded("orbitflow", max_pause_s=1e-9)
+    # are paused in its place; everyone still finishes. (Window-horizon admission: the lifetime
+    # one would not let in the batch that outgrows the device.)
+    s, reqs = overloaded("orbitflow-window-admit", max_pause_s=1e-9)
     drive(s)
     assert all(len(r.output_token_ids) == 150 for r in reqs)
     assert s.policy.metrics()["resumes"] >= 1
@@ -285,3 +288,42 @@ def test_cost_model_validates():
         CostModel(0, 1e-3, 0, 0, 1e9)
     with pytest.raises(ValueError):
         OnlineCostModel(CostModel(2, 1e-3, 0, 0, 1e9), window=4, min_samples=8)
+
+
+def test_engine_step_time_issues_the_union_of_host_layers_in_order():
+    # L = 8, 1 s of compute per layer, 1 byte/s, one byte per token. a (6 tokens) at d = 7 offloads
+    # layer 7; b (1 token) at d = 1 offloads 1, 3, 5, 7. The EDF model sends a's 6 bytes from the
+    # top of the step: 10 bytes land by 10 s, layer 7 computes to 11 s. The engine (depth 1) issues
+    # layer 7's copy (7 bytes, a's and b's) only when layer 4 starts (4 s), behind the write-backs of
+    # layers 1 and 3 (link free at 5 s): it lands at 12 s, layer 7 computes to 13 s.
+    reqs = (PlanRequest("a", 6, 10, 20.0), PlanRequest("b", 1, 10, 20.0))
+    inputs = PlanInputs(reqs, 8, 1, 1000, 1.0, 1.0, 0.0)
+    assert step_time(inputs, [7, 1]) == pytest.approx(11.0)
+    assert engine_step_time(inputs, [7, 1], 1) == pytest.approx(13.0)
+    # One distance for both: one copy at the top of the step, both models give 7 + 1 s.
+    assert step_time(inputs, [7, 7]) == engine_step_time(inputs, [7, 7], 1) == pytest.approx(8.0)
+    # A 2 s tail (LM head) of the 8 s of compute runs after the last layer: layers take 0.75 s, the
+    # copy still lands at 7 s, layer 7 ends at 7.75 s, the tail at 9.75 s; no copy overlaps it.
+    tailed = replace(inputs, step_tail_s=2.0)
+    assert engine_step_time(tailed, [7, 7], 1) == pytest.approx(9.75)
+    assert engine_step_time(tailed, [8, 8], 1) == pytest.approx(8.0)  # all on device: compute alone
+
+
+def test_orbitflow_judges_plans_at_the_engine_step_and_its_ablation_at_the_edf_one():
+    from orbitflow_ray.planner.admission import batch_plan_inputs
+    cost = OnlineCostModel(CostModel(8, compute_a_s=1e-3, compute_b_s_per_token=1e-7,
+                                     compute_p_s_per_token=0.0, link_bytes_per_s=2e6))
+    cap = CapacityView(8, 4, 100, 700, 700, 10_000, 10_000)
+    views = [RequestView(f"r{i}", n, n, 64, float(i), None) for i, n in enumerate((600, 300, 100))]
+    for name in ("orbitflow", "orbitflow-edf-link"):
+        p = make_policy(name, 8, cost_model=cost, slo_s=0.05, solve_ahead=False, windows=(16,))
+        p.replan(views, cap)
+        kept = [v for v in views if v.request_id in p.plan.distances]  # those not paused
+        inputs = batch_plan_inputs(kept, cap, 8, cost, 0.05, (16,), deposit=True)
+        ds = [p.plan.distances[v.request_id] for v in kept]
+        judged = engine_step_time(inputs, ds, 1) if name == "orbitflow" else step_time(inputs, ds)
+        assert p.plan.predicted_step_s == pytest.approx(judged)
+    with pytest.raises(ValueError, match="link_model must be one of"):
+        make_policy("orbitflow", 8, solve_ahead=False, link_model="fifo")
+    with pytest.raises(ValueError, match="prefetch_depth must be an integer"):
+        make_policy("orbitflow", 8, solve_ahead=False, prefetch_depth=0)

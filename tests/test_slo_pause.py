@@ -4,7 +4,8 @@ certain misses settle; when the bound covers the search it decides as the unboun
 
 The batches here have no device KV (capacity 0): every request streams all-host, the only
 placement, so each trial's step time T is `step_time` of the all-host placement and the
-expected decisions follow from it by hand."""
+expected decisions follow from it by hand (the policy judges its plans by that model,
+`link_model="edf"`: what is tested here is the search, not the link model)."""
 
 import pytest
 
@@ -23,7 +24,7 @@ NO_DEVICE = CapacityView(L, 4, 100, 0, 0, 10 ** 6, 10 ** 6)  # 25 bytes per toke
 def policy(compute_a_s=1e-3, **kw):
     """1 ms per layer (no per-token term) and a 1 MB/s link: T grows with the batch's bytes."""
     cost = OnlineCostModel(CostModel(L, compute_a_s, 0.0, 0.0, 1e6))
-    return make_policy("orbitflow", L, cost_model=cost, solve_ahead=False, windows=(16,), **kw)
+    return make_policy("orbitflow", L, cost_model=cost, solve_ahead=False, windows=(16,), link_model="edf", **kw)
 
 
 def views(tokens, slo_s):

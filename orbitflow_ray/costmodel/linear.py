@@ -29,10 +29,15 @@ class CostModel:
     compute_b_s_per_token: float  # per layer, per cached context token
     compute_p_s_per_token: float  # per layer, per newly computed token
     link_bytes_per_s: float  # host -> device
+    # Of a decode step's L * a, the seconds that run after the last layer (LM head, sampling, step
+    # overhead): no copy to a layer overlaps them (`problem.engine_step_time`). 0: unknown.
+    step_tail_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_layers < 1 or not self.compute_a_s > 0 or not self.link_bytes_per_s > 0:
             raise ValueError("need num_layers >= 1, compute_a_s > 0 and link_bytes_per_s > 0")
+        if not self.step_tail_s >= 0:
+            raise ValueError(f"step_tail_s must be >= 0, got {self.step_tail_s}")
         if self.compute_b_s_per_token < 0 or self.compute_p_s_per_token < 0:
             raise ValueError("per-token compute costs must be >= 0")
 

@@ -17,6 +17,12 @@ policy runs with any of them (`EngineConfig.admission`), or with its own when th
   (`ttft_at_stake`: joining now could still meet it, waiting until the batch next changes could
   not). Joining may cost others TBT; waiting costs the request TTFT; either is one miss, and a tie
   joins. Into an empty batch a request that fits always joins.
+  A policy whose `admission_horizon` is `lifetime` (`orbitflow`'s) is judged over the batch's
+  lifetime too: the same trade, on the misses predicted at the batch's KV peak
+  (`KVPolicy.lifetime_misses` over `lifetime_peak`: every request grown until it finishes, those
+  finished gone, nobody else joining), so a request that fits this plan window but makes the batch
+  outgrow the device later (a pause, or an offload that slows every step past the SLO) waits.
+  A `window` horizon (the baselines', `orbitflow-window-admit`) judges the next plan window only.
   What `orbitflow` does natively (its prediction is its plan's violation set); on the other
   policies the prediction is `predicted_misses`' decode-step model.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 from orbitflow_ray.kv.blocks import Tier
@@ -86,9 +93,12 @@ class SloAdmission(Admission):
     def _admits(self, policy, req, running, cap, plan) -> bool:
         if not running:
             return True
-        waiting = policy.predicted_misses(running, None, cap) + ttft_at_stake(req, running, policy.num_layers,
-                                                                              policy.cost)
-        return policy.predicted_misses(running + [req], plan, cap) <= waiting
+        at_stake = ttft_at_stake(req, running, policy.num_layers, policy.cost)
+        waiting = policy.predicted_misses(running, None, cap) + at_stake
+        if policy.predicted_misses(running + [req], plan, cap) > waiting:
+            return False
+        joined = policy.lifetime_misses(running + [req], cap)
+        return joined is None or joined <= policy.lifetime_misses(running, cap) + at_stake
 
 
 def available_admissions() -> list[str]:
@@ -129,7 +139,25 @@ def batch_plan_inputs(views: Sequence[RequestView], cap: CapacityView, num_layer
         reqs.append(PlanRequest(v.request_id, max(1, v.num_tokens), v.max_new_tokens_left,
                                 max(0.1 * slo, slo - others / max(tokens, 1)), v.deposit_tokens if deposit else 0))
     return PlanInputs(tuple(reqs), num_layers, cap.block_bytes // cap.block_size, cap.device_total_blocks * cap.block_bytes,
-                      cost.model.link_bytes_per_s, a, b, distances, windows, cap.block_size)
+                      cost.model.link_bytes_per_s, a, b, distances, windows, cap.block_size,
+                      cost.model.step_tail_s)
+
+
+def lifetime_peak(views: Sequence[RequestView]) -> list[RequestView]:
+    """The batch at the decode step where its KV (the sum of its contexts) peaks if nobody joins or
+    leaves early: step t adds one token to every request whose tokens left exceed t, so the sum
+    rises between finishes and peaks at some request's last step (t = its tokens left - 1). Each
+    view there is `t` tokens longer, its prompt computed and nothing banked (the Token-Deposit bank
+    it holds now is spent long before); the requests finished by then are gone. The earliest of
+    equal peaks; [] for an empty batch."""
+    if not views:
+        return []
+    def demand(t: int) -> int:
+        return sum(v.num_tokens + t for v in views if v.max_new_tokens_left > t)
+    t = max(sorted({v.max_new_tokens_left - 1 for v in views}), key=demand)
+    return [replace(v, num_tokens=v.num_tokens + t, num_output_tokens=v.num_output_tokens + t,
+                    num_computed_tokens=None, deposit_tokens=0)
+            for v in views if v.max_new_tokens_left > t]
 
 
 def ttft_at_stake(req: RequestView, running: Sequence[RequestView], num_layers: int, cost: OnlineCostModel) -> bool:

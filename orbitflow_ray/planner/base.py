@@ -146,6 +146,12 @@ class KVPolicy(abc.ABC):
         inputs = batch_plan_inputs(views, cap, self.num_layers, self.cost, self.default_slo_s, self.windows)
         return len(predicted_late(inputs, tiers, self.windows[0]) - ttft_missed_ids(views))
 
+    def lifetime_misses(self, views: list[RequestView], cap: CapacityView) -> int | None:
+        """SLO misses predicted for `views` at the batch's KV peak over its lifetime
+        (`admission.lifetime_peak`), for the `slo` admission's lifetime judgement; None (here):
+        this policy predicts the next plan window only, and the admission judges that alone."""
+        return None
+
     def replan(self, running: list[RequestView], cap: CapacityView) -> PlacementPlan | None:
         """Placement changes between steps. Static policies change nothing."""
         return None
@@ -220,7 +226,8 @@ def policy_options(config) -> dict:
     return dict(admission=config.admission, static_offload_fraction=config.static_offload_fraction,
                 pause_strategy_name=config.pause_strategy, max_pause_s=config.max_pause_s,
                 slo_s=config.tpot_slo_s, windows=tuple(config.plan_windows),
-                solve_ahead=config.solve_ahead, seed=config.seed, deposit_pace=config.deposit_pace)
+                solve_ahead=config.solve_ahead, seed=config.seed, deposit_pace=config.deposit_pace,
+                prefetch_depth=config.prefetch_depth)
 
 
 def policy_from_config(config, num_layers: int, cost_model) -> KVPolicy:

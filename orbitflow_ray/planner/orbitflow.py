@@ -13,6 +13,12 @@ its window of W decode steps; it is re-solved when
   (locally a window's end is solved one step ahead; centrally as many as the round trip needs)
 - the next step's growth does not fit the free device blocks -> on the spot
 
+Each plan is judged as the engine runs it (`link_model` "engine", `_engine_checked`): its step at
+`problem.engine_step_time` and its misses at that step at the window's end; where the engine's copy
+order makes a mixed-distance plan miss more, the best single-distance plan is taken if it misses
+fewer. Admission (`slo`) also weighs the batch's KV peak over its lifetime (`admission_horizon`
+"lifetime", `lifetime_misses`).
+
 When the batch does not fit without streaming all-host some request that could keep layers on
 device (INFEASIBLE, `problem.py`), Pause-Resume pauses one request (strategy: largest by
 default), re-solves, and repeats; paused requests keep all their KV on host and rejoin, oldest
@@ -41,23 +47,25 @@ from dataclasses import replace
 
 from orbitflow_ray.costmodel import CostModel, OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
-from orbitflow_ray.planner.admission import (AdmissionKind, batch_plan_inputs, prefill_debt_s, ttft_at_stake,
-                                             ttft_missed_ids)
+from orbitflow_ray.planner.admission import (AdmissionKind, batch_plan_inputs, lifetime_peak, prefill_debt_s,
+                                             ttft_at_stake, ttft_missed_ids)
 from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         StepStats, register_policy)
 from orbitflow_ray.planner.deposit import ArrivalForecast, bank_target
 from orbitflow_ray.planner.pause import pause_strategy
 from orbitflow_ray.planner.planning import PlanResult, RemoteSolve
-from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs,
-                                           PlanStatus, certain_late, distance_set, make_plan, placement_for_distance,
-                                           step_time)
+from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs, PlanStatus,
+                                           certain_late, device_bytes, distance_set, engine_step_time, late_requests, make_plan,
+                                           placement_for_distance, step_time)
 from orbitflow_ray.planner.solvers import PlacementSolver, make_solver
 
 log = logging.getLogger(__name__)
 # Trial solves one Pause-for-SLO search may run (`OrbitFlow._pause_for_slo`), each a full fast-path
 # solve on the decode thread: a count, so the bound holds whatever the machine's load.
 SLO_PAUSE_MAX_TRIALS = 8
+ADMISSION_HORIZONS = ("lifetime", "window")  # `OrbitFlow.admission_horizon`
+LINK_MODELS = ("engine", "edf")  # `OrbitFlow.link_model`
 SLO_PAUSE_LINEAR = 4  # pauses tried one by one before the search may double (`_pause_for_slo`)
 
 def tiers_for_distance(d: int, num_layers: int) -> list[Tier]:
@@ -70,6 +78,12 @@ class OrbitFlow(KVPolicy):
 
     name = "orbitflow"
     native_admission = AdmissionKind.SLO
+    # How far ahead the `slo` admission judges a join (ADMISSION_HORIZONS): "lifetime", the next
+    # plan window and the batch's KV peak (`lifetime_misses`); "window", the next plan window only.
+    admission_horizon = "lifetime"
+    # The step time a plan is judged by (LINK_MODELS): "engine", as the engine issues its copies
+    # (`problem.engine_step_time`); "edf", the solver's EDF link model alone (`problem.step_time`).
+    link_model = "engine"
     uses_deposit = True
     can_pause = True
     uniform = False
@@ -79,8 +93,20 @@ class OrbitFlow(KVPolicy):
                  pause_strategy_name: str = "largest", max_pause_s: float = 30.0, slo_s: float = 0.5,
                  drift_threshold: float = 0.25, drift_patience: int = 3, solve_ahead: bool = True,
                  seed: int = 0, solver: str = "fast", deposit_pace: float = 0.9, arrival_memory_s: float = 30.0,
-                 slo_pause_max_trials: int = SLO_PAUSE_MAX_TRIALS, **options) -> None:
+                 slo_pause_max_trials: int = SLO_PAUSE_MAX_TRIALS, admission_horizon: str | None = None,
+                 link_model: str | None = None, prefetch_depth: int = 1, **options) -> None:
         super().__init__(num_layers, cost_model=cost_model, slo_s=slo_s, windows=windows, **options)
+        horizon = self.admission_horizon if admission_horizon is None else admission_horizon
+        if horizon not in ADMISSION_HORIZONS:
+            raise ValueError(f"admission_horizon must be one of {ADMISSION_HORIZONS}, got {admission_horizon!r}")
+        self.admission_horizon = horizon
+        link_model = self.link_model if link_model is None else link_model
+        if link_model not in LINK_MODELS:
+            raise ValueError(f"link_model must be one of {LINK_MODELS}, got {link_model!r}")
+        if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1:
+            raise ValueError(f"prefetch_depth must be an integer >= 1, got {prefetch_depth!r}")
+        self.link_model, self.prefetch_depth = link_model, prefetch_depth
+        self._single = make_solver("uniform")  # the single-distance candidate of `_engine_checked`
         if max_pause_s <= 0 or drift_threshold <= 0 or drift_patience < 1:
             raise ValueError("need max_pause_s > 0, drift_threshold > 0, drift_patience >= 1")
         if isinstance(slo_pause_max_trials, bool) or not isinstance(slo_pause_max_trials, int) \
@@ -114,7 +140,8 @@ class OrbitFlow(KVPolicy):
         self.counters = {k: 0 for k in ("plans", "pauses", "resumes", "fallbacks", "infeasible",
                                         "trigger_batch", "trigger_window", "trigger_drift",
                                         "trigger_capacity", "plans_missing_slo", "slo_pauses", "slo_pause_trials",
-                                        "slo_pause_trials_max", "slo_pause_skipped", "slo_pause_capped")}
+                                        "slo_pause_trials_max", "slo_pause_skipped", "slo_pause_capped",
+                                        "engine_slower", "engine_single")}
 
     # ---- the problem ---------------------------------------------------------------------------
     def _inputs(self, views: list[RequestView], cap: CapacityView) -> PlanInputs:
@@ -133,7 +160,7 @@ class OrbitFlow(KVPolicy):
         while True:
             inputs = self._inputs(active, cap)
             try:
-                plan = self.solver.solve(inputs)
+                plan = self._engine_checked(self.solver.solve(inputs), inputs)
             except Exception:  # a solver bug or timeout must not stop serving
                 log.exception("placement solve failed; falling back to the largest offload")
                 self.counters["fallbacks"] += 1
@@ -154,6 +181,47 @@ class OrbitFlow(KVPolicy):
             victim = self.pick_victim(victims, self.rng)
             active = [v for v in active if v.request_id != victim]
             paused.append(victim)
+
+    def _judged_step_s(self, inputs: PlanInputs, distances: list[int]) -> float:
+        """The step time plans are judged by (`link_model`)."""
+        if self.link_model == "engine":
+            return engine_step_time(inputs, distances, self.prefetch_depth)
+        return step_time(inputs, distances)
+
+    def _engine_checked(self, plan: Plan, inputs: PlanInputs) -> Plan:
+        """The solver's plan judged as the engine runs it (`link_model` "engine"): its T at
+        `problem.engine_step_time`, and its violations at that step time at the window's end (every
+        request `growth(window)` tokens longer: the largest step of the window, since T grows with
+        the contexts, where the solvers judge its first). The solvers model an EDF link, which
+        gives a long-distance request of a batch mixing distances a longer window than the
+        engine's copies (issued for the union of the batch's host layers, in order) do; where the
+        engine's step makes the plan miss more, the best single-distance plan (where the two link
+        models agree) is taken if it misses fewer, or as many in a shorter step. Unchanged with the
+        "edf" link model, and for a plan the engine runs on time to the window's end."""
+        if self.link_model != "engine" or plan.status is PlanStatus.INFEASIBLE or not plan.distances:
+            return plan
+
+        def judged(p: Plan) -> Plan:
+            ds = [p.distances[r.request_id] for r in inputs.requests]
+            T = engine_step_time(inputs, ds, self.prefetch_depth)
+            end = replace(inputs, requests=tuple(replace(r, context_tokens=r.context_tokens + r.growth(p.window))
+                                                 for r in inputs.requests))
+            late = late_requests(inputs, engine_step_time(end, ds, self.prefetch_depth), p.window)
+            return replace(p, predicted_step_s=T, violations=late)
+
+        checked = judged(plan)
+        if checked.violations <= plan.violations:
+            return checked
+        if len(set(plan.distances.values())) > 1:
+            alt = self._single.solve(inputs)
+            if alt.status is not PlanStatus.INFEASIBLE:
+                alt = judged(alt)
+                if (len(alt.violations), alt.predicted_step_s) < (len(checked.violations), checked.predicted_step_s):
+                    self.counters["engine_single"] += 1
+                    self.solver.seed(alt.distances)
+                    return alt
+        self.counters["engine_slower"] += 1
+        return checked
 
     def _pause_for_slo(self, plan: Plan, active: list[RequestView], cap: CapacityView, pinned: frozenset[str],
                        paused: list[str], probe: bool) -> tuple[Plan, list[str]]:
@@ -197,7 +265,7 @@ class OrbitFlow(KVPolicy):
             trials += 1
             self.solver.seed(plan.distances)
             try:
-                trial = self.solver.solve(inputs)
+                trial = self._engine_checked(self.solver.solve(inputs), inputs)
             except Exception:
                 log.exception("placement solve failed while pausing for the SLO; keeping the best plan")
                 failed = True
@@ -364,6 +432,27 @@ class OrbitFlow(KVPolicy):
             return len(self._proposal[0].violations - missed)
         return super().predicted_misses(views, plan, cap)
 
+    def lifetime_misses(self, views: list[RequestView], cap: CapacityView) -> int | None:
+        """With the `lifetime` horizon, the misses of the batch at its KV peak
+        (`admission.lifetime_peak`), solved as a probe (charged as a solve, installs nothing): the
+        requests the solve must pause to fit the device there (each a late gap, or a TPOT miss
+        while it waits), plus the plan's violations, of requests still able to meet all their
+        SLOs. None with the `window` horizon (`KVPolicy.lifetime_misses`)."""
+        if self.admission_horizon != "lifetime":
+            return None
+        peak = lifetime_peak(views)
+        if not peak:
+            return 0
+        missed = ttft_missed_ids(peak)
+        inputs = self._inputs(peak, cap)
+        L, w = self.num_layers, inputs.windows[0]
+        if L in inputs.distances and device_bytes(inputs, [L] * len(peak), w) <= inputs.device_capacity_bytes:
+            # all on device fits the peak: the plan is that (no stall, no pause), its misses the
+            # compute's alone (nothing banked there), known without a solve on the decode thread
+            return len(certain_late(inputs) - missed)
+        plan, paused = self.ahead.solve_now(peak, cap, frozenset(), True)
+        return len(set(paused) - missed) + len(plan.violations - missed)
+
     def admit(self, req: RequestView, running: list[RequestView], cap: CapacityView
               ) -> PlacementPlan | None:
         """`propose`, then the admission decides (natively `slo`: the plan with `req` misses no
@@ -450,7 +539,7 @@ class OrbitFlow(KVPolicy):
         if self._anchor is None or self._anchor[0] is not self.plan:
             views = [v for v in running if v.request_id in self.plan.distances]  # paused ones leave
             inputs = self._inputs(views, cap)
-            T = step_time(inputs, [self.plan.distances[v.request_id] for v in views])
+            T = self._judged_step_s(inputs, [self.plan.distances[v.request_id] for v in views])
             self._anchor = (self.plan, ctx, T)
         _, ctx0, T0 = self._anchor
         self._predicted_s = T0 + self.num_layers * self.cost.model.compute_b_s_per_token * (ctx - ctx0)
@@ -546,3 +635,19 @@ class OrbitFlowNoPause(OrbitFlow):
 
     name = "orbitflow-no-pause"
     can_pause = False
+
+
+@register_policy
+class OrbitFlowWindowAdmit(OrbitFlow):
+    """Ablation: `slo` admission judged over the next plan window only, not the batch's lifetime."""
+
+    name = "orbitflow-window-admit"
+    admission_horizon = "window"
+
+
+@register_policy
+class OrbitFlowEdfLink(OrbitFlow):
+    """Ablation: plans judged by the solver's EDF link model alone, not the engine's copy order."""
+
+    name = "orbitflow-edf-link"
+    link_model = "edf"

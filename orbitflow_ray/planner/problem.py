@@ -27,7 +27,8 @@ overlaps layer h - 1's compute. The model leaves that overlap out: it is the con
 (Batches that mix distances are another matter, with or without d = 0: the engine's slots serve
 the union of the batch's host layers in order, so a large request's copy at a long distance can
 be issued later than its window here when a small request at d = 0 or 1 shares the batch; replayed
-by `sim/executor.py`, such a step took up to a quarter longer than modelled.)
+by `sim/executor.py`, such a step took up to a quarter longer than modelled; `engine_step_time`
+models the engine's order exactly, and `orbitflow` judges the solvers' plans by it.)
 
 Link model: the transfer engine serves released transfers earliest-deadline-first in block-sized
 chunks (a runner that issues copies in release order, FIFO, can stall more). For one link with
@@ -137,11 +138,16 @@ class PlanInputs:
     # KV is held in blocks of this many tokens: a request's KV at the window's end is rounded up
     # to whole blocks, so a plan that fits here fits the block pool exactly.
     block_size: int = 1
+    # Of the step's L * compute, the seconds after the last layer (LM head, sampling) that no copy
+    # overlaps (`CostModel.step_tail_s`); only `engine_step_time` reads it. 0: unknown.
+    step_tail_s: float = 0.0
 
     def __post_init__(self) -> None:
         L = self.num_layers
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not self.step_tail_s >= 0:
+            raise ValueError(f"step_tail_s must be >= 0, got {self.step_tail_s}")
         if L < 1 or self.kv_bytes_per_token_per_layer < 1 or self.device_capacity_bytes < 0:
             raise ValueError("need num_layers >= 1, kv_bytes_per_token_per_layer >= 1, capacity >= 0")
         if not (self.link_bytes_per_s > 0 and self.compute_a_s > 0 and self.compute_b_s_per_token >= 0):
@@ -323,6 +329,44 @@ def step_time(inputs: PlanInputs, distances: Sequence[int]) -> float:
     c = inputs.compute_per_layer_s
     stall = _stall_s(window_counts(L, classes), loads, c, inputs.link_bytes_per_s) if classes else 0.0
     return L * c + stall
+
+
+def engine_step_time(inputs: PlanInputs, distances: Sequence[int], prefetch_depth: int) -> float:
+    """T in seconds as the engine runs the placement (`kv/store.py`, mirrored by `sim/executor.py`),
+    not as the EDF link model (`step_time`) bounds it: at the start of each layer, the copies of the
+    batch's host layers (the union over its requests, one copy per layer carrying every request's KV
+    of it) are issued in layer order up to the `prefetch_depth + 1`-th host layer at or after it,
+    onto one FIFO link; a host layer waits for its copy, computes, and queues the write-back of the
+    block each request's new token touched; the step's tail (`PlanInputs.step_tail_s`, part of
+    L * c) runs after the last layer, where no copy overlaps it. A request at a long distance then shares its copy with
+    the short-distance requests offloading the same layer, and its copy is issued only when that
+    layer comes into the union's lookahead: later than its own window. Equal to `step_time` when
+    every request has one distance (up to the write-backs and blocks), up to a quarter above it
+    in batches that mix them. The link is taken idle at the top of the step."""
+    L, kvb, bs = inputs.num_layers, inputs.kv_bytes_per_token_per_layer, inputs.block_size
+    loads: dict[int, int] = {}
+    backs: dict[int, int] = {}
+    for r, d in zip(inputs.requests, distances):
+        for h in _host_layers(min(int(d), L), L):
+            loads[h] = loads.get(h, 0) + -(-r.context_tokens // bs) * bs * kvb
+            backs[h] = backs.get(h, 0) + bs * kvb
+    order = sorted(loads)
+    tail = min(inputs.step_tail_s, L * inputs.compute_per_layer_s)
+    c, bw = inputs.compute_per_layer_s - tail / L, inputs.link_bytes_per_s
+    now = link = 0.0
+    ready: dict[int, float] = {}
+    issued = 0
+    for layer in range(L):
+        ahead = [h for h in order if h >= layer][: prefetch_depth + 1]
+        while issued < len(order) and ahead and order[issued] <= ahead[-1]:
+            h = order[issued]
+            link = max(link, now) + loads[h] / bw
+            ready[h] = link
+            issued += 1
+        now = max(now, ready.get(layer, now)) + c
+        if layer in loads:
+            link = max(link, now) + backs[layer] / bw
+    return now + tail
 
 
 def late_requests(inputs: PlanInputs, T: float, window: int) -> set[str]:

@@ -59,6 +59,7 @@ class Scheduler:
         self._stage_left: int | None = None  # blocks left in this step's staging budget (None: no limit)
         self.num_preemptions = 0
         self.num_pauses = 0
+        self.num_placement_failures = 0  # policy placements that did not fit when applied (`_apply`)
         self.max_pause_s = 0.0
 
     # ---- requests ------------------------------------------------------------------------------
@@ -276,18 +277,31 @@ class Scheduler:
             self._stage_left -= self._staged(req, n, placement)
 
     def _apply(self, plan: PlacementPlan | None) -> None:
-        """Carry out a policy's plan: pauses first (they free device blocks), then placements. A
-        pause that would empty the batch is skipped: it would make room for nobody."""
+        """Carry out a policy's plan: pauses first (they free device blocks), then placements,
+        those that free the most device blocks first, so a plan that fits as a whole is carried
+        out whatever order the policy listed it in (a request taking layers onto the device may
+        need the room another gives up). A pause that would empty the batch is skipped: it would
+        make room for nobody. A placement that still does not fit is left as it was and counted
+        (`num_placement_failures`)."""
         if plan is None:
             return
         for rid in plan.pause:
             req = self.requests.get(rid)
             if req is not None and req in self.running and len(self.running) > 1:
                 self._pause(req)
-        for rid, placement in plan.placements.items():
-            req = self.requests.get(rid)
-            if req is not None and req in self.running and self.kv.has(rid):
-                self.kv.move_request(rid, placement)
+        moves = [(rid, placement) for rid, placement in plan.placements.items()
+                 if (req := self.requests.get(rid)) is not None and req in self.running and self.kv.has(rid)]
+        for rid, placement in sorted(moves, key=lambda m: self._device_blocks_taken(*m)):
+            if self.kv.move_request(rid, placement) is None:
+                self.num_placement_failures += 1
+
+    def _device_blocks_taken(self, request_id: str, placement: list[Tier]) -> int:
+        """Device blocks moving req to `placement` takes (negative: frees)."""
+        taken = 0
+        for lk, t in zip(self.kv.table(request_id), placement):
+            if lk.tier != Tier(t):
+                taken += len(lk.blocks) if Tier(t) == Tier.DEVICE else -len(lk.blocks)
+        return taken
 
     def _pause(self, req: Request) -> None:
         """Pause-Resume: all of req's KV to host, out of the batch; nothing is recomputed. When

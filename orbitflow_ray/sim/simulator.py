@@ -263,7 +263,8 @@ class Simulator:
         metrics = summarize(records, link_bytes=self.link_bytes)
         metrics.update(num_steps=self.num_steps, peak_device_kv_bytes=self.peak_device_bytes,
                        device_kv_capacity_bytes=self.kv.capacity_bytes(Tier.DEVICE),
-                       num_preemptions=sched.num_preemptions, num_pauses_sched=sched.num_pauses)
+                       num_preemptions=sched.num_preemptions, num_pauses_sched=sched.num_pauses,
+                       num_placement_failures=sched.num_placement_failures)
         return SimResult(self.cfg, records, metrics, self.policy.metrics(), self.tpot_slo_s,
                          time.perf_counter() - started)
 
