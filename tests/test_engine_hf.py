@@ -180,11 +180,12 @@ def test_orbitflow_pause_resume_loses_nothing(prompts):
     """OrbitFlow under a device budget that holds the batch at admission but not after it grows:
     the planner pauses the largest request (all its KV to host) and resumes it later. Its output
     is identical to an uninterrupted run, and Token-Deposit holds nothing back: under a 10 s SLO
-    the plan predicts no stall, so every token is released as produced."""
+    the plan predicts no stall, so every token is released as produced. The window-horizon
+    ablation admits such a batch; orbitflow's default lifetime admission would not let it in."""
     subset = {k: prompts[k] for k in ("tiny", "chat", "medium")}
     per_block, window = 15 * 16 * 1536, 4  # largest offload keeps 15 of 30 layers on device
     budget = sum(-(-(len(p) + window) // 16) for p in subset.values()) * per_block
-    llm = LLM(model="smollm2-135m", kv_policy="orbitflow", device_kv_bytes=budget,
+    llm = LLM(model="smollm2-135m", kv_policy="orbitflow-window-admit", device_kv_bytes=budget,
               host_kv_bytes=256 << 20, plan_windows=(window,), tpot_slo_s=10.0)  # loose: only capacity binds
     names = list(subset)
     outs = llm.generate([subset[n] for n in names], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))

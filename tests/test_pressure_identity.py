@@ -18,8 +18,11 @@ PROMPTS = [f"Write a long story about a lighthouse keeper named Ada, chapter {i}
 CONFIGS = [  # (policy, device blocks, host bytes, what must have happened)
     ("no-offload", 246, 0, "preemptions"),       # recompute preemption
     ("no-offload", 246, HOST, "preemptions"),    # swap preemption
-    ("orbitflow", 246, HOST, "pauses"),
-    ("orbitflow", 120, HOST, "pauses"),
+    # Lifetime admission (orbitflow's default) admits no batch that outgrows the device, so at 246
+    # blocks it has nothing to pause; the window-horizon ablation admits one and must pause it.
+    ("orbitflow", 246, HOST, None),
+    ("orbitflow-window-admit", 246, HOST, "pauses"),
+    ("orbitflow-window-admit", 120, HOST, "pauses"),
     ("static-uniform", 184, HOST, "preemptions"),
     ("all-offload", 40, HOST, None),
 ]
