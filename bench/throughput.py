@@ -202,7 +202,7 @@ def run_hf(args, folder, gguf, tokenizer, prompts) -> list[dict]:
             outs, elapsed, noise, tries = measure(args, run_all)
             results.append(hf_result(args, f"hf (batch {bs}, {cache} cache)", bs, cache, outs, elapsed,
                                      noise, tries, load_s))
-    del model
+    model = None  # drop the weights before the next engine loads (the closures above are done with it)
     gc.collect()
     return results
 
@@ -325,7 +325,7 @@ def run_ours(args, prompts, workload_kv: int) -> list[dict]:
                     close()
                 except Exception:  # noqa: BLE001
                     pass
-            del llm
+            llm = None  # drop the engine before the next one loads
             gc.collect()
         out_ids = [list(o.token_ids) for o in outs]
         check_outputs(name, out_ids, args.output_len)
