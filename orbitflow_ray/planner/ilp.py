@@ -125,7 +125,10 @@ class _Compiled:
             param.value = data[name]
         with warnings.catch_warnings():  # a time-limited solve warns; the caller reports FEASIBLE
             warnings.simplefilter("ignore", UserWarning)
-            self.problem.solve(solver=cp.HIGHS, warm_start=True, **options)
+            # No warm start: through cvxpy, HiGHS handed the previous solve's answer as its start
+            # reported it optimal in a tie-break where a plan with half the link bytes was feasible
+            # (tests/test_ilp.py's property test, a flaky failure): a reference solves cold.
+            self.problem.solve(solver=cp.HIGHS, warm_start=False, **options)
         self.solver_s += self.problem.solver_stats.solve_time or 0.0
         if self.x.value is None:
             raise RuntimeError(f"HiGHS: {self.problem.status} on a capacity-feasible window")
