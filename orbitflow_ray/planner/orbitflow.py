@@ -26,7 +26,7 @@ first, when the ILP admits them again. Pauses are decided by that loop around th
 inside the ILP: the set it reaches pausing largest first is the fewest pauses that make the
 batch feasible (feasibility depends on each request's largest-offload KV alone). A feasible plan
 that misses the SLOs of requests still able to meet all theirs pauses too, when pausing leaves
-fewer misses than it costs (`_pause_for_slo`: a slow link pauses, as no-offload preempts; at most
+fewer misses than it costs (`pause.SloPauseSearch`: a slow link pauses, as no-offload preempts; at most
 `slo_pause_max_trials` trial solves per re-plan, SLO_PAUSE_MAX_TRIALS by default). On the central
 planner the loop runs with the ILP solver, so a central plan carries its own pause decisions.
 Solving ahead, a worker with a central planner sends the batch predicted at the window's end
@@ -53,7 +53,7 @@ from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         StepStats, register_policy)
 from orbitflow_ray.planner.deposit import ArrivalForecast, bank_target
-from orbitflow_ray.planner.pause import pause_strategy
+from orbitflow_ray.planner.pause import SLO_PAUSE_MAX_TRIALS, SloPauseSearch, pause_strategy
 from orbitflow_ray.planner.planning import PlanResult, RemoteSolve
 from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs, PlanStatus,
                                            certain_late, device_bytes, distance_set, engine_step_time, late_requests, make_plan,
@@ -61,12 +61,8 @@ from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, Plan
 from orbitflow_ray.planner.solvers import PlacementSolver, make_solver
 
 log = logging.getLogger(__name__)
-# Trial solves one Pause-for-SLO search may run (`OrbitFlow._pause_for_slo`), each a full fast-path
-# solve on the decode thread: a count, so the bound holds whatever the machine's load.
-SLO_PAUSE_MAX_TRIALS = 8
 ADMISSION_HORIZONS = ("lifetime", "window")  # `OrbitFlow.admission_horizon`
 LINK_MODELS = ("engine", "edf")  # `OrbitFlow.link_model`
-SLO_PAUSE_LINEAR = 4  # pauses tried one by one before the search may double (`_pause_for_slo`)
 
 def tiers_for_distance(d: int, num_layers: int) -> list[Tier]:
     return [Tier.HOST if h else Tier.DEVICE for h in placement_for_distance(d, num_layers)]
@@ -109,10 +105,6 @@ class OrbitFlow(KVPolicy):
         self._single = make_solver("uniform")  # the single-distance candidate of `_engine_checked`
         if max_pause_s <= 0 or drift_threshold <= 0 or drift_patience < 1:
             raise ValueError("need max_pause_s > 0, drift_threshold > 0, drift_patience >= 1")
-        if isinstance(slo_pause_max_trials, bool) or not isinstance(slo_pause_max_trials, int) \
-                or slo_pause_max_trials < 0:
-            raise ValueError(f"slo_pause_max_trials must be an integer >= 0, got {slo_pause_max_trials!r}")
-        self.slo_pause_max_trials = slo_pause_max_trials
         self.distances = distances
         self.pick_victim = pause_strategy(pause_strategy_name)
         self.max_pause_s = max_pause_s
@@ -142,6 +134,7 @@ class OrbitFlow(KVPolicy):
                                         "trigger_capacity", "plans_missing_slo", "slo_pauses", "slo_pause_trials",
                                         "slo_pause_trials_max", "slo_pause_skipped", "slo_pause_capped",
                                         "engine_slower", "engine_single")}
+        self.slo_pause = SloPauseSearch(self.pick_victim, self.rng, self.counters, slo_pause_max_trials)
 
     # ---- the problem ---------------------------------------------------------------------------
     def _inputs(self, views: list[RequestView], cap: CapacityView) -> PlanInputs:
@@ -225,97 +218,13 @@ class OrbitFlow(KVPolicy):
 
     def _pause_for_slo(self, plan: Plan, active: list[RequestView], cap: CapacityView, pinned: frozenset[str],
                        paused: list[str], probe: bool) -> tuple[Plan, list[str]]:
-        """Pause-Resume under a slow link: when the plan misses the SLOs of requests that can still
-        meet all theirs (`ttft_missed_ids`), try pausing the first k requests of one order (those
-        whose TTFT is missed first, then `pick_victim`'s, one by one), re-solving each time, and keep
-        the fewest pauses that leave the fewest misses in all, counting a pause as its request's
-        miss (one late gap) when that request can still meet all its SLOs: the trade the admission
-        makes. No pause when none pays.
-
-        Bounded by counts, never a clock (this runs on the decode thread): at most
-        `slo_pause_max_trials` trial solves per call. k grows by one while the budget left covers
-        every k left (then the search is the exhaustive one's) or k < SLO_PAUSE_LINEAR; past that
-        it doubles, and a doubling that pays is bisected back towards the last k that did not, on
-        the budget left (a run of pauses that each leave the misses as they were: 32 requests that
-        all miss until a dozen are paused). Exact stops cost no solve: the search ends once the
-        pauses' own misses reach the best total (no larger k can beat it), and a k whose certain
-        misses (`problem.certain_late`: compute alone is over their SLO) reach it is not solved.
-        Every trial is warm-started from `plan`, so a skipped k changes no other trial's plan, and
-        the solver is left seeded with the plan chosen. Counted in `slo_pause_trials` (solves),
-        `slo_pause_trials_max` (most in one call), `slo_pause_skipped` and `slo_pause_capped`."""
-        missed = ttft_missed_ids(active)
-        if not self.can_pause or probe or not plan.violations - missed:
+        """Pause-Resume under a slow link (`pause.SloPauseSearch`); not for probes or `-no-pause`."""
+        if not self.can_pause or probe:
             return plan, paused
-        order = self._pause_order(active, pinned, missed)
-        cost = [0]  # cost[k]: misses the first k pauses count themselves
-        for rid in order:
-            cost.append(cost[-1] + (rid not in missed))
-        best = [len(plan.violations - missed), plan, 0]  # misses in all, plan, pauses
-        budget, trials, failed = self.slo_pause_max_trials, 0, False
-
-        def tries(k: int) -> bool:
-            """Solve with the first k paused; True when that beats the best so far."""
-            nonlocal trials, failed
-            gone = set(order[:k])
-            rest = [v for v in active if v.request_id not in gone]
-            inputs = self._inputs(rest, cap)
-            if cost[k] + len(certain_late(inputs) - missed) >= best[0]:
-                self.counters["slo_pause_skipped"] += 1
-                return False
-            trials += 1
-            self.solver.seed(plan.distances)
-            try:
-                trial = self._engine_checked(self.solver.solve(inputs), inputs)
-            except Exception:
-                log.exception("placement solve failed while pausing for the SLO; keeping the best plan")
-                failed = True
-                return False
-            if trial.status == PlanStatus.INFEASIBLE or len(trial.violations - missed) + cost[k] >= best[0]:
-                return False
-            best[:] = [len(trial.violations - missed) + cost[k], trial, k]
-            return True
-
-        k, capped = 0, False
-        while k < len(order) and not failed:
-            if cost[k + 1] >= best[0]:  # misses >= pauses' own, from here on: none beats best
-                break
-            if trials >= budget:
-                capped = True
-                break
-            step = budget - trials >= len(order) - k or k < SLO_PAUSE_LINEAR
-            lo, k = k, k + 1 if step else min(2 * k, len(order))
-            if tries(k) and k - lo > 1:  # bisect (lo, k) on what is left of the budget
-                hi = k
-                while hi - lo > 1 and not failed:
-                    if trials >= budget:
-                        capped = True
-                        break
-                    mid = (lo + hi) // 2
-                    if cost[mid] >= best[0] or tries(mid):
-                        hi = mid
-                    else:
-                        lo = mid
-        self.counters["slo_pause_capped"] += capped
-        self.counters["slo_pause_trials"] += trials
-        self.counters["slo_pause_trials_max"] = max(self.counters["slo_pause_trials_max"], trials)
-        if trials:
-            self.solver.seed(best[1].distances)
-        extra = order[:best[2]]
-        self.counters["slo_pauses"] += len(extra)
-        return best[1], paused + extra
-
-    def _pause_order(self, active: list[RequestView], pinned: frozenset[str], missed: set[str]) -> list[str]:
-        """The order Pause-for-SLO pauses in: unpinned requests whose TTFT is missed first, then the
-        others, each group by `pick_victim`; one request always stays."""
-        rest, order = list(active), []
-        while len(rest) > 1:
-            victims = [v for v in rest if v.request_id not in pinned]
-            if not victims:
-                break
-            victim = self.pick_victim([v for v in victims if v.request_id in missed] or victims, self.rng)
-            rest = [v for v in rest if v.request_id != victim]
-            order.append(victim)
-        return order
+        best, extra = self.slo_pause.search(plan, active, pinned, lambda views: self._inputs(views, cap),
+                                            lambda inputs: self._engine_checked(self.solver.solve(inputs), inputs),
+                                            self.solver.seed)
+        return best, paused + extra
 
     def _fallback(self, inputs: PlanInputs, status: PlanStatus) -> Plan:
         """Every request at its largest offload short of all-host, all-host where only that holds
