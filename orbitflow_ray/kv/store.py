@@ -25,6 +25,7 @@ from orbitflow_kernels import Direction, TransferEngine, TransferJob
 from orbitflow_kernels.gather import gather_kv, scatter_tokens
 from orbitflow_ray.kv.block_table import BlockTables
 from orbitflow_ray.kv.blocks import MoveOp, Tier
+from orbitflow_ray.kv.prefetch import issue_limit
 from orbitflow_ray.kv.prompt_stage import PromptStage
 from orbitflow_ray.kv.plan import ScheduledSeq
 
@@ -236,8 +237,7 @@ class KVStore:
 
     def before_layer(self, layer: int) -> None:
         """Issue prefetches up to `depth` host layers ahead of `layer`, then wait for its own."""
-        ahead = [l for l in self._order if l >= layer][: self.depth + 1]
-        while self._issued < len(self._order) and self._order[self._issued] <= (ahead[-1] if ahead else -1):
+        while self._issued < issue_limit(self._order, layer, self.depth):
             self._prefetch(self._host_layers[self._order[self._issued]], self._issued % len(self._slots))
             self._issued += 1
         hl = self._host_layers.get(layer)

@@ -95,6 +95,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from orbitflow_ray.kv.prefetch import issue_limit
+
 PAPER_DISTANCES = (1, 2, 3, 4, 5, 7, 9, 15, 31)  # the research code's set
 ALL_HOST = 0  # the distance that puts every layer on host (module docstring)
 DEFAULT_DISTANCES = (ALL_HOST,) + PAPER_DISTANCES  # L is always added
@@ -357,8 +359,7 @@ def engine_step_time(inputs: PlanInputs, distances: Sequence[int], prefetch_dept
     ready: dict[int, float] = {}
     issued = 0
     for layer in range(L):
-        ahead = [h for h in order if h >= layer][: prefetch_depth + 1]
-        while issued < len(order) and ahead and order[issued] <= ahead[-1]:
+        while issued < issue_limit(order, layer, prefetch_depth):
             h = order[issued]
             link = max(link, now) + loads[h] / bw
             ready[h] = link

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.kv.plan import SchedulerOutput, StepResult
+from orbitflow_ray.kv.prefetch import issue_limit
 from orbitflow_ray.kv.tier_manager import cdiv
 
 
@@ -82,8 +83,7 @@ class SimExecutor:
         ready = {}
         issued = 0
         for layer in range(num_layers):
-            ahead = [h for h in order if h >= layer][: self.depth + 1]
-            while issued < len(order) and ahead and order[issued] <= ahead[-1]:
+            while issued < issue_limit(order, layer, self.depth):
                 h = order[issued]
                 ready[h], busy = self._link(now, loads[h][0])
                 h2d, busy_in = h2d + loads[h][0], busy_in + busy

@@ -170,8 +170,7 @@ class Roofline:
         b, p = max(b, 0.0), max(p, 0.0)
         # The head (LM head, sampling, step overhead) is spread over the layers, as the online fit
         # does with measured step times, so L * layer time predicts the whole decode step.
-        L = self.model.num_layers
-        head = self.head_time_s(S, S) / L
-        a = decode(C0, S) + head - b * C0 - p * S
+        tail = self.head_time_s(S, S)
+        a = decode(C0, S) + tail / self.model.num_layers - b * C0 - p * S
         return CostModel(self.model.num_layers, compute_a_s=max(a, 1e-9), compute_b_s_per_token=b,
-                         compute_p_s_per_token=p, link_bytes_per_s=self.gpu.link_bytes_per_s, step_tail_s=head * L)
+                         compute_p_s_per_token=p, link_bytes_per_s=self.gpu.link_bytes_per_s, step_tail_s=tail)
