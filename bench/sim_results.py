@@ -1,6 +1,6 @@
 """Paper-style comparison in the simulator: writes docs/results/<setup>/ and docs/results_tables.md.
 
-    python bench/sim_results.py              # all setups (about 10-15 minutes on 2 cores)
+    python bench/sim_results.py              # all setups, seed 0, every core (hours on 2 cores)
     python bench/sim_results.py --quick      # 30 requests, two rates: a smoke run
     python bench/sim_results.py --setups 8b-a100-longbench,8b-a100-pressure --scales 1.5 \
         --rate-index 0,3 --seeds 0,1,2 --requests 30 --policies orbitflow,orbitflow+fcfs,no-offload,no-offload+slo \
@@ -14,17 +14,23 @@ Pause-Resume family: outputs of 2K-4K tokens (many plan windows long) from 256-1
 bursty arrivals (gamma, CV 3) and 1 GiB of device KV, so batches admitted when they fit outgrow it.
 A policy named `policy+admission` (`flexgen-plus+slo`, `orbitflow+fcfs`) runs with that admission
 instead of its own (`orbitflow_ray.planner.admission`).
+
+Runs go to worker processes (`--jobs`, default every core; runs are deterministic, so the results do
+not depend on it) and each finished run is kept in `--cache` (default runs/sim-cache), keyed by a
+hash of the package's source: a sweep stopped part way resumes where it was, and any code change
+re-runs everything.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from orbitflow_ray.sim.compare import run_grid, split_policy
+from orbitflow_ray.sim.compare import RunCache, code_version, run_grid, split_policy
 from orbitflow_ray.metrics.report import write_report
 from orbitflow_ray.sim.simulator import SimConfig
 from orbitflow_ray.sim.workload import WorkloadConfig, generate
@@ -69,7 +75,14 @@ def main() -> int:
     ap.add_argument("--seeds", default="0",
                     help="comma-separated trace seeds; the first seed's runs make each setup's report, "
                          "seeds.md holds the means over all (default: 0)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="worker processes (default: every core)")
+    ap.add_argument("--cache", default="runs/sim-cache",
+                    help="folder of finished runs, keyed by the code's hash ('' for none; default: runs/sim-cache)")
     args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
+    cache = RunCache(args.cache) if args.cache else None
     policies = [p for p in args.policies.split(",") if p]
     for p in policies:
         split_policy(p)
@@ -84,9 +97,10 @@ def main() -> int:
         for seed in seeds:
             trace = generate(WorkloadConfig(rate_per_s=rates[0], num_requests=n, seed=seed, **wl))
             t0 = time.perf_counter()
-            runs = run_grid(base, trace, rates[0], policies, rates, scales)
+            runs = run_grid(base, trace, rates[0], policies, rates, scales, jobs=args.jobs, cache=cache)
             context = {"setup": name, "sim_config": base.to_dict(), "workload": wl, "requests": n,
-                       "seed": seed, "simulated_in_s": round(time.perf_counter() - t0, 1)}
+                       "seed": seed, "simulated_in_s": round(time.perf_counter() - t0, 1), "jobs": args.jobs,
+                       "code_version": cache.version if cache else code_version()}
             if seed == seeds[0]:
                 write_report(runs, Path(args.out) / name, title=f"{name}: policies side by side", context=context)
             summary.append((name, seed, runs))

@@ -283,6 +283,23 @@ def test_online_fit_recovers_the_cost_model():
     assert online.num_fits > 0
 
 
+def test_online_fit_keeps_only_the_last_window_of_samples():
+    # The machine changes speed: once `window` samples of the new speed have arrived, the fit is the
+    # new speed exactly (the old samples rolled out, oldest first).
+    slow = CostModel(4, compute_a_s=4e-3, compute_b_s_per_token=1e-6, compute_p_s_per_token=6e-5, link_bytes_per_s=1e9)
+    fast = CostModel(4, compute_a_s=1e-3, compute_b_s_per_token=2e-7, compute_p_s_per_token=1e-5, link_bytes_per_s=1e9)
+    online = OnlineCostModel(CostModel(4, 1e-3, 0.0, 0.0, 10e9), window=16, min_samples=8)
+    rng = random.Random(2)
+    for truth, n in ((slow, 40), (fast, 15), (fast, 1)):
+        for _ in range(n):
+            ctx, new = rng.randint(100, 20_000), rng.randint(1, 300)
+            online.observe(StepSample(truth.compute_step_s(ctx, new), ctx, new))
+        if n == 15:  # one slow sample is still in the window: the fit is not yet the fast model
+            assert online.model.compute_a_s != pytest.approx(1e-3, rel=1e-3)
+    m = online.model
+    assert (m.compute_a_s, m.compute_b_s_per_token, m.compute_p_s_per_token) == pytest.approx((1e-3, 2e-7, 1e-5), rel=1e-6)
+
+
 def test_cost_model_validates():
     with pytest.raises(ValueError):
         CostModel(0, 1e-3, 0, 0, 1e9)

@@ -201,3 +201,29 @@ def test_an_empty_plan_is_skipped_by_the_simulator_and_run_by_the_engine():
     step = eng.loop.step()
     assert calls == [step.out] and step.out.is_empty and step.result.sampled == {} and step.updated == []
     eng.close()
+
+
+def test_grid_runs_the_same_in_worker_processes_and_from_the_cache(tmp_path, trace, monkeypatch):
+    from orbitflow_ray.sim import compare
+
+    def strip(runs):  # wall-clock keys differ run to run; everything else is the simulation's
+        return [{**r, "metrics": {k: v for k, v in r["metrics"].items() if k not in ("sim_wall_s", "solve_s_sync")}}
+                for r in runs]
+
+    args = (config("orbitflow"), trace[:8], 2.0, ["orbitflow", "no-offload+slo"], [2.0, 8.0], [1.5])
+    serial = compare.run_grid(*args, progress=False)
+    assert [(r["policy"], r["rate"]) for r in serial] == [
+        ("orbitflow", 2.0), ("orbitflow", 8.0), ("no-offload+slo", 2.0), ("no-offload+slo", 8.0)]
+    cache = compare.RunCache(tmp_path)
+    parallel = compare.run_grid(*args, progress=False, jobs=2, cache=cache)
+    assert strip(parallel) == strip(serial) and cache.hits == 0
+    assert len(list(tmp_path.rglob("*.json"))) == 4
+    again = compare.RunCache(tmp_path)
+    assert json.loads(json.dumps(compare.run_grid(*args, progress=False, cache=again))) == json.loads(json.dumps(parallel))
+    assert again.hits == 4
+    # another version of the code never reads these runs
+    monkeypatch.setattr(compare, "code_version", lambda: "another")
+    other = compare.RunCache(tmp_path)
+    assert other.get(*args[:3], "orbitflow", 2.0, 1.5) is None
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        compare.run_grid(*args, jobs=0)

@@ -86,7 +86,11 @@ class OnlineCostModel:
             raise ValueError("need window >= min_samples >= 3")
         self.model = prior
         self.min_samples = min_samples
-        self._compute: deque[tuple[float, float, float]] = deque(maxlen=window)
+        # compute samples, oldest first: rows (1, context tokens, new tokens) and seconds per layer,
+        # kept as arrays (rebuilding them from tuples every step cost more than the fit)
+        self._X = np.empty((window, 3))
+        self._y = np.empty(window)
+        self._num_compute = 0
         self._link: deque[tuple[int, float]] = deque(maxlen=window)
         self.num_fits = 0
 
@@ -95,19 +99,24 @@ class OnlineCostModel:
             return
         if s.h2d_bytes == 0 or s.stall_s is not None:
             compute_s = s.wall_s - (s.stall_s or 0.0)
-            self._compute.append((s.context_tokens, s.new_tokens, compute_s / self.model.num_layers))
+            n = self._num_compute
+            if n == len(self._y):  # full: drop the oldest
+                self._X[:-1], self._y[:-1] = self._X[1:], self._y[1:]
+                n -= 1
+            self._X[n] = (1.0, s.context_tokens, s.new_tokens)
+            self._y[n] = compute_s / self.model.num_layers
+            self._num_compute = n + 1
         if s.h2d_bytes > 0 and s.h2d_busy_s > 0:
             self._link.append((s.h2d_bytes, s.h2d_busy_s))
         self._refit()
 
     def _refit(self) -> None:
         m = self.model
-        if len(self._compute) >= self.min_samples:
-            data = np.array(self._compute)
-            X = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
+        if self._num_compute >= self.min_samples:
+            X = self._X[:self._num_compute]
             # Scale columns so nnls is well conditioned (tokens are 1e0..1e5, seconds 1e-5..1e-1).
             scale = np.maximum(X.max(0), 1.0)
-            coef, _ = nnls(X / scale, data[:, 2])
+            coef, _ = nnls(X / scale, self._y[:self._num_compute])
             a, b, p = coef / scale
             if a > 0:
                 m = replace(m, compute_a_s=float(a), compute_b_s_per_token=float(b),

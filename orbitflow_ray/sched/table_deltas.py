@@ -25,9 +25,13 @@ class TableTracker:
         if sent is None or len(sent) != len(table):
             sent = self._sent[request_id] = [(None, 0, None)] * len(table)
         out = []
-        for layer, lk in enumerate(table):
+        # most steps change no layer (a new block every block_size tokens): find the changed ones first
+        changed = [layer for layer, (lk, (blocks, n, tier)) in enumerate(zip(table, sent))
+                   if not (blocks is lk.blocks and n == len(blocks) and tier is lk.tier)]
+        for layer in changed:
+            lk = table[layer]
             blocks, n, tier = sent[layer]
-            if blocks is lk.blocks and tier == lk.tier:
+            if blocks is lk.blocks and tier is lk.tier:
                 if n == len(blocks):
                     continue
                 start = n

@@ -68,22 +68,29 @@ class SimExecutor:
         layer_s = self.roofline.layer_time_s(ctx, new, len(seqs))
         num_layers = len(seqs[0].table)
         # per host layer: bytes to bring in (cached context) and to write back (touched blocks)
-        loads: dict[int, tuple[int, int]] = {}
-        for layer in range(num_layers):
-            bring = back = 0
-            for s in seqs:
-                if s.table[layer].tier == Tier.HOST:
-                    end_tok = s.start_pos + len(s.token_ids)
-                    bring += cdiv(s.start_pos, self.block_size)
-                    back += cdiv(end_tok, self.block_size) - s.start_pos // self.block_size
-            if bring or back:
-                loads[layer] = (bring * self.block_bytes, back * self.block_bytes)
+        bring_blocks: dict[int, int] = {}
+        back_blocks: dict[int, int] = {}
+        for s in seqs:
+            host = [layer for layer, lk in enumerate(s.table) if lk.tier == Tier.HOST]
+            if not host:
+                continue
+            bring = cdiv(s.start_pos, self.block_size)
+            back = cdiv(s.start_pos + len(s.token_ids), self.block_size) - s.start_pos // self.block_size
+            for layer in host:
+                bring_blocks[layer] = bring_blocks.get(layer, 0) + bring
+                back_blocks[layer] = back_blocks.get(layer, 0) + back
+        loads = {layer: (bring_blocks[layer] * self.block_bytes, back_blocks[layer] * self.block_bytes)
+                 for layer in bring_blocks if bring_blocks[layer] or back_blocks[layer]}
         order = sorted(loads)
         moved = dict(ready)  # layer -> when its move into the device lands
         ready = {}
+        if not order and not moved:  # a pure-compute step
+            for _ in range(num_layers):
+                now += layer_s
+            return self._finish(out, sampled, start, now, stall, h2d, d2h, busy_in, new)
         issued = 0
         for layer in range(num_layers):
-            while issued < issue_limit(order, layer, self.depth):
+            while issued < len(order) and issued < issue_limit(order, layer, self.depth):
                 h = order[issued]
                 ready[h], busy = self._link(now, loads[h][0])
                 h2d, busy_in = h2d + loads[h][0], busy_in + busy
@@ -96,6 +103,11 @@ class SimExecutor:
             if layer in loads:
                 self._link(now, loads[layer][1])
                 d2h += loads[layer][1]
-        now += self.roofline.head_time_s(sum(1 for s in seqs if s.sample), new)
+        return self._finish(out, sampled, start, now, stall, h2d, d2h, busy_in, new)
+
+    def _finish(self, out: SchedulerOutput, sampled: dict[str, int], start: float, now: float, stall: float,
+                h2d: int, d2h: int, busy_in: float, new: int) -> StepResult:
+        """The LM head and sampling, then the copies' share of compute."""
+        now += self.roofline.head_time_s(sum(1 for s in out.seqs if s.sample), new)
         now += (h2d + d2h) * self.roofline.gpu.copy_compute_s_per_byte
         return StepResult(sampled, now - start, stall, h2d, d2h, busy_in)
