@@ -6,7 +6,6 @@ Scheduler-side bookkeeping only: no tensors here, so the simulator can run the s
 from __future__ import annotations
 
 import enum
-from collections import deque
 from dataclasses import dataclass
 
 
@@ -46,7 +45,9 @@ class BlockPool:
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._recycled: deque[int] = deque()
+        # freed blocks, oldest first, from `_head` on (a list and an offset: a slice hands out k at once)
+        self._recycled: list[int] = []
+        self._head = 0
         self._fresh = 0  # blocks fresh .. num_blocks-1 were never handed out
         self._used: set[int] = set()
 
@@ -67,8 +68,12 @@ class BlockPool:
     def allocate(self, n: int) -> list[int] | None:
         if n > self.num_free:
             return None
-        k = min(n, len(self._recycled))
-        out = [self._recycled.popleft() for _ in range(k)]
+        k = min(n, len(self._recycled) - self._head)
+        out = self._recycled[self._head:self._head + k]
+        self._head += k
+        if self._head > 4096 and 2 * self._head > len(self._recycled):  # drop the handed-out prefix
+            del self._recycled[:self._head]
+            self._head = 0
         out.extend(range(self._fresh, self._fresh + n - k))
         self._fresh += n - k
         self._used.update(out)

@@ -37,8 +37,9 @@ class KVTierManager:
         # Host blocks of layers moved to device this step: the host -> device copy reads them later
         # in the step (per layer, overlapping compute), while device -> host copies run first, so
         # handing them out again this step could overwrite them before they are read.
-        self._moved_from_host: list[int] = []
-        self._moves: list[MoveOp] = []  # this step's moves, in issue order
+        # (an ordered set: an undone move takes its blocks back in O(its blocks), not O(all held))
+        self._moved_from_host: dict[int, None] = {}
+        self._moves: dict[int, MoveOp] = {}  # this step's moves, in issue order (by id: O(1) to undo one)
         self._last_move: dict[tuple[str, int], MoveOp] = {}  # the latest of them per (request, layer)
 
     # ---- queries -------------------------------------------------------------------------------
@@ -58,7 +59,7 @@ class KVTierManager:
         for tier, pool in self.pools.items():
             held = [b for t in self._tables.values() for lk in t if lk.tier == tier for b in lk.blocks]
             if tier == Tier.HOST:
-                held += self._moved_from_host
+                held += list(self._moved_from_host)
             if len(held) != len(set(held)):
                 raise AssertionError(f"a {tier.name} block is held twice")
             if set(held) != pool.used_blocks():
@@ -140,14 +141,14 @@ class KVTierManager:
             return None
         src_tier, src_blocks = lk.tier, tuple(lk.blocks)
         if lk.tier == Tier.HOST:
-            self._moved_from_host.extend(lk.blocks)  # freed at the step's end (release_moved)
+            self._moved_from_host.update(dict.fromkeys(lk.blocks))  # freed at the step's end (release_moved)
         else:
             self.pools[lk.tier].free(lk.blocks)
         lk.tier, lk.blocks = dst, new
         # Device -> host -> device in one step keeps both copies: the executor runs every copy to
         # host before any copy to device, so the second reads what the first wrote.
         op = MoveOp(request_id, layer, src_tier, src_blocks, dst, tuple(new))
-        self._moves.append(op)
+        self._moves[id(op)] = op
         self._last_move[(request_id, layer)] = op
         return op
 
@@ -162,14 +163,14 @@ class KVTierManager:
         self._unhold(earlier.src_blocks)
         self.pools[Tier.DEVICE].free(lk.blocks)
         lk.tier, lk.blocks = Tier.HOST, list(earlier.src_blocks) + grown
-        self._moves = [op for op in self._moves if op is not earlier]
+        del self._moves[id(earlier)]
         del self._last_move[(earlier.request_id, earlier.layer)]
         return None
 
     def take_moves(self) -> list[MoveOp]:
         """The step's moves in issue order (per layer one, or a copy to host then one back to
         device); the next step starts empty."""
-        moves, self._moves, self._last_move = self._moves, [], {}
+        moves, self._moves, self._last_move = list(self._moves.values()), {}, {}
         return moves
 
     def move_request(self, request_id: str, placement: list[Tier]) -> list[MoveOp] | None:
@@ -191,26 +192,26 @@ class KVTierManager:
     def _unhold(self, blocks) -> list[int]:
         """Stop holding `blocks` for this step's copies to device; returns those that were held
         (`release_moved` may have freed the others already)."""
-        wanted = set(blocks)
-        held = [b for b in self._moved_from_host if b in wanted]
-        if held:
-            self._moved_from_host = [b for b in self._moved_from_host if b not in wanted]
+        held = [b for b in blocks if b in self._moved_from_host]
+        for b in held:
+            del self._moved_from_host[b]
         return held
 
     def release_moved(self) -> None:
         """The step's copies are done: host blocks vacated by moves to device are free again."""
         if self._moved_from_host:
-            self.pools[Tier.HOST].free(self._moved_from_host)
-            self._moved_from_host = []
+            self.pools[Tier.HOST].free(list(self._moved_from_host))
+            self._moved_from_host = {}
 
     def free(self, request_id: str) -> None:
         """Release a request's blocks and drop its pending moves: their destinations are free
         again with the table; the host sources of its moves to device, held until the step's
         copies ran (`release_moved`), are freed now, since no copy will read them."""
         table = self._tables.pop(request_id, [])
-        dropped = [op for op in self._moves if op.request_id == request_id]
+        dropped = [op for op in self._moves.values() if op.request_id == request_id]
         if dropped:
-            self._moves = [op for op in self._moves if op.request_id != request_id]
+            for op in dropped:
+                del self._moves[id(op)]
             for layer in range(len(table)):
                 self._last_move.pop((request_id, layer), None)
             unread = self._unhold([b for op in dropped if op.src_tier == Tier.HOST for b in op.src_blocks])

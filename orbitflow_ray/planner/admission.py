@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import functools
 from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
@@ -192,7 +193,11 @@ def distance_like(tiers: Sequence[Tier], num_layers: int) -> int:
     """The prefetch distance whose placement (problem.py) offloads at least as many layers as
     `tiers`, the fewest such: all-device is L, all-host 0, and an evenly spread fraction (FlexGen's,
     `static.uniform_placement`) the distance with the same spacing or one tighter."""
-    n_host = sum(t == Tier.HOST for t in tiers)
+    return _distance_for_host_layers(list(tiers).count(Tier.HOST), num_layers)
+
+
+@functools.lru_cache(maxsize=4096)
+def _distance_for_host_layers(n_host: int, num_layers: int) -> int:
     if n_host == 0:
         return num_layers
     return max((d for d in range(num_layers) if sum(placement_for_distance(d, num_layers)) >= n_host),

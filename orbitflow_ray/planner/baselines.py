@@ -29,7 +29,7 @@ def next_step_blocks(views: list[RequestView], block_size: int) -> int:
 
 
 def device_layers(tiers: list[Tier]) -> int:
-    return sum(t == Tier.DEVICE for t in tiers)
+    return list(tiers).count(Tier.DEVICE)
 
 
 class BatchUniformPolicy(KVPolicy):

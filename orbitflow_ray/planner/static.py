@@ -9,15 +9,22 @@
 
 from __future__ import annotations
 
+import functools
+
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.planner.base import CapacityView, KVPolicy, RequestView, register_policy
 
 
 def uniform_placement(num_layers: int, fraction: float) -> list[Tier]:
     """Offload round(fraction * L) layers at evenly spaced positions."""
+    return list(_uniform_placement(num_layers, fraction))
+
+
+@functools.lru_cache(maxsize=1024)
+def _uniform_placement(num_layers: int, fraction: float) -> tuple[Tier, ...]:
     n_host = round(fraction * num_layers)
     hosts = {int((i + 0.5) * num_layers / n_host) for i in range(n_host)} if n_host else set()
-    return [Tier.HOST if j in hosts else Tier.DEVICE for j in range(num_layers)]
+    return tuple(Tier.HOST if j in hosts else Tier.DEVICE for j in range(num_layers))
 
 
 @register_policy
