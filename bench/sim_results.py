@@ -112,6 +112,7 @@ def main() -> int:
     Path(args.out, "tables.md").write_text(summary_tables([d for d in doc if d["seed"] == seeds[0]], policies))
     Path(args.out, "seeds.md").write_text(seed_tables(doc, policies))
     Path(args.out, "bar.md").write_text(bar_tables(doc, policies))
+    Path(args.out, "headline.md").write_text(headline_tables(doc, policies))
     return 0
 
 
@@ -129,6 +130,34 @@ def _means(summary: list[dict]) -> dict[tuple, dict[str, dict[str, float]]]:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     cell.setdefault(k, []).append(float(v))
     return {c: {p: {k: sum(v) / len(v) for k, v in ms.items()} for p, ms in ps.items()} for c, ps in acc.items()}
+
+
+def headline_tables(summary: list[dict], policies: list[str]) -> str:
+    """Markdown: per setup and SLO scale, every policy's goodput at each rate, then at the highest
+    rate its TTFT attainment, P95 TTFT, TPOT and TBT attainment and pauses (means over the seeds)."""
+    cells = _means(summary)
+    seeds = sorted({d["seed"] for d in summary})
+    lines = []
+    for setup in dict.fromkeys(c[0] for c in cells):
+        for scale in sorted({c[1] for c in cells if c[0] == setup}):
+            rates = sorted({c[2] for c in cells if c[0] == setup and c[1] == scale})
+            top = rates[-1]
+            lines += [f"### {setup}, SLO scale {scale:g} (mean of seeds {seeds})", "",
+                      "| policy | " + " | ".join(f"goodput @{r:g}" for r in rates)
+                      + f" | TTFT att. @{top:g} | P95 TTFT @{top:g} | TPOT att. @{top:g} | TBT att. @{top:g}"
+                      f" | pauses @{top:g} |", "|---" * (len(rates) + 6) + "|"]
+            for policy in policies:
+                ms = [cells.get((setup, scale, r), {}).get(policy) for r in rates]
+                if all(m is None for m in ms):
+                    continue
+                g = ["-" if m is None else f"{m['goodput_req_s']:.4f}" for m in ms]
+                t = ms[-1]
+                tail = ["-"] * 5 if t is None else [
+                    f"{t['ttft_attainment']:.0%}", f"{t['p95_ttft_s']:.1f} s", f"{t['tpot_attainment']:.0%}",
+                    f"{t['tbt_attainment']:.0%}", f"{t.get('total_pauses', 0):.1f}"]
+                lines.append(f"| `{policy}` | " + " | ".join(g + tail) + " |")
+            lines.append("")
+    return "\n".join(lines)
 
 
 def bar_tables(summary: list[dict], policies: list[str], subject: str = "orbitflow") -> str:

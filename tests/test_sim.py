@@ -227,3 +227,12 @@ def test_grid_runs_the_same_in_worker_processes_and_from_the_cache(tmp_path, tra
     assert other.get(*args[:3], "orbitflow", 2.0, 1.5) is None
     with pytest.raises(ValueError, match="jobs must be >= 1"):
         compare.run_grid(*args, jobs=0)
+
+
+def test_planning_solves_are_charged_to_the_virtual_clock(trace):
+    runs = {cost: simulate(config("orbitflow", solve_cost_s=cost), trace[:6]) for cost in (0.0, 0.5)}
+    m = runs[0.0].policy_metrics
+    assert m["solves_sync"] + m["solves_ahead"] > 0
+    # every solve costs half a second of virtual time: the run ends later, TTFTs are later
+    assert runs[0.5].metrics["makespan_s"] > runs[0.0].metrics["makespan_s"] + 0.5
+    assert runs[0.5].metrics["p50_ttft_s"] > runs[0.0].metrics["p50_ttft_s"]

@@ -174,6 +174,11 @@ class KVPolicy(abc.ABC):
         None for a policy that does not plan."""
         return None
 
+    def num_solves(self) -> int:
+        """Plan solves run here so far (on the decode thread and ahead of it; remote ones not), which
+        the simulator charges to its clock (`SimConfig.solve_cost_s`). None here."""
+        return 0
+
     def metrics(self) -> dict[str, float]:
         """Policy counters for the engine's stats (solve times, fallbacks, pauses); here the
         admission's decisions on proposals that fit (`admission_admitted`, `admission_refused`)."""

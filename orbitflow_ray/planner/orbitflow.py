@@ -499,6 +499,9 @@ class OrbitFlow(KVPolicy):
     def close(self) -> None:
         self.ahead.close()
 
+    def num_solves(self) -> int:
+        return self.ahead.stats["solves_sync"] + self.ahead.stats["solves_ahead"]
+
     def plan_solver(self) -> str | None:
         return None if self.plan is None else self.plan.solver
 

@@ -294,8 +294,7 @@ class Simulator:
         return self.clock
 
     def _solves(self) -> int:
-        m = self.policy.metrics()
-        return int(m.get("solves_sync", 0) + m.get("solves_ahead", 0))
+        return self.policy.num_solves()
 
 
 def simulate(cfg: SimConfig, trace: list[TraceRequest], progress: bool = False,
