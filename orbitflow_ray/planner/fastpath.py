@@ -158,79 +158,35 @@ def lower_bound(link: LinkEval, load, e, dev, cap, seeds: list[Chain] | None = N
     return best, tried
 
 
-def _moved(Y, ks, load, rr, kk) -> np.ndarray:
-    Ys = np.repeat(Y[None], len(rr), 0)
-    idx = np.arange(len(rr))
-    Ys[idx, ks[rr]] -= load[rr]
-    Ys[idx, kk] += load[rr]
-    return Ys
-
-
 def offload_greedy(link: LinkEval, load, e, dev, cap, ks) -> np.ndarray:
     """Offload more until the plan fits: rank every move by stall added per capacity freed (the
-    part of it still needed), then apply the best prefix of the per-request best moves."""
-    ks, by_dev = ks.copy(), np.argsort(-dev, kind="stable")
-    rank = np.argsort(by_dev)
-    while (over := int(e @ dev[ks]) - cap) > 0:
-        Y = np.bincount(ks, weights=load, minlength=len(dev))
-        F = link.stall(Y[None])[0]
-        nxt = rank[ks][:, None] + np.arange(1, GREEDY_REACH + 1)  # the next few classes down
-        rr, col = np.nonzero(nxt < len(dev))
-        kk = by_dev[nxt[rr, col]]
-        keep = dev[kk] < dev[ks[rr]]
-        rr, kk = rr[keep], kk[keep]
-        freed = e[rr] * (dev[ks[rr]] - dev[kk])
-        score = (link.stall(_moved(Y, ks, load, rr, kk)) - F) / np.minimum(freed, over)
-        order = np.argsort(score, kind="stable")
-        _, first = np.unique(rr[order], return_index=True)
-        mv = order[np.sort(first)]
-        step = np.zeros((len(mv), len(dev)))
-        step[np.arange(len(mv)), ks[rr[mv]]] -= load[rr[mv]]
-        step[np.arange(len(mv)), kk[mv]] += load[rr[mv]]
-        Fp, got = link.stall(Y + np.cumsum(step, 0)), np.cumsum(freed[mv])
-        ratio = (Fp - F) / np.minimum(got, over)
-        ok = np.flatnonzero(ratio <= ratio.min() + abs(ratio.min()) * BATCH_SLACK + 1e-12)
-        reach = ok[got[ok] >= over]
-        p = int(reach[np.argmin(Fp[reach])]) if len(reach) else int(ok.max())
-        ks[rr[mv[:p + 1]]] = kk[mv[:p + 1]]
-    return ks
+    part of it still needed), then apply the best prefix of the per-request best moves. Compiled
+    (`linkjit._greedy`; the numpy version is tests/test_fastpath_jit.py's reference)."""
+    return link.jit.greedy(load, e, dev, cap, ks, GREEDY_REACH, BATCH_SLACK)
 
 
 def size_partners(load, partners: int) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of requests at most `partners` apart in size order: (smaller, larger) index arrays."""
     by_size = np.argsort(load, kind="stable")
-    i, j = np.triu_indices(len(load), 1)
+    i, j = _near_pairs(len(load), partners)
+    return by_size[i], by_size[j]
+
+
+@functools.lru_cache(maxsize=256)
+def _near_pairs(n: int, partners: int) -> tuple[np.ndarray, np.ndarray]:
+    """np.triu_indices(n, 1) restricted to pairs at most `partners` apart (cached: every window
+    and trial of a batch size asks for the same)."""
+    i, j = np.triu_indices(n, 1)
     near = (j - i) <= partners
-    return by_size[i[near]], by_size[j[near]]
+    i, j = i[near], j[near]
+    i.flags.writeable = j.flags.writeable = False
+    return i, j
 
 
 def improve(link: LinkEval, load, e, dev, cap, ks, rounds: int = 12, partners: int = 6) -> np.ndarray:
-    """Steepest descent over single moves and swaps of requests close in size, within capacity."""
-    ks = ks.copy()
-    p_r, p_q = size_partners(load, partners)
-    for _ in range(rounds):
-        Y = np.bincount(ks, weights=load, minlength=len(dev))
-        F, slack = link.stall(Y[None])[0], cap - int(e @ dev[ks])
-        n, n_moves, b, Fb, r, x = link.jit.improve_round(Y, ks, load, e, dev, slack, p_r, p_q)
-        if not n:
-            break
-        if n == 1:  # one vector alone: numpy's sum (linkjit's docstring)
-            Ys = _moved(Y, ks, load, np.array([r]), np.array([x])) if n_moves else _swapped(Y, ks, load, r, x)
-            Fb = link.stall(Ys)[0]
-        if Fb >= F - 1e-12 * (link.L + F):
-            break
-        if b < n_moves:
-            ks[r] = x
-        else:
-            ks[r], ks[x] = ks[x], ks[r]
-    return ks
-
-
-def _swapped(Y, ks, load, r: int, q: int) -> np.ndarray:
-    Ys = Y[None].copy()
-    Ys[0, ks[r]] += load[q] - load[r]
-    Ys[0, ks[q]] += load[r] - load[q]
-    return Ys
+    """Steepest descent over single moves and swaps of requests close in size, within capacity.
+    Compiled (`linkjit._improve`, each round `_improve_round`)."""
+    return link.jit.improve(load, e, dev, cap, ks, *size_partners(load, partners), rounds)
 
 
 def enumerate_best(link: LinkEval, load, e, dev, cap, tie, chunk: int = 4096) -> np.ndarray:
@@ -249,60 +205,9 @@ def enumerate_best(link: LinkEval, load, e, dev, cap, tie, chunk: int = 4096) ->
 def reclaim(link: LinkEval, load, e, dev, cap, ks, stall_cap: float, partners: int = 6) -> np.ndarray:
     """Fewer link bytes at a tie: move requests to classes with fewer host layers, or swap the
     classes of two requests close in size so the larger one moves less, while the plan fits and
-    its stall stays within `stall_cap`. Greedy (most bytes saved first), so not always the least."""
-    ks, pairs = ks.copy(), size_partners(load, partners)
-    while _reclaim_moves(link, load, e, dev, cap, ks, stall_cap) \
-            or _reclaim_swap(link, load, e, dev, cap, ks, stall_cap, *pairs):
-        pass
-    return ks
-
-
-def _reclaim_moves(link: LinkEval, load, e, dev, cap, ks, stall_cap: float) -> bool:
-    """Single moves, in place: every request's best move that is feasible alone, ranked by bytes
-    saved, applied as the longest prefix that is still feasible together. False: none applies."""
-    host, Y = link.L - dev, np.bincount(ks, weights=load, minlength=len(dev))
-    slack = cap - int(e @ dev[ks])
-    rr, kk = np.nonzero(host[None, :] < host[ks][:, None])
-    ok = e[rr] * (dev[kk] - dev[ks[rr]]) <= slack
-    rr, kk = rr[ok], kk[ok]
-    if len(rr):
-        ok = link.stall(_moved(Y, ks, load, rr, kk)) <= stall_cap
-        rr, kk = rr[ok], kk[ok]
-    if not len(rr):
-        return False
-    order = np.argsort(-load[rr] * (host[ks[rr]] - host[kk]), kind="stable")
-    _, first = np.unique(rr[order], return_index=True)
-    mv = order[np.sort(first)]
-    step = np.zeros((len(mv), len(dev)))
-    step[np.arange(len(mv)), ks[rr[mv]]] -= load[rr[mv]]
-    step[np.arange(len(mv)), kk[mv]] += load[rr[mv]]
-    fine = (link.stall(Y + np.cumsum(step, 0)) <= stall_cap) \
-        & (np.cumsum(e[rr[mv]] * (dev[kk[mv]] - dev[ks[rr[mv]]])) <= slack)
-    n = len(mv) if fine.all() else max(1, int(np.argmin(fine)))  # the first is feasible alone
-    ks[rr[mv[:n]]] = kk[mv[:n]]
-    return True
-
-
-def _reclaim_swap(link: LinkEval, load, e, dev, cap, ks, stall_cap: float, small, large) -> bool:
-    """The feasible swap saving the most bytes, in place: the larger request takes the smaller
-    one's class where that has fewer host layers. False: none applies."""
-    host = link.L - dev
-    saved = (load[large] - load[small]) * (host[ks[large]] - host[ks[small]])
-    room = (e[large] - e[small]) * (dev[ks[small]] - dev[ks[large]]) <= cap - int(e @ dev[ks])
-    ok = (saved > 0) & room
-    r, q = small[ok], large[ok]
-    if not len(r):
-        return False
-    Ys = np.repeat(np.bincount(ks, weights=load, minlength=len(dev))[None], len(r), 0)
-    idx = np.arange(len(r))
-    Ys[idx, ks[r]] += load[q] - load[r]
-    Ys[idx, ks[q]] += load[r] - load[q]
-    fine = np.flatnonzero(link.stall(Ys) <= stall_cap)
-    if not len(fine):
-        return False
-    b = fine[np.argmax(saved[ok][fine])]
-    ks[r[b]], ks[q[b]] = ks[q[b]], ks[r[b]]
-    return True
+    its stall stays within `stall_cap`. Greedy (most bytes saved first), so not always the least.
+    Compiled (`linkjit._reclaim`; the numpy version is tests/test_fastpath_jit.py's reference)."""
+    return link.jit.reclaim(load, e, dev, cap, ks, stall_cap, *size_partners(load, partners))
 
 
 def branch_and_bound(link: LinkEval, load, e, dev, cap, chains: list[Chain], ks, rel_gap: float,

@@ -138,47 +138,32 @@ def _chain(counts, span, a, group, need):  # pragma: no cover - compiled
 @njit(cache=True, nogil=True)
 def _improve_round(counts, span, a, group, Y, ks, load, e, dev, slack, p_r, p_q):  # pragma: no cover
     # One round of `fastpath.improve`: every single move and swap that fits (`slack` device
-    # token-layers), in its order (moves by request then class, then the swaps), scored at once.
-    # Returns (candidates, of them moves, best index (the first least), its stall, its request, and
-    # its class (a move) or partner (a swap)).
-    R, K = len(ks), len(Y)
+    # token-layers), in its order (moves by request then class, then the swaps). Returns
+    # (candidates, of them moves, index of the first least stall, that stall, its request, and its
+    # class (a move) or partner (a swap)). Scores as few as it can: the critical chain of Y
+    # (intervals m_C, compute s_C) bounds each candidate's stall from below (stall >= m_C . y - s_C,
+    # a path; from Y's value and the candidate's two changed classes); the least bound is scored
+    # first, then every candidate whose bound is not over the least stall found (by a margin far
+    # above rounding), so every candidate that can reach the least stall is scored, ties to the
+    # first index. Each is scored as `_stall_rows` scores it (class order), so the answer is the
+    # numpy round's over all candidates (tests/test_fastpath_jit.py).
+    R, K, n_int = len(ks), len(Y), len(span)
     n_sw = len(p_r)
-    YT = np.empty((K, R * (K - 1) + n_sw))
-    who = np.empty((len(YT[0]), 2), dtype=np.int64)
+    who = np.empty((R * (K - 1) + n_sw, 2), dtype=np.int64)
     n = 0
     for r in range(R):
         for k in range(K):
             if k != ks[r] and e[r] * (dev[k] - dev[ks[r]]) <= slack:
-                YT[:, n] = Y
-                YT[ks[r], n] -= load[r]
-                YT[k, n] += load[r]
                 who[n, 0], who[n, 1] = r, k
                 n += 1
     n_mv = n
     for t in range(n_sw):
         r, q = p_r[t], p_q[t]
         if ks[r] != ks[q] and (e[r] - e[q]) * (dev[ks[q]] - dev[ks[r]]) <= slack:
-            YT[:, n] = Y
-            YT[ks[r], n] += load[q] - load[r]
-            YT[ks[q], n] += load[r] - load[q]
             who[n, 0], who[n, 1] = r, q
             n += 1
     if n == 0:
         return 0, 0, -1, 0.0, -1, -1
-    b, best = _least(counts, span, a, group, Y, YT[:, :n])
-    return n, n_mv, b, best, who[b, 0], who[b, 1]
-
-
-SCORE_CHUNK = 32  # candidates scored per pass in `_least`
-
-
-@njit(cache=True, nogil=True)
-def _least(counts, span, a, group, Y, YT):  # pragma: no cover - compiled
-    # (first index of the least stall, that stall) over the columns of YT, scoring as few as it
-    # can: the critical chain of Y (intervals m_C, compute s_C) bounds each column's stall from
-    # below (stall >= m_C . y - s_C, a path), columns are scored in order of that bound, and the
-    # search stops when the next bound is over the least found (with a margin far above rounding).
-    n_int, K, n = len(span), len(Y), YT.shape[1]
     need = np.empty(n_int)
     for i in range(n_int):
         acc = 0.0
@@ -186,27 +171,51 @@ def _least(counts, span, a, group, Y, YT):  # pragma: no cover - compiled
             acc += counts[i, k] * Y[k]
         need[i] = acc - span[i]
     m, s, _ = _chain(counts, span, a, group, need)
+    base = -s
+    for k in range(K):
+        base += m[k] * Y[k]
     lb = np.empty(n)
     for c in range(n):
-        acc = 0.0
-        for k in range(K):
-            acc += m[k] * YT[k, c]
-        lb[c] = acc - s
-    order = np.argsort(lb, kind="mergesort")
-    buf, out = np.empty((K, SCORE_CHUNK)), np.empty(SCORE_CHUNK)
-    b, best = -1, np.inf
-    for lo in range(0, n, SCORE_CHUNK):
-        if lb[order[lo]] - 1e-9 * (1.0 + abs(lb[order[lo]]) + s) > best:
-            break
-        w = min(SCORE_CHUNK, n - lo)
-        for t in range(w):
-            buf[:, t] = YT[:, order[lo + t]]
-        _stall_rows(counts, span, a, group, buf[:, :w], out)
-        for t in range(w):
-            c = order[lo + t]
-            if out[t] < best or (out[t] == best and c < b):
-                b, best = c, out[t]
-    return b, best
+        r, x = who[c, 0], who[c, 1]
+        if c < n_mv:
+            lb[c] = base + (m[x] - m[ks[r]]) * load[r]
+        else:
+            lb[c] = base + (m[ks[r]] - m[ks[x]]) * (load[x] - load[r])
+    buf, out, idx = np.empty((K, SCORE_CHUNK)), np.empty(SCORE_CHUNK), np.empty(SCORE_CHUNK, dtype=np.int64)
+    first = np.argmin(lb)
+    _candidate(buf, 0, Y, ks, load, who, first, n_mv)
+    _stall_rows(counts, span, a, group, buf[:, :1], out)
+    b, best, w = first, out[0], 0
+    for c in range(n + 1):
+        if c < n:
+            if c == first or lb[c] - 1e-9 * (1.0 + abs(lb[c]) + s) > best:
+                continue
+            _candidate(buf, w, Y, ks, load, who, c, n_mv)
+            idx[w] = c
+            w += 1
+        if w == SCORE_CHUNK or (c == n and w):
+            _stall_rows(counts, span, a, group, buf[:, :w], out)
+            for t in range(w):
+                if out[t] < best or (out[t] == best and idx[t] < b):
+                    b, best = idx[t], out[t]
+            w = 0
+    return n, n_mv, b, best, who[b, 0], who[b, 1]
+
+
+SCORE_CHUNK = 8  # candidates scored per pass in `_improve_round`
+
+
+@njit(cache=True, nogil=True)
+def _candidate(buf, w, Y, ks, load, who, c, n_mv):  # pragma: no cover - compiled
+    # Column w of buf: Y after candidate c of `_improve_round` (a move, or a swap past n_mv).
+    r, x = who[c, 0], who[c, 1]
+    buf[:, w] = Y
+    if c < n_mv:
+        buf[ks[r], w] -= load[r]
+        buf[x, w] += load[r]
+    else:
+        buf[ks[r], w] += load[x] - load[r]
+        buf[ks[x], w] += load[r] - load[x]
 
 
 @njit(cache=True, nogil=True)
@@ -240,6 +249,320 @@ def knapsack(load, e, dev, cap, m, hull, load_sum, e_sum):  # pragma: no cover -
     return value, pos, order[n] // H
 
 
+@njit(cache=True, nogil=True)
+def _dot_one(x, y):  # pragma: no cover - compiled
+    # numpy's einsum sum of products for one vector ("ik,kn->in", n = 1), as this numpy build runs
+    # it (its baseline SIMD: two lanes, no fused multiply-add, blocks of 8 read back to front, then
+    # pairs, zero-filled; the lanes summed, then added to the zeroed output). tests/test_fastpath_jit.py
+    # checks it against np.einsum bit for bit.
+    acc0 = acc1 = 0.0
+    n, i = len(x), 0
+    while n - i >= 8:
+        for j in (6, 4, 2, 0):
+            acc0 = x[i + j] * y[i + j] + acc0
+            acc1 = x[i + j + 1] * y[i + j + 1] + acc1
+        i += 8
+    while i < n:
+        acc0 = x[i] * y[i] + acc0
+        acc1 = (x[i + 1] * y[i + 1] if i + 1 < n else 0.0 * 0.0) + acc1
+        i += 2
+    return (acc0 + acc1) + 0.0
+
+
+@njit(cache=True, nogil=True)
+def _stall_one(counts, span, a, group, y):  # pragma: no cover - compiled
+    # `CompiledLink.stall` of one vector: numpy's one-vector need (`_dot_one`), then the path.
+    need = np.empty(len(span))
+    for i in range(len(span)):
+        need[i] = _dot_one(counts[i], y) - span[i]
+    return _path(need, a, group, np.empty(len(group)))
+
+
+@njit(cache=True, nogil=True)
+def _stall_cols(counts, span, a, group, YT):  # pragma: no cover - compiled
+    # `CompiledLink.stall` of the columns of YT [K, N]: one column as numpy sums one vector, more
+    # in class order (`_stall_rows`).
+    out = np.empty(YT.shape[1])
+    if YT.shape[1] == 1:
+        out[0] = _stall_one(counts, span, a, group, YT[:, 0].copy())
+    elif YT.shape[1] > 1:
+        _stall_rows(counts, span, a, group, YT, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _loads(ks, load, K):  # pragma: no cover - compiled
+    # np.bincount(ks, weights=load, minlength=K): summed in request order.
+    Y = np.zeros(K)
+    for r in range(len(ks)):
+        Y[ks[r]] += load[r]
+    return Y
+
+
+@njit(cache=True, nogil=True)
+def _used(e, dev, ks):  # pragma: no cover - compiled
+    # e @ dev[ks]: device token-layers of a placement (integers, exact).
+    used = 0
+    for r in range(len(ks)):
+        used += e[r] * dev[ks[r]]
+    return used
+
+
+@njit(cache=True, nogil=True)
+def _first_each(order, rr, R):  # pragma: no cover - compiled
+    # order[np.sort(np.unique(rr[order], return_index=True)[1])]: each request's first entry, in order.
+    seen = np.zeros(R, dtype=np.bool_)
+    mv = np.empty(len(order), dtype=np.int64)
+    m = 0
+    for t in order:
+        if not seen[rr[t]]:
+            seen[rr[t]] = True
+            mv[m] = t
+            m += 1
+    return mv[:m]
+
+
+@njit(cache=True, nogil=True)
+def _prefix_loads(Y, ks, load, rr, kk, mv):  # pragma: no cover - compiled
+    # Y + np.cumsum(step, 0).T with step[t] the move mv[t] (request rr, to class kk): [K, len(mv)],
+    # each column Y plus the running sum of the moves so far (numpy's order: the cumulative sum
+    # first, Y added last).
+    K, m = len(Y), len(mv)
+    cs, out = np.zeros(K), np.empty((K, m))
+    for t in range(m):
+        r, k = rr[mv[t]], kk[mv[t]]
+        step = np.zeros(K)
+        step[ks[r]] -= load[r]
+        step[k] += load[r]
+        for j in range(K):
+            cs[j] = step[j] if t == 0 else cs[j] + step[j]
+            out[j, t] = Y[j] + cs[j]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _moved_cols(Y, ks, load, rr, kk):  # pragma: no cover - compiled
+    # `fastpath._moved`, transposed: column t is Y with request rr[t] moved to class kk[t].
+    out = np.empty((len(Y), len(rr)))
+    for t in range(len(rr)):
+        out[:, t] = Y
+        out[ks[rr[t]], t] -= load[rr[t]]
+        out[kk[t], t] += load[rr[t]]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _greedy(counts, span, a, group, load, e, dev, cap, ks0, reach, slack_frac):  # pragma: no cover
+    # `fastpath.offload_greedy` (its numpy version is tests/test_fastpath_jit.py's reference), the
+    # same operations in the same order.
+    ks, K, R = ks0.copy(), len(dev), len(ks0)
+    by_dev = np.argsort(-dev, kind="mergesort")
+    rank = np.empty(K, dtype=np.int64)
+    for i in range(K):
+        rank[by_dev[i]] = i
+    while True:
+        over = _used(e, dev, ks) - cap
+        if over <= 0:
+            return ks
+        Y = _loads(ks, load, K)
+        F = _stall_one(counts, span, a, group, Y)
+        rr, kk = np.empty(R * reach, dtype=np.int64), np.empty(R * reach, dtype=np.int64)
+        n = 0
+        for r in range(R):
+            for c in range(1, reach + 1):
+                j = rank[ks[r]] + c
+                if j < K and dev[by_dev[j]] < dev[ks[r]]:
+                    rr[n], kk[n] = r, by_dev[j]
+                    n += 1
+        if n == 0:
+            raise ValueError("offload_greedy: over capacity with no move left")
+        rr, kk = rr[:n], kk[:n]
+        freed = np.empty(n, dtype=np.int64)
+        for t in range(n):
+            freed[t] = e[rr[t]] * (dev[ks[rr[t]]] - dev[kk[t]])
+        st = _stall_cols(counts, span, a, group, _moved_cols(Y, ks, load, rr, kk))
+        score = np.empty(n)
+        for t in range(n):
+            score[t] = (st[t] - F) / min(freed[t], over)
+        mv = _first_each(np.argsort(score, kind="mergesort"), rr, R)
+        Fp = _stall_cols(counts, span, a, group, _prefix_loads(Y, ks, load, rr, kk, mv))
+        m = len(mv)
+        got, ratio = np.empty(m, dtype=np.int64), np.empty(m)
+        acc = 0
+        for t in range(m):
+            acc += freed[mv[t]]
+            got[t] = acc
+            ratio[t] = (Fp[t] - F) / min(acc, over)
+        lo = ratio.min()
+        limit = lo + abs(lo) * slack_frac + 1e-12
+        p, best, last = -1, np.inf, -1
+        for t in range(m):
+            if ratio[t] <= limit:
+                last = t
+                if got[t] >= over and Fp[t] < best:
+                    p, best = t, Fp[t]
+        if p < 0:
+            p = last
+        for t in range(p + 1):
+            ks[rr[mv[t]]] = kk[mv[t]]
+
+
+@njit(cache=True, nogil=True)
+def _improve(counts, span, a, group, load, e, dev, cap, ks0, p_r, p_q, rounds):  # pragma: no cover
+    # `fastpath.improve`'s rounds: steepest descent, each round `_improve_round`; a round with one
+    # candidate rescored as numpy sums one vector; stops when the best does not descend.
+    ks, K, L = ks0.copy(), len(dev), len(group) - 1
+    for _ in range(rounds):
+        Y = _loads(ks, load, K)
+        F = _stall_one(counts, span, a, group, Y)
+        n, n_moves, b, Fb, r, x = _improve_round(counts, span, a, group, Y, ks, load, e, dev,
+                                                 cap - _used(e, dev, ks), p_r, p_q)
+        if n == 0:
+            break
+        if n == 1:
+            y = Y.copy()
+            if n_moves:
+                y[ks[r]] -= load[r]
+                y[x] += load[r]
+            else:
+                y[ks[r]] += load[x] - load[r]
+                y[ks[x]] += load[r] - load[x]
+            Fb = _stall_one(counts, span, a, group, y)
+        if Fb >= F - 1e-12 * (L + F):
+            break
+        if b < n_moves:
+            ks[r] = x
+        else:
+            ks[r], ks[x] = ks[x], ks[r]
+    return ks
+
+
+@njit(cache=True, nogil=True)
+def _reclaim_moves(counts, span, a, group, load, e, dev, cap, ks, stall_cap):  # pragma: no cover
+    # `fastpath._reclaim_moves` (in place; False: no move applies).
+    K, R, L = len(dev), len(ks), len(group) - 1
+    host = L - dev
+    Y = _loads(ks, load, K)
+    slack = cap - _used(e, dev, ks)
+    rr, kk = np.empty(R * K, dtype=np.int64), np.empty(R * K, dtype=np.int64)
+    n = 0
+    for r in range(R):
+        for k in range(K):
+            if host[k] < host[ks[r]] and e[r] * (dev[k] - dev[ks[r]]) <= slack:
+                rr[n], kk[n] = r, k
+                n += 1
+    if n:
+        st = _stall_cols(counts, span, a, group, _moved_cols(Y, ks, load, rr[:n], kk[:n]))
+        m = 0
+        for t in range(n):
+            if st[t] <= stall_cap:
+                rr[m], kk[m] = rr[t], kk[t]
+                m += 1
+        n = m
+    if n == 0:
+        return False
+    rr, kk = rr[:n], kk[:n]
+    key = np.empty(n)
+    for t in range(n):
+        key[t] = -load[rr[t]] * (host[ks[rr[t]]] - host[kk[t]])
+    mv = _first_each(np.argsort(key, kind="mergesort"), rr, R)
+    Fp = _stall_cols(counts, span, a, group, _prefix_loads(Y, ks, load, rr, kk, mv))
+    take, acc = len(mv), 0
+    for t in range(len(mv)):
+        acc += e[rr[mv[t]]] * (dev[kk[mv[t]]] - dev[ks[rr[mv[t]]]])
+        if not (Fp[t] <= stall_cap and acc <= slack):
+            take = max(1, t)  # the first is feasible alone
+            break
+    for t in range(take):
+        ks[rr[mv[t]]] = kk[mv[t]]
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _reclaim_swap(counts, span, a, group, load, e, dev, cap, ks, stall_cap, small, large):  # pragma: no cover
+    # `fastpath._reclaim_swap` (in place; False: no swap applies).
+    L = len(group) - 1
+    host = L - dev
+    slack = cap - _used(e, dev, ks)
+    rs, qs, saved = np.empty(len(small), dtype=np.int64), np.empty(len(small), dtype=np.int64), np.empty(len(small))
+    n = 0
+    for t in range(len(small)):
+        r, q = small[t], large[t]
+        sv = (load[q] - load[r]) * (host[ks[q]] - host[ks[r]])
+        if sv > 0 and (e[q] - e[r]) * (dev[ks[r]] - dev[ks[q]]) <= slack:
+            rs[n], qs[n], saved[n] = r, q, sv
+            n += 1
+    if n == 0:
+        return False
+    Y = _loads(ks, load, len(dev))
+    YT = np.empty((len(dev), n))
+    for t in range(n):
+        r, q = rs[t], qs[t]
+        YT[:, t] = Y
+        YT[ks[r], t] += load[q] - load[r]
+        YT[ks[q], t] += load[r] - load[q]
+    st = _stall_cols(counts, span, a, group, YT)
+    b, best = -1, -np.inf
+    for t in range(n):
+        if st[t] <= stall_cap and (b < 0 or saved[t] > best):
+            b, best = t, saved[t]
+    if b < 0:
+        return False
+    ks[rs[b]], ks[qs[b]] = ks[qs[b]], ks[rs[b]]
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _reclaim(counts, span, a, group, load, e, dev, cap, ks0, stall_cap, small, large):  # pragma: no cover
+    # `fastpath.reclaim`: single moves while any applies, else one swap, until neither does.
+    ks = ks0.copy()
+    while _reclaim_moves(counts, span, a, group, load, e, dev, cap, ks, stall_cap) \
+            or _reclaim_swap(counts, span, a, group, load, e, dev, cap, ks, stall_cap, small, large):
+        pass
+    return ks
+
+
+@njit(cache=True, nogil=True)
+def edf_stall(need):  # pragma: no cover - compiled
+    """`problem._stall_s`'s longest path: need [L, L] (need[a, b] for a <= b, seconds), the least
+    total stall U[L] with U[b + 1] = max(U[b], max_a<=b U[a] + need[a, b]) (maxima are exact, so
+    the value is the Python loop's bit for bit)."""
+    L = need.shape[0]
+    u = np.empty(L + 1)
+    u[0] = 0.0
+    for b in range(L):
+        best = u[0] + need[0, b]
+        for a in range(1, b + 1):
+            v = u[a] + need[a, b]
+            if v > best:
+                best = v
+        u[b + 1] = best if best > u[b] else u[b]
+    return u[L]
+
+
+@njit(cache=True, nogil=True)
+def engine_step(loads, backs, limits, order, c, bw, tail):  # pragma: no cover - compiled
+    """`problem.engine_step_time`'s layer loop: loads / backs [L] (bytes copied in / written back
+    per host layer, 0 elsewhere), limits [L] (copies issued before each layer computes:
+    `kv.prefetch.issue_limit`), order [H] (the host layers, ascending), c (seconds per layer
+    outside the tail), bw (bytes/s), tail (seconds). The same operations in the same order as
+    the Python loop it replaces, so the same step time bit for bit."""
+    L = len(loads)
+    ready = np.full(L, -np.inf)
+    now = link = 0.0
+    issued = 0
+    for layer in range(L):
+        while issued < limits[layer]:
+            h = order[issued]
+            link = max(link, now) + loads[h] / bw
+            ready[h] = link
+            issued += 1
+        now = max(now, ready[layer]) + c
+        if backs[layer] > 0:
+            link = max(link, now) + backs[layer] / bw
+    return now + tail
+
+
 class CompiledLink:
     """The compiled side of one (layers, distances) link: counts [I, K], interval starts `a` [I]
     and spans [I], grouped by end layer (`group` [L + 1] offsets)."""
@@ -266,6 +589,23 @@ class CompiledLink:
                               np.asarray(load, f), np.asarray(e, i), np.asarray(dev, i), int(slack),
                               np.asarray(p_r, i), np.asarray(p_q, i))
 
+    def greedy(self, load, e, dev, cap: int, ks, reach: int, slack_frac: float) -> np.ndarray:
+        """`fastpath.offload_greedy` compiled: load [R] float64, e [R] / dev [K] / ks [R] int64."""
+        return _greedy(self.counts, self.span, self.a, self.group, *_typed(load, e, dev, cap, ks),
+                       int(reach), float(slack_frac))
+
+    def improve(self, load, e, dev, cap: int, ks, p_r, p_q, rounds: int) -> np.ndarray:
+        """`fastpath.improve` compiled (p_r / p_q [S]: swap partners)."""
+        i = np.int64
+        return _improve(self.counts, self.span, self.a, self.group, *_typed(load, e, dev, cap, ks),
+                        np.asarray(p_r, i), np.asarray(p_q, i), int(rounds))
+
+    def reclaim(self, load, e, dev, cap: int, ks, stall_cap: float, small, large) -> np.ndarray:
+        """`fastpath.reclaim` compiled (small / large [S]: swap partners)."""
+        i = np.int64
+        return _reclaim(self.counts, self.span, self.a, self.group, *_typed(load, e, dev, cap, ks),
+                        float(stall_cap), np.asarray(small, i), np.asarray(large, i))
+
     def path_stall(self, need: np.ndarray) -> float:
         """U[L] for a per-interval need [I] (transfers minus compute, in compute layers)."""
         return float(_path(np.ascontiguousarray(need, dtype=np.float64), self.a, self.group,
@@ -275,6 +615,12 @@ class CompiledLink:
         """(m_C [K], s_C, U [L + 1]) of the critical chain for a per-interval need [I]."""
         m, s, U = _chain(self.counts, self.span, self.a, self.group, np.ascontiguousarray(need, dtype=np.float64))
         return m, float(s), U
+
+
+def _typed(load, e, dev, cap, ks) -> tuple:
+    """The dtypes the fast path's loops were compiled for (no copy when they already are)."""
+    f, i = np.float64, np.int64
+    return np.asarray(load, f), np.asarray(e, i), np.asarray(dev, i), int(cap), np.asarray(ks, i)
 
 
 def _warm_up() -> None:
@@ -296,6 +642,11 @@ def _warm_up() -> None:
         for arr in (load, e, dev):
             arr.flags.writeable = not frozen
         link.improve_round(np.ones(2), ks, load, e, dev, 1, np.array([0]), np.array([1]))
+        link.greedy(load, e, dev, 1, ks, 3, 0.25)
+        link.improve(load, e, dev, 1, ks, np.array([0]), np.array([1]), 2)
+        link.reclaim(load, e, dev, 1, ks, 1.0, np.array([0]), np.array([1]))
+    edf_stall(np.zeros((2, 2)))
+    engine_step(np.array([0, 4]), np.array([0, 1]), np.array([1, 1]), np.array([1]), 1.0, 2.0, 0.0)
 
 
 _warm_up()

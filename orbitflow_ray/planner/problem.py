@@ -88,7 +88,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import operator
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -96,6 +95,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from orbitflow_ray.kv.prefetch import issue_limit
+from orbitflow_ray.planner.linkjit import edf_stall, engine_step
 
 PAPER_DISTANCES = (1, 2, 3, 4, 5, 7, 9, 15, 31)  # the research code's set
 ALL_HOST = 0  # the distance that puts every layer on host (module docstring)
@@ -305,13 +305,11 @@ def critical_intervals(num_layers: int, distances: tuple[int, ...]) -> tuple[np.
 
 def _stall_s(counts: np.ndarray, loads: np.ndarray, c: float, bw: float) -> float:
     """Least total stall under the EDF link model: U[b+1] = max(U[b], max_a U[a] + need(a, b)),
-    U[j+1] the stall accumulated up to and including layer j (a longest path, so exact)."""
+    U[j+1] the stall accumulated up to and including layer j (a longest path, so exact; the path
+    compiled, `linkjit.edf_stall`)."""
     L = counts.shape[0]
     need = counts @ loads / bw - (np.arange(L)[None, :] - np.arange(L)[:, None]) * c
-    U = [0.0]  # Python floats: the same double sums as numpy, without a numpy call per layer
-    for b, col in enumerate(need.T.tolist()):
-        U.append(max(U[b], max(map(operator.add, U, col))))  # U has b + 1 entries: a <= b
-    return U[L]
+    return float(edf_stall(need))
 
 
 def _normalise(inputs: PlanInputs, distances_by_request: Mapping[str, int] | Sequence[int]) -> list[int]:
@@ -333,41 +331,47 @@ def step_time(inputs: PlanInputs, distances: Sequence[int]) -> float:
     return L * c + stall
 
 
-def engine_step_time(inputs: PlanInputs, distances: Sequence[int], prefetch_depth: int) -> float:
+def engine_step_time(inputs: PlanInputs, distances: Sequence[int], prefetch_depth: int, window: int = 0) -> float:
     """T in seconds as the engine runs the placement (`kv/store.py`, mirrored by `sim/executor.py`),
     not as the EDF link model (`step_time`) bounds it: at the start of each layer, the copies of the
     batch's host layers (the union over its requests, one copy per layer carrying every request's KV
-    of it) are issued in layer order up to the `prefetch_depth + 1`-th host layer at or after it,
-    onto one FIFO link; a host layer waits for its copy, computes, and queues the write-back of the
-    block each request's new token touched; the step's tail (`PlanInputs.step_tail_s`, part of
-    L * c) runs after the last layer, where no copy overlaps it. A request at a long distance then shares its copy with
-    the short-distance requests offloading the same layer, and its copy is issued only when that
-    layer comes into the union's lookahead: later than its own window. Equal to `step_time` when
-    every request has one distance (up to the write-backs and blocks), up to a quarter above it
-    in batches that mix them. The link is taken idle at the top of the step."""
+    of it) are issued in layer order up to the `prefetch_depth + 1`-th host layer at or after it
+    (`kv.prefetch.issue_limit`), onto one FIFO link; a host layer waits for its copy, computes, and
+    queues the write-back of the block each request's new token touched; the step's tail
+    (`PlanInputs.step_tail_s`, part of L * c) runs after the last layer, where no copy overlaps it.
+    A request at a long distance then shares its copy with the short-distance requests offloading
+    the same layer, and its copy is issued only when that layer comes into the union's lookahead:
+    later than its own window. Equal to `step_time` when every request has one distance (up to the
+    write-backs and blocks), up to a quarter above it in batches that mix them. The link is taken
+    idle at the top of the step. `window` > 0: the step at that window's end instead, every request
+    `growth(window)` tokens longer (its compute too). The per-layer loop is compiled
+    (`linkjit.engine_step`); the bytes per layer are exact integer sums."""
     L, kvb, bs = inputs.num_layers, inputs.kv_bytes_per_token_per_layer, inputs.block_size
-    loads: dict[int, int] = {}
-    backs: dict[int, int] = {}
-    for r, d in zip(inputs.requests, distances):
-        for h in _host_layers(min(int(d), L), L):
-            loads[h] = loads.get(h, 0) + -(-r.context_tokens // bs) * bs * kvb
-            backs[h] = backs.get(h, 0) + bs * kvb
-    order = sorted(loads)
-    tail = min(inputs.step_tail_s, L * inputs.compute_per_layer_s)
-    c, bw = inputs.compute_per_layer_s - tail / L, inputs.link_bytes_per_s
-    now = link = 0.0
-    ready: dict[int, float] = {}
-    issued = 0
-    for layer in range(L):
-        while issued < issue_limit(order, layer, prefetch_depth):
-            h = order[issued]
-            link = max(link, now) + loads[h] / bw
-            ready[h] = link
-            issued += 1
-        now = max(now, ready.get(layer, now)) + c
-        if layer in loads:
-            link = max(link, now) + backs[layer] / bw
-    return now + tail
+    tokens = [r.context_tokens + (min(window, r.max_new_tokens_left) if window else 0) for r in inputs.requests]
+    c_full = inputs.compute_a_s + inputs.compute_b_s_per_token * sum(tokens)
+    ds = [min(int(d), L) for d in distances]
+    classes = sorted(set(ds))
+    on_host = _host_mask(L, tuple(classes))  # [classes, L]
+    index = {d: k for k, d in enumerate(classes)}
+    blocks, users = [0] * len(classes), [0] * len(classes)
+    for n, d in zip(tokens, ds):
+        blocks[index[d]] += -(-n // bs) * bs * kvb
+        users[index[d]] += 1
+    loads = np.array(blocks, dtype=np.int64) @ on_host if classes else np.zeros(L, dtype=np.int64)
+    backs = np.array(users, dtype=np.int64) @ on_host * (bs * kvb) if classes else loads
+    order = np.flatnonzero(backs)
+    host = order.tolist()
+    limits = np.array([issue_limit(host, layer, prefetch_depth) for layer in range(L)], dtype=np.int64)
+    tail = min(inputs.step_tail_s, L * c_full)
+    return float(engine_step(loads, backs, limits, order, c_full - tail / L, inputs.link_bytes_per_s, tail))
+
+
+@functools.lru_cache(maxsize=256)
+def _host_mask(num_layers: int, distances: tuple[int, ...]) -> np.ndarray:
+    """[K, L] int64: 1 where distance k puts the layer on host."""
+    out = np.array([placement_for_distance(d, num_layers) for d in distances], dtype=np.int64).reshape(-1, num_layers)
+    out.flags.writeable = False
+    return out
 
 
 def late_requests(inputs: PlanInputs, T: float, window: int) -> set[str]:
