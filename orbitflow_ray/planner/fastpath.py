@@ -118,6 +118,21 @@ def knapsack_bound(load, e, dev, cap, m) -> tuple[float, np.ndarray, int]:
     return value, hull[pos], int(frac)
 
 
+def chain_knapsacks(load, e, dev, cap, chains: list[Chain]) -> list[tuple[float, np.ndarray, np.ndarray, int]]:
+    """`knapsack_bound` for the m of each chain, the conversions and sums shared by all done once
+    (the same numbers): (value, hull, hull position per request, fractional request) per chain."""
+    f = np.float64
+    load_sum, e_sum = float(load.sum()), float(e.sum())
+    load, e, dev, cap = np.asarray(load, f), np.asarray(e, f), np.asarray(dev, f), float(cap)
+    key, out = dev.tobytes(), []
+    for m, _ in chains:
+        m = np.asarray(m, f)
+        hull = _hull(key, m.tobytes())
+        value, pos, frac = knapsack(load, e, dev, cap, m, hull, load_sum, e_sum)
+        out.append((value, hull, pos, int(frac)))
+    return out
+
+
 @functools.lru_cache(maxsize=4096)
 def _hull(dev_bytes: bytes, m_bytes: bytes) -> np.ndarray:
     """Lower convex hull of (dev, m) towards less device memory (class indices); cached: the same
@@ -145,7 +160,8 @@ def lower_bound(link: LinkEval, load, e, dev, cap, seeds: list[Chain] | None = N
     """Best single-chain knapsack bound on the stall, and the chains tried. Without seeds it
     starts from the whole-step interval (0, last deadline) and follows critical chains."""
     if seeds:
-        return max(0.0, max(knapsack_bound(load, e, dev, cap, m)[0] - s for m, s in seeds)), seeds
+        values = chain_knapsacks(load, e, dev, cap, seeds)
+        return max(0.0, max(v[0] - s for (_, s), v in zip(seeds, values))), seeds
     m, s = link.whole_m, float((link.a + link.span).max()) if len(link.a) else 0.0
     best, tried = 0.0, []
     for _ in range(iters):
@@ -225,14 +241,14 @@ def branch_and_bound(link: LinkEval, load, e, dev, cap, chains: list[Chain], ks,
         fixed = stack.pop()
         free = fixed < 0
         left = float(cap - e[~free] @ dev[fixed[~free]])
-        if left < ef[free].sum() * devf.min():
+        e_free = ef[free]
+        if left < e_free.sum() * devf.min():
             continue
         Yfix = np.bincount(fixed[~free], weights=load[~free], minlength=K)
         bound, arg = -np.inf, None
-        for m, s in chains:
-            value, kfree, frac = knapsack_bound(load[free], ef[free], devf, left, m)
+        for (m, s), (value, hull, pos, frac) in zip(chains, chain_knapsacks(load[free], e_free, devf, left, chains)):
             if value + Yfix @ m - s > bound:
-                bound, arg = value + Yfix @ m - s, (kfree, frac)
+                bound, arg = value + Yfix @ m - s, (hull[pos], frac)
         if L + max(bound, 0.0) >= (L + best) / (1 + rel_gap):
             continue
         cand = fixed.copy()

@@ -67,6 +67,16 @@ def _stall_rows(counts, span, a, group, YT, out):  # pragma: no cover - compiled
     # The vectors run in the innermost loops (SIMD across vectors, each sum still in class order).
     n_int, n_cls = counts.shape
     L = len(group) - 1
+    if YT.shape[1] == 1:  # the same sums, without the SIMD layout's overhead
+        need = np.empty(n_int)
+        for i in range(n_int):
+            acc = 0.0
+            for k in range(n_cls):
+                if counts[i, k] != 0.0:
+                    acc += counts[i, k] * YT[k, 0]
+            need[i] = acc - span[i]
+        out[0] = _path(need, a, group, np.empty(L + 1))
+        return
     need = np.empty((n_int, CHUNK))
     u = np.empty((L + 1, CHUNK))
     for lo in range(0, YT.shape[1], CHUNK):
@@ -143,9 +153,9 @@ def _improve_round(counts, span, a, group, Y, ks, load, e, dev, slack, p_r, p_q)
     # class (a move) or partner (a swap)). Scores as few as it can: the critical chain of Y
     # (intervals m_C, compute s_C) bounds each candidate's stall from below (stall >= m_C . y - s_C,
     # a path; from Y's value and the candidate's two changed classes); the least bound is scored
-    # first, then every candidate whose bound is not over the least stall found (by a margin far
-    # above rounding), so every candidate that can reach the least stall is scored, ties to the
-    # first index. Each is scored as `_stall_rows` scores it (class order), so the answer is the
+    # first, then the candidates whose bound is not over that stall, in order of their bounds, until
+    # the next bound is over the least stall found (by a margin far above rounding): every
+    # candidate that can reach the least stall is scored, ties to the first index. Each is scored as `_stall_rows` scores it (class order), so the answer is the
     # numpy round's over all candidates (tests/test_fastpath_jit.py).
     R, K, n_int = len(ks), len(Y), len(span)
     n_sw = len(p_r)
@@ -181,24 +191,29 @@ def _improve_round(counts, span, a, group, Y, ks, load, e, dev, slack, p_r, p_q)
             lb[c] = base + (m[x] - m[ks[r]]) * load[r]
         else:
             lb[c] = base + (m[ks[r]] - m[ks[x]]) * (load[x] - load[r])
-    buf, out, idx = np.empty((K, SCORE_CHUNK)), np.empty(SCORE_CHUNK), np.empty(SCORE_CHUNK, dtype=np.int64)
+    buf, out = np.empty((K, SCORE_CHUNK)), np.empty(SCORE_CHUNK)
     first = np.argmin(lb)
     _candidate(buf, 0, Y, ks, load, who, first, n_mv)
     _stall_rows(counts, span, a, group, buf[:, :1], out)
-    b, best, w = first, out[0], 0
-    for c in range(n + 1):
-        if c < n:
-            if c == first or lb[c] - 1e-9 * (1.0 + abs(lb[c]) + s) > best:
-                continue
-            _candidate(buf, w, Y, ks, load, who, c, n_mv)
-            idx[w] = c
-            w += 1
-        if w == SCORE_CHUNK or (c == n and w):
-            _stall_rows(counts, span, a, group, buf[:, :w], out)
-            for t in range(w):
-                if out[t] < best or (out[t] == best and idx[t] < b):
-                    b, best = idx[t], out[t]
-            w = 0
+    b, best = first, out[0]
+    near = np.empty(n, dtype=np.int64)  # the others whose bound is not over it, by bound
+    m_near = 0
+    for c in range(n):
+        if c != first and lb[c] - 1e-9 * (1.0 + abs(lb[c]) + s) <= best:
+            near[m_near] = c
+            m_near += 1
+    near = near[:m_near][np.argsort(lb[near[:m_near]], kind="mergesort")]
+    for lo in range(0, m_near, SCORE_CHUNK):
+        if lb[near[lo]] - 1e-9 * (1.0 + abs(lb[near[lo]]) + s) > best:
+            break
+        w = min(SCORE_CHUNK, m_near - lo)
+        for t in range(w):
+            _candidate(buf, t, Y, ks, load, who, near[lo + t], n_mv)
+        _stall_rows(counts, span, a, group, buf[:, :w], out)
+        for t in range(w):
+            c = near[lo + t]
+            if out[t] < best or (out[t] == best and c < b):
+                b, best = c, out[t]
     return n, n_mv, b, best, who[b, 0], who[b, 1]
 
 
