@@ -61,6 +61,48 @@ def _path(need, a, group, out_u):  # pragma: no cover - compiled
 CHUNK = 128  # vectors per pass: need [I, CHUNK] and U [L + 1, CHUNK] stay in cache
 
 
+BLOCK, SMALL = 8, 24  # up to SMALL vectors go BLOCK at a time through fixed-width loops
+
+
+@njit(cache=True, nogil=True)
+def _stall_small(counts, span, a, group, YT, out):  # pragma: no cover - compiled
+    # `_stall_rows` for a few vectors: BLOCK columns at a time (the last block padded with copies
+    # of its first column), loops of a fixed width the compiler unrolls; the same sums and maxima.
+    n_int, n_cls = counts.shape
+    L, N = len(group) - 1, YT.shape[1]
+    y = np.empty((n_cls, BLOCK))
+    need = np.empty((n_int, BLOCK))
+    u = np.empty((L + 1, BLOCK))
+    for lo in range(0, N, BLOCK):
+        w = min(BLOCK, N - lo)
+        for k in range(n_cls):
+            for n in range(BLOCK):
+                y[k, n] = YT[k, lo + n] if n < w else YT[k, lo]
+        for i in range(n_int):
+            for n in range(BLOCK):
+                need[i, n] = 0.0
+            for k in range(n_cls):
+                c = counts[i, k]
+                if c != 0.0:
+                    for n in range(BLOCK):
+                        need[i, n] += c * y[k, n]
+            for n in range(BLOCK):
+                need[i, n] -= span[i]
+        for n in range(BLOCK):
+            u[0, n] = 0.0
+        for j in range(L):
+            for n in range(BLOCK):
+                u[j + 1, n] = u[j, n]
+            for i in range(group[j], group[j + 1]):
+                ai = a[i]
+                for n in range(BLOCK):
+                    v = u[ai, n] + need[i, n]
+                    if v > u[j + 1, n]:
+                        u[j + 1, n] = v
+        for n in range(w):
+            out[lo + n] = u[L, n]
+
+
 @njit(cache=True, nogil=True)
 def _stall_rows(counts, span, a, group, YT, out):  # pragma: no cover - compiled
     # counts [I, K]; YT [K, N] (class loads, one column per vector); out [N]: each column's stall.
@@ -76,6 +118,9 @@ def _stall_rows(counts, span, a, group, YT, out):  # pragma: no cover - compiled
                     acc += counts[i, k] * YT[k, 0]
             need[i] = acc - span[i]
         out[0] = _path(need, a, group, np.empty(L + 1))
+        return
+    if YT.shape[1] <= SMALL:
+        _stall_small(counts, span, a, group, YT, out)
         return
     need = np.empty((n_int, CHUNK))
     u = np.empty((L + 1, CHUNK))
