@@ -55,9 +55,9 @@ import functools
 import numpy as np
 
 from orbitflow_ray.planner.ilp_highs import HighsPlanner
-from orbitflow_ray.planner.linkjit import CompiledLink, knapsack
+from orbitflow_ray.planner.linkjit import CompiledLink, knapsack, knapsacks
 from orbitflow_ray.planner.problem import (Plan, PlanInputs, critical_intervals, host_layers,
-                                           search_windows, tie_limit, violations_settled, window_data)
+                                           search_windows, tie_limit, violations_settled, window_loads)
 
 
 ENUM_LIMIT = 1_000_000  # enumerate when placements (K^R) x link intervals is at most this (a few ms)
@@ -118,19 +118,27 @@ def knapsack_bound(load, e, dev, cap, m) -> tuple[float, np.ndarray, int]:
     return value, hull[pos], int(frac)
 
 
-def chain_knapsacks(load, e, dev, cap, chains: list[Chain]) -> list[tuple[float, np.ndarray, np.ndarray, int]]:
-    """`knapsack_bound` for the m of each chain, the conversions and sums shared by all done once
-    (the same numbers): (value, hull, hull position per request, fractional request) per chain."""
+ChainTable = tuple[np.ndarray, np.ndarray, np.ndarray]  # (M [C, K], hulls [C, K] padded, hull lengths [C])
+
+
+def chain_table(dev, chains: list[Chain]) -> ChainTable:
+    """The chains' m and knapsack hulls as arrays, for `chain_knapsacks`."""
+    f = np.float64
+    key, K = np.asarray(dev, f).tobytes(), len(dev)
+    M = np.array([np.asarray(m, f) for m, _ in chains]).reshape(len(chains), K)
+    hulls, n_hull = np.zeros((len(chains), K), dtype=np.int64), np.zeros(len(chains), dtype=np.int64)
+    for c, m in enumerate(M):
+        hull = _hull(key, m.tobytes())
+        hulls[c, :len(hull)], n_hull[c] = hull, len(hull)
+    return M, hulls, n_hull
+
+
+def chain_knapsacks(load, e, dev, cap, table: ChainTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`knapsack_bound` for the m of each chain of `table` in one compiled call (the same numbers):
+    (values [C], hull positions per request [C, R], fractional requests [C])."""
     f = np.float64
     load_sum, e_sum = float(load.sum()), float(e.sum())
-    load, e, dev, cap = np.asarray(load, f), np.asarray(e, f), np.asarray(dev, f), float(cap)
-    key, out = dev.tobytes(), []
-    for m, _ in chains:
-        m = np.asarray(m, f)
-        hull = _hull(key, m.tobytes())
-        value, pos, frac = knapsack(load, e, dev, cap, m, hull, load_sum, e_sum)
-        out.append((value, hull, pos, int(frac)))
-    return out
+    return knapsacks(np.asarray(load, f), np.asarray(e, f), np.asarray(dev, f), float(cap), *table, load_sum, e_sum)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -160,8 +168,8 @@ def lower_bound(link: LinkEval, load, e, dev, cap, seeds: list[Chain] | None = N
     """Best single-chain knapsack bound on the stall, and the chains tried. Without seeds it
     starts from the whole-step interval (0, last deadline) and follows critical chains."""
     if seeds:
-        values = chain_knapsacks(load, e, dev, cap, seeds)
-        return max(0.0, max(v[0] - s for (_, s), v in zip(seeds, values))), seeds
+        values = chain_knapsacks(load, e, dev, cap, chain_table(dev, seeds))[0]
+        return max(0.0, max(v - s for (_, s), v in zip(seeds, values.tolist()))), seeds
     m, s = link.whole_m, float((link.a + link.span).max()) if len(link.a) else 0.0
     best, tried = 0.0, []
     for _ in range(iters):
@@ -236,6 +244,7 @@ def branch_and_bound(link: LinkEval, load, e, dev, cap, chains: list[Chain], ks,
     L, K = link.L, len(dev)
     best = link.stall(np.bincount(ks, weights=load, minlength=K)[None])[0]
     stack, nodes = [np.full(len(load), -1)], 0
+    table = chain_table(devf, chains)
     while stack and nodes < max_nodes:
         nodes += 1
         fixed = stack.pop()
@@ -246,9 +255,12 @@ def branch_and_bound(link: LinkEval, load, e, dev, cap, chains: list[Chain], ks,
             continue
         Yfix = np.bincount(fixed[~free], weights=load[~free], minlength=K)
         bound, arg = -np.inf, None
-        for (m, s), (value, hull, pos, frac) in zip(chains, chain_knapsacks(load[free], e_free, devf, left, chains)):
-            if value + Yfix @ m - s > bound:
-                bound, arg = value + Yfix @ m - s, (hull[pos], frac)
+        values, pos, frac = chain_knapsacks(load[free], e_free, devf, left, table)
+        for c, (m, s) in enumerate(chains):
+            if values[c] + Yfix @ m - s > bound:
+                bound, arg = values[c] + Yfix @ m - s, c
+        if arg is not None:
+            arg = (table[1][arg, :table[2][arg]][pos[arg]], int(frac[arg]))
         if L + max(bound, 0.0) >= (L + best) / (1 + rel_gap):
             continue
         cand = fixed.copy()
@@ -258,6 +270,7 @@ def branch_and_bound(link: LinkEval, load, e, dev, cap, chains: list[Chain], ks,
             best, ks = U[-1], cand
         if not any(s == s2 and np.array_equal(m, m2) for m2, s2 in chains):
             chains.append((m, s))
+            table = chain_table(devf, chains)
             stack.append(fixed)  # re-bound this node with the new chain
             continue
         if not free.any():
@@ -304,7 +317,7 @@ class FastPlanner:
         if inputs is not self._memo_inputs:
             self._memo_inputs, self._memo = inputs, {}
         if window not in self._memo:
-            load = window_data(inputs, window)["load"] if window == inputs.windows[0] else self._arrays(
+            load = window_loads(inputs) if window == inputs.windows[0] else self._arrays(
                 inputs, inputs.windows[0])[1]  # the load does not depend on the window
             dev, e = inputs.device_layers().astype(np.int64), inputs.end_tokens(window)
             for arr in (load, dev, e):

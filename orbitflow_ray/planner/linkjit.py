@@ -310,6 +310,17 @@ def knapsack(load, e, dev, cap, m, hull, load_sum, e_sum):  # pragma: no cover -
 
 
 @njit(cache=True, nogil=True)
+def knapsacks(load, e, dev, cap, M, hulls, n_hull, load_sum, e_sum):  # pragma: no cover - compiled
+    """`knapsack` for each chain: M [C, K] their m, hulls [C, K] their hulls (the first n_hull[c]
+    entries). Returns (values [C], hull positions [C, R], fractional requests [C])."""
+    C = M.shape[0]
+    values, pos, frac = np.empty(C), np.empty((C, len(load)), dtype=np.int64), np.empty(C, dtype=np.int64)
+    for c in range(C):
+        values[c], pos[c], frac[c] = knapsack(load, e, dev, cap, M[c], hulls[c, :n_hull[c]], load_sum, e_sum)
+    return values, pos, frac
+
+
+@njit(cache=True, nogil=True)
 def _dot_one(x, y):  # pragma: no cover - compiled
     # numpy's einsum sum of products for one vector ("ik,kn->in", n = 1), as this numpy build runs
     # it (its baseline SIMD: two lanes, no fused multiply-add, blocks of 8 read back to front, then
@@ -706,6 +717,11 @@ def _warm_up() -> None:
         link.improve(load, e, dev, 1, ks, np.array([0]), np.array([1]), 2)
         link.reclaim(load, e, dev, 1, ks, 1.0, np.array([0]), np.array([1]))
     edf_stall(np.zeros((2, 2)))
+    for frozen in (False, True):  # the branch and bound's loads come from the per-window cache
+        load = np.array([1.0, 2.0])
+        load.flags.writeable = not frozen
+        knapsacks(load, np.array([1.0, 2.0]), np.array([2.0, 1.0]), 1.0,
+                  np.array([[1.0, 2.0]]), np.array([[0, 1]]), np.array([2]), 3.0, 3.0)
     engine_step(np.array([0, 4]), np.array([0, 1]), np.array([1, 1]), np.array([1]), 1.0, 2.0, 0.0)
 
 

@@ -269,10 +269,20 @@ def _device_layers(num_layers: int, distances: tuple[int, ...]) -> np.ndarray:
 @functools.lru_cache(maxsize=64)
 def window_counts(num_layers: int, distances: tuple[int, ...]) -> np.ndarray:
     """counts[a, b, k]: transfers of class k released at or after a with deadline at or before b."""
-    counts = np.zeros((num_layers, num_layers, len(distances)))
+    counts = np.empty((num_layers, num_layers, len(distances)))
     for k, d in enumerate(distances):
-        for h in host_layers(d, num_layers):
-            counts[: h - d + 1, h:, k] += 1
+        counts[:, :, k] = _class_counts(num_layers, d)
+    return counts
+
+
+@functools.lru_cache(maxsize=256)
+def _class_counts(num_layers: int, d: int) -> np.ndarray:
+    """`window_counts` of one distance: [a, b] the transfers released at or after a landing at or
+    before b (cached: plans combine the same few distances in many sets)."""
+    counts = np.zeros((num_layers, num_layers))
+    for h in host_layers(d, num_layers):
+        counts[: h - d + 1, h:] += 1
+    counts.flags.writeable = False
     return counts
 
 
@@ -425,13 +435,20 @@ def violations_settled(inputs: PlanInputs, window: int, t_lower: float, t_plan: 
     return not any(t_lower <= r.effective_slo_s(window) * (1 + SLO_RTOL) < t_plan for r in inputs.requests)
 
 
+def window_loads(inputs: PlanInputs) -> np.ndarray:
+    """Each request's KV transfer per host layer, in units of one layer's compute time [R] (the
+    same in every window: `window_data`'s "load")."""
+    n = np.array([r.context_tokens for r in inputs.requests], dtype=float)
+    return n * inputs.kv_bytes_per_token_per_layer / (inputs.link_bytes_per_s * inputs.compute_per_layer_s)
+
+
 def window_data(inputs: PlanInputs, window: int) -> dict[str, np.ndarray | float]:
     """The data of one window in units of one layer's compute time c, as the MIPs (`ilp.py`,
     `ilp_highs.py`) and the fast path use them; the formulation is in `ilp.py`'s docstring."""
     L, kvb = inputs.num_layers, inputs.kv_bytes_per_token_per_layer
     c = inputs.compute_per_layer_s
     n = np.array([r.context_tokens for r in inputs.requests], dtype=float)
-    load = n * kvb / (inputs.link_bytes_per_s * c)
+    load = window_loads(inputs)
     dev = inputs.device_layers().astype(float)
     cap = np.outer(inputs.end_tokens(window) * float(kvb), dev) / max(inputs.device_capacity_bytes, 1)
     slack = np.array([r.effective_slo_s(window) for r in inputs.requests]) / c - L
