@@ -174,9 +174,8 @@ class PlanInputs:
     def end_tokens(self, window: int) -> np.ndarray:
         """Tokens of KV each request holds at the window's end, in whole blocks."""
         bs = self.block_size
-        # `growth` inlined: this runs for every window, bound and trial of a solve
-        return np.array([-(-(r.context_tokens + min(window, r.max_new_tokens_left)) // bs) * bs
-                         for r in self.requests], dtype=np.int64)
+        ctx, left = _request_arrays(self)[:2]  # every window, bound and trial of a solve asks
+        return -(-(ctx + np.minimum(left, window)) // bs) * bs
 
     def largest_offload(self) -> list[int]:
         """Per request, the distance with the fewest device layers short of all-host, or all-host
@@ -385,7 +384,35 @@ def _host_mask(num_layers: int, distances: tuple[int, ...]) -> np.ndarray:
 
 
 def late_requests(inputs: PlanInputs, T: float, window: int) -> set[str]:
-    return {r.request_id for r in inputs.requests if T > r.effective_slo_s(window) * (1 + SLO_RTOL)}
+    ids = _request_arrays(inputs)[4]
+    return {ids[i] for i in np.flatnonzero(T > _on_time_s(inputs, window)).tolist()}
+
+
+_ARRAYS: dict[int, tuple] = {}  # id(inputs) -> (inputs, `_request_arrays`), for the last few inputs
+
+
+def _request_arrays(inputs: PlanInputs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(context tokens, tokens left, SLOs, deposits [R], ids) of the requests, kept for the last
+    few inputs: a solve reads them in every window, bound, trial and judgement."""
+    hit = _ARRAYS.get(id(inputs))
+    if hit is not None and hit[0] is inputs:
+        return hit[1]
+    reqs = inputs.requests
+    out = (np.array([r.context_tokens for r in reqs], dtype=np.int64),
+           np.array([r.max_new_tokens_left for r in reqs], dtype=np.int64),
+           np.array([r.slo_s for r in reqs], dtype=float), np.array([r.deposit_tokens for r in reqs], dtype=np.int64),
+           [r.request_id for r in reqs])
+    if len(_ARRAYS) >= 64:
+        _ARRAYS.clear()
+    _ARRAYS[id(inputs)] = (inputs, out)
+    return out
+
+
+def _on_time_s(inputs: PlanInputs, window: int) -> np.ndarray:
+    """Per request, the largest step time on time: its effective SLO (`PlanRequest.effective_slo_s`,
+    the same arithmetic elementwise) times 1 + SLO_RTOL."""
+    _, left, slo, deposit, _ = _request_arrays(inputs)
+    return slo * (1.0 + deposit / np.minimum(left, window)) * (1 + SLO_RTOL)
 
 
 def certain_late(inputs: PlanInputs) -> set[str]:
@@ -396,8 +423,16 @@ def certain_late(inputs: PlanInputs) -> set[str]:
 
 
 def device_bytes(inputs: PlanInputs, distances: Sequence[int], window: int) -> int:
-    dev = np.array([inputs.num_layers - _n_host(d, inputs.num_layers) for d in distances], dtype=np.int64)
+    L = inputs.num_layers
+    table = _device_layers_by_distance(L)
+    dev = np.array([table[d] if d in table else L - _n_host(d, L) for d in distances], dtype=np.int64)
     return int(dev @ inputs.end_tokens(window)) * inputs.kv_bytes_per_token_per_layer if len(dev) else 0
+
+
+@functools.lru_cache(maxsize=64)
+def _device_layers_by_distance(num_layers: int) -> dict[int, int]:
+    """Layers on device for each distance 0..L."""
+    return {d: num_layers - _n_host(d, num_layers) for d in range(num_layers + 1)}
 
 
 def link_bytes(inputs: PlanInputs, distances_by_request: Mapping[str, int] | Sequence[int]) -> int:
@@ -410,8 +445,8 @@ def link_bytes(inputs: PlanInputs, distances_by_request: Mapping[str, int] | Seq
 def tie_limit(inputs: PlanInputs, window: int, T: float) -> float:
     """The largest step time that ties T: within T_RTOL of it, and no request late that is on
     time at T."""
-    on_time = [r.effective_slo_s(window) * (1 + SLO_RTOL) for r in inputs.requests]
-    return min([T * (1 + T_RTOL)] + [s for s in on_time if s >= T])
+    on_time = _on_time_s(inputs, window)
+    return min([T * (1 + T_RTOL)] + on_time[on_time >= T].tolist())
 
 
 def evaluate(inputs: PlanInputs, distances_by_request: Mapping[str, int] | Sequence[int],
@@ -432,7 +467,8 @@ def fits(inputs: PlanInputs, window: int, classes: Sequence[int]) -> bool:
 def violations_settled(inputs: PlanInputs, window: int, t_lower: float, t_plan: float) -> bool:
     """With the optimum known to lie in [t_lower, t_plan], the plan's violation set is optimal
     unless some effective SLO falls inside that band."""
-    return not any(t_lower <= r.effective_slo_s(window) * (1 + SLO_RTOL) < t_plan for r in inputs.requests)
+    on_time = _on_time_s(inputs, window)
+    return not ((t_lower <= on_time) & (on_time < t_plan)).any()
 
 
 def window_loads(inputs: PlanInputs) -> np.ndarray:
