@@ -722,7 +722,9 @@ def _warm_up() -> None:
         load.flags.writeable = not frozen
         knapsacks(load, np.array([1.0, 2.0]), np.array([2.0, 1.0]), 1.0,
                   np.array([[1.0, 2.0]]), np.array([[0, 1]]), np.array([2]), 3.0, 3.0)
-    engine_step(np.array([0, 4]), np.array([0, 1]), np.array([1, 1]), np.array([1]), 1.0, 2.0, 0.0)
+    limits = np.array([1, 1])
+    limits.flags.writeable = False  # `problem._issue_limits` are cached, read-only
+    engine_step(np.array([0, 4]), np.array([0, 1]), limits, np.array([1]), 1.0, 2.0, 0.0)
 
 
 _warm_up()

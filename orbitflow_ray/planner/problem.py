@@ -356,23 +356,27 @@ def engine_step_time(inputs: PlanInputs, distances: Sequence[int], prefetch_dept
     `growth(window)` tokens longer (its compute too). The per-layer loop is compiled
     (`linkjit.engine_step`); the bytes per layer are exact integer sums."""
     L, kvb, bs = inputs.num_layers, inputs.kv_bytes_per_token_per_layer, inputs.block_size
-    tokens = [r.context_tokens + (min(window, r.max_new_tokens_left) if window else 0) for r in inputs.requests]
-    c_full = inputs.compute_a_s + inputs.compute_b_s_per_token * sum(tokens)
-    ds = [min(int(d), L) for d in distances]
-    classes = sorted(set(ds))
-    on_host = _host_mask(L, tuple(classes))  # [classes, L]
-    index = {d: k for k, d in enumerate(classes)}
-    blocks, users = [0] * len(classes), [0] * len(classes)
-    for n, d in zip(tokens, ds):
-        blocks[index[d]] += -(-n // bs) * bs * kvb
-        users[index[d]] += 1
-    loads = np.array(blocks, dtype=np.int64) @ on_host if classes else np.zeros(L, dtype=np.int64)
-    backs = np.array(users, dtype=np.int64) @ on_host * (bs * kvb) if classes else loads
+    ctx, left = _request_arrays(inputs)[:2]
+    tokens = ctx + np.minimum(left, window) if window else ctx
+    c_full = inputs.compute_a_s + inputs.compute_b_s_per_token * int(tokens.sum())
+    classes, which = np.unique(np.minimum(np.asarray(distances, dtype=np.int64), L), return_inverse=True)
+    member = (which[None, :] == np.arange(len(classes))[:, None]).astype(np.int64)  # [classes, R]
+    on_host = _host_mask(L, tuple(classes.tolist()))  # [classes, L]
+    loads = (member @ (-(-tokens // bs) * bs * kvb)) @ on_host  # bytes copied in per layer
+    backs = member.sum(1) @ on_host * (bs * kvb)  # written back per layer: a block per request
     order = np.flatnonzero(backs)
-    host = order.tolist()
-    limits = np.array([issue_limit(host, layer, prefetch_depth) for layer in range(L)], dtype=np.int64)
+    limits = _issue_limits(tuple(order.tolist()), L, prefetch_depth)
     tail = min(inputs.step_tail_s, L * c_full)
     return float(engine_step(loads, backs, limits, order, c_full - tail / L, inputs.link_bytes_per_s, tail))
+
+
+@functools.lru_cache(maxsize=1024)
+def _issue_limits(host: tuple[int, ...], num_layers: int, depth: int) -> np.ndarray:
+    """`kv.prefetch.issue_limit` at every layer for this host-layer union [L] (cached: a plan is
+    judged at its first step and at its window's end, with the same union)."""
+    out = np.array([issue_limit(host, layer, depth) for layer in range(num_layers)], dtype=np.int64)
+    out.flags.writeable = False
+    return out
 
 
 @functools.lru_cache(maxsize=256)
