@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from orbitflow_ray.kv.prefetch import issue_limit
-from orbitflow_ray.planner.fastpath import BATCH_SLACK, GREEDY_REACH, LinkEval, size_partners
+from orbitflow_ray.planner.fastpath import BATCH_SLACK, GREEDY_REACH, Chain, LinkEval, knapsack_bound, size_partners
 from orbitflow_ray.planner.problem import PlanInputs, _host_layers
 
 
@@ -226,3 +226,21 @@ def engine_step_time_python(inputs: PlanInputs, distances: Sequence[int], prefet
         if layer in loads:
             link = max(link, now) + backs[layer] / bw
     return now + tail
+
+
+def lower_bound_numpy(link: LinkEval, load, e, dev, cap, seeds: list[Chain] | None = None,
+                iters: int = 8) -> tuple[float, list[Chain]]:
+    """Best single-chain knapsack bound on the stall, and the chains tried. Without seeds it
+    starts from the whole-step interval (0, last deadline) and follows critical chains."""
+    if seeds:
+        return max(0.0, max(knapsack_bound(load, e, dev, cap, m)[0] - s for m, s in seeds)), seeds
+    m, s = link.whole_m, float((link.a + link.span).max()) if len(link.a) else 0.0
+    best, tried = 0.0, []
+    for _ in range(iters):
+        value, ks, _ = knapsack_bound(load, e, dev, cap, m)
+        best = max(best, value - s)
+        tried.append((m, s))
+        m, s, _ = link.chain(np.bincount(ks, weights=load, minlength=len(dev)))
+        if any(s == s2 and np.array_equal(m, m2) for m2, s2 in tried):
+            break
+    return best, tried

@@ -13,12 +13,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from fastpath_reference import (chain_numpy, engine_step_time_python, improve_numpy, improve_round_numpy,
-                                offload_greedy_numpy, reclaim_numpy, stall_s_python)
+                                lower_bound_numpy, offload_greedy_numpy, reclaim_numpy, stall_s_python)
 from hypothesis import given, settings, strategies as st
 
 from orbitflow_ray.planner import linkjit
-from orbitflow_ray.planner.fastpath import (FastPlanner, _hull, improve, knapsack_bound, link_eval, offload_greedy,
-                                            reclaim, size_partners)
+from orbitflow_ray.planner.fastpath import (FastPlanner, _hull, chain_knapsacks, chain_table, improve, knapsack_bound,
+                                            link_eval, lower_bound, offload_greedy, reclaim, size_partners)
 from orbitflow_ray.planner.problem import (PlanInputs, PlanRequest, _device_layers, _stall_s, distance_set,
                                            engine_step_time, window_counts)
 
@@ -121,7 +121,8 @@ def _batch(rng, R: int, L: int) -> PlanInputs:
 
 def test_a_solve_never_compiles():
     kernels = (linkjit._stall_rows, linkjit._improve_round, linkjit._path, linkjit._chain, linkjit.knapsack,
-               linkjit._greedy, linkjit._improve, linkjit._reclaim, linkjit.edf_stall, linkjit.engine_step)
+               linkjit._greedy, linkjit._improve, linkjit._reclaim, linkjit.edf_stall, linkjit.engine_step,
+               linkjit.knapsacks, linkjit.lower_bound_chains)
     before = [len(k.signatures) for k in kernels]
     assert all(before)  # the import warmed every kernel up
     rng = np.random.default_rng(0)
@@ -201,4 +202,24 @@ def test_step_models_are_the_python_loops(L, R, block, tail, depth, window, seed
     counts = window_counts(L, classes)
     loads = rng.exponential(1e6, len(classes)) * (rng.random(len(classes)) < 0.8)
     assert _stall_s(counts, loads, 1e-4, 25e9) == stall_s_python(counts, loads, 1e-4, 25e9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([8, 32, 80]), st.integers(1, 64), st.floats(0.2, 1.2), st.integers(0, 2**32 - 1))
+def test_compiled_bounds_are_the_numpy_ones(L, R, cap_frac, seed):
+    """The chain-following lower bound (its chain's need through BLAS in compiled code), its
+    hulls, and the per-chain knapsacks of a branch-and-bound node: numpy's numbers bit for bit."""
+    link, dev, load, e, _, _ = _placement(seed, L, R)
+    devf, ef = dev.astype(float), e.astype(float)
+    cap = cap_frac * float(ef.sum() * devf.max())
+    got, chains = lower_bound(link, load, ef, devf, cap)
+    want, want_chains = lower_bound_numpy(link, load, ef, devf, cap)
+    assert got == want and len(chains) == len(want_chains)
+    assert all(np.array_equal(m, m2) and s == s2 for (m, s), (m2, s2) in zip(chains, want_chains))
+    for m, _ in chains:
+        assert np.array_equal(linkjit.hull(devf, m), _hull(devf.tobytes(), m.tobytes()))
+    values, pos, frac = chain_knapsacks(load, ef, devf, cap, table := chain_table(devf, chains))
+    for c, (m, _) in enumerate(chains):
+        value, ks, f = knapsack_bound(load, ef, devf, cap, m)
+        assert values[c] == value and np.array_equal(table[1][c, :table[2][c]][pos[c]], ks) and frac[c] == f
 

@@ -55,7 +55,7 @@ import functools
 import numpy as np
 
 from orbitflow_ray.planner.ilp_highs import HighsPlanner
-from orbitflow_ray.planner.linkjit import CompiledLink, knapsack, knapsacks
+from orbitflow_ray.planner.linkjit import CompiledLink, knapsack, knapsacks, lower_bound_chains
 from orbitflow_ray.planner.problem import (Plan, PlanInputs, critical_intervals, host_layers,
                                            search_windows, tie_limit, violations_settled, window_loads)
 
@@ -166,20 +166,17 @@ Chain = tuple[np.ndarray, float]  # (class-k transfers inside the chain, compute
 def lower_bound(link: LinkEval, load, e, dev, cap, seeds: list[Chain] | None = None,
                 iters: int = 8) -> tuple[float, list[Chain]]:
     """Best single-chain knapsack bound on the stall, and the chains tried. Without seeds it
-    starts from the whole-step interval (0, last deadline) and follows critical chains."""
+    starts from the whole-step interval (0, last deadline) and follows critical chains (compiled:
+    `linkjit.lower_bound_chains`)."""
     if seeds:
         values = chain_knapsacks(load, e, dev, cap, chain_table(dev, seeds))[0]
         return max(0.0, max(v - s for (_, s), v in zip(seeds, values.tolist()))), seeds
-    m, s = link.whole_m, float((link.a + link.span).max()) if len(link.a) else 0.0
-    best, tried = 0.0, []
-    for _ in range(iters):
-        value, ks, _ = knapsack_bound(load, e, dev, cap, m)
-        best = max(best, value - s)
-        tried.append((m, s))
-        m, s, _ = link.chain(np.bincount(ks, weights=load, minlength=len(dev)))
-        if any(s == s2 and np.array_equal(m, m2) for m2, s2 in tried):
-            break
-    return best, tried
+    f, j = np.float64, link.jit
+    best, M, S = lower_bound_chains(j.counts, j.span, j.a, j.group, np.asarray(load, f), np.asarray(e, f),
+                                    np.asarray(dev, f), float(cap), link.whole_m,
+                                    float((link.a + link.span).max()) if len(link.a) else 0.0, iters,
+                                    float(load.sum()), float(e.sum()))
+    return float(best), list(zip(M, S.tolist()))
 
 
 def offload_greedy(link: LinkEval, load, e, dev, cap, ks) -> np.ndarray:

@@ -310,6 +310,64 @@ def knapsack(load, e, dev, cap, m, hull, load_sum, e_sum):  # pragma: no cover -
 
 
 @njit(cache=True, nogil=True)
+def hull(dev, m):  # pragma: no cover - compiled
+    """`fastpath._hull`: the lower convex hull of (dev, m) towards less device memory (class
+    indices), from the least m (then least dev, then first); the same comparisons."""
+    K = len(dev)
+    cur = 0
+    for k in range(1, K):
+        if m[k] < m[cur] or (m[k] == m[cur] and dev[k] < dev[cur]):
+            cur = k
+    out = np.empty(K, dtype=np.int64)
+    out[0], n = cur, 1
+    slope = np.empty(K)
+    while True:
+        lo, found = np.inf, False
+        for k in range(K):
+            if dev[k] < dev[cur]:
+                slope[k] = (m[k] - m[cur]) / (dev[cur] - dev[k])
+                lo = min(lo, slope[k])
+                found = True
+        if not found:
+            return out[:n]
+        nxt = -1
+        for k in range(K):
+            if dev[k] < dev[cur] and slope[k] <= lo + 1e-12 and (nxt < 0 or dev[k] < dev[nxt]):
+                nxt = k
+        out[n], n, cur = nxt, n + 1, nxt
+
+
+@njit(cache=True, nogil=True)
+def lower_bound_chains(counts, span, a, group, load, e, dev, cap, m0, s0, iters, load_sum, e_sum):  # pragma: no cover
+    """`fastpath.lower_bound` without seeds: from chain (m0, s0), the knapsack bound of each chain
+    and the critical chain of its rounding, until a chain comes back or `iters` are tried. Returns
+    (best bound, chains' m [n, K], their s [n]). The chain's need is `counts @ Y` through BLAS,
+    as numpy's matmul computes it (tests/test_fastpath_jit.py); numpy's pairwise sums `load_sum`,
+    `e_sum` come from the caller."""
+    K = len(dev)
+    M, S = np.empty((iters, K)), np.empty(iters)
+    m, s, best, n = m0.copy(), s0, 0.0, 0
+    for _ in range(iters):
+        h = hull(dev, m)
+        value, pos, _ = knapsack(load, e, dev, cap, m, h, load_sum, e_sum)
+        best = max(best, value - s)
+        M[n], S[n] = m, s
+        n += 1
+        Y = np.zeros(K)
+        for r in range(len(load)):
+            Y[h[pos[r]]] += load[r]
+        m, s, _ = _chain(counts, span, a, group, np.dot(counts, Y) - span)
+        seen = False
+        for t in range(n):
+            if S[t] == s and np.array_equal(M[t], m):
+                seen = True
+                break
+        if seen:
+            break
+    return best, M[:n], S[:n]
+
+
+@njit(cache=True, nogil=True)
 def knapsacks(load, e, dev, cap, M, hulls, n_hull, load_sum, e_sum):  # pragma: no cover - compiled
     """`knapsack` for each chain: M [C, K] their m, hulls [C, K] their hulls (the first n_hull[c]
     entries). Returns (values [C], hull positions [C, R], fractional requests [C])."""
@@ -722,6 +780,11 @@ def _warm_up() -> None:
         load.flags.writeable = not frozen
         knapsacks(load, np.array([1.0, 2.0]), np.array([2.0, 1.0]), 1.0,
                   np.array([[1.0, 2.0]]), np.array([[0, 1]]), np.array([2]), 3.0, 3.0)
+    for frozen in (False, True):
+        load = np.array([1.0, 2.0])
+        load.flags.writeable = not frozen
+        lower_bound_chains(counts, np.array([0.0, 1.0]), np.array([0, 0]), np.array([0, 1, 2]), load,
+                           np.array([1.0, 2.0]), np.array([2.0, 1.0]), 1.0, np.array([1.0, 2.0]), 1.0, 8, 3.0, 3.0)
     limits = np.array([1, 1])
     limits.flags.writeable = False  # `problem._issue_limits` are cached, read-only
     engine_step(np.array([0, 4]), np.array([0, 1]), limits, np.array([1]), 1.0, 2.0, 0.0)
