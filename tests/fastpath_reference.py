@@ -244,3 +244,47 @@ def lower_bound_numpy(link: LinkEval, load, e, dev, cap, seeds: list[Chain] | No
         if any(s == s2 and np.array_equal(m, m2) for m2, s2 in tried):
             break
     return best, tried
+
+
+def branch_and_bound_numpy(link: LinkEval, load, e, dev, cap, chains: list[Chain], ks, rel_gap: float,
+                     max_nodes: int = 48) -> tuple[np.ndarray, bool]:
+    """Depth-first search over requests' classes from incumbent `ks`. A node's bound is the best
+    chain knapsack over its free requests (chains grow with every critical chain met); it branches
+    on the knapsack's fractional request. Stops after `max_nodes` nodes (a count, not a clock: the
+    plan is the same on a busy machine). True when every node was pruned (optimal within rel_gap)."""
+    ef, devf = e.astype(float), dev.astype(float)
+    L, K = link.L, len(dev)
+    best = link.stall(np.bincount(ks, weights=load, minlength=K)[None])[0]
+    stack, nodes = [np.full(len(load), -1)], 0
+    while stack and nodes < max_nodes:
+        nodes += 1
+        fixed = stack.pop()
+        free = fixed < 0
+        left = float(cap - e[~free] @ dev[fixed[~free]])
+        if left < ef[free].sum() * devf.min():
+            continue
+        Yfix = np.bincount(fixed[~free], weights=load[~free], minlength=K)
+        bound, arg = -np.inf, None
+        for m, s in chains:
+            value, kfree, frac = knapsack_bound(load[free], ef[free], devf, left, m)
+            if value + Yfix @ m - s > bound:
+                bound, arg = value + Yfix @ m - s, (kfree, frac)
+        if L + max(bound, 0.0) >= (L + best) / (1 + rel_gap):
+            continue
+        cand = fixed.copy()
+        cand[free] = arg[0]
+        m, s, U = link.chain(np.bincount(cand, weights=load, minlength=K))
+        if U[-1] < best:
+            best, ks = U[-1], cand
+        if not any(s == s2 and np.array_equal(m, m2) for m2, s2 in chains):
+            chains.append((m, s))
+            stack.append(fixed)  # re-bound this node with the new chain
+            continue
+        if not free.any():
+            continue
+        r = np.flatnonzero(free)[arg[1]] if arg[1] >= 0 else np.flatnonzero(free)[np.argmax(load[free])]
+        for k in np.argsort(-np.abs(np.arange(K) - cand[r])):  # the rounded class is tried first
+            child = fixed.copy()
+            child[r] = k
+            stack.append(child)
+    return ks, not stack

@@ -13,11 +13,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from fastpath_reference import (chain_numpy, engine_step_time_python, improve_numpy, improve_round_numpy,
-                                lower_bound_numpy, offload_greedy_numpy, reclaim_numpy, stall_s_python)
+                                branch_and_bound_numpy, lower_bound_numpy, offload_greedy_numpy, reclaim_numpy, stall_s_python)
 from hypothesis import given, settings, strategies as st
 
 from orbitflow_ray.planner import linkjit
-from orbitflow_ray.planner.fastpath import (FastPlanner, _hull, chain_knapsacks, chain_table, improve, knapsack_bound,
+from orbitflow_ray.planner.fastpath import (FastPlanner, _hull, branch_and_bound, chain_knapsacks, chain_table, improve, knapsack_bound,
                                             link_eval, lower_bound, offload_greedy, reclaim, size_partners)
 from orbitflow_ray.planner.problem import (PlanInputs, PlanRequest, _device_layers, _stall_s, distance_set,
                                            engine_step_time, window_counts)
@@ -122,7 +122,7 @@ def _batch(rng, R: int, L: int) -> PlanInputs:
 def test_a_solve_never_compiles():
     kernels = (linkjit._stall_rows, linkjit._improve_round, linkjit._path, linkjit._chain, linkjit.knapsack,
                linkjit._greedy, linkjit._improve, linkjit._reclaim, linkjit.edf_stall, linkjit.engine_step,
-               linkjit.knapsacks, linkjit.lower_bound_chains)
+               linkjit.knapsacks, linkjit.lower_bound_chains, linkjit.branch_and_bound)
     before = [len(k.signatures) for k in kernels]
     assert all(before)  # the import warmed every kernel up
     rng = np.random.default_rng(0)
@@ -222,4 +222,28 @@ def test_compiled_bounds_are_the_numpy_ones(L, R, cap_frac, seed):
     for c, (m, _) in enumerate(chains):
         value, ks, f = knapsack_bound(load, ef, devf, cap, m)
         assert values[c] == value and np.array_equal(table[1][c, :table[2][c]][pos[c]], ks) and frac[c] == f
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([8, 32, 80]), st.integers(1, 24), st.floats(0.3, 1.0), st.sampled_from([1e-2, 1e-4]),
+       st.integers(1, 48), st.integers(0, 2**32 - 1))
+def test_compiled_branch_and_bound_is_the_numpy_one(L, R, cap_frac, gap, nodes, seed):
+    """The same incumbent, proof and chains as the numpy search, from the chains of the lower bound."""
+    link, dev, load, e, _, _ = _placement(seed, L, R)
+    ks = np.full(R, int(np.argmax(dev)))
+    cap = int(cap_frac * int(e @ dev[ks]))
+    ks = offload_greedy(link, load, e, dev, cap, ks)
+    chains = lower_bound(link, load, e.astype(float), dev.astype(float), float(cap))[1]
+    mine, theirs = list(chains), list(chains)
+    got, proven = branch_and_bound(link, load, e, dev, cap, mine, ks, gap, nodes)
+    want, want_proven = branch_and_bound_numpy(link, load, e, dev, cap, theirs, ks, gap, nodes)
+    assert np.array_equal(got, want) and proven == want_proven and len(mine) == len(theirs)
+    assert all(np.array_equal(m, m2) and s == s2 for (m, s), (m2, s2) in zip(mine, theirs))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 700), st.floats(1e-3, 1e6), st.integers(0, 2**32 - 1))
+def test_pairwise_sum_is_numpys(n, scale, seed):
+    x = np.random.default_rng(seed).exponential(scale, n)
+    assert linkjit.pairwise_sum(x) == x.sum()
 

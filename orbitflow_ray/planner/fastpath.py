@@ -56,6 +56,7 @@ import numpy as np
 
 from orbitflow_ray.planner.ilp_highs import HighsPlanner
 from orbitflow_ray.planner.linkjit import CompiledLink, knapsack, knapsacks, lower_bound_chains
+from orbitflow_ray.planner.linkjit import branch_and_bound as bnb_jit
 from orbitflow_ray.planner.problem import (Plan, PlanInputs, critical_intervals, host_layers,
                                            search_windows, tie_limit, violations_settled, window_loads)
 
@@ -234,50 +235,26 @@ def reclaim(link: LinkEval, load, e, dev, cap, ks, stall_cap: float, partners: i
 def branch_and_bound(link: LinkEval, load, e, dev, cap, chains: list[Chain], ks, rel_gap: float,
                      max_nodes: int = 48) -> tuple[np.ndarray, bool]:
     """Depth-first search over requests' classes from incumbent `ks`. A node's bound is the best
-    chain knapsack over its free requests (chains grow with every critical chain met); it branches
-    on the knapsack's fractional request. Stops after `max_nodes` nodes (a count, not a clock: the
-    plan is the same on a busy machine). True when every node was pruned (optimal within rel_gap)."""
-    ef, devf = e.astype(float), dev.astype(float)
-    L, K = link.L, len(dev)
-    best = link.stall(np.bincount(ks, weights=load, minlength=K)[None])[0]
-    stack, nodes = [np.full(len(load), -1)], 0
-    table = chain_table(devf, chains)
-    while stack and nodes < max_nodes:
-        nodes += 1
-        fixed = stack.pop()
-        free = fixed < 0
-        left = float(cap - e[~free] @ dev[fixed[~free]])
-        e_free = ef[free]
-        if left < e_free.sum() * devf.min():
-            continue
-        Yfix = np.bincount(fixed[~free], weights=load[~free], minlength=K)
-        bound, arg = -np.inf, None
-        values, pos, frac = chain_knapsacks(load[free], e_free, devf, left, table)
-        for c, (m, s) in enumerate(chains):
-            if values[c] + Yfix @ m - s > bound:
-                bound, arg = values[c] + Yfix @ m - s, c
-        if arg is not None:
-            arg = (table[1][arg, :table[2][arg]][pos[arg]], int(frac[arg]))
-        if L + max(bound, 0.0) >= (L + best) / (1 + rel_gap):
-            continue
-        cand = fixed.copy()
-        cand[free] = arg[0]
-        m, s, U = link.chain(np.bincount(cand, weights=load, minlength=K))
-        if U[-1] < best:
-            best, ks = U[-1], cand
-        if not any(s == s2 and np.array_equal(m, m2) for m2, s2 in chains):
-            chains.append((m, s))
-            table = chain_table(devf, chains)
-            stack.append(fixed)  # re-bound this node with the new chain
-            continue
-        if not free.any():
-            continue
-        r = np.flatnonzero(free)[arg[1]] if arg[1] >= 0 else np.flatnonzero(free)[np.argmax(load[free])]
-        for k in np.argsort(-np.abs(np.arange(K) - cand[r])):  # the rounded class is tried first
-            child = fixed.copy()
-            child[r] = k
-            stack.append(child)
-    return ks, not stack
+    chain knapsack over its free requests (chains grow with every critical chain met, appended to
+    `chains`); it branches on the knapsack's fractional request. Stops after `max_nodes` nodes (a
+    count, not a clock: the plan is the same on a busy machine). True when every node was pruned
+    (optimal within rel_gap). Compiled (`linkjit.branch_and_bound`)."""
+    j, K, f = link.jit, len(dev), np.float64
+    M0 = np.array([np.asarray(m, f) for m, _ in chains]).reshape(len(chains), K)
+    best, proven, M, S = bnb_jit(j.counts, j.span, j.a, j.group, np.asarray(load, f), np.asarray(e, np.int64),
+                                 np.asarray(dev, np.int64), int(cap), M0, np.array([s for _, s in chains], dtype=f),
+                                 np.asarray(ks, np.int64), float(rel_gap), int(max_nodes), _child_order(K))
+    chains.extend(zip(M, S.tolist()))
+    return best, bool(proven)
+
+
+@functools.lru_cache(maxsize=64)
+def _child_order(K: int) -> np.ndarray:
+    """[K, K]: for a rounded class c, the order branch and bound pushes its children (the rounded
+    class last, so it is tried first): numpy's argsort of -|k - c|, ties as numpy orders them."""
+    out = np.array([np.argsort(-np.abs(np.arange(K) - c)) for c in range(K)], dtype=np.int64).reshape(K, K)
+    out.flags.writeable = False
+    return out
 
 
 class FastPlanner:

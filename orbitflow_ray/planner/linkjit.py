@@ -368,6 +368,117 @@ def lower_bound_chains(counts, span, a, group, load, e, dev, cap, m0, s0, iters,
 
 
 @njit(cache=True, nogil=True)
+def pairwise_sum(x):  # pragma: no cover - compiled
+    """numpy's sum of a float64 array (pairwise: 8 partial sums in blocks of up to 128, halves above);
+    tests/test_fastpath_jit.py checks it against numpy's bit for bit."""
+    n = len(x)
+    if n < 8:
+        res = 0.0
+        for i in range(n):
+            res += x[i]
+        return res
+    if n <= 128:
+        r = x[:8].copy()
+        i = 8
+        while i < n - n % 8:
+            for j in range(8):
+                r[j] += x[i + j]
+            i += 8
+        res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+        while i < n:
+            res += x[i]
+            i += 1
+        return res
+    half = n // 2
+    half -= half % 8
+    return pairwise_sum(x[:half]) + pairwise_sum(x[half:])
+
+
+@njit(cache=True, nogil=True)
+def branch_and_bound(counts, span, a, group, load, e, dev, cap, M0, S0, ks0, rel_gap, max_nodes,
+                     child_order):  # pragma: no cover - compiled
+    """`fastpath.branch_and_bound` (its numpy version is tests/test_fastpath_jit.py's reference):
+    the same nodes in the same order, the same numbers (numpy's pairwise sums, BLAS dots and
+    matrix-vector products, one-vector stall). M0 [C0, K] / S0 [C0]: the chains so far;
+    child_order [K, K]: the order children are pushed for a rounded class (numpy's argsort).
+    Returns (best placement, proven: every node pruned, new chains' m [n, K], their s [n])."""
+    R, K, L = len(load), len(dev), len(group) - 1
+    ef, devf = e.astype(np.float64), dev.astype(np.float64)
+    dev_min = devf.min()
+    rows = len(S0) + max_nodes + 1
+    M, S = np.empty((rows, K)), np.empty(rows)
+    H, NH = np.zeros((rows, K), dtype=np.int64), np.zeros(rows, dtype=np.int64)
+    C = len(S0)
+    for c in range(C):
+        M[c], S[c] = M0[c], S0[c]
+        h = hull(devf, M[c])
+        H[c, :len(h)], NH[c] = h, len(h)
+    ks = ks0.copy()
+    best = _stall_one(counts, span, a, group, _loads(ks, load, K))
+    stack = np.empty((1 + max_nodes * K, R), dtype=np.int64)
+    stack[0] = -1
+    top, nodes = 1, 0
+    while top > 0 and nodes < max_nodes:
+        nodes += 1
+        top -= 1
+        fixed = stack[top].copy()
+        free = np.flatnonzero(fixed < 0)
+        used = 0
+        Yfix = np.zeros(K)
+        for r in range(R):
+            if fixed[r] >= 0:
+                used += e[r] * dev[fixed[r]]
+                Yfix[fixed[r]] += load[r]
+        left = float(cap - used)
+        lf, e_free = load[free], ef[free]
+        e_sum = pairwise_sum(e_free)
+        if left < e_sum * dev_min:
+            continue
+        l_sum = pairwise_sum(lf)
+        bound, arg, arg_frac = -np.inf, -1, -1
+        arg_pos = np.zeros(len(free), dtype=np.int64)
+        for c in range(C):
+            value, pos, frac = knapsack(lf, e_free, devf, left, M[c], H[c, :NH[c]], l_sum, e_sum)
+            tot = value + np.dot(Yfix, M[c]) - S[c]
+            if tot > bound:
+                bound, arg, arg_frac, arg_pos = tot, c, frac, pos
+        if arg < 0:
+            raise ValueError("branch_and_bound needs at least one chain")
+        if L + max(bound, 0.0) >= (L + best) / (1 + rel_gap):
+            continue
+        cand = fixed.copy()
+        for t in range(len(free)):
+            cand[free[t]] = H[arg, arg_pos[t]]
+        m, s, U = _chain(counts, span, a, group, np.dot(counts, _loads(cand, load, K)) - span)
+        if U[L] < best:
+            best, ks = U[L], cand
+        seen = False
+        for t in range(C):
+            if S[t] == s and np.array_equal(M[t], m):
+                seen = True
+                break
+        if not seen:
+            M[C], S[C] = m, s
+            h = hull(devf, m)
+            H[C, :len(h)], NH[C] = h, len(h)
+            C += 1
+            stack[top] = fixed  # re-bound this node with the new chain
+            top += 1
+            continue
+        if len(free) == 0:
+            continue
+        if arg_frac >= 0:
+            r = free[arg_frac]
+        else:
+            r = free[np.argmax(lf)]
+        for k in child_order[cand[r]]:  # the rounded class is tried first
+            stack[top] = fixed
+            stack[top, r] = k
+            top += 1
+    return ks, top == 0, M[len(S0):C].copy(), S[len(S0):C].copy()
+
+
+@njit(cache=True, nogil=True)
 def knapsacks(load, e, dev, cap, M, hulls, n_hull, load_sum, e_sum):  # pragma: no cover - compiled
     """`knapsack` for each chain: M [C, K] their m, hulls [C, K] their hulls (the first n_hull[c]
     entries). Returns (values [C], hull positions [C, R], fractional requests [C])."""
@@ -785,6 +896,14 @@ def _warm_up() -> None:
         load.flags.writeable = not frozen
         lower_bound_chains(counts, np.array([0.0, 1.0]), np.array([0, 0]), np.array([0, 1, 2]), load,
                            np.array([1.0, 2.0]), np.array([2.0, 1.0]), 1.0, np.array([1.0, 2.0]), 1.0, 8, 3.0, 3.0)
+    order = np.array([[0, 1], [1, 0]])
+    order.flags.writeable = False
+    for frozen in (False, True):
+        load, e, dev = np.array([1.0, 2.0]), np.array([1, 1]), np.array([2, 0])
+        for arr in (load, e, dev):
+            arr.flags.writeable = not frozen
+        branch_and_bound(counts, np.array([0.0, 1.0]), np.array([0, 0]), np.array([0, 1, 2]), load, e, dev, 1,
+                         np.array([[1.0, 2.0]]), np.array([1.0]), np.array([0, 0]), 0.01, 4, order)
     limits = np.array([1, 1])
     limits.flags.writeable = False  # `problem._issue_limits` are cached, read-only
     engine_step(np.array([0, 4]), np.array([0, 1]), limits, np.array([1]), 1.0, 2.0, 0.0)
