@@ -36,16 +36,17 @@ inputs (and warm start) give the same plan on a quiet or a loaded machine; only 
 changes. This is what the worker runs on its decode thread; the central planner runs it too and
 then tries to improve its plan with the cvxpy ILP (`ilp_compact.py`).
 
-Compiled (Numba, `linkjit.py`): the batched longest path of `LinkEval.stall`, the one of
-`LinkEval.chain`, each round of `improve` (candidates built and scored in one call, in order of a
-lower bound from the current plan's critical chain, stopping once the bound passes the best found:
-the same argmin) and `knapsack_bound` past its hull. They give the numpy versions' numbers bit for
-bit (tests/test_fastpath_jit.py), so the plans are the ones the numpy version made. They compile,
-or load from the on-disk cache, when this module is imported: never inside a solve. The knapsack
-hull is cached by chain and the per-window arrays by inputs (`_arrays`). Measured in CPU time on a
-shared 2-core box (bench/README.md): one solve at 32 requests x 32 layers 2.1 ms p50 / 4.4 ms p99
-cold (numpy: 8.7-9.0 / 19.1-19.9), a decode-thread re-plan with its Pause-for-SLO trials at 32
-requests 8.2-8.9 ms p50 / 22-24 ms p99 (numpy: 47-49 / 120-124).
+Compiled (Numba, `linkjit.py`): the whole per-window search but its Python glue: the greedy
+offload, `improve` (each round scores only the candidates whose chain bound does not pass the best
+found: the same argmin), `reclaim`, the chain-following `lower_bound`, the knapsacks of every chain
+at once (seeded bounds) and `branch_and_bound`, besides the batched longest path of
+`LinkEval.stall` and `LinkEval.chain`. They give the numpy versions' numbers bit for bit (numpy's
+one-vector einsum sum, pairwise sums, BLAS dots and matrix-vector products and argsort ties are
+reproduced; tests/test_fastpath_jit.py against the numpy code in tests/fastpath_reference.py), so
+the plans are the ones the numpy version made. They compile, or load from the on-disk cache, when
+this module is imported: never inside a solve. The knapsack hull is cached by chain and the
+per-window arrays by inputs (`_arrays`). Measured in CPU time on the shared 2-core box: bench/README.md
+("Planner fast path").
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def lower_bound(link: LinkEval, load, e, dev, cap, seeds: list[Chain] | None = N
 def offload_greedy(link: LinkEval, load, e, dev, cap, ks) -> np.ndarray:
     """Offload more until the plan fits: rank every move by stall added per capacity freed (the
     part of it still needed), then apply the best prefix of the per-request best moves. Compiled
-    (`linkjit._greedy`; the numpy version is tests/test_fastpath_jit.py's reference)."""
+    (`linkjit._greedy`; the numpy version is tests/fastpath_reference.py)."""
     return link.jit.greedy(load, e, dev, cap, ks, GREEDY_REACH, BATCH_SLACK)
 
 
@@ -228,7 +229,7 @@ def reclaim(link: LinkEval, load, e, dev, cap, ks, stall_cap: float, partners: i
     """Fewer link bytes at a tie: move requests to classes with fewer host layers, or swap the
     classes of two requests close in size so the larger one moves less, while the plan fits and
     its stall stays within `stall_cap`. Greedy (most bytes saved first), so not always the least.
-    Compiled (`linkjit._reclaim`; the numpy version is tests/test_fastpath_jit.py's reference)."""
+    Compiled (`linkjit._reclaim`; the numpy version is tests/fastpath_reference.py)."""
     return link.jit.reclaim(load, e, dev, cap, ks, stall_cap, *size_partners(load, partners))
 
 

@@ -1,20 +1,26 @@
-"""The fast path's hot loops, compiled (Numba): `fastpath` calls these.
+"""The planner's hot loops, compiled (Numba): `fastpath` and `problem` call these.
 
 The link stall of a class-load vector is a longest path over the critical intervals
 (`problem.critical_intervals`); the fast path evaluates it for thousands of candidate placements
-per solve. Here: the stall of a batch of vectors (`_stall_rows`, SIMD across the vectors), the
-critical chain of one (`_chain`), a whole round of `improve` (`_improve_round`: its candidates
-built and scored in one call) and the knapsack bound past its hull (`knapsack`).
+per solve. Here: the stall of a batch of vectors (`_stall_rows`: SIMD across the vectors; a few
+at a time in fixed-width blocks, `_stall_small`), the critical chain of one (`_chain`), a whole
+round of `improve` (`_improve_round`) and the searches around it (`_greedy`, `_improve`,
+`_reclaim`, `lower_bound_chains`, `branch_and_bound`), the knapsack bound past its hull
+(`knapsack`, `knapsacks`, `hull`), and the exact model's per-layer loops (`edf_stall` for
+`problem.step_time`, `engine_step` for `problem.engine_step_time`).
 
 Same numbers as the numpy code they replace, so the same plans: `need` sums count_k * Y_k over k in
 class order from zero (what numpy's einsum does for two or more vectors; terms with a zero count
 add exactly zero, so they are skipped), the longest path takes the same maxima, and cumulative sums
-and the stable sort run in numpy's order. One vector alone numpy sums with SIMD multiply-adds
-(machine-dependent rounding): the caller computes that `need` with numpy and passes it in
-(`path_stall`, `chain`). `_improve_round` returns the first least stall, as numpy's argmin: it
-scores the candidates in order of a lower bound (the current plan's critical chain evaluated at
-each candidate: a path, so never above its stall) and stops once the next bound is over the least
-found, by a margin far above rounding. tests/test_fastpath_jit.py checks each against numpy.
+and the stable sort run in numpy's order. Where numpy rounds otherwise it is reproduced: one
+vector alone numpy's einsum sums in two SIMD lanes (`_dot_one`, this numpy build's baseline loop),
+array sums are pairwise (`pairwise_sum`), `@` of a matrix or two vectors goes through BLAS (here
+`np.dot`, the same BLAS routine), and argsort ties come from numpy itself (a table the caller
+passes). `_improve_round` returns the first least stall, as numpy's argmin: it scores only the
+candidates whose lower bound (the current plan's critical chain evaluated at each candidate: a
+path, so never above its stall) is not over the least stall found, by a margin far above
+rounding. tests/test_fastpath_jit.py checks each against numpy (tests/fastpath_reference.py), and
+fails if a numpy, BLAS or machine change breaks one of these equalities.
 
 Compiled single-threaded (`nogil`, no `parallel`: the decode thread must not start a pool), cached
 on disk beside this file where that is writable, and warmed up when this module is imported for

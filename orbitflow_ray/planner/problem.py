@@ -1,6 +1,7 @@
 """The KV placement problem of one plan window: inputs, the exact cost model, and the plan.
 
-Pure Python + numpy; no solver here. `evaluate` is the ground truth that the ILP (`ilp.py`,
+Python + numpy (two per-layer loops compiled, `linkjit.edf_stall` and `linkjit.engine_step`, the
+same arithmetic); no solver here. `evaluate` is the ground truth that the ILP (`ilp.py`,
 `ilp_highs.py`) optimises, that the tests brute-force, and that the simulator can replay.
 
 Placement (distance-driven, as in the paper). Request r picks a prefetch distance d from
