@@ -207,9 +207,25 @@ def _improve_round(counts, span, a, group, Y, ks, load, e, dev, slack, p_r, p_q)
     # a path; from Y's value and the candidate's two changed classes); the least bound is scored
     # first, then the candidates whose bound is not over that stall, in order of their bounds, until
     # the next bound is over the least stall found (by a margin far above rounding): every
-    # candidate that can reach the least stall is scored, ties to the first index. Each is scored as `_stall_rows` scores it (class order), so the answer is the
-    # numpy round's over all candidates (tests/test_fastpath_jit.py).
-    R, K, n_int = len(ks), len(Y), len(span)
+    # candidate that can reach the least stall is scored, ties to the first index. Each is scored
+    # as `_stall_rows` scores it (class order), so the answer is the numpy round's over all
+    # candidates (tests/test_fastpath_jit.py).
+    K = len(Y)
+    need = np.empty(len(span))
+    for i in range(len(span)):
+        acc = 0.0
+        for k in range(K):
+            acc += counts[i, k] * Y[k]
+        need[i] = acc - span[i]
+    m, s, _ = _chain(counts, span, a, group, need)
+    return _round_on_chain(counts, span, a, group, Y, ks, load, e, dev, slack, p_r, p_q, m, s)
+
+
+@njit(cache=True, nogil=True)
+def _round_on_chain(counts, span, a, group, Y, ks, load, e, dev, slack, p_r, p_q, m, s):  # pragma: no cover
+    # `_improve_round` bounding by the chain (m, s) of Y: any chain of Y bounds each candidate's
+    # stall from below, so which one only changes how many are scored, never the answer.
+    R, K = len(ks), len(Y)
     n_sw = len(p_r)
     who = np.empty((R * (K - 1) + n_sw, 2), dtype=np.int64)
     n = 0
@@ -226,13 +242,6 @@ def _improve_round(counts, span, a, group, Y, ks, load, e, dev, slack, p_r, p_q)
             n += 1
     if n == 0:
         return 0, 0, -1, 0.0, -1, -1
-    need = np.empty(n_int)
-    for i in range(n_int):
-        acc = 0.0
-        for k in range(K):
-            acc += counts[i, k] * Y[k]
-        need[i] = acc - span[i]
-    m, s, _ = _chain(counts, span, a, group, need)
     base = -s
     for k in range(K):
         base += m[k] * Y[k]
@@ -661,9 +670,13 @@ def _improve(counts, span, a, group, load, e, dev, cap, ks0, p_r, p_q, rounds): 
     ks, K, L = ks0.copy(), len(dev), len(group) - 1
     for _ in range(rounds):
         Y = _loads(ks, load, K)
-        F = _stall_one(counts, span, a, group, Y)
-        n, n_moves, b, Fb, r, x = _improve_round(counts, span, a, group, Y, ks, load, e, dev,
-                                                 cap - _used(e, dev, ks), p_r, p_q)
+        need = np.empty(len(span))  # numpy's one-vector need: F, and the chain that bounds the round
+        for i in range(len(span)):
+            need[i] = _dot_one(counts[i], Y) - span[i]
+        m, s, U = _chain(counts, span, a, group, need)
+        F = U[L]
+        n, n_moves, b, Fb, r, x = _round_on_chain(counts, span, a, group, Y, ks, load, e, dev,
+                                                  cap - _used(e, dev, ks), p_r, p_q, m, s)
         if n == 0:
             break
         if n == 1:
