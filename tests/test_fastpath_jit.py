@@ -1,60 +1,26 @@
 """The fast path's compiled loops (planner/linkjit.py) against numpy references and the exact model.
 
 Same plans as before the loops were compiled: the compiled stall must equal the numpy loop bit for
-bit, a round of `improve` and the path of `LinkEval.chain` must be what their numpy versions (kept
-here as the reference) give, and a solve must never compile (the decode thread runs it)."""
+bit; a round of `improve`, `improve` itself, the greedy offload, `reclaim`, the path of
+`LinkEval.chain`, the exact model's EDF longest path and the engine's step time must be what their
+numpy / Python versions (kept in fastpath_reference.py) give; and a solve must never compile (the
+decode thread runs it)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+from fastpath_reference import (chain_numpy, engine_step_time_python, improve_numpy, improve_round_numpy,
+                                branch_and_bound_numpy, lower_bound_numpy, offload_greedy_numpy, reclaim_numpy, stall_s_python)
 from hypothesis import given, settings, strategies as st
 
 from orbitflow_ray.planner import linkjit
-from orbitflow_ray.planner.fastpath import (FastPlanner, LinkEval, _hull, _moved, improve, knapsack_bound, link_eval,
-                                            size_partners)
+from orbitflow_ray.planner.fastpath import (FastPlanner, _hull, branch_and_bound, chain_knapsacks, chain_table, improve, knapsack_bound,
+                                            link_eval, lower_bound, offload_greedy, reclaim, size_partners)
 from orbitflow_ray.planner.problem import (PlanInputs, PlanRequest, _device_layers, _stall_s, distance_set,
-                                           window_counts)
-
-
-def improve_round_numpy(link: LinkEval, Y, ks, load, e, dev, slack: int, p_r, p_q):
-    """One round of `fastpath.improve` as it was in numpy, in `CompiledLink.improve_round`'s terms:
-    (candidates, of them moves, index of the first least stall, that stall, request, class or partner)."""
-    rr, kk = np.nonzero(np.arange(len(dev))[None, :] != ks[:, None])
-    ok = e[rr] * (dev[kk] - dev[ks[rr]]) <= slack
-    rr, kk = rr[ok], kk[ok]
-    sw = (ks[p_r] != ks[p_q]) & ((e[p_r] - e[p_q]) * (dev[ks[p_q]] - dev[ks[p_r]]) <= slack)
-    r2, q2 = p_r[sw], p_q[sw]
-    swapped = np.repeat(Y[None], len(r2), 0)
-    idx = np.arange(len(r2))
-    swapped[idx, ks[r2]] += load[q2] - load[r2]
-    swapped[idx, ks[q2]] += load[r2] - load[q2]
-    Ys = np.vstack([_moved(Y, ks, load, rr, kk), swapped])
-    if not len(Ys):
-        return 0, 0, -1, 0.0, -1, -1
-    Fs = link.stall_numpy(Ys)
-    b = int(np.argmin(Fs))
-    who = (rr[b], kk[b]) if b < len(rr) else (r2[b - len(rr)], q2[b - len(rr)])
-    return len(Ys), len(rr), b, Fs[b], *who
-
-
-def chain_numpy(link: LinkEval, Y: np.ndarray):
-    """`LinkEval.chain` as it was in numpy: (m_C, s_C, U) of the critical chain of one load vector."""
-    need = link.counts @ Y - link.span
-    U, arg = np.zeros(link.L + 1), np.full(link.L + 1, -1)
-    for j, g in enumerate(link.by_end):
-        U[j + 1] = U[j]
-        if g.stop > g.start:
-            i = g.start + int(np.argmax(U[link.a[g]] + need[g]))
-            if U[link.a[i]] + need[i] > U[j]:
-                U[j + 1], arg[j + 1] = U[link.a[i]] + need[i], i
-    m, s, j = np.zeros(link.counts.shape[1]), 0.0, link.L
-    while j > 0:
-        if arg[j] < 0:
-            j -= 1
-        else:
-            m, s, j = m + link.counts[arg[j]], s + link.span[arg[j]], link.a[arg[j]]
-    return m, s, U
+                                           engine_step_time, window_counts)
 
 
 @st.composite
@@ -154,12 +120,130 @@ def _batch(rng, R: int, L: int) -> PlanInputs:
 
 
 def test_a_solve_never_compiles():
-    kernels = (linkjit._stall_rows, linkjit._improve_round, linkjit._path, linkjit._chain, linkjit.knapsack)
+    kernels = (linkjit._stall_rows, linkjit._improve_round, linkjit._path, linkjit._chain, linkjit.knapsack,
+               linkjit._greedy, linkjit._improve, linkjit._reclaim, linkjit.edf_stall, linkjit.engine_step,
+               linkjit.knapsacks, linkjit.lower_bound_chains, linkjit.branch_and_bound)
     before = [len(k.signatures) for k in kernels]
     assert all(before)  # the import warmed every kernel up
     rng = np.random.default_rng(0)
     for warm in (False, True):
         planner = FastPlanner(warm_start=warm)
         for R, L in ((2, 32), (12, 32), (32, 32), (48, 80)):  # enumerated, branch and bound, greedy
-            planner.solve(_batch(rng, R, L))
+            inputs = _batch(rng, R, L)
+            plan = planner.solve(inputs)
+            engine_step_time(inputs, [plan.distances[r.request_id] for r in inputs.requests], 1, plan.window)
     assert [len(k.signatures) for k in kernels] == before
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 20), st.integers(0, 2**32 - 1))
+def test_one_vector_sum_is_numpys_einsum(I, K, seed):
+    """The stall of one vector is summed as numpy's einsum sums it (linkjit._dot_one), bit for bit."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 4, (I, K)).astype(float) * (rng.random((I, K)) < 0.6)
+    y = rng.normal(0.0, rng.uniform(0.01, 5.0), K) * (rng.random(K) < 0.8)
+    want = np.einsum("ik,kn->in", counts, np.ascontiguousarray(y[None].T))[:, 0]
+    assert [linkjit._dot_one(counts[i], y) for i in range(I)] == want.tolist()
+
+
+def _placement(draw_seed: int, L: int, R: int):
+    ds = distance_set(None, L)
+    link, rng = link_eval(L, ds), np.random.default_rng(draw_seed)
+    dev = _device_layers(L, ds)
+    sizes = int(rng.integers(1, 2 * R + 1))  # few distinct sizes at times: ties in every ranking
+    load, e = rng.exponential(1.0, sizes)[rng.integers(0, sizes, R)], rng.integers(256, 131072, sizes)[rng.integers(0, sizes, R)]
+    return link, dev, load, e, rng.integers(0, len(ds), R), rng
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([8, 32, 80]), st.integers(1, 64), st.floats(0.0, 1.0), st.integers(0, 2**32 - 1))
+def test_compiled_greedy_is_the_numpy_one(L, R, cap_frac, seed):
+    link, dev, load, e, _, rng = _placement(seed, L, R)
+    ks = np.full(R, int(np.argmax(dev)))  # no offload: the greedy's start
+    cap = int(cap_frac * int(e @ dev[ks]))
+    assert np.array_equal(offload_greedy(link, load, e, dev, cap, ks), offload_greedy_numpy(link, load, e, dev, cap, ks))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([8, 32, 80]), st.integers(1, 48), st.floats(0.0, 0.3), st.integers(0, 2**32 - 1))
+def test_compiled_improve_is_the_numpy_one(L, R, slack_frac, seed):
+    link, dev, load, e, ks, _ = _placement(seed, L, R)
+    cap = int((1 + slack_frac) * int(e @ dev[ks]))
+    assert np.array_equal(improve(link, load, e, dev, cap, ks), improve_numpy(link, load, e, dev, cap, ks))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([8, 32, 80]), st.integers(1, 48), st.floats(0.0, 0.3), st.floats(0.0, 0.05),
+       st.integers(0, 2**32 - 1))
+def test_compiled_reclaim_is_the_numpy_one(L, R, slack_frac, tie, seed):
+    link, dev, load, e, ks, _ = _placement(seed, L, R)
+    cap = int((1 + slack_frac) * int(e @ dev[ks]))
+    cap_stall = link.stall(np.bincount(ks, weights=load, minlength=len(dev))[None])[0] * (1 + tie)
+    got = reclaim(link, load, e, dev, cap, ks, cap_stall)
+    assert np.array_equal(got, reclaim_numpy(link, load, e, dev, cap, ks, cap_stall))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from([1, 2, 8, 32, 80]), st.integers(0, 40), st.sampled_from([1, 16]), st.floats(0.0, 0.02),
+       st.integers(1, 4), st.integers(0, 128), st.integers(0, 2**32 - 1))
+def test_step_models_are_the_python_loops(L, R, block, tail, depth, window, seed):
+    """`step_time`'s longest path and `engine_step_time` (now, and at a window's end) compiled: the
+    Python loops' step times bit for bit, whatever distances (d >= L, all-host, mixed) and blocks."""
+    rng = np.random.default_rng(seed)
+    reqs = [PlanRequest(f"r{i}", int(rng.integers(1, 131072)), int(rng.integers(1, 2048)), 0.05) for i in range(R)]
+    inputs = PlanInputs(reqs, L, 4096, 10**12, float(rng.uniform(5e9, 50e9)), 0.27e-3, 2.4e-9, block_size=block,
+                        step_tail_s=tail)
+    ds = rng.integers(0, L + 3, R).tolist()
+    assert engine_step_time(inputs, ds, depth) == engine_step_time_python(inputs, ds, depth)
+    end = replace(inputs, requests=tuple(replace(r, context_tokens=r.context_tokens + r.growth(window))
+                                         for r in inputs.requests))
+    assert engine_step_time(inputs, ds, depth, window) == engine_step_time_python(end if window else inputs, ds, depth)
+    classes = distance_set(ds or [L], L)
+    counts = window_counts(L, classes)
+    loads = rng.exponential(1e6, len(classes)) * (rng.random(len(classes)) < 0.8)
+    assert _stall_s(counts, loads, 1e-4, 25e9) == stall_s_python(counts, loads, 1e-4, 25e9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([8, 32, 80]), st.integers(1, 64), st.floats(0.2, 1.2), st.integers(0, 2**32 - 1))
+def test_compiled_bounds_are_the_numpy_ones(L, R, cap_frac, seed):
+    """The chain-following lower bound (its chain's need through BLAS in compiled code), its
+    hulls, and the per-chain knapsacks of a branch-and-bound node: numpy's numbers bit for bit."""
+    link, dev, load, e, _, _ = _placement(seed, L, R)
+    devf, ef = dev.astype(float), e.astype(float)
+    cap = cap_frac * float(ef.sum() * devf.max())
+    got, chains = lower_bound(link, load, ef, devf, cap)
+    want, want_chains = lower_bound_numpy(link, load, ef, devf, cap)
+    assert got == want and len(chains) == len(want_chains)
+    assert all(np.array_equal(m, m2) and s == s2 for (m, s), (m2, s2) in zip(chains, want_chains))
+    for m, _ in chains:
+        assert np.array_equal(linkjit.hull(devf, m), _hull(devf.tobytes(), m.tobytes()))
+    values, pos, frac = chain_knapsacks(load, ef, devf, cap, table := chain_table(devf, chains))
+    for c, (m, _) in enumerate(chains):
+        value, ks, f = knapsack_bound(load, ef, devf, cap, m)
+        assert values[c] == value and np.array_equal(table[1][c, :table[2][c]][pos[c]], ks) and frac[c] == f
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([8, 32, 80]), st.integers(1, 24), st.floats(0.3, 1.0), st.sampled_from([1e-2, 1e-4]),
+       st.integers(1, 48), st.integers(0, 2**32 - 1))
+def test_compiled_branch_and_bound_is_the_numpy_one(L, R, cap_frac, gap, nodes, seed):
+    """The same incumbent, proof and chains as the numpy search, from the chains of the lower bound."""
+    link, dev, load, e, _, _ = _placement(seed, L, R)
+    ks = np.full(R, int(np.argmax(dev)))
+    cap = int(cap_frac * int(e @ dev[ks]))
+    ks = offload_greedy(link, load, e, dev, cap, ks)
+    chains = lower_bound(link, load, e.astype(float), dev.astype(float), float(cap))[1]
+    mine, theirs = list(chains), list(chains)
+    got, proven = branch_and_bound(link, load, e, dev, cap, mine, ks, gap, nodes)
+    want, want_proven = branch_and_bound_numpy(link, load, e, dev, cap, theirs, ks, gap, nodes)
+    assert np.array_equal(got, want) and proven == want_proven and len(mine) == len(theirs)
+    assert all(np.array_equal(m, m2) and s == s2 for (m, s), (m2, s2) in zip(mine, theirs))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 700), st.floats(1e-3, 1e6), st.integers(0, 2**32 - 1))
+def test_pairwise_sum_is_numpys(n, scale, seed):
+    x = np.random.default_rng(seed).exponential(scale, n)
+    assert linkjit.pairwise_sum(x) == x.sum()
+

@@ -36,16 +36,17 @@ inputs (and warm start) give the same plan on a quiet or a loaded machine; only 
 changes. This is what the worker runs on its decode thread; the central planner runs it too and
 then tries to improve its plan with the cvxpy ILP (`ilp_compact.py`).
 
-Compiled (Numba, `linkjit.py`): the batched longest path of `LinkEval.stall`, the one of
-`LinkEval.chain`, each round of `improve` (candidates built and scored in one call, in order of a
-lower bound from the current plan's critical chain, stopping once the bound passes the best found:
-the same argmin) and `knapsack_bound` past its hull. They give the numpy versions' numbers bit for
-bit (tests/test_fastpath_jit.py), so the plans are the ones the numpy version made. They compile,
-or load from the on-disk cache, when this module is imported: never inside a solve. The knapsack
-hull is cached by chain and the per-window arrays by inputs (`_arrays`). Measured in CPU time on a
-shared 2-core box (bench/README.md): one solve at 32 requests x 32 layers 2.1 ms p50 / 4.4 ms p99
-cold (numpy: 8.7-9.0 / 19.1-19.9), a decode-thread re-plan with its Pause-for-SLO trials at 32
-requests 8.2-8.9 ms p50 / 22-24 ms p99 (numpy: 47-49 / 120-124).
+Compiled (Numba, `linkjit.py`): the whole per-window search but its Python glue: the greedy
+offload, `improve` (each round scores only the candidates whose chain bound does not pass the best
+found: the same argmin), `reclaim`, the chain-following `lower_bound`, the knapsacks of every chain
+at once (seeded bounds) and `branch_and_bound`, besides the batched longest path of
+`LinkEval.stall` and `LinkEval.chain`. They give the numpy versions' numbers bit for bit (numpy's
+one-vector einsum sum, pairwise sums, BLAS dots and matrix-vector products and argsort ties are
+reproduced; tests/test_fastpath_jit.py against the numpy code in tests/fastpath_reference.py), so
+the plans are the ones the numpy version made. They compile, or load from the on-disk cache, when
+this module is imported: never inside a solve. The knapsack hull is cached by chain and the
+per-window arrays by inputs (`_arrays`). Measured in CPU time on the shared 2-core box: bench/README.md
+("Planner fast path").
 """
 
 from __future__ import annotations
@@ -55,9 +56,10 @@ import functools
 import numpy as np
 
 from orbitflow_ray.planner.ilp_highs import HighsPlanner
-from orbitflow_ray.planner.linkjit import CompiledLink, knapsack
+from orbitflow_ray.planner.linkjit import CompiledLink, knapsack, knapsacks, lower_bound_chains
+from orbitflow_ray.planner.linkjit import branch_and_bound as bnb_jit
 from orbitflow_ray.planner.problem import (Plan, PlanInputs, critical_intervals, host_layers,
-                                           search_windows, tie_limit, violations_settled, window_data)
+                                           search_windows, tie_limit, violations_settled, window_loads)
 
 
 ENUM_LIMIT = 1_000_000  # enumerate when placements (K^R) x link intervals is at most this (a few ms)
@@ -118,6 +120,29 @@ def knapsack_bound(load, e, dev, cap, m) -> tuple[float, np.ndarray, int]:
     return value, hull[pos], int(frac)
 
 
+ChainTable = tuple[np.ndarray, np.ndarray, np.ndarray]  # (M [C, K], hulls [C, K] padded, hull lengths [C])
+
+
+def chain_table(dev, chains: list[Chain]) -> ChainTable:
+    """The chains' m and knapsack hulls as arrays, for `chain_knapsacks`."""
+    f = np.float64
+    key, K = np.asarray(dev, f).tobytes(), len(dev)
+    M = np.array([np.asarray(m, f) for m, _ in chains]).reshape(len(chains), K)
+    hulls, n_hull = np.zeros((len(chains), K), dtype=np.int64), np.zeros(len(chains), dtype=np.int64)
+    for c, m in enumerate(M):
+        hull = _hull(key, m.tobytes())
+        hulls[c, :len(hull)], n_hull[c] = hull, len(hull)
+    return M, hulls, n_hull
+
+
+def chain_knapsacks(load, e, dev, cap, table: ChainTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`knapsack_bound` for the m of each chain of `table` in one compiled call (the same numbers):
+    (values [C], hull positions per request [C, R], fractional requests [C])."""
+    f = np.float64
+    load_sum, e_sum = float(load.sum()), float(e.sum())
+    return knapsacks(np.asarray(load, f), np.asarray(e, f), np.asarray(dev, f), float(cap), *table, load_sum, e_sum)
+
+
 @functools.lru_cache(maxsize=4096)
 def _hull(dev_bytes: bytes, m_bytes: bytes) -> np.ndarray:
     """Lower convex hull of (dev, m) towards less device memory (class indices); cached: the same
@@ -143,94 +168,48 @@ Chain = tuple[np.ndarray, float]  # (class-k transfers inside the chain, compute
 def lower_bound(link: LinkEval, load, e, dev, cap, seeds: list[Chain] | None = None,
                 iters: int = 8) -> tuple[float, list[Chain]]:
     """Best single-chain knapsack bound on the stall, and the chains tried. Without seeds it
-    starts from the whole-step interval (0, last deadline) and follows critical chains."""
+    starts from the whole-step interval (0, last deadline) and follows critical chains (compiled:
+    `linkjit.lower_bound_chains`)."""
     if seeds:
-        return max(0.0, max(knapsack_bound(load, e, dev, cap, m)[0] - s for m, s in seeds)), seeds
-    m, s = link.whole_m, float((link.a + link.span).max()) if len(link.a) else 0.0
-    best, tried = 0.0, []
-    for _ in range(iters):
-        value, ks, _ = knapsack_bound(load, e, dev, cap, m)
-        best = max(best, value - s)
-        tried.append((m, s))
-        m, s, _ = link.chain(np.bincount(ks, weights=load, minlength=len(dev)))
-        if any(s == s2 and np.array_equal(m, m2) for m2, s2 in tried):
-            break
-    return best, tried
-
-
-def _moved(Y, ks, load, rr, kk) -> np.ndarray:
-    Ys = np.repeat(Y[None], len(rr), 0)
-    idx = np.arange(len(rr))
-    Ys[idx, ks[rr]] -= load[rr]
-    Ys[idx, kk] += load[rr]
-    return Ys
+        values = chain_knapsacks(load, e, dev, cap, chain_table(dev, seeds))[0]
+        return max(0.0, max(v - s for (_, s), v in zip(seeds, values.tolist()))), seeds
+    f, j = np.float64, link.jit
+    best, M, S = lower_bound_chains(j.counts, j.span, j.a, j.group, np.asarray(load, f), np.asarray(e, f),
+                                    np.asarray(dev, f), float(cap), link.whole_m,
+                                    float((link.a + link.span).max()) if len(link.a) else 0.0, iters,
+                                    float(load.sum()), float(e.sum()))
+    return float(best), list(zip(M, S.tolist()))
 
 
 def offload_greedy(link: LinkEval, load, e, dev, cap, ks) -> np.ndarray:
     """Offload more until the plan fits: rank every move by stall added per capacity freed (the
-    part of it still needed), then apply the best prefix of the per-request best moves."""
-    ks, by_dev = ks.copy(), np.argsort(-dev, kind="stable")
-    rank = np.argsort(by_dev)
-    while (over := int(e @ dev[ks]) - cap) > 0:
-        Y = np.bincount(ks, weights=load, minlength=len(dev))
-        F = link.stall(Y[None])[0]
-        nxt = rank[ks][:, None] + np.arange(1, GREEDY_REACH + 1)  # the next few classes down
-        rr, col = np.nonzero(nxt < len(dev))
-        kk = by_dev[nxt[rr, col]]
-        keep = dev[kk] < dev[ks[rr]]
-        rr, kk = rr[keep], kk[keep]
-        freed = e[rr] * (dev[ks[rr]] - dev[kk])
-        score = (link.stall(_moved(Y, ks, load, rr, kk)) - F) / np.minimum(freed, over)
-        order = np.argsort(score, kind="stable")
-        _, first = np.unique(rr[order], return_index=True)
-        mv = order[np.sort(first)]
-        step = np.zeros((len(mv), len(dev)))
-        step[np.arange(len(mv)), ks[rr[mv]]] -= load[rr[mv]]
-        step[np.arange(len(mv)), kk[mv]] += load[rr[mv]]
-        Fp, got = link.stall(Y + np.cumsum(step, 0)), np.cumsum(freed[mv])
-        ratio = (Fp - F) / np.minimum(got, over)
-        ok = np.flatnonzero(ratio <= ratio.min() + abs(ratio.min()) * BATCH_SLACK + 1e-12)
-        reach = ok[got[ok] >= over]
-        p = int(reach[np.argmin(Fp[reach])]) if len(reach) else int(ok.max())
-        ks[rr[mv[:p + 1]]] = kk[mv[:p + 1]]
-    return ks
+    part of it still needed), then apply the best prefix of the per-request best moves. Compiled
+    (`linkjit._greedy`; the numpy version is tests/fastpath_reference.py)."""
+    return link.jit.greedy(load, e, dev, cap, ks, GREEDY_REACH, BATCH_SLACK)
 
 
 def size_partners(load, partners: int) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of requests at most `partners` apart in size order: (smaller, larger) index arrays."""
     by_size = np.argsort(load, kind="stable")
-    i, j = np.triu_indices(len(load), 1)
+    i, j = _near_pairs(len(load), partners)
+    return by_size[i], by_size[j]
+
+
+@functools.lru_cache(maxsize=256)
+def _near_pairs(n: int, partners: int) -> tuple[np.ndarray, np.ndarray]:
+    """np.triu_indices(n, 1) restricted to pairs at most `partners` apart (cached: every window
+    and trial of a batch size asks for the same)."""
+    i, j = np.triu_indices(n, 1)
     near = (j - i) <= partners
-    return by_size[i[near]], by_size[j[near]]
+    i, j = i[near], j[near]
+    i.flags.writeable = j.flags.writeable = False
+    return i, j
 
 
 def improve(link: LinkEval, load, e, dev, cap, ks, rounds: int = 12, partners: int = 6) -> np.ndarray:
-    """Steepest descent over single moves and swaps of requests close in size, within capacity."""
-    ks = ks.copy()
-    p_r, p_q = size_partners(load, partners)
-    for _ in range(rounds):
-        Y = np.bincount(ks, weights=load, minlength=len(dev))
-        F, slack = link.stall(Y[None])[0], cap - int(e @ dev[ks])
-        n, n_moves, b, Fb, r, x = link.jit.improve_round(Y, ks, load, e, dev, slack, p_r, p_q)
-        if not n:
-            break
-        if n == 1:  # one vector alone: numpy's sum (linkjit's docstring)
-            Ys = _moved(Y, ks, load, np.array([r]), np.array([x])) if n_moves else _swapped(Y, ks, load, r, x)
-            Fb = link.stall(Ys)[0]
-        if Fb >= F - 1e-12 * (link.L + F):
-            break
-        if b < n_moves:
-            ks[r] = x
-        else:
-            ks[r], ks[x] = ks[x], ks[r]
-    return ks
-
-
-def _swapped(Y, ks, load, r: int, q: int) -> np.ndarray:
-    Ys = Y[None].copy()
-    Ys[0, ks[r]] += load[q] - load[r]
-    Ys[0, ks[q]] += load[r] - load[q]
-    return Ys
+    """Steepest descent over single moves and swaps of requests close in size, within capacity.
+    Compiled (`linkjit._improve`, each round `_improve_round`)."""
+    return link.jit.improve(load, e, dev, cap, ks, *size_partners(load, partners), rounds)
 
 
 def enumerate_best(link: LinkEval, load, e, dev, cap, tie, chunk: int = 4096) -> np.ndarray:
@@ -249,104 +228,34 @@ def enumerate_best(link: LinkEval, load, e, dev, cap, tie, chunk: int = 4096) ->
 def reclaim(link: LinkEval, load, e, dev, cap, ks, stall_cap: float, partners: int = 6) -> np.ndarray:
     """Fewer link bytes at a tie: move requests to classes with fewer host layers, or swap the
     classes of two requests close in size so the larger one moves less, while the plan fits and
-    its stall stays within `stall_cap`. Greedy (most bytes saved first), so not always the least."""
-    ks, pairs = ks.copy(), size_partners(load, partners)
-    while _reclaim_moves(link, load, e, dev, cap, ks, stall_cap) \
-            or _reclaim_swap(link, load, e, dev, cap, ks, stall_cap, *pairs):
-        pass
-    return ks
-
-
-def _reclaim_moves(link: LinkEval, load, e, dev, cap, ks, stall_cap: float) -> bool:
-    """Single moves, in place: every request's best move that is feasible alone, ranked by bytes
-    saved, applied as the longest prefix that is still feasible together. False: none applies."""
-    host, Y = link.L - dev, np.bincount(ks, weights=load, minlength=len(dev))
-    slack = cap - int(e @ dev[ks])
-    rr, kk = np.nonzero(host[None, :] < host[ks][:, None])
-    ok = e[rr] * (dev[kk] - dev[ks[rr]]) <= slack
-    rr, kk = rr[ok], kk[ok]
-    if len(rr):
-        ok = link.stall(_moved(Y, ks, load, rr, kk)) <= stall_cap
-        rr, kk = rr[ok], kk[ok]
-    if not len(rr):
-        return False
-    order = np.argsort(-load[rr] * (host[ks[rr]] - host[kk]), kind="stable")
-    _, first = np.unique(rr[order], return_index=True)
-    mv = order[np.sort(first)]
-    step = np.zeros((len(mv), len(dev)))
-    step[np.arange(len(mv)), ks[rr[mv]]] -= load[rr[mv]]
-    step[np.arange(len(mv)), kk[mv]] += load[rr[mv]]
-    fine = (link.stall(Y + np.cumsum(step, 0)) <= stall_cap) \
-        & (np.cumsum(e[rr[mv]] * (dev[kk[mv]] - dev[ks[rr[mv]]])) <= slack)
-    n = len(mv) if fine.all() else max(1, int(np.argmin(fine)))  # the first is feasible alone
-    ks[rr[mv[:n]]] = kk[mv[:n]]
-    return True
-
-
-def _reclaim_swap(link: LinkEval, load, e, dev, cap, ks, stall_cap: float, small, large) -> bool:
-    """The feasible swap saving the most bytes, in place: the larger request takes the smaller
-    one's class where that has fewer host layers. False: none applies."""
-    host = link.L - dev
-    saved = (load[large] - load[small]) * (host[ks[large]] - host[ks[small]])
-    room = (e[large] - e[small]) * (dev[ks[small]] - dev[ks[large]]) <= cap - int(e @ dev[ks])
-    ok = (saved > 0) & room
-    r, q = small[ok], large[ok]
-    if not len(r):
-        return False
-    Ys = np.repeat(np.bincount(ks, weights=load, minlength=len(dev))[None], len(r), 0)
-    idx = np.arange(len(r))
-    Ys[idx, ks[r]] += load[q] - load[r]
-    Ys[idx, ks[q]] += load[r] - load[q]
-    fine = np.flatnonzero(link.stall(Ys) <= stall_cap)
-    if not len(fine):
-        return False
-    b = fine[np.argmax(saved[ok][fine])]
-    ks[r[b]], ks[q[b]] = ks[q[b]], ks[r[b]]
-    return True
+    its stall stays within `stall_cap`. Greedy (most bytes saved first), so not always the least.
+    Compiled (`linkjit._reclaim`; the numpy version is tests/fastpath_reference.py)."""
+    return link.jit.reclaim(load, e, dev, cap, ks, stall_cap, *size_partners(load, partners))
 
 
 def branch_and_bound(link: LinkEval, load, e, dev, cap, chains: list[Chain], ks, rel_gap: float,
                      max_nodes: int = 48) -> tuple[np.ndarray, bool]:
     """Depth-first search over requests' classes from incumbent `ks`. A node's bound is the best
-    chain knapsack over its free requests (chains grow with every critical chain met); it branches
-    on the knapsack's fractional request. Stops after `max_nodes` nodes (a count, not a clock: the
-    plan is the same on a busy machine). True when every node was pruned (optimal within rel_gap)."""
-    ef, devf = e.astype(float), dev.astype(float)
-    L, K = link.L, len(dev)
-    best = link.stall(np.bincount(ks, weights=load, minlength=K)[None])[0]
-    stack, nodes = [np.full(len(load), -1)], 0
-    while stack and nodes < max_nodes:
-        nodes += 1
-        fixed = stack.pop()
-        free = fixed < 0
-        left = float(cap - e[~free] @ dev[fixed[~free]])
-        if left < ef[free].sum() * devf.min():
-            continue
-        Yfix = np.bincount(fixed[~free], weights=load[~free], minlength=K)
-        bound, arg = -np.inf, None
-        for m, s in chains:
-            value, kfree, frac = knapsack_bound(load[free], ef[free], devf, left, m)
-            if value + Yfix @ m - s > bound:
-                bound, arg = value + Yfix @ m - s, (kfree, frac)
-        if L + max(bound, 0.0) >= (L + best) / (1 + rel_gap):
-            continue
-        cand = fixed.copy()
-        cand[free] = arg[0]
-        m, s, U = link.chain(np.bincount(cand, weights=load, minlength=K))
-        if U[-1] < best:
-            best, ks = U[-1], cand
-        if not any(s == s2 and np.array_equal(m, m2) for m2, s2 in chains):
-            chains.append((m, s))
-            stack.append(fixed)  # re-bound this node with the new chain
-            continue
-        if not free.any():
-            continue
-        r = np.flatnonzero(free)[arg[1]] if arg[1] >= 0 else np.flatnonzero(free)[np.argmax(load[free])]
-        for k in np.argsort(-np.abs(np.arange(K) - cand[r])):  # the rounded class is tried first
-            child = fixed.copy()
-            child[r] = k
-            stack.append(child)
-    return ks, not stack
+    chain knapsack over its free requests (chains grow with every critical chain met, appended to
+    `chains`); it branches on the knapsack's fractional request. Stops after `max_nodes` nodes (a
+    count, not a clock: the plan is the same on a busy machine). True when every node was pruned
+    (optimal within rel_gap). Compiled (`linkjit.branch_and_bound`)."""
+    j, K, f = link.jit, len(dev), np.float64
+    M0 = np.array([np.asarray(m, f) for m, _ in chains]).reshape(len(chains), K)
+    best, proven, M, S = bnb_jit(j.counts, j.span, j.a, j.group, np.asarray(load, f), np.asarray(e, np.int64),
+                                 np.asarray(dev, np.int64), int(cap), M0, np.array([s for _, s in chains], dtype=f),
+                                 np.asarray(ks, np.int64), float(rel_gap), int(max_nodes), _child_order(K))
+    chains.extend(zip(M, S.tolist()))
+    return best, bool(proven)
+
+
+@functools.lru_cache(maxsize=64)
+def _child_order(K: int) -> np.ndarray:
+    """[K, K]: for a rounded class c, the order branch and bound pushes its children (the rounded
+    class last, so it is tried first): numpy's argsort of -|k - c|, ties as numpy orders them."""
+    out = np.array([np.argsort(-np.abs(np.arange(K) - c)) for c in range(K)], dtype=np.int64).reshape(K, K)
+    out.flags.writeable = False
+    return out
 
 
 class FastPlanner:
@@ -383,7 +292,7 @@ class FastPlanner:
         if inputs is not self._memo_inputs:
             self._memo_inputs, self._memo = inputs, {}
         if window not in self._memo:
-            load = window_data(inputs, window)["load"] if window == inputs.windows[0] else self._arrays(
+            load = window_loads(inputs) if window == inputs.windows[0] else self._arrays(
                 inputs, inputs.windows[0])[1]  # the load does not depend on the window
             dev, e = inputs.device_layers().astype(np.int64), inputs.end_tokens(window)
             for arr in (load, dev, e):

@@ -197,9 +197,7 @@ class OrbitFlow(KVPolicy):
         def judged(p: Plan) -> Plan:
             ds = [p.distances[r.request_id] for r in inputs.requests]
             T = engine_step_time(inputs, ds, self.prefetch_depth)
-            end = replace(inputs, requests=tuple(replace(r, context_tokens=r.context_tokens + r.growth(p.window))
-                                                 for r in inputs.requests))
-            late = late_requests(inputs, engine_step_time(end, ds, self.prefetch_depth), p.window)
+            late = late_requests(inputs, engine_step_time(inputs, ds, self.prefetch_depth, p.window), p.window)
             return replace(p, predicted_step_s=T, violations=late)
 
         checked = judged(plan)

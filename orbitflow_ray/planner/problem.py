@@ -1,6 +1,7 @@
 """The KV placement problem of one plan window: inputs, the exact cost model, and the plan.
 
-Pure Python + numpy; no solver here. `evaluate` is the ground truth that the ILP (`ilp.py`,
+Python + numpy (two per-layer loops compiled, `linkjit.edf_stall` and `linkjit.engine_step`, the
+same arithmetic); no solver here. `evaluate` is the ground truth that the ILP (`ilp.py`,
 `ilp_highs.py`) optimises, that the tests brute-force, and that the simulator can replay.
 
 Placement (distance-driven, as in the paper). Request r picks a prefetch distance d from
@@ -88,7 +89,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import operator
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -96,6 +96,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from orbitflow_ray.kv.prefetch import issue_limit
+from orbitflow_ray.planner.linkjit import edf_stall, engine_step
 
 PAPER_DISTANCES = (1, 2, 3, 4, 5, 7, 9, 15, 31)  # the research code's set
 ALL_HOST = 0  # the distance that puts every layer on host (module docstring)
@@ -174,9 +175,8 @@ class PlanInputs:
     def end_tokens(self, window: int) -> np.ndarray:
         """Tokens of KV each request holds at the window's end, in whole blocks."""
         bs = self.block_size
-        # `growth` inlined: this runs for every window, bound and trial of a solve
-        return np.array([-(-(r.context_tokens + min(window, r.max_new_tokens_left)) // bs) * bs
-                         for r in self.requests], dtype=np.int64)
+        ctx, left = _request_arrays(self)[:2]  # every window, bound and trial of a solve asks
+        return -(-(ctx + np.minimum(left, window)) // bs) * bs
 
     def largest_offload(self) -> list[int]:
         """Per request, the distance with the fewest device layers short of all-host, or all-host
@@ -269,10 +269,20 @@ def _device_layers(num_layers: int, distances: tuple[int, ...]) -> np.ndarray:
 @functools.lru_cache(maxsize=64)
 def window_counts(num_layers: int, distances: tuple[int, ...]) -> np.ndarray:
     """counts[a, b, k]: transfers of class k released at or after a with deadline at or before b."""
-    counts = np.zeros((num_layers, num_layers, len(distances)))
+    counts = np.empty((num_layers, num_layers, len(distances)))
     for k, d in enumerate(distances):
-        for h in host_layers(d, num_layers):
-            counts[: h - d + 1, h:, k] += 1
+        counts[:, :, k] = _class_counts(num_layers, d)
+    return counts
+
+
+@functools.lru_cache(maxsize=256)
+def _class_counts(num_layers: int, d: int) -> np.ndarray:
+    """`window_counts` of one distance: [a, b] the transfers released at or after a landing at or
+    before b (cached: plans combine the same few distances in many sets)."""
+    counts = np.zeros((num_layers, num_layers))
+    for h in host_layers(d, num_layers):
+        counts[: h - d + 1, h:] += 1
+    counts.flags.writeable = False
     return counts
 
 
@@ -305,13 +315,11 @@ def critical_intervals(num_layers: int, distances: tuple[int, ...]) -> tuple[np.
 
 def _stall_s(counts: np.ndarray, loads: np.ndarray, c: float, bw: float) -> float:
     """Least total stall under the EDF link model: U[b+1] = max(U[b], max_a U[a] + need(a, b)),
-    U[j+1] the stall accumulated up to and including layer j (a longest path, so exact)."""
+    U[j+1] the stall accumulated up to and including layer j (a longest path, so exact; the path
+    compiled, `linkjit.edf_stall`)."""
     L = counts.shape[0]
     need = counts @ loads / bw - (np.arange(L)[None, :] - np.arange(L)[:, None]) * c
-    U = [0.0]  # Python floats: the same double sums as numpy, without a numpy call per layer
-    for b, col in enumerate(need.T.tolist()):
-        U.append(max(U[b], max(map(operator.add, U, col))))  # U has b + 1 entries: a <= b
-    return U[L]
+    return float(edf_stall(need))
 
 
 def _normalise(inputs: PlanInputs, distances_by_request: Mapping[str, int] | Sequence[int]) -> list[int]:
@@ -333,45 +341,83 @@ def step_time(inputs: PlanInputs, distances: Sequence[int]) -> float:
     return L * c + stall
 
 
-def engine_step_time(inputs: PlanInputs, distances: Sequence[int], prefetch_depth: int) -> float:
+def engine_step_time(inputs: PlanInputs, distances: Sequence[int], prefetch_depth: int, window: int = 0) -> float:
     """T in seconds as the engine runs the placement (`kv/store.py`, mirrored by `sim/executor.py`),
     not as the EDF link model (`step_time`) bounds it: at the start of each layer, the copies of the
     batch's host layers (the union over its requests, one copy per layer carrying every request's KV
-    of it) are issued in layer order up to the `prefetch_depth + 1`-th host layer at or after it,
-    onto one FIFO link; a host layer waits for its copy, computes, and queues the write-back of the
-    block each request's new token touched; the step's tail (`PlanInputs.step_tail_s`, part of
-    L * c) runs after the last layer, where no copy overlaps it. A request at a long distance then shares its copy with
-    the short-distance requests offloading the same layer, and its copy is issued only when that
-    layer comes into the union's lookahead: later than its own window. Equal to `step_time` when
-    every request has one distance (up to the write-backs and blocks), up to a quarter above it
-    in batches that mix them. The link is taken idle at the top of the step."""
+    of it) are issued in layer order up to the `prefetch_depth + 1`-th host layer at or after it
+    (`kv.prefetch.issue_limit`), onto one FIFO link; a host layer waits for its copy, computes, and
+    queues the write-back of the block each request's new token touched; the step's tail
+    (`PlanInputs.step_tail_s`, part of L * c) runs after the last layer, where no copy overlaps it.
+    A request at a long distance then shares its copy with the short-distance requests offloading
+    the same layer, and its copy is issued only when that layer comes into the union's lookahead:
+    later than its own window. Equal to `step_time` when every request has one distance (up to the
+    write-backs and blocks), up to a quarter above it in batches that mix them. The link is taken
+    idle at the top of the step. `window` > 0: the step at that window's end instead, every request
+    `growth(window)` tokens longer (its compute too). The per-layer loop is compiled
+    (`linkjit.engine_step`); the bytes per layer are exact integer sums."""
     L, kvb, bs = inputs.num_layers, inputs.kv_bytes_per_token_per_layer, inputs.block_size
-    loads: dict[int, int] = {}
-    backs: dict[int, int] = {}
-    for r, d in zip(inputs.requests, distances):
-        for h in _host_layers(min(int(d), L), L):
-            loads[h] = loads.get(h, 0) + -(-r.context_tokens // bs) * bs * kvb
-            backs[h] = backs.get(h, 0) + bs * kvb
-    order = sorted(loads)
-    tail = min(inputs.step_tail_s, L * inputs.compute_per_layer_s)
-    c, bw = inputs.compute_per_layer_s - tail / L, inputs.link_bytes_per_s
-    now = link = 0.0
-    ready: dict[int, float] = {}
-    issued = 0
-    for layer in range(L):
-        while issued < issue_limit(order, layer, prefetch_depth):
-            h = order[issued]
-            link = max(link, now) + loads[h] / bw
-            ready[h] = link
-            issued += 1
-        now = max(now, ready.get(layer, now)) + c
-        if layer in loads:
-            link = max(link, now) + backs[layer] / bw
-    return now + tail
+    ctx, left = _request_arrays(inputs)[:2]
+    tokens = ctx + np.minimum(left, window) if window else ctx
+    c_full = inputs.compute_a_s + inputs.compute_b_s_per_token * int(tokens.sum())
+    classes, which = np.unique(np.minimum(np.asarray(distances, dtype=np.int64), L), return_inverse=True)
+    member = (which[None, :] == np.arange(len(classes))[:, None]).astype(np.int64)  # [classes, R]
+    on_host = _host_mask(L, tuple(classes.tolist()))  # [classes, L]
+    loads = (member @ (-(-tokens // bs) * bs * kvb)) @ on_host  # bytes copied in per layer
+    backs = member.sum(1) @ on_host * (bs * kvb)  # written back per layer: a block per request
+    order = np.flatnonzero(backs)
+    limits = _issue_limits(tuple(order.tolist()), L, prefetch_depth)
+    tail = min(inputs.step_tail_s, L * c_full)
+    return float(engine_step(loads, backs, limits, order, c_full - tail / L, inputs.link_bytes_per_s, tail))
+
+
+@functools.lru_cache(maxsize=1024)
+def _issue_limits(host: tuple[int, ...], num_layers: int, depth: int) -> np.ndarray:
+    """`kv.prefetch.issue_limit` at every layer for this host-layer union [L] (cached: a plan is
+    judged at its first step and at its window's end, with the same union)."""
+    out = np.array([issue_limit(host, layer, depth) for layer in range(num_layers)], dtype=np.int64)
+    out.flags.writeable = False
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _host_mask(num_layers: int, distances: tuple[int, ...]) -> np.ndarray:
+    """[K, L] int64: 1 where distance k puts the layer on host."""
+    out = np.array([placement_for_distance(d, num_layers) for d in distances], dtype=np.int64).reshape(-1, num_layers)
+    out.flags.writeable = False
+    return out
 
 
 def late_requests(inputs: PlanInputs, T: float, window: int) -> set[str]:
-    return {r.request_id for r in inputs.requests if T > r.effective_slo_s(window) * (1 + SLO_RTOL)}
+    ids = _request_arrays(inputs)[4]
+    return {ids[i] for i in np.flatnonzero(T > _on_time_s(inputs, window)).tolist()}
+
+
+_ARRAYS: dict[int, tuple] = {}  # id(inputs) -> (inputs, `_request_arrays`), for the last few inputs
+
+
+def _request_arrays(inputs: PlanInputs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(context tokens, tokens left, SLOs, deposits [R], ids) of the requests, kept for the last
+    few inputs: a solve reads them in every window, bound, trial and judgement."""
+    hit = _ARRAYS.get(id(inputs))
+    if hit is not None and hit[0] is inputs:
+        return hit[1]
+    reqs = inputs.requests
+    out = (np.array([r.context_tokens for r in reqs], dtype=np.int64),
+           np.array([r.max_new_tokens_left for r in reqs], dtype=np.int64),
+           np.array([r.slo_s for r in reqs], dtype=float), np.array([r.deposit_tokens for r in reqs], dtype=np.int64),
+           [r.request_id for r in reqs])
+    if len(_ARRAYS) >= 64:
+        _ARRAYS.clear()
+    _ARRAYS[id(inputs)] = (inputs, out)
+    return out
+
+
+def _on_time_s(inputs: PlanInputs, window: int) -> np.ndarray:
+    """Per request, the largest step time on time: its effective SLO (`PlanRequest.effective_slo_s`,
+    the same arithmetic elementwise) times 1 + SLO_RTOL."""
+    _, left, slo, deposit, _ = _request_arrays(inputs)
+    return slo * (1.0 + deposit / np.minimum(left, window)) * (1 + SLO_RTOL)
 
 
 def certain_late(inputs: PlanInputs) -> set[str]:
@@ -382,8 +428,16 @@ def certain_late(inputs: PlanInputs) -> set[str]:
 
 
 def device_bytes(inputs: PlanInputs, distances: Sequence[int], window: int) -> int:
-    dev = np.array([inputs.num_layers - _n_host(d, inputs.num_layers) for d in distances], dtype=np.int64)
+    L = inputs.num_layers
+    table = _device_layers_by_distance(L)
+    dev = np.array([table[d] if d in table else L - _n_host(d, L) for d in distances], dtype=np.int64)
     return int(dev @ inputs.end_tokens(window)) * inputs.kv_bytes_per_token_per_layer if len(dev) else 0
+
+
+@functools.lru_cache(maxsize=64)
+def _device_layers_by_distance(num_layers: int) -> dict[int, int]:
+    """Layers on device for each distance 0..L."""
+    return {d: num_layers - _n_host(d, num_layers) for d in range(num_layers + 1)}
 
 
 def link_bytes(inputs: PlanInputs, distances_by_request: Mapping[str, int] | Sequence[int]) -> int:
@@ -396,8 +450,8 @@ def link_bytes(inputs: PlanInputs, distances_by_request: Mapping[str, int] | Seq
 def tie_limit(inputs: PlanInputs, window: int, T: float) -> float:
     """The largest step time that ties T: within T_RTOL of it, and no request late that is on
     time at T."""
-    on_time = [r.effective_slo_s(window) * (1 + SLO_RTOL) for r in inputs.requests]
-    return min([T * (1 + T_RTOL)] + [s for s in on_time if s >= T])
+    on_time = _on_time_s(inputs, window)
+    return min([T * (1 + T_RTOL)] + on_time[on_time >= T].tolist())
 
 
 def evaluate(inputs: PlanInputs, distances_by_request: Mapping[str, int] | Sequence[int],
@@ -418,7 +472,15 @@ def fits(inputs: PlanInputs, window: int, classes: Sequence[int]) -> bool:
 def violations_settled(inputs: PlanInputs, window: int, t_lower: float, t_plan: float) -> bool:
     """With the optimum known to lie in [t_lower, t_plan], the plan's violation set is optimal
     unless some effective SLO falls inside that band."""
-    return not any(t_lower <= r.effective_slo_s(window) * (1 + SLO_RTOL) < t_plan for r in inputs.requests)
+    on_time = _on_time_s(inputs, window)
+    return not ((t_lower <= on_time) & (on_time < t_plan)).any()
+
+
+def window_loads(inputs: PlanInputs) -> np.ndarray:
+    """Each request's KV transfer per host layer, in units of one layer's compute time [R] (the
+    same in every window: `window_data`'s "load")."""
+    n = np.array([r.context_tokens for r in inputs.requests], dtype=float)
+    return n * inputs.kv_bytes_per_token_per_layer / (inputs.link_bytes_per_s * inputs.compute_per_layer_s)
 
 
 def window_data(inputs: PlanInputs, window: int) -> dict[str, np.ndarray | float]:
@@ -427,7 +489,7 @@ def window_data(inputs: PlanInputs, window: int) -> dict[str, np.ndarray | float
     L, kvb = inputs.num_layers, inputs.kv_bytes_per_token_per_layer
     c = inputs.compute_per_layer_s
     n = np.array([r.context_tokens for r in inputs.requests], dtype=float)
-    load = n * kvb / (inputs.link_bytes_per_s * c)
+    load = window_loads(inputs)
     dev = inputs.device_layers().astype(float)
     cap = np.outer(inputs.end_tokens(window) * float(kvb), dev) / max(inputs.device_capacity_bytes, 1)
     slack = np.array([r.effective_slo_s(window) for r in inputs.requests]) / c - L
