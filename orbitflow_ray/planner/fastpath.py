@@ -56,7 +56,7 @@ import functools
 import numpy as np
 
 from orbitflow_ray.planner.ilp_highs import HighsPlanner
-from orbitflow_ray.planner.linkjit import CompiledLink, knapsack, knapsacks, lower_bound_chains
+from orbitflow_ray.planner.linkjit import CompiledLink, frozen, knapsack, knapsacks, lower_bound_chains
 from orbitflow_ray.planner.linkjit import branch_and_bound as bnb_jit
 from orbitflow_ray.planner.problem import (Plan, PlanInputs, critical_intervals, host_layers,
                                            search_windows, tie_limit, violations_settled, window_loads)
@@ -115,7 +115,7 @@ def knapsack_bound(load, e, dev, cap, m) -> tuple[float, np.ndarray, int]:
     of it (the one fractional request takes its next hull point) and that request (-1: none)."""
     f = np.float64
     hull = _hull(np.asarray(dev, dtype=f).tobytes(), np.asarray(m, dtype=f).tobytes())
-    value, pos, frac = knapsack(np.asarray(load, f), np.asarray(e, f), np.asarray(dev, f), float(cap),
+    value, pos, frac = knapsack(frozen(load, f), np.asarray(e, f), np.asarray(dev, f), float(cap),
                                 np.asarray(m, f), hull, float(load.sum()), float(e.sum()))
     return value, hull[pos], int(frac)
 
@@ -140,7 +140,7 @@ def chain_knapsacks(load, e, dev, cap, table: ChainTable) -> tuple[np.ndarray, n
     (values [C], hull positions per request [C, R], fractional requests [C])."""
     f = np.float64
     load_sum, e_sum = float(load.sum()), float(e.sum())
-    return knapsacks(np.asarray(load, f), np.asarray(e, f), np.asarray(dev, f), float(cap), *table, load_sum, e_sum)
+    return knapsacks(frozen(load, f), np.asarray(e, f), np.asarray(dev, f), float(cap), *table, load_sum, e_sum)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -174,7 +174,7 @@ def lower_bound(link: LinkEval, load, e, dev, cap, seeds: list[Chain] | None = N
         values = chain_knapsacks(load, e, dev, cap, chain_table(dev, seeds))[0]
         return max(0.0, max(v - s for (_, s), v in zip(seeds, values.tolist()))), seeds
     f, j = np.float64, link.jit
-    best, M, S = lower_bound_chains(j.counts, j.span, j.a, j.group, np.asarray(load, f), np.asarray(e, f),
+    best, M, S = lower_bound_chains(j.counts, j.span, j.a, j.group, frozen(load, f), np.asarray(e, f),
                                     np.asarray(dev, f), float(cap), link.whole_m,
                                     float((link.a + link.span).max()) if len(link.a) else 0.0, iters,
                                     float(load.sum()), float(e.sum()))
@@ -242,8 +242,8 @@ def branch_and_bound(link: LinkEval, load, e, dev, cap, chains: list[Chain], ks,
     (optimal within rel_gap). Compiled (`linkjit.branch_and_bound`)."""
     j, K, f = link.jit, len(dev), np.float64
     M0 = np.array([np.asarray(m, f) for m, _ in chains]).reshape(len(chains), K)
-    best, proven, M, S = bnb_jit(j.counts, j.span, j.a, j.group, np.asarray(load, f), np.asarray(e, np.int64),
-                                 np.asarray(dev, np.int64), int(cap), M0, np.array([s for _, s in chains], dtype=f),
+    best, proven, M, S = bnb_jit(j.counts, j.span, j.a, j.group, frozen(load, f), frozen(e, np.int64),
+                                 frozen(dev, np.int64), int(cap), M0, np.array([s for _, s in chains], dtype=f),
                                  np.asarray(ks, np.int64), float(rel_gap), int(max_nodes), _child_order(K))
     chains.extend(zip(M, S.tolist()))
     return best, bool(proven)

@@ -24,7 +24,7 @@ fails if a numpy, BLAS or machine change breaks one of these equalities.
 
 Compiled single-threaded (`nogil`, no `parallel`: the decode thread must not start a pool), cached
 on disk beside this file where that is writable, and warmed up when this module is imported for
-every signature a solve uses, so a solve never compiles: the first import compiles (about 42 s of
+every signature a solve uses, so a solve never compiles: the first import compiles (about 28 s of
 CPU on the shared 2-core box; every process compiles again where the cache is not writable), later
 ones load the cache (numba's import about 0.25 s of CPU, the fast path's import 0.75 s).
 """
@@ -846,7 +846,7 @@ class CompiledLink:
         tokens, dev [K] device layers, p_r / p_q [S] swap partners (the dtypes it was compiled for)."""
         f, i = np.float64, np.int64
         return _improve_round(self.counts, self.span, self.a, self.group, np.asarray(Y, f), np.asarray(ks, i),
-                              np.asarray(load, f), np.asarray(e, i), np.asarray(dev, i), int(slack),
+                              frozen(load, f), frozen(e, i), frozen(dev, i), int(slack),
                               np.asarray(p_r, i), np.asarray(p_q, i))
 
     def greedy(self, load, e, dev, cap: int, ks, reach: int, slack_frac: float) -> np.ndarray:
@@ -877,55 +877,50 @@ class CompiledLink:
         return m, float(s), U
 
 
+def frozen(arr, dtype) -> np.ndarray:
+    """`arr` as `dtype`, read-only (a view when it is writable; no copy when the dtype already is).
+    The kernels are compiled for read-only inputs only, the fast path's cached per-window arrays
+    being read-only: one signature per kernel instead of two halves the first import's compile."""
+    out = np.asarray(arr, dtype)
+    if out.flags.writeable:
+        out = out.view()
+        out.flags.writeable = False
+    return out
+
+
 def _typed(load, e, dev, cap, ks) -> tuple:
-    """The dtypes the fast path's loops were compiled for (no copy when they already are)."""
+    """The dtypes (and read-only inputs) the fast path's loops were compiled for."""
     f, i = np.float64, np.int64
-    return np.asarray(load, f), np.asarray(e, i), np.asarray(dev, i), int(cap), np.asarray(ks, i)
+    return frozen(load, f), frozen(e, i), frozen(dev, i), int(cap), np.asarray(ks, i)
 
 
 def _warm_up() -> None:
-    """Compile (or load from the cache) every signature a solve uses."""
+    """Compile (or load from the cache) every signature a solve uses; the wrappers hand the kernels
+    their loads (and branch and bound and the local search their end tokens and device layers)
+    read-only (`frozen`), as the fast path's per-window cache holds them."""
+    f, i = np.float64, np.int64
     counts = np.array([[1.0, 0.0], [1.0, 2.0]])
     link = CompiledLink(counts, np.array([0, 0]), np.array([0.0, 1.0]), np.array([0, 1, 2]))
     link.stall(np.ones((2, 2)))
     link.stall(np.ones((1, 2)))
     link.chain(np.ones(2))
-    hull = np.array([0, 1])
-    hull.flags.writeable = False  # the fast path's hulls are cached, read-only
-    for frozen in (False, True):  # its loads are read-only when they come from its per-window cache
-        load = np.array([1.0, 2.0])
-        load.flags.writeable = not frozen
-        knapsack(load, np.array([1.0, 2.0]), np.array([2.0, 1.0]), 1.0, np.array([1.0, 2.0]), hull, 3.0, 3.0)
-    ks = np.array([0, 1])
-    for frozen in (False, True):  # the fast path's per-window arrays are read-only
-        load, e, dev = np.ones(2), np.array([1, 1]), np.array([1, 0])
-        for arr in (load, e, dev):
-            arr.flags.writeable = not frozen
-        link.improve_round(np.ones(2), ks, load, e, dev, 1, np.array([0]), np.array([1]))
-        link.greedy(load, e, dev, 1, ks, 3, 0.25)
-        link.improve(load, e, dev, 1, ks, np.array([0]), np.array([1]), 2)
-        link.reclaim(load, e, dev, 1, ks, 1.0, np.array([0]), np.array([1]))
+    hull = frozen([0, 1], i)  # the fast path's hulls are cached, read-only
+    load = frozen([1.0, 2.0], f)
+    knapsack(load, np.array([1.0, 2.0]), np.array([2.0, 1.0]), 1.0, np.array([1.0, 2.0]), hull, 3.0, 3.0)
+    ks, e, dev = np.array([0, 1]), np.array([1, 1]), np.array([1, 0])
+    link.improve_round(np.ones(2), ks, np.ones(2), e, dev, 1, np.array([0]), np.array([1]))
+    link.greedy(np.ones(2), e, dev, 1, ks, 3, 0.25)
+    link.improve(np.ones(2), e, dev, 1, ks, np.array([0]), np.array([1]), 2)
+    link.reclaim(np.ones(2), e, dev, 1, ks, 1.0, np.array([0]), np.array([1]))
     edf_stall(np.zeros((2, 2)))
-    for frozen in (False, True):  # the branch and bound's loads come from the per-window cache
-        load = np.array([1.0, 2.0])
-        load.flags.writeable = not frozen
-        knapsacks(load, np.array([1.0, 2.0]), np.array([2.0, 1.0]), 1.0,
-                  np.array([[1.0, 2.0]]), np.array([[0, 1]]), np.array([2]), 3.0, 3.0)
-    for frozen in (False, True):
-        load = np.array([1.0, 2.0])
-        load.flags.writeable = not frozen
-        lower_bound_chains(counts, np.array([0.0, 1.0]), np.array([0, 0]), np.array([0, 1, 2]), load,
-                           np.array([1.0, 2.0]), np.array([2.0, 1.0]), 1.0, np.array([1.0, 2.0]), 1.0, 8, 3.0, 3.0)
-    order = np.array([[0, 1], [1, 0]])
-    order.flags.writeable = False
-    for frozen in (False, True):
-        load, e, dev = np.array([1.0, 2.0]), np.array([1, 1]), np.array([2, 0])
-        for arr in (load, e, dev):
-            arr.flags.writeable = not frozen
-        branch_and_bound(counts, np.array([0.0, 1.0]), np.array([0, 0]), np.array([0, 1, 2]), load, e, dev, 1,
-                         np.array([[1.0, 2.0]]), np.array([1.0]), np.array([0, 0]), 0.01, 4, order)
-    limits = np.array([1, 1])
-    limits.flags.writeable = False  # `problem._issue_limits` are cached, read-only
+    knapsacks(load, np.array([1.0, 2.0]), np.array([2.0, 1.0]), 1.0,
+              np.array([[1.0, 2.0]]), np.array([[0, 1]]), np.array([2]), 3.0, 3.0)
+    lower_bound_chains(counts, np.array([0.0, 1.0]), np.array([0, 0]), np.array([0, 1, 2]), load,
+                       np.array([1.0, 2.0]), np.array([2.0, 1.0]), 1.0, np.array([1.0, 2.0]), 1.0, 8, 3.0, 3.0)
+    order = frozen([[0, 1], [1, 0]], i)
+    branch_and_bound(counts, np.array([0.0, 1.0]), np.array([0, 0]), np.array([0, 1, 2]), load, frozen([1, 1], i),
+                     frozen([2, 0], i), 1, np.array([[1.0, 2.0]]), np.array([1.0]), np.array([0, 0]), 0.01, 4, order)
+    limits = frozen([1, 1], i)  # `problem._issue_limits` are cached, read-only
     engine_step(np.array([0, 4]), np.array([0, 1]), limits, np.array([1]), 1.0, 2.0, 0.0)
 
 
