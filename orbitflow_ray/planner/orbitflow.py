@@ -44,6 +44,7 @@ import logging
 import random
 import time
 from dataclasses import replace
+from functools import partial
 
 from orbitflow_ray.costmodel import CostModel, OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
@@ -80,6 +81,9 @@ class OrbitFlow(KVPolicy):
     # The step time a plan is judged by (LINK_MODELS): "engine", as the engine issues its copies
     # (`problem.engine_step_time`); "edf", the solver's EDF link model alone (`problem.step_time`).
     link_model = "engine"
+    # At a window's end or on drift, keep the plan in force while it fits and is on time
+    # (`_held`): a re-placement moves KV, and the step carrying the move runs late for the batch.
+    placement_hold = True
     uses_deposit = True
     can_pause = True
     uniform = False
@@ -90,7 +94,8 @@ class OrbitFlow(KVPolicy):
                  drift_threshold: float = 0.25, drift_patience: int = 3, solve_ahead: bool = True,
                  seed: int = 0, solver: str = "fast", deposit_pace: float = 0.9, arrival_memory_s: float = 30.0,
                  slo_pause_max_trials: int = SLO_PAUSE_MAX_TRIALS, admission_horizon: str | None = None,
-                 link_model: str | None = None, prefetch_depth: int = 1, **options) -> None:
+                 link_model: str | None = None, prefetch_depth: int = 1, placement_hold: bool | None = None,
+                 **options) -> None:
         super().__init__(num_layers, cost_model=cost_model, slo_s=slo_s, windows=windows, **options)
         horizon = self.admission_horizon if admission_horizon is None else admission_horizon
         if horizon not in ADMISSION_HORIZONS:
@@ -102,6 +107,10 @@ class OrbitFlow(KVPolicy):
         if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1:
             raise ValueError(f"prefetch_depth must be an integer >= 1, got {prefetch_depth!r}")
         self.link_model, self.prefetch_depth = link_model, prefetch_depth
+        hold = self.placement_hold if placement_hold is None else placement_hold
+        if not isinstance(hold, bool):
+            raise ValueError(f"placement_hold must be a bool, got {placement_hold!r}")
+        self.placement_hold = hold
         self._single = make_solver("uniform")  # the single-distance candidate of `_engine_checked`
         if max_pause_s <= 0 or drift_threshold <= 0 or drift_patience < 1:
             raise ValueError("need max_pause_s > 0, drift_threshold > 0, drift_patience >= 1")
@@ -133,7 +142,7 @@ class OrbitFlow(KVPolicy):
                                         "trigger_batch", "trigger_window", "trigger_drift",
                                         "trigger_capacity", "plans_missing_slo", "slo_pauses", "slo_pause_trials",
                                         "slo_pause_trials_max", "slo_pause_skipped", "slo_pause_capped",
-                                        "engine_slower", "engine_single")}
+                                        "engine_slower", "engine_single", "plans_held")}
         self.slo_pause = SloPauseSearch(self.pick_victim, self.rng, self.counters, slo_pause_max_trials)
 
     # ---- the problem ---------------------------------------------------------------------------
@@ -193,15 +202,7 @@ class OrbitFlow(KVPolicy):
         "edf" link model, and for a plan the engine runs on time to the window's end."""
         if self.link_model != "engine" or plan.status is PlanStatus.INFEASIBLE or not plan.distances:
             return plan
-
-        def judged(p: Plan) -> Plan:
-            ds = [p.distances[r.request_id] for r in inputs.requests]
-            T = engine_step_time(inputs, ds, self.prefetch_depth)
-            end = replace(inputs, requests=tuple(replace(r, context_tokens=r.context_tokens + r.growth(p.window))
-                                                 for r in inputs.requests))
-            late = late_requests(inputs, engine_step_time(end, ds, self.prefetch_depth), p.window)
-            return replace(p, predicted_step_s=T, violations=late)
-
+        judged = partial(self._engine_judged, inputs=inputs)
         checked = judged(plan)
         if checked.violations <= plan.violations:
             return checked
@@ -215,6 +216,66 @@ class OrbitFlow(KVPolicy):
                     return alt
         self.counters["engine_slower"] += 1
         return checked
+
+    def _engine_judged(self, plan: Plan, inputs: PlanInputs) -> Plan:
+        """`plan` with its T at `problem.engine_step_time` and its violations at that step at the
+        window's end (every request `growth(window)` tokens longer)."""
+        ds = [plan.distances[r.request_id] for r in inputs.requests]
+        T = engine_step_time(inputs, ds, self.prefetch_depth)
+        end = replace(inputs, requests=tuple(replace(r, context_tokens=r.context_tokens + r.growth(plan.window))
+                                             for r in inputs.requests))
+        late = late_requests(inputs, engine_step_time(end, ds, self.prefetch_depth), plan.window)
+        return replace(plan, predicted_step_s=T, violations=late)
+
+    def _held(self, views: list[RequestView], cap: CapacityView) -> Plan | None:
+        """The plan in force kept for another window (`placement_hold`): its distances re-judged
+        at the batch's contexts now, at the longest window whose end they fit the device at and
+        predict no miss for a request still able to meet all its SLOs; None when no window does,
+        or the plan in force is a fallback. A new placement could only move KV: a move's copies
+        land in one step (device -> host waited for before it computes), which then runs late
+        for every request of the batch, while a request meets TBT with at most 1 % of its gaps
+        late; so a placement on time stays."""
+        plan = self.plan
+        if plan is None or plan.status.is_fallback or not all(v.request_id in plan.distances for v in views):
+            return None
+        inputs, missed = self._inputs(views, cap), ttft_missed_ids(views)
+        ds = [plan.distances[v.request_id] for v in views]
+        w0 = inputs.windows[0]
+        if device_bytes(inputs, ds, w0) > inputs.device_capacity_bytes:
+            ds = self._shrunk(inputs, ds, w0)  # the batch outgrew its placement: offload the least
+            if ds is None:
+                return None
+        T, best = self._judged_step_s(inputs, ds), None
+        for w in sorted(inputs.windows, reverse=True):
+            if device_bytes(inputs, ds, w) > inputs.device_capacity_bytes:
+                continue
+            held = make_plan(inputs, ds, T, w, plan.status, time.perf_counter(), plan.solver)
+            if self.link_model == "engine":
+                held = self._engine_judged(held, inputs)
+            if best is None or len(held.violations - missed) < len(best.violations - missed):
+                best = held
+        return best
+
+    def _shrunk(self, inputs: PlanInputs, ds: list[int], window: int) -> list[int] | None:
+        """`ds` with requests moved one distance class down (more layers on host, device -> host
+        copies only), one at a time, each the move with the shortest judged step (then the most
+        bytes freed), until the batch fits the device at `window`'s end; None if it never does."""
+        ds, classes = list(ds), inputs.distances
+        cap = inputs.device_capacity_bytes
+        while (need := device_bytes(inputs, ds, window)) > cap:
+            best = None
+            for i, d in enumerate(ds):
+                k = classes.index(d) if d in classes else 0
+                if k == 0:
+                    continue
+                trial = ds[:i] + [classes[k - 1]] + ds[i + 1:]
+                key = (self._judged_step_s(inputs, trial), device_bytes(inputs, trial, window) - need)
+                if best is None or key < best[0]:
+                    best = (key, trial)
+            if best is None:
+                return None
+            ds = best[1]
+        return ds
 
     def _pause_for_slo(self, plan: Plan, active: list[RequestView], cap: CapacityView, pinned: frozenset[str],
                        paused: list[str], probe: bool) -> tuple[Plan, list[str]]:
@@ -396,10 +457,19 @@ class OrbitFlow(KVPolicy):
         result = None
         if reason is not None:
             self.counters[f"trigger_{reason}"] += 1
-            solved = self.ahead.take(self._key(running)) if reason in ("window", "drift") else None
-            if solved is None:
-                solved = self.ahead.solve_now(running, cap, self._protected)
+            held = self._held(running, cap) if self.placement_hold and reason in ("window", "drift") else None
+            missed = ttft_missed_ids(running)
+            if held is not None and not held.violations - missed:
+                solved = (held, [])
+            else:
+                solved = self.ahead.take(self._key(running)) if reason in ("window", "drift") else None
+                if solved is None:
+                    solved = self.ahead.solve_now(running, cap, self._protected)
+                if held is not None and len(held.violations - missed) <= \
+                        len(solved[0].violations - missed) + len(set(solved[1]) - missed):
+                    solved = (held, [])  # the new placement buys no miss back: no move
             plan, paused = solved
+            self.counters["plans_held"] += plan is held
             result = self._install(plan, running, paused)
         self._predict(running, cap)
         self._bank = self._bank_targets(running)
@@ -560,3 +630,12 @@ class OrbitFlowEdfLink(OrbitFlow):
 
     name = "orbitflow-edf-link"
     link_model = "edf"
+
+
+@register_policy
+class OrbitFlowNoHold(OrbitFlow):
+    """Ablation: every window's end re-places the batch as solved, even when the plan in force holds."""
+
+    name = "orbitflow-no-hold"
+    placement_hold = False
+
