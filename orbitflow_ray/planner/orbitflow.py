@@ -239,37 +239,84 @@ class OrbitFlow(KVPolicy):
         if plan is None or plan.status.is_fallback or not all(v.request_id in plan.distances for v in views):
             return None
         inputs, missed = self._inputs(views, cap), ttft_missed_ids(views)
-        ds = [plan.distances[v.request_id] for v in views]
-        w0 = inputs.windows[0]
-        if device_bytes(inputs, ds, w0) > inputs.device_capacity_bytes:
-            ds = self._shrunk(inputs, ds, w0)  # the batch outgrew its placement: offload the least
-            if ds is None:
-                return None
-        T, best = self._judged_step_s(inputs, ds), None
+        now = [plan.distances[v.request_id] for v in views]
+        best = None
         for w in sorted(inputs.windows, reverse=True):
+            ds = now
             if device_bytes(inputs, ds, w) > inputs.device_capacity_bytes:
-                continue
-            held = make_plan(inputs, ds, T, w, plan.status, time.perf_counter(), plan.solver)
+                ds = self._shrunk(inputs, ds, w)  # the batch outgrew its placement: offload the least
+                if ds is None:
+                    continue
+            held = make_plan(inputs, ds, self._judged_step_s(inputs, ds), w, plan.status, time.perf_counter(),
+                             plan.solver)
             if self.link_model == "engine":
                 held = self._engine_judged(held, inputs)
+            if not held.violations - missed:
+                return held
             if best is None or len(held.violations - missed) < len(best.violations - missed):
                 best = held
         return best
 
+    def _holds_better(self, held: Plan, solved: tuple[Plan, list[str]], views: list[RequestView],
+                      cap: CapacityView, missed: set[str]) -> bool:
+        """Whether the plan in force (`held`, its distances re-judged) beats the new solve. With
+        pauses in the solve, by misses (violations plus pauses). Otherwise by the late gaps each
+        predicts over its window for the requests still able to meet all their SLOs
+        (`_late_gaps`), the new plan's first step carrying the KV it moves (`_moved_bytes`),
+        which makes that step late for the whole batch when the copies push it past the SLO."""
+        plan, paused = solved
+        if paused:
+            return len(held.violations - missed) <= len(plan.violations - missed) + len(set(paused) - missed)
+        inputs = self._inputs(views, cap)
+        moved = self._moved_bytes(inputs, held.distances, plan.distances)
+        return self._late_gaps(held, inputs, missed) <= self._late_gaps(plan, inputs, missed, moved)
+
+    def _late_gaps(self, plan: Plan, inputs: PlanInputs, missed: set[str], moved_bytes: int = 0) -> int:
+        """Late gaps `plan` predicts over its window for the requests of `inputs` not in `missed`:
+        its step grows from T (now) to T at the window's end about linearly, so a request whose
+        effective SLO lies between is late for the window's tail past that crossing; the first
+        step, carrying `moved_bytes` of copies on the link, is late where they push it over."""
+        ds = [plan.distances[r.request_id] for r in inputs.requests]
+        W, T0 = plan.window, self._judged_step_s(inputs, ds)
+        end = replace(inputs, requests=tuple(replace(r, context_tokens=r.context_tokens + r.growth(W))
+                                             for r in inputs.requests))
+        T1 = self._judged_step_s(end, ds)
+        first = T0 + moved_bytes / inputs.link_bytes_per_s
+        gaps = 0
+        for r in inputs.requests:
+            if r.request_id in missed:
+                continue
+            slo = r.effective_slo_s(W)
+            late = 0 if T1 <= slo else W if T0 > slo else W - int((slo - T0) / (T1 - T0) * W)
+            gaps += late + (late < W and first > r.slo_s)
+        return gaps
+
+    @staticmethod
+    def _moved_bytes(inputs: PlanInputs, old: dict[str, int], new: dict[str, int]) -> int:
+        """KV bytes re-placing the batch from distances `old` to `new` copies (either way)."""
+        L, bs, total = inputs.num_layers, inputs.block_size, 0
+        for r in inputs.requests:
+            a, b = placement_for_distance(old[r.request_id], L), placement_for_distance(new[r.request_id], L)
+            total += sum(x != y for x, y in zip(a, b)) * -(-r.context_tokens // bs) * bs
+        return total * inputs.kv_bytes_per_token_per_layer
+
     def _shrunk(self, inputs: PlanInputs, ds: list[int], window: int) -> list[int] | None:
-        """`ds` with requests moved one distance class down (more layers on host, device -> host
-        copies only), one at a time, each the move with the shortest judged step (then the most
-        bytes freed), until the batch fits the device at `window`'s end; None if it never does."""
-        ds, classes = list(ds), inputs.distances
-        cap = inputs.device_capacity_bytes
-        while (need := device_bytes(inputs, ds, window)) > cap:
+        """`ds` with requests moved down a distance class (more layers on host), one class of one
+        request at a time, until the batch fits the device at `window`'s end; each time the
+        request whose move gives the shortest first step: the judged step plus the copies from
+        `ds` on the link (distance classes are not nested: a class down can bring layers back as
+        well as send others out). None if it never fits."""
+        start, ids = list(ds), [r.request_id for r in inputs.requests]
+        ds, classes, bw = list(ds), inputs.distances, inputs.link_bytes_per_s
+        old = dict(zip(ids, start))
+        while device_bytes(inputs, ds, window) > inputs.device_capacity_bytes:
             best = None
             for i, d in enumerate(ds):
                 k = classes.index(d) if d in classes else 0
                 if k == 0:
                     continue
                 trial = ds[:i] + [classes[k - 1]] + ds[i + 1:]
-                key = (self._judged_step_s(inputs, trial), device_bytes(inputs, trial, window) - need)
+                key = self._judged_step_s(inputs, trial) + self._moved_bytes(inputs, old, dict(zip(ids, trial))) / bw
                 if best is None or key < best[0]:
                     best = (key, trial)
             if best is None:
@@ -465,9 +512,8 @@ class OrbitFlow(KVPolicy):
                 solved = self.ahead.take(self._key(running)) if reason in ("window", "drift") else None
                 if solved is None:
                     solved = self.ahead.solve_now(running, cap, self._protected)
-                if held is not None and len(held.violations - missed) <= \
-                        len(solved[0].violations - missed) + len(set(solved[1]) - missed):
-                    solved = (held, [])  # the new placement buys no miss back: no move
+                if held is not None and self._holds_better(held, solved, running, cap, missed):
+                    solved = (held, [])  # the new placement buys no late gap back: no move
             plan, paused = solved
             self.counters["plans_held"] += plan is held
             result = self._install(plan, running, paused)
