@@ -90,15 +90,32 @@ class SloAdmission(Admission):
 
     kind = AdmissionKind.SLO
 
+    def __init__(self, everyone_breaks_ties: bool = True) -> None:
+        super().__init__()
+        # A tie on goodput misses is broken on the late steps of everyone, those whose TTFT is
+        # missed included (`predicted_misses(..., everyone=True)`); False: a tie joins.
+        self.everyone_breaks_ties = everyone_breaks_ties
+
     def _admits(self, policy, req, running, cap, plan) -> bool:
         if not running:
             return True
         at_stake = ttft_at_stake(req, running, policy.num_layers, policy.cost)
         waiting = policy.predicted_misses(running, None, cap) + at_stake
-        if policy.predicted_misses(running + [req], plan, cap) > waiting:
+        joined = policy.predicted_misses(running + [req], plan, cap)
+        if joined > waiting:
             return False
+        if joined == waiting and self.everyone_breaks_ties and (
+                policy.predicted_misses(running + [req], plan, cap, everyone=True)
+                > policy.predicted_misses(running, None, cap, everyone=True) + at_stake):
+            return False  # a tie in goodput, but it makes steps late: throughput lost for nothing
         joined = policy.lifetime_misses(running + [req], cap)
-        return joined is None or joined <= policy.lifetime_misses(running, cap) + at_stake
+        if joined is None:
+            return True
+        waiting = policy.lifetime_misses(running, cap) + at_stake
+        if joined == waiting and self.everyone_breaks_ties:
+            return (policy.lifetime_misses(running + [req], cap, everyone=True)
+                    <= policy.lifetime_misses(running, cap, everyone=True) + at_stake)
+        return joined <= waiting
 
 
 def available_admissions() -> list[str]:

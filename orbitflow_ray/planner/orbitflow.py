@@ -133,6 +133,7 @@ class OrbitFlow(KVPolicy):
         self._cap: CapacityView | None = None
         self._refused: dict[str, tuple] = {}  # admission refused for this (running set, TTFT missed, at stake)
         self._proposal: tuple[Plan, list[str], PlacementPlan] | None = None  # the last `propose`'s
+        self._peaks: dict[tuple, tuple[Plan, list[str]]] = {}  # the last two `lifetime_misses` solves
         self._protected: frozenset[str] = frozenset()  # resumed after an overlong pause: not paused again
         self._bank: dict[str, int] = {}  # Token-Deposit bank targets (`deposit_target`)
         self.deposit_pace = deposit_pace  # the deposit's release pace, for its bank targets
@@ -436,38 +437,43 @@ class OrbitFlow(KVPolicy):
         self._proposal = (plan, paused, placements)
         return placements
 
-    def predicted_misses(self, views: list[RequestView], plan: PlacementPlan | None, cap: CapacityView) -> int:
+    def predicted_misses(self, views: list[RequestView], plan: PlacementPlan | None, cap: CapacityView,
+                         everyone: bool = False) -> int:
         """From the plans: the proposal's violation set when `plan` is the last proposal; for the
         batch as it runs (`plan` None), the plan in force's, or 0 when that plan is not this batch's
         (it is re-solved at the next step anyway). Requests whose TTFT SLO is missed already do not
-        count (`KVPolicy.predicted_misses`)."""
-        missed = ttft_missed_ids(views)
+        count unless `everyone` (`KVPolicy.predicted_misses`)."""
+        missed = set() if everyone else ttft_missed_ids(views)
         if plan is None:
             ids = frozenset(v.request_id for v in views)
             return len(self.plan.violations - missed) if self.plan is not None and self.plan_ids == ids else 0
         if self._proposal is not None and plan is self._proposal[2]:
             return len(self._proposal[0].violations - missed)
-        return super().predicted_misses(views, plan, cap)
+        return super().predicted_misses(views, plan, cap, everyone)
 
-    def lifetime_misses(self, views: list[RequestView], cap: CapacityView) -> int | None:
+    def lifetime_misses(self, views: list[RequestView], cap: CapacityView, everyone: bool = False) -> int | None:
         """With the `lifetime` horizon, the misses of the batch at its KV peak
-        (`admission.lifetime_peak`), solved as a probe (charged as a solve, installs nothing): the
-        requests the solve must pause to fit the device there (each a late gap, or a TPOT miss
-        while it waits), plus the plan's violations, of requests still able to meet all their
-        SLOs. None with the `window` horizon (`KVPolicy.lifetime_misses`)."""
+        (`admission.lifetime_peak`), solved as a probe (charged as a solve, installs nothing; the
+        last two peaks' solves are kept, so `everyone` reuses them): the requests the solve must
+        pause to fit the device there (each a late gap, or a TPOT miss while it waits), plus the
+        plan's violations, of requests still able to meet all their SLOs (of all, with
+        `everyone`). None with the `window` horizon (`KVPolicy.lifetime_misses`)."""
         if self.admission_horizon != "lifetime":
             return None
         peak = lifetime_peak(views)
         if not peak:
             return 0
-        missed = ttft_missed_ids(peak)
+        missed = set() if everyone else ttft_missed_ids(peak)
         inputs = self._inputs(peak, cap)
         L, w = self.num_layers, inputs.windows[0]
         if L in inputs.distances and device_bytes(inputs, [L] * len(peak), w) <= inputs.device_capacity_bytes:
             # all on device fits the peak: the plan is that (no stall, no pause), its misses the
             # compute's alone (nothing banked there), known without a solve on the decode thread
             return len(certain_late(inputs) - missed)
-        plan, paused = self.ahead.solve_now(peak, cap, frozenset(), True)
+        key = (self._key(peak), tuple(v.ttft_missed for v in peak), cap)
+        if key not in self._peaks:
+            self._peaks = {**dict(list(self._peaks.items())[-1:]), key: self.ahead.solve_now(peak, cap, frozenset(), True)}
+        plan, paused = self._peaks[key]
         return len(set(paused) - missed) + len(plan.violations - missed)
 
     def admit(self, req: RequestView, running: list[RequestView], cap: CapacityView
