@@ -170,11 +170,20 @@ def test_slo_admission_weighs_the_ttft_that_waiting_costs(name):
 
 @pytest.mark.parametrize("name", ["no-offload", "orbitflow"])
 def test_slo_admission_counts_no_miss_of_a_request_whose_ttft_is_missed(name):
-    """r0 already missed its TTFT SLO: it cannot count toward goodput, so the arrival that would make
-    it late joins (what fcfs does); while r0 can still meet all its SLOs, the arrival waits."""
+    """r0 already missed its TTFT SLO: it cannot count toward goodput, so making it late costs no
+    goodput miss; the tie is broken on everyone's late steps, so the arrival still waits (its own
+    TTFT is not at stake) rather than slow the batch for nothing. `orbitflow-ties-join` (and the
+    `slo` admission with `everyone_breaks_ties` False) lets it join, as before. An arrival that
+    makes nobody late joins under both."""
     p = policy(name, None if name == "orbitflow" else "slo")
     assert p.admit(ARRIVAL, [replace(LONE, ttft_slack_s=0.5)], cap(10_000)) is None
-    assert p.admit(ARRIVAL, [replace(LONE, ttft_slack_s=-0.5)], cap(10_000)) is not None
+    assert p.admit(ARRIVAL, [replace(LONE, ttft_slack_s=-0.5)], cap(10_000)) is None
+    q = policy(name if name == "no-offload" else "orbitflow-ties-join", None if name == "orbitflow" else "slo")
+    q.admission.everyone_breaks_ties = False
+    assert q.admit(ARRIVAL, [replace(LONE, ttft_slack_s=-0.5)], cap(10_000)) is not None
+    small = replace(ARRIVAL, num_tokens=10, num_prompt_tokens=10)  # 210 tokens in all: 4.84 ms, on time
+    for r in (policy(name, None if name == "orbitflow" else "slo"), q):
+        assert r.admit(small, [replace(LONE, ttft_slack_s=-0.5)], cap(10_000)) is not None
 
 
 def test_orbitflow_pauses_a_request_whose_ttft_is_missed_when_it_makes_others_late():

@@ -48,8 +48,8 @@ from functools import partial
 
 from orbitflow_ray.costmodel import CostModel, OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
-from orbitflow_ray.planner.admission import (AdmissionKind, batch_plan_inputs, lifetime_peak, prefill_debt_s,
-                                             ttft_at_stake, ttft_missed_ids)
+from orbitflow_ray.planner.admission import (AdmissionKind, SloAdmission, batch_plan_inputs, lifetime_peak,
+                                             prefill_debt_s, ttft_at_stake, ttft_missed_ids)
 from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         StepStats, register_policy)
@@ -84,6 +84,9 @@ class OrbitFlow(KVPolicy):
     # At a window's end or on drift, keep the plan in force while it fits and is on time
     # (`_held`): a re-placement moves KV, and the step carrying the move runs late for the batch.
     placement_hold = True
+    # The `slo` admission's tie-break (`SloAdmission.everyone_breaks_ties`): a join that costs no
+    # goodput miss but makes steps late for requests whose TTFT is missed waits. False: it joins.
+    everyone_breaks_ties = True
     uses_deposit = True
     can_pause = True
     uniform = False
@@ -111,6 +114,8 @@ class OrbitFlow(KVPolicy):
         if not isinstance(hold, bool):
             raise ValueError(f"placement_hold must be a bool, got {placement_hold!r}")
         self.placement_hold = hold
+        if isinstance(self.admission, SloAdmission):
+            self.admission.everyone_breaks_ties = self.everyone_breaks_ties
         self._single = make_solver("uniform")  # the single-distance candidate of `_engine_checked`
         if max_pause_s <= 0 or drift_threshold <= 0 or drift_patience < 1:
             raise ValueError("need max_pause_s > 0, drift_threshold > 0, drift_patience >= 1")
@@ -691,3 +696,12 @@ class OrbitFlowNoHold(OrbitFlow):
     name = "orbitflow-no-hold"
     placement_hold = False
 
+
+
+@register_policy
+class OrbitFlowTiesJoin(OrbitFlow):
+    """Ablation: a join that ties on goodput misses joins, whatever late steps it brings those whose
+    TTFT is missed."""
+
+    name = "orbitflow-ties-join"
+    everyone_breaks_ties = False
