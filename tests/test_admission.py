@@ -274,6 +274,23 @@ def test_lifetime_admission_refuses_a_request_whose_growth_outgrows_the_device()
         assert p.admit(short, [r0], cap(400)).placements["r1"] == [Tier.DEVICE] * 4
 
 
+def test_lifetime_tie_is_broken_on_everyones_late_steps():
+    # The batch above, both TTFT SLOs missed already: at the peak both are late (no goodput miss
+    # either way: a tie), so the tie is broken on everyone's late steps (2 against 0) and r1
+    # waits; the ablation lets it join. With 10 tokens left it is on time for life: it joins.
+    r0 = RequestView("r0", 200, 200, 100, 0.0, tuple([Tier.DEVICE] * 4), ttft_slack_s=-1.0)
+    r1 = RequestView("r1", 100, 100, 100, 1.0, None, ttft_slack_s=-1.0)
+    p, q = policy("orbitflow", None), policy("orbitflow-ties-join", None)
+    assert p.lifetime_misses([r0, r1], cap(400)) == 0
+    assert p.lifetime_misses([r0, r1], cap(400), everyone=True) == 2
+    assert p.admission.everyone_breaks_ties and not q.admission.everyone_breaks_ties
+    assert p.admit(r1, [r0], cap(400)) is None
+    assert q.admit(r1, [r0], cap(400)).placements["r1"] == [Tier.DEVICE] * 4
+    short = replace(r1, max_tokens=10)
+    for r in (policy("orbitflow", None), q):
+        assert r.admit(short, [r0], cap(400)).placements["r1"] == [Tier.DEVICE] * 4
+
+
 def test_admission_horizon_is_validated():
     with pytest.raises(ValueError, match="admission_horizon must be one of"):
         make_policy("orbitflow", 4, solve_ahead=False, admission_horizon="forever")

@@ -15,13 +15,20 @@ policy runs with any of them (`EngineConfig.admission`), or with its own when th
   `KVPolicy.predicted_misses` (of requests still able to meet all their SLOs: goodput counts
   only those), and the request's own TTFT when waiting would cost it
   (`ttft_at_stake`: joining now could still meet it, waiting until the batch next changes could
-  not). Joining may cost others TBT; waiting costs the request TTFT; either is one miss, and a tie
-  joins. Into an empty batch a request that fits always joins.
+  not). Joining may cost others TBT; waiting costs the request TTFT; either is one miss. A tie is
+  broken on everyone's late steps (`SloAdmission.everyone_breaks_ties`, `predicted_misses(...,
+  everyone=True)`: requests whose TTFT is missed counted too): the request joins unless that makes
+  more of the batch late than waiting does. Those requests cost no goodput, but a batch they slow
+  past the SLO runs every step slower for the queue behind it (under overload: a batch of requests
+  that no longer count, offloaded and late, while every arrival's TTFT is lost waiting). With the
+  tie-break off (`orbitflow-ties-join`), a tie joins. Into an empty batch a request that fits
+  always joins.
   A policy whose `admission_horizon` is `lifetime` (`orbitflow`'s) is judged over the batch's
   lifetime too: the same trade, on the misses predicted at the batch's KV peak
   (`KVPolicy.lifetime_misses` over `lifetime_peak`: every request grown until it finishes, those
   finished gone, nobody else joining), so a request that fits this plan window but makes the batch
   outgrow the device later (a pause, or an offload that slows every step past the SLO) waits.
+  The tie-break is made there too (`lifetime_misses(..., everyone=True)`).
   A `window` horizon (the baselines', `orbitflow-window-admit`) judges the next plan window only.
   What `orbitflow` does natively (its prediction is its plan's violation set); on the other
   policies the prediction is `predicted_misses`' decode-step model.

@@ -11,13 +11,21 @@ its window of W decode steps; it is re-solved when
 - the window runs out                                        -> solved ahead (central)
 - measured step time drifts from the prediction              -> solved one step ahead (central)
   (locally a window's end is solved one step ahead; centrally as many as the round trip needs)
+  unless the plan in force holds (`placement_hold`, `_held`): at the longest window whose end its
+  distances fit (shrunk when the batch outgrew them: one request a distance class down at a time,
+  the one whose step plus copies is shortest) and predict no miss for a request still able to meet
+  all its SLOs, it is kept without a solve; a solve is adopted over it only when it predicts fewer
+  late gaps over its window (`_late_gaps`, its first step carrying its copies) or it pauses to miss
+  less. A re-placement's copies land in one step, which then runs late for every request of the
+  batch, and TBT allows 1 % of a request's gaps late (`orbitflow-no-hold` is the ablation)
 - the next step's growth does not fit the free device blocks -> on the spot
 
 Each plan is judged as the engine runs it (`link_model` "engine", `_engine_checked`): its step at
 `problem.engine_step_time` and its misses at that step at the window's end; where the engine's copy
 order makes a mixed-distance plan miss more, the best single-distance plan is taken if it misses
 fewer. Admission (`slo`) also weighs the batch's KV peak over its lifetime (`admission_horizon`
-"lifetime", `lifetime_misses`).
+"lifetime", `lifetime_misses`), and breaks a tie on goodput misses on everyone's late steps
+(`everyone_breaks_ties`; `orbitflow-ties-join` is the ablation).
 
 When the batch does not fit without streaming all-host some request that could keep layers on
 device (INFEASIBLE, `problem.py`), Pause-Resume pauses one request (strategy: largest by
@@ -234,13 +242,15 @@ class OrbitFlow(KVPolicy):
         return replace(plan, predicted_step_s=T, violations=late)
 
     def _held(self, views: list[RequestView], cap: CapacityView) -> Plan | None:
-        """The plan in force kept for another window (`placement_hold`): its distances re-judged
-        at the batch's contexts now, at the longest window whose end they fit the device at and
-        predict no miss for a request still able to meet all its SLOs; None when no window does,
-        or the plan in force is a fallback. A new placement could only move KV: a move's copies
-        land in one step (device -> host waited for before it computes), which then runs late
-        for every request of the batch, while a request meets TBT with at most 1 % of its gaps
-        late; so a placement on time stays."""
+        """The plan in force as it would run another window (`placement_hold`): its distances
+        re-judged at the batch's contexts now, per window, longest first; where they do not fit
+        the device at a window's end, shrunk (`_shrunk`: device -> host, the fewest copies). The
+        first window predicting no miss for a request still able to meet all its SLOs, else the
+        one predicting the fewest (the caller then solves and weighs, `_holds_better`); None when
+        none fits, or the plan in force is a fallback or not this batch's. A new placement moves
+        KV: its copies land in one step (device -> host waited for before it computes), which
+        then runs late for every request of the batch, while a request meets TBT with at most
+        1 % of its gaps late."""
         plan = self.plan
         if plan is None or plan.status.is_fallback or not all(v.request_id in plan.distances for v in views):
             return None
