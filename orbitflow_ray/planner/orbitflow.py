@@ -318,18 +318,20 @@ class OrbitFlow(KVPolicy):
 
     def _shrunk(self, inputs: PlanInputs, ds: list[int], window: int) -> list[int] | None:
         """`ds` with requests moved down a distance class (more layers on host), one class of one
-        request at a time, until the batch fits the device at `window`'s end; each time the
-        request whose move gives the shortest first step: the judged step plus the copies from
-        `ds` on the link (distance classes are not nested: a class down can bring layers back as
-        well as send others out). None if it never fits."""
+        request at a time, never below its largest offload (`PlanInputs.largest_offload`: all-host
+        only for a request nothing else holds, as the solvers allow), until the batch fits the
+        device at `window`'s end; each time the request whose move gives the shortest first step:
+        the judged step plus the copies from `ds` on the link (distance classes are not nested: a
+        class down can bring layers back as well as send others out). None if it never fits: the
+        solve then pauses (Pause-Resume)."""
         start, ids = list(ds), [r.request_id for r in inputs.requests]
         ds, classes, bw = list(ds), inputs.distances, inputs.link_bytes_per_s
-        old = dict(zip(ids, start))
+        old, floor = dict(zip(ids, start)), inputs.largest_offload()
         while device_bytes(inputs, ds, window) > inputs.device_capacity_bytes:
             best = None
             for i, d in enumerate(ds):
                 k = classes.index(d) if d in classes else 0
-                if k == 0:
+                if k == 0 or classes[k - 1] < floor[i]:
                     continue
                 trial = ds[:i] + [classes[k - 1]] + ds[i + 1:]
                 key = self._judged_step_s(inputs, trial) + self._moved_bytes(inputs, old, dict(zip(ids, trial))) / bw
