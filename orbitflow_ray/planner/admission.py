@@ -28,6 +28,9 @@ policy runs with any of them (`EngineConfig.admission`), or with its own when th
   (`KVPolicy.lifetime_misses` over `lifetime_peak`: every request grown until it finishes, those
   finished gone, nobody else joining), so a request that fits this plan window but makes the batch
   outgrow the device later (a pause, or an offload that slows every step past the SLO) waits.
+  At the peak the plan may pause for the SLO too, a pause counted as a miss only when its wait
+  (from when the batch first outgrows the device until its next finish, `outgrow_wait`) outruns
+  the request's TPOT slack (`pause.pause_breaks_tpot`; `OrbitFlow.pause_cost`).
   The tie-break is made there too (`lifetime_misses(..., everyone=True)`).
   A `window` horizon (the baselines', `orbitflow-window-admit`) judges the next plan window only.
   What `orbitflow` does natively (its prediction is its plan's violation set); on the other
@@ -182,6 +185,21 @@ def lifetime_peak(views: Sequence[RequestView]) -> list[RequestView]:
     return [replace(v, num_tokens=v.num_tokens + t, num_output_tokens=v.num_output_tokens + t,
                     num_computed_tokens=None, deposit_tokens=0)
             for v in views if v.max_new_tokens_left > t]
+
+
+def outgrow_wait(views: Sequence[RequestView], capacity_tokens: int) -> tuple[int, int] | None:
+    """(t, wait): the first decode step t at which the batch's KV (the sum of its contexts, grown
+    as `lifetime_peak` grows it: nobody joining or leaving early) exceeds `capacity_tokens`, and
+    the steps from there until the batch next shrinks (its next finish): how long a request paused
+    at t to make room waits. None when it never does. Units: steps."""
+    start = 0
+    for end in sorted({v.max_new_tokens_left for v in views}):
+        active = [v for v in views if v.max_new_tokens_left >= end]  # running over steps start..end-1
+        t = max(start, (capacity_tokens - sum(v.num_tokens for v in active)) // len(active) + 1)
+        if t < end:
+            return t, end - t
+        start = end
+    return None
 
 
 def ttft_at_stake(req: RequestView, running: Sequence[RequestView], num_layers: int, cost: OnlineCostModel) -> bool:

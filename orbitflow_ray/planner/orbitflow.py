@@ -53,16 +53,17 @@ import random
 import time
 from dataclasses import replace
 from functools import partial
+from typing import Callable
 
 from orbitflow_ray.costmodel import CostModel, OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.planner.admission import (AdmissionKind, SloAdmission, batch_plan_inputs, lifetime_peak,
-                                             prefill_debt_s, ttft_at_stake, ttft_missed_ids)
+                                             outgrow_wait, prefill_debt_s, ttft_at_stake, ttft_missed_ids)
 from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         StepStats, register_policy)
 from orbitflow_ray.planner.deposit import ArrivalForecast, bank_target
-from orbitflow_ray.planner.pause import SLO_PAUSE_MAX_TRIALS, SloPauseSearch, pause_strategy
+from orbitflow_ray.planner.pause import SLO_PAUSE_MAX_TRIALS, SloPauseSearch, pause_breaks_tpot, pause_strategy
 from orbitflow_ray.planner.planning import PlanResult, RemoteSolve
 from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs, PlanStatus,
                                            certain_late, device_bytes, distance_set, engine_step_time, late_requests, make_plan,
@@ -71,6 +72,7 @@ from orbitflow_ray.planner.solvers import PlacementSolver, make_solver
 
 log = logging.getLogger(__name__)
 ADMISSION_HORIZONS = ("lifetime", "window")  # `OrbitFlow.admission_horizon`
+PAUSE_COSTS = ("slack", "miss")  # `OrbitFlow.pause_cost`
 LINK_MODELS = ("engine", "edf")  # `OrbitFlow.link_model`
 
 def tiers_for_distance(d: int, num_layers: int) -> list[Tier]:
@@ -95,6 +97,10 @@ class OrbitFlow(KVPolicy):
     # The `slo` admission's tie-break (`SloAdmission.everyone_breaks_ties`): a join that costs no
     # goodput miss but makes steps late for requests whose TTFT is missed waits. False: it joins.
     everyone_breaks_ties = True
+    # What a pause costs its request in Pause-for-SLO, at run time and at the lifetime peak
+    # (PAUSE_COSTS): "slack", a miss only when its wait outruns its TPOT slack
+    # (`pause.pause_breaks_tpot`); "miss", always one (of a request still able to meet all its SLOs).
+    pause_cost = "slack"
     uses_deposit = True
     can_pause = True
     uniform = False
@@ -106,7 +112,7 @@ class OrbitFlow(KVPolicy):
                  seed: int = 0, solver: str = "fast", deposit_pace: float = 0.9, arrival_memory_s: float = 30.0,
                  slo_pause_max_trials: int = SLO_PAUSE_MAX_TRIALS, admission_horizon: str | None = None,
                  link_model: str | None = None, prefetch_depth: int = 1, placement_hold: bool | None = None,
-                 **options) -> None:
+                 pause_cost: str | None = None, **options) -> None:
         super().__init__(num_layers, cost_model=cost_model, slo_s=slo_s, windows=windows, **options)
         horizon = self.admission_horizon if admission_horizon is None else admission_horizon
         if horizon not in ADMISSION_HORIZONS:
@@ -122,6 +128,10 @@ class OrbitFlow(KVPolicy):
         if not isinstance(hold, bool):
             raise ValueError(f"placement_hold must be a bool, got {placement_hold!r}")
         self.placement_hold = hold
+        pause_cost = self.pause_cost if pause_cost is None else pause_cost
+        if pause_cost not in PAUSE_COSTS:
+            raise ValueError(f"pause_cost must be one of {PAUSE_COSTS}, got {pause_cost!r}")
+        self.pause_cost = pause_cost
         if isinstance(self.admission, SloAdmission):
             self.admission.everyone_breaks_ties = self.everyone_breaks_ties
         self._single = make_solver("uniform")  # the single-distance candidate of `_engine_checked`
@@ -158,6 +168,8 @@ class OrbitFlow(KVPolicy):
                                         "slo_pause_trials_max", "slo_pause_skipped", "slo_pause_capped",
                                         "engine_slower", "engine_single", "plans_held")}
         self.slo_pause = SloPauseSearch(self.pick_victim, self.rng, self.counters, slo_pause_max_trials)
+        # the lifetime peak's own search (a probe: its counters and draws are not the policy's)
+        self.peak_pause = SloPauseSearch(self.pick_victim, random.Random(seed), {}, slo_pause_max_trials)
 
     # ---- the problem ---------------------------------------------------------------------------
     def _inputs(self, views: list[RequestView], cap: CapacityView) -> PlanInputs:
@@ -169,9 +181,11 @@ class OrbitFlow(KVPolicy):
         return prefill_debt_s(views, self.num_layers, self.cost)
 
     def _solve(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str],
-               probe: bool = False) -> tuple[Plan, list[str]]:
+               probe: bool = False, costs: Callable[[RequestView], bool] | None = None
+               ) -> tuple[Plan, list[str]]:
         """Solve; while infeasible, pause one unpinned request and re-solve. Returns the plan and
-        the ids paused to reach it. A probe (may this request join?) logs and counts nothing."""
+        the ids paused to reach it. A probe (may this request join?) logs and counts nothing, and
+        pauses for the SLO only given `costs` (which pauses cost their request an SLO)."""
         active, paused = list(views), []
         while True:
             inputs = self._inputs(active, cap)
@@ -182,7 +196,7 @@ class OrbitFlow(KVPolicy):
                 self.counters["fallbacks"] += 1
                 return self._fallback(inputs, PlanStatus.FALLBACK_ERROR), paused
             if plan.status != PlanStatus.INFEASIBLE:
-                return self._pause_for_slo(plan, active, cap, pinned, paused, probe)
+                return self._pause_for_slo(plan, active, cap, pinned, paused, probe, costs)
             victims = [v for v in active if v.request_id not in pinned]
             if probe:
                 if not self.can_pause or not victims:
@@ -343,13 +357,25 @@ class OrbitFlow(KVPolicy):
         return ds
 
     def _pause_for_slo(self, plan: Plan, active: list[RequestView], cap: CapacityView, pinned: frozenset[str],
-                       paused: list[str], probe: bool) -> tuple[Plan, list[str]]:
-        """Pause-Resume under a slow link (`pause.SloPauseSearch`); not for probes or `-no-pause`."""
-        if not self.can_pause or probe:
+                       paused: list[str], probe: bool, costs: Callable[[RequestView], bool] | None = None
+                       ) -> tuple[Plan, list[str]]:
+        """Pause-Resume under a slow link (`pause.SloPauseSearch`); not for `-no-pause`, nor for
+        probes without `costs`. With `pause_cost` "slack", at run time a pause costs its request
+        a miss only when waiting until the rest of the batch next shrinks (its earliest finish, at
+        steps on time) outruns its TPOT slack at the batch's compute-only step."""
+        if not self.can_pause or (probe and costs is None):
             return plan, paused
-        best, extra = self.slo_pause.search(plan, active, pinned, lambda views: self._inputs(views, cap),
-                                            lambda inputs: self._engine_checked(self.solver.solve(inputs), inputs),
-                                            self.solver.seed)
+        if costs is None and self.pause_cost == "slack":
+            step = self.num_layers * self._inputs(active, cap).compute_per_layer_s
+
+            def costs(v: RequestView) -> bool:
+                rest = [u.max_new_tokens_left for u in active if u.request_id != v.request_id]
+                return pause_breaks_tpot(v.max_new_tokens_left, min(rest, default=0), step,
+                                         v.slo_s or self.default_slo_s)
+        search = self.peak_pause if probe else self.slo_pause
+        best, extra = search.search(plan, active, pinned, lambda views: self._inputs(views, cap),
+                                    lambda inputs: self._engine_checked(self.solver.solve(inputs), inputs),
+                                    self.solver.seed, costs)
         return best, paused + extra
 
     def _fallback(self, inputs: PlanInputs, status: PlanStatus) -> Plan:
@@ -487,11 +513,29 @@ class OrbitFlow(KVPolicy):
             # all on device fits the peak: the plan is that (no stall, no pause), its misses the
             # compute's alone (nothing banked there), known without a solve on the decode thread
             return len(certain_late(inputs) - missed)
-        key = (self._key(peak), tuple(v.ttft_missed for v in peak), cap)
+        costs = self._peak_pause_costs(views, inputs) if self.pause_cost == "slack" else None
+        key = (self._key(views), tuple(v.ttft_missed for v in peak), cap)
         if key not in self._peaks:
-            self._peaks = {**dict(list(self._peaks.items())[-1:]), key: self.ahead.solve_now(peak, cap, frozenset(), True)}
+            self._peaks = {**dict(list(self._peaks.items())[-1:]),
+                           key: self.ahead.solve_now(peak, cap, frozenset(), True, costs)}
         plan, paused = self._peaks[key]
+        if costs is not None:
+            by_id = {v.request_id: v for v in peak}
+            paused = [rid for rid in paused if costs(by_id[rid])]
         return len(set(paused) - missed) + len(plan.violations - missed)
+
+    def _peak_pause_costs(self, views: list[RequestView], peak: PlanInputs) -> Callable[[RequestView], bool]:
+        """Which pauses at the lifetime peak cost their request an SLO (`pause_cost` "slack"): one
+        paused when the batch first outgrows the device with every layer there
+        (`admission.outgrow_wait`) waits until the batch next shrinks, at steps on time; that costs
+        it its TPOT when the wait outruns its slack from there at the peak's compute-only step
+        (`pause.pause_breaks_tpot`)."""
+        out = outgrow_wait(views, peak.device_capacity_bytes // (peak.num_layers * peak.kv_bytes_per_token_per_layer))
+        t, wait = out if out is not None else (0, 0)
+        left = {v.request_id: v.max_new_tokens_left - t for v in views}
+        step = peak.num_layers * peak.compute_per_layer_s
+        return lambda v: pause_breaks_tpot(max(left.get(v.request_id, 0), 0), wait, step,
+                                           v.slo_s or self.default_slo_s)
 
     def admit(self, req: RequestView, running: list[RequestView], cap: CapacityView
               ) -> PlacementPlan | None:
@@ -717,3 +761,11 @@ class OrbitFlowTiesJoin(OrbitFlow):
 
     name = "orbitflow-ties-join"
     everyone_breaks_ties = False
+
+
+@register_policy
+class OrbitFlowPauseMiss(OrbitFlow):
+    """Ablation: every pause of a request still able to meet all its SLOs counts as its miss."""
+
+    name = "orbitflow-pause-miss"
+    pause_cost = "miss"
