@@ -35,7 +35,10 @@ inside the ILP: the set it reaches pausing largest first is the fewest pauses th
 batch feasible (feasibility depends on each request's largest-offload KV alone). A feasible plan
 that misses the SLOs of requests still able to meet all theirs pauses too, when pausing leaves
 fewer misses than it costs (`pause.SloPauseSearch`: a slow link pauses, as no-offload preempts; at most
-`slo_pause_max_trials` trial solves per re-plan, SLO_PAUSE_MAX_TRIALS by default). On the central
+`slo_pause_max_trials` trial solves per re-plan, SLO_PAUSE_MAX_TRIALS by default). A pause costs
+its request a miss only when its wait (until the rest of the batch next shrinks) outruns its TPOT
+slack (`pause_cost` "slack", `pause.pause_breaks_tpot`; "miss", always one: `orbitflow-pause-miss`);
+the lifetime admission's peak probe pauses the same way. On the central
 planner the loop runs with the ILP solver, so a central plan carries its own pause decisions.
 Solving ahead, a worker with a central planner sends the batch predicted at the window's end
 there, as many steps ahead as the measured round trip needs (`planner/ahead.py`), and adopts the
