@@ -263,12 +263,11 @@ def test_lifetime_admission_refuses_a_request_whose_growth_outgrows_the_device()
     assert window.admission_horizon == "window" and lifetime.admission_horizon == "lifetime"
     assert window.lifetime_misses([r0, r1], cap(400)) is None
     assert lifetime.lifetime_misses([r0], cap(400)) == 0
-    # At the peak one paused leaves the other on device and on time; that pause waits from t = 51
-    # (300 + 2t tokens > 400) to the finish at 100: 49 steps of 6 ms, far past the 49 tokens' slack
-    # at the peak's 6.0 ms step, so it is a miss (1). Without the peak's Pause-for-SLO (its
-    # `pause_cost` "miss" ablation) both run offloaded and late (2).
-    assert lifetime.lifetime_misses([r0, r1], cap(400)) == 1
-    assert policy("orbitflow-pause-miss", None).lifetime_misses([r0, r1], cap(400)) == 2
+    assert lifetime.lifetime_misses([r0, r1], cap(400)) == 2
+    # With `pause_cost` "slack" the peak pauses one, leaving the other on device and on time; that
+    # pause waits from t = 51 (300 + 2t tokens > 400) to the finish at 100: 49 steps of 6 ms, far
+    # past the 49 tokens' slack at the peak's 6.0 ms step, so it is a miss: 1.
+    assert policy("orbitflow-pause-slack", None).lifetime_misses([r0, r1], cap(400)) == 1
     assert window.admit(r1, [r0], cap(400)).placements["r1"] == [Tier.DEVICE] * 4
     assert lifetime.admit(r1, [r0], cap(400)) is None
     # The reverse: r1 with 10 tokens left peaks with r0 at 318 tokens (4 x 81 = 324 blocks, 5.3 ms),

@@ -28,9 +28,9 @@ policy runs with any of them (`EngineConfig.admission`), or with its own when th
   (`KVPolicy.lifetime_misses` over `lifetime_peak`: every request grown until it finishes, those
   finished gone, nobody else joining), so a request that fits this plan window but makes the batch
   outgrow the device later (a pause, or an offload that slows every step past the SLO) waits.
-  At the peak the plan may pause for the SLO too, a pause counted as a miss only when its wait
-  (from when the batch first outgrows the device until its next finish, `outgrow_wait`) outruns
-  the request's TPOT slack (`pause.pause_breaks_tpot`; `OrbitFlow.pause_cost`).
+  With `OrbitFlow.pause_cost` "slack" the plan at the peak may pause for the SLO too, a pause
+  counted as a miss only when its wait (from when the batch first outgrows the device until its
+  next finish, `outgrow_wait`) outruns the request's TPOT slack (`pause.pause_breaks_tpot`).
   The tie-break is made there too (`lifetime_misses(..., everyone=True)`).
   A `window` horizon (the baselines', `orbitflow-window-admit`) judges the next plan window only.
   What `orbitflow` does natively (its prediction is its plan's violation set); on the other
