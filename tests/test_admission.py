@@ -170,11 +170,20 @@ def test_slo_admission_weighs_the_ttft_that_waiting_costs(name):
 
 @pytest.mark.parametrize("name", ["no-offload", "orbitflow"])
 def test_slo_admission_counts_no_miss_of_a_request_whose_ttft_is_missed(name):
-    """r0 already missed its TTFT SLO: it cannot count toward goodput, so the arrival that would make
-    it late joins (what fcfs does); while r0 can still meet all its SLOs, the arrival waits."""
+    """r0 already missed its TTFT SLO: it cannot count toward goodput, so making it late costs no
+    goodput miss; the tie is broken on everyone's late steps, so the arrival still waits (its own
+    TTFT is not at stake) rather than slow the batch for nothing. `orbitflow-ties-join` (and the
+    `slo` admission with `everyone_breaks_ties` False) lets it join, as before. An arrival that
+    makes nobody late joins under both."""
     p = policy(name, None if name == "orbitflow" else "slo")
     assert p.admit(ARRIVAL, [replace(LONE, ttft_slack_s=0.5)], cap(10_000)) is None
-    assert p.admit(ARRIVAL, [replace(LONE, ttft_slack_s=-0.5)], cap(10_000)) is not None
+    assert p.admit(ARRIVAL, [replace(LONE, ttft_slack_s=-0.5)], cap(10_000)) is None
+    q = policy(name if name == "no-offload" else "orbitflow-ties-join", None if name == "orbitflow" else "slo")
+    q.admission.everyone_breaks_ties = False
+    assert q.admit(ARRIVAL, [replace(LONE, ttft_slack_s=-0.5)], cap(10_000)) is not None
+    small = replace(ARRIVAL, num_tokens=10, num_prompt_tokens=10)  # 210 tokens in all: 4.84 ms, on time
+    for r in (policy(name, None if name == "orbitflow" else "slo"), q):
+        assert r.admit(small, [replace(LONE, ttft_slack_s=-0.5)], cap(10_000)) is not None
 
 
 def test_orbitflow_pauses_a_request_whose_ttft_is_missed_when_it_makes_others_late():
@@ -255,6 +264,10 @@ def test_lifetime_admission_refuses_a_request_whose_growth_outgrows_the_device()
     assert window.lifetime_misses([r0, r1], cap(400)) is None
     assert lifetime.lifetime_misses([r0], cap(400)) == 0
     assert lifetime.lifetime_misses([r0, r1], cap(400)) == 2
+    # With `pause_cost` "slack" the peak pauses one, leaving the other on device and on time; that
+    # pause waits from t = 51 (300 + 2t tokens > 400) to the finish at 100: 49 steps of 6 ms, far
+    # past the 49 tokens' slack at the peak's 6.0 ms step, so it is a miss: 1.
+    assert policy("orbitflow-pause-slack", None).lifetime_misses([r0, r1], cap(400)) == 1
     assert window.admit(r1, [r0], cap(400)).placements["r1"] == [Tier.DEVICE] * 4
     assert lifetime.admit(r1, [r0], cap(400)) is None
     # The reverse: r1 with 10 tokens left peaks with r0 at 318 tokens (4 x 81 = 324 blocks, 5.3 ms),
@@ -263,6 +276,23 @@ def test_lifetime_admission_refuses_a_request_whose_growth_outgrows_the_device()
     assert lifetime.lifetime_misses([r0, short], cap(400)) == 0
     for p in (window, policy("orbitflow", None)):
         assert p.admit(short, [r0], cap(400)).placements["r1"] == [Tier.DEVICE] * 4
+
+
+def test_lifetime_tie_is_broken_on_everyones_late_steps():
+    # The batch above, both TTFT SLOs missed already: at the peak both are late (no goodput miss
+    # either way: a tie), so the tie is broken on everyone's late steps (2 against 0) and r1
+    # waits; the ablation lets it join. With 10 tokens left it is on time for life: it joins.
+    r0 = RequestView("r0", 200, 200, 100, 0.0, tuple([Tier.DEVICE] * 4), ttft_slack_s=-1.0)
+    r1 = RequestView("r1", 100, 100, 100, 1.0, None, ttft_slack_s=-1.0)
+    p, q = policy("orbitflow", None), policy("orbitflow-ties-join", None)
+    assert p.lifetime_misses([r0, r1], cap(400)) == 0
+    assert p.lifetime_misses([r0, r1], cap(400), everyone=True) == 2
+    assert p.admission.everyone_breaks_ties and not q.admission.everyone_breaks_ties
+    assert p.admit(r1, [r0], cap(400)) is None
+    assert q.admit(r1, [r0], cap(400)).placements["r1"] == [Tier.DEVICE] * 4
+    short = replace(r1, max_tokens=10)
+    for r in (policy("orbitflow", None), q):
+        assert r.admit(short, [r0], cap(400)).placements["r1"] == [Tier.DEVICE] * 4
 
 
 def test_admission_horizon_is_validated():

@@ -344,3 +344,62 @@ def test_orbitflow_judges_plans_at_the_engine_step_and_its_ablation_at_the_edf_o
         make_policy("orbitflow", 8, solve_ahead=False, link_model="fifo")
     with pytest.raises(ValueError, match="prefetch_depth must be an integer"):
         make_policy("orbitflow", 8, solve_ahead=False, prefetch_depth=0)
+
+
+def _held_case(policy, link_bytes_per_s, device_blocks=10_000, distances=(4, 8), window=16):
+    """Two 600-token requests in force at `distances` (8 layers; 25 B per token per layer), their
+    window run out: the next `replan` is a window trigger. Compute alone is ~8 ms a step (SLO 50 ms)."""
+    import time
+    from orbitflow_ray.planner.orbitflow import tiers_for_distance
+    from orbitflow_ray.planner.problem import make_plan
+    cost = OnlineCostModel(CostModel(8, compute_a_s=1e-3, compute_b_s_per_token=1e-7,
+                                     compute_p_s_per_token=0.0, link_bytes_per_s=link_bytes_per_s))
+    p = make_policy(policy, 8, cost_model=cost, slo_s=0.05, solve_ahead=False, windows=(window,))
+    cap = CapacityView(8, 4, 100, device_blocks, device_blocks, 100_000, 100_000)
+    views = [RequestView(f"r{i}", 600, 599, 2000, float(i), tuple(tiers_for_distance(d, 8)), 1)
+             for i, d in enumerate(distances)]
+    inputs = p._inputs(views, cap)
+    p.plan = make_plan(inputs, list(distances), step_time(inputs, list(distances)), window, PlanStatus.OPTIMAL,
+                       time.perf_counter(), "fast")
+    p.plan_ids, p.steps_left = frozenset(p.plan.distances), 0
+    return p, views, cap
+
+
+def test_window_end_keeps_a_placement_on_time_and_the_ablation_moves_kv():
+    # A fast link: r0's 4 host layers stall nothing, so its plan is on time; the solver would
+    # bring them back (no offload ties on T and moves fewer link bytes), which copies KV in a step
+    # that then runs late for the whole batch. orbitflow keeps the placement; its ablation moves.
+    p, views, cap = _held_case("orbitflow", 1e12)
+    out = p.replan(views, cap)
+    assert (out is None or not out.placements) and p.plan.distances == {"r0": 4, "r1": 8}
+    assert p.metrics()["plans_held"] == 1 and p.metrics()["trigger_window"] == 1
+    p, views, cap = _held_case("orbitflow-no-hold", 1e12)
+    out = p.replan(views, cap)
+    assert out.placements == {"r0": [Tier.DEVICE] * 8} and p.plan.distances == {"r0": 8, "r1": 8}
+    assert p.metrics()["plans_held"] == 0
+    with pytest.raises(ValueError, match="placement_hold must be a bool"):
+        make_policy("orbitflow", 8, solve_ahead=False, placement_hold="yes")
+
+
+def test_window_end_re_places_a_placement_that_runs_late():
+    # A slow link: r0's host layers (4 x 600 tokens x 25 B = 60 kB at 100 kB/s) stall 0.6 s, far
+    # over the 50 ms SLO; all on device fits. Holding would keep both late: both rules re-place.
+    for policy in ("orbitflow", "orbitflow-no-hold"):
+        p, views, cap = _held_case(policy, 1e5)
+        out = p.replan(views, cap)
+        assert out.placements == {"r0": [Tier.DEVICE] * 8} and p.plan.distances == {"r0": 8, "r1": 8}
+        assert not p.plan.violations and p.metrics()["plans_held"] == 0
+
+
+def test_a_held_placement_that_outgrew_the_device_is_shrunk_not_reshuffled():
+    # All on device fits now (2 x 600 tokens x 8 layers x 25 B = 2,400 blocks of 100 B) but not
+    # at the window's end (2 x 616 tokens: 2,464 blocks > 2,440): the plan in force is kept, one
+    # request moved a distance class down (device -> host), the other untouched; it fits.
+    from orbitflow_ray.planner.problem import device_bytes
+    p, views, cap = _held_case("orbitflow", 1e12, device_blocks=2440, distances=(8, 8))
+    out = p.replan(views, cap)
+    assert p.metrics()["plans_held"] == 1
+    ds = sorted(p.plan.distances.values())
+    assert ds[1] == 8 and ds[0] < 8 and len(out.placements) == 1
+    inputs = p._inputs(views, cap)
+    assert device_bytes(inputs, [p.plan.distances[v.request_id] for v in views], p.plan.window) <= 2440 * 100

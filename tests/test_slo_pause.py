@@ -12,19 +12,22 @@ import pytest
 from orbitflow_ray.costmodel import CostModel, OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.planner import make_policy
-from orbitflow_ray.planner.admission import batch_plan_inputs
+from orbitflow_ray.planner.admission import batch_plan_inputs, outgrow_wait
 from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.planner.orbitflow import SLO_PAUSE_MAX_TRIALS
+from orbitflow_ray.planner.pause import pause_breaks_tpot
 from orbitflow_ray.planner.problem import ALL_HOST, certain_late, step_time
 
 L = 4
 NO_DEVICE = CapacityView(L, 4, 100, 0, 0, 10 ** 6, 10 ** 6)  # 25 bytes per token per layer, no device KV
 
 
-def policy(compute_a_s=1e-3, **kw):
-    """1 ms per layer (no per-token term) and a 1 MB/s link: T grows with the batch's bytes."""
+def policy(compute_a_s=1e-3, pause_cost="miss", **kw):
+    """1 ms per layer (no per-token term) and a 1 MB/s link: T grows with the batch's bytes. Every
+    pause counts as a miss (`pause_cost` "miss") unless said: the search's bounds are tested."""
     cost = OnlineCostModel(CostModel(L, compute_a_s, 0.0, 0.0, 1e6))
-    return make_policy("orbitflow", L, cost_model=cost, solve_ahead=False, windows=(16,), link_model="edf", **kw)
+    return make_policy("orbitflow", L, cost_model=cost, solve_ahead=False, windows=(16,), link_model="edf",
+                       pause_cost=pause_cost, **kw)
 
 
 def views(tokens, slo_s):
@@ -54,6 +57,40 @@ def replan(p, batch):
 
 def all_host_T(p, batch):
     return step_time(batch_plan_inputs(batch, NO_DEVICE, L, p.cost, 0.5, (16,)), [ALL_HOST] * len(batch))
+
+
+def test_pause_breaks_tpot_and_outgrow_wait_by_hand():
+    # 100 tokens left at a 10 ms step under a 20 ms SLO: 1 s of slack; 50 steps of 20 ms fit, 51 do not.
+    assert not pause_breaks_tpot(100, 50, 0.010, 0.020) and pause_breaks_tpot(100, 51, 0.010, 0.020)
+    # 300 + 2t tokens outgrow 400 at t = 51; the next finish (both have 100 left) is 49 steps on.
+    a, b = RequestView("a", 200, 200, 100, 0.0, None), RequestView("b", 100, 100, 100, 1.0, None)
+    assert outgrow_wait([a, b], 400) == (51, 49)
+    # b with 10 left: the pair reaches 318 tokens, then a alone ends at 299: never over 400.
+    assert outgrow_wait([a, RequestView("b", 100, 100, 10, 1.0, None)], 400) is None
+
+
+def test_a_pause_within_its_tpot_slack_is_free():
+    """r1 (60 tokens, 10 ms SLO, 15 left) is late beside r0 (100 tokens, 1 s SLO) and on time alone.
+    Counting a pause as a miss, pausing r0 costs the one miss it saves: nobody is paused and r1
+    runs late. r0 has 10,000 tokens left: waiting r1's 15 steps is far within its slack, so the
+    slack rule pauses it for free and r1 meets its SLO. The reverse: both with 10,000 tokens left,
+    either one's wait (10,000 steps at its SLO) outruns its slack ((SLO - 4 ms) x 10,000): every
+    pause is a miss under both rules, and nobody is paused."""
+    H = (Tier.HOST,) * L
+    r0 = RequestView("r0", 100, 100, 10_001, 0.0, H, 1, 1.0)
+    r1 = RequestView("r1", 60, 60, 16, 1.0, H, 1, 0.010)
+    p = policy()
+    assert all_host_T(p, [r0, r1]) > 0.010 >= all_host_T(p, [r1])
+    paused, plan, _ = replan(policy(pause_cost="miss"), [r0, r1])
+    assert paused == [] and plan.violations == {"r1"}
+    paused, plan, _ = replan(policy(pause_cost="slack"), [r0, r1])
+    assert paused == ["r0"] and sorted(plan.distances) == ["r1"] and not plan.violations
+    both_long = [r0, RequestView("r1", 60, 60, 10_001, 1.0, H, 1, 0.010)]
+    for cost in ("miss", "slack"):
+        paused, plan, _ = replan(policy(pause_cost=cost), both_long)
+        assert paused == [] and plan.violations == {"r1"}
+    with pytest.raises(ValueError, match="pause_cost must be one of"):
+        policy(pause_cost="free")
 
 
 def test_small_batch_decides_as_the_unbounded_search():

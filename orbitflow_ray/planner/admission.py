@@ -15,13 +15,23 @@ policy runs with any of them (`EngineConfig.admission`), or with its own when th
   `KVPolicy.predicted_misses` (of requests still able to meet all their SLOs: goodput counts
   only those), and the request's own TTFT when waiting would cost it
   (`ttft_at_stake`: joining now could still meet it, waiting until the batch next changes could
-  not). Joining may cost others TBT; waiting costs the request TTFT; either is one miss, and a tie
-  joins. Into an empty batch a request that fits always joins.
+  not). Joining may cost others TBT; waiting costs the request TTFT; either is one miss. A tie is
+  broken on everyone's late steps (`SloAdmission.everyone_breaks_ties`, `predicted_misses(...,
+  everyone=True)`: requests whose TTFT is missed counted too): the request joins unless that makes
+  more of the batch late than waiting does. Those requests cost no goodput, but a batch they slow
+  past the SLO runs every step slower for the queue behind it (under overload: a batch of requests
+  that no longer count, offloaded and late, while every arrival's TTFT is lost waiting). With the
+  tie-break off (`orbitflow-ties-join`), a tie joins. Into an empty batch a request that fits
+  always joins.
   A policy whose `admission_horizon` is `lifetime` (`orbitflow`'s) is judged over the batch's
   lifetime too: the same trade, on the misses predicted at the batch's KV peak
   (`KVPolicy.lifetime_misses` over `lifetime_peak`: every request grown until it finishes, those
   finished gone, nobody else joining), so a request that fits this plan window but makes the batch
   outgrow the device later (a pause, or an offload that slows every step past the SLO) waits.
+  With `OrbitFlow.pause_cost` "slack" the plan at the peak may pause for the SLO too, a pause
+  counted as a miss only when its wait (from when the batch first outgrows the device until its
+  next finish, `outgrow_wait`) outruns the request's TPOT slack (`pause.pause_breaks_tpot`).
+  The tie-break is made there too (`lifetime_misses(..., everyone=True)`).
   A `window` horizon (the baselines', `orbitflow-window-admit`) judges the next plan window only.
   What `orbitflow` does natively (its prediction is its plan's violation set); on the other
   policies the prediction is `predicted_misses`' decode-step model.
@@ -91,15 +101,32 @@ class SloAdmission(Admission):
 
     kind = AdmissionKind.SLO
 
+    def __init__(self, everyone_breaks_ties: bool = True) -> None:
+        super().__init__()
+        # A tie on goodput misses is broken on the late steps of everyone, those whose TTFT is
+        # missed included (`predicted_misses(..., everyone=True)`); False: a tie joins.
+        self.everyone_breaks_ties = everyone_breaks_ties
+
     def _admits(self, policy, req, running, cap, plan) -> bool:
         if not running:
             return True
         at_stake = ttft_at_stake(req, running, policy.num_layers, policy.cost)
         waiting = policy.predicted_misses(running, None, cap) + at_stake
-        if policy.predicted_misses(running + [req], plan, cap) > waiting:
+        joined = policy.predicted_misses(running + [req], plan, cap)
+        if joined > waiting:
             return False
+        if joined == waiting and self.everyone_breaks_ties and (
+                policy.predicted_misses(running + [req], plan, cap, everyone=True)
+                > policy.predicted_misses(running, None, cap, everyone=True) + at_stake):
+            return False  # a tie in goodput, but it makes steps late: throughput lost for nothing
         joined = policy.lifetime_misses(running + [req], cap)
-        return joined is None or joined <= policy.lifetime_misses(running, cap) + at_stake
+        if joined is None:
+            return True
+        waiting = policy.lifetime_misses(running, cap) + at_stake
+        if joined == waiting and self.everyone_breaks_ties:
+            return (policy.lifetime_misses(running + [req], cap, everyone=True)
+                    <= policy.lifetime_misses(running, cap, everyone=True) + at_stake)
+        return joined <= waiting
 
 
 def available_admissions() -> list[str]:
@@ -159,6 +186,21 @@ def lifetime_peak(views: Sequence[RequestView]) -> list[RequestView]:
     return [replace(v, num_tokens=v.num_tokens + t, num_output_tokens=v.num_output_tokens + t,
                     num_computed_tokens=None, deposit_tokens=0)
             for v in views if v.max_new_tokens_left > t]
+
+
+def outgrow_wait(views: Sequence[RequestView], capacity_tokens: int) -> tuple[int, int] | None:
+    """(t, wait): the first decode step t at which the batch's KV (the sum of its contexts, grown
+    as `lifetime_peak` grows it: nobody joining or leaving early) exceeds `capacity_tokens`, and
+    the steps from there until the batch next shrinks (its next finish): how long a request paused
+    at t to make room waits. None when it never does. Units: steps."""
+    start = 0
+    for end in sorted({v.max_new_tokens_left for v in views}):
+        active = [v for v in views if v.max_new_tokens_left >= end]  # running over steps start..end-1
+        t = max(start, (capacity_tokens - sum(v.num_tokens for v in active)) // len(active) + 1)
+        if t < end:
+            return t, end - t
+        start = end
+    return None
 
 
 def ttft_at_stake(req: RequestView, running: Sequence[RequestView], num_layers: int, cost: OnlineCostModel) -> bool:

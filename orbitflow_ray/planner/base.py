@@ -132,21 +132,23 @@ class KVPolicy(abc.ABC):
         (the scheduler still checks its prompt against the free blocks)."""
         return PlacementPlan({req.request_id: self.place_new(req, cap)})
 
-    def predicted_misses(self, views: list[RequestView], plan: PlacementPlan | None, cap: CapacityView) -> int:
+    def predicted_misses(self, views: list[RequestView], plan: PlacementPlan | None, cap: CapacityView,
+                         everyone: bool = False) -> int:
         """Requests of `views` predicted to miss their per-token SLO (TPOT/TBT) in the next decode
         steps, each at its placement in `plan`, else its own (a request without one, at
         `place_new`'s): the online cost model's decode step at those placements (`problem.step_time`,
         a placement taken as the prefetch distance offloading at least as many layers) against each
         SLO less its share of the batch's prefill debt (`admission.batch_plan_inputs`). Only misses
-        that cost goodput count: a request whose TTFT SLO is missed already (`ttft_missed`) is not."""
+        that cost goodput count: a request whose TTFT SLO is missed already (`ttft_missed`) is not,
+        unless `everyone` (the `slo` admission's tie-break: late steps for anyone)."""
         if not views:
             return 0
         changed = plan.placements if plan is not None else {}
         tiers = [changed.get(v.request_id) or v.placement or self.place_new(v, cap) for v in views]
         inputs = batch_plan_inputs(views, cap, self.num_layers, self.cost, self.default_slo_s, self.windows)
-        return len(predicted_late(inputs, tiers, self.windows[0]) - ttft_missed_ids(views))
+        return len(predicted_late(inputs, tiers, self.windows[0]) - (set() if everyone else ttft_missed_ids(views)))
 
-    def lifetime_misses(self, views: list[RequestView], cap: CapacityView) -> int | None:
+    def lifetime_misses(self, views: list[RequestView], cap: CapacityView, everyone: bool = False) -> int | None:
         """SLO misses predicted for `views` at the batch's KV peak over its lifetime
         (`admission.lifetime_peak`), for the `slo` admission's lifetime judgement; None (here):
         this policy predicts the next plan window only, and the admission judges that alone."""

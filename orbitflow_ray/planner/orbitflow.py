@@ -11,13 +11,21 @@ its window of W decode steps; it is re-solved when
 - the window runs out                                        -> solved ahead (central)
 - measured step time drifts from the prediction              -> solved one step ahead (central)
   (locally a window's end is solved one step ahead; centrally as many as the round trip needs)
+  unless the plan in force holds (`placement_hold`, `_held`): at the longest window whose end its
+  distances fit (shrunk when the batch outgrew them: one request a distance class down at a time,
+  the one whose step plus copies is shortest) and predict no miss for a request still able to meet
+  all its SLOs, it is kept without a solve; a solve is adopted over it only when it predicts fewer
+  late gaps over its window (`_late_gaps`, its first step carrying its copies) or it pauses to miss
+  less. A re-placement's copies land in one step, which then runs late for every request of the
+  batch, and TBT allows 1 % of a request's gaps late (`orbitflow-no-hold` is the ablation)
 - the next step's growth does not fit the free device blocks -> on the spot
 
 Each plan is judged as the engine runs it (`link_model` "engine", `_engine_checked`): its step at
 `problem.engine_step_time` and its misses at that step at the window's end; where the engine's copy
 order makes a mixed-distance plan miss more, the best single-distance plan is taken if it misses
 fewer. Admission (`slo`) also weighs the batch's KV peak over its lifetime (`admission_horizon`
-"lifetime", `lifetime_misses`).
+"lifetime", `lifetime_misses`), and breaks a tie on goodput misses on everyone's late steps
+(`everyone_breaks_ties`; `orbitflow-ties-join` is the ablation).
 
 When the batch does not fit without streaming all-host some request that could keep layers on
 device (INFEASIBLE, `problem.py`), Pause-Resume pauses one request (strategy: largest by
@@ -27,7 +35,10 @@ inside the ILP: the set it reaches pausing largest first is the fewest pauses th
 batch feasible (feasibility depends on each request's largest-offload KV alone). A feasible plan
 that misses the SLOs of requests still able to meet all theirs pauses too, when pausing leaves
 fewer misses than it costs (`pause.SloPauseSearch`: a slow link pauses, as no-offload preempts; at most
-`slo_pause_max_trials` trial solves per re-plan, SLO_PAUSE_MAX_TRIALS by default). On the central
+`slo_pause_max_trials` trial solves per re-plan, SLO_PAUSE_MAX_TRIALS by default). A pause costs
+its request a miss only when its wait (until the rest of the batch next shrinks) outruns its TPOT
+slack with `pause_cost` "slack" (`pause.pause_breaks_tpot`, `orbitflow-pause-slack`; then the
+lifetime admission's peak probe pauses for the SLO too); by default ("miss") always one. On the central
 planner the loop runs with the ILP solver, so a central plan carries its own pause decisions.
 Solving ahead, a worker with a central planner sends the batch predicted at the window's end
 there, as many steps ahead as the measured round trip needs (`planner/ahead.py`), and adopts the
@@ -44,16 +55,18 @@ import logging
 import random
 import time
 from dataclasses import replace
+from functools import partial
+from typing import Callable
 
 from orbitflow_ray.costmodel import CostModel, OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
-from orbitflow_ray.planner.admission import (AdmissionKind, batch_plan_inputs, lifetime_peak, prefill_debt_s,
-                                             ttft_at_stake, ttft_missed_ids)
+from orbitflow_ray.planner.admission import (AdmissionKind, SloAdmission, batch_plan_inputs, lifetime_peak,
+                                             outgrow_wait, prefill_debt_s, ttft_at_stake, ttft_missed_ids)
 from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         StepStats, register_policy)
 from orbitflow_ray.planner.deposit import ArrivalForecast, bank_target
-from orbitflow_ray.planner.pause import SLO_PAUSE_MAX_TRIALS, SloPauseSearch, pause_strategy
+from orbitflow_ray.planner.pause import SLO_PAUSE_MAX_TRIALS, SloPauseSearch, pause_breaks_tpot, pause_strategy
 from orbitflow_ray.planner.planning import PlanResult, RemoteSolve
 from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs, PlanStatus,
                                            certain_late, device_bytes, distance_set, engine_step_time, late_requests, make_plan,
@@ -62,6 +75,7 @@ from orbitflow_ray.planner.solvers import PlacementSolver, make_solver
 
 log = logging.getLogger(__name__)
 ADMISSION_HORIZONS = ("lifetime", "window")  # `OrbitFlow.admission_horizon`
+PAUSE_COSTS = ("slack", "miss")  # `OrbitFlow.pause_cost`
 LINK_MODELS = ("engine", "edf")  # `OrbitFlow.link_model`
 
 def tiers_for_distance(d: int, num_layers: int) -> list[Tier]:
@@ -80,6 +94,18 @@ class OrbitFlow(KVPolicy):
     # The step time a plan is judged by (LINK_MODELS): "engine", as the engine issues its copies
     # (`problem.engine_step_time`); "edf", the solver's EDF link model alone (`problem.step_time`).
     link_model = "engine"
+    # At a window's end or on drift, keep the plan in force while it fits and is on time
+    # (`_held`): a re-placement moves KV, and the step carrying the move runs late for the batch.
+    placement_hold = True
+    # The `slo` admission's tie-break (`SloAdmission.everyone_breaks_ties`): a join that costs no
+    # goodput miss but makes steps late for requests whose TTFT is missed waits. False: it joins.
+    everyone_breaks_ties = True
+    # What a pause costs its request in Pause-for-SLO (PAUSE_COSTS): "miss", always one (of a
+    # request still able to meet all its SLOs); "slack" (`orbitflow-pause-slack`), a miss only when
+    # its wait outruns its TPOT slack (`pause.pause_breaks_tpot`), at run time and at the lifetime
+    # peak. "miss" by default: "slack" measured better on one pressure trace and worse on another
+    # (3 seeds x 3 rates, 100 requests: mean goodput lower at the two lower rates).
+    pause_cost = "miss"
     uses_deposit = True
     can_pause = True
     uniform = False
@@ -90,7 +116,8 @@ class OrbitFlow(KVPolicy):
                  drift_threshold: float = 0.25, drift_patience: int = 3, solve_ahead: bool = True,
                  seed: int = 0, solver: str = "fast", deposit_pace: float = 0.9, arrival_memory_s: float = 30.0,
                  slo_pause_max_trials: int = SLO_PAUSE_MAX_TRIALS, admission_horizon: str | None = None,
-                 link_model: str | None = None, prefetch_depth: int = 1, **options) -> None:
+                 link_model: str | None = None, prefetch_depth: int = 1, placement_hold: bool | None = None,
+                 pause_cost: str | None = None, **options) -> None:
         super().__init__(num_layers, cost_model=cost_model, slo_s=slo_s, windows=windows, **options)
         horizon = self.admission_horizon if admission_horizon is None else admission_horizon
         if horizon not in ADMISSION_HORIZONS:
@@ -102,6 +129,16 @@ class OrbitFlow(KVPolicy):
         if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1:
             raise ValueError(f"prefetch_depth must be an integer >= 1, got {prefetch_depth!r}")
         self.link_model, self.prefetch_depth = link_model, prefetch_depth
+        hold = self.placement_hold if placement_hold is None else placement_hold
+        if not isinstance(hold, bool):
+            raise ValueError(f"placement_hold must be a bool, got {placement_hold!r}")
+        self.placement_hold = hold
+        pause_cost = self.pause_cost if pause_cost is None else pause_cost
+        if pause_cost not in PAUSE_COSTS:
+            raise ValueError(f"pause_cost must be one of {PAUSE_COSTS}, got {pause_cost!r}")
+        self.pause_cost = pause_cost
+        if isinstance(self.admission, SloAdmission):
+            self.admission.everyone_breaks_ties = self.everyone_breaks_ties
         self._single = make_solver("uniform")  # the single-distance candidate of `_engine_checked`
         if max_pause_s <= 0 or drift_threshold <= 0 or drift_patience < 1:
             raise ValueError("need max_pause_s > 0, drift_threshold > 0, drift_patience >= 1")
@@ -124,6 +161,7 @@ class OrbitFlow(KVPolicy):
         self._cap: CapacityView | None = None
         self._refused: dict[str, tuple] = {}  # admission refused for this (running set, TTFT missed, at stake)
         self._proposal: tuple[Plan, list[str], PlacementPlan] | None = None  # the last `propose`'s
+        self._peaks: dict[tuple, tuple[Plan, list[str]]] = {}  # the last two `lifetime_misses` solves
         self._protected: frozenset[str] = frozenset()  # resumed after an overlong pause: not paused again
         self._bank: dict[str, int] = {}  # Token-Deposit bank targets (`deposit_target`)
         self.deposit_pace = deposit_pace  # the deposit's release pace, for its bank targets
@@ -133,8 +171,10 @@ class OrbitFlow(KVPolicy):
                                         "trigger_batch", "trigger_window", "trigger_drift",
                                         "trigger_capacity", "plans_missing_slo", "slo_pauses", "slo_pause_trials",
                                         "slo_pause_trials_max", "slo_pause_skipped", "slo_pause_capped",
-                                        "engine_slower", "engine_single")}
+                                        "engine_slower", "engine_single", "plans_held")}
         self.slo_pause = SloPauseSearch(self.pick_victim, self.rng, self.counters, slo_pause_max_trials)
+        # the lifetime peak's own search (a probe: its counters and draws are not the policy's)
+        self.peak_pause = SloPauseSearch(self.pick_victim, random.Random(seed), {}, slo_pause_max_trials)
 
     # ---- the problem ---------------------------------------------------------------------------
     def _inputs(self, views: list[RequestView], cap: CapacityView) -> PlanInputs:
@@ -146,9 +186,11 @@ class OrbitFlow(KVPolicy):
         return prefill_debt_s(views, self.num_layers, self.cost)
 
     def _solve(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str],
-               probe: bool = False) -> tuple[Plan, list[str]]:
+               probe: bool = False, costs: Callable[[RequestView], bool] | None = None
+               ) -> tuple[Plan, list[str]]:
         """Solve; while infeasible, pause one unpinned request and re-solve. Returns the plan and
-        the ids paused to reach it. A probe (may this request join?) logs and counts nothing."""
+        the ids paused to reach it. A probe (may this request join?) logs and counts nothing, and
+        pauses for the SLO only given `costs` (which pauses cost their request an SLO)."""
         active, paused = list(views), []
         while True:
             inputs = self._inputs(active, cap)
@@ -159,7 +201,7 @@ class OrbitFlow(KVPolicy):
                 self.counters["fallbacks"] += 1
                 return self._fallback(inputs, PlanStatus.FALLBACK_ERROR), paused
             if plan.status != PlanStatus.INFEASIBLE:
-                return self._pause_for_slo(plan, active, cap, pinned, paused, probe)
+                return self._pause_for_slo(plan, active, cap, pinned, paused, probe, costs)
             victims = [v for v in active if v.request_id not in pinned]
             if probe:
                 if not self.can_pause or not victims:
@@ -193,13 +235,7 @@ class OrbitFlow(KVPolicy):
         "edf" link model, and for a plan the engine runs on time to the window's end."""
         if self.link_model != "engine" or plan.status is PlanStatus.INFEASIBLE or not plan.distances:
             return plan
-
-        def judged(p: Plan) -> Plan:
-            ds = [p.distances[r.request_id] for r in inputs.requests]
-            T = engine_step_time(inputs, ds, self.prefetch_depth)
-            late = late_requests(inputs, engine_step_time(inputs, ds, self.prefetch_depth, p.window), p.window)
-            return replace(p, predicted_step_s=T, violations=late)
-
+        judged = partial(self._engine_judged, inputs=inputs)
         checked = judged(plan)
         if checked.violations <= plan.violations:
             return checked
@@ -214,14 +250,135 @@ class OrbitFlow(KVPolicy):
         self.counters["engine_slower"] += 1
         return checked
 
+    def _engine_judged(self, plan: Plan, inputs: PlanInputs) -> Plan:
+        """`plan` with its T at `problem.engine_step_time` and its violations at that step at the
+        window's end (every request `growth(window)` tokens longer)."""
+        ds = [plan.distances[r.request_id] for r in inputs.requests]
+        T = engine_step_time(inputs, ds, self.prefetch_depth)
+        late = late_requests(inputs, engine_step_time(inputs, ds, self.prefetch_depth, plan.window), plan.window)
+        return replace(plan, predicted_step_s=T, violations=late)
+
+    def _held(self, views: list[RequestView], cap: CapacityView) -> Plan | None:
+        """The plan in force as it would run another window (`placement_hold`): its distances
+        re-judged at the batch's contexts now, per window, longest first; where they do not fit
+        the device at a window's end, shrunk (`_shrunk`: device -> host, the fewest copies). The
+        first window predicting no miss for a request still able to meet all its SLOs, else the
+        one predicting the fewest (the caller then solves and weighs, `_holds_better`); None when
+        none fits, or the plan in force is a fallback or not this batch's. A new placement moves
+        KV: its copies land in one step (device -> host waited for before it computes), which
+        then runs late for every request of the batch, while a request meets TBT with at most
+        1 % of its gaps late."""
+        plan = self.plan
+        if plan is None or plan.status.is_fallback or not all(v.request_id in plan.distances for v in views):
+            return None
+        inputs, missed = self._inputs(views, cap), ttft_missed_ids(views)
+        now = [plan.distances[v.request_id] for v in views]
+        best = None
+        for w in sorted(inputs.windows, reverse=True):
+            ds = now
+            if device_bytes(inputs, ds, w) > inputs.device_capacity_bytes:
+                ds = self._shrunk(inputs, ds, w)  # the batch outgrew its placement: offload the least
+                if ds is None:
+                    continue
+            held = make_plan(inputs, ds, self._judged_step_s(inputs, ds), w, plan.status, time.perf_counter(),
+                             plan.solver)
+            if self.link_model == "engine":
+                held = self._engine_judged(held, inputs)
+            if not held.violations - missed:
+                return held
+            if best is None or len(held.violations - missed) < len(best.violations - missed):
+                best = held
+        return best
+
+    def _holds_better(self, held: Plan, solved: tuple[Plan, list[str]], views: list[RequestView],
+                      cap: CapacityView, missed: set[str]) -> bool:
+        """Whether the plan in force (`held`, its distances re-judged) beats the new solve. With
+        pauses in the solve, by misses (violations plus pauses). Otherwise by the late gaps each
+        predicts over its window for the requests still able to meet all their SLOs
+        (`_late_gaps`), the new plan's first step carrying the KV it moves (`_moved_bytes`),
+        which makes that step late for the whole batch when the copies push it past the SLO."""
+        plan, paused = solved
+        if paused:
+            return len(held.violations - missed) <= len(plan.violations - missed) + len(set(paused) - missed)
+        inputs = self._inputs(views, cap)
+        moved = self._moved_bytes(inputs, held.distances, plan.distances)
+        return self._late_gaps(held, inputs, missed) <= self._late_gaps(plan, inputs, missed, moved)
+
+    def _late_gaps(self, plan: Plan, inputs: PlanInputs, missed: set[str], moved_bytes: int = 0) -> int:
+        """Late gaps `plan` predicts over its window for the requests of `inputs` not in `missed`:
+        its step grows from T (now) to T at the window's end about linearly, so a request whose
+        effective SLO lies between is late for the window's tail past that crossing; the first
+        step, carrying `moved_bytes` of copies on the link, is late where they push it over."""
+        ds = [plan.distances[r.request_id] for r in inputs.requests]
+        W, T0 = plan.window, self._judged_step_s(inputs, ds)
+        end = replace(inputs, requests=tuple(replace(r, context_tokens=r.context_tokens + r.growth(W))
+                                             for r in inputs.requests))
+        T1 = self._judged_step_s(end, ds)
+        first = T0 + moved_bytes / inputs.link_bytes_per_s
+        gaps = 0
+        for r in inputs.requests:
+            if r.request_id in missed:
+                continue
+            slo = r.effective_slo_s(W)
+            late = 0 if T1 <= slo else W if T0 > slo else W - int((slo - T0) / (T1 - T0) * W)
+            gaps += late + (late < W and first > r.slo_s)
+        return gaps
+
+    @staticmethod
+    def _moved_bytes(inputs: PlanInputs, old: dict[str, int], new: dict[str, int]) -> int:
+        """KV bytes re-placing the batch from distances `old` to `new` copies (either way)."""
+        L, bs, total = inputs.num_layers, inputs.block_size, 0
+        for r in inputs.requests:
+            a, b = placement_for_distance(old[r.request_id], L), placement_for_distance(new[r.request_id], L)
+            total += sum(x != y for x, y in zip(a, b)) * -(-r.context_tokens // bs) * bs
+        return total * inputs.kv_bytes_per_token_per_layer
+
+    def _shrunk(self, inputs: PlanInputs, ds: list[int], window: int) -> list[int] | None:
+        """`ds` with requests moved down a distance class (more layers on host), one class of one
+        request at a time, never below its largest offload (`PlanInputs.largest_offload`: all-host
+        only for a request nothing else holds, as the solvers allow), until the batch fits the
+        device at `window`'s end; each time the request whose move gives the shortest first step:
+        the judged step plus the copies from `ds` on the link (distance classes are not nested: a
+        class down can bring layers back as well as send others out). None if it never fits: the
+        solve then pauses (Pause-Resume)."""
+        start, ids = list(ds), [r.request_id for r in inputs.requests]
+        ds, classes, bw = list(ds), inputs.distances, inputs.link_bytes_per_s
+        old, floor = dict(zip(ids, start)), inputs.largest_offload()
+        while device_bytes(inputs, ds, window) > inputs.device_capacity_bytes:
+            best = None
+            for i, d in enumerate(ds):
+                k = classes.index(d) if d in classes else 0
+                if k == 0 or classes[k - 1] < floor[i]:
+                    continue
+                trial = ds[:i] + [classes[k - 1]] + ds[i + 1:]
+                key = self._judged_step_s(inputs, trial) + self._moved_bytes(inputs, old, dict(zip(ids, trial))) / bw
+                if best is None or key < best[0]:
+                    best = (key, trial)
+            if best is None:
+                return None
+            ds = best[1]
+        return ds
+
     def _pause_for_slo(self, plan: Plan, active: list[RequestView], cap: CapacityView, pinned: frozenset[str],
-                       paused: list[str], probe: bool) -> tuple[Plan, list[str]]:
-        """Pause-Resume under a slow link (`pause.SloPauseSearch`); not for probes or `-no-pause`."""
-        if not self.can_pause or probe:
+                       paused: list[str], probe: bool, costs: Callable[[RequestView], bool] | None = None
+                       ) -> tuple[Plan, list[str]]:
+        """Pause-Resume under a slow link (`pause.SloPauseSearch`); not for `-no-pause`, nor for
+        probes without `costs`. With `pause_cost` "slack", at run time a pause costs its request
+        a miss only when waiting until the rest of the batch next shrinks (its earliest finish, at
+        steps on time) outruns its TPOT slack at the batch's compute-only step."""
+        if not self.can_pause or (probe and costs is None):
             return plan, paused
-        best, extra = self.slo_pause.search(plan, active, pinned, lambda views: self._inputs(views, cap),
-                                            lambda inputs: self._engine_checked(self.solver.solve(inputs), inputs),
-                                            self.solver.seed)
+        if costs is None and self.pause_cost == "slack":
+            step = self.num_layers * self._inputs(active, cap).compute_per_layer_s
+
+            def costs(v: RequestView) -> bool:
+                rest = [u.max_new_tokens_left for u in active if u.request_id != v.request_id]
+                return pause_breaks_tpot(v.max_new_tokens_left, min(rest, default=0), step,
+                                         v.slo_s or self.default_slo_s)
+        search = self.peak_pause if probe else self.slo_pause
+        best, extra = search.search(plan, active, pinned, lambda views: self._inputs(views, cap),
+                                    lambda inputs: self._engine_checked(self.solver.solve(inputs), inputs),
+                                    self.solver.seed, costs)
         return best, paused + extra
 
     def _fallback(self, inputs: PlanInputs, status: PlanStatus) -> Plan:
@@ -326,39 +483,62 @@ class OrbitFlow(KVPolicy):
         self._proposal = (plan, paused, placements)
         return placements
 
-    def predicted_misses(self, views: list[RequestView], plan: PlacementPlan | None, cap: CapacityView) -> int:
+    def predicted_misses(self, views: list[RequestView], plan: PlacementPlan | None, cap: CapacityView,
+                         everyone: bool = False) -> int:
         """From the plans: the proposal's violation set when `plan` is the last proposal; for the
         batch as it runs (`plan` None), the plan in force's, or 0 when that plan is not this batch's
         (it is re-solved at the next step anyway). Requests whose TTFT SLO is missed already do not
-        count (`KVPolicy.predicted_misses`)."""
-        missed = ttft_missed_ids(views)
+        count unless `everyone` (`KVPolicy.predicted_misses`)."""
+        missed = set() if everyone else ttft_missed_ids(views)
         if plan is None:
             ids = frozenset(v.request_id for v in views)
             return len(self.plan.violations - missed) if self.plan is not None and self.plan_ids == ids else 0
         if self._proposal is not None and plan is self._proposal[2]:
             return len(self._proposal[0].violations - missed)
-        return super().predicted_misses(views, plan, cap)
+        return super().predicted_misses(views, plan, cap, everyone)
 
-    def lifetime_misses(self, views: list[RequestView], cap: CapacityView) -> int | None:
+    def lifetime_misses(self, views: list[RequestView], cap: CapacityView, everyone: bool = False) -> int | None:
         """With the `lifetime` horizon, the misses of the batch at its KV peak
-        (`admission.lifetime_peak`), solved as a probe (charged as a solve, installs nothing): the
-        requests the solve must pause to fit the device there (each a late gap, or a TPOT miss
-        while it waits), plus the plan's violations, of requests still able to meet all their
-        SLOs. None with the `window` horizon (`KVPolicy.lifetime_misses`)."""
+        (`admission.lifetime_peak`), solved as a probe (charged as a solve, installs nothing; the
+        last two peaks' solves are kept, so `everyone` reuses them): the requests the solve must
+        pause to fit the device there (each a late gap, or a TPOT miss while it waits), plus the
+        plan's violations, of requests still able to meet all their SLOs (of all, with
+        `everyone`). None with the `window` horizon (`KVPolicy.lifetime_misses`)."""
         if self.admission_horizon != "lifetime":
             return None
         peak = lifetime_peak(views)
         if not peak:
             return 0
-        missed = ttft_missed_ids(peak)
+        missed = set() if everyone else ttft_missed_ids(peak)
         inputs = self._inputs(peak, cap)
         L, w = self.num_layers, inputs.windows[0]
         if L in inputs.distances and device_bytes(inputs, [L] * len(peak), w) <= inputs.device_capacity_bytes:
             # all on device fits the peak: the plan is that (no stall, no pause), its misses the
             # compute's alone (nothing banked there), known without a solve on the decode thread
             return len(certain_late(inputs) - missed)
-        plan, paused = self.ahead.solve_now(peak, cap, frozenset(), True)
+        costs = self._peak_pause_costs(views, inputs) if self.pause_cost == "slack" else None
+        key = (self._key(views), tuple(v.ttft_missed for v in peak), cap)
+        if key not in self._peaks:
+            self._peaks = {**dict(list(self._peaks.items())[-1:]),
+                           key: self.ahead.solve_now(peak, cap, frozenset(), True, costs)}
+        plan, paused = self._peaks[key]
+        if costs is not None:
+            by_id = {v.request_id: v for v in peak}
+            paused = [rid for rid in paused if costs(by_id[rid])]
         return len(set(paused) - missed) + len(plan.violations - missed)
+
+    def _peak_pause_costs(self, views: list[RequestView], peak: PlanInputs) -> Callable[[RequestView], bool]:
+        """Which pauses at the lifetime peak cost their request an SLO (`pause_cost` "slack"): one
+        paused when the batch first outgrows the device with every layer there
+        (`admission.outgrow_wait`) waits until the batch next shrinks, at steps on time; that costs
+        it its TPOT when the wait outruns its slack from there at the peak's compute-only step
+        (`pause.pause_breaks_tpot`)."""
+        out = outgrow_wait(views, peak.device_capacity_bytes // (peak.num_layers * peak.kv_bytes_per_token_per_layer))
+        t, wait = out if out is not None else (0, 0)
+        left = {v.request_id: v.max_new_tokens_left - t for v in views}
+        step = peak.num_layers * peak.compute_per_layer_s
+        return lambda v: pause_breaks_tpot(max(left.get(v.request_id, 0), 0), wait, step,
+                                           v.slo_s or self.default_slo_s)
 
     def admit(self, req: RequestView, running: list[RequestView], cap: CapacityView
               ) -> PlacementPlan | None:
@@ -394,10 +574,18 @@ class OrbitFlow(KVPolicy):
         result = None
         if reason is not None:
             self.counters[f"trigger_{reason}"] += 1
-            solved = self.ahead.take(self._key(running)) if reason in ("window", "drift") else None
-            if solved is None:
-                solved = self.ahead.solve_now(running, cap, self._protected)
+            held = self._held(running, cap) if self.placement_hold and reason in ("window", "drift") else None
+            missed = ttft_missed_ids(running)
+            if held is not None and not held.violations - missed:
+                solved = (held, [])
+            else:
+                solved = self.ahead.take(self._key(running)) if reason in ("window", "drift") else None
+                if solved is None:
+                    solved = self.ahead.solve_now(running, cap, self._protected)
+                if held is not None and self._holds_better(held, solved, running, cap, missed):
+                    solved = (held, [])  # the new placement buys no late gap back: no move
             plan, paused = solved
+            self.counters["plans_held"] += plan is held
             result = self._install(plan, running, paused)
         self._predict(running, cap)
         self._bank = self._bank_targets(running)
@@ -561,3 +749,29 @@ class OrbitFlowEdfLink(OrbitFlow):
 
     name = "orbitflow-edf-link"
     link_model = "edf"
+
+
+@register_policy
+class OrbitFlowNoHold(OrbitFlow):
+    """Ablation: every window's end re-places the batch as solved, even when the plan in force holds."""
+
+    name = "orbitflow-no-hold"
+    placement_hold = False
+
+
+
+@register_policy
+class OrbitFlowTiesJoin(OrbitFlow):
+    """Ablation: a join that ties on goodput misses joins, whatever late steps it brings those whose
+    TTFT is missed."""
+
+    name = "orbitflow-ties-join"
+    everyone_breaks_ties = False
+
+
+@register_policy
+class OrbitFlowPauseSlack(OrbitFlow):
+    """Variant: a pause counts as its request's miss only when its wait outruns its TPOT slack."""
+
+    name = "orbitflow-pause-slack"
+    pause_cost = "slack"

@@ -47,6 +47,16 @@ SLO_PAUSE_MAX_TRIALS = 8
 SLO_PAUSE_LINEAR = 4  # pauses tried one by one before the search may double
 
 
+def pause_breaks_tpot(tokens_left: int, wait_steps: int, step_s: float, slo_s: float) -> bool:
+    """Would pausing a request with `tokens_left` tokens to go for `wait_steps` decode steps (each
+    up to `slo_s` seconds: the batch it leaves runs on time) cost it its TPOT SLO? True when that
+    wait is more than its tokens left can absorb at `step_s` a step:
+    wait_steps x slo_s > (slo_s - step_s) x tokens_left. TPOT is the mean gap over its output and
+    TBT allows 1 % of the gaps late, so a pause that fits in that slack is one late gap, not a
+    miss. Conservative: the slack its past tokens banked is not counted. Units: steps, seconds."""
+    return wait_steps * slo_s > (slo_s - step_s) * tokens_left
+
+
 class SloPauseSearch:
     """Pause-for-SLO: Pause-Resume under a slow link, a search around the placement solver.
 
@@ -54,8 +64,9 @@ class SloPauseSearch:
     (`admission.ttft_missed_ids`), try pausing the first k requests of one order (`order`: those
     whose TTFT is missed first, then the pause strategy's, one by one), re-solving each time, and
     keep the fewest pauses that leave the fewest misses in all, counting a pause as its request's
-    miss (one late gap) when that request can still meet all its SLOs: the trade the admission
-    makes. No pause when none pays.
+    miss when that request can still meet all its SLOs and (given `costs`) the pause costs it one
+    (`pause_breaks_tpot`: a pause within its TPOT slack is one late gap, which TBT allows): the
+    trade the admission makes. No pause when none pays.
 
     Bounded by counts, never a clock (it runs on the decode thread): at most `max_trials` trial
     solves per search. k grows by one while the budget left covers every k left (then the search is
@@ -84,18 +95,21 @@ class SloPauseSearch:
 
     def search(self, plan: Plan, active: list[RequestView], pinned: frozenset[str],
                inputs_for: Callable[[list[RequestView]], PlanInputs], solve: Callable[[PlanInputs], Plan],
-               seed: Callable[[dict[str, int]], None]) -> tuple[Plan, list[str]]:
+               seed: Callable[[dict[str, int]], None],
+               costs: Callable[[RequestView], bool] | None = None) -> tuple[Plan, list[str]]:
         """The plan to run and the ids to pause (in pause order; [] when no pause pays) for the
         batch `active` planned as `plan`; `pinned` are never paused. `inputs_for(views)` is the
         policy's problem of a batch, `solve` its solve of one (as it judges plans), `seed` warm-starts
-        that solver with distances by request id."""
+        that solver with distances by request id. `costs(view)`: whether pausing that request costs
+        it an SLO (None: every pause of a request still able to meet all its SLOs does)."""
         missed = ttft_missed_ids(active)
         if not plan.violations - missed:
             return plan, []
-        order = self.order(active, pinned, missed)
+        free = set() if costs is None else {v.request_id for v in active if not costs(v)}
+        order = self.order(active, pinned, missed | free)
         cost = [0]  # cost[k]: misses the first k pauses count themselves
         for rid in order:
-            cost.append(cost[-1] + (rid not in missed))
+            cost.append(cost[-1] + (rid not in missed and rid not in free))
         best = [len(plan.violations - missed), plan, 0]  # misses in all, plan, pauses
         budget, trials, failed = self.max_trials, 0, False
 
@@ -150,8 +164,9 @@ class SloPauseSearch:
         return best[1], extra
 
     def order(self, active: list[RequestView], pinned: frozenset[str], missed: set[str]) -> list[str]:
-        """The order the search pauses in: unpinned requests whose TTFT is missed first, then the
-        others, each group by the pause strategy; one request always stays."""
+        """The order the search pauses in: unpinned requests in `missed` (TTFT missed, or a pause
+        that costs them no SLO) first, then the others, each group by the pause strategy; one
+        request always stays."""
         rest, order = list(active), []
         while len(rest) > 1:
             victims = [v for v in rest if v.request_id not in pinned]
