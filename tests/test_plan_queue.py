@@ -38,9 +38,9 @@ class Clock:
 class FakeWorker:
     """A worker's policy stepping a hand-built batch: every step each request gains one token."""
 
-    def __init__(self, wid: str, queue: PlanQueue, n: int = 3) -> None:
+    def __init__(self, wid: str, queue: PlanQueue, n: int = 3, **options) -> None:
         self.wid, self.queue = wid, queue
-        self.policy = make_policy("orbitflow", L, **OPTIONS)
+        self.policy = make_policy("orbitflow", L, **{**OPTIONS, **options})
         self.views = [RequestView(f"{wid}-r{i}", 300 + 50 * i, 300, 1000, 0.0, (Tier.DEVICE,) * L, 0, 0.05)
                       for i in range(n)]
         self.sent: list[SolveRequest] = []
@@ -72,10 +72,12 @@ class FakeWorker:
 
 
 def test_workers_adopt_the_central_plan_for_their_batch_and_drop_what_is_stale():
+    # Workers that re-place at every window's end (placement_hold off): the central plan, back in
+    # time for the batch running, is the one installed.
     clock = Clock()
     planner = CentralPlanner(probe_tokens=(16, 64), solver="fast")
     queue = PlanQueue(planner, clock)
-    a, b, c = (FakeWorker(w, queue) for w in "abc")
+    a, b, c = (FakeWorker(w, queue, placement_hold=False) for w in "abc")
 
     b.step()  # installs a local plan, then asks for its window's last step right away (no round trip yet)
     assert len(b.sent) == 1 and b.sent[0].budget_s == pytest.approx(WINDOW * STEP_S)
@@ -172,3 +174,30 @@ def test_a_report_of_the_same_batch_reuses_the_last_probes():
     w.views = w.views[:1]  # a finish: a new batch, probed again
     planner.report(w.telemetry())
     assert planner.stats["probes"] == 4 and planner.stats["probes_reused"] == 1
+
+
+def test_a_plan_on_time_is_held_over_a_central_plan_that_would_move_kv():
+    # placement_hold (the default): at the window's end the plan in force is on time, so a central
+    # plan that re-places KV is taken but not adopted (its copies would make a step late for the
+    # whole batch); with the hold off, the same central plan is installed.
+    installed = {}
+    for hold in (True, False):
+        clock = Clock()
+        queue = PlanQueue(CentralPlanner(probe_tokens=(16, 64), solver="fast"), clock)
+        w = FakeWorker("c", queue, placement_hold=hold)
+        w.step()
+        while queue.run_once():
+            pass
+        central = w.answers[-1].result().result.plan
+        in_force = w.policy.plan
+        for _ in range(WINDOW):
+            w.step()
+        assert w.stats["remote_plans_used"] == 1  # back in time for this batch either way
+        installed[hold] = (w.policy.plan, central, in_force, w.policy.counters["ahead_plans_held_over"])
+    plan, central, in_force, held_over = installed[True]
+    assert central.distances != in_force.distances  # the central plan moves KV...
+    # ...so the plan in force is kept (shrunk a class where the batch outgrew it), not the central one
+    assert plan is not central and plan.distances != central.distances and held_over == 1
+    assert all(plan.distances[r] <= d for r, d in in_force.distances.items())
+    plan, central, _, held_over = installed[False]
+    assert plan is central and held_over == 0

@@ -66,8 +66,11 @@ def test_every_admitted_request_finishes(policy):
 @pytest.mark.slow
 def test_issue_simulation_with_pauses_completes():
     """Issue 13 item 3's command: a paused request resumed at distance 0 (all host) crashed the
-    scheduler with KeyError; now every request finishes and the pauses are reported."""
-    cmd = [sys.executable, "-m", "orbitflow_ray.cli", "simulate", "--workload", "fixed", "--input-tokens", "1000",
+    scheduler with KeyError; now every request finishes and the pauses are reported. Default
+    orbitflow admits no batch that outgrows the device here (lifetime admission), so nothing
+    pauses; the window-horizon ablation admits them and pauses (50 pauses)."""
+    cmd = [sys.executable, "-m", "orbitflow_ray.cli", "simulate", "--policy", "orbitflow-window-admit",
+           "--workload", "fixed", "--input-tokens", "1000",
            "--output-tokens", "4000", "--num-requests", "24", "--rate", "4", "--slo-scale", "2.5",
            "--device-kv-bytes", "2GiB", "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)

@@ -171,7 +171,7 @@ class OrbitFlow(KVPolicy):
                                         "trigger_batch", "trigger_window", "trigger_drift",
                                         "trigger_capacity", "plans_missing_slo", "slo_pauses", "slo_pause_trials",
                                         "slo_pause_trials_max", "slo_pause_skipped", "slo_pause_capped",
-                                        "engine_slower", "engine_single", "plans_held")}
+                                        "engine_slower", "engine_single", "ahead_plans_held_over", "plans_held")}
         self.slo_pause = SloPauseSearch(self.pick_victim, self.rng, self.counters, slo_pause_max_trials)
         # the lifetime peak's own search (a probe: its counters and draws are not the policy's)
         self.peak_pause = SloPauseSearch(self.pick_victim, random.Random(seed), {}, slo_pause_max_trials)
@@ -576,14 +576,23 @@ class OrbitFlow(KVPolicy):
             self.counters[f"trigger_{reason}"] += 1
             held = self._held(running, cap) if self.placement_hold and reason in ("window", "drift") else None
             missed = ttft_missed_ids(running)
+            # a plan solved ahead for this batch (by the central planner or the local thread)
+            ready = self.ahead.take(self._key(running)) if reason in ("window", "drift") else None
+            if ready is not None:
+                ready_plan, ready_paused = ready  # a (plan, paused) pair, or the central planner's PlanResult
+                ready = (ready_plan, list(ready_paused))
             if held is not None and not held.violations - missed:
+                # The plan in force is on time: a ready plan is taken only when it moves no KV (the
+                # same placement, at the window its solver chose) or buys late gaps back.
                 solved = (held, [])
+                if ready is not None and ((not ready[1] and ready[0].distances == held.distances)
+                                          or not self._holds_better(held, ready, running, cap, missed)):
+                    solved = ready
             else:
-                solved = self.ahead.take(self._key(running)) if reason in ("window", "drift") else None
-                if solved is None:
-                    solved = self.ahead.solve_now(running, cap, self._protected)
+                solved = ready if ready is not None else self.ahead.solve_now(running, cap, self._protected)
                 if held is not None and self._holds_better(held, solved, running, cap, missed):
                     solved = (held, [])  # the new placement buys no late gap back: no move
+            self.counters["ahead_plans_held_over"] += ready is not None and solved[0] is held
             plan, paused = solved
             self.counters["plans_held"] += plan is held
             result = self._install(plan, running, paused)
