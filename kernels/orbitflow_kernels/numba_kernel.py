@@ -34,6 +34,11 @@ finally:
     if _ours:
         del os.environ["NUMBA_NUM_THREADS"]
 
+# The pool's size as Numba fixed it when first imported (by this module or before it, e.g. by the
+# planner): `set_num_threads` accepts no more. `config.NUMBA_NUM_THREADS` is not it: Numba re-reads
+# the environment on every compile.
+from numba.np.ufunc.parallel import NUM_THREADS as _POOL_THREADS  # noqa: E402
+
 # Engine threads (tensor-parallel shards in one process, the serving core's engine thread) may run the
 # kernel at once: only the OpenMP and TBB layers take concurrent launches (workqueue aborts on them).
 if config.THREADING_LAYER == "default":
@@ -99,7 +104,7 @@ def paged_decode(q: torch.Tensor, pool: torch.Tensor, table: torch.Tensor, lens:
     rows = torch.arange(r) if rows is None else rows
     qf = q.detach().to(torch.float32).contiguous()
     out = torch.empty(qf.shape, dtype=torch.float32)
-    threads = min(torch.get_num_threads(), config.NUMBA_NUM_THREADS)  # torch's intra-op setting rules
+    threads = min(torch.get_num_threads(), _POOL_THREADS)  # torch's intra-op setting rules, up to the pool
     if get_num_threads() != threads:
         set_num_threads(threads)
     bad = np.zeros(r * pool.shape[2], dtype=np.uint8)

@@ -31,22 +31,16 @@ ones load the cache (numba's import about 0.25 s of CPU, the fast path's import 
 
 from __future__ import annotations
 
-import os
-import sys
 
 import numpy as np
 
-# As kernels/orbitflow_kernels/numba_kernel.py: Numba sizes its thread pool from NUMBA_NUM_THREADS
-# when first imported. If the planner imports it first, size it as that kernel would (torch's
-# intra-op threads, when torch is loaded) and unset it again for processes started later.
-_ours = "NUMBA_NUM_THREADS" not in os.environ and "torch" in sys.modules
-if _ours:
-    os.environ["NUMBA_NUM_THREADS"] = str(sys.modules["torch"].get_num_threads())
-try:
-    from numba import njit  # noqa: E402
-finally:
-    if _ours:
-        del os.environ["NUMBA_NUM_THREADS"]
+# Numba fixes its thread pool's size (NUMBA_NUM_THREADS, default every CPU) when first imported, and
+# the planner is often what imports it first. The planner's loops run no pool; the pool is the
+# decode-attention kernel's (kernels/orbitflow_kernels/numba_kernel.py), which runs on torch's
+# intra-op thread count at each call, capped at this size. So the planner leaves the size alone:
+# sizing it from torch's threads here froze it at 1 in a serving replica (Ray sets 1 thread for a
+# 1-CPU replica) before the app raised torch's threads to 2, and the kernel then failed.
+from numba import njit  # noqa: E402
 
 
 @njit(cache=True, nogil=True)
