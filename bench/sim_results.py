@@ -38,7 +38,8 @@ from orbitflow_ray.sim.workload import WorkloadConfig, generate
 BASELINES = ["all-offload", "static-uniform", "flexgen-plus", "select-n", "no-offload"]
 POLICIES = (["orbitflow"] + BASELINES + [f"{b}+slo" for b in BASELINES]
             + ["orbitflow+fcfs", "orbitflow-uniform", "orbitflow-no-deposit", "orbitflow-no-pause",
-               "orbitflow-window-admit", "orbitflow-edf-link", "orbitflow-no-hold", "orbitflow-ties-join"])
+               "orbitflow-window-admit", "orbitflow-edf-link", "orbitflow-no-hold", "orbitflow-ties-join",
+               "orbitflow-no-bank-wait"])
 SCALES = [1.0, 1.5, 2.5]
 GiB = 1 << 30
 SETUPS = {

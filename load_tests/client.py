@@ -91,7 +91,9 @@ class RequestResult:
                 "prompt_tokens": self.usage_prompt_tokens or self.prompt_tokens,
                 "tokens_received": len(self.token_times), "usage_completion_tokens": self.usage_completion_tokens,
                 "ttft_s": rec.ttft_s, "tpot_s": rec.tpot_s, "finish_reason": self.finish_reason,
-                "error": self.error}
+                "error": self.error,
+                # when each output token arrived, seconds after the request was sent (TBT gaps, pacing)
+                "token_times_s": [t - (self.sent_s or 0.0) for t in self.token_times]}
 
 
 def request_body(cfg: ClientConfig, req: TraceRequest, prompt: str) -> dict:

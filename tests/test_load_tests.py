@@ -210,6 +210,9 @@ def test_client_against_live_app(live_app, tmp_path):
         assert r["tokens_received"] == r["usage_completion_tokens"] == r["output_tokens"]
         assert r["prompt_tokens"] == r["input_tokens"]  # exact prompts (the model's tokenizer)
         assert r["ttft_s"] > 0 and r["tpot_s"] > 0
+        times = r["token_times_s"]  # every token's arrival after the send: its first is the TTFT
+        assert len(times) == r["tokens_received"] and times == sorted(times)
+        assert times[0] == pytest.approx(r["ttft_s"]) and times[-1] > times[0]
     md = (out / "report.md").read_text()
     assert "`orbitflow` measured" in md and "`orbitflow` simulated" in md and "![tbt_cdf](tbt_cdf.png)" in md
     assert all((out / n).read_bytes()[:8] == PNG_MAGIC for n in ("tbt_cdf.png", "latency_over_time.png"))

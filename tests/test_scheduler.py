@@ -1,7 +1,7 @@
 """The scheduler on its own (no model, no tensors): continuous batching, chunked prefill, budgets,
 swap-out and recompute preemption, exact KV accounting. This is how the simulator will drive it."""
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from orbitflow_ray.config import EngineConfig
 from orbitflow_ray.kv.blocks import Tier
@@ -87,6 +87,10 @@ def test_recompute_when_host_is_full_too():
        st.sampled_from(["no-offload", "static-uniform", "all-offload", "orbitflow", "orbitflow-uniform",
                         "orbitflow-no-pause", "flexgen-plus", "select-n"]),
        st.integers(40, 120), st.integers(0, 120))
+# Found by this test: r1 joined while r0's prompt was half prefilled, the two prompts did not fit
+# the host tier together, and each growth evicted the other (a livelock); a join now waits for the
+# room the running prompts still need.
+@example(shapes=[(58, 1), (34, 1)], policy="orbitflow", device_blocks=48, host_blocks=36)
 def test_every_request_finishes_and_nothing_leaks(shapes, policy, device_blocks, host_blocks):
     s = make(policy, device_blocks, host_blocks, max_num_batched_tokens=48, prefill_chunk_size=24)
     reqs = []

@@ -42,10 +42,13 @@ from __future__ import annotations
 import abc
 import enum
 import functools
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 from orbitflow_ray.kv.blocks import Tier
+from orbitflow_ray.metrics.slo import TBT_QUANTILE
+from orbitflow_ray.planner.deposit import bank_target
 from orbitflow_ray.planner.problem import (ALL_HOST, PlanInputs, PlanRequest, late_requests,
                                            placement_for_distance, step_time)
 
@@ -218,6 +221,59 @@ def ttft_at_stake(req: RequestView, running: Sequence[RequestView], num_layers: 
     step = num_layers * (a + b * sum(v.num_tokens for v in running))
     wait = min(v.max_new_tokens_left for v in running) * step
     return prefill <= slack < prefill + wait
+
+
+def prefill_stalls_s(req: RequestView, num_layers: int, cost: OnlineCostModel, chunk_tokens: int) -> list[float]:
+    """Seconds each prefill chunk of `req` adds to the decode step it shares with the running
+    batch, one entry per chunk (the scheduler prefills at most `chunk_tokens` prompt tokens of a
+    request a step), at the cost model's prefill rate; [] when its prompt is computed."""
+    kp = num_layers * cost.model.compute_p_s_per_token
+    full, rest = divmod(req.prefill_tokens_left, chunk_tokens)
+    return [kp * chunk_tokens] * full + ([kp * rest] if rest else [])
+
+
+def bank_wait_s(req: RequestView, running: Sequence[RequestView], num_layers: int, cost: OnlineCostModel,
+                chunk_tokens: int, pace: float, default_slo_s: float, step_s: float | None = None,
+                stall_margin: float = 1.0, same_step_s: float = 0.0) -> tuple[float, list[float]]:
+    """Token-Deposit's join wait: how long `req` should wait before its prefill shares steps with
+    `running`, so that the running streams' banks grow to cover the stalls its chunks bring
+    (`prefill_stalls_s`, times `stall_margin`; the first one with `same_step_s` more: the stalls
+    of prefills already joining in the step its first chunk would run in), and those stalls.
+    (0, stalls) when no running request would lose its TBT SLO by them.
+
+    A running request is hurt when its bank (`deposit_tokens`) is below what the stalls need
+    (`deposit.bank_target`, at decode step `step_s`: the policy's predicted step, by default the
+    cost model's for the batch with all KV on device) and
+    the late gaps they may bring (every stalled step whose step + stall is over its SLO) push it
+    past the TBT SLO's allowance (floor of 1 % of its gaps, `metrics.TBT_QUANTILE`). Requests
+    whose TTFT or TBT is missed already, or with no token yet (TBT starts at the first), are not.
+    While it waits, a hurt request's bank grows by 1 - step / (pace x SLO) tokens a step (it
+    releases a token per pace x SLO, emits one per step); a request that would finish first needs
+    no bank (it is gone when the prefill starts). The wait is the longest of those, in seconds;
+    infinite when a hurt request's bank cannot grow (steps at or over its pace x SLO)."""
+    stalls = [stall_margin * s for s in prefill_stalls_s(req, num_layers, cost, chunk_tokens)]
+    if stalls:
+        stalls[0] += stall_margin * same_step_s
+    if not stalls or not running:
+        return 0.0, stalls
+    a, b = cost.model.decode_layer_coeffs(len(running))
+    step = step_s or num_layers * (a + b * sum(v.num_tokens for v in running))
+    wait = 0
+    for v in running:
+        if v.num_output_tokens == 0 or v.ttft_missed:
+            continue
+        slo = v.slo_s or default_slo_s
+        gaps = v.num_output_tokens + v.max_new_tokens_left - 1
+        allowed = math.floor((1 - TBT_QUANTILE) * gaps + 1e-9)
+        late = sum(1 for s in stalls if step + s > slo)
+        need = bank_target(step, slo, 1, stalls, pace) - v.deposit_tokens
+        if need <= 0 or v.num_late_gaps > allowed or v.num_late_gaps + late <= allowed:
+            continue
+        grow = 1 - step / (pace * slo)
+        if grow <= 0:
+            return math.inf, stalls  # its bank cannot grow: waiting does not help it
+        wait = max(wait, min(math.ceil(need / grow), v.max_new_tokens_left))
+    return wait * step, stalls
 
 
 def ttft_missed_ids(views: Sequence[RequestView]) -> set[str]:

@@ -34,6 +34,8 @@ class RequestView:
     # TTFT SLO slack, seconds: arrival + TTFT SLO - the first token's time (now, before it comes);
     # negative: the TTFT SLO is missed. None: the request set no TTFT SLO.
     ttft_slack_s: float | None = None
+    num_late_gaps: int = 0  # released gaps so far longer than its per-token SLO (TBT misses)
+    num_waiting_behind: int = 0  # requests queued behind it (the scheduler fills it for the queue's head)
 
     @property
     def prefill_tokens_left(self) -> int:
@@ -99,12 +101,17 @@ class KVPolicy(abc.ABC):
     native_admission: ClassVar[AdmissionKind] = AdmissionKind.FCFS
 
     def __init__(self, num_layers: int, admission: str | None = None, cost_model: OnlineCostModel | None = None,
-                 slo_s: float = 0.5, windows: tuple[int, ...] = DEFAULT_WINDOWS, **options) -> None:
+                 slo_s: float = 0.5, windows: tuple[int, ...] = DEFAULT_WINDOWS, prefill_chunk_tokens: int = 1024,
+                 **options) -> None:
         if not slo_s > 0:
             raise ValueError(f"slo_s must be > 0, got {slo_s}")
         if not windows or any(int(w) != w or w < 1 for w in windows):
             raise ValueError(f"windows must be integers >= 1, got {windows}")
+        if isinstance(prefill_chunk_tokens, bool) or not isinstance(prefill_chunk_tokens, int) or prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be an integer >= 1, got {prefill_chunk_tokens!r}")
         self.num_layers = num_layers
+        # the most prompt tokens of one request in one step (the scheduler's chunked prefill)
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.admission: Admission = make_admission(self.native_admission if admission is None else admission)
         self.cost = cost_model or OnlineCostModel(default_prior(num_layers, None, "cpu"))
         self.default_slo_s = slo_s
@@ -234,7 +241,8 @@ def policy_options(config) -> dict:
                 pause_strategy_name=config.pause_strategy, max_pause_s=config.max_pause_s,
                 slo_s=config.tpot_slo_s, windows=tuple(config.plan_windows),
                 solve_ahead=config.solve_ahead, seed=config.seed, deposit_pace=config.deposit_pace,
-                prefetch_depth=config.prefetch_depth)
+                prefetch_depth=config.prefetch_depth,
+                prefill_chunk_tokens=min(config.prefill_chunk_size, config.max_num_batched_tokens))
 
 
 def policy_from_config(config, num_layers: int, cost_model) -> KVPolicy:

@@ -4,8 +4,9 @@ The paper (OrbitFlow, Token-Deposit) paces every stream at the SLO: a token prod
 pace is banked and released when the pace reaches it, so a later slow step (a stall) is hidden by
 the tokens in the bank. Pacing a stream that no stall will hit only slows it down, so here the
 bank has a *target*: `target_tokens`, the tokens that cover the stalls the plan predicts over its
-window (`bank_target`: its slow steps, the prefill the batch owes, and the prefills of arrivals
-forecast from the recent ones, `ArrivalForecast`). The scheduler sets it from
+window (`bank_target`: its slow steps, the prefill the batch owes, the prefills of arrivals
+forecast from the recent ones, `ArrivalForecast`, and the prefill of an arrival that waits to join
+until the banks cover it, `OrbitFlow.bank_wait`). The scheduler sets it from
 `KVPolicy.deposit_target` before every token; on an idle server it is 0.
 
 Release rule, with ps = pace * slo and the previous token's release r_{i-1} (final or banked):

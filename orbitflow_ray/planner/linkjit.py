@@ -25,8 +25,9 @@ fails if a numpy, BLAS or machine change breaks one of these equalities.
 Compiled single-threaded (`nogil`, no `parallel`: the decode thread must not start a pool), cached
 on disk beside this file where that is writable, and warmed up when this module is imported for
 every signature a solve uses, so a solve never compiles: the first import compiles (about 28 s of
-CPU on the shared 2-core box; every process compiles again where the cache is not writable), later
-ones load the cache (numba's import about 0.25 s of CPU, the fast path's import 0.75 s).
+CPU on the shared 2-core box; `make install` does it, so a fresh checkout's first `serve run` or test
+does not; every process compiles again where the cache is not writable), later ones load the cache
+(numba's import about 0.25 s of CPU, the fast path's import 0.75 s).
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ logged and counted; no request is ever dropped.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import replace
@@ -60,8 +61,9 @@ from typing import Callable
 
 from orbitflow_ray.costmodel import CostModel, OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
-from orbitflow_ray.planner.admission import (AdmissionKind, SloAdmission, batch_plan_inputs, lifetime_peak,
-                                             outgrow_wait, prefill_debt_s, ttft_at_stake, ttft_missed_ids)
+from orbitflow_ray.planner.admission import (AdmissionKind, SloAdmission, bank_wait_s, batch_plan_inputs,
+                                             lifetime_peak, outgrow_wait, prefill_debt_s, prefill_stalls_s,
+                                             ttft_at_stake, ttft_missed_ids)
 from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         StepStats, register_policy)
@@ -97,6 +99,10 @@ class OrbitFlow(KVPolicy):
     # At a window's end or on drift, keep the plan in force while it fits and is on time
     # (`_held`): a re-placement moves KV, and the step carrying the move runs late for the batch.
     placement_hold = True
+    # Token-Deposit's join wait (`admission.bank_wait_s`): an arrival whose prefill chunks would
+    # stall running streams past their TBT SLO waits while their banks grow to cover them, for as
+    # long as its own TTFT slack allows; the banks count its stalls meanwhile (`_bank_targets`).
+    bank_wait = True
     # The `slo` admission's tie-break (`SloAdmission.everyone_breaks_ties`): a join that costs no
     # goodput miss but makes steps late for requests whose TTFT is missed waits. False: it joins.
     everyone_breaks_ties = True
@@ -164,6 +170,9 @@ class OrbitFlow(KVPolicy):
         self._peaks: dict[tuple, tuple[Plan, list[str]]] = {}  # the last two `lifetime_misses` solves
         self._protected: frozenset[str] = frozenset()  # resumed after an overlong pause: not paused again
         self._bank: dict[str, int] = {}  # Token-Deposit bank targets (`deposit_target`)
+        # (id, prefill stalls) of the arrival waiting for the banks (`_waits_for_banks`)
+        self._join_stalls: tuple[str, list[float]] | None = None
+        self._joined_stall_s = 0.0  # prefill stall seconds of the requests that joined in this step
         self.deposit_pace = deposit_pace  # the deposit's release pace, for its bank targets
         self.arrivals = ArrivalForecast(arrival_memory_s)  # the stalls arrivals bring (bank targets)
         self._now = 0.0  # the clock of the last observed step
@@ -171,7 +180,8 @@ class OrbitFlow(KVPolicy):
                                         "trigger_batch", "trigger_window", "trigger_drift",
                                         "trigger_capacity", "plans_missing_slo", "slo_pauses", "slo_pause_trials",
                                         "slo_pause_trials_max", "slo_pause_skipped", "slo_pause_capped",
-                                        "engine_slower", "engine_single", "ahead_plans_held_over", "plans_held")}
+                                        "engine_slower", "engine_single", "ahead_plans_held_over", "plans_held",
+                                        "bank_wait_steps")}
         self.slo_pause = SloPauseSearch(self.pick_victim, self.rng, self.counters, slo_pause_max_trials)
         # the lifetime peak's own search (a probe: its counters and draws are not the policy's)
         self.peak_pause = SloPauseSearch(self.pick_victim, random.Random(seed), {}, slo_pause_max_trials)
@@ -547,6 +557,8 @@ class OrbitFlow(KVPolicy):
         (`admission.ttft_at_stake`), that miss). A request paused past `max_pause_s` joins whenever
         a plan holds it (no starvation)."""
         pinned = self._overdue([req])
+        if not pinned and self._waits_for_banks(req, running):
+            return None
         # what a refusal weighs: the batch, those in it whose TTFT is missed, whether waiting costs req its TTFT
         ids = (frozenset(v.request_id for v in running), frozenset(ttft_missed_ids(running)),
                ttft_at_stake(req, running, self.num_layers, self.cost))
@@ -558,13 +570,42 @@ class OrbitFlow(KVPolicy):
             return None
         plan, paused, _ = self._proposal
         self._refused.pop(req.request_id, None)
+        first = prefill_stalls_s(req, self.num_layers, self.cost, self.prefill_chunk_tokens)[:1]
+        self._joined_stall_s += sum(first)  # its first chunk stalls this step (`_waits_for_banks`)
         if req.paused_s is not None:
             self.counters["resumes"] += 1
             self._protected |= pinned
         return self._install(plan, running + [req], paused)
 
+    def _waits_for_banks(self, req: RequestView, running: list[RequestView]) -> bool:
+        """Token-Deposit's join wait (`bank_wait`): True when `req`'s prefill would cost running
+        requests their TBT SLO and waiting for their banks (`admission.bank_wait_s`) still lets it
+        make its TTFT SLO (its prefill and the wait within its slack; no TTFT SLO: any finite
+        wait), and nobody waits behind it (`RequestView.num_waiting_behind`: with a queue, held
+        joins bunch up behind it and each stalls the streams again; holding a queued head lost
+        goodput on ShareGPT-like traces at 4 req/s). Its chunks' stalls count in the bank targets
+        until it joins; the first chunk's stall includes those of the requests that joined in this
+        step already (their first chunks run in it too). The stalls are taken `drift_threshold`
+        longer than the cost model predicts:
+        the error the policy accepts of its step predictions before it re-plans (a prefill
+        chunk's attention, quadratic in its length, is not in the linear cost model)."""
+        self._join_stalls = None
+        if not (self.bank_wait and self.uses_deposit and running and not req.num_waiting_behind
+                and self.admission.kind is AdmissionKind.SLO):
+            return False
+        wait, stalls = bank_wait_s(req, running, self.num_layers, self.cost, self.prefill_chunk_tokens,
+                                   self.deposit_pace, self.default_slo_s, self._predicted_s,
+                                   1 + self.drift_threshold, self._joined_stall_s)
+        slack, own = req.ttft_slack_s, prefill_debt_s([req], self.num_layers, self.cost)
+        if wait <= 0 or math.isinf(wait) or (slack is not None and own + wait > slack):
+            return False
+        self._join_stalls = (req.request_id, stalls)
+        self.counters["bank_wait_steps"] += 1
+        return True
+
     def replan(self, running: list[RequestView], cap: CapacityView) -> PlacementPlan | None:
         self._cap = cap
+        self._joined_stall_s = 0.0  # a new step: nobody has joined in it yet
         self._last_views = running
         self.steps_left -= 1
         if not running:
@@ -651,8 +692,9 @@ class OrbitFlow(KVPolicy):
     def _bank_targets(self, running: list[RequestView]) -> dict[str, int]:
         """Token-Deposit: per planned request, the tokens that cover the stalls predicted over the
         next plan window (`deposit.bank_target`): the plan's step above the request's SLO, the
-        prefill the batch still owes, and the prefills of the arrivals forecast from the recent
-        ones (`deposit.ArrivalForecast`: arrivals are not in the plan's inputs). 0 where none is
+        prefill the batch still owes, the prefills of the arrivals forecast from the recent ones
+        (`deposit.ArrivalForecast`: arrivals are not in the plan's inputs), and the chunks of an
+        arrival waiting for these banks (`_waits_for_banks`). 0 where none is
         predicted: on an idle server a stream goes out as produced."""
         if not self.uses_deposit or self.plan is None or self._predicted_s is None:
             return {}
@@ -661,6 +703,8 @@ class OrbitFlow(KVPolicy):
             self.arrivals.note(v.request_id, v.arrival_time, kp * v.num_prompt_tokens)
         T, W = self._predicted_s, self.plan.window
         stalls = [self._prefill_debt_s(running)] + self.arrivals.stalls(self._now, W * T)
+        if self._join_stalls is not None:  # an arrival waiting for these banks (`_waits_for_banks`)
+            stalls += self._join_stalls[1]
         return {v.request_id: bank_target(T, v.slo_s or self.default_slo_s, min(W, v.max_new_tokens_left),
                                           stalls, self.deposit_pace)
                 for v in running if v.request_id in self.plan.distances}
@@ -688,6 +732,8 @@ class OrbitFlow(KVPolicy):
 
     def request_finished(self, request_id: str) -> None:
         self.arrivals.forget(request_id)
+        if self._join_stalls is not None and self._join_stalls[0] == request_id:
+            self._join_stalls = None
         self._refused.pop(request_id, None)
         self._protected -= {request_id}
 
@@ -733,6 +779,15 @@ class OrbitFlowNoDeposit(OrbitFlow):
 
     name = "orbitflow-no-deposit"
     uses_deposit = False
+
+
+@register_policy
+class OrbitFlowNoBankWait(OrbitFlow):
+    """Ablation: no join wait for the Token-Deposit banks (an arrival's prefill stalls the streams
+    as soon as the admission lets it join)."""
+
+    name = "orbitflow-no-bank-wait"
+    bank_wait = False
 
 
 @register_policy

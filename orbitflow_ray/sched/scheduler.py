@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Callable
 
 from orbitflow_ray.config import EngineConfig
@@ -127,7 +128,8 @@ class Scheduler:
                            now - req.paused_at if req.paused_at is not None else None,
                            req.num_computed_tokens,
                            None if ttft is None else
-                           req.arrival_time + ttft - (req.token_times[0] if req.token_times else now))
+                           req.arrival_time + ttft - (req.token_times[0] if req.token_times else now),
+                           req.deposit.num_late if req.deposit is not None else 0)
 
     def capacity(self) -> CapacityView:
         d, h = self.kv.pools[Tier.DEVICE], self.kv.pools[Tier.HOST]
@@ -238,15 +240,22 @@ class Scheduler:
             req = self.waiting[0]
             if self._chunk(req) > budget:
                 break
-            plan = self.policy.admit(self.view(req), [self.view(r) for r in self.running], self.capacity())
+            head = replace(self.view(req), num_waiting_behind=len(self.waiting) - 1)
+            plan = self.policy.admit(head, [self.view(r) for r in self.running], self.capacity())
             if plan is None:
                 break
             placement = plan.placements.pop(req.request_id, None)
             if placement is None:
                 raise RuntimeError(f"kv_policy {self.policy.name!r} admitted {req.request_id!r} without a placement")
             self._apply(plan)
-            # Admit only if the whole prompt fits, so a long prefill is not preempted half-way.
-            if (not self.kv.fits(self.kv.demand(placement, self.kv.blocks_for(req.num_tokens)))
+            # Admit only if the whole prompt fits beside the rest of the prompts being prefilled, so
+            # no long prefill is preempted half-way (two growing prompts could evict each other forever).
+            need = self.kv.demand(placement, self.kv.blocks_for(req.num_tokens))
+            for other in self.running:
+                if other is not req and other.num_computed_tokens + 1 < other.num_tokens:
+                    for tier, n in self.kv.growth_need(other.request_id, other.num_tokens).items():
+                        need[tier] += n
+            if (not self.kv.fits(need)
                     or not self._stages(req, self._chunk(req), placement)):
                 break
             self.waiting.popleft()
