@@ -89,6 +89,7 @@ from cvxpy.settings import PARAM_PROB
 
 from orbitflow_ray.planner.fastpath import Chain, FastPlanner, knapsack_bound, offload_greedy, reclaim
 from orbitflow_ray.planner.ilp import ShapeCache, link_rows
+from orbitflow_ray.planner.ilp_targets import TargetSearch
 from orbitflow_ray.planner.problem import (T_RTOL, Plan, PlanInputs, PlanStatus, fits,
                                            make_plan, plan_better, step_time, tie_data, tie_limit,
                                            ties_with_fewer_bytes, violations_settled, window_counts,
@@ -309,12 +310,14 @@ class CompactIlpPlanner:
 
     def __init__(self, rel_gap: float = 1e-4, max_nodes: int = 32, iteration_limit: int = 100_000,
                  time_limit_s: float = 2.0, max_cached: int = 32, fast: FastPlanner | None = None,
-                 search: str = "chains", max_rounds: int = 4, prove: bool = False) -> None:
+                 search: str = "chains", max_rounds: int = 4, prove: bool = False,
+                 heuristic: bool = True) -> None:
         if not (0 <= rel_gap < 1) or max_nodes < 1 or iteration_limit < 1 or time_limit_s <= 0:
             raise ValueError("need 0 <= rel_gap < 1, max_nodes >= 1, iteration_limit >= 1, time_limit_s > 0")
         if not 1 <= max_rounds <= C_MAX - 4:
             raise ValueError(f"need 1 <= max_rounds <= {C_MAX - 4}, got {max_rounds}")
-        self.max_rounds, self.prove = max_rounds, prove
+        self.max_rounds, self.prove, self.heuristic = max_rounds, prove, heuristic
+        self.targets = TargetSearch()
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
         self.rel_gap, self.max_nodes, self.search = rel_gap, max_nodes, search
@@ -331,7 +334,8 @@ class CompactIlpPlanner:
         self._shapes = ShapeCache(_Compiled, max_cached)
         self.last: dict[str, int] = {}
         self.stats = dict.fromkeys(("improved", "confirmed", "kept_fast", "windows", "stopped", "out_of_time",
-                                    "precertified", "tie_skipped", "lp_solves", "chain_mips", "tie_mips"), 0)
+                                    "precertified", "tie_skipped", "lp_solves", "chain_mips", "tie_mips",
+                                    "heuristic_proven"), 0)
         self._chain_models: dict[tuple[int, int], _ChainModel] = {}
         self.chain_compiles = 0
         self.deadline: float | None = None
@@ -459,6 +463,18 @@ class CompactIlpPlanner:
             chains.insert(0, relaxed[1])
         # the bound in our own arithmetic (not the solver's tolerances): knapsack over every row
         lower = max([0.0] + [knapsack_bound(load, ef, devf, float(cap), m)[0] - s for m, s in chains])
+        if self.heuristic:  # our own primal heuristic from the LP's face (`ilp_targets`)
+            target = (L + lower) * (1 + self.rel_gap) - L
+            ks, _ = self.targets.search(link, load, e, dev, int(cap), best, chains,
+                                        None if relaxed is None else relaxed[1],
+                                        None if relaxed is None else relaxed[2], target)
+            if stall(ks) < stall(best) and fits(inputs, window, ks):
+                best = ks
+                chains.append(chain_of(best))
+                if len(chains) > C_MAX:
+                    chains.pop(1 if relaxed is not None else 0)
+            if L + stall(best) <= (L + lower) * (1 + self.rel_gap):
+                self.stats["heuristic_proven"] += 1
         model = self._chain_models.get((len(load), len(dev)))
         if model is None:
             model = self._chain_models[(len(load), len(dev))] = _ChainModel(len(load), len(dev))
@@ -468,7 +484,11 @@ class CompactIlpPlanner:
             S = stall(best)
             if L + S <= (L + lower) * (1 + self.rel_gap) or self._time_left() <= 0:
                 break
-            options = {**self.chain_options, **tight, "mip_abs_gap": self.rel_gap * (L + S),
+            # HiGHS stops at incumbent - dual <= this gap, which implies our proof below (T within
+            # rel_gap of the bound: S - lower <= rel_gap * (L + lower)) with a margin (1e-3 of the
+            # gap) over the 1e-9 taken off HiGHS's dual bound
+            options = {**self.chain_options, **tight,
+                       "mip_abs_gap": self.rel_gap * (L + S) / (1 + self.rel_gap) * (1 - 1e-3),
                        "time_limit": self._budget_s()}
             ks, status, dual = model.solve(data, chains, best, options)
             self.stats["chain_mips"] += 1
