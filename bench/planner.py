@@ -8,11 +8,16 @@ Run from the repository root with the project venv:
     .venv/bin/python bench/planner.py --json runs/planner.json
     .venv/bin/python bench/planner.py --batches 32,128 --layers 32,80 --solvers fast,central,central-mip \
         --cpu-time --gap-instances 1000 --json runs/planner.json    # the issue-16 table
+    .venv/bin/python bench/planner.py --batches 32,128 --layers 32,80 --solvers central-noheur,central \
+        --mip-instances 20 --cpu-time                                 # the heuristic against its baseline
     .venv/bin/python bench/planner.py --decode-thread --batches 8,16,32 --layers 32 --json runs/decode.json
 
 Solver paths: `central` (CompactIlpPlanner: what the central planner runs; the fast plan, then the
-LP relaxation of the compact cvxpy model and the chain-restricted cvxpy MIP, both solved by HiGHS,
-proving T within --central-gap, never worse than the fast plan; its time includes the fast solve),
+LP relaxation of the compact cvxpy model solved by HiGHS, our primal heuristic from the LP's face
+(ilp_targets.py), and the chain-restricted cvxpy MIP (HiGHS) only when the heuristic's plan is not
+proven within --central-gap of the LP bound; never worse than the fast plan; its time includes the
+fast solve; heuristic_proven / chain_mips count the windows proven with no MIP / the MIPs run),
+`central-noheur` (the same without the heuristic: what `central` ran before it, the baseline),
 `central-mip` (the same planner with search="mip": HiGHS branch and bound on the whole compact model
 from the fast plan, 32 nodes; what `central` ran before), `cvxpy` (IlpPlanner: cvxpy + HiGHS, DPP, the reference), `highspy` (the same MIP built
 with highspy directly), `highspy-reduced` (the MIP without violation binaries: exact for the
@@ -81,7 +86,7 @@ PRESETS = {  # layers, KV bytes per token per layer, a (s), b (s per token)
     "llama3-70b-tp4": (80, 1024, 0.30e-3, 0.6e-9),
 }
 LINK = 25e9
-SOLVERS = ("central", "central-mip", "cvxpy", "highspy", "highspy-reduced", "fast")
+SOLVERS = ("central", "central-noheur", "central-mip", "cvxpy", "highspy", "highspy-reduced", "fast")
 
 
 def make_request(rng, rid: str) -> PlanRequest:
@@ -117,6 +122,7 @@ def warm_batches(R: int, preset: str, n: int, seed: int):
 def planner(name: str, args, warm: bool):
     if name.startswith("central"):
         return CompactIlpPlanner(args.central_gap, search="mip" if name == "central-mip" else "chains",
+                                 heuristic=name != "central-noheur",
                                  fast=FastPlanner(args.fast_gap, warm_start=warm))
     if name == "cvxpy":
         return IlpPlanner(rel_gap=args.mip_gap, time_limit_s=args.mip_time_limit)
@@ -128,7 +134,7 @@ def planner(name: str, args, warm: bool):
 def run(name: str, batches, args, warm: bool) -> dict:
     pl, batches, times, limit, extra = planner(name, args, warm), list(batches), [], 0, {}
     clock = time.process_time if args.cpu_time else time.perf_counter
-    if name in ("cvxpy", "central", "central-mip"):  # the first solve of a shape compiles (DPP): not in percentiles
+    if name in ("cvxpy", "central", "central-noheur", "central-mip"):  # the first solve of a shape compiles (DPP): not in percentiles
         t = clock()
         pl.solve(batches[0])
         extra["first_ms"] = 1e3 * (clock() - t)
@@ -147,7 +153,8 @@ def run(name: str, batches, args, warm: bool) -> dict:
     if name.startswith("central"):
         if not args.cpu_time:  # HiGHS reports wall time: no share of process time
             out["highs_share"] = (pl.highs_s - highs_first) / sum(times)
-        out.update({k: pl.stats[k] for k in ("improved", "confirmed", "kept_fast", "precertified")})
+        out.update({k: pl.stats[k] for k in ("improved", "confirmed", "kept_fast", "precertified",
+                                             "heuristic_proven", "chain_mips")})
     if name == "fast":
         out["uncertified"] = pl.stats["bnb_out_of_nodes"] + pl.stats["violations_unsettled"]
         out["max_gap"] = max(pl.gaps, default=0.0)

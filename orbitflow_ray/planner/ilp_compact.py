@@ -35,27 +35,40 @@ How the T solve searches (`search`, default "chains"), everything through cvxpy 
 - "chains" (lazy chain generation). (1) HiGHS solves the LP relaxation of the compact model above
   (`_Compiled.relaxation`: cvxpy's matrices of the boolean model, integrality dropped). Its link
   rows' duals, as one weighting of link intervals, give a row t >= m . Y - s that every placement
-  satisfies and whose knapsack minimum equals the LP bound. (2) A small MIP in cvxpy
-  (`_ChainModel`: x, Y, the capacity row and C_MAX such rows, minimise t) is solved by HiGHS from
-  the fast plan, with that row, the fast path's chains and the incumbent's critical chain. It is a
-  relaxation of the compact model (a longest path is at least any chain), so its dual bound is a
-  lower bound on the least stall; its answer is scored exactly (`fastpath.LinkEval`), and if the
-  answer's critical chain is new it is added and the MIP solved again (at most `max_rounds`).
-  Proven when the best plan's T is within rel_gap of the best lower bound (LP row's knapsack in our
-  arithmetic, the MIP's dual bound less 1e-9, the fast path's chains).
+  satisfies and whose knapsack minimum equals the LP bound. (2) Our primal heuristic
+  (`ilp_targets.TargetSearch`, with `heuristic=True`, the default) proposes plans from the LP's
+  face: the knapsack's integral rounding over that row and the LP solution's rounding, then the
+  fast plan, each improved by a compiled descent over one- and two-request moves scored exactly
+  (its module docstring says why the fast plan's basin is the wrong one). Its best plan replaces
+  the incumbent when its exact stall is lower; when its T is within rel_gap of the lower bound
+  (below) the window is proven without any MIP (`stats["heuristic_proven"]`). (3) Otherwise a
+  small MIP in cvxpy (`_ChainModel`: x, Y, the capacity row and C_MAX such rows, minimise t) is
+  solved by HiGHS from the incumbent, with that row, the fast path's chains and the incumbent's
+  critical chain. It is a relaxation of the compact model (a longest path is at least any chain),
+  so its dual bound is a lower bound on the least stall; its answer is scored exactly
+  (`fastpath.LinkEval`), and if the answer's critical chain is new it is added and the MIP solved
+  again (at most `max_rounds`); HiGHS's absolute gap is set so that its stop implies our proof.
+  What proves OPTIMAL: the best plan's exact T within rel_gap of the best lower bound, the largest
+  of the LP row's knapsack minimum (in our arithmetic, not HiGHS's tolerances), the fast path's
+  chains' knapsacks and the chain MIP's dual bound less 1e-9 (relative and absolute); and its
+  violation set settled (`problem.violations_settled`). The heuristic proves nothing by itself.
 - "mip": HiGHS branch and bound on the compact model itself, its heuristics off (the former
   default; kept as a reference and for bench/planner.py's before/after).
 
-What a solve costs (process time on a shared 2-core machine, bench/planner.py --cpu-time): on the
-compact model HiGHS's root node (cut separation and probing on the knapsack and interval rows)
-takes about 250 ms whatever the options, and the fast plan lies 8e-4 to 3e-3 above the optimum,
-so "mip" returned mostly FEASIBLE plans on its 32-node budget. The LP bound is tight (on one
-32 x 32 bench instance solved to 1e-6 the optimum lay 8e-6 of T above it; on ten, the plans found
-lay within 1e-4 of it), so the problem is finding the plan. HiGHS's sub-MIP heuristics (RENS,
-RINS) find it in the chain MIP's root node, a model of R + K + 17 rows instead of the compact
-model's R + K + 300 to 1,500, which is why "chains" keeps HiGHS's heuristics on ("mip" runs with
-them off: there they cost most of the time). HiGHS's run time is about 90 % of a "chains" solve
-(the rest: cvxpy's parameter update and the fast path). bench/planner.py has the figures.
+What a solve costs (process time on a shared 2-core machine, bench/planner.py --cpu-time, 20
+cold batches per cell): on the compact model HiGHS's root node (cut separation and probing on the
+knapsack and interval rows) takes about 250 ms whatever the options, and the fast plan lies 8e-4
+to 3e-3 above the optimum, so "mip" returned mostly FEASIBLE plans on its 32-node budget. The LP
+bound is tight for most batches (on one 32 x 32 bench instance solved to 1e-6 the optimum lay
+8e-6 of T above it); the problem is finding the plan. Before `ilp_targets`, HiGHS's sub-MIP
+heuristics (RENS, RINS) in the chain MIP's root node found it, at 180 / 520 ms p50 / p99 at
+32 x 32 and 1,060 / 1,600 ms at 128 x 80. With it, the heuristic's plan is proven against the LP
+bound in 80 % (32 x 32, 48 of 60 batches) to all (128 x 80) of the bench's batches, in the time of
+the fast path, the LP and a few ms of descent: 10.6 / 74 ms p50 / p99 at 32 x 32, 93 / 151 ms
+at 128 x 80 (bench/README.md has the table). The rest go on to the chain MIP: on 9 of those 60
+batches no plan found lies within rel_gap of the LP bound (the MIP's dual bound proves 7 of them),
+on 3 the descent stopped short of a plan the MIP then found; there a window costs what it did
+before (up to about 2 s).
 
 Ties on bytes: a plan whose T is settled to the tie tolerance (T_RTOL; e.g. no stall, or
 rel_gap <= T_RTOL) gets the tie-break MIP on the compact model (`problem.tie_data`); otherwise
@@ -89,6 +102,7 @@ from cvxpy.settings import PARAM_PROB
 
 from orbitflow_ray.planner.fastpath import Chain, FastPlanner, knapsack_bound, offload_greedy, reclaim
 from orbitflow_ray.planner.ilp import ShapeCache, link_rows
+from orbitflow_ray.planner.ilp_targets import TargetSearch
 from orbitflow_ray.planner.problem import (T_RTOL, Plan, PlanInputs, PlanStatus, fits,
                                            make_plan, plan_better, step_time, tie_data, tie_limit,
                                            ties_with_fewer_bytes, violations_settled, window_counts,
@@ -300,21 +314,25 @@ class CompactIlpPlanner:
     single thread). `search`: "chains" or "mip" (module docstring); `max_rounds`: chain MIPs per
     window ("chains"); `prove`: when the chain search ends unproven, go on with the whole-model
     MIP from its best plan on the remaining budget (exact given the budget; off by default, where
-    the deadline counts more than the last 1e-4). `stats` counts how each plan was settled: "improved" (the ILP beat the fast
+    the deadline counts more than the last 1e-4); `heuristic`: run `ilp_targets.TargetSearch`
+    after the LP ("chains"). `stats` counts how each plan was settled: "improved" (the ILP beat the fast
     plan), "confirmed" (the ILP proved the fast plan optimal within rel_gap or found an equal one),
     "kept_fast" (the ILP stopped on its budget without a better plan: the fast plan is returned,
-    labelled "fast"), and the solves run ("lp_solves", "chain_mips", "tie_mips")."""
+    labelled "fast"), "heuristic_proven" (windows proven on the heuristic's plan with no chain MIP),
+    and the solves run ("lp_solves", "chain_mips", "tie_mips"); `targets.stats` the heuristic's."""
 
     name = "cvxpy-highs"
 
     def __init__(self, rel_gap: float = 1e-4, max_nodes: int = 32, iteration_limit: int = 100_000,
                  time_limit_s: float = 2.0, max_cached: int = 32, fast: FastPlanner | None = None,
-                 search: str = "chains", max_rounds: int = 4, prove: bool = False) -> None:
+                 search: str = "chains", max_rounds: int = 4, prove: bool = False,
+                 heuristic: bool = True) -> None:
         if not (0 <= rel_gap < 1) or max_nodes < 1 or iteration_limit < 1 or time_limit_s <= 0:
             raise ValueError("need 0 <= rel_gap < 1, max_nodes >= 1, iteration_limit >= 1, time_limit_s > 0")
         if not 1 <= max_rounds <= C_MAX - 4:
             raise ValueError(f"need 1 <= max_rounds <= {C_MAX - 4}, got {max_rounds}")
-        self.max_rounds, self.prove = max_rounds, prove
+        self.max_rounds, self.prove, self.heuristic = max_rounds, prove, heuristic
+        self.targets = TargetSearch()
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
         self.rel_gap, self.max_nodes, self.search = rel_gap, max_nodes, search
@@ -331,7 +349,8 @@ class CompactIlpPlanner:
         self._shapes = ShapeCache(_Compiled, max_cached)
         self.last: dict[str, int] = {}
         self.stats = dict.fromkeys(("improved", "confirmed", "kept_fast", "windows", "stopped", "out_of_time",
-                                    "precertified", "tie_skipped", "lp_solves", "chain_mips", "tie_mips"), 0)
+                                    "precertified", "tie_skipped", "lp_solves", "chain_mips", "tie_mips",
+                                    "heuristic_proven"), 0)
         self._chain_models: dict[tuple[int, int], _ChainModel] = {}
         self.chain_compiles = 0
         self.deadline: float | None = None
@@ -459,6 +478,18 @@ class CompactIlpPlanner:
             chains.insert(0, relaxed[1])
         # the bound in our own arithmetic (not the solver's tolerances): knapsack over every row
         lower = max([0.0] + [knapsack_bound(load, ef, devf, float(cap), m)[0] - s for m, s in chains])
+        if self.heuristic:  # our own primal heuristic from the LP's face (`ilp_targets`)
+            target = (L + lower) * (1 + self.rel_gap) - L
+            ks, _ = self.targets.search(link, load, e, dev, int(cap), best, chains,
+                                        None if relaxed is None else relaxed[1],
+                                        None if relaxed is None else relaxed[2], target)
+            if stall(ks) < stall(best) and fits(inputs, window, ks):
+                best = ks
+                chains.append(chain_of(best))
+                if len(chains) > C_MAX:
+                    chains.pop(1 if relaxed is not None else 0)
+            if L + stall(best) <= (L + lower) * (1 + self.rel_gap):
+                self.stats["heuristic_proven"] += 1
         model = self._chain_models.get((len(load), len(dev)))
         if model is None:
             model = self._chain_models[(len(load), len(dev))] = _ChainModel(len(load), len(dev))
@@ -468,7 +499,11 @@ class CompactIlpPlanner:
             S = stall(best)
             if L + S <= (L + lower) * (1 + self.rel_gap) or self._time_left() <= 0:
                 break
-            options = {**self.chain_options, **tight, "mip_abs_gap": self.rel_gap * (L + S),
+            # HiGHS stops at incumbent - dual <= this gap, which implies our proof below (T within
+            # rel_gap of the bound: S - lower <= rel_gap * (L + lower)) with a margin (1e-3 of the
+            # gap) over the 1e-9 taken off HiGHS's dual bound
+            options = {**self.chain_options, **tight,
+                       "mip_abs_gap": self.rel_gap * (L + S) / (1 + self.rel_gap) * (1 - 1e-3),
                        "time_limit": self._budget_s()}
             ks, status, dual = model.solve(data, chains, best, options)
             self.stats["chain_mips"] += 1
