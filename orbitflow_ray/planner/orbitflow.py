@@ -586,9 +586,9 @@ class OrbitFlow(KVPolicy):
         goodput on ShareGPT-like traces at 4 req/s). Its chunks' stalls count in the bank targets
         until it joins; the first chunk's stall includes those of the requests that joined in this
         step already (their first chunks run in it too). The stalls are taken `drift_threshold`
-        longer than the cost model predicts:
-        the error the policy accepts of its step predictions before it re-plans (a prefill
-        chunk's attention, quadratic in its length, is not in the linear cost model)."""
+        longer than the cost model predicts: the error the policy accepts of its step predictions
+        before it re-plans (a prefill chunk's attention, quadratic in its length, is not in the
+        linear cost model)."""
         self._join_stalls = None
         if not (self.bank_wait and self.uses_deposit and running and not req.num_waiting_behind
                 and self.admission.kind is AdmissionKind.SLO):

@@ -252,7 +252,7 @@ class Scheduler:
             # no long prefill is preempted half-way (two growing prompts could evict each other forever).
             need = self.kv.demand(placement, self.kv.blocks_for(req.num_tokens))
             for other in self.running:
-                if other is not req and other.num_computed_tokens + 1 < other.num_tokens:
+                if other.num_computed_tokens + 1 < other.num_tokens:  # still prefilling (or recomputing)
                     for tier, n in self.kv.growth_need(other.request_id, other.num_tokens).items():
                         need[tier] += n
             if (not self.kv.fits(need)
