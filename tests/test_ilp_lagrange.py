@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from orbitflow_ray.planner.fastpath import FastPlanner, knapsack_bound, lower_bound, offload_greedy
 from orbitflow_ray.planner.ilp_compact import CompactIlpPlanner
 from orbitflow_ray.planner.ilp_lagrange import LagrangianBound, mckp, undominated
-from orbitflow_ray.planner.problem import PlanInputs, PlanRequest, fits, step_time
+from orbitflow_ray.planner.problem import PlanInputs, fits, step_time
 from test_ilp import instances
 from test_ilp_targets import _three_requests
 
