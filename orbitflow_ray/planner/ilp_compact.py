@@ -556,11 +556,6 @@ class CompactIlpPlanner:
         L, g = len(link.by_end), self.rel_gap
         lower, met = self.lagrange_bound.search(link, load, e, dev, cap, chains, [best], lower,
                                                 (L + stall(best)) / (1 + g) - L)
-        for m, s in self.lagrange_bound.active:
-            if not any(s == s2 and np.array_equal(m, m2) for m2, s2 in chains):
-                chains.insert(len(chains) - 1, (m, s))
-        while len(chains) > C_MAX - self.max_rounds:
-            chains.pop(1)
         for ks in met:
             if L + stall(best) <= (L + lower) * (1 + g):
                 break

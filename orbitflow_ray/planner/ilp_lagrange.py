@@ -303,7 +303,6 @@ class LagrangianBound:
         rows = [(np.asarray(m, np.float64), float(s)) for m, s in chains][-self.max_chains:]
         cols = [np.bincount(ks, weights=load, minlength=K) for ks in placements][-self.max_cols:]
         met, start = [], lower
-        self.active: list[Chain] = []
         known = [np.asarray(ks, np.int64) for ks in placements]
         if rows:  # the first weighting: the first chain alone (the LP's, when there is one)
             value, ks = self.bound(load, e, dev, cap, rows[0], known)
@@ -320,7 +319,6 @@ class LagrangianBound:
             if solved is None:
                 break
             lam, mu = solved
-            self.active = [rows[c] for c in np.flatnonzero(lam > 1e-9)]
             value, ks = self.bound(load, e, dev, cap, (lam @ M, float(lam @ S)), known)
             lower = max(lower, value)
             met.append(ks)
