@@ -42,20 +42,26 @@ def test_lp_row_bounds_every_placement_and_equals_the_lp():
 # tolerance (the search re-solves with tighter ones); the whole-model MIP takes about 15 s on it
 @pytest.mark.parametrize("seed", [pytest.param(0, marks=pytest.mark.slow), 1, 2])
 def test_chain_search_agrees_with_branch_and_bound_on_the_compact_model(seed):
-    """Two searches of the same model, each proving T within 1e-5: their step times agree within
-    that, both plans fit and are scored exactly, and neither is worse than the fast plan."""
+    """Three searches of the same model, each proving T within 1e-5 (the chain MIP without the
+    Lagrangian bound, the whole-model MIP, and the chain search with it, which proves these
+    without a MIP): their step times agree within that, the plans fit and are scored exactly, and
+    none is worse than the fast plan."""
     inp = dataclasses.replace(_batch(10, seed, 16, cap_frac=0.7), windows=(32,))
     gap = 1e-5
     chains = CompactIlpPlanner(rel_gap=gap, max_nodes=20_000, max_rounds=8, time_limit_s=60.0,
-                               fast=FastPlanner(warm_start=False))
+                               fast=FastPlanner(warm_start=False), lagrange=False)
     mip = CompactIlpPlanner(rel_gap=gap, max_nodes=200_000, time_limit_s=60.0, search="mip",
                             fast=FastPlanner(warm_start=False))
-    a, b = chains.solve(inp), mip.solve(inp)
+    lagrange = CompactIlpPlanner(rel_gap=gap, max_nodes=20_000, max_rounds=8, time_limit_s=60.0,
+                                 fast=FastPlanner(warm_start=False))
+    a, b, c = chains.solve(inp), mip.solve(inp), lagrange.solve(inp)
     fast = FastPlanner(warm_start=False).solve(inp)
-    assert a.status is b.status is PlanStatus.OPTIMAL and chains.stats["precertified"] == 0
+    assert a.status is b.status is c.status is PlanStatus.OPTIMAL and chains.stats["precertified"] == 0
     assert chains.stats["chain_mips"] >= 1 and chains.stats["lp_solves"] == 1
+    assert lagrange.stats["lagrange_proven"] + lagrange.stats["chain_mips"] >= 1
     assert a.predicted_step_s == pytest.approx(b.predicted_step_s, rel=2 * gap)
-    for plan in (a, b):
+    assert c.predicted_step_s == pytest.approx(b.predicted_step_s, rel=2 * gap)
+    for plan in (a, b, c):
         T, late, dev = evaluate(inp, plan.distances, plan.window)
         assert (T, late, dev) == (plan.predicted_step_s, plan.violations, plan.device_bytes)
         assert dev <= inp.device_capacity_bytes and not plan_better(inp, fast, plan)
