@@ -20,7 +20,8 @@ compiled problem (`problem.tie_data`: hostload on, ucoef off, U[L-1] capped at t
 when T is settled to a tie (below, "Ties on bytes").
 
 Every datum is a cvxpy Parameter (DPP: `problem.is_dpp()`), so a shape (requests, layers,
-distances) compiles once; a re-solve only writes parameter values and cvxpy re-applies them to
+distances) compiles once (the chain MIP's model below too, on the shape's first window, whether or
+not a chain MIP runs there); a re-solve only writes parameter values and cvxpy re-applies them to
 the cached matrix. cvxpy's HiGHS interface warm-starts only from its own previous solve, so the
 solve goes through cvxpy's solving chain by hand (`get_problem_data` -> the chain's HiGHS
 `solve_via_data` with a solver cache holding the incumbent -> columns read back by
@@ -45,9 +46,10 @@ How the T solve searches (`search`, default "chains"), everything through cvxpy 
   Lagrangian bound (`ilp_lagrange.LagrangianBound`, with `lagrange=True`, the default): over
   weightings of the chains met, the exact integral knapsack under the capacity row, a lower bound
   above the LP's where the capacity row's integrality is what separates the plan from the LP bound;
-  each knapsack solution is a start for the heuristic's descent (a Lagrangian heuristic), whose plan
-  replaces the incumbent when its exact stall is lower (`stats["lagrange_proven"]`: windows proven
-  here, with no MIP). (3) Otherwise a small MIP in cvxpy (`_ChainModel`: x, Y, the capacity row and C_MAX such rows, minimise t) is
+  each knapsack solution is a start for the heuristic's descent (a Lagrangian heuristic) as soon as
+  it is met, whose plan replaces the incumbent when its exact stall is lower; the search stops as
+  soon as its bound proves the incumbent (`stats["lagrange_proven"]`: windows proven here, with no
+  MIP). (3) Otherwise a small MIP in cvxpy (`_ChainModel`: x, Y, the capacity row and C_MAX such rows, minimise t) is
   solved by HiGHS from the incumbent, with that row, the fast path's chains and the incumbent's
   critical chain. It is a relaxation of the compact model (a longest path is at least any chain),
   so its dual bound is a lower bound on the least stall; its answer is scored exactly
@@ -282,7 +284,11 @@ class _ChainModel:
             p["M"] @ self.Y - self.t <= p["s"]])
         if not self.problem.is_dpp():
             raise AssertionError("the chain-restricted model must be DPP (compile once per shape)")
-        self._cols: dict[int, int] | None = None
+        # cvxpy compiles the DPP problem at its first problem data (about 20 ms at 32 x 11): here,
+        # with the compact model's compile, not inside the first window that needs a chain MIP
+        zeros = {"load": np.zeros(R), "cap": np.zeros((R, K)), "cap_rhs": 0.0, "M": np.zeros((C_MAX, K)),
+                 "s": np.zeros(C_MAX)}
+        self._cols = _problem_data(self.problem, self.params, zeros)[0][PARAM_PROB].var_id_to_col
         self.highs_s, self.nodes = 0.0, 0
 
     def solve(self, data: dict, chains: list[Chain], start: np.ndarray, options: dict
@@ -294,7 +300,6 @@ class _ChainModel:
             M[i], sv[i] = m, s
         values = {"load": data["load"], "cap": data["cap"], "cap_rhs": data["cap_rhs"], "M": M, "s": sv}
         prob_data, chain = _problem_data(self.problem, self.params, values)
-        self._cols = self._cols or prob_data[PARAM_PROB].var_id_to_col
         x = np.zeros((self.R, self.K))
         x[np.arange(self.R), start] = 1.0
         Y = data["load"] @ x
@@ -485,6 +490,10 @@ class CompactIlpPlanner:
             return m, s
 
         best = start if fits(inputs, window, start) else offload_greedy(link, load, e, dev, cap, start)
+        model = self._chain_models.get((len(load), len(dev)))
+        if model is None:  # compiled on a shape's first window, with the compact model (`compiled`)
+            model = self._chain_models[(len(load), len(dev))] = _ChainModel(len(load), len(dev))
+            self.chain_compiles += 1
         chains = list(self.fast._chains)[-(C_MAX - self.max_rounds - 2):] + [chain_of(best)]
         relaxed = self.compiled(inputs).relaxation(data, {**self.lp_options, "time_limit": self._budget_s()})
         self.stats["lp_solves"] += 1
@@ -508,10 +517,6 @@ class CompactIlpPlanner:
                 best, lower = self._lagrangian(link, load, e, dev, int(cap), chains, best, lower, stall)
                 if L + stall(best) <= (L + lower) * (1 + self.rel_gap):
                     self.stats["lagrange_proven"] += 1
-        model = self._chain_models.get((len(load), len(dev)))
-        if model is None:
-            model = self._chain_models[(len(load), len(dev))] = _ChainModel(len(load), len(dev))
-            self.chain_compiles += 1
         cap_rhs, tight = data["cap_rhs"], {}
         for _ in range(self.max_rounds):
             S = stall(best)
@@ -550,21 +555,22 @@ class CompactIlpPlanner:
     def _lagrangian(self, link, load, e, dev, cap: int, chains: list[Chain], best: np.ndarray, lower: float,
                     stall) -> tuple[np.ndarray, float]:
         """(best placement, lower bound on the stall) after the Lagrangian bound (`ilp_lagrange`):
-        its bound replaces `lower` when higher; each inner placement it meets is a start for the
-        heuristic's descent (`ilp_targets`), whose plan replaces `best` when its exact stall is
-        lower. Chains met by the descent join `chains` (valid rows for the chain MIP after)."""
+        its bound replaces `lower` when higher; each inner placement it meets is, as it is met, a
+        start for the heuristic's descent (`ilp_targets`) to the target of the bound so far, whose
+        plan replaces `best` when its exact stall is lower (the search then stops at the lower
+        bound that proves the new plan)."""
         L, g = len(link.by_end), self.rel_gap
-        lower, met = self.lagrange_bound.search(link, load, e, dev, cap, chains, [best], lower,
-                                                (L + stall(best)) / (1 + g) - L)
-        for ks in met:
-            if L + stall(best) <= (L + lower) * (1 + g):
-                break
-            if int(np.asarray(dev)[ks] @ np.asarray(e)) > cap:
-                continue
-            target = (L + lower) * (1 + g) - L
-            ks, _ = self.targets.search(link, load, e, dev, cap, ks, chains, None, None, target)
-            if stall(ks) < stall(best):
-                best = ks
+
+        def descend(ks: np.ndarray, bound: float) -> float:  # the target the best plan proves at
+            nonlocal best
+            if L + stall(best) > (L + bound) * (1 + g) and int(np.asarray(dev)[ks] @ np.asarray(e)) <= cap:
+                ks, _ = self.targets.search(link, load, e, dev, cap, ks, chains, None, None, (L + bound) * (1 + g) - L)
+                if stall(ks) < stall(best):
+                    best = ks
+            return (L + stall(best)) / (1 + g) - L
+
+        lower, _ = self.lagrange_bound.search(link, load, e, dev, cap, chains, [best], lower,
+                                              (L + stall(best)) / (1 + g) - L, descend)
         return best, lower
 
     def _budget_s(self) -> float:
