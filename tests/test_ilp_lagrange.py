@@ -136,7 +136,8 @@ def test_no_weighting_passes_the_stall_of_a_mix(inp, seed):
 def test_descend_sees_each_placement_and_its_target_stops_the_search():
     """`search` hands each inner placement to `descend` as it is met, with the bound so far; a
     target that the bound reaches (the caller's plan improved) ends the search there; the stall
-    rule (patience) stops it once no weighting can reach the target."""
+    rule (patience) stops it once no weighting can reach the target; the probe is asked once, at
+    that round, and its bound ends the search when it reaches the target."""
     inp = _three_requests()
     inp = PlanInputs(inp.requests, 2, KVB, 2 * 4100 * KVB, BW, 1e-4, 0.0, distances=(0, 2), windows=(32,))
     link, load, e, dev, cap = FastPlanner(warm_start=False)._arrays(inp, 32)
@@ -160,3 +161,12 @@ def test_descend_sees_each_placement_and_its_target_stops_the_search():
     assert len(met) == 1 and stalled.stats["unreachable"] == 1 and stalled.stats["rounds"] == 1
     with pytest.raises(ValueError, match="patience"):
         LagrangianBound(patience=-1)
+    probes = []
+    quiet = LagrangianBound()  # a probe is asked once, at the first round that cannot reach the target
+    plain = LagrangianBound()
+    assert (quiet.search(link, load, e, dev, cap, [row], [given], lp, 1e9, keep, lambda: probes.append(1))[0]
+            == plain.search(link, load, e, dev, cap, [row], [given], lp, 1e9, keep)[0])
+    assert probes == [1] and quiet.stats["probed"] == 1 and quiet.stats["rounds"] == plain.stats["rounds"]
+    proving = LagrangianBound()  # a probe's bound that reaches the target ends the search with it
+    bound, met = proving.search(link, load, e, dev, cap, [row], [given], lp, 1e9, keep, lambda: 2e9)
+    assert bound == 2e9 and len(met) == 1 and proving.stats["rounds"] == 1

@@ -282,8 +282,8 @@ class LagrangianBound:
     solves per search; `max_nodes`: knapsack search nodes per inner solve (`mckp`); `max_chains`,
     `max_cols`: the master's size (the oldest rows and columns beyond it drop out). `stats`: searches,
     rounds, inner solves, inner solves not exhausted (their bound is the LP's), search nodes,
-    searches that raised the bound, and rounds at which no weighting could reach the target
-    (`search`). `patience`: the stall rule of `search` (None: off, the default; bench/README.md,
+    searches that raised the bound, rounds at which no weighting could reach the target and probes
+    called (`search`). `patience`: the stall rule of `search` (None: off, the default; bench/README.md,
     "Where the slow windows' time goes", has its trade)."""
 
     def __init__(self, rounds: int = 8, max_nodes: int = 1_000_000, max_chains: int = 24, max_cols: int = 24,
@@ -295,7 +295,7 @@ class LagrangianBound:
         self.patience = patience
         self._master = _Master(max_chains, max_cols)
         self._master.solve(np.eye(2), np.zeros(2), np.eye(2))  # cvxpy compiles here, never inside a solve
-        self.stats = dict.fromkeys(("searches", "rounds", "inner", "inner_cut", "nodes", "raised", "unreachable"), 0)
+        self.stats = dict.fromkeys(("searches", "rounds", "inner", "inner_cut", "nodes", "raised", "unreachable", "probed"), 0)
 
     def bound(self, load, e, dev, cap: int, chain: Chain, known: list[np.ndarray]) -> tuple[float, np.ndarray]:
         """g at one weighting (m, s) of chains: (a lower bound on the least stall, the inner
@@ -310,8 +310,8 @@ class LagrangianBound:
         return lower * (1 - PROOF_RTOL) - PROOF_RTOL - float(chain[1]), ks
 
     def search(self, link: LinkEval, load, e, dev, cap: int, chains: list[Chain], placements: list[np.ndarray],
-               lower: float, target: float, descend: Callable[[np.ndarray, float], float] | None = None
-               ) -> tuple[float, list[np.ndarray]]:
+               lower: float, target: float, descend: Callable[[np.ndarray, float], float] | None = None,
+               probe: Callable[[], float | None] | None = None) -> tuple[float, list[np.ndarray]]:
         """(the best lower bound on the least stall: `lower` or a g(lambda) above it, the inner
         placements met). `chains`: valid rows to start from (the LP's weighting first, when there
         is one); `placements`: placements that fit, the master's first columns; stops once the
@@ -326,7 +326,9 @@ class LagrangianBound:
         the target, no round can prove the caller's plan (`stats["unreachable"]` counts such
         rounds); more rounds only help through the placements they meet, whose descents may lower
         the target. `patience` (the stall rule, off when None): stop at such a round once that many
-        inner placements in a row did not lower the target."""
+        inner placements in a row did not lower the target. `probe()`: called once, at the first
+        such round: another lower bound on the least stall (the caller's), or None; a bound from it
+        that reaches the target ends the search (`stats["probed"]`)."""
         self.stats["searches"] += 1
         K = len(dev)
         rows = [(np.asarray(m, np.float64), float(s)) for m, s in chains][-self.max_chains:]
@@ -360,6 +362,12 @@ class LagrangianBound:
             mixed = np.array(cols).T @ mu
             if float(link.stall(mixed[None])[0]) < target:  # no weighting can reach the target (above)
                 self.stats["unreachable"] += 1
+                if probe is not None:
+                    probed, probe = probe(), None
+                    self.stats["probed"] += 1
+                    if probed is not None and probed >= target:
+                        lower = max(lower, probed)
+                        break
                 if self.patience is not None and idle >= self.patience:  # the stall rule
                     break
             value, ks = self.bound(load, e, dev, cap, (lam @ M, float(lam @ S)), known)
