@@ -20,8 +20,8 @@ compiled problem (`problem.tie_data`: hostload on, ucoef off, U[L-1] capped at t
 when T is settled to a tie (below, "Ties on bytes").
 
 Every datum is a cvxpy Parameter (DPP: `problem.is_dpp()`), so a shape (requests, layers,
-distances) compiles once (the chain MIP's model below too, on the shape's first window, whether or
-not a chain MIP runs there); a re-solve only writes parameter values and cvxpy re-applies them to
+distances) compiles once (the chain MIP's model below too, on the first window of its shape that runs the chain search,
+whether or not a chain MIP runs there); a re-solve only writes parameter values and cvxpy re-applies them to
 the cached matrix. cvxpy's HiGHS interface warm-starts only from its own previous solve, so the
 solve goes through cvxpy's solving chain by hand (`get_problem_data` -> the chain's HiGHS
 `solve_via_data` with a solver cache holding the incumbent -> columns read back by
@@ -502,7 +502,7 @@ class CompactIlpPlanner:
 
         best = start if fits(inputs, window, start) else offload_greedy(link, load, e, dev, cap, start)
         model = self._chain_models.get((len(load), len(dev)))
-        if model is None:  # compiled on a shape's first window, with the compact model (`compiled`)
+        if model is None:  # compiled on the shape's first chain search, with the compact model's LP
             model = self._chain_models[(len(load), len(dev))] = _ChainModel(len(load), len(dev))
             self.chain_compiles += 1
         chains = list(self.fast._chains)[-(C_MAX - self.max_rounds - 2):] + [chain_of(best)]
