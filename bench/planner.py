@@ -17,7 +17,10 @@ LP relaxation of the compact cvxpy model solved by HiGHS, our primal heuristic f
 (ilp_targets.py), and the chain-restricted cvxpy MIP (HiGHS) only when the heuristic's plan is not
 proven within --central-gap of the LP bound; never worse than the fast plan; its time includes the
 fast solve; heuristic_proven / chain_mips count the windows proven with no MIP / the MIPs run),
-`central-noheur` (the same without the heuristic: what `central` ran before it, the baseline),
+`central-noprobe` (`central` without the chain MIP's root as a bound before the Lagrangian search),
+`central-stall` (`central` with the Lagrangian search's stall rule, ilp_lagrange.LagrangianBound
+patience=1), `central-nolag` (without the Lagrangian bound), `central-noheur` (the same without the
+heuristic: what `central` ran before it, the baseline),
 `central-mip` (the same planner with search="mip": HiGHS branch and bound on the whole compact model
 from the fast plan, 32 nodes; what `central` ran before), `cvxpy` (IlpPlanner: cvxpy + HiGHS, DPP, the reference), `highspy` (the same MIP built
 with highspy directly), `highspy-reduced` (the MIP without violation binaries: exact for the
@@ -78,6 +81,7 @@ from orbitflow_ray.planner.base import CapacityView, RequestView, make_policy  #
 from orbitflow_ray.planner.fastpath import FastPlanner  # noqa: E402
 from orbitflow_ray.planner.ilp import IlpPlanner  # noqa: E402
 from orbitflow_ray.planner.ilp_compact import CompactIlpPlanner  # noqa: E402
+from orbitflow_ray.planner.ilp_lagrange import LagrangianBound  # noqa: E402
 from orbitflow_ray.planner.ilp_highs import HighsPlanner  # noqa: E402
 from orbitflow_ray.planner.problem import PlanInputs, PlanRequest, PlanStatus  # noqa: E402
 
@@ -86,7 +90,7 @@ PRESETS = {  # layers, KV bytes per token per layer, a (s), b (s per token)
     "llama3-70b-tp4": (80, 1024, 0.30e-3, 0.6e-9),
 }
 LINK = 25e9
-SOLVERS = ("central", "central-nolag", "central-noheur", "central-mip", "cvxpy", "highspy", "highspy-reduced", "fast")
+SOLVERS = ("central", "central-noprobe", "central-stall", "central-nolag", "central-noheur", "central-mip", "cvxpy", "highspy", "highspy-reduced", "fast")
 
 
 def make_request(rng, rid: str) -> PlanRequest:
@@ -121,9 +125,13 @@ def warm_batches(R: int, preset: str, n: int, seed: int):
 
 def planner(name: str, args, warm: bool):
     if name.startswith("central"):
-        return CompactIlpPlanner(args.central_gap, search="mip" if name == "central-mip" else "chains",
-                                 heuristic=name != "central-noheur", lagrange=name == "central",
-                                 fast=FastPlanner(args.fast_gap, warm_start=warm))
+        pl = CompactIlpPlanner(args.central_gap, search="mip" if name == "central-mip" else "chains",
+                               heuristic=name != "central-noheur",
+                               lagrange=name in ("central", "central-noprobe", "central-stall"),
+                               probe=name != "central-noprobe", fast=FastPlanner(args.fast_gap, warm_start=warm))
+        if name == "central-stall":  # the Lagrangian search's stall rule on (ilp_lagrange.LagrangianBound)
+            pl.lagrange_bound = LagrangianBound(patience=1)
+        return pl
     if name == "cvxpy":
         return IlpPlanner(rel_gap=args.mip_gap, time_limit_s=args.mip_time_limit)
     if name.startswith("highspy"):
@@ -154,7 +162,7 @@ def run(name: str, batches, args, warm: bool) -> dict:
         if not args.cpu_time:  # HiGHS reports wall time: no share of process time
             out["highs_share"] = (pl.highs_s - highs_first) / sum(times)
         out.update({k: pl.stats[k] for k in ("improved", "confirmed", "kept_fast", "precertified",
-                                             "heuristic_proven", "lagrange_proven", "chain_mips")})
+                                             "heuristic_proven", "lagrange_proven", "probe_proven", "chain_mips")})
     if name == "fast":
         out["uncertified"] = pl.stats["bnb_out_of_nodes"] + pl.stats["violations_unsettled"]
         out["max_gap"] = max(pl.gaps, default=0.0)

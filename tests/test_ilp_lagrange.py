@@ -109,3 +109,64 @@ def test_central_plan_matches_the_exact_ilp_with_the_bound(seed):
     inp = _batch(16, seed, cap_frac=0.7)
     plan, exact = CompactIlpPlanner().solve(inp), ILP.solve(inp)
     assert exact.predicted_step_s * (1 - 1e-9) <= plan.predicted_step_s <= exact.predicted_step_s * (1 + 1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(instances(), st.integers(0, 2**31))
+def test_no_weighting_passes_the_stall_of_a_mix(inp, seed):
+    """The premise of `search`'s reachability test: for any weighting of chains, g (the exact
+    knapsack less the weighted spans) is at most the stall of any mix of placements that fit."""
+    planner, rng = FastPlanner(warm_start=False), np.random.default_rng(seed)
+    for window in inp.windows:
+        if inp.min_device_bytes(window) > inp.device_capacity_bytes:
+            continue
+        link, load, e, dev, cap = planner._arrays(inp, window)
+        K, R = len(dev), len(load)
+        fitting = [ks for ks in _placements(K, R) if int(e @ dev[ks]) <= cap]
+        _, chains = lower_bound(link, load, e.astype(float), dev.astype(float), float(cap))
+        lam = rng.dirichlet(np.ones(len(chains)))
+        m, s = sum(w * c[0] for w, c in zip(lam, chains)), float(sum(w * c[1] for w, c in zip(lam, chains)))
+        g = mckp(load, e, dev, int(cap), m, 10**6)[0] - s
+        mu = rng.dirichlet(np.ones(min(3, len(fitting))))
+        picks = rng.choice(len(fitting), len(mu), replace=False)
+        mixed = sum(w * np.bincount(fitting[i], weights=load, minlength=K) for w, i in zip(mu, picks))
+        assert g <= float(link.stall(mixed[None])[0]) + 1e-9 * (1 + abs(g))
+
+
+def test_descend_sees_each_placement_and_its_target_stops_the_search():
+    """`search` hands each inner placement to `descend` as it is met, with the bound so far; a
+    target that the bound reaches (the caller's plan improved) ends the search there; the stall
+    rule (patience) stops it once no weighting can reach the target; the probe is asked once, at
+    that round, and its bound ends the search when it reaches the target."""
+    inp = _three_requests()
+    inp = PlanInputs(inp.requests, 2, KVB, 2 * 4100 * KVB, BW, 1e-4, 0.0, distances=(0, 2), windows=(32,))
+    link, load, e, dev, cap = FastPlanner(warm_start=False)._arrays(inp, 32)
+    row, given = (np.array([2.0, 0.0]), 0.0), np.array([1, 0, 0])
+    lp = knapsack_bound(load, e.astype(float), dev.astype(float), float(cap), row[0])[0]
+    calls = []
+
+    def keep(ks, bound):
+        calls.append((ks.copy(), bound))
+        return np.inf
+
+    bound, met = LagrangianBound().search(link, load, e, dev, cap, [row], [given], lp, np.inf, keep)
+    assert len(calls) == len(met) >= 2 and all(np.array_equal(ks, m) for (ks, _), m in zip(calls, met))
+    assert all(int(e @ dev[ks]) <= cap for ks, _ in calls)
+    assert [b for _, b in calls] == sorted(b for _, b in calls) and calls[0][1] >= lp  # the bound so far
+    bound, met = LagrangianBound().search(link, load, e, dev, cap, [row], [given], lp, np.inf,
+                                          lambda ks, b: -np.inf)
+    assert len(met) == 1 and bound >= lp  # the first placement "proved": no master round
+    stalled = LagrangianBound(patience=0)
+    bound, met = stalled.search(link, load, e, dev, cap, [row], [given], lp, 1e9, keep)
+    assert len(met) == 1 and stalled.stats["unreachable"] == 1 and stalled.stats["rounds"] == 1
+    with pytest.raises(ValueError, match="patience"):
+        LagrangianBound(patience=-1)
+    probes = []
+    quiet = LagrangianBound()  # a probe is asked once, at the first round that cannot reach the target
+    plain = LagrangianBound()
+    assert (quiet.search(link, load, e, dev, cap, [row], [given], lp, 1e9, keep, lambda: probes.append(1))[0]
+            == plain.search(link, load, e, dev, cap, [row], [given], lp, 1e9, keep)[0])
+    assert probes == [1] and quiet.stats["probed"] == 1 and quiet.stats["rounds"] == plain.stats["rounds"]
+    proving = LagrangianBound()  # a probe's bound that reaches the target ends the search with it
+    bound, met = proving.search(link, load, e, dev, cap, [row], [given], lp, 1e9, keep, lambda: 2e9)
+    assert bound == 2e9 and len(met) == 1 and proving.stats["rounds"] == 1

@@ -20,7 +20,8 @@ compiled problem (`problem.tie_data`: hostload on, ucoef off, U[L-1] capped at t
 when T is settled to a tie (below, "Ties on bytes").
 
 Every datum is a cvxpy Parameter (DPP: `problem.is_dpp()`), so a shape (requests, layers,
-distances) compiles once; a re-solve only writes parameter values and cvxpy re-applies them to
+distances) compiles once (the chain MIP's model below too, on the first window of its shape that runs the chain search,
+whether or not a chain MIP runs there); a re-solve only writes parameter values and cvxpy re-applies them to
 the cached matrix. cvxpy's HiGHS interface warm-starts only from its own previous solve, so the
 solve goes through cvxpy's solving chain by hand (`get_problem_data` -> the chain's HiGHS
 `solve_via_data` with a solver cache holding the incumbent -> columns read back by
@@ -45,9 +46,16 @@ How the T solve searches (`search`, default "chains"), everything through cvxpy 
   Lagrangian bound (`ilp_lagrange.LagrangianBound`, with `lagrange=True`, the default): over
   weightings of the chains met, the exact integral knapsack under the capacity row, a lower bound
   above the LP's where the capacity row's integrality is what separates the plan from the LP bound;
-  each knapsack solution is a start for the heuristic's descent (a Lagrangian heuristic), whose plan
-  replaces the incumbent when its exact stall is lower (`stats["lagrange_proven"]`: windows proven
-  here, with no MIP). (3) Otherwise a small MIP in cvxpy (`_ChainModel`: x, Y, the capacity row and C_MAX such rows, minimise t) is
+  each knapsack solution is a start for the heuristic's descent (a Lagrangian heuristic) as soon as
+  it is met, whose plan replaces the incumbent when its exact stall is lower; the search stops as
+  soon as its bound proves the incumbent (`stats["lagrange_proven"]`: windows proven here, with no
+  MIP). At the search's first round at which no weighting can prove the incumbent (`ilp_lagrange`:
+  the stall of the master's mix of placements is below the target), the probe (`probe=True`, the
+  default): the root node of the chain MIP of (3) below from the best plan so far, with no
+  presolve, restarts or primal heuristics (`_PROBE`), whose dual bound ends the search when it
+  proves that plan (`stats["probe_proven"]`; 32 x 32 seed 0 batch 1: 63 ms with the Lagrangian's
+  6 rounds and a chain MIP, 24-27 ms with the probe after the first round); when it does not
+  prove, nothing from it is used. (3) Otherwise a small MIP in cvxpy (`_ChainModel`: x, Y, the capacity row and C_MAX such rows, minimise t) is
   solved by HiGHS from the incumbent, with that row, the fast path's chains and the incumbent's
   critical chain. It is a relaxation of the compact model (a longest path is at least any chain),
   so its dual bound is a lower bound on the least stall; its answer is scored exactly
@@ -56,7 +64,7 @@ How the T solve searches (`search`, default "chains"), everything through cvxpy 
   What proves OPTIMAL: the best plan's exact T within rel_gap of the best lower bound, the largest
   of the LP row's knapsack minimum (in our arithmetic, not HiGHS's tolerances), the fast path's
   chains' knapsacks, the Lagrangian bound (its integral knapsacks, in our arithmetic, less 1e-9
-  relative and absolute: `ilp_lagrange`) and the chain MIP's dual bound less 1e-9; and its
+  relative and absolute: `ilp_lagrange`) and the chain MIP's dual bound less 1e-9 (the probe's too); and its
   violation set settled (`problem.violations_settled`). The heuristic proves nothing by itself.
 - "mip": HiGHS branch and bound on the compact model itself, its heuristics off (the former
   default; kept as a reference and for bench/planner.py's before/after).
@@ -128,6 +136,9 @@ C_MAX = 16  # chain rows of the chain-restricted MIP (`_ChainModel`)
 SEARCHES = ("chains", "mip")  # how the T solve searches (`CompactIlpPlanner`)
 _TIGHT = {"mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9}
 _STOPPED = ("kSolutionLimit", "kIterationLimit", "kTimeLimit", "kInterrupt")
+# the probe (`CompactIlpPlanner._probe`): the chain MIP's root only, as a bound. Presolve and
+# restarts off: with them the root cost up to 100 ms on windows it does not prove (measured)
+_PROBE = {**_NO_HEURISTICS, "mip_max_nodes": 1, "mip_allow_restart": False, "presolve": "off"}
 
 
 def _problem_data(problem: cp.Problem, params: dict[str, cp.Parameter], values: dict) -> tuple[dict, Any]:
@@ -282,7 +293,11 @@ class _ChainModel:
             p["M"] @ self.Y - self.t <= p["s"]])
         if not self.problem.is_dpp():
             raise AssertionError("the chain-restricted model must be DPP (compile once per shape)")
-        self._cols: dict[int, int] | None = None
+        # cvxpy compiles the DPP problem at its first problem data (about 20 ms at 32 x 11): here,
+        # with the compact model's compile, not inside the first window that needs a chain MIP
+        zeros = {"load": np.zeros(R), "cap": np.zeros((R, K)), "cap_rhs": 0.0, "M": np.zeros((C_MAX, K)),
+                 "s": np.zeros(C_MAX)}
+        self._cols = _problem_data(self.problem, self.params, zeros)[0][PARAM_PROB].var_id_to_col
         self.highs_s, self.nodes = 0.0, 0
 
     def solve(self, data: dict, chains: list[Chain], start: np.ndarray, options: dict
@@ -294,7 +309,6 @@ class _ChainModel:
             M[i], sv[i] = m, s
         values = {"load": data["load"], "cap": data["cap"], "cap_rhs": data["cap_rhs"], "M": M, "s": sv}
         prob_data, chain = _problem_data(self.problem, self.params, values)
-        self._cols = self._cols or prob_data[PARAM_PROB].var_id_to_col
         x = np.zeros((self.R, self.K))
         x[np.arange(self.R), start] = 1.0
         Y = data["load"] @ x
@@ -330,23 +344,25 @@ class CompactIlpPlanner:
     "kept_fast" (the ILP stopped on its budget without a better plan: the fast plan is returned,
     labelled "fast"), "heuristic_proven" (windows proven on the heuristic's plan with no chain MIP),
     "lagrange_proven" (proven after the Lagrangian bound, with no chain MIP), and the solves run
-    ("lp_solves", "chain_mips", "tie_mips"); `targets.stats` the heuristic's, `lagrange_bound.stats`
-    the bound's. `lagrange`: run the Lagrangian bound and heuristic when the heuristic's plan is
-    not proven against the LP bound ("chains", with `heuristic`)."""
+    ("lp_solves", "chain_mips", "tie_mips", "probes"), "probe_proven" (windows proven by the probe);
+    `targets.stats` the heuristic's, `lagrange_bound.stats` the bound's. `lagrange`: run the
+    Lagrangian bound and heuristic when the heuristic's plan is not proven against the LP bound
+    ("chains", with `heuristic`); `probe`: the chain MIP's root node as a bound inside it (module
+    docstring, (2b))."""
 
     name = "cvxpy-highs"
 
     def __init__(self, rel_gap: float = 1e-4, max_nodes: int = 32, iteration_limit: int = 100_000,
                  time_limit_s: float = 2.0, max_cached: int = 32, fast: FastPlanner | None = None,
                  search: str = "chains", max_rounds: int = 4, prove: bool = False,
-                 heuristic: bool = True, lagrange: bool = True) -> None:
+                 heuristic: bool = True, lagrange: bool = True, probe: bool = True) -> None:
         if not (0 <= rel_gap < 1) or max_nodes < 1 or iteration_limit < 1 or time_limit_s <= 0:
             raise ValueError("need 0 <= rel_gap < 1, max_nodes >= 1, iteration_limit >= 1, time_limit_s > 0")
         if not 1 <= max_rounds <= C_MAX - 4:
             raise ValueError(f"need 1 <= max_rounds <= {C_MAX - 4}, got {max_rounds}")
         self.max_rounds, self.prove, self.heuristic = max_rounds, prove, heuristic
         self.targets = TargetSearch()
-        self.lagrange, self.lagrange_bound = lagrange, LagrangianBound()
+        self.lagrange, self.lagrange_bound, self.probe = lagrange, LagrangianBound(), probe
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
         self.rel_gap, self.max_nodes, self.search = rel_gap, max_nodes, search
@@ -364,7 +380,7 @@ class CompactIlpPlanner:
         self.last: dict[str, int] = {}
         self.stats = dict.fromkeys(("improved", "confirmed", "kept_fast", "windows", "stopped", "out_of_time",
                                     "precertified", "tie_skipped", "lp_solves", "chain_mips", "tie_mips",
-                                    "heuristic_proven", "lagrange_proven"), 0)
+                                    "heuristic_proven", "lagrange_proven", "probes", "probe_proven"), 0)
         self._chain_models: dict[tuple[int, int], _ChainModel] = {}
         self.chain_compiles = 0
         self.deadline: float | None = None
@@ -485,6 +501,10 @@ class CompactIlpPlanner:
             return m, s
 
         best = start if fits(inputs, window, start) else offload_greedy(link, load, e, dev, cap, start)
+        model = self._chain_models.get((len(load), len(dev)))
+        if model is None:  # compiled on the shape's first chain search, with the compact model's LP
+            model = self._chain_models[(len(load), len(dev))] = _ChainModel(len(load), len(dev))
+            self.chain_compiles += 1
         chains = list(self.fast._chains)[-(C_MAX - self.max_rounds - 2):] + [chain_of(best)]
         relaxed = self.compiled(inputs).relaxation(data, {**self.lp_options, "time_limit": self._budget_s()})
         self.stats["lp_solves"] += 1
@@ -505,13 +525,10 @@ class CompactIlpPlanner:
             if L + stall(best) <= (L + lower) * (1 + self.rel_gap):
                 self.stats["heuristic_proven"] += 1
             elif self.lagrange:
-                best, lower = self._lagrangian(link, load, e, dev, int(cap), chains, best, lower, stall)
+                best, lower = self._lagrangian(link, load, e, dev, int(cap), chains, best, lower, stall,
+                                               lambda ks: self._probe(inputs, window, data, model, chains, ks, stall))
                 if L + stall(best) <= (L + lower) * (1 + self.rel_gap):
                     self.stats["lagrange_proven"] += 1
-        model = self._chain_models.get((len(load), len(dev)))
-        if model is None:
-            model = self._chain_models[(len(load), len(dev))] = _ChainModel(len(load), len(dev))
-            self.chain_compiles += 1
         cap_rhs, tight = data["cap_rhs"], {}
         for _ in range(self.max_rounds):
             S = stall(best)
@@ -547,24 +564,45 @@ class CompactIlpPlanner:
                 chains.pop(1 if relaxed is not None else 0)
         return best, L + stall(best) <= (L + lower) * (1 + self.rel_gap), lower
 
+    def _probe(self, inputs: PlanInputs, window: int, data: dict, model: _ChainModel, chains: list[Chain],
+               best: np.ndarray, stall) -> float | None:
+        """The root node of the chain MIP (`_ChainModel`, from `best`; `_PROBE`: one node, no
+        presolve, restarts or primal heuristics) as a bound: its dual bound (less 1e-9) when that
+        proves `best` within rel_gap, else None (then nothing from it is used, so the Lagrangian
+        search goes on as without the probe)."""
+        L, S = inputs.num_layers, stall(best)
+        options = {**self.chain_options, **_PROBE, "time_limit": self._budget_s(),
+                   "mip_abs_gap": self.rel_gap * (L + S) / (1 + self.rel_gap) * (1 - 1e-3)}
+        ks, status, dual = model.solve(data, chains, best, options)
+        self.stats["probes"] += 1
+        if ks is None:
+            return None
+        bound = dual * (1 - 1e-9) - 1e-9
+        proven = L + S <= (L + bound) * (1 + self.rel_gap)
+        self.stats["probe_proven"] += proven
+        return bound if proven else None
+
     def _lagrangian(self, link, load, e, dev, cap: int, chains: list[Chain], best: np.ndarray, lower: float,
-                    stall) -> tuple[np.ndarray, float]:
+                    stall, probe) -> tuple[np.ndarray, float]:
         """(best placement, lower bound on the stall) after the Lagrangian bound (`ilp_lagrange`):
-        its bound replaces `lower` when higher; each inner placement it meets is a start for the
-        heuristic's descent (`ilp_targets`), whose plan replaces `best` when its exact stall is
-        lower. Chains met by the descent join `chains` (valid rows for the chain MIP after)."""
+        its bound replaces `lower` when higher; each inner placement it meets is, as it is met, a
+        start for the heuristic's descent (`ilp_targets`) to the target of the bound so far, whose
+        plan replaces `best` when its exact stall is lower (the search then stops at the lower
+        bound that proves the new plan). `probe(placement)`: `_probe` from that placement, handed
+        to the search (when `self.probe`) for its first round that cannot prove the best plan."""
         L, g = len(link.by_end), self.rel_gap
-        lower, met = self.lagrange_bound.search(link, load, e, dev, cap, chains, [best], lower,
-                                                (L + stall(best)) / (1 + g) - L)
-        for ks in met:
-            if L + stall(best) <= (L + lower) * (1 + g):
-                break
-            if int(np.asarray(dev)[ks] @ np.asarray(e)) > cap:
-                continue
-            target = (L + lower) * (1 + g) - L
-            ks, _ = self.targets.search(link, load, e, dev, cap, ks, chains, None, None, target)
-            if stall(ks) < stall(best):
-                best = ks
+
+        def descend(ks: np.ndarray, bound: float) -> float:  # the target the best plan proves at
+            nonlocal best
+            if L + stall(best) > (L + bound) * (1 + g) and int(np.asarray(dev)[ks] @ np.asarray(e)) <= cap:
+                ks, _ = self.targets.search(link, load, e, dev, cap, ks, chains, None, None, (L + bound) * (1 + g) - L)
+                if stall(ks) < stall(best):
+                    best = ks
+            return (L + stall(best)) / (1 + g) - L
+
+        lower, _ = self.lagrange_bound.search(link, load, e, dev, cap, chains, [best], lower,
+                                              (L + stall(best)) / (1 + g) - L, descend,
+                                              (lambda: probe(best)) if self.probe else None)
         return best, lower
 
     def _budget_s(self) -> float:

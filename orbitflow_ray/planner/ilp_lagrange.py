@@ -45,8 +45,12 @@ bounds the work, so the same inputs give the same bound and plans on any load.
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import cvxpy as cp
+import cvxpy.settings as cps
+from cvxpy.reductions.solvers.conic_solvers.highs_conif import dims_to_solver_dict
+from cvxpy.settings import PARAM_PROB
 import numpy as np
 from numba import njit
 
@@ -246,39 +250,52 @@ class _Master:
         self.problem = cp.Problem(cp.Minimize(self.t), [self.rows, cp.sum(self.mu) == 1, self.mu <= self.on])
         if not self.problem.is_dpp():
             raise AssertionError("the master must be DPP (compile once)")
+        self._cols: dict[int, int] | None = None
 
     def solve(self, M: np.ndarray, S: np.ndarray, Ys: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """(lambda [C] over the given chains, mu [J] over the given columns), None if HiGHS fails."""
         A, s, on = np.zeros((self.C, self.J)), np.zeros(self.C), np.zeros(self.J)
         A[:len(M), :len(Ys)], s[:len(S)], on[:len(Ys)] = M @ Ys.T, S, 1.0
         self.A.value, self.s.value, self.on.value = A, s, on
+        # through cvxpy's solving chain by hand (as `ilp_compact`): its problem data (DPP: the
+        # cached matrices), HiGHS, and the rows' duals and mu read back by position; cvxpy's own
+        # unpacking of every variable and dual costs nearly as much as HiGHS (0.45 against 0.6 ms, measured)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            try:
-                self.problem.solve(solver=cp.HIGHS, enforce_dpp=True, threads=1, random_seed=0)
-            except cp.error.SolverError:
-                return None
-        if self.problem.status != cp.OPTIMAL or self.rows.dual_value is None:
+            data, chain, _ = self.problem.get_problem_data(cp.HIGHS, enforce_dpp=True)
+        try:
+            raw = chain.solver.solve_via_data(data, False, False, {"threads": 1, "random_seed": 0}, {})
+        except cp.error.SolverError:
             return None
-        lam = np.maximum(np.asarray(self.rows.dual_value, float)[:len(M)], 0.0)
-        return lam / max(lam.sum(), 1e-300), np.asarray(self.mu.value, float)[:len(Ys)]
+        if raw["model_status"] != "kOptimal" or not raw["solution"].dual_valid:
+            return None
+        self._cols = self._cols or data[PARAM_PROB].var_id_to_col
+        n_eq = dims_to_solver_dict(data[cps.DIMS])[cps.EQ_DIM]  # sum(mu) == 1 first, then the chain rows
+        lam = np.maximum(-np.asarray(raw["solution"].row_dual)[n_eq:n_eq + len(M)], 0.0)
+        at = self._cols[self.mu.id]
+        mu = np.asarray(raw["solution"].col_value, float)[at:at + len(Ys)]
+        return lam / max(lam.sum(), 1e-300), mu
 
 
 class LagrangianBound:
     """max over lambda of g(lambda) (module docstring), on a count of rounds. `rounds`: master
     solves per search; `max_nodes`: knapsack search nodes per inner solve (`mckp`); `max_chains`,
     `max_cols`: the master's size (the oldest rows and columns beyond it drop out). `stats`: searches,
-    rounds, inner solves, inner solves not exhausted (their bound is the LP's), search nodes, and
-    searches that raised the bound."""
+    rounds, inner solves, inner solves not exhausted (their bound is the LP's), search nodes,
+    searches that raised the bound, rounds at which no weighting could reach the target and probes
+    called (`search`). `patience`: the stall rule of `search` (None: off, the default; bench/README.md,
+    "Where the slow windows' time goes", has its trade)."""
 
-    def __init__(self, rounds: int = 8, max_nodes: int = 1_000_000, max_chains: int = 24, max_cols: int = 24) -> None:
-        if rounds < 1 or max_nodes < 1 or max_chains < 2 or max_cols < 2:
-            raise ValueError(f"need rounds >= 1, max_nodes >= 1, max_chains >= 2, max_cols >= 2; got "
-                             f"{rounds}, {max_nodes}, {max_chains}, {max_cols}")
+    def __init__(self, rounds: int = 8, max_nodes: int = 1_000_000, max_chains: int = 24, max_cols: int = 24,
+                 patience: int | None = None) -> None:
+        if rounds < 1 or max_nodes < 1 or max_chains < 2 or max_cols < 2 or (patience is not None and patience < 0):
+            raise ValueError(f"need rounds >= 1, max_nodes >= 1, max_chains >= 2, max_cols >= 2, patience None "
+                             f"or >= 0; got {rounds}, {max_nodes}, {max_chains}, {max_cols}, {patience}")
         self.rounds, self.max_nodes, self.max_chains, self.max_cols = rounds, max_nodes, max_chains, max_cols
+        self.patience = patience
         self._master = _Master(max_chains, max_cols)
         self._master.solve(np.eye(2), np.zeros(2), np.eye(2))  # cvxpy compiles here, never inside a solve
-        self.stats = dict.fromkeys(("searches", "rounds", "inner", "inner_cut", "nodes", "raised"), 0)
+        self.stats = dict.fromkeys(("searches", "rounds", "inner", "inner_cut", "nodes", "raised", "unreachable", "probed"), 0)
 
     def bound(self, load, e, dev, cap: int, chain: Chain, known: list[np.ndarray]) -> tuple[float, np.ndarray]:
         """g at one weighting (m, s) of chains: (a lower bound on the least stall, the inner
@@ -293,22 +310,45 @@ class LagrangianBound:
         return lower * (1 - PROOF_RTOL) - PROOF_RTOL - float(chain[1]), ks
 
     def search(self, link: LinkEval, load, e, dev, cap: int, chains: list[Chain], placements: list[np.ndarray],
-               lower: float, target: float) -> tuple[float, list[np.ndarray]]:
+               lower: float, target: float, descend: Callable[[np.ndarray, float], float] | None = None,
+               probe: Callable[[], float | None] | None = None) -> tuple[float, list[np.ndarray]]:
         """(the best lower bound on the least stall: `lower` or a g(lambda) above it, the inner
         placements met). `chains`: valid rows to start from (the LP's weighting first, when there
         is one); `placements`: placements that fit, the master's first columns; stops once the
-        bound reaches `target` (the stall that the caller's best plan proves at)."""
+        bound reaches `target` (the stall that the caller's best plan proves at).
+
+        `descend(placement, bound)`: called on each inner placement as it is met (the caller's
+        primal heuristic, from the bound so far), returns the new target (the caller's best plan
+        may have improved; then a lower bound proves it). Each round also tests whether any
+        weighting can still reach the target: every g(lambda) is at most stall(Y) for any mix Y of
+        placements that fit (g(lambda) is a minimum over them, at most their mix's weighted
+        chains, and stall >= each chain), so once the stall of the master's mixed loads is below
+        the target, no round can prove the caller's plan (`stats["unreachable"]` counts such
+        rounds); more rounds only help through the placements they meet, whose descents may lower
+        the target. `patience` (the stall rule, off when None): stop at such a round once that many
+        inner placements in a row did not lower the target. `probe()`: called once, at the first
+        such round: another lower bound on the least stall (the caller's), or None; a bound from it
+        that reaches the target ends the search (`stats["probed"]`)."""
         self.stats["searches"] += 1
         K = len(dev)
         rows = [(np.asarray(m, np.float64), float(s)) for m, s in chains][-self.max_chains:]
         cols = [np.bincount(ks, weights=load, minlength=K) for ks in placements][-self.max_cols:]
         met, start = [], lower
         known = [np.asarray(ks, np.int64) for ks in placements]
+        idle = 0  # inner placements met since the target last fell
+
+        def meet(ks: np.ndarray) -> None:
+            nonlocal target, idle
+            met.append(ks)
+            known.append(ks)
+            new_target = target if descend is None else descend(ks, lower)
+            idle = 0 if new_target < target else idle + 1
+            target = min(target, new_target)
+
         if rows:  # the first weighting: the first chain alone (the LP's, when there is one)
             value, ks = self.bound(load, e, dev, cap, rows[0], known)
             lower = max(lower, value)
-            met.append(ks)
-            known.append(ks)
+            meet(ks)
             cols.append(np.bincount(ks, weights=load, minlength=K))
         for _ in range(self.rounds):
             if lower >= target:
@@ -319,12 +359,22 @@ class LagrangianBound:
             if solved is None:
                 break
             lam, mu = solved
+            mixed = np.array(cols).T @ mu
+            if float(link.stall(mixed[None])[0]) < target:  # no weighting can reach the target (above)
+                self.stats["unreachable"] += 1
+                if probe is not None:
+                    probed, probe = probe(), None
+                    self.stats["probed"] += 1
+                    if probed is not None and probed >= target:
+                        lower = max(lower, probed)
+                        break
+                if self.patience is not None and idle >= self.patience:  # the stall rule
+                    break
             value, ks = self.bound(load, e, dev, cap, (lam @ M, float(lam @ S)), known)
             lower = max(lower, value)
-            met.append(ks)
-            known.append(ks)
+            meet(ks)
             new = False
-            for Y in (np.bincount(ks, weights=load, minlength=K), np.array(cols).T @ mu):
+            for Y in (np.bincount(ks, weights=load, minlength=K), mixed):
                 m, s, _ = link.chain(Y)
                 if not any(s == s2 and np.array_equal(m, m2) for m2, s2 in rows):
                     rows.append((m, float(s)))
