@@ -85,7 +85,10 @@ on 3 the descent stopped short of a plan the MIP then found; there a window cost
 before (up to about 2 s). The Lagrangian bound and heuristic (2b) prove 7 of the 12 such windows
 of those 60 batches with no MIP (5 go on to it: 881 against 1,461 ms p99) and bring 32 x 80's p99
 from 522 to 145 ms; where the bound stays short the gap comes from mixing placements, which it does
-not convexify, not from the capacity row (bench/README.md, "The Lagrangian bound").
+not convexify, not from the capacity row (bench/README.md, "The Lagrangian bound"). With the probe
+(the chain MIP's root node as a bound, once the Lagrangian search cannot prove) the bench's 20
+batches at 32 x 32 take 10.9 / 24 ms p50 / p99; over 100 batches (seeds 1 and 2) 11.2 / 447 and
+9.5 / 560 ms: about one window in ten still goes on to the chain MIP (0.1-1 s).
 
 Ties on bytes: a plan whose T is settled to the tie tolerance (T_RTOL; e.g. no stall, or
 rel_gap <= T_RTOL) gets the tie-break MIP on the compact model (`problem.tie_data`); otherwise
