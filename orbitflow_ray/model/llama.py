@@ -2,13 +2,20 @@
 
 Tokens of all scheduled requests are flattened into one [N, hidden] batch so every linear layer is
 one large matmul; attention is delegated per layer to a callback that knows where each request's KV
-lives (device pool or host via staging). The arithmetic mirrors transformers' modeling_llama op for
-op (fp32 RMSNorm, rotate-half RoPE, SDPA) so greedy output is token-identical to it.
+lives (device pool or host via staging). q/k/v are one GEMM over their concatenated weights, and
+gate/up another (on the CPU a row's floats equal the separate GEMMs', tests/test_model_math.py);
+the residual adds ride on the o_proj and down_proj GEMMs (oneDNN's add post-op). RMSNorm (torch's fused kernel in float32, transformers' ops
+otherwise) and RoPE (`model/rope.py`) compute transformers' floats bit for bit. The linears do not:
+on the CPU in float32 they run oneDNN's GEMM on packed weights (`model/linear.py`), which rounds its
+sums differently from the MKL GEMM transformers calls, so greedy output matches transformers'
+token for token except at near-ties (tests/test_engine_hf.py counts them by vLLM's
+`check_logprobs_close` rule). `pack_weights=False` (and CUDA, and bf16) keeps `F.linear`.
 
 Under tensor parallelism (`model/tp.py`) a model holds one shard's weights: its query and KV heads
 and MLP columns, with o_proj and down_proj partial sums completed by the `all_reduce` it is given.
 The embedding, the final norm and the LM head stay replicated. Without a shard (or with one of
-size 1) the forward is the single-device one, op for op.
+size 1) the forward is the single-device one, op for op; on a shard of more, each residual add
+follows its all-reduce instead of riding on the GEMM.
 """
 
 from __future__ import annotations
