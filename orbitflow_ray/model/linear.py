@@ -6,10 +6,11 @@
 
 On the CPU, for float32 weights, a weight is reordered once at load into oneDNN's blocked layout
 (what torch.compile's freezing pass does for `nn.Linear`) and every call runs oneDNN's GEMM on it:
-1.3-2x torch's MKL `F.linear` at SmolLM2's shapes on this 2-core box (loaded, same-run ratios;
-bench/README.md). Its sums round differently from MKL's (about 1e-6 relative), so outputs are no
-longer bit-identical to transformers, only close (tests/logprobs_close.py's rule). A row's result does
-not depend on how many rows share the call, except for one-row calls with 1,536-wide inputs.
+1.1-1.2x torch's MKL `F.linear` at 1,024 rows and 1.2-1.4x at 16 rows of SmolLM2's shapes, one
+thread on the project's 2-core box (bench/README.md). Its sums round differently from MKL's (about
+1e-6 relative), so outputs are no longer bit-identical to transformers, only close
+(tests/logprobs_close.py's rule). At SmolLM2's shapes a row's result did not depend on how many rows
+shared the call, except in one-row calls with 1,536-wide inputs (MKL's does, below 8 rows).
 Elsewhere (CUDA, bf16, torch without oneDNN) a call is `F.linear` on the weight as loaded.
 """
 
