@@ -1,5 +1,5 @@
-"""The layer math's building blocks against the expressions they replace: torch's fused float32
-RMSNorm equals transformers' five-op one bit for bit; oneDNN-packed linears (model/linear.py) are
+"""The layer math's building blocks against the expressions they replace: our RMSNorm (its last
+multiply in place) equals transformers' bit for bit; oneDNN-packed linears (model/linear.py) are
 close to `F.linear` (their sums round differently), their fused residual add is exactly the add done
 after the GEMM, and one GEMM over concatenated q/k/v (gate/up) rows equals the separate ones."""
 

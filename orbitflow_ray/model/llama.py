@@ -4,9 +4,9 @@ Tokens of all scheduled requests are flattened into one [N, hidden] batch so eve
 one large matmul; attention is delegated per layer to a callback that knows where each request's KV
 lives (device pool or host via staging). q/k/v are one GEMM over their concatenated weights, and
 gate/up another (on the CPU a row's floats equal the separate GEMMs', tests/test_model_math.py);
-the residual adds ride on the o_proj and down_proj GEMMs (oneDNN's add post-op). RMSNorm (torch's fused kernel in float32, transformers' ops
-otherwise) and RoPE (`model/rope.py`) compute transformers' floats bit for bit. The linears do not:
-on the CPU in float32 they run oneDNN's GEMM on packed weights (`model/linear.py`), which rounds its
+the residual adds ride on the o_proj and down_proj GEMMs (oneDNN's add post-op). RMSNorm, SwiGLU
+and RoPE (`model/rope.py`) compute transformers' floats bit for bit; the linears do not: on the CPU
+in float32 they run oneDNN's GEMM on packed weights (`model/linear.py`), which rounds its
 sums differently from the MKL GEMM transformers calls, so greedy output matches transformers'
 token for token except at near-ties (tests/test_engine_hf.py counts them by vLLM's
 `check_logprobs_close` rule). `pack_weights=False` (and CUDA, and bf16) keeps `F.linear`.
@@ -37,12 +37,10 @@ AllReduceFn = Callable[[torch.Tensor], None]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm: `weight * (h * rsqrt(mean(h²) + eps)).to(dtype)`, h = x in float32."""
-    if x.dtype == torch.float32:
-        # torch's fused kernel (one pass instead of five ops); in float32 its floats equal the
-        # expression below (tests/test_model_math.py checks it).
-        return F.rms_norm(x, weight.shape, weight, eps)
-    # The last multiply in place on the fresh product (IEEE multiplication commutes exactly).
+    # transformers' `weight * h.to(dtype)`, with the last multiply in place on the fresh product
+    # (IEEE multiplication commutes exactly): one [N, hidden] allocation fewer per norm. torch's
+    # F.rms_norm gives the same floats in float32 but is the same ops on the CPU (no fused kernel in
+    # torch 2.13), and no faster here.
     dtype = x.dtype
     h = x.to(torch.float32)
     h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
