@@ -2,13 +2,20 @@
 
 Tokens of all scheduled requests are flattened into one [N, hidden] batch so every linear layer is
 one large matmul; attention is delegated per layer to a callback that knows where each request's KV
-lives (device pool or host via staging). The arithmetic mirrors transformers' modeling_llama op for
-op (fp32 RMSNorm, rotate-half RoPE, SDPA) so greedy output is token-identical to it.
+lives (device pool or host via staging). q/k/v are one GEMM over their concatenated weights, and
+gate/up another (on the CPU a row's floats equal the separate GEMMs', tests/test_model_math.py);
+the residual adds ride on the o_proj and down_proj GEMMs (oneDNN's add post-op). RMSNorm, SwiGLU
+and RoPE (`model/rope.py`) compute transformers' floats bit for bit; the linears do not: on the CPU
+in float32 they run oneDNN's GEMM on packed weights (`model/linear.py`), which rounds its
+sums differently from the MKL GEMM transformers calls, so greedy output matches transformers'
+token for token except at near-ties (tests/test_engine_hf.py counts them by vLLM's
+`check_logprobs_close` rule). `pack_weights=False` (and CUDA, and bf16) keeps `F.linear`.
 
 Under tensor parallelism (`model/tp.py`) a model holds one shard's weights: its query and KV heads
 and MLP columns, with o_proj and down_proj partial sums completed by the `all_reduce` it is given.
 The embedding, the final norm and the LM head stay replicated. Without a shard (or with one of
-size 1) the forward is the single-device one, op for op.
+size 1) the forward is the single-device one, op for op; on a shard of more, each residual add
+follows its all-reduce instead of riding on the GEMM.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from orbitflow_ray.model.linear import Linear
 from orbitflow_ray.model.rope import RotaryEmbedding
 from orbitflow_ray.model.spec import ModelSpec
 from orbitflow_ray.model.tp import TPShard
@@ -30,7 +38,9 @@ AllReduceFn = Callable[[torch.Tensor], None]
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # transformers' `weight * h.to(dtype)`, with the last multiply in place on the fresh product
-    # (IEEE multiplication commutes exactly): one [N, hidden] allocation fewer per norm.
+    # (IEEE multiplication commutes exactly): one [N, hidden] allocation fewer per norm. torch's
+    # F.rms_norm gives the same floats in float32 but is the same ops on the CPU (no fused kernel in
+    # torch 2.13), and no faster here.
     dtype = x.dtype
     h = x.to(torch.float32)
     h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
@@ -38,22 +48,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class LlamaLayer:
-    def __init__(self, weights: dict[str, torch.Tensor], i: int) -> None:
+    """One decoder layer's weights: q/k/v as one linear over their concatenated rows (q rows first,
+    then k, then v; split by views after), gate/up as one (gate rows first), o and down."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], i: int, pack: bool = True) -> None:
         p = f"layers.{i}."
         self.index = i
         self.in_norm = weights[p + "input_layernorm.weight"]
         self.post_norm = weights[p + "post_attention_layernorm.weight"]
         a = p + "self_attn."
-        self.wq, self.wk, self.wv, self.wo = (weights[a + n + "_proj.weight"] for n in "qkvo")
-        self.bq, self.bk, self.bv = (weights.get(a + n + "_proj.bias") for n in "qkv")
+        wq, wk, wv = (weights[a + n + "_proj.weight"] for n in "qkv")
+        biases = [weights.get(a + n + "_proj.bias") for n in "qkv"]
+        self.qkv_sizes = (wq.shape[0], wk.shape[0], wv.shape[0])
+        self.qkv = Linear(torch.cat([wq, wk, wv]), None if biases[0] is None else torch.cat(biases), pack)
+        self.o = Linear(weights[a + "o_proj.weight"], pack=pack)
         m = p + "mlp."
-        self.w_gate, self.w_up, self.w_down = (weights[m + n + "_proj.weight"] for n in ("gate", "up", "down"))
+        self.intermediate_size = weights[m + "gate_proj.weight"].shape[0]
+        self.gate_up = Linear(torch.cat([weights[m + "gate_proj.weight"], weights[m + "up_proj.weight"]]), pack=pack)
+        self.down = Linear(weights[m + "down_proj.weight"], pack=pack)
 
 
 class LlamaModel:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], device: torch.device,
-                 shard: TPShard | None = None, all_reduce: AllReduceFn | None = None) -> None:
-        """spec: the whole model's; weights: shard's slices (`tp.shard_weights`) when shard is given."""
+                 shard: TPShard | None = None, all_reduce: AllReduceFn | None = None,
+                 pack_weights: bool = True) -> None:
+        """spec: the whole model's; weights: shard's slices (`tp.shard_weights`) when shard is given;
+        pack_weights: False keeps every linear on `F.linear` (the bench's baseline; see model/linear.py)."""
         if shard is not None and shard.size > 1 and all_reduce is None:
             raise ValueError(f"a shard of a {shard.size}-way tensor-parallel model needs an all_reduce")
         self.spec = spec
@@ -63,18 +83,18 @@ class LlamaModel:
         self.all_reduce = all_reduce if shard is not None and shard.size > 1 else None
         self.num_all_reduces = 0  # issued since construction (the bench and tests count them per step)
         w = {k: v.to(device) for k, v in weights.items()}
+        self._weight_bytes = sum({t.data_ptr(): t.numel() * t.element_size() for t in w.values()}.values())
         self.embed = w["embed_tokens.weight"]
         self.norm = w["norm.weight"]
-        self.lm_head = w.get("lm_head.weight", self.embed) if not spec.tie_word_embeddings else self.embed
-        self.layers = [LlamaLayer(w, i) for i in range(spec.num_layers)]
+        head = w.get("lm_head.weight", self.embed) if not spec.tie_word_embeddings else self.embed
+        # A tied head stays the embedding's tensor (a packed copy would hold its bytes twice).
+        self.lm_head = Linear(head, pack=pack_weights and head is not self.embed)
+        self.layers = [LlamaLayer(w, i, pack_weights) for i in range(spec.num_layers)]
         self.rope = RotaryEmbedding(spec, device=device)
 
     def weight_bytes(self) -> int:
-        """Bytes of the weight tensors this model (or shard) holds, a tied LM head counted once."""
-        tensors = [self.embed, self.norm, self.lm_head] + [t for layer in self.layers for t in vars(layer).values()
-                                                           if isinstance(t, torch.Tensor)]
-        unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}
-        return sum(unique.values())
+        """Bytes of this model's (or shard's) weights as loaded, a tied LM head counted once."""
+        return self._weight_bytes
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
@@ -88,26 +108,25 @@ class LlamaModel:
             if before_layer is not None:
                 before_layer(layer.index)
             h = rms_norm(x, layer.in_norm, s.rms_norm_eps)
-            q = F.linear(h, layer.wq, layer.bq).view(n, self.num_heads, s.head_dim)
-            k = F.linear(h, layer.wk, layer.bk).view(n, self.num_kv_heads, s.head_dim)
-            v = F.linear(h, layer.wv, layer.bv).view(n, self.num_kv_heads, s.head_dim)
-            q, k = self.rope.apply_cos_sin(q, k, *cos_sin)
-            o = attend(layer.index, q, k, v)
-            # In-place residual adds and SwiGLU: the same float ops as transformers' out-of-place
-            # ones, without a fresh (page-faulting) [N, hidden] or [N, intermediate] buffer each.
-            x.add_(self._reduce(F.linear(o, layer.wo)))
+            q, k, v = layer.qkv(h).split(layer.qkv_sizes, dim=-1)  # views of one [N, q + 2 kv] GEMM output
+            q, k = self.rope.apply_cos_sin(q.view(n, self.num_heads, s.head_dim),
+                                           k.view(n, self.num_kv_heads, s.head_dim), *cos_sin)
+            x = self._residual(layer.o, attend(layer.index, q, k, v.view(n, self.num_kv_heads, s.head_dim)), x)
             h = rms_norm(x, layer.post_norm, s.rms_norm_eps)
-            gate = F.silu(F.linear(h, layer.w_gate), inplace=True)
-            x.add_(self._reduce(F.linear(gate.mul_(F.linear(h, layer.w_up)), layer.w_down)))
+            gate, up = layer.gate_up(h).split(layer.intermediate_size, dim=-1)
+            # SwiGLU: silu(gate) * up, the multiply in place on silu's fresh (contiguous) output.
+            x = self._residual(layer.down, F.silu(gate).mul_(up), x)
         return rms_norm(x, self.norm, s.rms_norm_eps)
 
-    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
-        """A row-parallel linear's output summed over the shards (unchanged without TP)."""
-        if self.all_reduce is not None:
-            self.all_reduce(partial)
-            self.num_all_reduces += 1
-        return partial
+    def _residual(self, linear: Linear, inp: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x + linear(inp); a row-parallel linear's output is first summed over the shards."""
+        if self.all_reduce is None:
+            return linear.add_to(inp, x)
+        partial = linear(inp)
+        self.all_reduce(partial)
+        self.num_all_reduces += 1
+        return x.add_(partial)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
