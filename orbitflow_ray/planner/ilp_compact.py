@@ -525,23 +525,19 @@ class CompactIlpPlanner:
                 chains.append(chain_of(best))
                 if len(chains) > C_MAX:
                     chains.pop(1 if relaxed is not None else 0)
-            if L + stall(best) <= (L + lower) * (1 + self.rel_gap):
+            if self._proves(L, stall(best), lower):
                 self.stats["heuristic_proven"] += 1
             elif self.lagrange:
                 best, lower = self._lagrangian(link, load, e, dev, int(cap), chains, best, lower, stall,
                                                lambda ks: self._probe(inputs, window, data, model, chains, ks, stall))
-                if L + stall(best) <= (L + lower) * (1 + self.rel_gap):
+                if self._proves(L, stall(best), lower):
                     self.stats["lagrange_proven"] += 1
         cap_rhs, tight = data["cap_rhs"], {}
         for _ in range(self.max_rounds):
             S = stall(best)
-            if L + S <= (L + lower) * (1 + self.rel_gap) or self._time_left() <= 0:
+            if self._proves(L, S, lower) or self._time_left() <= 0:
                 break
-            # HiGHS stops at incumbent - dual <= this gap, which implies our proof below (T within
-            # rel_gap of the bound: S - lower <= rel_gap * (L + lower)) with a margin (1e-3 of the
-            # gap) over the 1e-9 taken off HiGHS's dual bound
-            options = {**self.chain_options, **tight,
-                       "mip_abs_gap": self.rel_gap * (L + S) / (1 + self.rel_gap) * (1 - 1e-3),
+            options = {**self.chain_options, **tight, "mip_abs_gap": self._mip_abs_gap(L, S),
                        "time_limit": self._budget_s()}
             ks, status, dual = model.solve(data, chains, best, options)
             self.stats["chain_mips"] += 1
@@ -565,7 +561,18 @@ class CompactIlpPlanner:
             chains.append(new)
             if len(chains) > C_MAX:
                 chains.pop(1 if relaxed is not None else 0)
-        return best, L + stall(best) <= (L + lower) * (1 + self.rel_gap), lower
+        return best, self._proves(L, stall(best), lower), lower
+
+    def _proves(self, L: int, S: float, lower: float) -> bool:
+        """Whether a plan of stall S (compute layers; T = L + S) is within rel_gap of the lower
+        bound `lower` on the least stall: what proves OPTIMAL (module docstring)."""
+        return L + S <= (L + lower) * (1 + self.rel_gap)
+
+    def _mip_abs_gap(self, L: int, S: float) -> float:
+        """HiGHS's absolute gap for a chain MIP from a plan of stall S: it stops at incumbent - dual
+        <= this, which implies `_proves` (S - lower <= rel_gap * (L + lower)) with a margin (1e-3 of
+        the gap) over the 1e-9 taken off HiGHS's dual bound."""
+        return self.rel_gap * (L + S) / (1 + self.rel_gap) * (1 - 1e-3)
 
     def _probe(self, inputs: PlanInputs, window: int, data: dict, model: _ChainModel, chains: list[Chain],
                best: np.ndarray, stall) -> float | None:
@@ -575,13 +582,13 @@ class CompactIlpPlanner:
         search goes on as without the probe)."""
         L, S = inputs.num_layers, stall(best)
         options = {**self.chain_options, **_PROBE, "time_limit": self._budget_s(),
-                   "mip_abs_gap": self.rel_gap * (L + S) / (1 + self.rel_gap) * (1 - 1e-3)}
+                   "mip_abs_gap": self._mip_abs_gap(L, S)}
         ks, status, dual = model.solve(data, chains, best, options)
         self.stats["probes"] += 1
         if ks is None:
             return None
         bound = dual * (1 - 1e-9) - 1e-9
-        proven = L + S <= (L + bound) * (1 + self.rel_gap)
+        proven = self._proves(L, S, bound)
         self.stats["probe_proven"] += proven
         return bound if proven else None
 
