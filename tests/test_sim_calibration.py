@@ -5,7 +5,7 @@ context grid, fits the roofline's factors, then replays one trace through the en
 simulator: mean step time and per-request TPOT must agree within 15 % (the issue's bar; Vidur reports
 < 9 %). The scale shrinks the probe contexts and the replayed prompts to 0.6x the default's (the same
 batches and decode lengths; 0.6x the prefill tokens; at 0.4 a first attempt missed the bar by a few
-points on a quiet box, 66 s an attempt at 0.6 against 129 s at 1). It runs in its own process, as
+points on a quiet box, about 65 s an attempt at 0.6 against 129 s at 1). It runs in its own process, as
 users run it:
 timings taken inside a process that has already run the rest of the suite (dozens of models loaded,
 threads parked, a fragmented heap) are not this machine's."""
