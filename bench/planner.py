@@ -80,7 +80,7 @@ from orbitflow_ray.kv.blocks import Tier  # noqa: E402
 from orbitflow_ray.planner.base import CapacityView, RequestView, make_policy  # noqa: E402
 from orbitflow_ray.planner.fastpath import FastPlanner  # noqa: E402
 from orbitflow_ray.planner.ilp import IlpPlanner  # noqa: E402
-from orbitflow_ray.planner.ilp_compact import CompactIlpPlanner  # noqa: E402
+from orbitflow_ray.planner.ilp_compact import CENTRAL_REL_GAP, CompactIlpPlanner  # noqa: E402
 from orbitflow_ray.planner.ilp_lagrange import LagrangianBound  # noqa: E402
 from orbitflow_ray.planner.ilp_highs import HighsPlanner  # noqa: E402
 from orbitflow_ray.planner.problem import PlanInputs, PlanRequest, PlanStatus  # noqa: E402
@@ -149,11 +149,20 @@ def run(name: str, batches, args, warm: bool) -> dict:
         if name == "cvxpy":
             pl.compiled(batches[0]).solver_s = 0.0
         highs_first = pl.highs_s if name != "cvxpy" else 0.0
+    ref = CompactIlpPlanner(args.central_gap_ref, fast=FastPlanner(args.fast_gap)) if (
+        name == "central" and args.central_gap_ref) else None
+    losses, misses_differ = [], 0
     for inp in batches:
         t = clock()
         plan = pl.solve(inp)
         times.append(clock() - t)
         limit += plan.status is PlanStatus.FEASIBLE
+        if ref is not None:  # untimed: what the gap costs the plan against a tighter solve
+            tight = ref.solve(inp)
+            losses.append(plan.predicted_step_s / tight.predicted_step_s - 1)
+            misses_differ += len(plan.violations) != len(tight.violations)
+    if ref is not None:
+        extra.update(loss_mean=float(np.mean(losses)), loss_max=float(np.max(losses)), misses_differ=misses_differ)
     out = {"n": len(times), "p50_ms": 1e3 * float(np.percentile(times, 50)),
            "p99_ms": 1e3 * float(np.percentile(times, 99)), "limit": limit, **extra}
     if name == "cvxpy" and not args.cpu_time:
@@ -180,7 +189,12 @@ def main(argv=None) -> None:
     ap.add_argument("--mip-gap", type=float, default=1e-4, help="MIP stop: T within this factor")
     ap.add_argument("--mip-time-limit", type=float, default=1.0, help="seconds per window solve")
     ap.add_argument("--fast-gap", type=float, default=1e-2, help="fast path certificate")
-    ap.add_argument("--central-gap", type=float, default=1e-4, help="central / central-mip: T proven within this")
+    ap.add_argument("--central-gap", type=float, default=CENTRAL_REL_GAP,
+                    help="central / central-mip: T proven within this (default: the planner's)")
+    ap.add_argument("--central-gap-ref", type=float, default=0.0,
+                    help="also solve each central batch proving T within this (untimed) and report the "
+                         "central plans' T above it (loss_mean, loss_max) and the batches whose SLO-miss "
+                         "count differs (misses_differ); 0: off")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time solves with time.process_time (a loaded, shared machine; every solver here is single-threaded)")
     ap.add_argument("--fast-fallback-limit", type=float, default=0.0,
@@ -225,7 +239,7 @@ def main(argv=None) -> None:
             for name, cell in cells.items():
                 ref = cells.get("cvxpy")
                 ratio = [cell[k] / ref[k] if ref else float("nan") for k in ("p50_ms", "p99_ms")]
-                notes = " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                notes = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                  for k, v in cell.items() if k not in ("n", "p50_ms", "p99_ms"))
                 print(f"{L:>3} {R:>4} {name:<22} {cell['n']:>3} {cell['p50_ms']:>9.1f} {cell['p99_ms']:>9.1f} "
                       f"{ratio[0]:>8.3f} {ratio[1]:>8.3f}  {notes}", flush=True)
