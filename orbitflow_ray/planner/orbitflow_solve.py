@@ -10,9 +10,9 @@ SLO's); it keeps no plan: the policy passes the plan in force to `held`.
 - The problem (`inputs`): the batch's context lengths, tokens left, SLOs less its prefill debt,
   Token-Deposit credit (`admission.batch_plan_inputs`), on the online cost model.
 - The solve (`solve`): the solver (`solvers.py`: "fast" on a worker, "cvxpy-highs" centrally); its
-  plan judged as the engine runs it (`engine_checked`, `link_model` "engine": the engine issues the
-  copies of the union of the batch's host layers in order, which the solvers' EDF link model does not
-  see; the best single-distance plan is taken where it misses fewer).
+  plan judged as the engine runs it (`engine_checked`, `link_model` "engine": the solvers model an
+  EDF link, the engine issues its copies for the union of the batch's host layers, in order; the
+  best single-distance plan is taken where it misses fewer).
 - Pause-Resume: while no placement fits (INFEASIBLE, `problem.py`), pause one unpinned request
   (`pause_strategy`, largest by default: the paper's choice, `pause.py`) and re-solve; the set reached
   that way is the fewest pauses that make the batch feasible. A feasible plan that misses the SLOs of
@@ -27,10 +27,10 @@ SLO's); it keeps no plan: the policy passes the plan in force to `held`.
   new solve by the late gaps each predicts over its window (`late_gaps`), the new plan's first step
   carrying the KV it moves (`moved_bytes`).
 
-Sources: the per-request, per-layer distance-driven placement ILP and Pause-Resume of the OrbitFlow
-paper (`problem.py`, `pause.py`); the engine-judged check, the hold and Pause-for-SLO are this
-implementation's (`orbitflow-edf-link`, `orbitflow-no-hold` and `orbitflow-no-pause` run without
-them).
+Sources: the OrbitFlow paper's per-request, per-layer distance-driven placement ILP (`problem.py`)
+and its Pause-Resume, the largest request paused first (`pause.py`). Ablations of what this module
+adds: `orbitflow-edf-link` (no engine-judged check), `orbitflow-no-hold` (no hold),
+`orbitflow-no-pause` (no pauses at all).
 """
 
 from __future__ import annotations
