@@ -119,7 +119,7 @@ def test_drift_marks_the_plan_stale_and_replans():
     running = _views(2, placement=tuple([Tier.DEVICE] * LAYERS))
     p.replan(running, _cap())
     assert p.metrics()["trigger_drift"] == 0
-    pred = p._predicted_s
+    pred = p.triggers.predicted_s
     for step in range(2):  # twice as slow as predicted, twice in a row
         p.observe(StepStats(step, 2 * pred, ("r0", "r1"), 80, 2, 2))
     p.replan(running, _cap())
@@ -136,14 +136,14 @@ def test_the_plan_sets_the_deposit_bank_target():
     running = [replace(v, placement=tuple([Tier.DEVICE] * LAYERS)) for v in running]
     p.replan(running, _cap())
     assert p.deposit_target("r0") == p.deposit_target("r1") == 0 and p.deposit_target("gone") == 0
-    T, W = p._predicted_s, min(p.plan.window, running[0].max_new_tokens_left)
+    T, W = p.triggers.predicted_s, min(p.plan.window, running[0].max_new_tokens_left)
     loose = [replace(v, slo_s=2 * T) for v in running]
     owing = [loose[0], replace(loose[1], num_tokens=2000, num_computed_tokens=40)]  # r1: a long prompt
     p.replan(owing, _cap())
     debt = p._prefill_debt_s(owing)
-    assert debt > 2 * T and p.deposit_target("r0") == bank_target(p._predicted_s, 2 * T, W, [debt], 0.9) > 0
+    assert debt > 2 * T and p.deposit_target("r0") == bank_target(p.triggers.predicted_s, 2 * T, W, [debt], 0.9) > 0
     p.replan([replace(v, slo_s=T / 2) for v in running], _cap())  # every step twice the SLO
-    assert p.deposit_target("r0") == bank_target(p._predicted_s, T / 2, W) > 0
+    assert p.deposit_target("r0") == bank_target(p.triggers.predicted_s, T / 2, W) > 0
     # two arrivals in the last second (one a second), a plan window of 2 s: two prefills expected;
     # the step just meets the SLO, so each would make a token late
     busy = [replace(v, slo_s=T, arrival_time=0.5 * i) for i, v in enumerate(running)]
@@ -151,7 +151,7 @@ def test_the_plan_sets_the_deposit_bank_target():
     p.plan.window = round(2.0 / T)
     p.replan(busy, _cap())
     prefill = LAYERS * p.cost.model.compute_p_s_per_token * busy[0].num_prompt_tokens
-    expect = bank_target(p._predicted_s, T, min(p.plan.window, 99), [0.0, prefill, prefill], 0.9)
+    expect = bank_target(p.triggers.predicted_s, T, min(p.plan.window, 99), [0.0, prefill, prefill], 0.9)
     assert p.deposit_target("r0") == expect > 0
     ablation = make_policy("orbitflow-no-deposit", LAYERS, solve_ahead=False)
     ablation.admit(running[0], [], _cap())
@@ -181,7 +181,7 @@ def test_no_room_and_no_pause_gives_the_infeasible_fallback():
     """Three requests whose KV cannot fit 4 device blocks even at the largest offload, under a
     policy that may not pause: the plan is the largest-offload fallback, typed as such."""
     p = make_policy("orbitflow-no-pause", LAYERS, solve_ahead=False, distances=(1, 2, LAYERS))  # no all-host
-    plan, paused = p._solve(_views(3), _cap(device_blocks=4), frozenset())
+    plan, paused = p.solve_loop.solve(_views(3), _cap(device_blocks=4), frozenset())
     assert plan.status is PlanStatus.FALLBACK_INFEASIBLE and plan.status.is_fallback and not paused
     assert plan.solver == "fallback-infeasible" and set(plan.distances) == {"r0", "r1", "r2"}
     assert not PlanStatus.FEASIBLE.is_fallback and not PlanStatus.INFEASIBLE.is_fallback
@@ -358,10 +358,10 @@ def _held_case(policy, link_bytes_per_s, device_blocks=10_000, distances=(4, 8),
     cap = CapacityView(8, 4, 100, device_blocks, device_blocks, 100_000, 100_000)
     views = [RequestView(f"r{i}", 600, 599, 2000, float(i), tuple(tiers_for_distance(d, 8)), 1)
              for i, d in enumerate(distances)]
-    inputs = p._inputs(views, cap)
+    inputs = p.solve_loop.inputs(views, cap)
     p.plan = make_plan(inputs, list(distances), step_time(inputs, list(distances)), window, PlanStatus.OPTIMAL,
                        time.perf_counter(), "fast")
-    p.plan_ids, p.steps_left = frozenset(p.plan.distances), 0
+    p.plan_ids, p.triggers.steps_left = frozenset(p.plan.distances), 0
     return p, views, cap
 
 
@@ -401,5 +401,5 @@ def test_a_held_placement_that_outgrew_the_device_is_shrunk_not_reshuffled():
     assert p.metrics()["plans_held"] == 1
     ds = sorted(p.plan.distances.values())
     assert ds[1] == 8 and ds[0] < 8 and len(out.placements) == 1
-    inputs = p._inputs(views, cap)
+    inputs = p.solve_loop.inputs(views, cap)
     assert device_bytes(inputs, [p.plan.distances[v.request_id] for v in views], p.plan.window) <= 2440 * 100

@@ -1,4 +1,4 @@
-"""Pause-for-SLO (`pause.SloPauseSearch`, run by `OrbitFlow._pause_for_slo`) is bounded by counts: at most `slo_pause_max_trials`
+"""Pause-for-SLO (`pause.SloPauseSearch`, run by `SolveLoop._pause_for_slo`) is bounded by counts: at most `slo_pause_max_trials`
 trial solves per re-plan, none once the pauses' own misses reach the best, none for a trial its
 certain misses settle; when the bound covers the search it decides as the unbounded one does.
 

@@ -135,7 +135,8 @@ class SelectN(BatchUniformPolicy):
         return tiers_for_distance(self.distances[0], self.num_layers)
 
     def inputs(self, views: list[RequestView], cap: CapacityView) -> PlanInputs:
-        """The planner's inputs, built as `orbitflow.py` builds them (Token-Deposit credit aside)."""
+        """The planner's inputs, built as `orbitflow_solve.SolveLoop.inputs` builds them (Token-Deposit
+        credit aside)."""
         a, b = self.cost.model.decode_layer_coeffs(len(views))
         reqs = tuple(PlanRequest(v.request_id, max(1, v.num_tokens), v.max_new_tokens_left,
                                  v.slo_s or self.default_slo_s) for v in views)

@@ -1,84 +1,63 @@
 """The OrbitFlow policy: SLO-aware per-request, per-layer KV placement, refined at run time.
 
-Each planning event builds a `PlanInputs` from the running batch (context lengths, tokens left,
-SLOs, Token-Deposit credit) and the online cost model, and solves it with the solver named by
-`solver` (`solvers.py`): on a worker "fast" (`FastPlanner`, a certified heuristic with counted,
-deterministic budgets); on the central planner "cvxpy-highs" (the fast plan improved by the
-compact ILP in cvxpy + HiGHS, never worse than it). `problem.py` has the model. A plan holds for
-its window of W decode steps; it is re-solved when
+Three rooms, each its own module:
 
-- the batch changes (admission, finish, pause, resume)      -> on the spot
-- the window runs out                                        -> solved ahead (central)
-- measured step time drifts from the prediction              -> solved one step ahead (central)
-  (locally a window's end is solved one step ahead; centrally as many as the round trip needs)
-  unless the plan in force holds (`placement_hold`, `_held`): at the longest window whose end its
-  distances fit (shrunk when the batch outgrew them: one request a distance class down at a time,
-  the one whose step plus copies is shortest) and predict no miss for a request still able to meet
-  all its SLOs, it is kept without a solve; a solve is adopted over it only when it predicts fewer
-  late gaps over its window (`_late_gaps`, its first step carrying its copies) or it pauses to miss
-  less. A re-placement's copies land in one step, which then runs late for every request of the
-  batch, and TBT allows 1 % of a request's gaps late (`orbitflow-no-hold` is the ablation)
-- the next step's growth does not fit the free device blocks -> on the spot
+- this one, the policy (the `KVPolicy` interface: `place_new`, `propose`, `admit`, `replan`,
+  `observe`, `deposit_target`, `request_finished`, `metrics`; the `PlanningPolicy` hooks), which
+  owns the plan in force, admission, Token-Deposit's bank targets and the ablation subclasses;
+- `orbitflow_solve.py`, the solve/pause loop (`SolveLoop`): each planning event's `PlanInputs`
+  from the running batch (context lengths, tokens left, SLOs, Token-Deposit credit) and the online
+  cost model, solved by the solver named by `solver` (`solvers.py`: on a worker "fast", a certified
+  heuristic with counted, deterministic budgets; on the central planner "cvxpy-highs", the fast
+  plan improved by the compact ILP in cvxpy + HiGHS, never worse than it; `problem.py` has the
+  model), judged as the engine runs it, with Pause-Resume and Pause-for-SLO around it and the
+  fallback on a solver error;
+- `orbitflow_triggers.py`, the refinement triggers (`RefineTriggers`): a plan holds for its window of
+  W decode steps and is re-solved when the batch changes, the window runs out, measured step time
+  drifts from the prediction or the next step's growth does not fit the device; window ends are
+  solved ahead (one step locally; centrally as many steps as the measured round trip needs, for the
+  batch predicted at the window's end, adopted if back by the step that needs it, else the fast
+  path solves on the spot).
 
-Each plan is judged as the engine runs it (`link_model` "engine", `_engine_checked`): its step at
-`problem.engine_step_time` and its misses at that step at the window's end; where the engine's copy
-order makes a mixed-distance plan miss more, the best single-distance plan is taken if it misses
-fewer. Admission (`slo`) also weighs the batch's KV peak over its lifetime (`admission_horizon`
+At a window's end or on drift the plan in force is kept without a solve while it fits (shrunk one
+request a distance class down at a time when the batch outgrew it) and predicts no miss for a
+request still able to meet all its SLOs (`placement_hold`, `SolveLoop.held`); a solve is adopted
+over it only when it predicts fewer late gaps over its window (its first step carrying its copies)
+or it pauses to miss less. A re-placement's copies land in one step, which then runs late for every
+request of the batch, and TBT allows 1 % of a request's gaps late (`orbitflow-no-hold` is the
+ablation). Admission (`slo`) also weighs the batch's KV peak over its lifetime (`admission_horizon`
 "lifetime", `lifetime_misses`), and breaks a tie on goodput misses on everyone's late steps
-(`everyone_breaks_ties`; `orbitflow-ties-join` is the ablation).
-
-When the batch does not fit without streaming all-host some request that could keep layers on
-device (INFEASIBLE, `problem.py`), Pause-Resume pauses one request (strategy: largest by
-default), re-solves, and repeats; paused requests keep all their KV on host and rejoin, oldest
-first, when the ILP admits them again. Pauses are decided by that loop around the solver, not
-inside the ILP: the set it reaches pausing largest first is the fewest pauses that make the
-batch feasible (feasibility depends on each request's largest-offload KV alone). A feasible plan
-that misses the SLOs of requests still able to meet all theirs pauses too, when pausing leaves
-fewer misses than it costs (`pause.SloPauseSearch`: a slow link pauses, as no-offload preempts; at most
-`slo_pause_max_trials` trial solves per re-plan, SLO_PAUSE_MAX_TRIALS by default). A pause costs
-its request a miss only when its wait (until the rest of the batch next shrinks) outruns its TPOT
-slack with `pause_cost` "slack" (`pause.pause_breaks_tpot`, `orbitflow-pause-slack`; then the
-lifetime admission's peak probe pauses for the SLO too); by default ("miss") always one. On the central
-planner the loop runs with the ILP solver, so a central plan carries its own pause decisions.
-Solving ahead, a worker with a central planner sends the batch predicted at the window's end
-there, as many steps ahead as the measured round trip needs (`planner/ahead.py`), and adopts the
-answer if it is back, for that batch, by the step that needs it; otherwise it solves on the spot
-with the fast path. A request paused longer than `max_pause_s` is pinned: the
-solve pauses others instead, so nobody starves. A solver error falls back to a safe heuristic
-(every request at its largest offload short of all-host, all-host where only that holds it),
-logged and counted; no request is ever dropped.
+(`everyone_breaks_ties`; `orbitflow-ties-join` is the ablation). Paused requests keep all their KV
+on host and rejoin, oldest first, when the plan admits them again; one paused longer than
+`max_pause_s` is pinned: the solve pauses others instead, so nobody starves. No request is ever
+dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
-import time
-from dataclasses import replace
-from functools import partial
 from typing import Callable
 
 from orbitflow_ray.costmodel import CostModel, OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
-from orbitflow_ray.planner.admission import (AdmissionKind, SloAdmission, bank_wait_s, batch_plan_inputs,
-                                             lifetime_peak, outgrow_wait, prefill_debt_s, prefill_stalls_s,
-                                             ttft_at_stake, ttft_missed_ids)
+from orbitflow_ray.planner.admission import (AdmissionKind, SloAdmission, bank_wait_s, lifetime_peak, outgrow_wait,
+                                             prefill_debt_s, prefill_stalls_s, ttft_at_stake, ttft_missed_ids)
 from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         StepStats, register_policy)
 from orbitflow_ray.planner.deposit import ArrivalForecast, bank_target
-from orbitflow_ray.planner.pause import SLO_PAUSE_MAX_TRIALS, SloPauseSearch, pause_breaks_tpot, pause_strategy
+from orbitflow_ray.planner.orbitflow_solve import LINK_MODELS, PAUSE_COSTS, SolveLoop
+from orbitflow_ray.planner.orbitflow_triggers import RefineTriggers, batch_key
+from orbitflow_ray.planner.pause import SLO_PAUSE_MAX_TRIALS, pause_breaks_tpot, pause_strategy
 from orbitflow_ray.planner.planning import PlanResult, RemoteSolve
-from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs, PlanStatus,
-                                           certain_late, device_bytes, distance_set, engine_step_time, late_requests, make_plan,
-                                           placement_for_distance, step_time)
+from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs, PlanStatus, certain_late,
+                                           device_bytes, distance_set, placement_for_distance)
 from orbitflow_ray.planner.solvers import PlacementSolver, make_solver
 
 log = logging.getLogger(__name__)
 ADMISSION_HORIZONS = ("lifetime", "window")  # `OrbitFlow.admission_horizon`
-PAUSE_COSTS = ("slack", "miss")  # `OrbitFlow.pause_cost`
-LINK_MODELS = ("engine", "edf")  # `OrbitFlow.link_model`
+
 
 def tiers_for_distance(d: int, num_layers: int) -> list[Tier]:
     return [Tier.HOST if h else Tier.DEVICE for h in placement_for_distance(d, num_layers)]
@@ -97,7 +76,7 @@ class OrbitFlow(KVPolicy):
     # (`problem.engine_step_time`); "edf", the solver's EDF link model alone (`problem.step_time`).
     link_model = "engine"
     # At a window's end or on drift, keep the plan in force while it fits and is on time
-    # (`_held`): a re-placement moves KV, and the step carrying the move runs late for the batch.
+    # (`SolveLoop.held`): a re-placement moves KV, and the step carrying the move runs late for the batch.
     placement_hold = True
     # Token-Deposit's join wait (`admission.bank_wait_s`): an arrival whose prefill chunks would
     # stall running streams past their TBT SLO waits while their banks grow to cover them, for as
@@ -145,26 +124,25 @@ class OrbitFlow(KVPolicy):
         self.pause_cost = pause_cost
         if isinstance(self.admission, SloAdmission):
             self.admission.everyone_breaks_ties = self.everyone_breaks_ties
-        self._single = make_solver("uniform")  # the single-distance candidate of `_engine_checked`
         if max_pause_s <= 0 or drift_threshold <= 0 or drift_patience < 1:
             raise ValueError("need max_pause_s > 0, drift_threshold > 0, drift_patience >= 1")
         self.distances = distances
-        self.pick_victim = pause_strategy(pause_strategy_name)
         self.max_pause_s = max_pause_s
-        self.drift_threshold, self.drift_patience = drift_threshold, drift_patience
-        self.solver: PlacementSolver = make_solver("uniform" if self.uniform else solver)
-        self.ahead: AheadSolver = AheadSolver(self._solve, background=solve_ahead)
-        self.rng = random.Random(seed)
+        self.counters = {k: 0 for k in ("plans", "pauses", "resumes", "fallbacks", "infeasible",
+                                        "trigger_batch", "trigger_window", "trigger_drift",
+                                        "trigger_capacity", "plans_missing_slo", "slo_pauses", "slo_pause_trials",
+                                        "slo_pause_trials_max", "slo_pause_skipped", "slo_pause_capped",
+                                        "engine_slower", "engine_single", "ahead_plans_held_over", "plans_held",
+                                        "bank_wait_steps")}
+        self.solve_loop = SolveLoop(num_layers, self.cost, self.default_slo_s, self.windows, distances,
+                                    make_solver("uniform" if self.uniform else solver), self.counters,
+                                    pause_strategy(pause_strategy_name), seed, slo_pause_max_trials,
+                                    self.uses_deposit, self.can_pause, link_model, prefetch_depth, pause_cost)
+        self.ahead: AheadSolver = AheadSolver(self.solve_loop.solve, background=solve_ahead)
+        self.triggers = RefineTriggers(num_layers, self.cost, self.solve_loop, self.ahead, drift_threshold,
+                                       drift_patience)
         self.plan: Plan | None = None
         self.plan_ids: frozenset[str] = frozenset()
-        self.steps_left = 0
-        self._stale = False
-        self._drift_run = 0
-        self._predicted_s: float | None = None
-        self._step_s: float | None = None  # EWMA of measured decode-step time (solve-ahead budgets)
-        self._anchor: tuple[Plan, int, float] | None = None  # (plan, batch context, T) at install
-        self._last_views: list[RequestView] = []
-        self._cap: CapacityView | None = None
         self._refused: dict[str, tuple] = {}  # admission refused for this (running set, TTFT missed, at stake)
         self._proposal: tuple[Plan, list[str], PlacementPlan] | None = None  # the last `propose`'s
         self._peaks: dict[tuple, tuple[Plan, list[str]]] = {}  # the last two `lifetime_misses` solves
@@ -176,242 +154,21 @@ class OrbitFlow(KVPolicy):
         self.deposit_pace = deposit_pace  # the deposit's release pace, for its bank targets
         self.arrivals = ArrivalForecast(arrival_memory_s)  # the stalls arrivals bring (bank targets)
         self._now = 0.0  # the clock of the last observed step
-        self.counters = {k: 0 for k in ("plans", "pauses", "resumes", "fallbacks", "infeasible",
-                                        "trigger_batch", "trigger_window", "trigger_drift",
-                                        "trigger_capacity", "plans_missing_slo", "slo_pauses", "slo_pause_trials",
-                                        "slo_pause_trials_max", "slo_pause_skipped", "slo_pause_capped",
-                                        "engine_slower", "engine_single", "ahead_plans_held_over", "plans_held",
-                                        "bank_wait_steps")}
-        self.slo_pause = SloPauseSearch(self.pick_victim, self.rng, self.counters, slo_pause_max_trials)
-        # the lifetime peak's own search (a probe: its counters and draws are not the policy's)
-        self.peak_pause = SloPauseSearch(self.pick_victim, random.Random(seed), {}, slo_pause_max_trials)
 
-    # ---- the problem ---------------------------------------------------------------------------
-    def _inputs(self, views: list[RequestView], cap: CapacityView) -> PlanInputs:
-        """The batch's problem, prefill debt taken off the SLOs (`admission.batch_plan_inputs`)."""
-        return batch_plan_inputs(views, cap, self.num_layers, self.cost, self.default_slo_s, self.windows,
-                                 self.distances, deposit=self.uses_deposit)
+    @property
+    def solver(self) -> PlacementSolver:
+        """The placement solver the solve loop runs (replaceable: tests and benches wrap it)."""
+        return self.solve_loop.solver
 
-    def _prefill_debt_s(self, views: list[RequestView]) -> float:
-        return prefill_debt_s(views, self.num_layers, self.cost)
+    @solver.setter
+    def solver(self, solver: PlacementSolver) -> None:
+        self.solve_loop.solver = solver
 
-    def _solve(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str],
-               probe: bool = False, costs: Callable[[RequestView], bool] | None = None
-               ) -> tuple[Plan, list[str]]:
-        """Solve; while infeasible, pause one unpinned request and re-solve. Returns the plan and
-        the ids paused to reach it. A probe (may this request join?) logs and counts nothing, and
-        pauses for the SLO only given `costs` (which pauses cost their request an SLO)."""
-        active, paused = list(views), []
-        while True:
-            inputs = self._inputs(active, cap)
-            try:
-                plan = self._engine_checked(self.solver.solve(inputs), inputs)
-            except Exception:  # a solver bug or timeout must not stop serving
-                log.exception("placement solve failed; falling back to the largest offload")
-                self.counters["fallbacks"] += 1
-                return self._fallback(inputs, PlanStatus.FALLBACK_ERROR), paused
-            if plan.status != PlanStatus.INFEASIBLE:
-                return self._pause_for_slo(plan, active, cap, pinned, paused, probe, costs)
-            victims = [v for v in active if v.request_id not in pinned]
-            if probe:
-                if not self.can_pause or not victims:
-                    return self._fallback(inputs, PlanStatus.FALLBACK_INFEASIBLE), paused
-            else:
-                self.counters["infeasible"] += 1
-                if not self.can_pause or not victims:
-                    log.warning("no placement fits %d requests in %d device bytes; largest-offload "
-                                "fallback", len(active), inputs.device_capacity_bytes)
-                    self.counters["fallbacks"] += 1
-                    return self._fallback(inputs, PlanStatus.FALLBACK_INFEASIBLE), paused
-            victim = self.pick_victim(victims, self.rng)
-            active = [v for v in active if v.request_id != victim]
-            paused.append(victim)
-
-    def _judged_step_s(self, inputs: PlanInputs, distances: list[int]) -> float:
-        """The step time plans are judged by (`link_model`)."""
-        if self.link_model == "engine":
-            return engine_step_time(inputs, distances, self.prefetch_depth)
-        return step_time(inputs, distances)
-
-    def _engine_checked(self, plan: Plan, inputs: PlanInputs) -> Plan:
-        """The solver's plan judged as the engine runs it (`link_model` "engine"): its T at
-        `problem.engine_step_time`, and its violations at that step time at the window's end (every
-        request `growth(window)` tokens longer: the largest step of the window, since T grows with
-        the contexts, where the solvers judge its first). The solvers model an EDF link, which
-        gives a long-distance request of a batch mixing distances a longer window than the
-        engine's copies (issued for the union of the batch's host layers, in order) do; where the
-        engine's step makes the plan miss more, the best single-distance plan (where the two link
-        models agree) is taken if it misses fewer, or as many in a shorter step. Unchanged with the
-        "edf" link model, and for a plan the engine runs on time to the window's end."""
-        if self.link_model != "engine" or plan.status is PlanStatus.INFEASIBLE or not plan.distances:
-            return plan
-        judged = partial(self._engine_judged, inputs=inputs)
-        checked = judged(plan)
-        if checked.violations <= plan.violations:
-            return checked
-        if len(set(plan.distances.values())) > 1:
-            alt = self._single.solve(inputs)
-            if alt.status is not PlanStatus.INFEASIBLE:
-                alt = judged(alt)
-                if (len(alt.violations), alt.predicted_step_s) < (len(checked.violations), checked.predicted_step_s):
-                    self.counters["engine_single"] += 1
-                    self.solver.seed(alt.distances)
-                    return alt
-        self.counters["engine_slower"] += 1
-        return checked
-
-    def _engine_judged(self, plan: Plan, inputs: PlanInputs) -> Plan:
-        """`plan` with its T at `problem.engine_step_time` and its violations at that step at the
-        window's end (every request `growth(window)` tokens longer)."""
-        ds = [plan.distances[r.request_id] for r in inputs.requests]
-        T = engine_step_time(inputs, ds, self.prefetch_depth)
-        late = late_requests(inputs, engine_step_time(inputs, ds, self.prefetch_depth, plan.window), plan.window)
-        return replace(plan, predicted_step_s=T, violations=late)
-
-    def _held(self, views: list[RequestView], cap: CapacityView) -> Plan | None:
-        """The plan in force as it would run another window (`placement_hold`): its distances
-        re-judged at the batch's contexts now, per window, longest first; where they do not fit
-        the device at a window's end, shrunk (`_shrunk`: device -> host, the fewest copies). The
-        first window predicting no miss for a request still able to meet all its SLOs, else the
-        one predicting the fewest (the caller then solves and weighs, `_holds_better`); None when
-        none fits, or the plan in force is a fallback or not this batch's. A new placement moves
-        KV: its copies land in one step (device -> host waited for before it computes), which
-        then runs late for every request of the batch, while a request meets TBT with at most
-        1 % of its gaps late."""
-        plan = self.plan
-        if plan is None or plan.status.is_fallback or not all(v.request_id in plan.distances for v in views):
-            return None
-        inputs, missed = self._inputs(views, cap), ttft_missed_ids(views)
-        now = [plan.distances[v.request_id] for v in views]
-        best = None
-        for w in sorted(inputs.windows, reverse=True):
-            ds = now
-            if device_bytes(inputs, ds, w) > inputs.device_capacity_bytes:
-                ds = self._shrunk(inputs, ds, w)  # the batch outgrew its placement: offload the least
-                if ds is None:
-                    continue
-            held = make_plan(inputs, ds, self._judged_step_s(inputs, ds), w, plan.status, time.perf_counter(),
-                             plan.solver)
-            if self.link_model == "engine":
-                held = self._engine_judged(held, inputs)
-            if not held.violations - missed:
-                return held
-            if best is None or len(held.violations - missed) < len(best.violations - missed):
-                best = held
-        return best
-
-    def _holds_better(self, held: Plan, solved: tuple[Plan, list[str]], views: list[RequestView],
-                      cap: CapacityView, missed: set[str]) -> bool:
-        """Whether the plan in force (`held`, its distances re-judged) beats the new solve. With
-        pauses in the solve, by misses (violations plus pauses). Otherwise by the late gaps each
-        predicts over its window for the requests still able to meet all their SLOs
-        (`_late_gaps`), the new plan's first step carrying the KV it moves (`_moved_bytes`),
-        which makes that step late for the whole batch when the copies push it past the SLO."""
-        plan, paused = solved
-        if paused:
-            return len(held.violations - missed) <= len(plan.violations - missed) + len(set(paused) - missed)
-        inputs = self._inputs(views, cap)
-        moved = self._moved_bytes(inputs, held.distances, plan.distances)
-        return self._late_gaps(held, inputs, missed) <= self._late_gaps(plan, inputs, missed, moved)
-
-    def _late_gaps(self, plan: Plan, inputs: PlanInputs, missed: set[str], moved_bytes: int = 0) -> int:
-        """Late gaps `plan` predicts over its window for the requests of `inputs` not in `missed`:
-        its step grows from T (now) to T at the window's end about linearly, so a request whose
-        effective SLO lies between is late for the window's tail past that crossing; the first
-        step, carrying `moved_bytes` of copies on the link, is late where they push it over."""
-        ds = [plan.distances[r.request_id] for r in inputs.requests]
-        W, T0 = plan.window, self._judged_step_s(inputs, ds)
-        end = replace(inputs, requests=tuple(replace(r, context_tokens=r.context_tokens + r.growth(W))
-                                             for r in inputs.requests))
-        T1 = self._judged_step_s(end, ds)
-        first = T0 + moved_bytes / inputs.link_bytes_per_s
-        gaps = 0
-        for r in inputs.requests:
-            if r.request_id in missed:
-                continue
-            slo = r.effective_slo_s(W)
-            late = 0 if T1 <= slo else W if T0 > slo else W - int((slo - T0) / (T1 - T0) * W)
-            gaps += late + (late < W and first > r.slo_s)
-        return gaps
-
-    @staticmethod
-    def _moved_bytes(inputs: PlanInputs, old: dict[str, int], new: dict[str, int]) -> int:
-        """KV bytes re-placing the batch from distances `old` to `new` copies (either way)."""
-        L, bs, total = inputs.num_layers, inputs.block_size, 0
-        for r in inputs.requests:
-            a, b = placement_for_distance(old[r.request_id], L), placement_for_distance(new[r.request_id], L)
-            total += sum(x != y for x, y in zip(a, b)) * -(-r.context_tokens // bs) * bs
-        return total * inputs.kv_bytes_per_token_per_layer
-
-    def _shrunk(self, inputs: PlanInputs, ds: list[int], window: int) -> list[int] | None:
-        """`ds` with requests moved down a distance class (more layers on host), one class of one
-        request at a time, never below its largest offload (`PlanInputs.largest_offload`: all-host
-        only for a request nothing else holds, as the solvers allow), until the batch fits the
-        device at `window`'s end; each time the request whose move gives the shortest first step:
-        the judged step plus the copies from `ds` on the link (distance classes are not nested: a
-        class down can bring layers back as well as send others out). None if it never fits: the
-        solve then pauses (Pause-Resume)."""
-        start, ids = list(ds), [r.request_id for r in inputs.requests]
-        ds, classes, bw = list(ds), inputs.distances, inputs.link_bytes_per_s
-        old, floor = dict(zip(ids, start)), inputs.largest_offload()
-        while device_bytes(inputs, ds, window) > inputs.device_capacity_bytes:
-            best = None
-            for i, d in enumerate(ds):
-                k = classes.index(d) if d in classes else 0
-                if k == 0 or classes[k - 1] < floor[i]:
-                    continue
-                trial = ds[:i] + [classes[k - 1]] + ds[i + 1:]
-                key = self._judged_step_s(inputs, trial) + self._moved_bytes(inputs, old, dict(zip(ids, trial))) / bw
-                if best is None or key < best[0]:
-                    best = (key, trial)
-            if best is None:
-                return None
-            ds = best[1]
-        return ds
-
-    def _pause_for_slo(self, plan: Plan, active: list[RequestView], cap: CapacityView, pinned: frozenset[str],
-                       paused: list[str], probe: bool, costs: Callable[[RequestView], bool] | None = None
-                       ) -> tuple[Plan, list[str]]:
-        """Pause-Resume under a slow link (`pause.SloPauseSearch`); not for `-no-pause`, nor for
-        probes without `costs`. With `pause_cost` "slack", at run time a pause costs its request
-        a miss only when waiting until the rest of the batch next shrinks (its earliest finish, at
-        steps on time) outruns its TPOT slack at the batch's compute-only step."""
-        if not self.can_pause or (probe and costs is None):
-            return plan, paused
-        if costs is None and self.pause_cost == "slack":
-            step = self.num_layers * self._inputs(active, cap).compute_per_layer_s
-
-            def costs(v: RequestView) -> bool:
-                rest = [u.max_new_tokens_left for u in active if u.request_id != v.request_id]
-                return pause_breaks_tpot(v.max_new_tokens_left, min(rest, default=0), step,
-                                         v.slo_s or self.default_slo_s)
-        search = self.peak_pause if probe else self.slo_pause
-        best, extra = search.search(plan, active, pinned, lambda views: self._inputs(views, cap),
-                                    lambda inputs: self._engine_checked(self.solver.solve(inputs), inputs),
-                                    self.solver.seed, costs)
-        return best, paused + extra
-
-    def _fallback(self, inputs: PlanInputs, status: PlanStatus) -> Plan:
-        """Every request at its largest offload short of all-host, all-host where only that holds
-        it (`PlanInputs.largest_offload`); the scheduler's preemption covers what does not fit."""
-        choice = inputs.largest_offload()
-        return make_plan(inputs, choice, step_time(inputs, choice), inputs.windows[0],
-                         status, time.perf_counter(), status.value)
-
+    # ---- planning on another's behalf (`PlanningPolicy`) ---------------------------------------
     def solve_for(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str] = frozenset(),
                   deadline: float | None = None) -> PlanResult:
-        """One planning solve on another's behalf (the central planner solving for a worker),
-        warm-started from the placements the worker's views carry (its plan in force); `deadline`
-        (time.perf_counter()) bounds a wall-clock solver (`PlanningPolicy`)."""
-        ds = distance_set(self.distances, self.num_layers)
-        self.solver.seed({v.request_id: d for v in views
-                          if (d := distance_of(v.placement, self.num_layers, ds)) is not None})
-        self.solver.set_deadline(deadline)
-        try:
-            plan, paused = self._solve(list(views), cap, frozenset(pinned))
-        finally:
-            self.solver.set_deadline(None)
-        return PlanResult(plan, tuple(paused))
+        """One planning solve on another's behalf (`SolveLoop.solve_for`)."""
+        return self.solve_loop.solve_for(views, cap, pinned, deadline)
 
     def use_cost_model(self, model: CostModel) -> None:
         """Plan on `model` (the central planner: the worker's fit) (`PlanningPolicy`)."""
@@ -427,10 +184,10 @@ class OrbitFlow(KVPolicy):
         beyond the batch's own (solved once for all), or 0 under `fcfs` admission; inf when it
         could join only by pausing others or not at all (the router then prefers another worker)."""
         slo_aware = self.admission.kind is AdmissionKind.SLO
-        base = len(self._solve(list(running), cap, frozenset(), probe=True)[0].violations) if running else 0
+        base = len(self.solve_loop.solve(list(running), cap, frozenset(), probe=True)[0].violations) if running else 0
         out = []
         for req in reqs:
-            plan, paused = self._solve(list(running) + [req], cap, frozenset({req.request_id}), probe=True)
+            plan, paused = self.solve_loop.solve(list(running) + [req], cap, frozenset({req.request_id}), probe=True)
             joins = not paused and req.request_id in plan.distances and not plan.status.is_fallback
             damage = max(0, len(plan.violations) - base) if slo_aware else 0
             out.append(float(damage) if joins else float("inf"))
@@ -441,8 +198,7 @@ class OrbitFlow(KVPolicy):
         placements = self._placements(plan, views, paused)
         self.plan = plan
         self.plan_ids = frozenset(plan.distances)
-        self.steps_left = plan.window
-        self._stale, self._drift_run = False, 0
+        self.triggers.installed(plan)
         self.counters["plans"] += 1
         self.counters["pauses"] += len(paused)
         if plan.violations:  # no placement meets these SLOs: the plan keeps the misses fewest
@@ -520,14 +276,14 @@ class OrbitFlow(KVPolicy):
         if not peak:
             return 0
         missed = set() if everyone else ttft_missed_ids(peak)
-        inputs = self._inputs(peak, cap)
+        inputs = self.solve_loop.inputs(peak, cap)
         L, w = self.num_layers, inputs.windows[0]
         if L in inputs.distances and device_bytes(inputs, [L] * len(peak), w) <= inputs.device_capacity_bytes:
             # all on device fits the peak: the plan is that (no stall, no pause), its misses the
             # compute's alone (nothing banked there), known without a solve on the decode thread
             return len(certain_late(inputs) - missed)
         costs = self._peak_pause_costs(views, inputs) if self.pause_cost == "slack" else None
-        key = (self._key(views), tuple(v.ttft_missed for v in peak), cap)
+        key = (batch_key(views), tuple(v.ttft_missed for v in peak), cap)
         if key not in self._peaks:
             self._peaks = {**dict(list(self._peaks.items())[-1:]),
                            key: self.ahead.solve_now(peak, cap, frozenset(), True, costs)}
@@ -594,8 +350,8 @@ class OrbitFlow(KVPolicy):
                 and self.admission.kind is AdmissionKind.SLO):
             return False
         wait, stalls = bank_wait_s(req, running, self.num_layers, self.cost, self.prefill_chunk_tokens,
-                                   self.deposit_pace, self.default_slo_s, self._predicted_s,
-                                   1 + self.drift_threshold, self._joined_stall_s)
+                                   self.deposit_pace, self.default_slo_s, self.triggers.predicted_s,
+                                   1 + self.triggers.drift_threshold, self._joined_stall_s)
         slack, own = req.ttft_slack_s, prefill_debt_s([req], self.num_layers, self.cost)
         if wait <= 0 or math.isinf(wait) or (slack is not None and own + wait > slack):
             return False
@@ -604,21 +360,20 @@ class OrbitFlow(KVPolicy):
         return True
 
     def replan(self, running: list[RequestView], cap: CapacityView) -> PlacementPlan | None:
-        self._cap = cap
         self._joined_stall_s = 0.0  # a new step: nobody has joined in it yet
-        self._last_views = running
-        self.steps_left -= 1
+        self.triggers.steps_left -= 1
         if not running:
             self.plan, self.plan_ids = None, frozenset()
             return None
-        reason = self._trigger(running, cap)
+        reason = self.triggers.reason(self.plan, self.plan_ids, running, cap)
         result = None
         if reason is not None:
             self.counters[f"trigger_{reason}"] += 1
-            held = self._held(running, cap) if self.placement_hold and reason in ("window", "drift") else None
+            hold = self.placement_hold and reason in ("window", "drift")
+            held = self.solve_loop.held(self.plan, running, cap) if hold else None
             missed = ttft_missed_ids(running)
             # a plan solved ahead for this batch (by the central planner or the local thread)
-            ready = self.ahead.take(self._key(running)) if reason in ("window", "drift") else None
+            ready = self.ahead.take(batch_key(running)) if reason in ("window", "drift") else None
             if ready is not None:
                 ready_plan, ready_paused = ready  # a (plan, paused) pair, or the central planner's PlanResult
                 ready = (ready_plan, list(ready_paused))
@@ -627,67 +382,23 @@ class OrbitFlow(KVPolicy):
                 # same placement, at the window its solver chose) or buys late gaps back.
                 solved = (held, [])
                 if ready is not None and ((not ready[1] and ready[0].distances == held.distances)
-                                          or not self._holds_better(held, ready, running, cap, missed)):
+                                          or not self.solve_loop.holds_better(held, ready, running, cap, missed)):
                     solved = ready
             else:
                 solved = ready if ready is not None else self.ahead.solve_now(running, cap, self._protected)
-                if held is not None and self._holds_better(held, solved, running, cap, missed):
+                if held is not None and self.solve_loop.holds_better(held, solved, running, cap, missed):
                     solved = (held, [])  # the new placement buys no late gap back: no move
             self.counters["ahead_plans_held_over"] += ready is not None and solved[0] is held
             plan, paused = solved
             self.counters["plans_held"] += plan is held
             result = self._install(plan, running, paused)
-        self._predict(running, cap)
+        self.triggers.predict(self.plan, running, cap)
         self._bank = self._bank_targets(running)
-        self._solve_ahead(running, cap)
+        self.triggers.solve_ahead(running, cap, self._protected)
         return result
 
-    def _solve_ahead(self, running: list[RequestView], cap: CapacityView) -> None:
-        """Ask for the plan of the window's last step now if it is `lead_steps` or fewer away (one
-        step for the local thread; the central planner's round trip in steps otherwise), for the
-        batch predicted there: every request `ahead` tokens longer, those finished by then gone."""
-        ahead = 1 if self._stale else self.steps_left
-        if ahead < 1 or ahead > self.ahead.lead_steps(self._step_s, max(self.steps_left, 1)):
-            return
-        nxt = [_advance(v, ahead) for v in running if v.max_new_tokens_left > ahead]
-        if nxt and not self.ahead.pending(self._key(nxt)):
-            budget = None if self._step_s is None else ahead * self._step_s
-            self.ahead.submit(self._key(nxt), nxt, cap, self._protected, budget_s=budget)
-
-    def _trigger(self, running: list[RequestView], cap: CapacityView) -> str | None:
-        if self.plan is None or frozenset(v.request_id for v in running) != self.plan_ids:
-            return "batch"
-        if self._growth_blocks(running) > cap.device_free_blocks:
-            return "capacity"
-        if self.steps_left <= 0:
-            return "window"
-        if self._stale:
-            return "drift"
-        return None
-
-    def _growth_blocks(self, running: list[RequestView]) -> int:
-        """Device blocks the next step allocates: one per device layer of a request at a block edge."""
-        bs = self._cap.block_size if self._cap else 1
-        return sum(sum(t == Tier.DEVICE for t in v.placement or ()) for v in running if v.num_tokens % bs == 0)
-
-    @staticmethod
-    def _key(views: list[RequestView]) -> tuple:
-        return tuple(sorted((v.request_id, v.num_tokens) for v in views))
-
-    def _predict(self, running: list[RequestView], cap: CapacityView) -> None:
-        """The plan's step time at the current contexts: T at install, plus the attention cost of
-        the tokens added since (the stall's growth is second order next to the drift threshold)."""
-        if self.plan is None:
-            self._predicted_s = None
-            return
-        ctx = sum(v.num_tokens for v in running if v.request_id in self.plan.distances)
-        if self._anchor is None or self._anchor[0] is not self.plan:
-            views = [v for v in running if v.request_id in self.plan.distances]  # paused ones leave
-            inputs = self._inputs(views, cap)
-            T = self._judged_step_s(inputs, [self.plan.distances[v.request_id] for v in views])
-            self._anchor = (self.plan, ctx, T)
-        _, ctx0, T0 = self._anchor
-        self._predicted_s = T0 + self.num_layers * self.cost.model.compute_b_s_per_token * (ctx - ctx0)
+    def _prefill_debt_s(self, views: list[RequestView]) -> float:
+        return prefill_debt_s(views, self.num_layers, self.cost)
 
     def _bank_targets(self, running: list[RequestView]) -> dict[str, int]:
         """Token-Deposit: per planned request, the tokens that cover the stalls predicted over the
@@ -696,12 +407,12 @@ class OrbitFlow(KVPolicy):
         (`deposit.ArrivalForecast`: arrivals are not in the plan's inputs), and the chunks of an
         arrival waiting for these banks (`_waits_for_banks`). 0 where none is
         predicted: on an idle server a stream goes out as produced."""
-        if not self.uses_deposit or self.plan is None or self._predicted_s is None:
+        if not self.uses_deposit or self.plan is None or self.triggers.predicted_s is None:
             return {}
         kp = self.num_layers * self.cost.model.compute_p_s_per_token
         for v in running:
             self.arrivals.note(v.request_id, v.arrival_time, kp * v.num_prompt_tokens)
-        T, W = self._predicted_s, self.plan.window
+        T, W = self.triggers.predicted_s, self.plan.window
         stalls = [self._prefill_debt_s(running)] + self.arrivals.stalls(self._now, W * T)
         if self._join_stalls is not None:  # an arrival waiting for these banks (`_waits_for_banks`)
             stalls += self._join_stalls[1]
@@ -713,22 +424,12 @@ class OrbitFlow(KVPolicy):
         return self._bank.get(request_id, 0)
 
     def observe(self, stats: StepStats) -> None:
-        """Runtime feedback: the cost model learns from every step; a decode-only step that
-        misses the prediction by more than the threshold, `drift_patience` times in a row,
-        marks the plan stale (re-solved one step ahead, on the refitted model)."""
+        """Runtime feedback (the cost model learns from every step, `sched/feedback.py`): the
+        step's clock, and `RefineTriggers.observe`: a decode-only step that misses the prediction
+        by more than the threshold, `drift_patience` times in a row, marks the plan stale
+        (re-solved at the next step, on the refitted model)."""
         self._now = stats.now
-        if stats.num_decodes and stats.new_tokens == stats.num_decodes:  # what solving ahead budgets
-            self._step_s = stats.wall_s if self._step_s is None else 0.8 * self._step_s + 0.2 * stats.wall_s
-        pred = self._predicted_s
-        if pred is None or stats.new_tokens != stats.num_decodes or pred <= 0:
-            return
-        if abs(stats.wall_s / pred - 1) > self.drift_threshold:
-            self._drift_run += 1
-            if self._drift_run >= self.drift_patience:
-                self._stale = True
-                self._drift_run = 0
-        else:
-            self._drift_run = 0
+        self.triggers.observe(stats)
 
     def request_finished(self, request_id: str) -> None:
         self.arrivals.forget(request_id)
@@ -750,19 +451,6 @@ class OrbitFlow(KVPolicy):
         solver = {f"solver_{k}": v for k, v in self.solver.stats.items()}
         return {**super().metrics(), **self.counters, **self.ahead.stats, **solver,
                 "cost_model_fits": self.cost.num_fits}
-
-
-def distance_of(placement: tuple[Tier, ...] | None, num_layers: int, distances: tuple[int, ...]) -> int | None:
-    """The distance whose placement this is (None: no placement, or none of `distances` makes it)."""
-    if placement is None:
-        return None
-    host = [t == Tier.HOST for t in placement]
-    return next((d for d in distances if placement_for_distance(d, num_layers) == host), None)
-
-
-def _advance(v: RequestView, steps: int = 1) -> RequestView:
-    """The view `steps` decode steps later (the batch a plan asked for ahead will run on)."""
-    return replace(v, num_tokens=v.num_tokens + steps, num_output_tokens=v.num_output_tokens + steps)
 
 
 @register_policy
