@@ -4,8 +4,9 @@
   What a worker runs on its decode thread and on its solve-ahead thread.
 - "cvxpy-highs": `ilp_compact.CompactIlpPlanner`, the fast plan improved by the compact placement
   ILP in cvxpy, solved by HiGHS (its LP relaxation, a primal heuristic from the LP's face
-  (`ilp_targets`), then a chain-restricted MIP only when that plan is not proven; T proven within
-  1e-4 of the optimum when its node budgets allow: OPTIMAL, else FEASIBLE; never worse than the
+  (`ilp_targets`), a Lagrangian bound (`ilp_lagrange`), then a chain-restricted MIP only when that
+  plan is not proven; T proven within `ilp_compact.CENTRAL_REL_GAP` (1e-3) of the optimum when its
+  node budgets allow: OPTIMAL, else FEASIBLE; never worse than the
   fast plan). What the central planner runs for the workers' window and drift re-plans. Imports
   cvxpy on first use only.
 - "uniform": `uniform.UniformPlanner`, one distance for the whole batch (an ablation).
