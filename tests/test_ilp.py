@@ -1,5 +1,6 @@
 """The placement ILP against brute force, and the properties the planner promises its caller."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -11,8 +12,8 @@ from orbitflow_ray.planner.fastpath import FastPlanner, link_eval
 from orbitflow_ray.planner.ilp import IlpPlanner
 from orbitflow_ray.planner.ilp_highs import HighsPlanner
 from orbitflow_ray.planner.problem import (T_RTOL, PlanInputs, PlanRequest, PlanStatus, _stall_s,
-                                           evaluate, link_bytes, placement_for_distance, plan_better,
-                                           window_counts, window_data)
+                                           device_bytes, evaluate, fit_whole_plan, link_bytes,
+                                           placement_for_distance, plan_better, window_counts, window_data)
 from orbitflow_ray.planner.uniform import UniformPlanner
 
 KVB, BW, A, B = 4096, 25e9, 2e-4, 2.3e-9  # Llama-3.1-8B-like per-layer KV; PCIe-class link
@@ -61,6 +62,26 @@ def instances(draw):
     distances += draw(st.sampled_from([[], [0]]))  # half the instances may stream all-host
     cap = int(full * draw(st.floats(0.6, 1.1)))  # mostly feasible; some infeasible when no small d is drawn
     return PlanInputs(reqs, L, KVB, cap, BW, A, B, distances=tuple(distances), windows=(32, 64, 128))
+
+
+@given(instances(), st.floats(1.0, 2.0))
+@settings(max_examples=60, deadline=None)
+def test_fit_whole_plan_is_the_lexicographic_optimum(inp, room):
+    """When every layer of every request fits on device at the longest window, `fit_whole_plan`
+    is the brute-force optimum (violations, T, link bytes, -W), found with no search, and the fast
+    path returns the same plan; one byte short of that, it declines."""
+    L = inp.num_layers
+    whole = device_bytes(inp, [L] * len(inp.requests), inp.windows[-1])
+    inp = dataclasses.replace(inp, distances=tuple(sorted(set(inp.distances) | {L})),
+                              device_capacity_bytes=int(whole * room))
+    plan = fit_whole_plan(inp, "fast")
+    n_late, T, W, moved = brute_force(inp)
+    assert (len(plan.violations), plan.window, moved) == (n_late, W, 0)
+    assert plan.predicted_step_s <= T * (1 + T_RTOL) and plan.status is PlanStatus.OPTIMAL
+    assert set(plan.distances.values()) == {L} and plan.device_bytes <= inp.device_capacity_bytes
+    fast = FastPlanner(warm_start=False).solve(inp)
+    assert (fast.distances, fast.window, fast.violations) == (plan.distances, plan.window, plan.violations)
+    assert fit_whole_plan(dataclasses.replace(inp, device_capacity_bytes=whole - 1), "fast") is None
 
 
 def test_placement_convention():

@@ -1,6 +1,7 @@
 """The simulator runs the real scheduler and policies on a roofline: conservation, capacity,
 determinism, and the CLI."""
 
+import dataclasses
 import json
 
 import pytest
@@ -230,10 +231,21 @@ def test_grid_runs_the_same_in_worker_processes_and_from_the_cache(tmp_path, tra
         compare.run_grid(*args, jobs=0)
 
 
-def test_planning_solves_are_charged_to_the_virtual_clock(trace):
-    runs = {cost: simulate(config("orbitflow", solve_cost_s=cost), trace[:6]) for cost in (0.0, 0.5)}
+def test_planning_searches_are_charged_to_the_virtual_clock(trace):
+    """A solve that runs the solver's search costs `solve_cost_s` of virtual time; one settled with
+    no search (the batch fits on device whole, `problem.fit_whole_plan`) costs none."""
+    # 512 MiB of device KV (about 4K tokens): no request of the trace fits whole, so solves search
+    runs = {cost: simulate(SimConfig.build(model="llama-3.1-8b", gpu="a100-80gb", kv_policy="orbitflow",
+                                           device_kv_bytes=512 << 20, solve_cost_s=cost), trace[:6])
+            for cost in (0.0, 0.5)}
     m = runs[0.0].policy_metrics
-    assert m["solves_sync"] + m["solves_ahead"] > 0
-    # every solve costs half a second of virtual time: the run ends later, TTFTs are later
+    assert m["solves_searched"] > 0 and m["solves_sync"] + m["solves_ahead"] >= m["solves_searched"]
+    # every search costs half a second of virtual time: the run ends later, TTFTs are later
     assert runs[0.5].metrics["makespan_s"] > runs[0.0].metrics["makespan_s"] + 0.5
     assert runs[0.5].metrics["p50_ttft_s"] > runs[0.0].metrics["p50_ttft_s"]
+    # two short requests fit on device whole: every plan is settled with no search, and charged nothing
+    short = [dataclasses.replace(t, input_tokens=512, output_tokens=64) for t in trace[:2]]
+    fit = {cost: simulate(config("orbitflow", solve_cost_s=cost), short) for cost in (0.0, 0.5)}
+    m = fit[0.5].policy_metrics
+    assert m["solves_searched"] == 0 and m["plans_fit_whole"] > 0 and m["plans"] > 0
+    assert fit[0.5].metrics["makespan_s"] == fit[0.0].metrics["makespan_s"]

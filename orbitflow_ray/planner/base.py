@@ -184,8 +184,8 @@ class KVPolicy(abc.ABC):
         return None
 
     def num_solves(self) -> int:
-        """Plan solves run here so far (on the decode thread and ahead of it; remote ones not), which
-        the simulator charges to its clock (`SimConfig.solve_cost_s`). None here."""
+        """Plan solves run here so far that searched (on the decode thread and ahead of it; remote
+        ones not), which the simulator charges to its clock (`SimConfig.solve_cost_s`). None here."""
         return 0
 
     def metrics(self) -> dict[str, float]:

@@ -133,7 +133,7 @@ class OrbitFlow(KVPolicy):
                                         "trigger_capacity", "plans_missing_slo", "slo_pauses", "slo_pause_trials",
                                         "slo_pause_trials_max", "slo_pause_skipped", "slo_pause_capped",
                                         "engine_slower", "engine_single", "ahead_plans_held_over", "plans_held",
-                                        "bank_wait_steps")}
+                                        "bank_wait_steps", "plans_fit_whole")}
         self.solve_loop = SolveLoop(num_layers, self.cost, self.default_slo_s, self.windows, distances,
                                     make_solver("uniform" if self.uniform else solver), self.counters,
                                     pause_strategy(pause_strategy_name), seed, slo_pause_max_trials,
@@ -442,7 +442,9 @@ class OrbitFlow(KVPolicy):
         self.ahead.close()
 
     def num_solves(self) -> int:
-        return self.ahead.stats["solves_sync"] + self.ahead.stats["solves_ahead"]
+        """Solves here that ran the solver's search (`SolveLoop.solves_searched`): a batch that fits
+        on device whole is planned with no search (`problem.fit_whole_plan`), in microseconds."""
+        return self.solve_loop.solves_searched
 
     def plan_solver(self) -> str | None:
         return None if self.plan is None else self.plan.solver
@@ -450,7 +452,7 @@ class OrbitFlow(KVPolicy):
     def metrics(self) -> dict[str, float]:
         solver = {f"solver_{k}": v for k, v in self.solver.stats.items()}
         return {**super().metrics(), **self.counters, **self.ahead.stats, **solver,
-                "cost_model_fits": self.cost.num_fits}
+                "solves_searched": self.solve_loop.solves_searched, "cost_model_fits": self.cost.num_fits}
 
 
 @register_policy

@@ -49,8 +49,8 @@ from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.planner.pause import PauseStrategy, SloPauseSearch, pause_breaks_tpot
 from orbitflow_ray.planner.planning import PlanResult
 from orbitflow_ray.planner.problem import (Plan, PlanInputs, PlanStatus, device_bytes, distance_set,
-                                           engine_step_time, late_requests, make_plan, placement_for_distance,
-                                           step_time)
+                                           engine_step_time, fit_whole_plan, late_requests, make_plan,
+                                           placement_for_distance, step_time)
 from orbitflow_ray.planner.solvers import PlacementSolver, make_solver
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,10 @@ class SolveLoop:
         self.uses_deposit, self.can_pause = uses_deposit, can_pause
         self.link_model, self.prefetch_depth, self.pause_cost = link_model, prefetch_depth, pause_cost
         self.slo_pause = SloPauseSearch(pick_victim, self.rng, counters, slo_pause_max_trials)
+        # `solve` calls that ran the solver's search at least once (the others settled with
+        # `fit_whole_plan`): what the simulator charges `solve_cost_s` for
+        self.solves_searched = 0
+        self._searched = False
         # the lifetime peak's own search (a probe: its counters and draws are not the policy's)
         self.peak_pause = SloPauseSearch(pick_victim, random.Random(seed), {}, slo_pause_max_trials)
 
@@ -109,11 +113,29 @@ class SolveLoop:
         """Solve; while infeasible, pause one unpinned request and re-solve. Returns the plan and
         the ids paused to reach it. A probe (may this request join?) logs and counts nothing, and
         pauses for the SLO only given `costs` (which pauses cost their request an SLO)."""
+        self._searched = False
+        try:
+            return self._solve(views, cap, pinned, probe, costs)
+        finally:
+            self.solves_searched += self._searched
+
+    def _placement(self, inputs: PlanInputs) -> Plan:
+        """The solver's plan, or with no search when the batch fits on device whole
+        (`problem.fit_whole_plan`, counted in "plans_fit_whole")."""
+        plan = fit_whole_plan(inputs, self.solver.name)
+        if plan is not None:
+            self.counters["plans_fit_whole"] += 1
+            return plan
+        self._searched = True
+        return self.solver.solve(inputs)
+
+    def _solve(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str], probe: bool,
+               costs: Callable[[RequestView], bool] | None) -> tuple[Plan, list[str]]:
         active, paused = list(views), []
         while True:
             inputs = self.inputs(active, cap)
             try:
-                plan = self.engine_checked(self.solver.solve(inputs), inputs)
+                plan = self.engine_checked(self._placement(inputs), inputs)
             except Exception:  # a solver bug or timeout must not stop serving
                 log.exception("placement solve failed; falling back to the largest offload")
                 self.counters["fallbacks"] += 1
@@ -203,7 +225,7 @@ class SolveLoop:
                                          v.slo_s or self.default_slo_s)
         search = self.peak_pause if probe else self.slo_pause
         best, extra = search.search(plan, active, pinned, lambda views: self.inputs(views, cap),
-                                    lambda inputs: self.engine_checked(self.solver.solve(inputs), inputs),
+                                    lambda inputs: self.engine_checked(self._placement(inputs), inputs),
                                     self.solver.seed, costs)
         return best, paused + extra
 

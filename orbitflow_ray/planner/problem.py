@@ -550,6 +550,26 @@ def make_plan(inputs: PlanInputs, choice: Sequence[int], T: float, window: int, 
                 window, time.perf_counter() - started, solver, device_bytes(inputs, choice, window))
 
 
+def fit_whole_plan(inputs: PlanInputs, solver: str) -> Plan | None:
+    """Every layer of every request on device, when the batch's KV fits there whole at the longest
+    window: then that placement is the lexicographic optimum `search_windows` looks for, found with
+    no search. No link stall, so the least T at every window, and with it the fewest late requests;
+    no link bytes; and, of the windows, the longest whose late count is the shortest window's (a
+    longer window only shrinks the effective SLOs). OPTIMAL, labelled `solver` (the plan that
+    solver returns). None when it does not fit, or all-device is not among `inputs.distances`."""
+    L, R = inputs.num_layers, len(inputs.requests)
+    if L not in inputs.distances or not R:
+        return None
+    choice = [L] * R
+    if device_bytes(inputs, choice, inputs.windows[-1]) > inputs.device_capacity_bytes:
+        return None
+    started = time.perf_counter()
+    T = step_time(inputs, choice)
+    n_late = len(late_requests(inputs, T, inputs.windows[0]))
+    window = next(w for w in reversed(inputs.windows) if len(late_requests(inputs, T, w)) == n_late)
+    return make_plan(inputs, choice, T, window, PlanStatus.OPTIMAL, started, solver)
+
+
 WindowSolver = Callable[[int], "tuple[list[int], bool]"]  # W -> (distance per request, proven optimal)
 
 

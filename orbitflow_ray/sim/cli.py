@@ -63,7 +63,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="share of free HBM given to KV when --device-kv-bytes is unset (default: 1)")
     h.add_argument("--max-num-seqs", type=int, default=16, help="largest batch (default: 16)")
     h.add_argument("--solve-cost-s", type=float, default=0.005,
-                   help="virtual seconds charged per planning solve (default: 0.005)")
+                   help="virtual seconds charged per planning solve that searches (default: 0.005; a batch "
+                        "that fits on device whole is planned with no search, at no charge)")
     h.add_argument("--admission", choices=ADMISSIONS, default=None,
                    help="who joins the batch: fcfs (arrival order while the placement fits) or slo (also "
                         "only if no more TPOT/TBT SLOs are predicted to miss); default: each policy's own "

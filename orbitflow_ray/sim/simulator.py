@@ -7,8 +7,9 @@ The event loop advances a virtual clock: requests arrive at their trace times; e
 scheduled by the same `Scheduler` and `KVPolicy` objects the engine runs (built by the same
 `policy_from_config`), timed by `SimExecutor` (a roofline over the model and GPU specs, with the
 engine's layer-wise prefetch pipeline), and fed back to the online cost model as the engine feeds
-its measurements. Planning solves run inline and each costs `solve_cost_s` of virtual time, so a
-run is deterministic under its seed and the planner's cost is never free.
+its measurements. Planning solves run inline and each that runs the solver's search costs
+`solve_cost_s` of virtual time (one settled with no search, a batch that fits on device whole,
+costs none), so a run is deterministic under its seed and the planner's cost is never free.
 
 SLOs: every request is judged on TTFT, TPOT and TBT (`orbitflow_ray.metrics`). A request without its
 own gets TPOT/TBT SLO = slo_scale x the no-offload decode step at full device KV (`base_step_s`),
@@ -93,8 +94,10 @@ class SimConfig:
         "Absolute TTFT SLO for requests without one (inf: not judged). None: the default rule, "
         "slo_scale x (the request's prefill on an idle device + one no-offload decode step per "
         "prefill chunk + one), see metrics.default_ttft_slo_s.", default=None)
-    solve_cost_s: float = _help("Virtual time charged per planning solve (the fast path's measured "
-                                "p50 at 32 requests on a CPU core is ~5 ms).", default=0.005)
+    solve_cost_s: float = _help("Virtual time charged per planning solve that runs the solver's search "
+                                "(the fast path's measured p50 at 32 requests on a CPU core is ~5 ms); "
+                                "a batch that fits on device whole is planned with no search, at no "
+                                "charge (`OrbitFlow.num_solves`).", default=0.005)
 
     def __post_init__(self) -> None:
         if not isinstance(self.engine, EngineConfig):
