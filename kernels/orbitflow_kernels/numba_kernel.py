@@ -45,6 +45,13 @@ if config.THREADING_LAYER == "default":
     config.THREADING_LAYER = "threadsafe"
 
 
+def use_torch_threads() -> None:
+    """Run this thread's next kernel launches on torch's intra-op thread count, up to the pool's size."""
+    threads = min(torch.get_num_threads(), _POOL_THREADS)
+    if get_num_threads() != threads:
+        set_num_threads(threads)
+
+
 # fastmath limited to reassociation and FMA contraction (vectorised dot products); infinities stay
 # IEEE (the first block folds into m = -inf).
 @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
@@ -104,9 +111,7 @@ def paged_decode(q: torch.Tensor, pool: torch.Tensor, table: torch.Tensor, lens:
     rows = torch.arange(r) if rows is None else rows
     qf = q.detach().to(torch.float32).contiguous()
     out = torch.empty(qf.shape, dtype=torch.float32)
-    threads = min(torch.get_num_threads(), _POOL_THREADS)  # torch's intra-op setting rules, up to the pool
-    if get_num_threads() != threads:
-        set_num_threads(threads)
+    use_torch_threads()
     bad = np.zeros(r * pool.shape[2], dtype=np.uint8)
     _paged_decode(qf.numpy(), pool.detach().numpy(), table.contiguous().numpy(), rows.contiguous().numpy(),
                   lens.contiguous().numpy(), np.float32(scale), out.numpy(), bad)
