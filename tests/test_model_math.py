@@ -5,6 +5,10 @@ after the GEMM, and one GEMM over concatenated q/k/v (gate/up) rows equals the s
 fused elementwise kernels (orbitflow_kernels/numba_elementwise.py) are close to the torch expressions
 (RoPE's equal), and a row's output is the same bits in any batch, on the serial and the parallel path."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -154,6 +158,20 @@ def test_a_rows_fused_output_does_not_depend_on_the_batch():
             assert torch.equal(numba_elementwise.silu_mul(gate_up), act)
         finally:
             torch.set_num_threads(_THREADS)
+
+
+def test_a_kernel_compiled_after_the_pool_started_on_one_thread_runs(tmp_path):
+    """A Ray actor's case: torch (so the pool) at 1 thread, one kernel launches the pool, the next
+    compiles only then (cold cache). Numba refuses that compile unless numba_kernel.run sets its size."""
+    script = ("import torch; torch.set_num_threads(1)\n"
+              "from orbitflow_kernels import numba_elementwise as e\n"
+              "e.rms_norm(torch.randn(300, 576), torch.ones(576), 1e-5)\n"
+              "print(e.silu_mul(torch.zeros(300, 512)).abs().sum().item())\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-c", script], env={**env, "NUMBA_CACHE_DIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "0.0"
 
 
 def test_fused_kernels_refuse_bad_input_by_name():

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from orbitflow_kernels.numba_kernel import use_torch_threads  # sizes Numba's pool before its import here
+from orbitflow_kernels.numba_kernel import run, use_torch_threads  # sizes Numba's pool before its import here
 
 from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
@@ -153,7 +153,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise ValueError(f"rms_norm needs x [N, hidden] and weight [hidden], got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
     out = torch.empty(x.shape, dtype=torch.float32)
-    _rms_norm(x.numpy(), weight.contiguous().numpy(), np.float32(eps), out.numpy(), _parallel(x.numel()))
+    run(_rms_norm, x.numpy(), weight.contiguous().numpy(), np.float32(eps), out.numpy(), _parallel(x.numel()))
     return out
 
 
@@ -168,8 +168,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}")
     q_out = torch.empty(q.shape, dtype=torch.float32)
     k_out = torch.empty(k.shape, dtype=torch.float32)
-    _rope(q.numpy(), k.numpy(), cos.numpy(), sin.numpy(), q_out.numpy(), k_out.numpy(),
-          _parallel(q.numel() + k.numel()))
+    run(_rope, q.numpy(), k.numpy(), cos.numpy(), sin.numpy(), q_out.numpy(), k_out.numpy(),
+        _parallel(q.numel() + k.numel()))
     return q_out, k_out
 
 
@@ -180,7 +180,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
         raise ValueError(f"silu_mul needs gate_up [N, 2I], got {tuple(gate_up.shape)}")
     out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=torch.float32)
-    _silu_mul(gate_up.numpy(), out.numpy(), _parallel(out.numel()))
+    run(_silu_mul, gate_up.numpy(), out.numpy(), _parallel(out.numel()))
     return out
 
 
