@@ -6,8 +6,8 @@ lives (device pool or host via staging). q/k/v are one GEMM over their concatena
 gate/up another (on the CPU a row's floats equal the separate GEMMs', tests/test_model_math.py);
 the residual adds ride on the o_proj and down_proj GEMMs (oneDNN's add post-op). On CPU float32
 activations RMSNorm, RoPE and SwiGLU run as one compiled pass each (orbitflow_kernels/
-numba_elementwise.py): RoPE's floats are transformers', RMSNorm's and SwiGLU's within a few ulp
-(summation order, exp); `fuse_elementwise=False` (and CUDA, and bf16) keeps torch's ops, which
+numba_elementwise.py): RoPE's floats are transformers', RMSNorm's and SwiGLU's within ~1e-6
+relative (summation order, exp); `fuse_elementwise=False` (and CUDA, and bf16) keeps torch's ops, which
 compute transformers' floats bit for bit. The linears do not: on the CPU in float32 they run
 oneDNN's GEMM on packed weights (`model/linear.py`), which rounds its sums differently from the
 MKL GEMM transformers calls, so greedy output matches transformers' token for token except at
