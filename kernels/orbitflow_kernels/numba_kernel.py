@@ -45,6 +45,31 @@ if config.THREADING_LAYER == "default":
     config.THREADING_LAYER = "threadsafe"
 
 
+def run(kernel, *args):
+    """kernel(*args) for a compiled kernel of this package. Numba re-reads NUMBA_NUM_THREADS on every
+    compile and refuses a size other than the running pool's: where the pool is not the default size
+    (torch's threads at import, e.g. 1 in a Ray actor) and the variable is unset again (see above), a
+    kernel compiled after any kernel launched the pool (a cold cache, a new signature) fails. Its
+    compile then runs again with the variable set to the size Numba holds (once per signature)."""
+    try:
+        return kernel(*args)
+    except RuntimeError as exc:
+        if "NUMBA_NUM_THREADS" not in str(exc) or "NUMBA_NUM_THREADS" in os.environ:
+            raise
+    os.environ["NUMBA_NUM_THREADS"] = str(config.NUMBA_NUM_THREADS)
+    try:
+        return kernel(*args)
+    finally:
+        del os.environ["NUMBA_NUM_THREADS"]
+
+
+def use_torch_threads() -> None:
+    """Run this thread's next kernel launches on torch's intra-op thread count, up to the pool's size."""
+    threads = min(torch.get_num_threads(), _POOL_THREADS)
+    if get_num_threads() != threads:
+        set_num_threads(threads)
+
+
 # fastmath limited to reassociation and FMA contraction (vectorised dot products); infinities stay
 # IEEE (the first block folds into m = -inf).
 @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
@@ -104,12 +129,10 @@ def paged_decode(q: torch.Tensor, pool: torch.Tensor, table: torch.Tensor, lens:
     rows = torch.arange(r) if rows is None else rows
     qf = q.detach().to(torch.float32).contiguous()
     out = torch.empty(qf.shape, dtype=torch.float32)
-    threads = min(torch.get_num_threads(), _POOL_THREADS)  # torch's intra-op setting rules, up to the pool
-    if get_num_threads() != threads:
-        set_num_threads(threads)
+    use_torch_threads()
     bad = np.zeros(r * pool.shape[2], dtype=np.uint8)
-    _paged_decode(qf.numpy(), pool.detach().numpy(), table.contiguous().numpy(), rows.contiguous().numpy(),
-                  lens.contiguous().numpy(), np.float32(scale), out.numpy(), bad)
+    run(_paged_decode, qf.numpy(), pool.detach().numpy(), table.contiguous().numpy(), rows.contiguous().numpy(),
+        lens.contiguous().numpy(), np.float32(scale), out.numpy(), bad)
     if bad.any():
         seqs = sorted({int(t) // pool.shape[2] for t in np.flatnonzero(bad)})
         raise ValueError(f"block table rows of sequences {seqs} name blocks outside the pool's {pool.shape[0]}")

@@ -4,12 +4,15 @@ Tokens of all scheduled requests are flattened into one [N, hidden] batch so eve
 one large matmul; attention is delegated per layer to a callback that knows where each request's KV
 lives (device pool or host via staging). q/k/v are one GEMM over their concatenated weights, and
 gate/up another (on the CPU a row's floats equal the separate GEMMs', tests/test_model_math.py);
-the residual adds ride on the o_proj and down_proj GEMMs (oneDNN's add post-op). RMSNorm, SwiGLU
-and RoPE (`model/rope.py`) compute transformers' floats bit for bit; the linears do not: on the CPU
-in float32 they run oneDNN's GEMM on packed weights (`model/linear.py`), which rounds its
-sums differently from the MKL GEMM transformers calls, so greedy output matches transformers'
-token for token except at near-ties (tests/test_engine_hf.py counts them by vLLM's
-`check_logprobs_close` rule). `pack_weights=False` (and CUDA, and bf16) keeps `F.linear`.
+the residual adds ride on the o_proj and down_proj GEMMs (oneDNN's add post-op). On CPU float32
+activations RMSNorm, RoPE and SwiGLU run as one compiled pass each (orbitflow_kernels/
+numba_elementwise.py): RoPE's floats are transformers', RMSNorm's and SwiGLU's within ~1e-6
+relative (summation order, exp); `fuse_elementwise=False` (and CUDA, and bf16) keeps torch's ops, which
+compute transformers' floats bit for bit. The linears do not: on the CPU in float32 they run
+oneDNN's GEMM on packed weights (`model/linear.py`), which rounds its sums differently from the
+MKL GEMM transformers calls, so greedy output matches transformers' token for token except at
+near-ties (tests/test_engine_hf.py counts them by vLLM's `check_logprobs_close` rule).
+`pack_weights=False` (and CUDA, and bf16) keeps `F.linear`.
 
 Under tensor parallelism (`model/tp.py`) a model holds one shard's weights: its query and KV heads
 and MLP columns, with o_proj and down_proj partial sums completed by the `all_reduce` it is given.
@@ -36,7 +39,16 @@ AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tenso
 AllReduceFn = Callable[[torch.Tensor], None]
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def fusable(x: torch.Tensor) -> bool:
+    """Whether the fused elementwise kernels (orbitflow_kernels/numba_elementwise.py) take x: CPU float32."""
+    return x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = False) -> torch.Tensor:
+    """RMSNorm of x [N, hidden]; fused: one compiled pass where `fusable` (close to these floats, not equal)."""
+    if fused and fusable(x) and fusable(weight):
+        from orbitflow_kernels import numba_elementwise
+        return numba_elementwise.rms_norm(x, weight, eps)
     # transformers' `weight * h.to(dtype)`, with the last multiply in place on the fresh product
     # (IEEE multiplication commutes exactly): one [N, hidden] allocation fewer per norm. torch's
     # F.rms_norm gives the same floats in float32 but is the same ops on the CPU (no fused kernel in
@@ -45,6 +57,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.to(torch.float32)
     h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
     return h.mul_(weight)
+
+
+def swiglu(gate_up: torch.Tensor, intermediate_size: int, fused: bool = False) -> torch.Tensor:
+    """silu(gate) * up for the gate/up GEMM's output [N, 2 * intermediate_size] (gate columns first)."""
+    if fused and fusable(gate_up):
+        from orbitflow_kernels import numba_elementwise
+        return numba_elementwise.silu_mul(gate_up)
+    gate, up = gate_up.split(intermediate_size, dim=-1)
+    # the multiply in place on silu's fresh (contiguous) output
+    return F.silu(gate).mul_(up)
 
 
 class LlamaLayer:
@@ -71,9 +93,11 @@ class LlamaLayer:
 class LlamaModel:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], device: torch.device,
                  shard: TPShard | None = None, all_reduce: AllReduceFn | None = None,
-                 pack_weights: bool = True) -> None:
+                 pack_weights: bool = True, fuse_elementwise: bool = True) -> None:
         """spec: the whole model's; weights: shard's slices (`tp.shard_weights`) when shard is given;
-        pack_weights: False keeps every linear on `F.linear` (the bench's baseline; see model/linear.py)."""
+        pack_weights: False keeps every linear on `F.linear` (the bench's baseline; see model/linear.py);
+        fuse_elementwise: False keeps RMSNorm, RoPE and SwiGLU on torch's ops (the bench's baseline;
+        True runs them as compiled kernels on CPU float32 activations, torch's ops elsewhere)."""
         if shard is not None and shard.size > 1 and all_reduce is None:
             raise ValueError(f"a shard of a {shard.size}-way tensor-parallel model needs an all_reduce")
         self.spec = spec
@@ -91,6 +115,7 @@ class LlamaModel:
         self.lm_head = Linear(head, pack=pack_weights and head is not self.embed)
         self.layers = [LlamaLayer(w, i, pack_weights) for i in range(spec.num_layers)]
         self.rope = RotaryEmbedding(spec, device=device)
+        self.fuse_elementwise = fuse_elementwise
 
     def weight_bytes(self) -> int:
         """Bytes of this model's (or shard's) weights as loaded, a tied LM head counted once."""
@@ -100,23 +125,21 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
                 before_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Hidden states [N, hidden] after the final norm."""
-        s = self.spec
+        s, fused = self.spec, self.fuse_elementwise
         x = F.embedding(input_ids, self.embed)
         n = x.shape[0]
         cos_sin = self.rope.cos_sin(positions)
         for layer in self.layers:
             if before_layer is not None:
                 before_layer(layer.index)
-            h = rms_norm(x, layer.in_norm, s.rms_norm_eps)
+            h = rms_norm(x, layer.in_norm, s.rms_norm_eps, fused)
             q, k, v = layer.qkv(h).split(layer.qkv_sizes, dim=-1)  # views of one [N, q + 2 kv] GEMM output
             q, k = self.rope.apply_cos_sin(q.view(n, self.num_heads, s.head_dim),
-                                           k.view(n, self.num_kv_heads, s.head_dim), *cos_sin)
+                                           k.view(n, self.num_kv_heads, s.head_dim), *cos_sin, fused=fused)
             x = self._residual(layer.o, attend(layer.index, q, k, v.view(n, self.num_kv_heads, s.head_dim)), x)
-            h = rms_norm(x, layer.post_norm, s.rms_norm_eps)
-            gate, up = layer.gate_up(h).split(layer.intermediate_size, dim=-1)
-            # SwiGLU: silu(gate) * up, the multiply in place on silu's fresh (contiguous) output.
-            x = self._residual(layer.down, F.silu(gate).mul_(up), x)
-        return rms_norm(x, self.norm, s.rms_norm_eps)
+            h = rms_norm(x, layer.post_norm, s.rms_norm_eps, fused)
+            x = self._residual(layer.down, swiglu(layer.gate_up(h), layer.intermediate_size, fused), x)
+        return rms_norm(x, self.norm, s.rms_norm_eps, fused)
 
     def _residual(self, linear: Linear, inp: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x + linear(inp); a row-parallel linear's output is first summed over the shards."""

@@ -7,6 +7,8 @@ elementwise (not a matmul), `cat(freqs, freqs)`, `cos() * attention_scaling`, a 
 dtype, then `q * cos + rotate_half(q) * sin`. cos/sin are recomputed per call rather than gathered
 from a table: a cached table is cheaper but CPU `cos` is not guaranteed to round identically across
 tensor shapes, and the cost (N x head_dim transcendental ops) is negligible next to attention.
+`apply_cos_sin(..., fused=True)` rotates CPU float32 q and k in one compiled pass
+(orbitflow_kernels/numba_elementwise.py) with the same floats (no FMA: each product rounded, as here).
 """
 
 from __future__ import annotations
@@ -64,9 +66,13 @@ class RotaryEmbedding:
         return cos.to(dtype), sin.to(dtype)
 
     @staticmethod
-    def apply_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q and k; cos/sin are cast to q's dtype first, as transformers casts them to the activations'."""
+    def apply_cos_sin(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q [N, H, D] and k [N, Hkv, D]; cos/sin [N, D] are cast to q's dtype first, as transformers
+        casts them to the activations'. fused: one compiled pass over CPU float32 q, k (the same floats)."""
+        if fused and q.device.type == "cpu" and q.dtype == k.dtype == torch.float32:
+            from orbitflow_kernels import numba_elementwise
+            return numba_elementwise.rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
         cos = cos.to(q.dtype).unsqueeze(1)
         sin = sin.to(q.dtype).unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
