@@ -143,15 +143,16 @@ C_MAX = 16  # chain rows of the chain-restricted MIP (`_ChainModel`)
 SEARCHES = ("chains", "mip")  # how the T solve searches (`CompactIlpPlanner`)
 _TIGHT = {"mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9}
 _STOPPED = ("kSolutionLimit", "kIterationLimit", "kTimeLimit", "kInterrupt")
-# the probe (`CompactIlpPlanner._probe`): the chain MIP's root only, as a bound. Presolve and
-# restarts off: with them the root cost up to 100 ms on windows it does not prove (measured)
 # The central ILP's default proof gap: a plan is OPTIMAL once its T is proven within 0.1 % of the
 # optimum. Tighter buys nothing a step can feel: against the same batches proven within 1e-4, the
 # plans' T was 2.6e-4 higher on average (9.3e-4 at most) with the same SLO-miss count in every batch,
 # while the cost model that T comes from predicts real steps within 3-4 % (`orbitflow calibrate`);
-# and at 1e-4 about one window in ten needs the chain MIP (0.1-1 s: p99 447-560 ms at 32 x 32) where
-# at 1e-3 the heuristic's plan is proven against the LP bound in every bench batch (bench/README.md).
+# and at 1e-4 about one window in ten needs the chain MIP (0.1-1 s: p99 407-560 ms at 32 x 32) where
+# at 1e-3 the heuristic's plan or the fast path's certified bound proves 399 of the bench's 400
+# windows with no MIP (bench/README.md, "The proof gap").
 CENTRAL_REL_GAP = 1e-3
+# the probe (`CompactIlpPlanner._probe`): the chain MIP's root only, as a bound. Presolve and
+# restarts off: with them the root cost up to 100 ms on windows it does not prove (measured)
 _PROBE = {**_NO_HEURISTICS, "mip_max_nodes": 1, "mip_allow_restart": False, "presolve": "off"}
 
 
