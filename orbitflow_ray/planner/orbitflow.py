@@ -51,8 +51,9 @@ from orbitflow_ray.planner.orbitflow_solve import LINK_MODELS, PAUSE_COSTS, Solv
 from orbitflow_ray.planner.orbitflow_triggers import RefineTriggers, batch_key
 from orbitflow_ray.planner.pause import SLO_PAUSE_MAX_TRIALS, pause_breaks_tpot, pause_strategy
 from orbitflow_ray.planner.planning import PlanResult, RemoteSolve
-from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs, PlanStatus, certain_late,
-                                           device_bytes, distance_set, placement_for_distance)
+from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs, PlanStatus,
+                                           all_device_fits, certain_late, distance_set,
+                                           placement_for_distance)
 from orbitflow_ray.planner.solvers import PlacementSolver, make_solver
 
 log = logging.getLogger(__name__)
@@ -277,8 +278,7 @@ class OrbitFlow(KVPolicy):
             return 0
         missed = set() if everyone else ttft_missed_ids(peak)
         inputs = self.solve_loop.inputs(peak, cap)
-        L, w = self.num_layers, inputs.windows[0]
-        if L in inputs.distances and device_bytes(inputs, [L] * len(peak), w) <= inputs.device_capacity_bytes:
+        if all_device_fits(inputs, inputs.windows[0]):
             # all on device fits the peak: the plan is that (no stall, no pause), its misses the
             # compute's alone (nothing banked there), known without a solve on the decode thread
             return len(certain_late(inputs) - missed)

@@ -87,10 +87,9 @@ class SolveLoop:
         self.uses_deposit, self.can_pause = uses_deposit, can_pause
         self.link_model, self.prefetch_depth, self.pause_cost = link_model, prefetch_depth, pause_cost
         self.slo_pause = SloPauseSearch(pick_victim, self.rng, counters, slo_pause_max_trials)
-        # `solve` calls that ran the solver's search at least once (the others settled with
-        # `fit_whole_plan`): what the simulator charges `solve_cost_s` for
-        self.solves_searched = 0
-        self._searched = False
+        # the solver's searches (main solves and Pause-for-SLO trials), and the `solve` calls that ran
+        # at least one (the others settled with `fit_whole_plan`): what the simulator charges for
+        self.searches = self.solves_searched = 0
         # the lifetime peak's own search (a probe: its counters and draws are not the policy's)
         self.peak_pause = SloPauseSearch(pick_victim, random.Random(seed), {}, slo_pause_max_trials)
 
@@ -113,11 +112,11 @@ class SolveLoop:
         """Solve; while infeasible, pause one unpinned request and re-solve. Returns the plan and
         the ids paused to reach it. A probe (may this request join?) logs and counts nothing, and
         pauses for the SLO only given `costs` (which pauses cost their request an SLO)."""
-        self._searched = False
+        searches = self.searches
         try:
             return self._solve(views, cap, pinned, probe, costs)
         finally:
-            self.solves_searched += self._searched
+            self.solves_searched += self.searches > searches
 
     def _placement(self, inputs: PlanInputs) -> Plan:
         """The solver's plan, or with no search when the batch fits on device whole
@@ -126,7 +125,7 @@ class SolveLoop:
         if plan is not None:
             self.counters["plans_fit_whole"] += 1
             return plan
-        self._searched = True
+        self.searches += 1
         return self.solver.solve(inputs)
 
     def _solve(self, views: list[RequestView], cap: CapacityView, pinned: frozenset[str], probe: bool,

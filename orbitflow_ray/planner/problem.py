@@ -550,24 +550,24 @@ def make_plan(inputs: PlanInputs, choice: Sequence[int], T: float, window: int, 
                 window, time.perf_counter() - started, solver, device_bytes(inputs, choice, window))
 
 
+def all_device_fits(inputs: PlanInputs, window: int) -> bool:
+    """Whether every layer of every request fits on device at the window's end (all-device being
+    one of `inputs.distances`)."""
+    L = inputs.num_layers
+    return L in inputs.distances and \
+        device_bytes(inputs, [L] * len(inputs.requests), window) <= inputs.device_capacity_bytes
+
+
 def fit_whole_plan(inputs: PlanInputs, solver: str) -> Plan | None:
     """Every layer of every request on device, when the batch's KV fits there whole at the longest
-    window: then that placement is the lexicographic optimum `search_windows` looks for, found with
-    no search. No link stall, so the least T at every window, and with it the fewest late requests;
-    no link bytes; and, of the windows, the longest whose late count is the shortest window's (a
-    longer window only shrinks the effective SLOs). OPTIMAL, labelled `solver` (the plan that
-    solver returns). None when it does not fit, or all-device is not among `inputs.distances`."""
-    L, R = inputs.num_layers, len(inputs.requests)
-    if L not in inputs.distances or not R:
+    window: then that placement is, at every window, the optimum `search_windows` looks for, found
+    with no search (no link stall, so the least T, and with it the fewest late requests; no link
+    bytes), and `search_windows` picks its window. OPTIMAL, labelled `solver` (the plan that solver
+    returns). None for an empty batch, or when all-device does not fit or is not allowed."""
+    if not inputs.requests or not all_device_fits(inputs, inputs.windows[-1]):
         return None
-    choice = [L] * R
-    if device_bytes(inputs, choice, inputs.windows[-1]) > inputs.device_capacity_bytes:
-        return None
-    started = time.perf_counter()
-    T = step_time(inputs, choice)
-    n_late = len(late_requests(inputs, T, inputs.windows[0]))
-    window = next(w for w in reversed(inputs.windows) if len(late_requests(inputs, T, w)) == n_late)
-    return make_plan(inputs, choice, T, window, PlanStatus.OPTIMAL, started, solver)
+    whole = [inputs.num_layers] * len(inputs.requests)
+    return search_windows(inputs, lambda window: (whole, True), solver)
 
 
 WindowSolver = Callable[[int], "tuple[list[int], bool]"]  # W -> (distance per request, proven optimal)
