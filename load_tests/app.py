@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import random
 import socket
 import time
 import urllib.error
@@ -72,10 +73,36 @@ def load_serve_config(path: str | Path) -> AppSpec:
     return spec
 
 
+# Ray's own processes take ports at random between an ephemeral port the kernel gave them and 65535
+# (ray/_private/node.py `_get_unused_port`), and its workers take 10002-19999 (`min/max_worker_port`).
+# A port the kernel hands out (bind to 0) lies in that first range, so a Ray started after we chose it
+# could take it first: then a gRPC server answers our HTTP (seen once on CI). Ports from 20000 up to
+# the kernel's ephemeral range are neither.
+_PORT_LOW = 20000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port free on `host` now, outside the ranges Ray's processes pick theirs from.
+
+    Raises RuntimeError if none of 200 random tries in [20000, ephemeral low) is free."""
+    high = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(_PORT_LOW, max(high, _PORT_LOW + 1))
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port on {host} in [{_PORT_LOW}, {high})")
 
 
 class ManagedApp:

@@ -3,7 +3,6 @@ against a live Ray-free app under uvicorn."""
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -12,18 +11,13 @@ import time
 import pytest
 from aiohttp import web
 
+from load_tests.app import free_port
 from load_tests.client import ClientConfig, RequestResult, run_trace
 from load_tests.report import write_load_report
 from orbitflow_ray.metrics import summarize
 from orbitflow_ray.sim.workload import TraceRequest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _result(rid, arrival, sent, times, error=None, prompt=10):
@@ -98,7 +92,7 @@ async def _failing_server():
         app.router.add_post(path, handler)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = _free_port()
+    port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner, f"http://127.0.0.1:{port}"
 
@@ -112,7 +106,7 @@ def test_failures_are_recorded_not_dropped():
             out = {}
             for name, url, timeout in (("bad", base + "/bad", 30.0), ("slow", base + "/slow", 0.3),
                                        ("broken", base + "/broken", 30.0),
-                                       ("refused", f"http://127.0.0.1:{_free_port()}", 30.0)):
+                                       ("refused", f"http://127.0.0.1:{free_port()}", 30.0)):
                 cfg = ClientConfig(url, "m", timeout_s=timeout, max_concurrency=1)
                 out[name] = await run_trace(trace, ["x", "y"], cfg, progress=False)
             return out
@@ -156,7 +150,7 @@ def live_app():
     from orbitflow_ray.serving.openai_service import OpenAIService
     from orbitflow_ray.serving.worker_core import WorkerCore
 
-    port, box, ready = _free_port(), {}, threading.Event()
+    port, box, ready = free_port(), {}, threading.Event()
 
     def serve():
         loop = asyncio.new_event_loop()
