@@ -39,7 +39,7 @@ BASELINES = ["all-offload", "static-uniform", "flexgen-plus", "select-n", "no-of
 POLICIES = (["orbitflow"] + BASELINES + [f"{b}+slo" for b in BASELINES]
             + ["orbitflow+fcfs", "orbitflow-uniform", "orbitflow-no-deposit", "orbitflow-no-pause",
                "orbitflow-window-admit", "orbitflow-edf-link", "orbitflow-no-hold", "orbitflow-ties-join",
-               "orbitflow-no-bank-wait"])
+               "orbitflow-no-bank-wait", "orbitflow-fifo-queue"])
 SCALES = [1.0, 1.5, 2.5]
 GiB = 1 << 30
 SETUPS = {
@@ -81,6 +81,9 @@ def main() -> int:
                     help="worker processes (default: every core)")
     ap.add_argument("--cache", default="runs/sim-cache",
                     help="folder of finished runs, keyed by the code's hash ('' for none; default: runs/sim-cache)")
+    ap.add_argument("--merge", default=None,
+                    help="comma-separated output folders of earlier runs (e.g. one per setup, made by the same "
+                         "code): write the combined tables of their summary.json files to --out, run nothing")
     args = ap.parse_args()
     if args.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -88,6 +91,10 @@ def main() -> int:
     policies = [p for p in args.policies.split(",") if p]
     for p in policies:
         split_policy(p)
+    if args.merge:
+        doc = merge_summaries([Path(d) for d in args.merge.split(",") if d])
+        write_tables(doc, policies, Path(args.out))
+        return 0
     seeds = [int(x) for x in args.seeds.split(",") if x]
     summary = []
     for name in args.setups.split(","):
@@ -107,14 +114,39 @@ def main() -> int:
                 write_report(runs, Path(args.out) / name, title=f"{name}: policies side by side", context=context)
             summary.append((name, seed, runs))
             print(f"{name} seed {seed}: {len(runs)} runs in {context['simulated_in_s']} s", file=sys.stderr)
-    doc = [{"setup": n, "seed": seed, "runs": [{k: r[k] for k in ("policy", "rate", "slo_scale", "metrics")}
-                                               for r in runs]} for n, seed, runs in summary]
+    version = cache.version if cache else code_version()
+    doc = [{"setup": n, "seed": seed, "code_version": version,
+            "runs": [{k: r[k] for k in ("policy", "rate", "slo_scale", "metrics")} for r in runs]}
+           for n, seed, runs in summary]
     Path(args.out, "summary.json").write_text(json.dumps(doc, default=str))
-    Path(args.out, "tables.md").write_text(summary_tables([d for d in doc if d["seed"] == seeds[0]], policies))
-    Path(args.out, "seeds.md").write_text(seed_tables(doc, policies))
-    Path(args.out, "bar.md").write_text(bar_tables(doc, policies))
-    Path(args.out, "headline.md").write_text(headline_tables(doc, policies))
+    write_tables(doc, policies, Path(args.out))
     return 0
+
+
+def merge_summaries(folders: list[Path]) -> list[dict]:
+    """The summary.json entries of `folders` (each an earlier run's --out), in order. A long grid can
+    so run a setup or two at a time. Raises ValueError when they were made by different code
+    (`code_version`) or hold the same (setup, seed) twice."""
+    doc = [e for f in folders for e in json.loads((f / "summary.json").read_text())]
+    versions = {e.get("code_version") for e in doc}
+    if len(versions) != 1 or None in versions:
+        raise ValueError(f"summaries made by different code (or unstamped): versions {sorted(map(str, versions))}")
+    keys = [(e["setup"], e["seed"]) for e in doc]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"a (setup, seed) appears twice in {[str(f) for f in folders]}")
+    return doc
+
+
+def write_tables(doc: list[dict], policies: list[str], out: Path) -> None:
+    """tables.md (first seed of each setup), seeds.md, bar.md and headline.md into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    first = {}
+    for e in doc:
+        first.setdefault(e["setup"], e["seed"])
+    (out / "tables.md").write_text(summary_tables([e for e in doc if e["seed"] == first[e["setup"]]], policies))
+    (out / "seeds.md").write_text(seed_tables(doc, policies))
+    (out / "bar.md").write_text(bar_tables(doc, policies))
+    (out / "headline.md").write_text(headline_tables(doc, policies))
 
 
 OFFLOADING = ("all-offload", "static-uniform", "flexgen-plus", "select-n")

@@ -24,7 +24,8 @@ class EngineConfig:
     kv_policy: str = _help("KV placement policy (see `orbitflow policies`).", default="no-offload")
     admission: str | None = _help(
         "Who joins the running batch: 'fcfs' (arrival order, whenever the policy's placement fits) "
-        "or 'slo' (also only if the batch with it is predicted to miss no more TPOT/TBT SLOs). "
+        "or 'slo' (also only if the batch with it is predicted to miss no more TPOT/TBT SLOs; a "
+        "request whose TTFT SLO is lost lets those behind it that can still meet theirs go first). "
         "None: the policy's own (slo for orbitflow, fcfs for the others), so that either policy "
         "can be compared with the other's admission.", default=None)
     static_offload_fraction: float = _help(

@@ -299,3 +299,15 @@ def test_admission_horizon_is_validated():
     with pytest.raises(ValueError, match="admission_horizon must be one of"):
         make_policy("orbitflow", 4, solve_ahead=False, admission_horizon="forever")
     assert make_policy("orbitflow", 4, solve_ahead=False, admission_horizon="window").admission_horizon == "window"
+
+
+@pytest.mark.parametrize("name", ["orbitflow", "no-offload"])
+def test_slo_admission_lets_a_request_whose_ttft_is_lost_step_aside(name):
+    """`slo`: a queued request whose TTFT slack is below its own prefill (here: negative) lets those
+    behind it go first; one that can still meet its TTFT, or has no TTFT SLO, does not; `fcfs` and
+    the `orbitflow-fifo-queue` ablation keep arrival order. (The scheduler's side: test_scheduler.py.)"""
+    lost, able, unjudged = (replace(view(0, 200), ttft_slack_s=s) for s in (-0.5, 10.0, None))
+    p = policy(name, "slo")
+    assert [p.admission.steps_aside(p, v) for v in (lost, able, unjudged)] == [True, False, False]
+    for q in (policy(name, "fcfs"), policy("orbitflow-fifo-queue", None)):
+        assert not q.admission.steps_aside(q, lost)

@@ -103,3 +103,33 @@ def test_every_request_finishes_and_nothing_leaks(shapes, policy, device_blocks,
     drive(s)
     assert all(len(r.output_token_ids) == r.sampling_params.max_tokens for r in reqs)
     assert s.kv.used_bytes(Tier.DEVICE) == s.kv.used_bytes(Tier.HOST) == 0
+
+
+def _admission_order(admission: str) -> list[str]:
+    """r0 runs alone (max_num_seqs=1); behind it wait r1, whose TTFT SLO is lost already (arrived
+    100 s ago, 1 s SLO), then r2, which can still meet its own. The ids in the order they are admitted."""
+    config = EngineConfig(model="tiny-llama", kv_policy="no-offload", block_size=BS, admission=admission,
+                          max_num_seqs=1)
+    s = Scheduler(config, KVTierManager(LAYERS, BS, 100, 64, 64),
+                  make_policy("no-offload", LAYERS, solve_ahead=False, admission=admission), frozenset({0}),
+                  10_000, clock=lambda: 0.0)
+    reqs = [Request(f"r{i}", [5] * 8, SamplingParams(max_tokens=3, ignore_eos=True, ttft_slo_s=ttft_slo),
+                    arrival_time=arrival) for i, (arrival, ttft_slo) in enumerate([(0.0, None), (-100.0, 1.0),
+                                                                                  (0.0, 1000.0)])]
+    for r in reqs:
+        s.add_request(r)
+    order = []
+    while s.has_unfinished():
+        out = s.schedule()
+        order += [q.request_id for q in out.seqs if q.request_id not in order]
+        assert len(s.running) <= 1
+        s.update_from_output(out, {q.request_id: 7 for q in out.seqs if q.sample}, 0.0)
+    assert [len(r.output_token_ids) for r in reqs] == [3, 3, 3]  # nobody is lost
+    return order
+
+
+def test_slo_admission_lets_a_request_whose_ttft_is_lost_step_aside_fcfs_keeps_arrival_order():
+    assert _admission_order("fcfs") == ["r0", "r1", "r2"]
+    # `slo`: r1 can no longer meet its TTFT SLO, so r2, which still can, is offered first; r1 joins
+    # once nobody able waits behind it (`Admission.steps_aside`).
+    assert _admission_order("slo") == ["r0", "r2", "r1"]

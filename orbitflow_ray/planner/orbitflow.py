@@ -86,6 +86,9 @@ class OrbitFlow(KVPolicy):
     # The `slo` admission's tie-break (`SloAdmission.everyone_breaks_ties`): a join that costs no
     # goodput miss but makes steps late for requests whose TTFT is missed waits. False: it joins.
     everyone_breaks_ties = True
+    # The `slo` admission's queue order (`SloAdmission.step_aside`): a queued request whose TTFT SLO
+    # is lost lets those behind it that can still meet theirs go first. False: arrival order.
+    step_aside = True
     # What a pause costs its request in Pause-for-SLO (PAUSE_COSTS): "miss", always one (of a
     # request still able to meet all its SLOs); "slack" (`orbitflow-pause-slack`), a miss only when
     # its wait outruns its TPOT slack (`pause.pause_breaks_tpot`), at run time and at the lifetime
@@ -125,6 +128,7 @@ class OrbitFlow(KVPolicy):
         self.pause_cost = pause_cost
         if isinstance(self.admission, SloAdmission):
             self.admission.everyone_breaks_ties = self.everyone_breaks_ties
+            self.admission.step_aside = self.step_aside
         if max_pause_s <= 0 or drift_threshold <= 0 or drift_patience < 1:
             raise ValueError("need max_pause_s > 0, drift_threshold > 0, drift_patience >= 1")
         self.distances = distances
@@ -521,6 +525,15 @@ class OrbitFlowTiesJoin(OrbitFlow):
 
     name = "orbitflow-ties-join"
     everyone_breaks_ties = False
+
+
+@register_policy
+class OrbitFlowFifoQueue(OrbitFlow):
+    """Ablation: the queue is offered in arrival order only; a request whose TTFT SLO is lost holds
+    those behind it (no `SloAdmission.step_aside`)."""
+
+    name = "orbitflow-fifo-queue"
+    step_aside = False
 
 
 @register_policy

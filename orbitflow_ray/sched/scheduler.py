@@ -2,7 +2,8 @@
 
 One step: resume swapped-out or paused requests the policy admits, let the policy refine placements
 (and pause requests under overload), give every running request its next tokens (one for decodes, a
-chunk for prefills) within the token budget, then admit waiting requests. When a tier runs out
+chunk for prefills) within the token budget, then admit waiting requests, in arrival order but for
+those the admission lets step aside (`Admission.steps_aside`). When a tier runs out
 anyway, the newest running request is preempted: swapped to host whole (nothing recomputed) or,
 when the host is full too, its KV is dropped and recomputed later. The scheduler owns the tier
 manager; the executor only reads block tables and runs MoveOps. Each request's stream goes through
@@ -237,10 +238,10 @@ class Scheduler:
 
     def _admit(self, budget: int, seqs: list[ScheduledSeq]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+            req = self._next_offered()
             if self._chunk(req) > budget:
                 break
-            head = replace(self.view(req), num_waiting_behind=len(self.waiting) - 1)
+            head = replace(self.view(req), num_waiting_behind=len(self.waiting) - 1 - self.waiting.index(req))
             plan = self.policy.admit(head, [self.view(r) for r in self.running], self.capacity())
             if plan is None:
                 break
@@ -258,7 +259,7 @@ class Scheduler:
             if (not self.kv.fits(need)
                     or not self._stages(req, self._chunk(req), placement)):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             self.kv.register(req.request_id, placement)
             transition(req, RequestStatus.RUNNING)
             self.running.append(req)
@@ -268,6 +269,15 @@ class Scheduler:
                 budget -= n
                 self._stage(req, n, placement)
         return budget
+
+    def _next_offered(self) -> Request:
+        """The waiting request to offer next: the oldest whose admission does not let those behind
+        it go first (`Admission.steps_aside`: with `slo`, one whose TTFT SLO is lost), else the oldest."""
+        admission = self.policy.admission
+        for req in self.waiting:
+            if not admission.steps_aside(self.policy, self.view(req)):
+                return req
+        return self.waiting[0]
 
     def _staged(self, req: Request, n: int, placement: list[Tier] | None) -> int:
         """Blocks req's next n tokens stage per host-resident layer (0 with every layer on device)."""

@@ -67,7 +67,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "that fits on device whole is planned with no search, at no charge)")
     h.add_argument("--admission", choices=ADMISSIONS, default=None,
                    help="who joins the batch: fcfs (arrival order while the placement fits) or slo (also "
-                        "only if no more TPOT/TBT SLOs are predicted to miss); default: each policy's own "
+                        "only if no more TPOT/TBT SLOs are predicted to miss; a request whose TTFT SLO is lost "
+                        "steps aside for those that can still meet theirs); default: each policy's own "
                         "(slo for orbitflow, fcfs for the others)")
     s = p.add_argument_group("SLOs (a trace's per-request tpot_slo_s / ttft_slo_s win over these)")
     s.add_argument("--tpot-slo", type=_seconds, default=None,
