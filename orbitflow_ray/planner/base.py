@@ -35,7 +35,7 @@ class RequestView:
     # negative: the TTFT SLO is missed. None: the request set no TTFT SLO.
     ttft_slack_s: float | None = None
     num_late_gaps: int = 0  # released gaps so far longer than its per-token SLO (TBT misses)
-    num_waiting_behind: int = 0  # requests queued behind it (the scheduler fills it for the queue's head)
+    num_waiting_behind: int = 0  # other requests waiting (the scheduler fills it for the request it offers)
 
     @property
     def prefill_tokens_left(self) -> int:

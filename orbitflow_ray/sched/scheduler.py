@@ -241,7 +241,10 @@ class Scheduler:
             req = self._next_offered()
             if self._chunk(req) > budget:
                 break
-            head = replace(self.view(req), num_waiting_behind=len(self.waiting) - 1 - self.waiting.index(req))
+            # Everyone else waiting counts, those stepping aside ahead of it too: holding the queue for
+            # a join wait (`admission.bank_wait_s`) delays them all. (Counting only those behind it
+            # measured worse: 8b-a100-sharegpt, 8 req/s, scale 1.5, seed 0: goodput 0.516 vs 0.602.)
+            head = replace(self.view(req), num_waiting_behind=len(self.waiting) - 1)
             plan = self.policy.admit(head, [self.view(r) for r in self.running], self.capacity())
             if plan is None:
                 break
