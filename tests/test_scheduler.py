@@ -1,6 +1,8 @@
 """The scheduler on its own (no model, no tensors): continuous batching, chunked prefill, budgets,
 swap-out and recompute preemption, exact KV accounting. This is how the simulator will drive it."""
 
+import time
+
 from hypothesis import example, given, settings, strategies as st
 
 from orbitflow_ray.config import EngineConfig
@@ -14,14 +16,19 @@ from orbitflow_ray.sched.scheduler import Scheduler
 LAYERS, BS = 4, 4
 
 
-def make(policy="no-offload", device_blocks=64, host_blocks=64, **cfg):
-    config = EngineConfig(model="tiny-llama", kv_policy=policy, block_size=BS, **cfg)
+def make(policy="no-offload", device_blocks=64, host_blocks=64, admission=None, **cfg):
+    config = EngineConfig(model="tiny-llama", kv_policy=policy, block_size=BS, admission=admission, **cfg)
     kv = KVTierManager(LAYERS, BS, 100, device_blocks, host_blocks)
-    return Scheduler(config, kv, make_policy(policy, LAYERS, solve_ahead=False), frozenset({0}), 10_000)
+    return Scheduler(config, kv, make_policy(policy, LAYERS, solve_ahead=False, admission=admission),
+                     frozenset({0}), 10_000)
 
 
-def req(i, prompt_len, max_tokens):
-    return Request(f"r{i}", [5] * prompt_len, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+def req(i, prompt_len, max_tokens, ttft_lost=False):
+    """ttft_lost: arrived 100 s ago with a 1 s TTFT SLO (under `slo` admission it steps aside)."""
+    if not ttft_lost:
+        return Request(f"r{i}", [5] * prompt_len, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    return Request(f"r{i}", [5] * prompt_len, SamplingParams(max_tokens=max_tokens, ignore_eos=True, ttft_slo_s=1.0),
+                   arrival_time=time.perf_counter() - 100.0)
 
 
 def drive(s: Scheduler, max_steps=10_000):
@@ -83,19 +90,23 @@ def test_recompute_when_host_is_full_too():
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 20)), min_size=1, max_size=8),
+@given(st.lists(st.tuples(st.integers(1, 60), st.integers(1, 20), st.booleans()), min_size=1, max_size=8),
        st.sampled_from(["no-offload", "static-uniform", "all-offload", "orbitflow", "orbitflow-uniform",
                         "orbitflow-no-pause", "flexgen-plus", "select-n"]),
-       st.integers(40, 120), st.integers(0, 120))
+       st.integers(40, 120), st.integers(0, 120), st.sampled_from([None, "slo", "fcfs"]))
 # Found by this test: r1 joined while r0's prompt was half prefilled, the two prompts did not fit
 # the host tier together, and each growth evicted the other (a livelock); a join now waits for the
 # room the running prompts still need.
-@example(shapes=[(58, 1), (34, 1)], policy="orbitflow", device_blocks=48, host_blocks=36)
-def test_every_request_finishes_and_nothing_leaks(shapes, policy, device_blocks, host_blocks):
-    s = make(policy, device_blocks, host_blocks, max_num_batched_tokens=48, prefill_chunk_size=24)
+@example(shapes=[(58, 1, False), (34, 1, False)], policy="orbitflow", device_blocks=48, host_blocks=36,
+         admission=None)
+def test_every_request_finishes_and_nothing_leaks(shapes, policy, device_blocks, host_blocks, admission):
+    """Whatever the shapes, policy, admission and tiers: every admitted request finishes with all its
+    tokens and every block comes back; requests whose TTFT SLO is lost (stepping aside under `slo`)
+    are served too."""
+    s = make(policy, device_blocks, host_blocks, admission, max_num_batched_tokens=48, prefill_chunk_size=24)
     reqs = []
-    for i, (n, m) in enumerate(shapes):
-        r = req(i, n, m)
+    for i, (n, m, lost) in enumerate(shapes):
+        r = req(i, n, m, lost)
         need = s.kv.demand(s.policy.place_new(s.view(r), s.capacity()), s.kv.blocks_for(n + m))
         if s.kv.fits(need):  # the engine rejects the others up front
             s.add_request(r)
