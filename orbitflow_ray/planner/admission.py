@@ -27,7 +27,9 @@ policy runs with any of them (`EngineConfig.admission`), or with its own when th
   scheduler offers the requests behind it that can still meet theirs first, in arrival order, and
   offers it again once none of those waits. Held at the head, it would make every arrival behind
   it lose its TTFT too (measured: on 8b-a100-sharegpt at 8 req/s, SLO scale 2.5, 3 seeds, goodput
-  0.36 -> 1.04 req/s); it is late either way and still served, never dropped.
+  0.36 -> 1.04 req/s); it is late either way and still served, never dropped. Under sustained
+  overload it waits until no request that can still meet its TTFT is queued, with no bound but the
+  load (a 10x overload of two CPU workers: completed 16-token requests p50 38 s, p90 96 s).
   A policy whose `admission_horizon` is `lifetime` (`orbitflow`'s) is judged over the batch's
   lifetime too: the same trade, on the misses predicted at the batch's KV peak
   (`KVPolicy.lifetime_misses` over `lifetime_peak`: every request grown until it finishes, those
