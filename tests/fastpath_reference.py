@@ -33,15 +33,14 @@ def offload_greedy_numpy(link: LinkEval, load, e, dev, cap, ks) -> np.ndarray:
     """Offload more until the plan fits: rank every move by stall added per capacity freed (the
     part of it still needed), then apply the best prefix of the per-request best moves."""
     ks, by_dev = ks.copy(), np.argsort(-dev, kind="stable")
-    rank = np.argsort(by_dev)
     while (over := int(e @ dev[ks]) - cap) > 0:
         Y = np.bincount(ks, weights=load, minlength=len(dev))
         F = link.stall(Y[None])[0]
-        nxt = rank[ks][:, None] + np.arange(1, GREEDY_REACH + 1)  # the next few classes down
+        # the next few classes with fewer device layers (classes tied with a request's own skipped)
+        first = np.searchsorted(-dev[by_dev], -dev[ks], side="right")
+        nxt = first[:, None] + np.arange(GREEDY_REACH)
         rr, col = np.nonzero(nxt < len(dev))
         kk = by_dev[nxt[rr, col]]
-        keep = dev[kk] < dev[ks[rr]]
-        rr, kk = rr[keep], kk[keep]
         freed = e[rr] * (dev[ks[rr]] - dev[kk])
         score = (link.stall(_moved(Y, ks, load, rr, kk)) - F) / np.minimum(freed, over)
         order = np.argsort(score, kind="stable")

@@ -247,3 +247,15 @@ def test_pairwise_sum_is_numpys(n, scale, seed):
     x = np.random.default_rng(seed).exponential(scale, n)
     assert linkjit.pairwise_sum(x) == x.sum()
 
+
+
+def test_greedy_skips_classes_tied_with_the_requests_own():
+    """Found by test_ilp_lagrange's hypothesis test: classes 1-4 all keep 6 device layers, only the
+    all-host class fits, and the greedy looked only at the next GREEDY_REACH classes by rank, all
+    tied with the request's own: "over capacity with no move left". Ties are skipped now."""
+    ds = (0, 6, 7, 8, 9)
+    link, dev = link_eval(6, ds), _device_layers(6, ds)
+    assert dev.tolist() == [0, 6, 6, 6, 6]
+    load, e, ks = np.array([0.209]), np.array([257]), np.array([1])
+    got = offload_greedy(link, load, e, dev, 1349, ks)
+    assert got.tolist() == [0] and np.array_equal(got, offload_greedy_numpy(link, load, e, dev, 1349, ks))

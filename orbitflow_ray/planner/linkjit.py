@@ -619,12 +619,14 @@ def _greedy(counts, span, a, group, load, e, dev, cap, ks0, reach, slack_frac): 
         F = _stall_one(counts, span, a, group, Y)
         rr, kk = np.empty(R * reach, dtype=np.int64), np.empty(R * reach, dtype=np.int64)
         n = 0
-        for r in range(R):
-            for c in range(1, reach + 1):
-                j = rank[ks[r]] + c
-                if j < K and dev[by_dev[j]] < dev[ks[r]]:
+        for r in range(R):  # the next `reach` classes with fewer device layers (ties skipped)
+            c, j = 0, rank[ks[r]] + 1
+            while j < K and c < reach:
+                if dev[by_dev[j]] < dev[ks[r]]:
                     rr[n], kk[n] = r, by_dev[j]
                     n += 1
+                    c += 1
+                j += 1
         if n == 0:
             raise ValueError("offload_greedy: over capacity with no move left")
         rr, kk = rr[:n], kk[:n]
