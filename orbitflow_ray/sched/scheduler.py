@@ -238,13 +238,13 @@ class Scheduler:
 
     def _admit(self, budget: int, seqs: list[ScheduledSeq]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self._next_offered()
+            req, view = self._next_offered()
             if self._chunk(req) > budget:
                 break
             # Everyone else waiting counts, those stepping aside ahead of it too: holding the queue for
             # a join wait (`admission.bank_wait_s`) delays them all. (Counting only those behind it
             # measured worse: 8b-a100-sharegpt, 8 req/s, scale 1.5, seed 0: goodput 0.516 vs 0.602.)
-            head = replace(self.view(req), num_waiting_behind=len(self.waiting) - 1)
+            head = replace(view, num_waiting_behind=len(self.waiting) - 1)
             plan = self.policy.admit(head, [self.view(r) for r in self.running], self.capacity())
             if plan is None:
                 break
@@ -273,14 +273,16 @@ class Scheduler:
                 self._stage(req, n, placement)
         return budget
 
-    def _next_offered(self) -> Request:
-        """The waiting request to offer next: the oldest whose admission does not let those behind
-        it go first (`Admission.steps_aside`: with `slo`, one whose TTFT SLO is lost), else the oldest."""
+    def _next_offered(self) -> tuple[Request, RequestView]:
+        """The waiting request to offer next, with its view: the oldest whose admission does not let
+        those behind it go first (`Admission.steps_aside`: with `slo`, one whose TTFT SLO is lost),
+        else the oldest."""
         admission = self.policy.admission
         for req in self.waiting:
-            if not admission.steps_aside(self.policy, self.view(req)):
-                return req
-        return self.waiting[0]
+            view = self.view(req)
+            if not admission.steps_aside(self.policy, view):
+                return req, view
+        return self.waiting[0], self.view(self.waiting[0])
 
     def _staged(self, req: Request, n: int, placement: list[Tier] | None) -> int:
         """Blocks req's next n tokens stage per host-resident layer (0 with every layer on device)."""
