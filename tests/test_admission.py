@@ -11,7 +11,7 @@ from orbitflow_ray.costmodel import CostModel, OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.planner import available_policies, make_policy, policy_from_config
 from orbitflow_ray.planner.admission import (AdmissionKind, available_admissions, batch_plan_inputs, distance_like,
-                                            lifetime_peak, make_admission, ttft_at_stake)
+                                            fits_device_for_life, lifetime_peak, make_admission, ttft_at_stake)
 from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.planner.orbitflow import tiers_for_distance
 from orbitflow_ray.planner.static import uniform_placement
@@ -279,20 +279,37 @@ def test_lifetime_admission_refuses_a_request_whose_growth_outgrows_the_device()
 
 
 def test_lifetime_tie_is_broken_on_everyones_late_steps():
-    # The batch above, both TTFT SLOs missed already: at the peak both are late (no goodput miss
-    # either way: a tie), so the tie is broken on everyone's late steps (2 against 0) and r1
-    # waits; the ablation lets it join. With 10 tokens left it is on time for life: it joins.
+    # The batch above, r0's TTFT SLO missed already; r1 (1 s SLO) on time itself. At the peak r0 is
+    # late (no goodput miss either way: a tie), so the tie is broken on everyone's late steps (1
+    # against 0) and r1 waits; the ablation lets it join. With 10 tokens left r0 stays on time: it joins.
     r0 = RequestView("r0", 200, 200, 100, 0.0, tuple([Tier.DEVICE] * 4), ttft_slack_s=-1.0)
-    r1 = RequestView("r1", 100, 100, 100, 1.0, None, ttft_slack_s=-1.0)
+    r1 = RequestView("r1", 100, 100, 100, 1.0, None, slo_s=1.0)
     p, q = policy("orbitflow", None), policy("orbitflow-ties-join", None)
     assert p.lifetime_misses([r0, r1], cap(400)) == 0
-    assert p.lifetime_misses([r0, r1], cap(400), everyone=True) == 2
+    assert p.lifetime_misses([r0, r1], cap(400), everyone=True) == 1
     assert p.admission.everyone_breaks_ties and not q.admission.everyone_breaks_ties
     assert p.admit(r1, [r0], cap(400)) is None
     assert q.admit(r1, [r0], cap(400)).placements["r1"] == [Tier.DEVICE] * 4
     short = replace(r1, max_tokens=10)
     for r in (policy("orbitflow", None), q):
         assert r.admit(short, [r0], cap(400)).placements["r1"] == [Tier.DEVICE] * 4
+
+
+@pytest.mark.parametrize("name", ["orbitflow", "no-offload"])
+def test_a_request_whose_ttft_is_lost_joins_a_tie_without_the_tie_break_when_the_batch_fits_for_life(name):
+    """A joiner that has lost its TTFT SLO (`ttft_lost`) is offered only once no request that can
+    still meet its TTFT waits (`steps_aside`). When the batch with it fits on device whole until
+    it finishes (`fits_device_for_life`), the join adds compute only: a tie joins, though it makes
+    steps late for those already late (both TTFT SLOs missed; 600 tokens: 6.4 ms a step against
+    6 ms). When the batch would outgrow the device (400 blocks: 800 blocks at its peak), the
+    tie-break still holds it back; and the same join with r1 able is refused by the goodput rule."""
+    r0 = RequestView("r0", 200, 200, 100, 0.0, tuple([Tier.DEVICE] * 4), ttft_slack_s=-1.0)
+    lost = RequestView("r1", 400, 400, 100, 1.0, None, ttft_slack_s=-1.0)
+    assert fits_device_for_life([r0, lost], cap(10_000)) and not fits_device_for_life([r0, lost], cap(400))
+    assert policy(name, "slo").admit(lost, [r0], cap(10_000)).placements["r1"] == [Tier.DEVICE] * 4
+    assert policy(name, "slo").admit(lost, [r0], cap(400)) is None
+    able = replace(lost, ttft_slack_s=100.0)
+    assert policy(name, "slo").admit(able, [r0], cap(10_000)) is None
 
 
 def test_admission_horizon_is_validated():

@@ -7,12 +7,14 @@ files, started as subprocesses from the repository root.
 The fast tests build every application that a documented command deploys, through Serve's own
 builder call (the one `serve run CONFIG` makes inside the controller), without Ray or a GPU. The slow
 ones run `serve run deployments/config.yaml` and `orbitflow serve` as processes: /health, one
-completion, Ctrl-C (SIGINT), and nothing of theirs left running. The config is copied with only its
+completion (for `serve run`, then load past the device tier: central cvxpy+HiGHS solves and a central
+plan used, in the state endpoint), Ctrl-C (SIGINT), and nothing of theirs left running. The config is copied with only its
 HTTP port changed, so a server already on 8000 does not collide with the test.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import inspect
 import json
@@ -240,9 +242,27 @@ def _interrupt_and_check_gone(proc: subprocess.Popen, log: Path) -> None:
     assert not left, f"left running after the command exited: {left}"
 
 
+def _load_past_the_device_tier(base: str, n: int = 8, prompt_words: int = 300, max_tokens: int = 96) -> None:
+    """n concurrent greedy completions whose KV together outgrows config.yaml's 48 MiB device tier
+    (about 1,100 SmolLM2 tokens), so the worker's batch is planned by search, and its window
+    re-plans go to the central planner."""
+    words = " ".join(["sea"] * prompt_words)
+
+    def one(i: int) -> tuple[int, dict]:
+        return _request(f"{base}/v1/completions", {"model": "smollm2-135m", "prompt": f"{i} {words}",
+                                                   "max_tokens": max_tokens, "temperature": 0,
+                                                   "ignore_eos": True}, timeout_s=600.0)
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        for status, body in pool.map(one, range(n)):
+            assert status == 200 and body["usage"]["completion_tokens"] == max_tokens, body
+
+
 @pytest.mark.slow
 def test_serve_run_local_config(tmp_path):
-    """README: `serve run deployments/config.yaml`, then a completion, then Ctrl-C."""
+    """README: `serve run deployments/config.yaml`, then a completion; under load past the device
+    tier, the state endpoint shows central cvxpy+HiGHS solves and a central plan the worker used
+    (issue 16's acceptance, as a user runs it); then Ctrl-C."""
     port = free_port()
     config = _config_on_port(ROOT / "deployments" / "config.yaml", port, tmp_path / "config.yaml")
     base, log = f"http://127.0.0.1:{port}", tmp_path / "serve.log"
@@ -251,6 +271,15 @@ def test_serve_run_local_config(tmp_path):
         _wait_healthy(proc, base, log)
         _assert_answer(*_complete(base))
         print(f"serve run: first completion {time.monotonic() - t0:.0f} s after start")
+        _load_past_the_device_tier(base)
+        time.sleep(1.5)  # one more telemetry period: the worker's counters reach the planner
+        status, state = _request(f"{base}/v1/orbitflow/state")
+        assert status == 200, state
+        stats, workers = state["stats"], list(state["workers"].values())
+        print(f"serve run under load: plans_by_solver {stats['plans_by_solver']}, central solve p99 "
+              f"{stats['solve_s_p99']} s, central plans used {[w['remote_plans_used'] for w in workers]}")
+        assert stats["solver"] == "cvxpy-highs" and stats["plans_by_solver"].get("cvxpy-highs", 0) >= 1, stats
+        assert len(workers) == 1 and workers[0]["remote_plans_used"] >= 1, workers
         _interrupt_and_check_gone(proc, log)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx2 as httpx
 import pytest
@@ -349,6 +350,19 @@ def test_the_openai_client_s_normal_calls_pass(service):
     assert (first.max_tokens, first.top_k, first.seed, first.stop, first.stop_token_ids, first.ignore_eos) \
         == (3, 5, 1, ["\n"], [2], True)
     assert len(seen) == 3
+
+
+def test_slos_reach_the_engine_with_the_server_defaults_filled_in(service):
+    """The TTFT and TPOT SLOs travel in the request's SamplingParams (the engine's admission reads
+    them there), the server's defaults where the client set none; the ingress stamps its arrival."""
+    app = _app(service, default_ttft_slo_s=7.0)
+    before = time.time()
+    for extra in ({"slo": {"ttft_s": 2.5, "tpot_s": 0.2}}, {}):
+        assert _call(app, "POST", COMPLETIONS, json=_body(COMPLETIONS, "hi", **extra)).status_code == 200
+    given, default = app.state.fake.seen
+    assert (given.params.ttft_slo_s, given.params.slo_s) == (2.5, 0.2)
+    assert (default.params.ttft_slo_s, default.params.slo_s) == (7.0, None)  # None: the engine's tpot_slo_s
+    assert before <= given.arrival_unix <= default.arrival_unix <= time.time()
 
 
 @pytest.mark.slow

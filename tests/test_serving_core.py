@@ -344,6 +344,37 @@ def test_stream_token_ids_match_offline_generate():
     assert [d.finished for d in deltas].count(True) == 1
 
 
+def test_the_engine_counts_ttft_from_the_ingress_arrival():
+    """A request that waited 30 s before its worker took it (in Serve's queue) reaches the engine
+    with 30 s of its TTFT SLO spent: the scheduler's slack (`RequestView.ttft_slack_s`) and the
+    TTFT it reports both count that time."""
+    params = _greedy(2, ttft_slo_s=40.0)
+
+    async def run(ae):
+        req = GenerateRequest("late", [5, 6, 7], params, arrival_unix=time.time() - 30.0)
+        outs = [out async for out in ae.generate(req)]
+        fresh = [out async for out in ae.generate(GenerateRequest("fresh", [5, 6, 7], params))]
+        return outs[-1], fresh[-1]
+
+    late, fresh = _run_on_tiny(run)
+    assert late.finished and len(late.token_ids) == 2
+    assert 30.0 <= late.metrics.ttft < 35.0  # queued 30 s, then a few ms of prefill
+    assert fresh.metrics.ttft < 5.0  # no ingress time: it arrives when the worker takes it
+
+
+def test_a_failing_on_finish_hook_costs_the_client_nothing():
+    prompt, params = [5, 6, 7, 8], _greedy(3)
+
+    def broken(out):
+        raise AttributeError("a metrics hook's bug")
+
+    async def run(ae):
+        return await _drain(ae.stream(_req("r", prompt, params), on_finish=broken))
+
+    deltas = _run_on_tiny(run)
+    assert sum(len(d.token_ids) for d in deltas) == 3 and deltas[-1].finished
+
+
 def test_closing_a_stream_aborts_the_request_and_frees_its_kv():
     async def run(ae):
         stream = ae.stream(_req("r", [5, 6, 7, 8] * 10, _greedy(1500)))

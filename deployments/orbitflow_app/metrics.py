@@ -58,7 +58,7 @@ class WorkerMetrics:
         first_unix = time.time() - (time.perf_counter() - times[0])  # the ingress's clock
         rec = RequestRecord(req.request_id, req.arrival_unix, req.num_prompt_tokens,
                             tuple(first_unix + (t - times[0]) for t in times), m.slo_s or float("inf"),
-                            req.ttft_slo_s, out.finish_reason != "abort")
+                            req.params.ttft_slo_s, out.finish_reason != "abort")
         self.ttft.observe(max(0.0, rec.ttft_s), self.tags)
         for gap in rec.tbts:
             self.tbt.observe(float(gap), self.tags)

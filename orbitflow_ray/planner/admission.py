@@ -28,8 +28,14 @@ policy runs with any of them (`EngineConfig.admission`), or with its own when th
   offers it again once none of those waits. Held at the head, it would make every arrival behind
   it lose its TTFT too (measured: on 8b-a100-sharegpt at 8 req/s, SLO scale 2.5, 3 seeds, goodput
   0.36 -> 1.04 req/s); it is late either way and still served, never dropped. Under sustained
-  overload it waits until no request that can still meet its TTFT is queued, with no bound but the
-  load (a 10x overload of two CPU workers: completed 16-token requests p50 38 s, p90 96 s).
+  overload it waits until no request that can still meet its TTFT is queued (in the server a
+  worker's bounded queue refuses arrivals once full, which bounds that wait). When it is offered
+  and the batch with it fits on device whole until it finishes (`fits_device_for_life`), it skips
+  the tie-break: nobody able waits for it to protect, its join adds compute only, and waiting only
+  makes it later (measured on a 10x overload of two CPU workers, in README's admission paragraph:
+  the backlog left when arrivals stopped joined one or two at a time, every two-request step
+  predicted over the TPOT SLO). A join that would make the batch offload or pause still meets the
+  tie-break (skipping it there halved goodput on the pressure family).
   A policy whose `admission_horizon` is `lifetime` (`orbitflow`'s) is judged over the batch's
   lifetime too: the same trade, on the misses predicted at the batch's KV peak
   (`KVPolicy.lifetime_misses` over `lifetime_peak`: every request grown until it finishes, those
@@ -132,7 +138,12 @@ class SloAdmission(Admission):
         joined = policy.predicted_misses(running + [req], plan, cap)
         if joined > waiting:
             return False
-        if joined == waiting and self.everyone_breaks_ties and (
+        # A request whose TTFT is lost is offered only when no able one waits (`steps_aside`); when
+        # the batch with it fits on device for life, its join adds compute only, which batching
+        # amortizes: the tie-break would protect nobody, and waiting only makes it later.
+        breaks_ties = self.everyone_breaks_ties and not (ttft_lost(req, policy.num_layers, policy.cost)
+                                                         and fits_device_for_life(running + [req], cap))
+        if joined == waiting and breaks_ties and (
                 policy.predicted_misses(running + [req], plan, cap, everyone=True)
                 > policy.predicted_misses(running, None, cap, everyone=True) + at_stake):
             return False  # a tie in goodput, but it makes steps late: throughput lost for nothing
@@ -140,7 +151,7 @@ class SloAdmission(Admission):
         if joined is None:
             return True
         waiting = policy.lifetime_misses(running, cap) + at_stake
-        if joined == waiting and self.everyone_breaks_ties:
+        if joined == waiting and breaks_ties:
             return (policy.lifetime_misses(running + [req], cap, everyone=True)
                     <= policy.lifetime_misses(running, cap, everyone=True) + at_stake)
         return joined <= waiting
@@ -199,6 +210,13 @@ def batch_plan_inputs(views: Sequence[RequestView], cap: CapacityView, num_layer
     return PlanInputs(tuple(reqs), num_layers, cap.block_bytes // cap.block_size, cap.device_total_blocks * cap.block_bytes,
                       cost.model.link_bytes_per_s, a, b, distances, windows, cap.block_size,
                       cost.model.step_tail_s)
+
+
+def fits_device_for_life(views: Sequence[RequestView], cap: CapacityView) -> bool:
+    """Does the batch's KV fit the device tier whole (every layer of every request, in blocks) at
+    its lifetime peak (`lifetime_peak`): can it run to the end with no offload and no pause?"""
+    tokens_blocks = sum(-(-v.num_tokens // cap.block_size) for v in lifetime_peak(views))
+    return tokens_blocks * cap.num_layers <= cap.device_total_blocks
 
 
 def lifetime_peak(views: Sequence[RequestView]) -> list[RequestView]:

@@ -78,7 +78,7 @@ class AsyncEngine:
                      ) -> AsyncIterator[StreamDelta]:
         """Deltas of text and token ids, each released at its Token-Deposit release time. The first
         delta (empty) says the engine accepted the request; `on_finish` sees the final output (its
-        metrics) before the last delta goes out."""
+        metrics) before the last delta goes out; an exception it raises is logged, the stream goes on."""
         stream = await self._accept(req)
         finished = False
         try:  # from acceptance on, a consumer that leaves aborts the request (its KV is freed)
@@ -91,7 +91,10 @@ class AsyncEngine:
                 text = detok.delta(out.text, out.finished)
                 finished = out.finished
                 if out.finished and on_finish is not None:
-                    on_finish(out)
+                    try:
+                        on_finish(out)
+                    except Exception:  # a metrics hook's bug must not cost the client its answer
+                        log.exception("on_finish hook failed for %s; its answer goes out anyway", req.request_id)
                 if new or text or out.finished:
                     lps = out.logprobs[len(out.token_ids) - len(new):] if out.logprobs is not None else None
                     yield StreamDelta(text, list(new), out.finished, out.finish_reason,
@@ -207,6 +210,13 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
+    def _arrival(self, req: GenerateRequest) -> float | None:
+        """`req`'s ingress arrival on the engine's clock (None: no ingress time, it arrives now), so
+        the scheduler's TTFT slack counts the time it spent before this worker took it."""
+        if not req.arrival_unix:
+            return None
+        return self.engine.scheduler.clock() - max(0.0, time.time() - req.arrival_unix)
+
     def _handle(self, cmd: tuple) -> None:
         kind = cmd[0]
         if kind == "add":
@@ -224,7 +234,8 @@ class AsyncEngine:
                 if req.fit_max_tokens:  # never under min_tokens: then check_fits says why it cannot run
                     fit = max(fitting_max_tokens(self.engine, req), req.params.min_tokens)
                     req.params = replace(req.params, max_tokens=fit)
-                self.engine.add_request(req.prompt_token_ids, req.params, request_id=req.request_id)
+                self.engine.add_request(req.prompt_token_ids, req.params, request_id=req.request_id,
+                                        arrival_time=self._arrival(req))
             except Exception as e:  # bad input: this request fails, nothing else is touched
                 stream.accepted.set_exception(e)
                 return

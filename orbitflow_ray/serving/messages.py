@@ -27,9 +27,10 @@ class GenerateRequest:
 
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
-    ttft_slo_s: float | None = None
-    arrival_unix: float = 0.0  # time.time() at the ingress, for end-to-end TTFT
+    params: SamplingParams  # its TTFT and TPOT SLOs included (the server's defaults filled in)
+    # time.time() at the ingress: the engine counts TTFT from here, so time spent in Serve's queue and
+    # on the way to the worker counts against the request's TTFT SLO (as the client sees it). 0: now.
+    arrival_unix: float = 0.0
     # Streamed to the client: tokens leave at their Token-Deposit release times. A non-streaming
     # response is read whole, so pacing it would only delay it.
     paced: bool = True

@@ -143,12 +143,13 @@ class OpenAIService:
                                     frequency_penalty=body.frequency_penalty,
                                     repetition_penalty=body.repetition_penalty, logit_bias=bias,
                                     min_tokens=body.min_tokens, logprobs=body.num_logprobs(),
-                                    slo_s=slo.tpot_s if slo is not None and slo.tpot_s else None)
+                                    slo_s=slo.tpot_s if slo is not None and slo.tpot_s else None,
+                                    ttft_slo_s=slo.ttft_s if slo is not None and slo.ttft_s
+                                    else self.args.default_ttft_slo_s)
         except ValueError as e:
             raise p.BadRequestError(str(e)) from None
-        ttft = slo.ttft_s if slo is not None and slo.ttft_s else self.args.default_ttft_slo_s
         return GenerateRequest(f"{'chatcmpl' if hasattr(body, 'messages') else 'cmpl'}-{uuid.uuid4().hex}",
-                               ids, params, ttft, time.time(), paced=body.stream, fit_max_tokens=fit)
+                               ids, params, time.time(), paced=body.stream, fit_max_tokens=fit)
 
     # ---- endpoints -----------------------------------------------------------------------------
     async def completion(self, body: p.CompletionRequest):
