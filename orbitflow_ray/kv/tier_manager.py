@@ -198,10 +198,13 @@ class KVTierManager:
         return held
 
     def release_moved(self) -> None:
-        """The step's copies are done: host blocks vacated by moves to device are free again."""
+        """The step's copies are done: host blocks vacated by moves to device are free again. Those
+        moves can no longer be undone (`_undo_move_to_device` takes the host blocks back), so a
+        later move of the layer back to host is a new copy, even before the next `take_moves`."""
         if self._moved_from_host:
             self.pools[Tier.HOST].free(list(self._moved_from_host))
             self._moved_from_host = {}
+        self._last_move = {k: op for k, op in self._last_move.items() if op.src_tier != Tier.HOST}
 
     def free(self, request_id: str) -> None:
         """Release a request's blocks and drop its pending moves: their destinations are free
