@@ -138,12 +138,7 @@ class SloAdmission(Admission):
         joined = policy.predicted_misses(running + [req], plan, cap)
         if joined > waiting:
             return False
-        # A request whose TTFT is lost is offered only when no able one waits (`steps_aside`); when
-        # the batch with it fits on device for life, its join adds compute only, which batching
-        # amortizes: the tie-break would protect nobody, and waiting only makes it later.
-        breaks_ties = self.everyone_breaks_ties and not (ttft_lost(req, policy.num_layers, policy.cost)
-                                                         and fits_device_for_life(running + [req], cap))
-        if joined == waiting and breaks_ties and (
+        if joined == waiting and self._breaks_ties(policy, req, running, cap) and (
                 policy.predicted_misses(running + [req], plan, cap, everyone=True)
                 > policy.predicted_misses(running, None, cap, everyone=True) + at_stake):
             return False  # a tie in goodput, but it makes steps late: throughput lost for nothing
@@ -151,10 +146,18 @@ class SloAdmission(Admission):
         if joined is None:
             return True
         waiting = policy.lifetime_misses(running, cap) + at_stake
-        if joined == waiting and breaks_ties:
+        if joined == waiting and self._breaks_ties(policy, req, running, cap):
             return (policy.lifetime_misses(running + [req], cap, everyone=True)
                     <= policy.lifetime_misses(running, cap, everyone=True) + at_stake)
         return joined <= waiting
+
+    def _breaks_ties(self, policy, req, running, cap) -> bool:
+        """Is a tie on goodput misses broken on everyone's late steps for this join? Not for a
+        request whose TTFT is lost when the batch with it fits on device for life: it is offered
+        only when no able one waits (`steps_aside`), its join adds compute only, which batching
+        amortizes, so the tie-break would protect nobody, and waiting only makes it later."""
+        return self.everyone_breaks_ties and not (ttft_lost(req, policy.num_layers, policy.cost)
+                                                  and fits_device_for_life(running + [req], cap))
 
     def steps_aside(self, policy, req) -> bool:
         """A queued request that can no longer meet its TTFT SLO (`ttft_lost`) lets those behind it
