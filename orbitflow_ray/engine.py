@@ -87,7 +87,8 @@ class LLMEngine:
             tier, config = self._size_device_tier(config, weight_bytes, dtype.itemsize)
             self.config, device_blocks = config, tier.kv_blocks
             self.transfer = make_transfer_engine(config.backend,
-                                                 bandwidth_bytes_per_s=config.link_bandwidth_bytes_per_s)
+                                                 bandwidth_bytes_per_s=config.link_bandwidth_bytes_per_s,
+                                                 prefault_device=config.prefault_device_kv)
             store = KVStore(self.transfer, device_blocks, host_blocks, config.block_size, spec.num_kv_heads,
                             spec.head_dim, dtype, config.prefetch_depth, tier.slot_blocks, tier.prompt_blocks)
             self.runner = ModelRunner(LlamaModel(spec, loaded.weights, self.transfer.device), store)

@@ -265,6 +265,35 @@ def test_cuda_row_checks_guard_raw_pointers():
         _check_rows(t.transpose(1, 2), _idx([0]), "src")
 
 
+def _resident_pages(t: torch.Tensor) -> tuple[int, int]:
+    """(pages wholly inside t's memory that are in RAM now, those pages), from mincore(2): which
+    pages have been written. A page t shares with the allocator's header is left out."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    page = 4096
+    start = -(-t.data_ptr() // page) * page
+    pages = (t.data_ptr() + t.numel() * t.element_size() - start) // page
+    vec = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(start, pages * page, vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec), pages
+
+
+@pytest.mark.parametrize("prefault", [True, False])
+def test_cpu_device_tier_is_written_at_allocation_unless_lazy(prefault):
+    """The device tier's pages are all in RAM when it is allocated (as a GPU's memory is held and
+    vLLM's CPU KV cache is zeroed), so no step pays their first-touch faults; prefault_device=False
+    and the host tier map lazily: no page until written. Both read as zeros."""
+    shape = (2048, 2, 3, 16, 64)  # 48 MiB: above glibc's largest mmap threshold, so a fresh mapping
+    with CpuTransferEngine(prefault_device=prefault) as engine:
+        dev, host = engine.alloc_device(shape, torch.float32), engine.alloc_host(shape, torch.float32)
+        dev_in, dev_pages = _resident_pages(dev)
+        host_in, host_pages = _resident_pages(host)
+        assert dev_in == (dev_pages if prefault else 0) and host_in == 0
+        assert not dev.any() and not host.any()
+    with make_transfer_engine("cpu") as default, make_transfer_engine("cpu", prefault_device=False) as lazy:
+        assert default.prefault_device and not lazy.prefault_device
+
+
 # ---- gather / scatter on the head-major pool [num_blocks, 2, Hkv, bs, D] -------------------------
 def _random_pool(num_blocks: int, hkv: int, bs: int, d: int, dtype: torch.dtype, seed: int = 0,
                  device: str = "cpu") -> torch.Tensor:

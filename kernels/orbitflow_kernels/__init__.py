@@ -17,12 +17,14 @@ __all__ = ["BACKENDS", "CpuTransferEngine", "CudaTransferEngine", "Direction", "
 
 
 def make_transfer_engine(backend: str, bandwidth_bytes_per_s: float | None = None,
-                         device: int | str | torch.device | None = None) -> TransferEngine:
-    """The engine for `backend`. The bandwidth limit is CPU-only: on CUDA the real link sets it."""
+                         device: int | str | torch.device | None = None,
+                         prefault_device: bool = True) -> TransferEngine:
+    """The engine for `backend`. The bandwidth limit and `prefault_device` are CPU-only: on CUDA
+    the real link sets the speed, and device memory is held when allocated."""
     if backend == "cpu":
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError(f"the cpu backend computes on the CPU, got device={device!r}")
-        return CpuTransferEngine(bandwidth_bytes_per_s)
+        return CpuTransferEngine(bandwidth_bytes_per_s, prefault_device=prefault_device)
     if backend == "cuda":
         if bandwidth_bytes_per_s is not None:
             raise ValueError("bandwidth_bytes_per_s emulates a link on the cpu backend only; "

@@ -8,6 +8,7 @@ at least nbytes / bandwidth wall seconds, so offloading costs what it would over
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -19,13 +20,14 @@ import torch
 
 from orbitflow_kernels.base import Direction, TransferEngine, TransferError, TransferJob
 
+log = logging.getLogger(__name__)
 _STOP = None  # queue sentinel: the worker drains everything before it and exits
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Zeroed memory that costs RAM only where it is written: numpy's zeroed allocation is calloc,
     which maps large regions lazily (torch.zeros writes every page). A tier budget of gigabytes then
-    reserves address space, not memory, as vLLM's KV cache does on a GPU."""
+    reserves address space, not memory; each page's first write pays its page fault then."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
@@ -98,13 +100,19 @@ def _shutdown(link: _Link, thread: threading.Thread) -> None:
 
 
 class CpuTransferEngine(TransferEngine):
-    def __init__(self, bandwidth_bytes_per_s: float | None = None) -> None:
+    """Tiers in RAM, copies on a worker thread (at `bandwidth_bytes_per_s` when set: an emulated
+    link). The device tier is written through when allocated (`prefault_device`: as a GPU's memory
+    is held and vLLM's CPU KV cache is zeroed at start), so steps never pay first-touch page
+    faults; the host tier is mapped lazily (`lazy_zeros`). prefault_device=False maps both lazily."""
+
+    def __init__(self, bandwidth_bytes_per_s: float | None = None, prefault_device: bool = True) -> None:
         if bandwidth_bytes_per_s is not None and not bandwidth_bytes_per_s > 0:
             raise ValueError(f"bandwidth_bytes_per_s must be positive or None, got {bandwidth_bytes_per_s}")
         self.device = torch.device("cpu")
         self._link = _Link(bandwidth_bytes_per_s)
         self._next_id = 0
         self._closed = False
+        self.prefault_device = prefault_device
         thread = threading.Thread(target=self._link.run, name="orbitflow-cpu-transfer", daemon=True)
         thread.start()
         # Runs on close(), on garbage collection and at interpreter exit, whichever comes first.
@@ -115,7 +123,15 @@ class CpuTransferEngine(TransferEngine):
         return self._link.bandwidth
 
     def alloc_device(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return lazy_zeros(shape, dtype)
+        if not self.prefault_device:
+            return lazy_zeros(shape, dtype)
+        start = time.perf_counter()
+        out = torch.zeros(shape, dtype=dtype)  # writes every page now
+        nbytes = out.numel() * out.element_size()
+        if nbytes >= 1 << 30:
+            log.info("device tier: %.2f GiB of RAM written at allocation in %.1f s", nbytes / 2**30,
+                     time.perf_counter() - start)
+        return out
 
     def alloc_host(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return lazy_zeros(shape, dtype)

@@ -76,7 +76,8 @@ class ShardWorker:
         self.rank = rank
         self.shard = TPShard(spec, config.tensor_parallel_size, rank)
         weights = load_shard_weights(config.model, self.shard, dtype, config.seed)
-        self.transfer = make_transfer_engine(config.backend, bandwidth_bytes_per_s=config.link_bandwidth_bytes_per_s)
+        self.transfer = make_transfer_engine(config.backend, bandwidth_bytes_per_s=config.link_bandwidth_bytes_per_s,
+                                             prefault_device=config.prefault_device_kv)
         store = KVStore(self.transfer, device_blocks, host_blocks, config.block_size, self.shard.num_kv_heads,
                         spec.head_dim, dtype, config.prefetch_depth)
         # Made now, not from the first plan's live tables, which `executor.tp.for_shards` leaves out.
