@@ -66,11 +66,12 @@ class EngineConfig:
         "CPU backend only: emulated host<->device link speed, so offloading costs real wall time. "
         "None: unlimited (memcpy speed).", default=None)
     prefault_device_kv: bool = _help(
-        "CPU backend only: write every page of the device tier when the engine starts, as vLLM "
-        "allocates its CPU KV cache (torch.zeros) and as a GPU's HBM is held, so the first steps do "
-        "not pay the page faults of fresh memory (25-45 us a 4 KiB page on a VM whose RAM is backed "
-        "lazily: 6 s of a 48 s bench run). False maps the tier lazily: RAM only as KV fills it.",
-        default=True)
+        "CPU backend only: True writes every page of the device tier when the engine starts, as vLLM "
+        "zeroes its CPU KV cache (torch.zeros) and a GPU holds its memory, so no step pays the page "
+        "fault of a fresh page (25-45 us a 4 KiB page on a VM whose RAM the host backs lazily). "
+        "False (default): the tier is mapped lazily, RAM taken only as KV fills it, so a process "
+        "holding several engines (tests, notebooks) does not hold every budget whole.",
+        default=False)
     prefetch_depth: int = _help("How many host-resident layers may be in flight ahead of compute.",
                                 default=1)
     dtype: str = _help("Weights and KV dtype. float32 on CPU: bf16 matmuls are slow there.",

@@ -5,9 +5,9 @@ The budget, when `device_kv_bytes` is None, follows vLLM:
     weights once loaded) and an estimate of one step's activations (vLLM profiles a forward pass
     instead);
   * cpu: 4 GiB, vLLM's CPU KV cache space when `VLLM_CPU_KVCACHE_SPACE` is unset, capped at half the
-    memory available now. The CPU backend writes the device tier when it is allocated
-    (`EngineConfig.prefault_device_kv`), as vLLM zeroes its CPU KV cache, so the budget is RAM taken
-    at start; the host tier it maps lazily (`orbitflow_kernels.cpu.lazy_zeros`).
+    memory available now. The CPU backend maps tiers lazily (`orbitflow_kernels.cpu.lazy_zeros`), so
+    the budget costs RAM only as KV fills it; `EngineConfig.prefault_device_kv` writes the device
+    tier at start instead, as vLLM zeroes its CPU KV cache.
 
 Staging (host-resident layers copied in to compute, `kv/store.py`) lives inside that budget when
 `staging_kv_bytes` is set, or whenever the budget is sized here: it is split into prefetch_depth + 1

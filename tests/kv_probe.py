@@ -11,6 +11,8 @@ between steps, paused and swapped ones included.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from orbitflow_kernels import gather_kv, make_transfer_engine
@@ -194,3 +196,16 @@ class ProbeEngine:
         close = getattr(self.policy, "close", None)
         if close is not None:
             close()
+
+
+def resident_pages(t: torch.Tensor) -> tuple[int, int]:
+    """(pages wholly inside t's memory that are in RAM now, those pages), from mincore(2): which
+    pages have been written. A page t shares with the allocator's header is left out."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    page = 4096
+    start = -(-t.data_ptr() // page) * page
+    pages = (t.data_ptr() + t.numel() * t.element_size() - start) // page
+    vec = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(start, pages * page, vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec), pages

@@ -4,6 +4,7 @@ reservation, KV plus staging stays within device_kv_bytes, and the planner's cap
 
 import pytest
 
+from kv_probe import resident_pages
 from orbitflow_ray import EngineConfig, SamplingParams, device_tier
 from orbitflow_ray.engine import LLMEngine
 from orbitflow_ray.kv.blocks import Tier
@@ -65,4 +66,14 @@ def test_default_device_tier_is_sized_like_vllm_and_holds_staging(monkeypatch, f
     assert cap.staging_blocks * BLOCK == expected // 8
     assert cap.device_total_blocks * BLOCK == expected - expected // 8
     assert eng.kv.pools[Tier.DEVICE].num_blocks == cap.device_total_blocks
+    eng.close()
+
+
+@pytest.mark.parametrize("prefault", [False, True])
+def test_prefault_device_kv_reaches_the_cpu_device_tier(prefault):
+    """EngineConfig.prefault_device_kv: the engine's CPU device pool is written at start (every page
+    in RAM, by mincore) or mapped lazily (the default: none until KV is written)."""
+    eng = LLMEngine(EngineConfig(model="tiny-llama", device_kv_bytes=48 << 20, prefault_device_kv=prefault))
+    resident, pages = resident_pages(eng.runner.store.pools[Tier.DEVICE])
+    assert pages > 0 and resident == (pages if prefault else 0)
     eng.close()

@@ -27,6 +27,7 @@ from orbitflow_kernels import (CpuTransferEngine, CudaTransferEngine, Direction,
 from orbitflow_kernels import gather as gather_mod
 from orbitflow_kernels.cpu import copy_rows
 from orbitflow_kernels.cuda import GPU_HELP, _check_rows, conflicts, contiguous_runs
+from kv_probe import resident_pages
 
 ROW = (2, 4, 2, 8)  # [2, block_size, Hkv, D]: a small KV block
 
@@ -265,33 +266,20 @@ def test_cuda_row_checks_guard_raw_pointers():
         _check_rows(t.transpose(1, 2), _idx([0]), "src")
 
 
-def _resident_pages(t: torch.Tensor) -> tuple[int, int]:
-    """(pages wholly inside t's memory that are in RAM now, those pages), from mincore(2): which
-    pages have been written. A page t shares with the allocator's header is left out."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
-    page = 4096
-    start = -(-t.data_ptr() // page) * page
-    pages = (t.data_ptr() + t.numel() * t.element_size() - start) // page
-    vec = (ctypes.c_ubyte * pages)()
-    assert libc.mincore(start, pages * page, vec) == 0, ctypes.get_errno()
-    return sum(v & 1 for v in vec), pages
-
-
 @pytest.mark.parametrize("prefault", [True, False])
-def test_cpu_device_tier_is_written_at_allocation_unless_lazy(prefault):
-    """The device tier's pages are all in RAM when it is allocated (as a GPU's memory is held and
-    vLLM's CPU KV cache is zeroed), so no step pays their first-touch faults; prefault_device=False
-    and the host tier map lazily: no page until written. Both read as zeros."""
+def test_cpu_device_tier_is_written_at_allocation_when_prefaulted(prefault):
+    """prefault_device: the device tier's pages are all in RAM when it is allocated (as a GPU holds
+    its memory and vLLM zeroes its CPU KV cache), so no step pays their first-touch faults; without it
+    (the default), and the host tier always, no page until written. Both read as zeros."""
     shape = (2048, 2, 3, 16, 64)  # 48 MiB: above glibc's largest mmap threshold, so a fresh mapping
     with CpuTransferEngine(prefault_device=prefault) as engine:
         dev, host = engine.alloc_device(shape, torch.float32), engine.alloc_host(shape, torch.float32)
-        dev_in, dev_pages = _resident_pages(dev)
-        host_in, host_pages = _resident_pages(host)
+        dev_in, dev_pages = resident_pages(dev)
+        host_in, host_pages = resident_pages(host)
         assert dev_in == (dev_pages if prefault else 0) and host_in == 0
         assert not dev.any() and not host.any()
-    with make_transfer_engine("cpu") as default, make_transfer_engine("cpu", prefault_device=False) as lazy:
-        assert default.prefault_device and not lazy.prefault_device
+    with make_transfer_engine("cpu") as default, make_transfer_engine("cpu", prefault_device=True) as eager:
+        assert eager.prefault_device and not default.prefault_device
 
 
 # ---- gather / scatter on the head-major pool [num_blocks, 2, Hkv, bs, D] -------------------------

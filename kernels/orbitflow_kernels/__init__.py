@@ -18,7 +18,7 @@ __all__ = ["BACKENDS", "CpuTransferEngine", "CudaTransferEngine", "Direction", "
 
 def make_transfer_engine(backend: str, bandwidth_bytes_per_s: float | None = None,
                          device: int | str | torch.device | None = None,
-                         prefault_device: bool = True) -> TransferEngine:
+                         prefault_device: bool = False) -> TransferEngine:
     """The engine for `backend`. The bandwidth limit and `prefault_device` are CPU-only: on CUDA
     the real link sets the speed, and device memory is held when allocated."""
     if backend == "cpu":

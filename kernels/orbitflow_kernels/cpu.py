@@ -101,11 +101,11 @@ def _shutdown(link: _Link, thread: threading.Thread) -> None:
 
 class CpuTransferEngine(TransferEngine):
     """Tiers in RAM, copies on a worker thread (at `bandwidth_bytes_per_s` when set: an emulated
-    link). The device tier is written through when allocated (`prefault_device`: as a GPU's memory
-    is held and vLLM's CPU KV cache is zeroed at start), so steps never pay first-touch page
-    faults; the host tier is mapped lazily (`lazy_zeros`). prefault_device=False maps both lazily."""
+    link). Both tiers are mapped lazily (`lazy_zeros`); with `prefault_device` the device tier is
+    written when allocated (as a GPU holds its memory and vLLM zeroes its CPU KV cache at start),
+    so no step pays a first-touch page fault there."""
 
-    def __init__(self, bandwidth_bytes_per_s: float | None = None, prefault_device: bool = True) -> None:
+    def __init__(self, bandwidth_bytes_per_s: float | None = None, prefault_device: bool = False) -> None:
         if bandwidth_bytes_per_s is not None and not bandwidth_bytes_per_s > 0:
             raise ValueError(f"bandwidth_bytes_per_s must be positive or None, got {bandwidth_bytes_per_s}")
         self.device = torch.device("cpu")
