@@ -17,6 +17,7 @@ import time
 import warnings
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -271,7 +272,9 @@ def test_cpu_device_tier_is_written_at_allocation_when_prefaulted(prefault):
     """prefault_device: the device tier's pages are all in RAM when it is allocated (as a GPU holds
     its memory and vLLM zeroes its CPU KV cache), so no step pays their first-touch faults; without it
     (the default), and the host tier always, no page until written. Both read as zeros."""
-    shape = (2048, 2, 3, 16, 64)  # 48 MiB: above glibc's largest mmap threshold, so a fresh mapping
+    shape = (2048, 2, 3, 16, 64)  # 48 MiB
+    # written regions of that size, freed at once: an allocator recycling them would hand back written pages
+    np.ones(math.prod(shape) * 4, np.uint8), torch.ones(shape)
     with CpuTransferEngine(prefault_device=prefault) as engine:
         dev, host = engine.alloc_device(shape, torch.float32), engine.alloc_host(shape, torch.float32)
         dev_in, dev_pages = resident_pages(dev)

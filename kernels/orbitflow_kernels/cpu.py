@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import queue
 import threading
 import time
 import weakref
 
-import numpy as np
 import torch
 
 from orbitflow_kernels.base import Direction, TransferEngine, TransferError, TransferJob
@@ -25,13 +25,17 @@ _STOP = None  # queue sentinel: the worker drains everything before it and exits
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Zeroed memory that costs RAM only where it is written: numpy's zeroed allocation is calloc,
-    which maps large regions lazily (torch.zeros writes every page). A tier budget of gigabytes then
-    reserves address space, not memory; each page's first write pays its page fault then."""
+    """Zeroed memory that costs RAM only where it is written: a private anonymous mapping of its own
+    (mmap(2)), whose pages the kernel supplies zeroed on first write (torch.zeros writes every
+    page). Not calloc: calloc may hand back a freed heap region it must clear, which writes every
+    page, depending on what the process allocated before. A tier budget of gigabytes then reserves
+    address space, not memory; each page's first write pays its page fault then. The mapping is
+    unmapped when the last tensor viewing it is freed."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(shape)
 
 
 def copy_rows(job: TransferJob) -> None:
