@@ -12,11 +12,14 @@ policy runs with any of them (`EngineConfig.admission`), or with its own when th
   vLLM do.
 - `slo`: SLO-aware: it fits, and the batch with it is predicted to miss no more SLOs than the
   batch without it plus the request waiting: per-token SLOs (TPOT/TBT) by
-  `KVPolicy.predicted_misses` (of requests still able to meet all their SLOs: goodput counts
-  only those), and the request's own TTFT when waiting would cost it
+  `KVPolicy.predicted_miss_ids` (of requests still able to meet all their SLOs: goodput counts
+  only those), joined by the running requests whose TBT SLO the request's prefill chunks would
+  break (`tbt_broken`: each chunk shares a step with every decode, a late gap for each when the
+  SLO is near the step, and a stream is allowed 1 % of its gaps late), and the request's own
+  TTFT when waiting would cost it
   (`ttft_at_stake`: joining now could still meet it, waiting until the batch next changes could
   not). Joining may cost others TBT; waiting costs the request TTFT; either is one miss. A tie is
-  broken on everyone's late steps (`SloAdmission.everyone_breaks_ties`, `predicted_misses(...,
+  broken on everyone's late steps (`SloAdmission.everyone_breaks_ties`, `predicted_miss_ids(...,
   everyone=True)`: requests whose TTFT is missed counted too): the request joins unless that makes
   more of the batch late than waiting does. Those requests cost no goodput, but a batch they slow
   past the SLO runs every step slower for the queue behind it (under overload: a batch of requests
@@ -47,7 +50,7 @@ policy runs with any of them (`EngineConfig.admission`), or with its own when th
   The tie-break is made there too (`lifetime_misses(..., everyone=True)`).
   A `window` horizon (the baselines', `orbitflow-window-admit`) judges the next plan window only.
   What `orbitflow` does natively (its prediction is its plan's violation set); on the other
-  policies the prediction is `predicted_misses`' decode-step model.
+  policies the prediction is `predicted_miss_ids`' decode-step model.
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ class SloAdmission(Admission):
     def __init__(self, everyone_breaks_ties: bool = True, step_aside: bool = True) -> None:
         super().__init__()
         # A tie on goodput misses is broken on the late steps of everyone, those whose TTFT is
-        # missed included (`predicted_misses(..., everyone=True)`); False: a tie joins.
+        # missed included (`predicted_miss_ids(..., everyone=True)`); False: a tie joins.
         self.everyone_breaks_ties = everyone_breaks_ties
         # A request whose TTFT SLO is lost lets those behind it go first (`steps_aside`); False:
         # strict arrival order (`orbitflow-fifo-queue`).
@@ -134,13 +137,15 @@ class SloAdmission(Admission):
         if not running:
             return True
         at_stake = ttft_at_stake(req, running, policy.num_layers, policy.cost)
-        waiting = policy.predicted_misses(running, None, cap) + at_stake
-        joined = policy.predicted_misses(running + [req], plan, cap)
+        broken = tbt_broken(req, running, policy.num_layers, policy.cost, policy.prefill_chunk_tokens,
+                            policy.default_slo_s, policy.deposit_pace)
+        waiting = len(policy.predicted_miss_ids(running, None, cap)) + at_stake
+        joined = len(policy.predicted_miss_ids(running + [req], plan, cap) | broken)
         if joined > waiting:
             return False
         if joined == waiting and self._breaks_ties(policy, req, running, cap) and (
-                policy.predicted_misses(running + [req], plan, cap, everyone=True)
-                > policy.predicted_misses(running, None, cap, everyone=True) + at_stake):
+                len(policy.predicted_miss_ids(running + [req], plan, cap, everyone=True) | broken)
+                > len(policy.predicted_miss_ids(running, None, cap, everyone=True)) + at_stake):
             return False  # a tie in goodput, but it makes steps late: throughput lost for nothing
         joined = policy.lifetime_misses(running + [req], cap)
         if joined is None:
@@ -265,9 +270,7 @@ def ttft_at_stake(req: RequestView, running: Sequence[RequestView], num_layers: 
     if slack is None or req.num_output_tokens or not running:
         return False
     prefill = prefill_debt_s([req], num_layers, cost)
-    a, b = cost.model.decode_layer_coeffs(len(running))
-    step = num_layers * (a + b * sum(v.num_tokens for v in running))
-    wait = min(v.max_new_tokens_left for v in running) * step
+    wait = min(v.max_new_tokens_left for v in running) * decode_step_s(running, num_layers, cost)
     return prefill <= slack < prefill + wait
 
 
@@ -289,39 +292,69 @@ def bank_wait_s(req: RequestView, running: Sequence[RequestView], num_layers: in
     of prefills already joining in the step its first chunk would run in), and those stalls.
     (0, stalls) when no running request would lose its TBT SLO by them.
 
-    A running request is hurt when its bank (`deposit_tokens`) is below what the stalls need
-    (`deposit.bank_target`, at decode step `step_s`: the policy's predicted step, by default the
-    cost model's for the batch with all KV on device) and
-    the late gaps they may bring (every stalled step whose step + stall is over its SLO) push it
-    past the TBT SLO's allowance (floor of 1 % of its gaps, `metrics.TBT_QUANTILE`). Requests
-    whose TTFT or TBT is missed already, or with no token yet (TBT starts at the first), are not.
-    While it waits, a hurt request's bank grows by 1 - step / (pace x SLO) tokens a step (it
-    releases a token per pace x SLO, emits one per step); a request that would finish first needs
-    no bank (it is gone when the prefill starts). The wait is the longest of those, in seconds;
+    The hurt requests are `tbt_hurt`'s at decode step `step_s` (the policy's predicted step, by
+    default the cost model's for the batch with all KV on device). While it waits, a hurt
+    request's bank grows by 1 - step / (pace x SLO) tokens a step (it releases a token per pace x
+    SLO, emits one per step); a request that would finish first needs no bank (it is gone when the
+    prefill starts). The wait is the longest of those, in seconds;
     infinite when a hurt request's bank cannot grow (steps at or over its pace x SLO)."""
     stalls = [stall_margin * s for s in prefill_stalls_s(req, num_layers, cost, chunk_tokens)]
     if stalls:
         stalls[0] += stall_margin * same_step_s
     if not stalls or not running:
         return 0.0, stalls
-    a, b = cost.model.decode_layer_coeffs(len(running))
-    step = step_s or num_layers * (a + b * sum(v.num_tokens for v in running))
+    step = step_s or decode_step_s(running, num_layers, cost)
     wait = 0
+    for v, need in tbt_hurt(stalls, running, step, default_slo_s, pace):
+        grow = 1 - step / (pace * (v.slo_s or default_slo_s))
+        if grow <= 0:
+            return math.inf, stalls  # its bank cannot grow: waiting does not help it
+        wait = max(wait, min(math.ceil(need / grow), v.max_new_tokens_left))
+    return wait * step, stalls
+
+
+def tbt_hurt(stalls: Sequence[float], running: Sequence[RequestView], step_s: float, default_slo_s: float,
+             pace: float) -> list[tuple[RequestView, int]]:
+    """The running requests whose TBT SLO stalled steps would break, each with the tokens its bank
+    lacks to cover them: stalls_s holds one entry per stalled step (seconds added to a decode step
+    of `step_s`). A request is broken when its bank (`deposit_tokens`) is below what the stalls need
+    (`deposit.bank_target`) and the late gaps they may bring (every stalled step whose step + stall
+    is over its SLO) push it past the TBT SLO's allowance (the floor of 1 % of its gaps,
+    `metrics.TBT_QUANTILE`). Requests whose TTFT or TBT is missed already, or with no token yet
+    (TBT starts at the first), are not: they no longer count toward goodput, or not yet."""
+    hurt = []
     for v in running:
         if v.num_output_tokens == 0 or v.ttft_missed:
             continue
         slo = v.slo_s or default_slo_s
         gaps = v.num_output_tokens + v.max_new_tokens_left - 1
         allowed = math.floor((1 - TBT_QUANTILE) * gaps + 1e-9)
-        late = sum(1 for s in stalls if step + s > slo)
-        need = bank_target(step, slo, 1, stalls, pace) - v.deposit_tokens
-        if need <= 0 or v.num_late_gaps > allowed or v.num_late_gaps + late <= allowed:
-            continue
-        grow = 1 - step / (pace * slo)
-        if grow <= 0:
-            return math.inf, stalls  # its bank cannot grow: waiting does not help it
-        wait = max(wait, min(math.ceil(need / grow), v.max_new_tokens_left))
-    return wait * step, stalls
+        late = sum(1 for s in stalls if step_s + s > slo)
+        need = bank_target(step_s, slo, 1, stalls, pace) - v.deposit_tokens
+        if need > 0 and v.num_late_gaps <= allowed < v.num_late_gaps + late:
+            hurt.append((v, need))
+    return hurt
+
+
+def tbt_broken(req: RequestView, running: Sequence[RequestView], num_layers: int, cost: OnlineCostModel,
+               chunk_tokens: int, default_slo_s: float, pace: float = 1.0) -> set[str]:
+    """Ids of the running requests whose TBT SLO `req`'s prefill chunks would break if it joined
+    now (`tbt_hurt`, at the cost model's decode step for the batch with all KV on device and the
+    chunks' compute, `prefill_stalls_s`): each is a goodput miss the join costs, which the `slo`
+    admission weighs against waiting. A prefill chunk shares its step with every running decode,
+    so when the SLO is near the step (SLO scale 1) each chunk is a late gap for every stream, and
+    a stream of a few hundred tokens is allowed two or three."""
+    stalls = prefill_stalls_s(req, num_layers, cost, chunk_tokens)
+    if not stalls or not running:
+        return set()
+    step = decode_step_s(running, num_layers, cost)
+    return {v.request_id for v, _ in tbt_hurt(stalls, running, step, default_slo_s, pace)}
+
+
+def decode_step_s(running: Sequence[RequestView], num_layers: int, cost: OnlineCostModel) -> float:
+    """The cost model's decode step for `running` with all its KV on device, seconds."""
+    a, b = cost.model.decode_layer_coeffs(len(running))
+    return num_layers * (a + b * sum(v.num_tokens for v in running))
 
 
 def ttft_missed_ids(views: Sequence[RequestView]) -> set[str]:

@@ -99,6 +99,8 @@ class KVPolicy(abc.ABC):
 
     name: ClassVar[str]
     native_admission: ClassVar[AdmissionKind] = AdmissionKind.FCFS
+    # Token-Deposit's release pace (a banked token per pace x SLO); 1 for policies that bank nothing
+    deposit_pace: float = 1.0
 
     def __init__(self, num_layers: int, admission: str | None = None, cost_model: OnlineCostModel | None = None,
                  slo_s: float = 0.5, windows: tuple[int, ...] = DEFAULT_WINDOWS, prefill_chunk_tokens: int = 1024,
@@ -139,9 +141,9 @@ class KVPolicy(abc.ABC):
         (the scheduler still checks its prompt against the free blocks)."""
         return PlacementPlan({req.request_id: self.place_new(req, cap)})
 
-    def predicted_misses(self, views: list[RequestView], plan: PlacementPlan | None, cap: CapacityView,
-                         everyone: bool = False) -> int:
-        """Requests of `views` predicted to miss their per-token SLO (TPOT/TBT) in the next decode
+    def predicted_miss_ids(self, views: list[RequestView], plan: PlacementPlan | None, cap: CapacityView,
+                           everyone: bool = False) -> set[str]:
+        """Ids of `views` predicted to miss their per-token SLO (TPOT/TBT) in the next decode
         steps, each at its placement in `plan`, else its own (a request without one, at
         `place_new`'s): the online cost model's decode step at those placements (`problem.step_time`,
         a placement taken as the prefetch distance offloading at least as many layers) against each
@@ -149,11 +151,11 @@ class KVPolicy(abc.ABC):
         that cost goodput count: a request whose TTFT SLO is missed already (`ttft_missed`) is not,
         unless `everyone` (the `slo` admission's tie-break: late steps for anyone)."""
         if not views:
-            return 0
+            return set()
         changed = plan.placements if plan is not None else {}
         tiers = [changed.get(v.request_id) or v.placement or self.place_new(v, cap) for v in views]
         inputs = batch_plan_inputs(views, cap, self.num_layers, self.cost, self.default_slo_s, self.windows)
-        return len(predicted_late(inputs, tiers, self.windows[0]) - (set() if everyone else ttft_missed_ids(views)))
+        return predicted_late(inputs, tiers, self.windows[0]) - (set() if everyone else ttft_missed_ids(views))
 
     def lifetime_misses(self, views: list[RequestView], cap: CapacityView, everyone: bool = False) -> int | None:
         """SLO misses predicted for `views` at the batch's KV peak over its lifetime

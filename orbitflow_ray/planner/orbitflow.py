@@ -254,19 +254,19 @@ class OrbitFlow(KVPolicy):
         self._proposal = (plan, paused, placements)
         return placements
 
-    def predicted_misses(self, views: list[RequestView], plan: PlacementPlan | None, cap: CapacityView,
-                         everyone: bool = False) -> int:
+    def predicted_miss_ids(self, views: list[RequestView], plan: PlacementPlan | None, cap: CapacityView,
+                           everyone: bool = False) -> set[str]:
         """From the plans: the proposal's violation set when `plan` is the last proposal; for the
-        batch as it runs (`plan` None), the plan in force's, or 0 when that plan is not this batch's
-        (it is re-solved at the next step anyway). Requests whose TTFT SLO is missed already do not
-        count unless `everyone` (`KVPolicy.predicted_misses`)."""
+        batch as it runs (`plan` None), the plan in force's, or none when that plan is not this
+        batch's (it is re-solved at the next step anyway). Requests whose TTFT SLO is missed already
+        do not count unless `everyone` (`KVPolicy.predicted_miss_ids`)."""
         missed = set() if everyone else ttft_missed_ids(views)
         if plan is None:
             ids = frozenset(v.request_id for v in views)
-            return len(self.plan.violations - missed) if self.plan is not None and self.plan_ids == ids else 0
+            return set(self.plan.violations) - missed if self.plan is not None and self.plan_ids == ids else set()
         if self._proposal is not None and plan is self._proposal[2]:
-            return len(self._proposal[0].violations - missed)
-        return super().predicted_misses(views, plan, cap, everyone)
+            return set(self._proposal[0].violations) - missed
+        return super().predicted_miss_ids(views, plan, cap, everyone)
 
     def lifetime_misses(self, views: list[RequestView], cap: CapacityView, everyone: bool = False) -> int | None:
         """With the `lifetime` horizon, the misses of the batch at its KV peak
