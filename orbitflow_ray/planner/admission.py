@@ -316,7 +316,7 @@ def bank_wait_s(req: RequestView, running: Sequence[RequestView], num_layers: in
 def tbt_hurt(stalls: Sequence[float], running: Sequence[RequestView], step_s: float, default_slo_s: float,
              pace: float) -> list[tuple[RequestView, int]]:
     """The running requests whose TBT SLO stalled steps would break, each with the tokens its bank
-    lacks to cover them: stalls_s holds one entry per stalled step (seconds added to a decode step
+    lacks to cover them: `stalls` holds one entry per stalled step (seconds added to a decode step
     of `step_s`). A request is broken when its bank (`deposit_tokens`) is below what the stalls need
     (`deposit.bank_target`) and the late gaps they may bring (every stalled step whose step + stall
     is over its SLO) push it past the TBT SLO's allowance (the floor of 1 % of its gaps,
