@@ -271,13 +271,19 @@ def test_serve_run_local_config(tmp_path):
         _wait_healthy(proc, base, log)
         _assert_answer(*_complete(base))
         print(f"serve run: first completion {time.monotonic() - t0:.0f} s after start")
-        _load_past_the_device_tier(base)
-        time.sleep(1.5)  # one more telemetry period: the worker's counters reach the planner
-        status, state = _request(f"{base}/v1/orbitflow/state")
-        assert status == 200, state
-        stats, workers = state["stats"], list(state["workers"].values())
-        print(f"serve run under load: plans_by_solver {stats['plans_by_solver']}, central solve p99 "
-              f"{stats['solve_s_p99']} s, central plans used {[w['remote_plans_used'] for w in workers]}")
+        # A central plan is used only when it comes back before its step and for the batch that
+        # runs (planner/ahead.py): on a loaded 2-core machine one burst's two or three central
+        # solves can all miss, so the burst is repeated, up to three times, until one is used.
+        for burst in range(1, 4):
+            _load_past_the_device_tier(base)
+            time.sleep(1.5)  # one more telemetry period: the worker's counters reach the planner
+            status, state = _request(f"{base}/v1/orbitflow/state")
+            assert status == 200, state
+            stats, workers = state["stats"], list(state["workers"].values())
+            print(f"serve run under load, burst {burst}: plans_by_solver {stats['plans_by_solver']}, central "
+                  f"solve p99 {stats['solve_s_p99']} s, worker {workers}")
+            if len(workers) == 1 and workers[0]["remote_plans_used"] >= 1:
+                break
         assert stats["solver"] == "cvxpy-highs" and stats["plans_by_solver"].get("cvxpy-highs", 0) >= 1, stats
         assert len(workers) == 1 and workers[0]["remote_plans_used"] >= 1, workers
         _interrupt_and_check_gone(proc, log)
