@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	# Compile the planners' Numba kernels once, here (about 35 s of CPU; cached beside the sources), so
 	# the first `serve run`, demo or test does not pay it.
 	$(PY) -c "import orbitflow_ray.planner.linkjit, orbitflow_ray.planner.ilp_targets, orbitflow_ray.planner.ilp_lagrange"
-	# and the layer math's fused elementwise kernels (about 5 s of CPU)
-	$(PY) -c "from orbitflow_kernels import numba_elementwise; numba_elementwise.warm_up()"
+	# and the layer math's fused elementwise kernels and the decode attention (about 10 s of CPU)
+	$(PY) -c "from orbitflow_kernels import numba_elementwise, numba_kernel; numba_elementwise.warm_up(); numba_kernel.warm_up()"
 	touch $@
 
 # The app from deployments/config.yaml (on a free port), a minute of long-context arrivals, the

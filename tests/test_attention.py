@@ -83,6 +83,21 @@ def test_a_sequence_gets_the_same_bits_in_any_batch(impl):
     assert torch.equal(paged_decode_attention(q[rev], pool, table, lens[rev], 0.3, rows[rev], impl=impl), whole[rev])
 
 
+def test_numba_warm_up_compiles_the_signature_decoding_uses():
+    """`make install` runs `numba_kernel.warm_up()` so a fresh clone's first decode does not pay the
+    compile: it must compile the very signature a decode through `paged_decode_attention` uses
+    (fp32 q and pool, int64 table and lengths, table rows given or not), or the cache misses."""
+    from orbitflow_kernels import numba_kernel
+    numba_kernel.warm_up()
+    warmed = set(numba_kernel._paged_decode.signatures)
+    q, pool, table, lens, rows = _case(torch.float32)
+    lens = lens.to(torch.int32)  # the caller casts the lengths (and rows) to int64
+    paged_decode_attention(q, pool, table, lens, 0.3, rows.to(torch.int32), impl="numba")
+    paged_decode_attention(q, pool, table[rows], lens, 0.3, None, impl="numba")
+    assert set(numba_kernel._paged_decode.signatures) == warmed and len(warmed) == 1, \
+        numba_kernel._paged_decode.signatures
+
+
 def test_numba_refuses_a_block_id_outside_the_pool():
     q, pool, table, lens, rows = _case(torch.float32)
     table[rows[2], 1] = pool.shape[0]  # sequence 2 (5 keys, 2 blocks): its second block

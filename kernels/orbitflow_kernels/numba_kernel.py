@@ -137,3 +137,12 @@ def paged_decode(q: torch.Tensor, pool: torch.Tensor, table: torch.Tensor, lens:
         seqs = sorted({int(t) // pool.shape[2] for t in np.flatnonzero(bad)})
         raise ValueError(f"block table rows of sequences {seqs} name blocks outside the pool's {pool.shape[0]}")
     return out.to(q.dtype)
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) the decode kernel for the types the engine hands it (fp32
+    queries and pool, int64 table, rows and lengths), so a fresh install's first decode does not
+    pay the compile (several seconds on a small machine)."""
+    pool = torch.zeros(2, 2, 1, 4, 8)
+    paged_decode(torch.zeros(1, 2, 8), pool, torch.zeros(1, 1, dtype=torch.int64),
+                 torch.ones(1, dtype=torch.int64), 1.0, None)
