@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from orbitflow_ray.sim.compare import RunCache, code_version, run_grid, split_policy
+from orbitflow_ray.planner import split_policy
+from orbitflow_ray.sim.compare import RunCache, code_version, run_grid
 from orbitflow_ray.metrics.report import write_report
 from orbitflow_ray.sim.simulator import SimConfig
 from orbitflow_ray.sim.workload import WorkloadConfig, generate

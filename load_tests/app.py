@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from orbitflow_ray.planner import split_policy
 from orbitflow_ray.serving.app_config import AppArgs
 
 IMPORT_PATH = "deployments.orbitflow_app:build_app"
@@ -49,11 +50,23 @@ class AppSpec:
         return AppArgs.model_validate(self.args)
 
     def with_policy(self, policy: str | None) -> dict:
-        args = copy.deepcopy(self.args)
-        if policy:
-            args.setdefault("engine", {})["kv_policy"] = policy
+        args = with_policy(self.args, policy)
         AppArgs.model_validate(args)  # an unknown policy fails here, before anything is deployed
         return args
+
+
+def with_policy(args: dict, policy: str | None) -> dict:
+    """A copy of the app's `args` with `policy` as its KV policy: `name` or `name+admission`
+    (`no-offload+slo`: the baseline under SLO-aware admission, as the simulator's grid names it),
+    which sets `engine.kv_policy` and `engine.admission`. None: `args` as they are."""
+    args = copy.deepcopy(args)
+    if policy:
+        name, admission = split_policy(policy)
+        engine = args.setdefault("engine", {})
+        engine["kv_policy"] = name
+        if admission is not None:
+            engine["admission"] = admission
+    return args
 
 
 def load_serve_config(path: str | Path) -> AppSpec:
@@ -135,7 +148,8 @@ class ManagedApp:
         return self
 
     def deploy(self, policy: str | None = None) -> None:
-        """Deploy (or redeploy in place) the app, with `policy` as its KV policy if given."""
+        """Deploy (or redeploy in place) the app, with `policy` (`name` or `name+admission`) as its
+        KV policy if given."""
         from ray import serve
 
         from deployments.orbitflow_app import build_app_with_options

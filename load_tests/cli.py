@@ -60,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="API to call: /v1/completions keeps prompt lengths exact; chat adds the template's "
                         "tokens (default: completions)")
     t.add_argument("--policies", type=_names, default=None,
-                   help="comma-separated KV policies: redeploy the app with each in turn (args.engine.kv_policy) "
-                        "and report them side by side; needs a managed app (default: the config's policy only)")
+                   help="comma-separated KV policies, each optionally +fcfs or +slo for that admission instead "
+                        "of its own (no-offload+slo): redeploy the app with each in turn (args.engine.kv_policy, "
+                        "args.engine.admission) and report them side by side; needs a managed app (default: the "
+                        "config's policy only)")
     t.add_argument("--tokenizer", help="tokenizer for sizing prompts (default: the app's model, else --model); "
                                        "if this machine lacks it, lengths are approximate (one word a token)")
     w = p.add_argument_group("workload (orbitflow_ray.sim.workload)")

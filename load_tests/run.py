@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from load_tests.app import AppSpec, ManagedApp, fetch_state, kv_summary, load_serve_config, served_model
+from load_tests.app import (AppSpec, ManagedApp, fetch_state, kv_summary, load_serve_config, served_model,
+                           with_policy)
 from load_tests.client import ClientConfig, RequestResult, run_trace
 from load_tests.prompts import PromptBuilder, load_prompt_tokenizer
 from load_tests.report import headline, write_load_report
@@ -110,18 +111,11 @@ def measure(label: str, url: str, trace: list[TraceRequest], prompts: list[str],
 def _predict(run: dict, trace, app_args: AppArgs, policy: str | None, o) -> None:
     from load_tests.predict import predict
 
-    args = AppArgs.model_validate(_with_policy(app_args, policy))
+    args = AppArgs.model_validate(with_policy(app_args.model_dump(), policy))
     warm = frozenset(r.request_id for r in trace if r.arrival_s < o.warmup)
     pred = predict(trace, args, o.sim_gpu, warm)
     run["predicted"] = pred.metrics
     run["_predicted_records"] = pred.records
-
-
-def _with_policy(args: AppArgs, policy: str | None) -> dict:
-    d = args.model_dump()
-    if policy:
-        d["engine"] = {**d["engine"], "kv_policy": policy}
-    return d
 
 
 def _resolve(o: argparse.Namespace) -> tuple[AppSpec | None, AppArgs | None]:

@@ -11,7 +11,8 @@ from orbitflow_ray.costmodel import CostModel, OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.planner import available_policies, make_policy, policy_from_config
 from orbitflow_ray.planner.admission import (AdmissionKind, available_admissions, batch_plan_inputs, distance_like,
-                                            fits_device_for_life, lifetime_peak, make_admission, ttft_at_stake)
+                                            fits_device_for_life, lifetime_peak, make_admission, shared_prefill_s,
+                                            ttft_at_stake, ttft_delayed)
 from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.planner.orbitflow import tiers_for_distance
 from orbitflow_ray.planner.static import uniform_placement
@@ -154,18 +155,74 @@ def test_slo_admission_weighs_the_ttft_that_waiting_costs(name):
     finish, admitted once waiting would miss its TTFT SLO, refused again once that SLO is lost."""
     p = policy(name, None if name == "orbitflow" else "slo")
     can_wait = replace(ARRIVAL, ttft_slack_s=WAIT_S + 0.01)
-    assert not ttft_at_stake(can_wait, [LONE], 4, p.cost)
+    assert not ttft_at_stake(can_wait, [LONE], 4, p.cost, 1024)
     assert p.admit(can_wait, [LONE], cap(10_000)) is None
     lost = replace(ARRIVAL, ttft_slack_s=-0.01)
-    assert not ttft_at_stake(lost, [LONE], 4, p.cost)
+    assert not ttft_at_stake(lost, [LONE], 4, p.cost, 1024)
     assert p.admit(lost, [LONE], cap(10_000)) is None
     at_stake = replace(ARRIVAL, ttft_slack_s=WAIT_S - 0.01)
-    assert ttft_at_stake(at_stake, [LONE], 4, p.cost)
+    assert ttft_at_stake(at_stake, [LONE], 4, p.cost, 1024)
     plan = p.admit(at_stake, [LONE], cap(10_000))  # the same batch: orbitflow's refusal cache re-decides
     assert plan is not None and plan.placements["r1"] == [Tier.DEVICE] * 4
     # Two misses (another 6 ms request in the batch) outweigh one TTFT.
     other = view(2, 10)
     assert p.admit(at_stake, [LONE, other], cap(10_000)) is None
+
+
+def prefilling(i, prompt, slack):
+    """A request with its whole `prompt` still to prefill (no token yet) and `slack` s of TTFT SLO left."""
+    return RequestView(f"p{i}", prompt + 1, prompt + 1, 16, float(i), None, 0, 1.0, 0, None, 0, slack)
+
+
+# 1 ms a prompt token per layer, L = 4: a 100-token prompt is 0.4 s of prefill, in 64-token chunks
+# 0.256 s + 0.144 s (two steps).
+PREFILL = OnlineCostModel(CostModel(4, compute_a_s=1e-3, compute_b_s_per_token=1e-6,
+                                    compute_p_s_per_token=1e-3, link_bytes_per_s=1e6))
+
+
+def test_prefills_sharing_steps_delay_each_others_first_token():
+    """Two prompts prefilling together share every step: each one's first token waits for the
+    other's chunks in its steps, as many as it has chunks (hand-computed)."""
+    a, b = prefilling(0, 100, 1.0), prefilling(1, 200, 1.0)  # a: 2 chunks; b: 4 (3 x 64 + 8)
+    assert shared_prefill_s(a, [b], 4, PREFILL, 64) == pytest.approx(2 * 0.256)
+    assert shared_prefill_s(b, [a], 4, PREFILL, 64) == pytest.approx(0.256 + 0.144)
+    assert shared_prefill_s(a, [view(2, 300)], 4, PREFILL, 64) == 0  # a decoding request owes none
+
+
+def test_a_join_breaks_the_ttft_of_a_prompt_still_prefilling():
+    """`ttft_delayed`: the running prompt (0.4 s of prefill) meets its TTFT alone with 0.5 s of slack
+    but not with a 100-token joiner's chunks in its two steps (+0.4 s); with 0.9 s it still does, and
+    with 0.3 s it is lost either way. A decoding request's TTFT is behind it."""
+    joiner = prefilling(9, 100, 5.0)
+    assert ttft_delayed(joiner, [prefilling(0, 100, 0.5)], 4, PREFILL, 64) == {"p0"}
+    assert ttft_delayed(joiner, [prefilling(0, 100, 0.9)], 4, PREFILL, 64) == set()
+    assert ttft_delayed(joiner, [prefilling(0, 100, 0.3)], 4, PREFILL, 64) == set()
+    assert ttft_delayed(joiner, [view(1, 300)], 4, PREFILL, 64) == set()
+
+
+def test_a_joiners_ttft_counts_the_prefills_it_shares_steps_with():
+    """`ttft_at_stake` judges the joiner's TTFT with the running prompts' chunks in its steps: 0.45 s
+    of slack covers its 0.4 s prefill alone but not waiting for the decoding request to finish
+    too (16 steps of about 5 ms), so it is at stake; beside a 100-token prompt still prefilling its
+    prefill is 0.8 s, which joining cannot save; with 0.85 s of slack it can again."""
+    joiner = prefilling(9, 100, 0.45)
+    assert ttft_at_stake(joiner, [view(1, 300)], 4, PREFILL, 64)
+    assert not ttft_at_stake(joiner, [prefilling(0, 100, 5.0), view(1, 300)], 4, PREFILL, 64)
+    assert ttft_at_stake(replace(joiner, ttft_slack_s=0.85), [prefilling(0, 100, 5.0), view(1, 300)], 4,
+                         PREFILL, 64)
+
+
+@pytest.mark.parametrize("name", ["no-offload", "orbitflow"])
+def test_slo_admission_weighs_the_ttft_a_join_delays(name):
+    """The arrival's chunks would push the prefilling p0's first token past its SLO and the
+    arrival could wait (its TTFT is not at stake): refused; with p0's slack ample, admitted."""
+    def admit(running_slack):  # a fresh policy each: orbitflow keeps refusing a batch it refused
+        p = make_policy(name, 4, cost_model=PREFILL, slo_s=1.0, admission="slo", solve_ahead=False,
+                        windows=(16,), prefill_chunk_tokens=64)
+        return p.admit(prefilling(9, 100, 5.0), [prefilling(0, 100, running_slack)], cap(10_000))
+
+    assert admit(0.5) is None
+    assert admit(5.0) is not None
 
 
 @pytest.mark.parametrize("name", ["no-offload", "orbitflow"])

@@ -11,7 +11,7 @@ import time
 import pytest
 from aiohttp import web
 
-from load_tests.app import free_port
+from load_tests.app import free_port, load_serve_config, with_policy
 from load_tests.client import ClientConfig, RequestResult, run_trace
 from load_tests.report import write_load_report
 from orbitflow_ray.metrics import summarize
@@ -134,6 +134,23 @@ def test_cli_help():
     assert "default:" in p.stdout and "Examples:" in p.stdout
 
 
+def test_policies_name_an_admission_as_the_simulator_does():
+    """`--policies no-offload+slo`: the app is redeployed with that KV policy under the `slo`
+    admission; a bare name keeps the config's admission; a bad admission is refused before
+    anything is deployed, naming the known ones."""
+    spec = load_serve_config("deployments/config.yaml")
+    engine = spec.with_policy("no-offload+slo")["engine"]
+    assert (engine["kv_policy"], engine["admission"]) == ("no-offload", "slo")
+    assert "admission" not in spec.with_policy("flexgen-plus")["engine"]
+    assert with_policy({"engine": {"admission": "fcfs"}}, "orbitflow")["engine"] == {"kv_policy": "orbitflow",
+                                                                                     "admission": "fcfs"}
+    assert spec.args["engine"]["kv_policy"] == "orbitflow"  # the spec itself is left as it was
+    with pytest.raises(ValueError, match="fcfs"):
+        spec.with_policy("no-offload+lifo")
+    with pytest.raises(ValueError, match=r"name an admission after '\+'"):
+        spec.with_policy("no-offload+")
+
+
 # ---------------------------------------------------------------- live (slow)
 
 ENGINE = {"kv_policy": "orbitflow", "plan_windows": [8], "tpot_slo_s": 0.1}
@@ -215,17 +232,18 @@ def test_client_against_live_app(live_app, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_policies_redeploy_the_app_into_one_side_by_side_report(tmp_path):
-    """`--policies`: the harness starts the app from its Serve config, redeploys it per KV policy,
-    runs the same trace on each and writes one report with a run per policy."""
+    """`--policies`: the harness starts the app from its Serve config, redeploys it per KV policy
+    (one of them under another admission), runs the same trace on each and writes one report with
+    a run per policy."""
     out = tmp_path / "policies"
     cmd = [sys.executable, "-m", "load_tests", "--config", "deployments/config.yaml", "--port", "0",
-           "--policies", "no-offload,orbitflow", "--workload", "fixed", "--input-tokens", "200",
+           "--policies", "no-offload+slo,orbitflow", "--workload", "fixed", "--input-tokens", "200",
            "--output-tokens", "8", "--num-requests", "3", "--rate", "3", "--warmup", "0",
            "--out", str(out), "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     runs = {r["policy"]: r["metrics"] for r in report["runs"]}
-    assert set(runs) == {"no-offload", "orbitflow"}
+    assert set(runs) == {"no-offload+slo", "orbitflow"}
     assert all(m["num_finished"] == 3 and m["output_tokens"] == 24 for m in runs.values())
-    assert "no-offload" in (out / "report.md").read_text()
+    assert "no-offload+slo" in (out / "report.md").read_text()

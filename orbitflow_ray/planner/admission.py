@@ -15,11 +15,14 @@ policy runs with any of them (`EngineConfig.admission`), or with its own when th
   `KVPolicy.predicted_miss_ids` (of requests still able to meet all their SLOs: goodput counts
   only those), joined by the running requests whose TBT SLO the request's prefill chunks would
   break (`tbt_broken`: each chunk shares a step with every decode, a late gap for each when the
-  SLO is near the step, and a stream is allowed 1 % of its gaps late), and the request's own
-  TTFT when waiting would cost it
-  (`ttft_at_stake`: joining now could still meet it, waiting until the batch next changes could
-  not). Joining may cost others TBT; waiting costs the request TTFT; either is one miss. A tie is
-  broken on everyone's late steps (`SloAdmission.everyone_breaks_ties`, `predicted_miss_ids(...,
+  SLO is near the step, and a stream is allowed 1 % of its gaps late) and by the running requests
+  still prefilling whose TTFT SLO it would break (`ttft_delayed`: its chunks share their steps, so
+  their first token comes later), and the request's own TTFT when waiting would cost it
+  (`ttft_at_stake`: joining now could still meet it, its prefill slowed by the prefills it shares
+  steps with, waiting until the batch next changes could not; without these two terms, the CPU
+  load test's trace replayed in the simulator admitted two prompts into one step, each on time
+  alone, both late together). Joining may cost others TBT or TTFT; waiting costs the request its
+  TTFT; each is one miss. A tie is broken on everyone's late steps (`SloAdmission.everyone_breaks_ties`, `predicted_miss_ids(...,
   everyone=True)`: requests whose TTFT is missed counted too): the request joins unless that makes
   more of the batch late than waiting does. Those requests cost no goodput, but a batch they slow
   past the SLO runs every step slower for the queue behind it (under overload: a batch of requests
@@ -136,9 +139,11 @@ class SloAdmission(Admission):
     def _admits(self, policy, req, running, cap, plan) -> bool:
         if not running:
             return True
-        at_stake = ttft_at_stake(req, running, policy.num_layers, policy.cost)
-        broken = tbt_broken(req, running, policy.num_layers, policy.cost, policy.prefill_chunk_tokens,
-                            policy.default_slo_s, policy.deposit_pace)
+        chunk = policy.prefill_chunk_tokens
+        at_stake = ttft_at_stake(req, running, policy.num_layers, policy.cost, chunk)
+        broken = (tbt_broken(req, running, policy.num_layers, policy.cost, chunk, policy.default_slo_s,
+                             policy.deposit_pace)
+                  | ttft_delayed(req, running, policy.num_layers, policy.cost, chunk))
         waiting = len(policy.predicted_miss_ids(running, None, cap)) + at_stake
         joined = len(policy.predicted_miss_ids(running + [req], plan, cap) | broken)
         if joined > waiting:
@@ -259,19 +264,51 @@ def outgrow_wait(views: Sequence[RequestView], capacity_tokens: int) -> tuple[in
     return None
 
 
-def ttft_at_stake(req: RequestView, running: Sequence[RequestView], num_layers: int, cost: OnlineCostModel) -> bool:
+def ttft_at_stake(req: RequestView, running: Sequence[RequestView], num_layers: int, cost: OnlineCostModel,
+                  chunk_tokens: int) -> bool:
     """Would `req` lose its TTFT SLO by waiting instead of joining `running` now? True when its
-    slack (`RequestView.ttft_slack_s`) still covers its prefill (joining now can meet the SLO) but
-    not its prefill plus the wait until the batch next changes: the decode steps until the running
-    request with the fewest tokens left finishes, at the cost model's decode step for the batch
-    (all its KV on device: the shortest such wait). False for a request with a token already, no
-    TTFT SLO, a slack its prefill already overruns (lost either way), or an empty batch."""
+    slack (`RequestView.ttft_slack_s`) still covers its prefill in the batch (joining now can meet
+    the SLO) but not that plus the wait until the batch next changes: the decode steps until the
+    running request with the fewest tokens left finishes, at the cost model's decode step for the
+    batch (all its KV on device: the shortest such wait). Its prefill in the batch is its own
+    (`prefill_debt_s`) plus the chunks of the running requests still prefilling that share its
+    steps (`shared_prefill_s`). False for a request with a token already, no TTFT SLO, a slack
+    that prefill already overruns (lost either way, joining or not), or an empty batch."""
     slack = req.ttft_slack_s
     if slack is None or req.num_output_tokens or not running:
         return False
-    prefill = prefill_debt_s([req], num_layers, cost)
+    prefill = prefill_debt_s([req], num_layers, cost) + shared_prefill_s(req, running, num_layers, cost, chunk_tokens)
     wait = min(v.max_new_tokens_left for v in running) * decode_step_s(running, num_layers, cost)
     return prefill <= slack < prefill + wait
+
+
+def shared_prefill_s(req: RequestView, others: Sequence[RequestView], num_layers: int, cost: OnlineCostModel,
+                     chunk_tokens: int) -> float:
+    """Seconds the prefill chunks of `others` add to `req`'s prefill steps: `req` needs one step a
+    chunk, and each of those steps also computes the next chunk of every other request still
+    prefilling (the scheduler fills a step's token budget with every prefill's chunk, in arrival
+    order), so its first token waits for up to as many chunks of each (`prefill_stalls_s`)."""
+    steps = len(prefill_stalls_s(req, num_layers, cost, chunk_tokens))
+    return sum(sum(prefill_stalls_s(v, num_layers, cost, chunk_tokens)[:steps]) for v in others)
+
+
+def ttft_delayed(req: RequestView, running: Sequence[RequestView], num_layers: int, cost: OnlineCostModel,
+                 chunk_tokens: int) -> set[str]:
+    """Ids of the running requests still prefilling whose TTFT SLO `req`'s join would break (the
+    TTFT counterpart of `tbt_broken`): each of their remaining prefill steps also computes one of
+    `req`'s chunks (`shared_prefill_s`), so their first token comes later by those chunks. Broken:
+    the slack (`RequestView.ttft_slack_s`) covers their own prefill and the chunks already sharing
+    their steps, but not with `req`'s added. Those with a token already, no TTFT SLO or a TTFT
+    lost already are not."""
+    out = set()
+    for v in running:
+        if v.num_output_tokens or v.ttft_slack_s is None:
+            continue
+        others = [o for o in running if o is not v]
+        need = prefill_debt_s([v], num_layers, cost) + shared_prefill_s(v, others, num_layers, cost, chunk_tokens)
+        if need <= v.ttft_slack_s < need + shared_prefill_s(v, [req], num_layers, cost, chunk_tokens):
+            out.add(v.request_id)
+    return out
 
 
 def prefill_stalls_s(req: RequestView, num_layers: int, cost: OnlineCostModel, chunk_tokens: int) -> list[float]:

@@ -253,6 +253,15 @@ def policy_from_config(config, num_layers: int, cost_model) -> KVPolicy:
     return make_policy(config.kv_policy, num_layers, cost_model=cost_model, **policy_options(config))
 
 
+def split_policy(spec: str, admission: str | None = None) -> tuple[str, str | None]:
+    """`policy` or `policy+admission` (`no-offload+slo`) -> (policy, admission); without a suffix,
+    `admission`. Raises ValueError on a `+` with no admission after it."""
+    name, plus, adm = spec.partition("+")
+    if plus and not adm:
+        raise ValueError(f"{spec!r}: name an admission after '+' (e.g. {name}+slo)")
+    return name, adm or admission
+
+
 def make_policy(name: str, num_layers: int, **options) -> KVPolicy:
     if name not in _REGISTRY:
         raise ValueError(f"unknown kv_policy {name!r}; choose one of {available_policies()}")

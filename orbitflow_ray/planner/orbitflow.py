@@ -321,7 +321,7 @@ class OrbitFlow(KVPolicy):
             return None
         # what a refusal weighs: the batch, those in it whose TTFT is missed, whether waiting costs req its TTFT
         ids = (frozenset(v.request_id for v in running), frozenset(ttft_missed_ids(running)),
-               ttft_at_stake(req, running, self.num_layers, self.cost))
+               ttft_at_stake(req, running, self.num_layers, self.cost, self.prefill_chunk_tokens))
         if not pinned and self._refused.get(req.request_id) == ids:
             return None  # the same batch refused it before; it only grew since
         proposal = self.propose(req, running, cap)

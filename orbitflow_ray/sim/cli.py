@@ -163,7 +163,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from orbitflow_ray.sim.compare import run_grid, split_policy
+    from orbitflow_ray.planner import split_policy
+    from orbitflow_ray.sim.compare import run_grid
 
     if args.list:
         return _list()

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from orbitflow_ray.metrics import tbt_over_slo
+from orbitflow_ray.planner import split_policy
 from orbitflow_ray.sim.simulator import SimConfig, SimResult, simulate
 from orbitflow_ray.sim.workload import TraceRequest, scale_rate
 
@@ -40,14 +41,6 @@ def run_entry(result: SimResult, rate: float, slo_scale: float) -> dict:
                         "sim_wall_s": result.sim_wall_s,
                         "solve_s_sync": result.policy_metrics.get("solve_s_sync")},
             "tbt_over_slo": tbt_over_slo(result.records)}
-
-
-def split_policy(spec: str, admission: str | None = None) -> tuple[str, str | None]:
-    """`policy` or `policy+admission` -> (policy, admission); without a suffix, `admission`."""
-    name, plus, adm = spec.partition("+")
-    if plus and not adm:
-        raise ValueError(f"{spec!r}: name an admission after '+' (e.g. {name}+slo)")
-    return name, adm or admission
 
 
 def run_grid(base: SimConfig, trace: list[TraceRequest], base_rate: float, policies: Sequence[str],
