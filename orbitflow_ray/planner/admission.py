@@ -22,8 +22,9 @@ policy runs with any of them (`EngineConfig.admission`), or with its own when th
   steps with, waiting until the batch next changes could not; without these two terms, the CPU
   load test's trace replayed in the simulator admitted two prompts into one step, each on time
   alone, both late together). Joining may cost others TBT or TTFT; waiting costs the request its
-  TTFT; each is one miss. A tie is broken on everyone's late steps (`SloAdmission.everyone_breaks_ties`, `predicted_miss_ids(...,
-  everyone=True)`: requests whose TTFT is missed counted too): the request joins unless that makes
+  TTFT; each is one miss. A tie is broken on everyone's late steps
+  (`SloAdmission.everyone_breaks_ties`, `predicted_miss_ids(..., everyone=True)`: requests whose
+  TTFT is missed counted too): the request joins unless that makes
   more of the batch late than waiting does. Those requests cost no goodput, but a batch they slow
   past the SLO runs every step slower for the queue behind it (under overload: a batch of requests
   that no longer count, offloaded and late, while every arrival's TTFT is lost waiting). With the
@@ -286,8 +287,9 @@ def shared_prefill_s(req: RequestView, others: Sequence[RequestView], num_layers
                      chunk_tokens: int) -> float:
     """Seconds the prefill chunks of `others` add to `req`'s prefill steps: `req` needs one step a
     chunk, and each of those steps also computes the next chunk of every other request still
-    prefilling (the scheduler fills a step's token budget with every prefill's chunk, in arrival
-    order), so its first token waits for up to as many chunks of each (`prefill_stalls_s`)."""
+    prefilling (the scheduler gives each running request its next chunk, in order, as far as the
+    step's token budget goes), so its first token waits for up to as many chunks of each
+    (`prefill_stalls_s`). Every such chunk is counted: an upper bound when the budget defers some."""
     steps = len(prefill_stalls_s(req, num_layers, cost, chunk_tokens))
     return sum(sum(prefill_stalls_s(v, num_layers, cost, chunk_tokens)[:steps]) for v in others)
 
