@@ -37,6 +37,12 @@ def _idx(values) -> torch.Tensor:
     return torch.as_tensor(list(values), dtype=torch.int64)
 
 
+def _reference_copy(job: TransferJob) -> None:
+    """torch's `dst[dst_index] = src[src_index]`, rows gathered first: what every engine's copy must do."""
+    with torch.inference_mode():
+        job.dst.index_copy_(0, job.dst_index, job.src.index_select(0, job.src_index))
+
+
 def _random_jobs(gen: torch.Generator, dev: torch.Tensor, host: torch.Tensor, count: int):
     """(direction, src_rows, dst_rows) with distinct destination rows per job."""
     ends = {Direction.H2D: (host, dev), Direction.D2H: (dev, host), Direction.D2D: (dev, dev)}
@@ -56,7 +62,7 @@ def _run_against_reference(engine, dev, host, seed: int, count: int = 40) -> Non
     gen = torch.Generator().manual_seed(seed)
     for direction, src, dst, s, d in _random_jobs(gen, dev, host, count):
         engine.submit(TransferJob(src, dst, s, d, direction))
-        copy_rows(TransferJob(ref_of[id(src)], ref_of[id(dst)], s, d, direction))
+        _reference_copy(TransferJob(ref_of[id(src)], ref_of[id(dst)], s, d, direction))
     engine.synchronize()
     torch.testing.assert_close(dev.cpu(), ref_dev, rtol=0, atol=0)
     torch.testing.assert_close(host, ref_host, rtol=0, atol=0)
@@ -100,6 +106,33 @@ def test_cpu_fifo_write_then_read_sees_written_rows(batches, rnd):
         for job, readback, expected in checks:
             engine.wait(job)
             torch.testing.assert_close(readback, expected, rtol=0, atol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 23), st.integers(1, 6)), min_size=1, max_size=24),
+       st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), st.booleans(), st.randoms())
+def test_copy_rows_matches_torch_index_copy(spans, dtype, same_tensor, rnd):
+    """Row mappings made of consecutive runs (slice copies), of more runs than `_MAX_RUNS` (one
+    gather), and within one tensor (gathered first): bit for bit torch's index_select/index_copy_."""
+    src = torch.randn(32, *ROW).to(dtype)
+    dst = src if same_tensor else torch.randn(30, *ROW).to(dtype)
+    s = _idx([min(a + k, 31) for a, n in spans for k in range(n)])
+    d = _idx(rnd.sample(range(dst.shape[0]), min(len(s), dst.shape[0])))
+    if rnd.random() < 0.5:  # a consecutive destination, as a prefetch into a staging slot has
+        d = torch.arange(len(d))
+    s = s[:len(d)]
+    expected_src, expected = src.clone(), dst.clone()
+    _reference_copy(TransferJob(expected_src, expected_src if same_tensor else expected, s, d, Direction.H2D))
+    copy_rows(TransferJob(src, dst, s, d, Direction.H2D))
+    torch.testing.assert_close(dst.view(torch.int16), (expected_src if same_tensor else expected).view(torch.int16),
+                               rtol=0, atol=0)
+
+
+def test_copy_rows_refuses_rows_outside_the_tensor():
+    src, dst = torch.zeros(4, *ROW), torch.zeros(4, *ROW)
+    for s, d in (([0, -1], [0, 1]), ([0, 4], [0, 1]), ([0, 1], [2, 4])):
+        with pytest.raises(IndexError, match="out of range"):
+            copy_rows(TransferJob(src, dst, _idx(s), _idx(d), Direction.H2D))
 
 
 def test_bandwidth_limit_costs_wall_time():
@@ -251,7 +284,7 @@ def test_cuda_run_copies_address_the_right_rows(strided):
     s, d = _idx([4, 5, 6, 0, 9, 2]), _idx([0, 1, 2, 7, 11, 3])
     engine._copy_runs(TransferJob(src, dst, s, d, Direction.H2D), 0)
     expected = torch.zeros(12, 2, 5)
-    copy_rows(TransferJob(src.contiguous(), expected, s, d, Direction.H2D))
+    _reference_copy(TransferJob(src.contiguous(), expected, s, d, Direction.H2D))
     torch.testing.assert_close(dst, expected, rtol=0, atol=0)
     assert len(calls) == (6 if strided else 4)  # one memcpy per run when rows are packed
 

@@ -46,6 +46,21 @@ class TransferJob:
         return int(self.src_index.numel()) * row
 
 
+def contiguous_runs(src_index: torch.Tensor, dst_index: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Split a row mapping into (src_start, dst_start, length) runs, in job order, where both
+    sides advance by exactly one row: each run is one memcpy."""
+    s = src_index.reshape(-1).to("cpu", torch.int64)
+    d = dst_index.reshape(-1).to("cpu", torch.int64)
+    n = s.numel()
+    if n == 0:
+        return []
+    brk = torch.ones(n, dtype=torch.bool)
+    brk[1:] = (s[1:] - s[:-1] != 1) | (d[1:] - d[:-1] != 1)
+    starts = brk.nonzero().flatten()
+    lengths = torch.diff(starts, append=torch.tensor([n]))
+    return list(zip(s[starts].tolist(), d[starts].tolist(), lengths.tolist()))
+
+
 class TransferError(RuntimeError):
     """A queued job failed; raised by `wait`/`synchronize`, chained to the original error."""
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from orbitflow_kernels.base import Direction, TransferEngine, TransferJob
+from orbitflow_kernels.base import Direction, TransferEngine, TransferJob, contiguous_runs
 
 GPU_HELP = ("CUDA transfer engine needs CuPy for your CUDA major version and a GPU: "
             "pip install 'orbitflow-ray[gpu]' (cupy-cuda12x) or 'orbitflow-ray[gpu-cu13]' (cupy-cuda13x)")
@@ -56,21 +56,6 @@ def _load_cupy():
     except Exception as exc:  # ImportError, a CPU-only torch, a driver without devices
         raise RuntimeError(GPU_HELP) from exc
     return cupy
-
-
-def contiguous_runs(src_index: torch.Tensor, dst_index: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Split a row mapping into (src_start, dst_start, length) runs, in job order, where both
-    sides advance by exactly one row: each run is one memcpy."""
-    s = src_index.reshape(-1).to("cpu", torch.int64)
-    d = dst_index.reshape(-1).to("cpu", torch.int64)
-    n = s.numel()
-    if n == 0:
-        return []
-    brk = torch.ones(n, dtype=torch.bool)
-    brk[1:] = (s[1:] - s[:-1] != 1) | (d[1:] - d[:-1] != 1)
-    starts = brk.nonzero().flatten()
-    lengths = torch.diff(starts, append=torch.tensor([n]))
-    return list(zip(s[starts].tolist(), d[starts].tolist(), lengths.tolist()))
 
 
 def _check_rows(t: torch.Tensor, index: torch.Tensor, what: str) -> None:
