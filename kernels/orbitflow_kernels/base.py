@@ -61,6 +61,14 @@ def contiguous_runs(src_index: torch.Tensor, dst_index: torch.Tensor) -> list[tu
     return list(zip(s[starts].tolist(), d[starts].tolist(), lengths.tolist()))
 
 
+def check_row_index(t: torch.Tensor, index: torch.Tensor, what: str) -> None:
+    """Raise IndexError unless every row index is in [0, rows of t): raw-pointer copies (CUDA) have
+    no bounds checks of their own, and numpy (CPU) would wrap a negative index."""
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= t.shape[0]):
+        raise IndexError(f"{what}: row index out of range [0, {t.shape[0]}): "
+                         f"min {int(index.min())}, max {int(index.max())}")
+
+
 class TransferError(RuntimeError):
     """A queued job failed; raised by `wait`/`synchronize`, chained to the original error."""
 

@@ -2,8 +2,9 @@
 
 The "device" tier is an ordinary RAM region whose size the tier manager budgets. Copies run on a
 single worker thread, in submission order, so they overlap with compute on the caller's thread
-(numpy's copies release the GIL: `copy_rows`). An optional bandwidth limit makes every host<->device job take
-at least nbytes / bandwidth wall seconds, so offloading costs what it would over a real link.
+(numpy's copies release the GIL: `copy_rows`). An optional bandwidth limit makes every
+host<->device job take at least nbytes / bandwidth wall seconds, so offloading costs what it would
+over a real link.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import weakref
 import numpy as np
 import torch
 
-from orbitflow_kernels.base import Direction, TransferEngine, TransferError, TransferJob, contiguous_runs
+from orbitflow_kernels.base import (Direction, TransferEngine, TransferError, TransferJob, check_row_index,
+                                    contiguous_runs)
 
 log = logging.getLogger(__name__)
 _STOP = None  # queue sentinel: the worker drains everything before it and exits
@@ -54,25 +56,23 @@ def copy_rows(job: TransferJob) -> None:
     same tensor), on the calling thread alone, with numpy, which releases the GIL and starts no
     threads. Not torch's index ops: run from the copy thread, they start an OpenMP team of their
     own, which takes the cores the compute's team is using (on 2 cores, a two-request decode step
-    with copies in flight ran its linears 2.7x slower than with the copies made no-ops). Rows that run
-    consecutively on both sides (a layer's blocks mostly do: a prefetch of 55-112 blocks came in
+    with copies in flight ran its linears 2.7x slower than with the copies made no-ops). Rows that
+    run consecutively on both sides (a layer's blocks mostly do: a prefetch of 55-112 blocks came in
     1-5 runs) are copied run by run, each one memcpy, with no temporary: a gather would write every
     byte twice and fault in fresh pages for its buffer. Raises IndexError for a row index outside
     its tensor (numpy would wrap a negative one)."""
-    src_rows, dst_rows = job.src_index.numpy(), job.dst_index.numpy()
-    if src_rows.size == 0:
+    if job.src_index.numel() == 0:
         return
-    for t, rows, what in ((job.src, src_rows, "src"), (job.dst, dst_rows, "dst")):
-        lo, hi = int(rows.min()), int(rows.max())
-        if lo < 0 or hi >= t.shape[0]:
-            raise IndexError(f"{what}: row index out of range [0, {t.shape[0]}): min {lo}, max {hi}")
+    check_row_index(job.src, job.src_index, "src")
+    check_row_index(job.dst, job.dst_index, "dst")
     src, dst = _bits(job.src), _bits(job.dst)
-    runs = contiguous_runs(job.src_index, job.dst_index)
-    if len(runs) > _MAX_RUNS or np.may_share_memory(src, dst):  # scattered rows, or one tensor: gather first
-        dst[dst_rows] = src[src_rows]
-        return
-    for s0, d0, n in runs:
-        dst[d0:d0 + n] = src[s0:s0 + n]
+    if not np.may_share_memory(src, dst):  # one tensor: gather first, below
+        runs = contiguous_runs(job.src_index, job.dst_index)
+        if len(runs) <= _MAX_RUNS:
+            for s0, d0, n in runs:
+                dst[d0:d0 + n] = src[s0:s0 + n]
+            return
+    dst[job.dst_index.numpy()] = src[job.src_index.numpy()]  # scattered rows, or one tensor
 
 
 class _Link:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from orbitflow_kernels.base import Direction, TransferEngine, TransferJob, contiguous_runs
+from orbitflow_kernels.base import Direction, TransferEngine, TransferJob, check_row_index, contiguous_runs
 
 GPU_HELP = ("CUDA transfer engine needs CuPy for your CUDA major version and a GPU: "
             "pip install 'orbitflow-ray[gpu]' (cupy-cuda12x) or 'orbitflow-ray[gpu-cu13]' (cupy-cuda13x)")
@@ -62,9 +62,7 @@ def _check_rows(t: torch.Tensor, index: torch.Tensor, what: str) -> None:
     """Raw-pointer copies have no bounds checks of their own: check here, at submit."""
     if t.dim() == 0 or (t.shape[0] and not t[0].is_contiguous()):
         raise ValueError(f"{what}: rows must be contiguous, got shape {tuple(t.shape)} strides {t.stride()}")
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= t.shape[0]):
-        raise IndexError(f"{what}: row index out of range [0, {t.shape[0]}): "
-                         f"min {int(index.min())}, max {int(index.max())}")
+    check_row_index(t, index, what)
 
 
 def _sides(job: TransferJob) -> tuple[tuple[torch.Tensor, torch.Tensor, bool], ...]:
