@@ -60,6 +60,16 @@ def test_a_tiny_repetition_penalty_cannot_make_the_draw_fail():
     assert sample(ROW[None], [_seq(SamplingParams(repetition_penalty=5e-324), prompt=[0, 3])]) == [0]
 
 
+def test_a_tiny_repetition_penalty_keeps_banned_tokens_banned():
+    """Found by schemathesis: repetition_penalty=5e-324 rounds to 0 in float32, and a token that
+    min_tokens bans (-inf) and the prompt holds became -inf x 0 = NaN: the draw raised and took the
+    engine thread down (503)."""
+    sp = SamplingParams(repetition_penalty=5e-324, min_tokens=2, stop_token_ids=[2], eos_token_ids=(1,), top_p=5e-324)
+    row = apply_logit_edits(ROW, sp, prompt_ids=[1, 2, 3], output_ids=[])
+    assert torch.equal(row, torch.tensor([2.0, -math.inf, -math.inf, 1e30, -2.0]))  # 3 capped; 0 and 4 not seen
+    assert sample(ROW[None], [_seq(sp, prompt=[1, 2, 3])]) == [3]
+
+
 def test_sample_greedy_follows_the_edits_and_leaves_plain_rows_alone():
     logits = torch.stack([ROW, ROW])
     plain, biased = SamplingParams(), SamplingParams(logit_bias={2: 3.0})

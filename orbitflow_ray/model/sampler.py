@@ -53,7 +53,10 @@ def apply_logit_edits(row: torch.Tensor, sp: SamplingParams, prompt_ids: list[in
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=row.device)
         if len(seen):
             vals = row[seen]
-            row[seen] = torch.where(vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty)
+            # The row's dtype takes the penalty: one below float32's smallest normal (5e-324 is > 0,
+            # so valid) would round to 0 there, and a token min_tokens banned (-inf) times 0 is NaN.
+            penalty = max(sp.repetition_penalty, torch.finfo(row.dtype).tiny)
+            row[seen] = torch.where(vals > 0, vals / penalty, vals * penalty)
     if output_ids and (sp.frequency_penalty or sp.presence_penalty):
         ids, counts = torch.unique(torch.tensor(output_ids, dtype=torch.long, device=row.device), return_counts=True)
         row[ids] -= sp.frequency_penalty * counts.to(row.dtype) + sp.presence_penalty
