@@ -14,7 +14,8 @@ import torch
 
 from orbitflow_kernels import Direction, make_transfer_engine
 from orbitflow_ray.config import EngineConfig
-from orbitflow_ray.costmodel import OnlineCostModel, default_prior
+from orbitflow_ray.costmodel import OnlineCostModel
+from orbitflow_ray.costmodel.prior import engine_prior
 from orbitflow_ray.detokenizer import IncrementalDetokenizer, first_stop
 from orbitflow_ray.device_tier import DeviceTier, auto_device_kv_bytes, size_device_tier
 from orbitflow_ray.executor.tp import make_tp_executor
@@ -56,8 +57,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         spec = load_spec(config.model)  # fails fast on an unknown model, before loading weights
-        self.cost = OnlineCostModel(default_prior(spec.num_layers, config.link_bandwidth_bytes_per_s,
-                                                  config.backend))
+        device_name = torch.cuda.get_device_name() if config.backend == "cuda" and torch.cuda.is_available() else None
+        self.cost = OnlineCostModel(engine_prior(spec, config.backend, config.link_bandwidth_bytes_per_s,
+                                                 _DTYPES[config.dtype].itemsize, config.tensor_parallel_size,
+                                                 device_name))
         self.policy = policy_from_config(config, spec.num_layers, self.cost)
         self.transfer = None  # set by _build; close() releases what was made, shard actors included
         try:

@@ -17,7 +17,8 @@ import torch
 
 from orbitflow_kernels import gather_kv, make_transfer_engine
 from orbitflow_ray.config import EngineConfig
-from orbitflow_ray.costmodel import OnlineCostModel, default_prior
+from orbitflow_ray.costmodel import OnlineCostModel
+from orbitflow_ray.costmodel.prior import engine_prior
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.kv.store import KVStore
 from orbitflow_ray.kv.tier_manager import KVTierManager
@@ -121,8 +122,7 @@ class ProbeEngine:
         self.clock = 0.0
         block_bytes = spec.kv_bytes_per_token_per_layer(4) * config.block_size
         dev, host = config.device_kv_bytes // block_bytes, config.host_kv_bytes // block_bytes
-        self.cost = OnlineCostModel(default_prior(spec.num_layers, config.link_bandwidth_bytes_per_s,
-                                                  config.backend))
+        self.cost = OnlineCostModel(engine_prior(spec, config.backend, config.link_bandwidth_bytes_per_s, 4))
         self.policy = policy_from_config(config, spec.num_layers, self.cost)
         self.kv = KVTierManager(spec.num_layers, config.block_size, block_bytes, dev, host)
         self.scheduler = Scheduler(config, self.kv, self.policy, frozenset(), spec.max_position_embeddings,

@@ -300,6 +300,59 @@ def test_online_fit_keeps_only_the_last_window_of_samples():
     assert (m.compute_a_s, m.compute_b_s_per_token, m.compute_p_s_per_token) == pytest.approx((1e-3, 2e-7, 1e-5), rel=1e-6)
 
 
+def test_online_fit_learns_what_copies_cost_in_compute_and_keeps_it_through_steps_on_device():
+    # The CPU backend: each copied byte costs 2 ns of compute; the prior says 0.1 ns (a prior that
+    # prices copies: the per-byte cost is fitted). Steps on device and offloaded steps (stall
+    # measured, 0 here) interleave: the fit recovers (a, b, p) and the per-byte cost. Then a
+    # window's worth of steps on device copies nothing: the per-byte cost is kept, not forgotten,
+    # and (a, b, p) stay exact with it taken off.
+    truth = CostModel(4, compute_a_s=2e-3, compute_b_s_per_token=5e-7, compute_p_s_per_token=3e-5,
+                      link_bytes_per_s=1e9, copy_compute_s_per_byte=2e-9)
+    prior = CostModel(4, 1e-3, 0.0, 0.0, 10e9, copy_compute_s_per_byte=1e-10)
+    online = OnlineCostModel(prior, window=32, min_samples=8)
+    assert online.fits_copy_compute and not OnlineCostModel(replace(prior, copy_compute_s_per_byte=0.0)).fits_copy_compute
+    rng = random.Random(3)
+    for _ in range(32):
+        ctx, new = rng.randint(100, 20_000), rng.randint(1, 300)
+        online.observe(StepSample(truth.compute_step_s(ctx, new), ctx, new, stall_s=0.0))
+        h2d, d2h = rng.randint(1 << 20, 1 << 24), rng.randint(0, 1 << 16)
+        wall = truth.compute_step_s(ctx, new) + (h2d + d2h) * truth.copy_compute_s_per_byte
+        online.observe(StepSample(wall, ctx, new, h2d, truth.transfer_s(h2d), 0.0, d2h))
+    m = online.model
+    assert m.copy_compute_s_per_byte == pytest.approx(2e-9, rel=1e-6)
+    assert (m.compute_a_s, m.compute_b_s_per_token, m.compute_p_s_per_token) == pytest.approx((2e-3, 5e-7, 3e-5), rel=1e-6)
+    for _ in range(32):
+        ctx, new = rng.randint(100, 20_000), rng.randint(1, 300)
+        online.observe(StepSample(truth.compute_step_s(ctx, new), ctx, new, stall_s=0.0))
+    assert online.model.copy_compute_s_per_byte == pytest.approx(2e-9, rel=1e-6)  # kept: the window holds no copy now
+    assert (online.model.compute_a_s, online.model.compute_b_s_per_token) == pytest.approx((2e-3, 5e-7), rel=1e-6)
+
+
+def test_online_fit_keeps_the_prior_where_the_window_cannot_tell_coefficients_apart():
+    # One request decoding alone: every step computes one new token (a and p cannot be told apart:
+    # only a + p is learnt) over a context that moves by 1 token a step from 880 (b cannot be told
+    # from a at that range), with noise; nothing is copied yet. The prior is the truth's, the
+    # machine 1.5x slower than it: the fit must learn the step (a + p + b * ctx within 2 %) and price
+    # the step it has not seen, two requests at twice the context with copies, at 1.5x the prior's
+    # compute within 5 % (the slowdown applied to every term), the copies at the prior's rate (the
+    # window copied nothing).
+    L = 30
+    prior = CostModel(L, compute_a_s=1.3e-3, compute_b_s_per_token=3.6e-7, compute_p_s_per_token=3e-4,
+                      link_bytes_per_s=8e9, copy_compute_s_per_byte=5e-10)
+    online = OnlineCostModel(prior)
+    rng = random.Random(4)
+    for i in range(40):
+        ctx = 880 + i
+        online.observe(StepSample(1.5 * prior.compute_step_s(ctx, 1) * rng.uniform(0.9, 1.1), ctx, 1))
+    m = online.model
+    assert m.compute_step_s(900, 1) == pytest.approx(1.5 * prior.compute_step_s(900, 1), rel=0.02)
+    assert m.compute_step_s(1800, 2) == pytest.approx(1.5 * prior.compute_step_s(1800, 2), rel=0.05)
+    assert m.copy_compute_s_per_byte == prior.copy_compute_s_per_byte
+    # The nnls fit this replaced (no prior) put the whole step into a or p and priced the second
+    # request's context at 0: check the test would tell them apart.
+    assert prior.compute_step_s(1800, 2) / prior.compute_step_s(900, 1) > 1.2
+
+
 def test_cost_model_validates():
     with pytest.raises(ValueError):
         CostModel(0, 1e-3, 0, 0, 1e9)
@@ -324,6 +377,19 @@ def test_engine_step_time_issues_the_union_of_host_layers_in_order():
     tailed = replace(inputs, step_tail_s=2.0)
     assert engine_step_time(tailed, [7, 7], 1) == pytest.approx(9.75)
     assert engine_step_time(tailed, [8, 8], 1) == pytest.approx(8.0)  # all on device: compute alone
+
+
+def test_engine_step_time_adds_what_the_copies_cost_in_compute():
+    # L = 8, blocks of 4 tokens, 2 bytes a token and layer. a (10 tokens: 3 blocks) at d = 1 keeps
+    # layers 1, 3, 5, 7 on host: 4 x 12 tokens x 2 bytes copied in, 4 x 4 x 2 written back = 128 bytes.
+    reqs = (PlanRequest("a", 10, 10, 20.0),)
+    inputs = PlanInputs(reqs, 8, 2, 1000, 1e9, 1e-3, 0.0, block_size=4)
+    base = engine_step_time(inputs, [1], 1)
+    priced = replace(inputs, copy_compute_s_per_byte=1e-6)
+    assert engine_step_time(priced, [1], 1) == pytest.approx(base + 128e-6)
+    assert engine_step_time(priced, [8], 1) == engine_step_time(inputs, [8], 1)  # all on device: no copies
+    with pytest.raises(ValueError, match="copy_compute_s_per_byte"):
+        replace(inputs, copy_compute_s_per_byte=-1.0)
 
 
 def test_orbitflow_judges_plans_at_the_engine_step_and_its_ablation_at_the_edf_one():

@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.metrics.slo import TBT_QUANTILE
 from orbitflow_ray.planner.deposit import bank_target
-from orbitflow_ray.planner.problem import (ALL_HOST, PlanInputs, PlanRequest, late_requests,
+from orbitflow_ray.planner.problem import (ALL_HOST, PlanInputs, PlanRequest, copy_compute_s, late_requests,
                                            placement_for_distance, step_time)
 
 if TYPE_CHECKING:
@@ -223,7 +223,7 @@ def batch_plan_inputs(views: Sequence[RequestView], cap: CapacityView, num_layer
                                 max(0.1 * slo, slo - others / max(tokens, 1)), v.deposit_tokens if deposit else 0))
     return PlanInputs(tuple(reqs), num_layers, cap.block_bytes // cap.block_size, cap.device_total_blocks * cap.block_bytes,
                       cost.model.link_bytes_per_s, a, b, distances, windows, cap.block_size,
-                      cost.model.step_tail_s)
+                      cost.model.step_tail_s, cost.model.copy_compute_s_per_byte)
 
 
 def fits_device_for_life(views: Sequence[RequestView], cap: CapacityView) -> bool:
@@ -424,6 +424,7 @@ def _distance_for_host_layers(n_host: int, num_layers: int) -> int:
 
 def predicted_late(inputs: PlanInputs, placements: Sequence[Sequence[Tier]], window: int) -> set[str]:
     """Requests of `inputs` (in order, each at its placement) whose per-token SLO is under the
-    modelled decode step (`problem.step_time`) at this window's effective SLOs."""
+    modelled decode step (`problem.step_time`, plus what its copies cost in compute:
+    `problem.copy_compute_s`) at this window's effective SLOs."""
     ds = [distance_like(p, inputs.num_layers) for p in placements]
-    return late_requests(inputs, step_time(inputs, ds), window)
+    return late_requests(inputs, step_time(inputs, ds) + copy_compute_s(inputs, ds), window)

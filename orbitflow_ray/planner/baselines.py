@@ -142,7 +142,8 @@ class SelectN(BatchUniformPolicy):
                                  v.slo_s or self.default_slo_s) for v in views)
         return PlanInputs(reqs, self.num_layers, cap.block_bytes // cap.block_size,
                           cap.device_total_blocks * cap.block_bytes, self.cost.model.link_bytes_per_s,
-                          a, b, self.distances, block_size=cap.block_size)
+                          a, b, self.distances, block_size=cap.block_size,
+                          copy_compute_s_per_byte=self.cost.model.copy_compute_s_per_byte)
 
     def choose(self, views: list[RequestView], cap: CapacityView) -> list[Tier] | None:
         fitting = {d: tiers for d in self.distances

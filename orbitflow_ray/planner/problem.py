@@ -144,9 +144,14 @@ class PlanInputs:
     # Of the step's L * compute, the seconds after the last layer (LM head, sampling) that no copy
     # overlaps (`CostModel.step_tail_s`); only `engine_step_time` reads it. 0: unknown.
     step_tail_s: float = 0.0
+    # Compute seconds each byte the step copies adds to it (`CostModel.copy_compute_s_per_byte`: 0
+    # on a GPU); only `engine_step_time` reads it.
+    copy_compute_s_per_byte: float = 0.0
 
     def __post_init__(self) -> None:
         L = self.num_layers
+        if not self.copy_compute_s_per_byte >= 0:
+            raise ValueError(f"copy_compute_s_per_byte must be >= 0, got {self.copy_compute_s_per_byte}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if not self.step_tail_s >= 0:
@@ -354,21 +359,45 @@ def engine_step_time(inputs: PlanInputs, distances: Sequence[int], prefetch_dept
     later than its own window. Equal to `step_time` when every request has one distance (up to the
     write-backs and blocks), up to a quarter above it in batches that mix them. The link is taken
     idle at the top of the step. `window` > 0: the step at that window's end instead, every request
-    `growth(window)` tokens longer (its compute too). The per-layer loop is compiled
-    (`linkjit.engine_step`); the bytes per layer are exact integer sums."""
+    `growth(window)` tokens longer (its compute too). Where copies cost compute
+    (`PlanInputs.copy_compute_s_per_byte` > 0: the CPU backend), the step's bytes in and out add
+    that much compute after the layer loop, as `sim/executor.py` charges it. The per-layer loop is
+    compiled (`linkjit.engine_step`); the bytes per layer are exact integer sums."""
+    L = inputs.num_layers
+    tokens, loads, backs = _step_bytes(inputs, distances, window)
+    c_full = inputs.compute_a_s + inputs.compute_b_s_per_token * int(tokens.sum())
+    order = np.flatnonzero(backs)
+    limits = _issue_limits(tuple(order.tolist()), L, prefetch_depth)
+    tail = min(inputs.step_tail_s, L * c_full)
+    T = float(engine_step(loads, backs, limits, order, c_full - tail / L, inputs.link_bytes_per_s, tail))
+    if inputs.copy_compute_s_per_byte:  # the copies' own compute, on the compute's critical path
+        T += inputs.copy_compute_s_per_byte * int(loads.sum() + backs.sum())
+    return T
+
+
+def _step_bytes(inputs: PlanInputs, distances: Sequence[int], window: int = 0
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens of each request [R], bytes copied in per layer [L], bytes written back per layer [L])
+    of a step at these distances, as the engine copies them (whole blocks; a block per request
+    written back); at `window` > 0, the step at that window's end."""
     L, kvb, bs = inputs.num_layers, inputs.kv_bytes_per_token_per_layer, inputs.block_size
     ctx, left = _request_arrays(inputs)[:2]
     tokens = ctx + np.minimum(left, window) if window else ctx
-    c_full = inputs.compute_a_s + inputs.compute_b_s_per_token * int(tokens.sum())
     classes, which = np.unique(np.minimum(np.asarray(distances, dtype=np.int64), L), return_inverse=True)
     member = (which[None, :] == np.arange(len(classes))[:, None]).astype(np.int64)  # [classes, R]
     on_host = _host_mask(L, tuple(classes.tolist()))  # [classes, L]
     loads = (member @ (-(-tokens // bs) * bs * kvb)) @ on_host  # bytes copied in per layer
     backs = member.sum(1) @ on_host * (bs * kvb)  # written back per layer: a block per request
-    order = np.flatnonzero(backs)
-    limits = _issue_limits(tuple(order.tolist()), L, prefetch_depth)
-    tail = min(inputs.step_tail_s, L * c_full)
-    return float(engine_step(loads, backs, limits, order, c_full - tail / L, inputs.link_bytes_per_s, tail))
+    return tokens, loads, backs
+
+
+def copy_compute_s(inputs: PlanInputs, distances: Sequence[int]) -> float:
+    """The compute a step's copies cost at these distances (`PlanInputs.copy_compute_s_per_byte`
+    times its bytes in and out; 0 on a GPU)."""
+    if not inputs.copy_compute_s_per_byte:
+        return 0.0
+    _, loads, backs = _step_bytes(inputs, distances)
+    return inputs.copy_compute_s_per_byte * int(loads.sum() + backs.sum())
 
 
 @functools.lru_cache(maxsize=1024)

@@ -72,5 +72,5 @@ class StepLoop:
         result = self.executor.execute(out)
         now = self.advance(result.wall_s)
         feed_back(out, result.wall_s, now, self.cost, self.policy, result.h2d_bytes, result.h2d_busy_s,
-                  result.stall_s)
+                  result.stall_s, result.d2h_bytes)
         return Step(out, result, self.scheduler.update_from_output(out, result.sampled, now), now)

@@ -173,4 +173,5 @@ class Roofline:
         tail = self.head_time_s(S, S)
         a = decode(C0, S) + tail / self.model.num_layers - b * C0 - p * S
         return CostModel(self.model.num_layers, compute_a_s=max(a, 1e-9), compute_b_s_per_token=b,
-                         compute_p_s_per_token=p, link_bytes_per_s=self.gpu.link_bytes_per_s, step_tail_s=tail)
+                         compute_p_s_per_token=p, link_bytes_per_s=self.gpu.link_bytes_per_s, step_tail_s=tail,
+                         copy_compute_s_per_byte=self.gpu.copy_compute_s_per_byte)
