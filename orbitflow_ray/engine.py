@@ -57,6 +57,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         spec = load_spec(config.model)  # fails fast on an unknown model, before loading weights
+        check_tp(spec, config.tensor_parallel_size)  # before the prior's roofline splits the model too
         device_name = torch.cuda.get_device_name() if config.backend == "cuda" and torch.cuda.is_available() else None
         self.cost = OnlineCostModel(engine_prior(spec, config.backend, config.link_bandwidth_bytes_per_s,
                                                  _DTYPES[config.dtype].itemsize, config.tensor_parallel_size,
@@ -70,8 +71,7 @@ class LLMEngine:
             raise
 
     def _build(self, config: EngineConfig, spec: ModelSpec, dtype: torch.dtype) -> None:
-        tp = config.tensor_parallel_size
-        check_tp(spec, tp)
+        tp = config.tensor_parallel_size  # checked in __init__ (check_tp)
         # Byte budgets and blocks are per shard: a block holds one shard's KV heads (all of them at TP 1).
         self.block_bytes = tp_kv_bytes(spec, tp, dtype.itemsize) * config.block_size
         host_blocks = config.host_kv_bytes // self.block_bytes
