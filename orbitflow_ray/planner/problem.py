@@ -145,7 +145,7 @@ class PlanInputs:
     # overlaps (`CostModel.step_tail_s`); only `engine_step_time` reads it. 0: unknown.
     step_tail_s: float = 0.0
     # Compute seconds each byte the step copies adds to it (`CostModel.copy_compute_s_per_byte`: 0
-    # on a GPU); only `engine_step_time` reads it.
+    # on a GPU); `engine_step_time` and `copy_compute_s` (the `slo` admission's) read it.
     copy_compute_s_per_byte: float = 0.0
 
     def __post_init__(self) -> None:
