@@ -76,14 +76,21 @@ def test_concatenated_projections_equal_the_separate_ones(model, pack):
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])  # tied and untied LM head
-def test_weight_bytes_are_the_loaded_ones_with_a_tied_head_once(model):
+@pytest.mark.parametrize("pack", [False, True])
+def test_weight_bytes_are_the_held_ones_a_tied_heads_packed_copy_included(model, pack):
     loaded = load_model(model)
-    model = LlamaModel(loaded.spec, loaded.weights, torch.device("cpu"))
+    model = LlamaModel(loaded.spec, loaded.weights, torch.device("cpu"), pack_weights=pack)
     unique = {w.data_ptr(): w.numel() * w.element_size() for w in loaded.weights.values()}
-    assert model.weight_bytes() == sum(unique.values())
-    # A tied head stays the embedding tensor (unpacked); an untied one is packed like the layers.
-    assert (model.lm_head.weight is model.embed) == loaded.spec.tie_word_embeddings
-    assert model.lm_head.packed == (can_pack(model.embed) and not loaded.spec.tie_word_embeddings)
+    packed = pack and can_pack(model.embed)
+    # Every head is packed where the layers are; a tied one's packed copy is a second copy of the
+    # embedding (which the lookup still reads), an untied one's replaces the loaded weight.
+    assert model.lm_head.packed == packed
+    assert (model.lm_head.weight is model.embed) == (loaded.spec.tie_word_embeddings and not packed)
+    copy = model.embed.numel() * model.embed.element_size() if packed and loaded.spec.tie_word_embeddings else 0
+    assert model.weight_bytes() == sum(unique.values()) + copy
+    hidden = torch.randn(5, model.embed.shape[1], generator=torch.Generator().manual_seed(0))
+    head = model.embed if loaded.spec.tie_word_embeddings else loaded.weights["lm_head.weight"]
+    torch.testing.assert_close(model.logits(hidden), F.linear(hidden, head), rtol=1e-5, atol=1e-5)
 
 
 def _qkv_views(n, h, hkv, d, gen):

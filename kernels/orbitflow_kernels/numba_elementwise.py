@@ -28,17 +28,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from orbitflow_kernels.numba_kernel import run, use_torch_threads  # sizes Numba's pool before its import here
+from orbitflow_kernels.numba_kernel import _exp_neg, run, use_torch_threads  # sizes Numba's pool before its import here
 
-from llvmlite import ir  # noqa: E402
-from numba import njit, prange, types  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 PARALLEL_MIN_ELEMS = 1 << 15  # elements of a call's output from which rows are split over threads
 
 _F0, _F1 = np.float32(0.0), np.float32(1.0)
-_LOG2E, _LN2 = np.float32(1.4426950408889634), np.float32(0.6931471805599453)
-_EXP_MAX = np.float32(126.0)  # |t| bound in exp(x) = 2^t: 2^k stays a normal float32
 
 
 @njit(inline="always", nogil=True)
@@ -90,31 +86,6 @@ def _rope(q, k, cos, sin, q_out, k_out, parallel):  # pragma: no cover - compile
     else:
         for r in range(q.shape[0]):
             _rope_row(q, k, cos, sin, q_out, k_out, r)
-
-
-@intrinsic
-def _f32_from_bits(typingctx, bits):  # pragma: no cover - compiled
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
-
-
-@njit(inline="always", nogil=True)
-def _exp_neg(g):  # pragma: no cover - compiled
-    # exp(-g) = 2^k * 2^f with t = -g log2(e) = k + f, k an integer, |f| <= 1/2: 2^k from the exponent
-    # bits, 2^f = exp(f ln 2) a degree-7 Taylor polynomial (truncation < 6e-9, under float32's ulp).
-    t = min(max(-g * _LOG2E, -_EXP_MAX), _EXP_MAX)
-    k = np.floor(t + np.float32(0.5))
-    f = (t - k) * _LN2
-    p = np.float32(1.0 / 5040.0)
-    p = p * f + np.float32(1.0 / 720.0)
-    p = p * f + np.float32(1.0 / 120.0)
-    p = p * f + np.float32(1.0 / 24.0)
-    p = p * f + np.float32(1.0 / 6.0)
-    p = p * f + np.float32(0.5)
-    p = p * f + _F1
-    p = p * f + _F1
-    return p * _f32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
 
 
 @njit(inline="always", nogil=True)

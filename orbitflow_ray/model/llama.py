@@ -111,14 +111,20 @@ class LlamaModel:
         self.embed = w["embed_tokens.weight"]
         self.norm = w["norm.weight"]
         head = w.get("lm_head.weight", self.embed) if not spec.tie_word_embeddings else self.embed
-        # A tied head stays the embedding's tensor (a packed copy would hold its bytes twice).
-        self.lm_head = Linear(head, pack=pack_weights and head is not self.embed)
+        # A tied head is packed too, a second copy of the embedding's bytes beside the one the
+        # embedding lookup reads (SmolLM2-135M: 113 MB): a decode step's LM head at 16 rows took 22 ms
+        # on MKL against 5.5 ms packed on the project's 2-core box (bench/README.md), 1 s of a
+        # 16 x 1,000 / 64 run. `weight_bytes` counts the copy.
+        self.lm_head = Linear(head, pack=pack_weights)
+        if self.lm_head.packed and head is self.embed:
+            self._weight_bytes += head.numel() * head.element_size()
         self.layers = [LlamaLayer(w, i, pack_weights) for i in range(spec.num_layers)]
         self.rope = RotaryEmbedding(spec, device=device)
         self.fuse_elementwise = fuse_elementwise
 
     def weight_bytes(self) -> int:
-        """Bytes of this model's (or shard's) weights as loaded, a tied LM head counted once."""
+        """Bytes of this model's (or shard's) weights as held: as loaded, a tied LM head once, plus
+        its packed copy where `Linear` packs it (CPU float32)."""
         return self._weight_bytes
 
     @torch.inference_mode()
