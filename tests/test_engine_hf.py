@@ -2,7 +2,7 @@
 placement: per policy, for mixed-length batches, under swapping, and when placements change
 mid-generation. Uses the real default model, SmolLM2-135M-Instruct.
 
-Decode attention is one batched paged call (online softmax), not transformers' SDPA, so a
+Decode attention is one batched paged call (its own sum order and exp), not transformers' SDPA, so a
 near-tie may flip: compared with HF, outputs are accepted as vLLM's `check_logprobs_close` accepts
 them (identical, or at the first divergence each side's token is in the other's top-5
 log-probabilities, and comparison stops there); each test prints how many flips it saw."""

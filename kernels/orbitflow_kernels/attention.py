@@ -2,13 +2,14 @@
 
 Each sequence has one query (its newest token, whose K/V is already written to the pool) and
 attends over its first `seq_lens[r]` keys, found through its block-table row. Both
-implementations run the same algorithm, flash-decoding: the keys are cut into tiles of blocks,
-each tile's scores are reduced with a running max and sum (online softmax, fp32), and partial
-results are merged, so no sequence's KV is ever copied into a contiguous buffer:
+implementations compute the same softmax-weighted sum in fp32 and never copy a sequence's KV into
+a contiguous buffer; torch and triton run flash-decoding (the keys cut into tiles of blocks, each
+tile's scores reduced with a running max and sum, the partial results merged), numba two passes
+over the row (every score, one softmax, then the values):
   * "torch" (CPU and CUDA): a loop over tiles of `tile_blocks` blocks; each tile indexes the pool
     for every sequence at once ([R, tile, 2, Hkv, bs, D], bounded whatever the context length);
   * "numba" (CPU, fp32 pools): one compiled task per (sequence, KV head) walking its blocks in
-    place, all query heads of the KV head together (GQA), as vLLM's CPU kernel does.
+    place twice, all query heads of the KV head together (GQA), as vLLM's CPU kernel splits it.
     `numba_kernel.py` holds it; the fastest on the CPU (about 10x the torch loop at 16 x 1K tokens);
   * "triton" (CUDA): one program per (sequence, KV head, split of the blocks), looping over its
     blocks one at a time, all query heads of the KV head together (GQA); the splits' partial
