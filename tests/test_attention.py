@@ -105,6 +105,28 @@ def test_numba_refuses_a_block_id_outside_the_pool():
         paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="numba")
 
 
+def test_numba_paged_decode_matches_sdpa_over_long_rows_and_wide_scores():
+    """2,000-key rows whose scores spread over about +-90 (q scaled up): the one softmax over the row
+    and its polynomial exp (`numba_kernel._exp_neg`, clamped at 2^-126 far below the row's max)
+    stay within fp32 rounding of SDPA's."""
+    gen = torch.Generator().manual_seed(7)
+    lens = torch.tensor([2000, 1999, 17, 1])
+    width = -(-2000 // BS)
+    pool = torch.randn(len(lens) * width, 2, HKV, BS, D, generator=gen)
+    table = torch.randperm(len(lens) * width, generator=gen).view(len(lens), width).contiguous()
+    q = torch.randn(len(lens), HKV * G, D, generator=gen) * 20  # scores: std ~17
+    rows = torch.arange(len(lens))
+    got = paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="numba")
+    torch.testing.assert_close(got, _reference(q, pool, table, lens, rows, 0.3), rtol=1e-4, atol=1e-5)
+
+
+def test_numba_refuses_a_sequence_with_no_key():
+    q, pool, table, lens, rows = _case(torch.float32)
+    lens[3] = 0
+    with pytest.raises(ValueError, match="at least its own key"):
+        paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="numba")
+
+
 def test_auto_takes_numba_on_a_cpu_pool_of_its_dtypes_and_refuses_it_for_bf16():
     q, pool, table, lens, rows = _case(torch.float32)
     assert torch.equal(paged_decode_attention(q, pool, table, lens, 0.3, rows),
