@@ -112,19 +112,19 @@ class LlamaModel:
         self.norm = w["norm.weight"]
         head = w.get("lm_head.weight", self.embed) if not spec.tie_word_embeddings else self.embed
         # A tied head is packed too, a second copy of the embedding's bytes beside the one the
-        # embedding lookup reads (SmolLM2-135M: 113 MB): a decode step's LM head at 16 rows took 22 ms
-        # on MKL against 5.5 ms packed on the project's 2-core box (bench/README.md), 1 s of a
-        # 16 x 1,000 / 64 run. `weight_bytes` counts the copy.
+        # embedding lookup reads (SmolLM2-135M: 113 MB of host memory): a decode step's LM head at 16
+        # rows took 22 ms on MKL against 5.5 ms packed on the project's 2-core box (bench/README.md),
+        # 1 s of a 16 x 1,000 / 64 run. Only the CPU packs, so a GPU holds `weight_bytes` alone.
         self.lm_head = Linear(head, pack=pack_weights)
-        if self.lm_head.packed and head is self.embed:
-            self._weight_bytes += head.numel() * head.element_size()
+        self.packed_copy_bytes = head.numel() * head.element_size() if self.lm_head.packed and head is self.embed else 0
         self.layers = [LlamaLayer(w, i, pack_weights) for i in range(spec.num_layers)]
         self.rope = RotaryEmbedding(spec, device=device)
         self.fuse_elementwise = fuse_elementwise
 
     def weight_bytes(self) -> int:
-        """Bytes of this model's (or shard's) weights as held: as loaded, a tied LM head once, plus
-        its packed copy where `Linear` packs it (CPU float32)."""
+        """Bytes of this model's (or shard's) weights as loaded, a tied LM head counted once: what a
+        GPU holds (the simulator's `Roofline.weight_bytes_per_gpu`). On the CPU a tied head's packed
+        copy holds `packed_copy_bytes` more."""
         return self._weight_bytes
 
     @torch.inference_mode()
