@@ -39,6 +39,30 @@ def test_datasheet_ordering():
     assert load_gpu("h100-80gb-pcie").interconnect_bytes_per_s < h100.interconnect_bytes_per_s
 
 
+def test_a_fitted_efficiency_above_one_raises_the_peak_and_predicts_the_same_steps():
+    """calibrate's fit may find a machine faster than the base spec's peaks (efficiency > 1); the spec
+    it writes moves the excess into peak_flops / hbm_bytes_per_s, so every rate the roofline reads
+    (peak x efficiency) is the fitted one and the spec still validates."""
+    from orbitflow_ray.sim.calibrate import _with_factors
+    base = load_gpu("cpu-2core")
+    factors = {"compute_efficiency": 1.63, "memory_efficiency": 0.9, "kv_read_efficiency": 2.0,
+               "per_step_overhead_s": 1e-3, "per_layer_overhead_s": 5e-5, "per_seq_layer_overhead_s": 3e-5,
+               "copy_compute_s_per_byte": 4e-10}
+    gpu = _with_factors(base, factors)
+    assert gpu.flops == pytest.approx(base.peak_flops * 1.63)
+    assert gpu.memory_bytes_per_s == pytest.approx(base.hbm_bytes_per_s * 0.9)
+    assert gpu.hbm_bytes_per_s * gpu.kv_read_efficiency == pytest.approx(base.hbm_bytes_per_s * 2.0)
+    assert gpu.compute_efficiency == 1.0 and gpu.kv_read_efficiency == 1.0 and gpu.memory_efficiency == pytest.approx(0.45)
+    within = _with_factors(base, {**factors, "compute_efficiency": 0.5, "kv_read_efficiency": 0.3})
+    assert (within.peak_flops, within.hbm_bytes_per_s) == (base.peak_flops, base.hbm_bytes_per_s)
+    spec = load_model_spec("smollm2-135m")
+    stretched = Roofline(spec, base.replace(peak_flops=base.peak_flops * 1.63, hbm_bytes_per_s=base.hbm_bytes_per_s * 2,
+                                            compute_efficiency=1.0, memory_efficiency=0.45, kv_read_efficiency=1.0,
+                                            per_step_overhead_s=1e-3, per_layer_overhead_s=5e-5,
+                                            per_seq_layer_overhead_s=3e-5, copy_compute_s_per_byte=4e-10), 1, 4)
+    assert Roofline(spec, gpu, 1, 4).step_compute_s(4000, 8, 8, 8) == pytest.approx(stretched.step_compute_s(4000, 8, 8, 8))
+
+
 def test_replace_returns_a_validated_calibrated_copy():
     g = load_gpu("a100-80gb")
     c = g.replace(memory_efficiency=0.9, per_layer_overhead_s=0.0)
