@@ -105,26 +105,36 @@ def test_numba_refuses_a_block_id_outside_the_pool():
         paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="numba")
 
 
-def test_numba_paged_decode_matches_sdpa_over_long_rows_and_wide_scores():
-    """2,000-key rows whose scores spread over about +-90 (q scaled up): the one softmax over the row
-    and its polynomial exp (`numba_kernel._exp_neg`, clamped at 2^-126 far below the row's max)
-    stay within fp32 rounding of SDPA's."""
+@pytest.mark.parametrize("q_scale, tol", [(1.0, 1e-5), (20.0, 1e-4)])
+def test_numba_paged_decode_over_long_rows_matches_sdpa_and_is_batch_invariant(q_scale, tol):
+    """Rows of up to 2,000 keys: with plain queries the softmax spreads over thousands of keys (its
+    sum and normalisation matter); with queries scaled by 20 the scores spread over about +-90 and
+    the polynomial exp (`numba_kernel._exp_neg`) runs far from the row's max, where it saturates at
+    2^-126. Both close to SDPA, and each sequence alone gives its batch row's bits."""
     gen = torch.Generator().manual_seed(7)
     lens = torch.tensor([2000, 1999, 17, 1])
     width = -(-2000 // BS)
     pool = torch.randn(len(lens) * width, 2, HKV, BS, D, generator=gen)
     table = torch.randperm(len(lens) * width, generator=gen).view(len(lens), width).contiguous()
-    q = torch.randn(len(lens), HKV * G, D, generator=gen) * 20  # scores: std ~17
+    q = torch.randn(len(lens), HKV * G, D, generator=gen) * q_scale
     rows = torch.arange(len(lens))
     got = paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="numba")
-    torch.testing.assert_close(got, _reference(q, pool, table, lens, rows, 0.3), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, _reference(q, pool, table, lens, rows, 0.3), rtol=tol, atol=tol)
+    for r in range(len(lens)):
+        alone = paged_decode_attention(q[r:r + 1], pool, table, lens[r:r + 1], 0.3, rows[r:r + 1], impl="numba")
+        assert torch.equal(alone[0], got[r]), r
 
 
-def test_numba_refuses_a_sequence_with_no_key():
+def test_numba_refuses_lengths_and_rows_the_table_cannot_hold():
     q, pool, table, lens, rows = _case(torch.float32)
-    lens[3] = 0
     with pytest.raises(ValueError, match="at least its own key"):
-        paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="numba")
+        paged_decode_attention(q, pool, table, lens.clone().fill_(0), 0.3, rows, impl="numba")
+    longer = lens.clone()
+    longer[1] = table.shape[1] * BS + 1
+    with pytest.raises(ValueError, match="more blocks than the table's 16 columns"):
+        paged_decode_attention(q, pool, table, longer, 0.3, rows, impl="numba")
+    with pytest.raises(ValueError, match="outside the block table's 7"):
+        paged_decode_attention(q, pool, table, lens, 0.3, rows + 3, impl="numba")
 
 
 def test_auto_takes_numba_on_a_cpu_pool_of_its_dtypes_and_refuses_it_for_bf16():

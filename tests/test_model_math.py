@@ -93,6 +93,19 @@ def test_weight_bytes_are_the_loaded_ones_and_a_tied_heads_packed_copy_is_counte
     torch.testing.assert_close(model.logits(hidden), F.linear(hidden, head), rtol=1e-5, atol=1e-5)
 
 
+def test_only_the_shard_that_computes_logits_packs_a_tied_head():
+    from orbitflow_ray.model.tp import TPShard, shard_weights
+    loaded = load_model("tiny-llama")  # tied head
+    assert loaded.spec.tie_word_embeddings
+    heads = []
+    for rank in range(2):
+        shard = TPShard(loaded.spec, size=2, rank=rank)
+        m = LlamaModel(loaded.spec, shard_weights(loaded.weights, shard), torch.device("cpu"), shard=shard,
+                       all_reduce=lambda t: None)
+        heads.append((m.lm_head.packed, m.packed_copy_bytes > 0))
+    assert heads == [(can_pack(loaded.weights["embed_tokens.weight"]),) * 2, (False, False)]
+
+
 def _qkv_views(n, h, hkv, d, gen):
     """q [n, h, d] and k [n, hkv, d] as strided views of one qkv GEMM-like output, as the model has them."""
     qkv = torch.randn(n, (h + 2 * hkv) * d, generator=gen) * 2

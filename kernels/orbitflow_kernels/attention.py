@@ -1,7 +1,7 @@
 """Decode attention over a paged KV pool, read in place: one call for a whole batch of sequences.
 
 Each sequence has one query (its newest token, whose K/V is already written to the pool) and
-attends over its first `seq_lens[r]` keys, found through its block-table row. Both
+attends over its first `seq_lens[r]` keys, found through its block-table row. All three
 implementations compute the same softmax-weighted sum in fp32 and never copy a sequence's KV into
 a contiguous buffer; torch and triton run flash-decoding (the keys cut into tiles of blocks, each
 tile's scores reduced with a running max and sum, the partial results merged), numba two passes

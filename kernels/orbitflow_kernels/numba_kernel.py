@@ -6,9 +6,11 @@ block-table row twice: first scoring every key (fp32 dot products), then, after 
 the whole row, summing the values by those weights. The scores of one task ([G, context] floats)
 sit in a scratch row; the two passes replace an online softmax that rescaled its running output
 after every 16-token block and called libm's exp per score: 2.1-2.5 ms a layer at 16 x 1,000
-tokens against 1.0-1.7 ms now on the project's 2-core box (bench/README.md). exp is
-`_exp_neg`, a range reduction and a degree-7 polynomial that vectorises (within ~1 ulp of expf).
-Nothing is gathered or padded: the bytes read are the sequence's own KV, each block once a pass.
+tokens against 1.0-1.7 ms now on the Zen 5 box of bench/README.md (stop 36). exp is `_exp_neg`,
+a range reduction and a degree-7 polynomial that vectorises (relative error ~1e-7 near the row's
+max, growing to ~4e-6 for scores 87 below it, where the weight is under 1e-37; a score more than
+~87 below the max weighs 2^-126, not 0). Nothing is gathered or padded: the bytes read are the
+sequence's own KV, once (keys in the first pass, values in the second).
 A task's arithmetic depends only on its own sequence (not on the batch around it, nor on the
 thread count), so a sequence's output has the same bits in any batch, as the pressure-identity
 tests need.
@@ -91,8 +93,12 @@ def _f32_from_bits(typingctx, bits):  # pragma: no cover - compiled
 
 @njit(inline="always", nogil=True)
 def _exp_neg(g):  # pragma: no cover - compiled
-    # exp(-g) = 2^k * 2^f with t = -g log2(e) = k + f, k an integer, |f| <= 1/2: 2^k from the exponent
-    # bits, 2^f = exp(f ln 2) a degree-7 Taylor polynomial (truncation < 6e-9, under float32's ulp).
+    # exp(-g) = 2^k * 2^(t - k) with t = -g log2(e), k the nearest integer (|t - k| <= 1/2): 2^k from
+    # the exponent bits, 2^(t - k) = exp(f), f = (t - k) ln 2, a degree-7 Taylor polynomial
+    # (truncation < 6e-9). Relative error ~1e-7 for g in [0, 1], growing with g (rounding of t): up
+    # to ~5e-7 at 10 and ~4e-6 at 87; above ~87 (and for g = +inf) it saturates at 2^-126, not 0.
+    # Inlined by numba_elementwise's SwiGLU too: Numba's disk cache checks only the caller's own
+    # file, so after editing this function delete orbitflow_kernels/__pycache__/*.nbi and *.nbc.
     t = min(max(-g * _LOG2E, -_EXP_MAX), _EXP_MAX)
     k = np.floor(t + np.float32(0.5))
     f = (t - k) * _LN2
@@ -177,7 +183,12 @@ def paged_decode(q: torch.Tensor, pool: torch.Tensor, table: torch.Tensor, lens:
     r = q.shape[0]
     if r and int(lens.min()) < 1:
         raise ValueError(f"every decode query attends to at least its own key: seq_lens {lens.tolist()}")
+    if r and int(lens.max()) > table.shape[1] * pool.shape[3]:
+        raise ValueError(f"seq_lens up to {int(lens.max())} need more blocks than the table's {table.shape[1]} "
+                         f"columns of {pool.shape[3]} tokens")
     rows = torch.arange(r) if rows is None else rows
+    if r and not 0 <= int(rows.min()) <= int(rows.max()) < table.shape[0]:
+        raise ValueError(f"table rows {rows.tolist()} outside the block table's {table.shape[0]}")
     qf = q.detach().to(torch.float32).contiguous()
     out = torch.empty(qf.shape, dtype=torch.float32)
     use_torch_threads()

@@ -113,9 +113,11 @@ class LlamaModel:
         head = w.get("lm_head.weight", self.embed) if not spec.tie_word_embeddings else self.embed
         # A tied head is packed too, a second copy of the embedding's bytes beside the one the
         # embedding lookup reads (SmolLM2-135M: 113 MB of host memory): a decode step's LM head at 16
-        # rows took 22 ms on MKL against 5.5 ms packed on the project's 2-core box (bench/README.md),
-        # 1 s of a 16 x 1,000 / 64 run. Only the CPU packs, so a GPU holds `weight_bytes` alone.
-        self.lm_head = Linear(head, pack=pack_weights)
+        # rows took 22 ms on MKL against 5.5 ms packed on the Zen 5 box of bench/README.md (stop 36),
+        # 1 s of a 16 x 1,000 / 64 run. Only the CPU packs, so a GPU holds `weight_bytes` alone; and
+        # only a shard that computes logits (rank 0 of a tensor-parallel group) packs its head.
+        logits_here = shard is None or shard.rank == 0
+        self.lm_head = Linear(head, pack=pack_weights and (logits_here or head is not self.embed))
         self.packed_copy_bytes = head.numel() * head.element_size() if self.lm_head.packed and head is self.embed else 0
         self.layers = [LlamaLayer(w, i, pack_weights) for i in range(spec.num_layers)]
         self.rope = RotaryEmbedding(spec, device=device)

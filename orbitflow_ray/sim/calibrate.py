@@ -37,7 +37,7 @@ OFFLOAD_PROBES = ((4, 512), (8, 1536))  # (batch, context) under static-uniform 
 # link and the fit read the wait as copy cost: about 1.6x the factor, and the replay's offloaded TPOT
 # came out 12-37 % high (a CI run failed on it).
 PROBE_LINK_BYTES_PER_S = 8e9
-MAX_PEAK_SCALE = 8.0  # the most a fitted efficiency may exceed 1 (moved into the base's peak)
+MAX_PEAK_SCALE = 8.0  # fitted efficiencies are bounded by this (the excess over 1 moves into the peak)
 PROBE_BATCHES = (1, 4, 8)
 PROBE_CONTEXTS = (128, 512, 1536)
 REPLAY_PROMPT_LENS = (150, 400, 700, 1000, 300, 1200, 90, 600)  # the fidelity trace, tokens
