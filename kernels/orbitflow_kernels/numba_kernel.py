@@ -113,12 +113,17 @@ def _exp_neg(g):  # pragma: no cover - compiled
     return p * _f32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
 
 
+# What a task's `bad` entry says (0: nothing wrong; the caller raises on any other).
+_BAD_BLOCK, _NO_KEY, _OFF_TABLE = 1, 2, 3
+
 
 # fastmath limited to reassociation and FMA contraction (vectorised dot products and sums).
 @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
 def _paged_decode(q, pool, table, rows, lens, scale, out, bad):  # pragma: no cover - compiled
     # q [R, H, D] fp32; pool [NB, 2, Hkv, bs, D]; table [T, W] int64; rows [R]; lens [R]; out [R, H, D];
-    # bad [R * Hkv]: set where a block id is outside the pool (that task reads nothing; the caller raises)
+    # bad [R * Hkv]: set where the task cannot run (that task reads nothing; the caller raises): a
+    # length under 1 (_NO_KEY), a table row or length past the table (_OFF_TABLE), a block id outside
+    # the pool (_BAD_BLOCK). Numba does not bounds-check: these checks are all there is.
     r_n, h_n, d_n = q.shape
     nb, hkv_n, bs = pool.shape[0], pool.shape[2], pool.shape[3]
     g_n = h_n // hkv_n
@@ -128,10 +133,16 @@ def _paged_decode(q, pool, table, rows, lens, scale, out, bad):  # pragma: no co
         row = rows[r]
         n = lens[r]
         n_blocks = (n + bs - 1) // bs
+        if n < 1:
+            bad[task] = _NO_KEY
+            continue
+        if row < 0 or row >= table.shape[0] or n_blocks > table.shape[1]:
+            bad[task] = _OFF_TABLE
+            continue
         for j in range(n_blocks):
             b = table[row, j]
             if b < 0 or b >= nb:
-                bad[task] = 1
+                bad[task] = _BAD_BLOCK
         if bad[task]:
             continue
         qh = np.empty((g_n, d_n), dtype=np.float32)
@@ -181,21 +192,21 @@ def paged_decode(q: torch.Tensor, pool: torch.Tensor, table: torch.Tensor, lens:
                  rows: torch.Tensor | None) -> torch.Tensor:
     """attention.paged_decode_attention's contract on CPU tensors (checked by the caller)."""
     r = q.shape[0]
-    if r and int(lens.min()) < 1:
-        raise ValueError(f"every decode query attends to at least its own key: seq_lens {lens.tolist()}")
-    if r and int(lens.max()) > table.shape[1] * pool.shape[3]:
-        raise ValueError(f"seq_lens up to {int(lens.max())} need more blocks than the table's {table.shape[1]} "
-                         f"columns of {pool.shape[3]} tokens")
     rows = torch.arange(r) if rows is None else rows
-    if r and not 0 <= int(rows.min()) <= int(rows.max()) < table.shape[0]:
-        raise ValueError(f"table rows {rows.tolist()} outside the block table's {table.shape[0]}")
     qf = q.detach().to(torch.float32).contiguous()
     out = torch.empty(qf.shape, dtype=torch.float32)
     use_torch_threads()
     bad = np.zeros(r * pool.shape[2], dtype=np.uint8)
     run(_paged_decode, qf.numpy(), pool.detach().numpy(), table.contiguous().numpy(), rows.contiguous().numpy(),
         lens.contiguous().numpy(), np.float32(scale), out.numpy(), bad)
-    if bad.any():
+    if bad.any():  # checked inside the kernel, which walks each row anyway: no host pass per layer
+        if (bad == _NO_KEY).any():
+            raise ValueError(f"every decode query attends to at least its own key: seq_lens {lens.tolist()}")
+        if (bad == _OFF_TABLE).any():
+            if int(lens.max()) > table.shape[1] * pool.shape[3]:
+                raise ValueError(f"seq_lens up to {int(lens.max())} need more blocks than the table's "
+                                 f"{table.shape[1]} columns of {pool.shape[3]} tokens")
+            raise ValueError(f"table rows {rows.tolist()} outside the block table's {table.shape[0]}")
         seqs = sorted({int(t) // pool.shape[2] for t in np.flatnonzero(bad)})
         raise ValueError(f"block table rows of sequences {seqs} name blocks outside the pool's {pool.shape[0]}")
     return out.to(q.dtype)
