@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from orbitflow_kernels import Direction
-from orbitflow_kernels.attention import chunk_attention_cpu, paged_decode_attention
+from orbitflow_kernels.attention import paged_decode_attention
+from orbitflow_kernels.cpu_prefill import prefill_attention
 
 from orbitflow_ray.kv.plan import SchedulerOutput, StepResult
 from orbitflow_ray.kv.store import KVStore
@@ -34,8 +35,10 @@ class ModelRunner:
         self.scale = s.head_dim ** -0.5
         self._slices: list[tuple[int, int]] = []
         # Batched decode attention over the paged pool (one call per layer and tier group); the
-        # bench swaps in a null one. Prefill chunks attend one SDPA call per seq (see _attend).
+        # bench swaps in a null one. Prefill chunks attend one call per seq (see _attend): on the
+        # CPU the compiled flash loop of `cpu_prefill` ("torch": SDPA, as transformers runs it).
         self.attention = paged_decode_attention
+        self.prefill_impl = "auto"
         # False: decodes too attend one SDPA per seq after a gather (the baseline benches compare to).
         self.batched_decode = True
         # False on tensor-parallel shards other than rank 0: they compute their slice of every
@@ -86,16 +89,15 @@ class ModelRunner:
     def _mask(self, n: int, s: int) -> torch.Tensor | None:
         """The causal mask of n new queries over s keys, built once per step rather than per layer;
         None where SDPA needs none (one query) or takes is_causal (no cached context), and on the
-        CPU, whose chunks after cached context take `chunk_attention_cpu`."""
+        CPU, whose prefill takes `cpu_prefill.prefill_attention`."""
         if not 1 < n < s or self.device.type != "cuda":
             return None
         return torch.arange(s, device=self.device)[None, :] <= torch.arange(s - n, s, device=self.device)[:, None]
 
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # Decodes: one batched paged-attention call per tier group, reading the pool in place.
-        # Prefill chunks: one SDPA call per seq, never one padded batch: the CPU kernel's reduction
-        # order depends on the batch shape (and thread count), and transformers attends one prompt
-        # at a time, so prompts stay bit-identical to it.
+        # Prefill chunks: one call per seq, never one padded batch, so a prompt's bits do not depend
+        # on the batch around it (transformers too attends one prompt at a time).
         self.store.write(layer, k, v)
         groups = self.store.decode_groups(layer) if self.batched_decode else []
         if not self._prefills and len(groups) == 1 and len(groups[0].seqs) == q.shape[0]:
@@ -110,19 +112,20 @@ class ModelRunner:
         for i in self._prefills:
             a, b = self._slices[i]
             keys, values = self.store.read(layer, i, k[a:b], v[a:b])
-            out[a:b] = self._sdpa(q[a:b], keys, values, self._masks[i])
+            if q.is_cuda:
+                out[a:b] = self._sdpa(q[a:b], keys, values, self._masks[i])
+            else:
+                prefill_attention(q[a:b], keys[0], values[0], self.scale, out=out[a:b].view(b - a, *q.shape[1:]),
+                                  impl=self.prefill_impl)
         self.store.after_layer(layer)
         return out
 
     def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
               mask: torch.Tensor | None) -> torch.Tensor:
-        """Causal attention of n new queries [n, H, D] over keys/values [1, Hkv, ctx + n, D],
+        """Causal attention of n new queries [n, H, D] over keys/values [1, Hkv, ctx + n, D] on CUDA,
         shaped as transformers shapes it."""
         n, s = q.shape[0], keys.shape[2]
         qt = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        if 1 < n < s and not q.is_cuda:
-            o = chunk_attention_cpu(qt, keys, values, s - n, self.scale)
-        else:
-            o = F.scaled_dot_product_attention(qt, keys, values, attn_mask=mask, is_causal=(n > 1 and n == s),
-                                               scale=self.scale, enable_gqa=True)
+        o = F.scaled_dot_product_attention(qt, keys, values, attn_mask=mask, is_causal=(n > 1 and n == s),
+                                           scale=self.scale, enable_gqa=True)
         return o[0].transpose(0, 1).reshape(n, -1)
