@@ -22,8 +22,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import orbitflow_ray.planner.linkjit, orbitflow_ray.planner.ilp_targets, orbitflow_ray.planner.ilp_lagrange"
 	# and the layer math's fused elementwise kernels and the decode attention (about 10 s of CPU)
 	$(PY) -c "from orbitflow_kernels import numba_elementwise, numba_kernel; numba_elementwise.warm_up(); numba_kernel.warm_up()"
-	# and the C++ prefill attention for this CPU (about 1 s; without a compiler prefill runs torch's SDPA)
-	$(PY) -c "from orbitflow_kernels import cpu_prefill; print('C++ prefill attention built:', cpu_prefill.available())"
+	# and the C++ attention kernels for this CPU (a few s; without a compiler: torch SDPA and Numba)
+	$(PY) -c "from orbitflow_kernels import cpu_kernels; print('C++ CPU attention kernels built:', cpu_kernels.available())"
 	touch $@
 
 # The app from deployments/config.yaml (on a free port), a minute of long-context arrivals, the

@@ -23,10 +23,10 @@ BS, HKV, G, D = 4, 2, 3, 8
 LENS = [1, 4, 5, 13, 40]
 
 
-def _case(dtype: torch.dtype, device: str = "cpu", seed: int = 0):
+def _case(dtype: torch.dtype, device: str = "cpu", seed: int = 0, d: int = D):
     gen = torch.Generator().manual_seed(seed)
     nb = 64
-    pool = torch.randn(nb, 2, HKV, BS, D, generator=gen).to(dtype)
+    pool = torch.randn(nb, 2, HKV, BS, d, generator=gen).to(dtype)
     perm = torch.randperm(nb, generator=gen)
     width = 16
     table = torch.full((len(LENS) + 2, width), 10_000, dtype=torch.int64)  # unread entries: junk
@@ -36,7 +36,7 @@ def _case(dtype: torch.dtype, device: str = "cpu", seed: int = 0):
         k = -(-n // BS)
         table[rows[r], :k] = perm[used:used + k]
         used += k
-    q = torch.randn(len(LENS), HKV * G, D, generator=gen).to(dtype)
+    q = torch.randn(len(LENS), HKV * G, d, generator=gen).to(dtype)
     to = lambda t: t.to(device)  # noqa: E731
     return to(q), to(pool), to(table), to(torch.tensor(LENS)), to(rows)
 
@@ -62,19 +62,24 @@ def test_torch_paged_decode_matches_sdpa(dtype, tile_blocks):
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
-def test_numba_paged_decode_matches_sdpa():
-    q, pool, table, lens, rows = _case(torch.float32)
-    got = paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="numba")
+# The compiled CPU kernels; the C++ one is built for head_dim 64 and 128 (cpu_kernels.HEAD_DIMS).
+COMPILED = [("numba", D), ("cpp", 64)]
+
+
+@pytest.mark.parametrize("impl, d", COMPILED + [("numba", 64)])
+def test_compiled_paged_decode_matches_sdpa(impl, d):
+    q, pool, table, lens, rows = _case(torch.float32, d=d)
+    got = paged_decode_attention(q, pool, table, lens, 0.3, rows, impl=impl)
     want = _reference(q, pool, table, lens, rows, 0.3)
     assert got.dtype == torch.float32 and got.shape == q.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["torch", "numba"])
-def test_a_sequence_gets_the_same_bits_in_any_batch(impl):
+@pytest.mark.parametrize("impl, d", [("torch", D)] + COMPILED)
+def test_a_sequence_gets_the_same_bits_in_any_batch(impl, d):
     """Batch invariance, which the pressure-identity tests build on: each sequence alone, and the
-    batch in reverse order, give exactly the batch's rows (the CPU default, numba, included)."""
-    q, pool, table, lens, rows = _case(torch.float32)
+    batch in reverse order, give exactly the batch's rows (the CPU default, cpp, included)."""
+    q, pool, table, lens, rows = _case(torch.float32, d=d)
     whole = paged_decode_attention(q, pool, table, lens, 0.3, rows, impl=impl)
     for r in range(len(LENS)):
         alone = paged_decode_attention(q[r:r + 1], pool, table, lens[r:r + 1], 0.3, rows[r:r + 1], impl=impl)
@@ -98,15 +103,20 @@ def test_numba_warm_up_compiles_the_signature_decoding_uses():
         numba_kernel._paged_decode.signatures
 
 
-def test_numba_refuses_a_block_id_outside_the_pool():
-    q, pool, table, lens, rows = _case(torch.float32)
+@pytest.mark.parametrize("impl, d", COMPILED)
+def test_compiled_kernels_refuse_a_block_id_outside_the_pool(impl, d):
+    q, pool, table, lens, rows = _case(torch.float32, d=d)
     table[rows[2], 1] = pool.shape[0]  # sequence 2 (5 keys, 2 blocks): its second block
     with pytest.raises(ValueError, match=r"sequences \[2\]"):
-        paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="numba")
+        paged_decode_attention(q, pool, table, lens, 0.3, rows, impl=impl)
+    table[rows[2], 1] = -1
+    with pytest.raises(ValueError, match=r"sequences \[2\]"):
+        paged_decode_attention(q, pool, table, lens, 0.3, rows, impl=impl)
 
 
+@pytest.mark.parametrize("impl, d", COMPILED)
 @pytest.mark.parametrize("q_scale, tol", [(1.0, 1e-5), (20.0, 1e-4)])
-def test_numba_paged_decode_over_long_rows_matches_sdpa_and_is_batch_invariant(q_scale, tol):
+def test_compiled_paged_decode_over_long_rows_matches_sdpa_and_is_batch_invariant(impl, d, q_scale, tol):
     """Rows of up to 2,000 keys: with plain queries the softmax spreads over thousands of keys (its
     sum and normalisation matter); with queries scaled by 20 the scores spread over about +-90 and
     the polynomial exp (`numba_kernel._exp_neg`) runs far from the row's max, where it saturates at
@@ -114,36 +124,44 @@ def test_numba_paged_decode_over_long_rows_matches_sdpa_and_is_batch_invariant(q
     gen = torch.Generator().manual_seed(7)
     lens = torch.tensor([2000, 1999, 17, 1])
     width = -(-2000 // BS)
-    pool = torch.randn(len(lens) * width, 2, HKV, BS, D, generator=gen)
+    pool = torch.randn(len(lens) * width, 2, HKV, BS, d, generator=gen)
     table = torch.randperm(len(lens) * width, generator=gen).view(len(lens), width).contiguous()
-    q = torch.randn(len(lens), HKV * G, D, generator=gen) * q_scale
+    q = torch.randn(len(lens), HKV * G, d, generator=gen) * q_scale * (D / d) ** 0.5  # same score spread
     rows = torch.arange(len(lens))
-    got = paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="numba")
+    got = paged_decode_attention(q, pool, table, lens, 0.3, rows, impl=impl)
     torch.testing.assert_close(got, _reference(q, pool, table, lens, rows, 0.3), rtol=tol, atol=tol)
     for r in range(len(lens)):
-        alone = paged_decode_attention(q[r:r + 1], pool, table, lens[r:r + 1], 0.3, rows[r:r + 1], impl="numba")
+        alone = paged_decode_attention(q[r:r + 1], pool, table, lens[r:r + 1], 0.3, rows[r:r + 1], impl=impl)
         assert torch.equal(alone[0], got[r]), r
 
 
-def test_numba_refuses_lengths_and_rows_the_table_cannot_hold():
-    q, pool, table, lens, rows = _case(torch.float32)
+@pytest.mark.parametrize("impl, d", COMPILED)
+def test_compiled_kernels_refuse_lengths_and_rows_the_table_cannot_hold(impl, d):
+    q, pool, table, lens, rows = _case(torch.float32, d=d)
     with pytest.raises(ValueError, match="at least its own key"):
-        paged_decode_attention(q, pool, table, lens.clone().fill_(0), 0.3, rows, impl="numba")
+        paged_decode_attention(q, pool, table, lens.clone().fill_(0), 0.3, rows, impl=impl)
     longer = lens.clone()
     longer[1] = table.shape[1] * BS + 1
     with pytest.raises(ValueError, match="more blocks than the table's 16 columns"):
-        paged_decode_attention(q, pool, table, longer, 0.3, rows, impl="numba")
+        paged_decode_attention(q, pool, table, longer, 0.3, rows, impl=impl)
     with pytest.raises(ValueError, match="outside the block table's 7"):
-        paged_decode_attention(q, pool, table, lens, 0.3, rows + 3, impl="numba")
+        paged_decode_attention(q, pool, table, lens, 0.3, rows + 3, impl=impl)
 
 
-def test_auto_takes_numba_on_a_cpu_pool_of_its_dtypes_and_refuses_it_for_bf16():
-    q, pool, table, lens, rows = _case(torch.float32)
+def test_auto_takes_cpp_then_numba_on_a_cpu_fp32_pool_and_torch_for_bf16():
+    q, pool, table, lens, rows = _case(torch.float32, d=64)
     assert torch.equal(paged_decode_attention(q, pool, table, lens, 0.3, rows),
-                       paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="numba"))
+                       paged_decode_attention(q, pool, table, lens, 0.3, rows, impl="cpp"))
+    q8, pool8, *_ = _case(torch.float32)  # head_dim 8: the C++ kernel is not built for it
+    assert torch.equal(paged_decode_attention(q8, pool8, table, lens, 0.3, rows),
+                       paged_decode_attention(q8, pool8, table, lens, 0.3, rows, impl="numba"))
+    with pytest.raises(ValueError, match="impl='cpp' takes"):
+        paged_decode_attention(q8, pool8, table, lens, 0.3, rows, impl="cpp")
     qb, poolb, *_ = _case(torch.bfloat16)
     with pytest.raises(ValueError, match="numba"):
         paged_decode_attention(qb, poolb, table, lens, 0.3, rows, impl="numba")
+    with pytest.raises(ValueError, match="impl='cpp' takes"):
+        paged_decode_attention(qb, poolb, table, lens, 0.3, rows, impl="cpp")
     torch.testing.assert_close(paged_decode_attention(qb, poolb, table, lens, 0.3, rows),  # auto: torch
                                paged_decode_attention(qb, poolb, table, lens, 0.3, rows, impl="torch"))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orbitflow_kernels import cpu_prefill
+from orbitflow_kernels import cpu_kernels
 from orbitflow_kernels.cpu_prefill import prefill_attention
 
 
@@ -32,8 +32,8 @@ def _case(n: int, ctx: int, h: int, hkv: int, d: int, seed: int = 0):
 
 
 def test_the_kernel_builds_here():
-    assert cpu_prefill.available(), "g++ is on every machine this project runs on (and on CI)"
-    assert cpu_prefill.library_path().exists()
+    assert cpu_kernels.available(), "g++ is on every machine this project runs on (and on CI)"
+    assert cpu_kernels.library_path().exists()
 
 
 @pytest.mark.parametrize("n, ctx", [(1, 0), (5, 0), (16, 0), (17, 0), (130, 0), (1, 70), (7, 64), (100, 37),
@@ -120,12 +120,12 @@ def test_bad_calls_are_refused():
 
 
 def test_build_without_a_compiler_says_so(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_prefill, "library_path", lambda: tmp_path / "flash_prefill-x.so")
-    monkeypatch.setattr(cpu_prefill.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cpu_kernels, "library_path", lambda: tmp_path / "orbitflow_cpu_kernels-x.so")
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
-        cpu_prefill.build()
+        cpu_kernels.build()
     monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
     with pytest.raises(RuntimeError, match="failed"):
-        cpu_prefill.build()
+        cpu_kernels.build()
     assert list(tmp_path.iterdir()) == []  # no partial library left behind

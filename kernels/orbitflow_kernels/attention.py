@@ -1,30 +1,38 @@
 """Decode attention over a paged KV pool, read in place: one call for a whole batch of sequences.
 
 Each sequence has one query (its newest token, whose K/V is already written to the pool) and
-attends over its first `seq_lens[r]` keys, found through its block-table row. All three
+attends over its first `seq_lens[r]` keys, found through its block-table row. All four
 implementations compute the same softmax-weighted sum in fp32 and never copy a sequence's KV into
 a contiguous buffer; torch and triton run flash-decoding (the keys cut into tiles of blocks, each
-tile's scores reduced with a running max and sum, the partial results merged), numba two passes
-over the row (every score, one softmax, then the values):
+tile's scores reduced with a running max and sum, the partial results merged), cpp and numba two
+passes over the row (every score, one softmax, then the values):
   * "torch" (CPU and CUDA): a loop over tiles of `tile_blocks` blocks; each tile indexes the pool
     for every sequence at once ([R, tile, 2, Hkv, bs, D], bounded whatever the context length);
-  * "numba" (CPU, fp32 pools): one compiled task per (sequence, KV head) walking its blocks in
-    place twice, all query heads of the KV head together (GQA), as vLLM's CPU kernel splits it.
-    `numba_kernel.py` holds it; the fastest on the CPU (about 10x the torch loop at 16 x 1K tokens);
+  * "cpp" (CPU, fp32 pools, head_dim 64 or 128, up to 8 query heads per KV head):
+    `csrc/paged_decode.cpp` in the library `cpu_kernels` builds; one task per (sequence, KV head)
+    walking its blocks in place twice, all query heads of the KV head together (GQA), as vLLM's CPU
+    kernel splits it, in 16-lane vector code, prefetching each next block (a row's blocks sit on
+    scattered pages the hardware prefetcher does not follow). The fastest on the CPU: 0.57-0.67 ms
+    a layer at 16 x 1,000 tokens (SmolLM2's 9/3 heads) against Numba's 1.02-1.16 on the Zen 5 box
+    of bench/README.md;
+  * "numba" (CPU, fp32 pools, any head_dim): the same loop compiled by Numba (`numba_kernel.py`),
+    about 10x the torch loop at 16 x 1K tokens;
   * "triton" (CUDA): one program per (sequence, KV head, split of the blocks), looping over its
     blocks one at a time, all query heads of the KV head together (GQA); the splits' partial
     (max, sum, output) are merged after. `triton_kernel.py` holds the kernel.
-"auto" takes triton for a CUDA pool when Triton imports, numba for a CPU pool of its dtypes, else
-torch. Each sequence's output is independent of the batch around it in every implementation.
+"auto" takes triton for a CUDA pool when Triton imports; for a CPU fp32 pool cpp where it is built
+for the shape, else numba; else torch. Each sequence's output is independent of the batch around it
+in every implementation.
 """
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
-IMPLS = ("auto", "torch", "numba", "triton")
+IMPLS = ("auto", "torch", "cpp", "numba", "triton")
 _NUMBA_DTYPES = (torch.float32,)  # Numba has no bfloat16, and no float16 arithmetic
 
 
@@ -48,6 +56,30 @@ def _check(q: torch.Tensor, pool: torch.Tensor, block_table: torch.Tensor, seq_l
                          f"block_table must be 2-D, got {tuple(block_table.shape)}")
 
 
+# What a decode task's `bad` entry says, in the Numba and C++ kernels (0: nothing wrong).
+_BAD_BLOCK, _NO_KEY, _OFF_TABLE, _NO_MEMORY = 1, 2, 3, 4
+
+
+def raise_for_bad_tasks(bad: np.ndarray, lens: torch.Tensor, rows: torch.Tensor | None, table: torch.Tensor,
+                        pool: torch.Tensor) -> None:
+    """Raise what a compiled decode kernel found wrong, from its per-(sequence, KV head) codes
+    `bad` [R * Hkv]: the kernels check each row as they walk it, so there is no host pass a layer."""
+    if not bad.any():
+        return
+    if (bad == _NO_KEY).any():
+        raise ValueError(f"every decode query attends to at least its own key: seq_lens {lens.tolist()}")
+    if (bad == _OFF_TABLE).any():
+        if int(lens.max()) > table.shape[1] * pool.shape[3]:
+            raise ValueError(f"seq_lens up to {int(lens.max())} need more blocks than the table's "
+                             f"{table.shape[1]} columns of {pool.shape[3]} tokens")
+        rows = torch.arange(lens.numel()) if rows is None else rows
+        raise ValueError(f"table rows {rows.tolist()} outside the block table's {table.shape[0]}")
+    if (bad == _NO_MEMORY).any():
+        raise MemoryError("no memory for a decode task's scores")
+    seqs = sorted({int(t) // pool.shape[2] for t in np.flatnonzero(bad)})
+    raise ValueError(f"block table rows of sequences {seqs} name blocks outside the pool's {pool.shape[0]}")
+
+
 def paged_decode_attention(q: torch.Tensor, pool: torch.Tensor, block_table: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, rows: torch.Tensor | None = None, *,
                            impl: str = "auto", tile_blocks: int = 32) -> torch.Tensor:
@@ -67,6 +99,16 @@ def paged_decode_attention(q: torch.Tensor, pool: torch.Tensor, block_table: tor
     table = block_table.to(pool.device)
     if rows is not None:
         rows = rows.to(device=pool.device, dtype=torch.int64)
+    if impl == "cpp" or (impl == "auto" and not pool.is_cuda and pool.dtype in _NUMBA_DTYPES):
+        from orbitflow_kernels import cpu_kernels
+        out = None if pool.is_cuda else cpu_kernels.paged_decode(q, pool, table, lens, scale, rows)
+        if out is not None:
+            return out
+        if impl == "cpp":
+            raise ValueError(f"impl='cpp' takes a CPU fp32 pool, head_dim in {cpu_kernels.HEAD_DIMS} and at most "
+                             f"{cpu_kernels.MAX_GROUP} query heads per KV head, and a built library "
+                             f"(cpu_kernels.available(): {cpu_kernels.available()}); got a {pool.device} "
+                             f"{pool.dtype} pool, q {tuple(q.shape)}")
     if impl == "numba" or (impl == "auto" and not pool.is_cuda and pool.dtype in _NUMBA_DTYPES):
         if pool.is_cuda or pool.dtype not in _NUMBA_DTYPES:
             raise ValueError(f"impl='numba' takes a CPU pool of {_NUMBA_DTYPES}, got a {pool.device} "

@@ -2,10 +2,8 @@
 
 `prefill_attention(q, keys, values, scale)` attends a prefill chunk's n queries (at positions
 ctx..ctx+n-1, ctx = keys' length - n) over its keys. Two implementations:
-  * "cpp": `csrc/flash_prefill.cpp`, compiled for this CPU (g++ -O3 -march=native -fopenmp) on first
-    use or by `make install`, cached beside this file (or in the temp dir where that is not
-    writable) under a name keyed by the source, the flags and the CPU's feature flags, and loaded
-    with ctypes. The flash-attention loop of Dao et al. 2022 with vLLM's CPU split of the work
+  * "cpp": `csrc/flash_prefill.cpp`, in the library `cpu_kernels` builds for this CPU. The
+    flash-attention loop of Dao et al. 2022 with vLLM's CPU split of the work
     (one task per KV head and tile of 16 query positions, all query heads of that KV head together,
     GQA): keys in blocks of 64, transposed once per call; scores for 4 query rows x 64 keys held in
     vector registers (GCC vector extensions, 16 fp32 lanes: AVX-512, or two AVX2 halves); an online
@@ -29,93 +27,13 @@ the chunking of its prompt, the batch around it and the thread count.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-
 import torch
 
+from orbitflow_kernels import cpu_kernels
 from orbitflow_kernels.attention import chunk_attention_cpu
-
-log = logging.getLogger(__name__)
+from orbitflow_kernels.cpu_kernels import HEAD_DIMS, MAX_GROUP
 
 IMPLS = ("auto", "cpp", "torch")
-SOURCE = Path(__file__).parent / "csrc" / "flash_prefill.cpp"
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC")
-HEAD_DIMS = (64, 128)
-MAX_GROUP = 8  # query heads per KV head (MAXG in the source)
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return os.uname().machine
-
-
-def library_path() -> Path:
-    """Where the compiled kernel for this source, these flags and this CPU lives (built or not)."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    name = f"flash_prefill-{key}.so"
-    here = SOURCE.parent.parent / "__pycache__"
-    try:
-        here.mkdir(exist_ok=True)
-        if os.access(here, os.W_OK):
-            return here / name
-    except OSError:
-        pass
-    return Path(tempfile.gettempdir()) / "orbitflow-kernels" / name
-
-
-def build() -> Path:
-    """Compile the kernel unless built; the library's path. Raises RuntimeError saying why not
-    (no C++ compiler, or its error output). Safe to race: each build writes a private file and
-    renames it into place."""
-    path = library_path()
-    if path.exists():
-        return path
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        raise RuntimeError("no C++ compiler (g++ or $CXX) to build the CPU prefill attention kernel")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"building {SOURCE.name} with {cxx} failed:\n{done.stderr[-2000:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    try:
-        lib = ctypes.CDLL(str(build()))
-    except (RuntimeError, OSError) as e:
-        log.warning("CPU prefill attention falls back to torch's SDPA: %s", e)
-        return None
-    P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    lib.flash_prefill_f32.argtypes = [P, P, P, P, I, I, I, I, I, L, L, L, L, L, L, ctypes.c_float, I]
-    lib.flash_prefill_f32.restype = I
-    return lib
-
-
-def available() -> bool:
-    """True when the compiled kernel builds and loads here (builds it if needed)."""
-    return _library() is not None
 
 
 def _cpp_supports(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
@@ -144,12 +62,12 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                          f"and n >= 1, got {tuple(q.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}")
     if out is not None and (out.shape != q.shape or out.stride(2) != 1 or out.stride(1) != d):
         raise ValueError(f"out must be [n, H, D] with heads packed, got {tuple(out.shape)} strides {out.stride()}")
-    lib = None if impl == "torch" else _library()
+    lib = None if impl == "torch" else cpu_kernels.library()
     fits = _cpp_supports(q, keys, values) and (out is None or out.dtype == torch.float32)
     if impl == "cpp" and (lib is None or not fits):
         raise ValueError("the cpp prefill kernel takes fp32 CPU tensors, head_dim in "
                          f"{HEAD_DIMS}, at most {MAX_GROUP} query heads per KV head, and a built library "
-                         f"(available(): {lib is not None}); got {q.dtype}, {tuple(q.shape)}, {tuple(keys.shape)}")
+                         f"(cpu_kernels.available(): {lib is not None}); got {q.dtype}, {tuple(q.shape)}, {tuple(keys.shape)}")
     if lib is None or not fits:
         return _torch(q, keys, values, scale, out)
     o = torch.empty_like(q) if out is None else out

@@ -113,8 +113,8 @@ def _exp_neg(g):  # pragma: no cover - compiled
     return p * _f32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
 
 
-# What a task's `bad` entry says (0: nothing wrong; the caller raises on any other).
-_BAD_BLOCK, _NO_KEY, _OFF_TABLE = 1, 2, 3
+# What a task's `bad` entry says (0: nothing wrong; the caller raises on any other): as the C++ kernel's.
+from orbitflow_kernels.attention import _BAD_BLOCK, _NO_KEY, _OFF_TABLE, raise_for_bad_tasks  # noqa: E402
 
 
 # fastmath limited to reassociation and FMA contraction (vectorised dot products and sums).
@@ -199,16 +199,7 @@ def paged_decode(q: torch.Tensor, pool: torch.Tensor, table: torch.Tensor, lens:
     bad = np.zeros(r * pool.shape[2], dtype=np.uint8)
     run(_paged_decode, qf.numpy(), pool.detach().numpy(), table.contiguous().numpy(), rows.contiguous().numpy(),
         lens.contiguous().numpy(), np.float32(scale), out.numpy(), bad)
-    if bad.any():  # checked inside the kernel, which walks each row anyway: no host pass per layer
-        if (bad == _NO_KEY).any():
-            raise ValueError(f"every decode query attends to at least its own key: seq_lens {lens.tolist()}")
-        if (bad == _OFF_TABLE).any():
-            if int(lens.max()) > table.shape[1] * pool.shape[3]:
-                raise ValueError(f"seq_lens up to {int(lens.max())} need more blocks than the table's "
-                                 f"{table.shape[1]} columns of {pool.shape[3]} tokens")
-            raise ValueError(f"table rows {rows.tolist()} outside the block table's {table.shape[0]}")
-        seqs = sorted({int(t) // pool.shape[2] for t in np.flatnonzero(bad)})
-        raise ValueError(f"block table rows of sequences {seqs} name blocks outside the pool's {pool.shape[0]}")
+    raise_for_bad_tasks(bad, lens, rows, table, pool)  # checked inside the kernel, which walks each row anyway
     return out.to(q.dtype)
 
 

@@ -1,52 +1,12 @@
 // Causal prefill attention on the CPU, fp32, GQA: a flash-attention loop (Dao et al. 2022) over
 // key blocks of 64, register-blocked for CPUs with 512-bit (or 2 x 256-bit) vector units.
 // Loaded by cpu_prefill.py through ctypes; see its docstring for shapes and the algorithm.
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
+#include "simd.h"
 
 enum { KB = 64, NC = KB / 16, QT = 16, MAXG = 8, RB = 4 };
 static const v16 LANE = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-
-// exp of every lane for x <= 0: 2^t, t = x log2(e), split into an integer k and a fraction whose
-// exp is a degree-7 Taylor polynomial; lanes below 2^-126 (x < -87.3) give 0.
-static inline v16 vexp(v16 x) {
-    v16 t = x * 1.4426950408889634f;
-    vi16 under = t < -126.f;
-    t = under ? (v16){} - 126.f : t;
-    vi16 ki = __builtin_convertvector(t, vi16);  // rounds toward zero
-    v16 k = __builtin_convertvector(ki, v16);
-    vi16 up = k > t;                              // -1 where it rounded up (t < 0)
-    ki += up;
-    k = __builtin_convertvector(ki, v16);
-    v16 f = (t - k) * 0.6931471805599453f;
-    v16 p = f * (1.f / 5040) + (1.f / 720);
-    p = p * f + (1.f / 120); p = p * f + (1.f / 24); p = p * f + (1.f / 6);
-    p = p * f + 0.5f; p = p * f + 1.f; p = p * f + 1.f;
-    vi16 e = (ki + 127) << 23;
-    v16 sc;
-    memcpy(&sc, &e, sizeof sc);
-    return under ? (v16){} : p * sc;
-}
-
-static inline float hmax(v16 x) {
-    float m = x[0];
-    for (int j = 1; j < 16; j++) m = m > x[j] ? m : x[j];
-    return m;
-}
-
-static inline float hsum(v16 x) {
-    float s = 0.f;
-    for (int j = 0; j < 16; j++) s += x[j];
-    return s;
-}
-
-static inline v16 vload(const float *p) { v16 x; memcpy(&x, p, sizeof x); return x; }
-static inline void vstore(float *p, v16 x) { memcpy(p, &x, sizeof x); }
 
 // Keys of every KV head, cut into blocks of KB and transposed once: kt[kh][b][d][KB], zero-padded.
 template <int D>

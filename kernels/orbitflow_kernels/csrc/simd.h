@@ -1,0 +1,50 @@
+// Vector helpers shared by the CPU attention kernels: GCC vector extensions of 16 fp32 lanes (one
+// AVX-512 register, or two AVX2 halves; the compiler picks for -march=native).
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+
+// exp of every lane for x <= 0: 2^t, t = x log2(e), split into an integer k and a fraction whose
+// exp is a degree-7 Taylor polynomial; lanes below 2^-126 (x < -87.3) give 0.
+static inline v16 vexp(v16 x) {
+    v16 t = x * 1.4426950408889634f;
+    vi16 under = t < -126.f;
+    t = under ? (v16){} - 126.f : t;
+    vi16 ki = __builtin_convertvector(t, vi16);  // rounds toward zero
+    v16 k = __builtin_convertvector(ki, v16);
+    vi16 up = k > t;                              // -1 where it rounded up (t < 0)
+    ki += up;
+    k = __builtin_convertvector(ki, v16);
+    v16 f = (t - k) * 0.6931471805599453f;
+    v16 p = f * (1.f / 5040) + (1.f / 720);
+    p = p * f + (1.f / 120); p = p * f + (1.f / 24); p = p * f + (1.f / 6);
+    p = p * f + 0.5f; p = p * f + 1.f; p = p * f + 1.f;
+    vi16 e = (ki + 127) << 23;
+    v16 sc;
+    memcpy(&sc, &e, sizeof sc);
+    return under ? (v16){} : p * sc;
+}
+
+static inline float hmax(v16 x) {
+    float m = x[0];
+    for (int j = 1; j < 16; j++) m = m > x[j] ? m : x[j];
+    return m;
+}
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+static inline float hsum(v16 x) {  // pairwise: halves, quarters, then the last four lanes
+    v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+static inline v16 vload(const float *p) { v16 x; memcpy(&x, p, sizeof x); return x; }
+static inline void vstore(float *p, v16 x) { memcpy(p, &x, sizeof x); }
