@@ -11,6 +11,19 @@ static inline void prefetch_block(const float *p, long floats) {
     for (long i = 0; i < floats; i += 16) __builtin_prefetch(p + i);
 }
 
+// f(row, t) for the K (kv = 0) or V (kv = 1) row of each key t < n of one KV head, block by block
+// through the block ids of the sequence's table row, prefetching each next block.
+template <int D, class F>
+static inline void walk(const float *pool, const int64_t *ids, int64_t n, int hkv, int kh, int bs, int kv, F f) {
+    const int64_t nblk = (n + bs - 1) / bs;
+    for (int64_t j = 0; j < nblk; j++) {
+        const float *blk = pool + ((ids[j] * 2 + kv) * hkv + kh) * (long)bs * D;
+        const int64_t base = j * bs, kn = n - base < bs ? n - base : bs;
+        if (j + 1 < nblk) prefetch_block(pool + ((ids[j + 1] * 2 + kv) * hkv + kh) * (long)bs * D, (long)bs * D);
+        for (int64_t t = 0; t < kn; t++) f(blk + t * D, base + t);
+    }
+}
+
 enum { BAD_BLOCK = 1, NO_KEY = 2, OFF_TABLE = 3, NO_MEMORY = 4 };
 
 template <int D, int G>
@@ -34,21 +47,16 @@ static void decode(const float *q, const float *pool, const int64_t *table, cons
         v16 qv[G][C];
         for (int g = 0; g < G; g++)
             for (int c = 0; c < C; c++) qv[g][c] = vload(q + ((long)r * hkv * G + kh * G + g) * D + c * 16) * scale;
-        // pass 1: scores, block by block
-        for (int64_t j = 0; j < nblk; j++) {
-            const float *K = pool + ((ids[j] * 2 + 0) * hkv + kh) * (long)bs * D;
-            const int64_t base = j * bs, kn = n - base < bs ? n - base : bs;
-            if (j + 1 < nblk) prefetch_block(pool + ((ids[j + 1] * 2 + 0) * hkv + kh) * (long)bs * D, bs * D);
-            for (int64_t t = 0; t < kn; t++) {
-                v16 k[C];
-                for (int c = 0; c < C; c++) k[c] = vload(K + t * D + c * 16);
-                for (int g = 0; g < G; g++) {
-                    v16 a = qv[g][0] * k[0];
-                    for (int c = 1; c < C; c++) a += qv[g][c] * k[c];
-                    s[g * ld + base + t] = hsum(a);
-                }
+        // pass 1: scores
+        walk<D>(pool, ids, n, hkv, kh, bs, 0, [&](const float *kr, int64_t t) {
+            v16 k[C];
+            for (int c = 0; c < C; c++) k[c] = vload(kr + c * 16);
+            for (int g = 0; g < G; g++) {
+                v16 a = qv[g][0] * k[0];
+                for (int c = 1; c < C; c++) a += qv[g][c] * k[c];
+                s[g * ld + t] = hsum(a);
             }
-        }
+        });
         // one softmax per query head over the whole row
         float inv[G];
         for (int g = 0; g < G; g++) {
@@ -63,19 +71,14 @@ static void decode(const float *q, const float *pool, const int64_t *table, cons
         }
         // pass 2: the weighted sum of the values
         v16 o[G][C] = {};
-        for (int64_t j = 0; j < nblk; j++) {
-            const float *V = pool + ((ids[j] * 2 + 1) * hkv + kh) * (long)bs * D;
-            const int64_t base = j * bs, kn = n - base < bs ? n - base : bs;
-            if (j + 1 < nblk) prefetch_block(pool + ((ids[j + 1] * 2 + 1) * hkv + kh) * (long)bs * D, bs * D);
-            for (int64_t t = 0; t < kn; t++) {
-                v16 v[C];
-                for (int c = 0; c < C; c++) v[c] = vload(V + t * D + c * 16);
-                for (int g = 0; g < G; g++) {
-                    const float p = s[g * ld + base + t];
-                    for (int c = 0; c < C; c++) o[g][c] += p * v[c];
-                }
+        walk<D>(pool, ids, n, hkv, kh, bs, 1, [&](const float *vr, int64_t t) {
+            v16 v[C];
+            for (int c = 0; c < C; c++) v[c] = vload(vr + c * 16);
+            for (int g = 0; g < G; g++) {
+                const float p = s[g * ld + t];
+                for (int c = 0; c < C; c++) o[g][c] += p * v[c];
             }
-        }
+        });
         for (int g = 0; g < G; g++)
             for (int c = 0; c < C; c++) vstore(out + ((long)r * hkv * G + kh * G + g) * D + c * 16, o[g][c] * inv[g]);
         free(s);
