@@ -3,21 +3,22 @@
 `prefill_attention(q, keys, values, scale)` attends a prefill chunk's n queries (at positions
 ctx..ctx+n-1, ctx = keys' length - n) over its keys. Two implementations:
   * "cpp": `csrc/flash_prefill.cpp`, in the library `cpu_kernels` builds for this CPU. The
-    flash-attention loop of Dao et al. 2022 with vLLM's CPU split of the work
-    (one task per KV head and tile of 16 query positions, all query heads of that KV head together,
-    GQA): keys in blocks of 64, transposed once per call; scores for 4 query rows x 64 keys held in
-    vector registers (GCC vector extensions, 16 fp32 lanes: AVX-512, or two AVX2 halves); an online
-    softmax per row with a vectorised polynomial exp; P x V for the same 4 rows per value row
-    loaded. Tasks run on torch's OpenMP pool (the library loads torch's libgomp), longest first.
-    fp32 only, head_dim 64 or 128, at most 8 query heads per KV head.
+    flash-attention loop of Dao et al. 2022 with vLLM's CPU split of the work (one task per KV head
+    and tile of 16 query positions, all query heads of that KV head together, GQA): keys in blocks
+    of 64, transposed once per call; scores for 6 query rows x 64 keys held in 24 vector registers
+    (GCC vector extensions, 16 fp32 lanes: AVX-512, or two AVX2 halves); an online softmax per row
+    in base 2 (the scale folded with log2(e) into the queries) with a vectorised polynomial exp2;
+    P x V for the same 6 rows per value row loaded. Tasks run on torch's OpenMP pool (the library
+    loads torch's libgomp), longest first. fp32 only, head_dim 64 or 128, at most 8 query heads
+    per KV head.
   * "torch": torch's CPU flash kernel, one SDPA call (causal) without cached context, and
     `chunk_attention_cpu` (two calls merged by their log-sum-exps) after it.
 "auto" takes "cpp" where it is built and supports the shape, else "torch".
 
 Measured on the Zen 5 box of bench/README.md, SmolLM2's 9/3 heads x 64, 2 threads (stop 37,
-medians of 10 calls against SDPA in the same process): 1,000 tokens 5.1-5.6 ms against SDPA's
-11.1-12.0 (2.1x); 4,000 tokens 74-81 against 132-137 (1.8x, ~245 GFLOP/s); 2,048 after 4,000
-cached 96-101 against 156-161 (1.6x).
+medians of 10 calls against SDPA in the same process): 1,000 tokens 5.1-5.2 ms against SDPA's
+12.1-13.9 (2.5x); 4,000 tokens 62-67 against 140-146 (2.2x); 1,024 after 5,000 cached 44-48
+against 92-93 (2.0x). 4 rows x 64 keys a register block: 15-20 % slower; 5, 7 or 8 rows: slower.
 
 Bits: within ~1e-6 of SDPA (fp32, other summation order), so greedy output may flip at a near-tie
 compared with transformers (the HF tests accept it as vLLM's `check_logprobs_close` does). A query

@@ -5,7 +5,9 @@
 
 #include "simd.h"
 
-enum { KB = 64, NC = KB / 16, QT = 16, MAXG = 8, RB = 4 };
+// KB keys a block, QT query positions a tile, RB query rows a register block (6 x 4 accumulators
+// + 4 key vectors of 32 registers; 4, 5, 7 and 8 rows measured slower), MAXG query heads per KV head.
+enum { KB = 64, NC = KB / 16, QT = 16, MAXG = 8, RB = 6, MAXR = MAXG * QT + RB };
 static const v16 LANE = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
 // Keys of every KV head, cut into blocks of KB and transposed once: kt[kh][b][d][KB], zero-padded.
@@ -27,20 +29,23 @@ template <int D>
 static void attend(const float *q, const float *kt, const float *v, float *out, int h, int hkv,
                    int n, int s, long qst, long vsh, long vst, long ost, float scale, int threads) {
     const int g = h / hkv, ctx = s - n, nb = (s + KB - 1) / KB, tiles = (n + QT - 1) / QT, m_rows = g * QT;
+    const int m_pad = (m_rows + RB - 1) / RB * RB;  // rows past m_rows repeat the last one
+    const float scale2 = scale * LOG2E;  // scores in log2 units: weights are 2^(score - max)
     // Longest tiles first (the last queries see the most keys), KV heads interleaved.
     #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int z = 0; z < hkv * tiles; z++) {
         const int kh = z % hkv, tile = tiles - 1 - z / hkv, q0 = tile * QT;
         const int qn = n - q0 < QT ? n - q0 : QT;
-        alignas(64) float Q[MAXG * QT][D];
-        alignas(64) float O[MAXG * QT][D];
+        alignas(64) float Q[MAXR][D];
+        alignas(64) float O[MAXR][D];
         alignas(64) float P[RB][KB];
-        float m[MAXG * QT], l[MAXG * QT];
-        int pos[MAXG * QT];
-        for (int r = 0; r < m_rows; r++) {  // row r: query head kh*g + r/QT at position q0 + r%QT
-            int i = r % QT < qn ? r % QT : qn - 1;  // pad rows repeat the tile's last query
-            const float *src = q + (long)(q0 + i) * qst + (long)(kh * g + r / QT) * D;
-            for (int d = 0; d < D; d++) { Q[r][d] = src[d] * scale; O[r][d] = 0.f; }
+        float m[MAXR], l[MAXR];
+        int pos[MAXR];
+        for (int r = 0; r < m_pad; r++) {  // row r: query head kh*g + r/QT at position q0 + r%QT
+            const int rq = r < m_rows ? r : m_rows - 1;
+            int i = rq % QT < qn ? rq % QT : qn - 1;  // pad rows repeat the tile's last query
+            const float *src = q + (long)(q0 + i) * qst + (long)(kh * g + rq / QT) * D;
+            for (int d = 0; d < D; d++) { Q[r][d] = src[d] * scale2; O[r][d] = 0.f; }
             pos[r] = ctx + q0 + i; m[r] = -1e30f; l[r] = 0.f;
         }
         const int kend = ctx + q0 + qn;  // keys any row of the tile sees
@@ -48,8 +53,10 @@ static void attend(const float *q, const float *kt, const float *v, float *out, 
             const int kb0 = b * KB, kb = s - kb0 < KB ? s - kb0 : KB;
             const float *K = kt + ((size_t)kh * nb + b) * D * KB;
             const float *V = v + kh * vsh + (long)kb0 * vst;
-            for (int r0 = 0; r0 < m_rows; r0 += RB) {  // RB rows of one head, positions non-decreasing
-                if (pos[r0 + RB - 1] < kb0) continue;  // the block is past every row's causal limit
+            for (int r0 = 0; r0 < m_pad; r0 += RB) {  // RB rows
+                int last = pos[r0];
+                for (int rr = 1; rr < RB; rr++) last = pos[r0 + rr] > last ? pos[r0 + rr] : last;
+                if (last < kb0) continue;  // the block is past every row's causal limit
                 v16 a[RB][NC] = {};
                 for (int d = 0; d < D; d++) {
                     float q_[RB];
@@ -66,7 +73,7 @@ static void attend(const float *q, const float *kt, const float *v, float *out, 
                     int lim = pos[r] + 1 - kb0;
                     lim = lim < kb ? lim : kb;
                     if (lim <= 0) { corr[rr] = 1.f; memset(P[rr], 0, sizeof P[rr]); continue; }
-                    jmax = lim;
+                    jmax = lim > jmax ? lim : jmax;
                     v16 mxv = (v16){} - 1e30f;
                     for (int c = 0; c < NC; c++) {  // keys at or past lim (causal, or past s) weigh 0
                         if (lim < KB) a[rr][c] = LANE + (float)(c * 16) < (float)lim ? a[rr][c] : (v16){} - 1e30f;
@@ -74,10 +81,10 @@ static void attend(const float *q, const float *kt, const float *v, float *out, 
                     }
                     float mx = hmax(mxv);
                     mx = mx > m[r] ? mx : m[r];
-                    corr[rr] = expf(m[r] - mx);  // 0 at the first block a row sees (m = -1e30)
+                    corr[rr] = exp2f(m[r] - mx);  // 0 at the first block a row sees (m = -1e30)
                     v16 sum = {};
                     for (int c = 0; c < NC; c++) {
-                        v16 p = vexp(a[rr][c] - mx);
+                        v16 p = vexp2(a[rr][c] - mx);
                         sum += p;
                         vstore(P[rr] + c * 16, p);
                     }

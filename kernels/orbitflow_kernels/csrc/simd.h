@@ -9,10 +9,9 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 
 
-// exp of every lane for x <= 0: 2^t, t = x log2(e), split into an integer k and a fraction whose
-// exp is a degree-7 Taylor polynomial; lanes below 2^-126 (x < -87.3) give 0.
-static inline v16 vexp(v16 x) {
-    v16 t = x * 1.4426950408889634f;
+// 2^t for every lane, t <= 0: t split into an integer k and a fraction f in (-1, 0], 2^f = exp(f ln 2)
+// a degree-7 Taylor polynomial; lanes below -126 (under 2^-126) give 0.
+static inline v16 vexp2(v16 t) {
     vi16 under = t < -126.f;
     t = under ? (v16){} - 126.f : t;
     vi16 ki = __builtin_convertvector(t, vi16);  // rounds toward zero
@@ -29,6 +28,11 @@ static inline v16 vexp(v16 x) {
     memcpy(&sc, &e, sizeof sc);
     return under ? (v16){} : p * sc;
 }
+
+static const float LOG2E = 1.4426950408889634f;
+
+// exp of every lane for x <= 0 (under 2^-126, x < -87.3: 0).
+static inline v16 vexp(v16 x) { return vexp2(x * LOG2E); }
 
 static inline float hmax(v16 x) {
     float m = x[0];
