@@ -75,6 +75,9 @@ class NullModel:
 def _null_attention(runner: ModelRunner) -> None:
     """Attention that reads no KV and returns zeros, on whichever interface this tree has."""
     runner._sdpa = lambda q, keys, values, mask: torch.zeros(q.shape[0], q.shape[1] * q.shape[2])
+    if hasattr(runner, "prefill_attention"):  # the CPU's prefill attention
+        runner.prefill_attention = lambda q, keys, values, scale, out=None: torch.zeros_like(q) if out is None \
+            else out.zero_()
     if hasattr(runner, "attention"):  # batched paged decode attention
         runner.attention = lambda q, pool, table, seq_lens, scale, rows=None: torch.zeros_like(q)
         return

@@ -103,6 +103,24 @@ def test_numba_warm_up_compiles_the_signature_decoding_uses():
         numba_kernel._paged_decode.signatures
 
 
+@pytest.mark.parametrize("hkv, g, d", [(2, 1, 64), (1, 8, 128), (2, 4, 128)])
+def test_cpp_paged_decode_over_its_group_sizes_and_head_dims(hkv, g, d):
+    """Other instantiations of the C++ kernel than SmolLM2's (3 query heads per KV head, 64 dims):
+    1 and 8 query heads per KV head, 128 dims; an int32 table, lengths and rows give the same bits."""
+    gen = torch.Generator().manual_seed(g * d)
+    lens = torch.tensor([1, 16, 17, 300])
+    width = -(-300 // BS)
+    nb = len(lens) * width
+    pool = torch.randn(nb, 2, hkv, BS, d, generator=gen)
+    table = torch.randperm(nb, generator=gen).view(len(lens), width).contiguous()
+    q = torch.randn(len(lens), hkv * g, d, generator=gen)
+    rows = torch.tensor([2, 0, 3, 1])
+    got = paged_decode_attention(q, pool, table, lens, d ** -0.5, rows, impl="cpp")
+    torch.testing.assert_close(got, _reference(q, pool, table, lens, rows, d ** -0.5), rtol=1e-5, atol=1e-5)
+    assert torch.equal(paged_decode_attention(q, pool, table.to(torch.int32), lens.to(torch.int32), d ** -0.5,
+                                              rows.to(torch.int32), impl="cpp"), got)
+
+
 @pytest.mark.parametrize("impl, d", COMPILED)
 def test_compiled_kernels_refuse_a_block_id_outside_the_pool(impl, d):
     q, pool, table, lens, rows = _case(torch.float32, d=d)

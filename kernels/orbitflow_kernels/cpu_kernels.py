@@ -58,7 +58,9 @@ def library_path() -> Path:
             return here / name
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / "orbitflow-kernels" / name
+    # not a shared temp dir: a name anyone can compute there is a library anyone could plant
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "orbitflow" / "kernels" / name
 
 
 def build() -> Path:
@@ -78,6 +80,9 @@ def build() -> Path:
         done = subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"building {CSRC} with {cxx} failed:\n{done.stderr[-2000:]}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)  # mkstemp made it 0600: others running the checkout load it too
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -107,15 +112,18 @@ def paged_decode(q: torch.Tensor, pool: torch.Tensor, table: torch.Tensor, lens:
     `csrc/paged_decode.cpp`; None where the library is missing or not built for this shape (the
     caller takes another implementation). The kernel checks each row as it walks it: see
     `attention.raise_for_bad_tasks`."""
-    lib = library()
     r, h, d = q.shape
     hkv = pool.shape[2]
-    if lib is None or pool.dtype != torch.float32 or d not in HEAD_DIMS or h // hkv > MAX_GROUP:
+    if pool.device.type != "cpu" or pool.dtype != torch.float32 or d not in HEAD_DIMS or h // hkv > MAX_GROUP:
+        return None
+    lib = library()
+    if lib is None:
         return None
     from orbitflow_kernels.attention import raise_for_bad_tasks
     qf = q.detach().to(torch.float32).contiguous()
-    pool, table, lens = pool.detach().contiguous(), table.contiguous(), lens.contiguous()
-    rows = None if rows is None else rows.contiguous()
+    pool, table = pool.detach().contiguous(), table.to(torch.int64).contiguous()
+    lens = lens.to(torch.int64).contiguous()
+    rows = None if rows is None else rows.to(torch.int64).contiguous()
     out = torch.empty(qf.shape, dtype=torch.float32)
     bad = torch.zeros(r * hkv, dtype=torch.uint8)
     rc = lib.paged_decode_f32(qf.data_ptr(), pool.data_ptr(), table.data_ptr(), None if rows is None else rows.data_ptr(),

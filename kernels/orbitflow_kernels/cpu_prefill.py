@@ -6,7 +6,8 @@ ctx..ctx+n-1, ctx = keys' length - n) over its keys. Two implementations:
     flash-attention loop of Dao et al. 2022 with vLLM's CPU split of the work (one task per KV head
     and tile of 16 query positions, all query heads of that KV head together, GQA): keys in blocks
     of 64, transposed once per call; scores for 6 query rows x 64 keys held in 24 vector registers
-    (GCC vector extensions, 16 fp32 lanes: AVX-512, or two AVX2 halves); an online softmax per row
+    (GCC vector extensions, 16 fp32 lanes: one AVX-512 register; on AVX2 two halves each, more
+    than the register file holds, so there it spills: not measured); an online softmax per row
     in base 2 (the scale folded with log2(e) into the queries) with a vectorised polynomial exp2;
     P x V for the same 6 rows per value row loaded. Tasks run on torch's OpenMP pool (the library
     loads torch's libgomp), longest first. fp32 only, head_dim 64 or 128, at most 8 query heads
@@ -37,9 +38,10 @@ from orbitflow_kernels.cpu_kernels import HEAD_DIMS, MAX_GROUP
 IMPLS = ("auto", "cpp", "torch")
 
 
-def _cpp_supports(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+def _cpp_supports(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, out: torch.Tensor | None) -> bool:
     h, hkv, d = q.shape[1], keys.shape[0], q.shape[2]
-    return (not q.is_cuda and q.dtype == keys.dtype == values.dtype == torch.float32 and d in HEAD_DIMS
+    tensors = (q, keys, values) if out is None else (q, keys, values, out)
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and d in HEAD_DIMS
             and h // hkv <= MAX_GROUP and q.stride(2) == keys.stride(2) == values.stride(2) == 1
             and q.stride(1) == d)
 
@@ -63,13 +65,14 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                          f"and n >= 1, got {tuple(q.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}")
     if out is not None and (out.shape != q.shape or out.stride(2) != 1 or out.stride(1) != d):
         raise ValueError(f"out must be [n, H, D] with heads packed, got {tuple(out.shape)} strides {out.stride()}")
-    lib = None if impl == "torch" else cpu_kernels.library()
-    fits = _cpp_supports(q, keys, values) and (out is None or out.dtype == torch.float32)
-    if impl == "cpp" and (lib is None or not fits):
+    fits = impl != "torch" and _cpp_supports(q, keys, values, out)
+    lib = cpu_kernels.library() if fits else None
+    if impl == "cpp" and lib is None:
         raise ValueError("the cpp prefill kernel takes fp32 CPU tensors, head_dim in "
                          f"{HEAD_DIMS}, at most {MAX_GROUP} query heads per KV head, and a built library "
-                         f"(cpu_kernels.available(): {lib is not None}); got {q.dtype}, {tuple(q.shape)}, {tuple(keys.shape)}")
-    if lib is None or not fits:
+                         f"(cpu_kernels.available(): {cpu_kernels.available()}); got {q.dtype} on {q.device}, "
+                         f"{tuple(q.shape)}, {tuple(keys.shape)}")
+    if lib is None:
         return _torch(q, keys, values, scale, out)
     o = torch.empty_like(q) if out is None else out
     rc = lib.flash_prefill_f32(q.data_ptr(), keys.data_ptr(), values.data_ptr(), o.data_ptr(), h, keys.shape[0],

@@ -36,10 +36,12 @@ class ModelRunner:
         self._slices: list[tuple[int, int]] = []
         # Batched decode attention over the paged pool (one call per layer and tier group); the
         # bench swaps in a null one. Prefill chunks attend one call per seq (see _attend): on the
-        # CPU the compiled flash loop of `cpu_prefill` ("torch": SDPA, as transformers runs it).
+        # CPU `cpu_prefill.prefill_attention` (its C++ flash loop; impl="torch": SDPA, as
+        # transformers runs it), on CUDA SDPA (`_sdpa`).
         self.attention = paged_decode_attention
-        self.prefill_impl = "auto"
-        # False: decodes too attend one SDPA per seq after a gather (the baseline benches compare to).
+        self.prefill_attention = prefill_attention
+        # False: decodes too attend one call per seq after a gather, as prefill chunks do (the
+        # baseline benches compare to).
         self.batched_decode = True
         # False on tensor-parallel shards other than rank 0: they compute their slice of every
         # layer but leave the (replicated) LM head and sampling to rank 0.
@@ -115,8 +117,8 @@ class ModelRunner:
             if q.is_cuda:
                 out[a:b] = self._sdpa(q[a:b], keys, values, self._masks[i])
             else:
-                prefill_attention(q[a:b], keys[0], values[0], self.scale, out=out[a:b].view(b - a, *q.shape[1:]),
-                                  impl=self.prefill_impl)
+                self.prefill_attention(q[a:b], keys[0], values[0], self.scale,
+                                       out=out[a:b].view(b - a, *q.shape[1:]))
         self.store.after_layer(layer)
         return out
 

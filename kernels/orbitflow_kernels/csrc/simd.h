@@ -9,16 +9,17 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 
 
-// 2^t for every lane, t <= 0: t split into an integer k and a fraction f in (-1, 0], 2^f = exp(f ln 2)
-// a degree-7 Taylor polynomial; lanes below -126 (under 2^-126) give 0.
+// 2^t for every lane, t <= 0: t = k + f with k the nearest integer and f in [-1/2, 1/2], 2^f =
+// exp(f ln 2) a degree-7 Taylor polynomial (truncation under 1e-9 relative); lanes below -126
+// (under 2^-126) give 0.
 static inline v16 vexp2(v16 t) {
     vi16 under = t < -126.f;
     t = under ? (v16){} - 126.f : t;
-    vi16 ki = __builtin_convertvector(t, vi16);  // rounds toward zero
+    v16 th = t + 0.5f;
+    vi16 ki = __builtin_convertvector(th, vi16);  // rounds toward zero
+    vi16 up = __builtin_convertvector(ki, v16) > th;  // -1 where that rounded up (th < 0)
+    ki += up;                                         // floor(t + 1/2)
     v16 k = __builtin_convertvector(ki, v16);
-    vi16 up = k > t;                              // -1 where it rounded up (t < 0)
-    ki += up;
-    k = __builtin_convertvector(ki, v16);
     v16 f = (t - k) * 0.6931471805599453f;
     v16 p = f * (1.f / 5040) + (1.f / 720);
     p = p * f + (1.f / 120); p = p * f + (1.f / 24); p = p * f + (1.f / 6);
@@ -44,9 +45,14 @@ typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 
 static inline float hsum(v16 x) {  // pairwise: halves, quarters, then the last four lanes
-    v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    v8 lo, hi;
+    memcpy(&lo, &x, sizeof lo);
+    memcpy(&hi, (const char *)&x + sizeof lo, sizeof hi);
+    v8 a = lo + hi;
+    v4 c, d;
+    memcpy(&c, &a, sizeof c);
+    memcpy(&d, (const char *)&a + sizeof c, sizeof d);
+    v4 b = c + d;
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
