@@ -6,7 +6,7 @@ shapes: per op, then whole forward steps of the model with `fuse_elementwise` on
     .venv/bin/python bench/layer_math.py --only ops --rows 16,1024 --repeats 500
     .venv/bin/python bench/layer_math.py --only steps --prompt-len 1000 --decode-batch 16 --context 1000
 
-Steps: a prefill of one --prompt-len prompt (causal SDPA as the runner calls it, then the LM head
+Steps: a prefill of one --prompt-len prompt (causal SDPA, the same in both paths, then the LM head
 on its last row), and a decode step of --decode-batch sequences over --context cached tokens each
 (paged decode attention on a pool of random K/V, then the LM head on every row); KV writes and
 sampling are left out (the same in both paths). Prints, per row, min and median milliseconds of

@@ -51,8 +51,8 @@ class GpuSpec:
     per_layer_overhead_s: float = 2e-5
     # Scheduling, input preparation and sampling, once per step.
     per_step_overhead_s: float = 5e-4
-    # Per sequence per layer (attention is dispatched per request; on a GPU paged kernels batch it,
-    # on our CPU path each request is its own SDPA call with its own KV gather).
+    # Per sequence per layer (attention dispatched per request: on our CPU path each prefill chunk is
+    # its own attention call after its own KV gather; decodes are batched, as paged kernels on a GPU).
     per_seq_layer_overhead_s: float = 0.0
     # Compute time each copied KV byte costs the step: 0 where DMA engines copy (GPUs); on the CPU
     # backend the copy thread shares the cores and the memory bandwidth with compute.
