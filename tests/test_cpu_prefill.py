@@ -31,9 +31,12 @@ def _case(n: int, ctx: int, h: int, hkv: int, d: int, seed: int = 0):
     return q, k, v
 
 
-def test_the_kernel_builds_here():
+def test_the_kernel_builds_here_and_auto_takes_it_with_avx512():
     assert cpu_kernels.available(), "g++ is on every machine this project runs on (and on CI)"
     assert cpu_kernels.library_path().exists()
+    avx512 = "avx512f" in cpu_kernels._cpu_flags().split()
+    assert (cpu_kernels.vector_bits() == 512) == avx512
+    assert cpu_kernels.preferred() == avx512
 
 
 @pytest.mark.parametrize("n, ctx", [(1, 0), (5, 0), (16, 0), (17, 0), (130, 0), (1, 70), (7, 64), (100, 37),
@@ -94,7 +97,8 @@ def test_strided_inputs_and_an_output_view_as_the_runner_passes_them():
     got = prefill_attention(q, k, v, 0.125, out=out[5:5 + n].view(n, h, d), impl="cpp")
     torch.testing.assert_close(got.double(), _reference(q, k, v, 0.125), rtol=1e-5, atol=1e-5)
     assert torch.equal(out[5:5 + n].view(n, h, d), got)
-    assert torch.equal(prefill_attention(q, k, v, 0.125), got)  # auto takes the kernel for these strides
+    native = "cpp" if cpu_kernels.preferred() else "torch"  # the kernel is slow without AVX-512
+    assert torch.equal(prefill_attention(q, k, v, 0.125), prefill_attention(q, k, v, 0.125, impl=native))
     assert (out[:5] == 7).all() and (out[5 + n:] == 7).all()
 
 
@@ -132,3 +136,23 @@ def test_build_without_a_compiler_says_so(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="failed"):
         cpu_kernels.build()
     assert list(tmp_path.iterdir()) == []  # no partial library left behind
+
+
+def test_without_avx512_auto_takes_the_fallbacks(monkeypatch):
+    """Built for 256-bit vectors the kernels are slower than SDPA and Numba: "auto" takes those."""
+    from orbitflow_kernels.attention import paged_decode_attention
+    monkeypatch.setattr(cpu_kernels, "vector_bits", lambda: 256)
+    cpu_kernels.preferred.cache_clear()
+    try:
+        assert not cpu_kernels.preferred()
+        q, k, v = _case(40, 20, 9, 3, 64, seed=2)
+        assert torch.equal(prefill_attention(q, k, v, 0.125), prefill_attention(q, k, v, 0.125, impl="torch"))
+        gen = torch.Generator().manual_seed(4)
+        pool = torch.randn(12, 2, 3, 16, 64, generator=gen)
+        table = torch.arange(12).view(3, 4)
+        lens, qd = torch.tensor([5, 64, 33]), torch.randn(3, 9, 64, generator=gen)
+        assert torch.equal(paged_decode_attention(qd, pool, table, lens, 0.125),
+                           paged_decode_attention(qd, pool, table, lens, 0.125, impl="numba"))
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.preferred.cache_clear()

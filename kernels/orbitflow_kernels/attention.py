@@ -21,7 +21,7 @@ passes over the row (every score, one softmax, then the values):
     blocks one at a time, all query heads of the KV head together (GQA); the splits' partial
     (max, sum, output) are merged after. `triton_kernel.py` holds the kernel.
 "auto" takes triton for a CUDA pool when Triton imports; for a CPU fp32 pool cpp where it is built
-for the shape, else numba; else torch. Each sequence's output is independent of the batch around it
+for the shape and for AVX-512 (`cpu_kernels.preferred()`), else numba; else torch. Each sequence's output is independent of the batch around it
 in every implementation.
 """
 
@@ -99,8 +99,9 @@ def paged_decode_attention(q: torch.Tensor, pool: torch.Tensor, block_table: tor
     table = block_table.to(pool.device)
     if rows is not None:
         rows = rows.to(device=pool.device, dtype=torch.int64)
-    if impl == "cpp" or (impl == "auto" and not pool.is_cuda and pool.dtype in _NUMBA_DTYPES):
-        from orbitflow_kernels import cpu_kernels
+    from orbitflow_kernels import cpu_kernels
+    if impl == "cpp" or (impl == "auto" and not pool.is_cuda and pool.dtype in _NUMBA_DTYPES
+                         and cpu_kernels.preferred()):
         out = None if pool.is_cuda else cpu_kernels.paged_decode(q, pool, table, lens, scale, rows)
         if out is not None:
             return out

@@ -9,7 +9,8 @@ loaded (libgomp.so.1), so its loops run on torch's thread pool. Without a compil
 back: prefill to torch's SDPA (`cpu_prefill`), decode to the Numba loop (`attention`).
 
 Kernels: `flash_prefill_f32` (cpu_prefill.py) and `paged_decode_f32` (attention.py's "cpp"); both
-fp32, head_dim in HEAD_DIMS, at most MAX_GROUP query heads per KV head.
+fp32, head_dim in HEAD_DIMS, at most MAX_GROUP query heads per KV head. "auto" takes them only on
+CPUs with AVX-512 (`preferred()`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ SOURCES = tuple(sorted(CSRC.glob("*.cpp")))
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC")
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per KV head the kernels are instantiated for
+FAST_VECTOR_BITS = 512  # see preferred()
 
 
 def _cpu_flags() -> str:
@@ -102,8 +104,28 @@ def library() -> ctypes.CDLL | None:
     P, L, I, F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
     lib.flash_prefill_f32.argtypes = [P, P, P, P, I, I, I, I, I, L, L, L, L, L, L, F, I]
     lib.paged_decode_f32.argtypes = [P, P, P, P, P, P, P, I, I, I, I, L, I, L, L, F, I]
-    lib.flash_prefill_f32.restype = lib.paged_decode_f32.restype = I
+    lib.flash_prefill_f32.restype = lib.paged_decode_f32.restype = lib.orbitflow_vector_bits.restype = I
     return lib
+
+
+def vector_bits() -> int:
+    """The vector width the library was compiled for (512: AVX-512, 256: AVX2, 0: other); 0 unbuilt."""
+    lib = library()
+    return 0 if lib is None else lib.orbitflow_vector_bits()
+
+
+@functools.cache
+def preferred() -> bool:
+    """Whether "auto" takes the C++ kernels here: built, and for 512-bit vectors. The kernels keep
+    16 fp32 lanes (one AVX-512 register) per vector; built for AVX2 (-march=haswell on the Zen 5 box)
+    they ran 10-14x slower than torch's SDPA in prefill and ~5x slower than the AVX-512 build in
+    decode (the register blocks spill), so on such CPUs "auto" takes SDPA and Numba, and the C++
+    kernels run only when asked for (impl="cpp", as the tests do)."""
+    bits = vector_bits()
+    if library() is not None and bits < FAST_VECTOR_BITS:
+        log.info("the C++ CPU attention kernels are built for %d-bit vectors: prefill takes torch's SDPA "
+                 "and decode Numba's loop unless impl='cpp' is asked for", bits)
+    return bits >= FAST_VECTOR_BITS
 
 
 def paged_decode(q: torch.Tensor, pool: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, scale: float,

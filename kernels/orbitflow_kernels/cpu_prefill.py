@@ -14,7 +14,8 @@ ctx..ctx+n-1, ctx = keys' length - n) over its keys. Two implementations:
     per KV head.
   * "torch": torch's CPU flash kernel, one SDPA call (causal) without cached context, and
     `chunk_attention_cpu` (two calls merged by their log-sum-exps) after it.
-"auto" takes "cpp" where it is built and supports the shape, else "torch".
+"auto" takes "cpp" where it is built for AVX-512 (`cpu_kernels.preferred()`) and supports the
+shape, else "torch".
 
 Measured on the Zen 5 box of bench/README.md, SmolLM2's 9/3 heads x 64, 2 threads (stop 37,
 medians of 10 calls against SDPA in the same process): 1,000 tokens 5.1-5.2 ms against SDPA's
@@ -65,7 +66,7 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                          f"and n >= 1, got {tuple(q.shape)}, {tuple(keys.shape)}, {tuple(values.shape)}")
     if out is not None and (out.shape != q.shape or out.stride(2) != 1 or out.stride(1) != d):
         raise ValueError(f"out must be [n, H, D] with heads packed, got {tuple(out.shape)} strides {out.stride()}")
-    fits = impl != "torch" and _cpp_supports(q, keys, values, out)
+    fits = (impl == "cpp" or impl == "auto" and cpu_kernels.preferred()) and _cpp_supports(q, keys, values, out)
     lib = cpu_kernels.library() if fits else None
     if impl == "cpp" and lib is None:
         raise ValueError("the cpp prefill kernel takes fp32 CPU tensors, head_dim in "

@@ -97,6 +97,8 @@ static decode_fn pick(int g) {
     }
 }
 
+extern "C" int orbitflow_vector_bits(void) { return native_vector_bits(); }
+
 // q [R, H, D] contiguous; pool [nb, 2, Hkv, bs, D] contiguous (0 = K, 1 = V); table [tr, tw] int64
 // contiguous; rows [R] int64 or NULL (row r); lens [R] int64; out [R, H, D]; bad [R * Hkv] zeroed:
 // set per task as the codes above (that task reads nothing and writes no output). Returns 0, or 1

@@ -56,5 +56,17 @@ static inline float hsum(v16 x) {  // pairwise: halves, quarters, then the last 
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+// The vector width this file was compiled for: 512 with AVX-512, where a v16 is one register; 256
+// with AVX2, where every v16 operation is two and the kernels' register blocks spill.
+static inline int native_vector_bits() {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(__AVX2__)
+    return 256;
+#else
+    return 0;
+#endif
+}
+
 static inline v16 vload(const float *p) { v16 x; memcpy(&x, p, sizeof x); return x; }
 static inline void vstore(float *p, v16 x) { memcpy(p, &x, sizeof x); }
