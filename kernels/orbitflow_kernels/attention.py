@@ -21,8 +21,8 @@ passes over the row (every score, one softmax, then the values):
     blocks one at a time, all query heads of the KV head together (GQA); the splits' partial
     (max, sum, output) are merged after. `triton_kernel.py` holds the kernel.
 "auto" takes triton for a CUDA pool when Triton imports; for a CPU fp32 pool cpp where it is built
-for the shape and for AVX-512 (`cpu_kernels.preferred()`), else numba; else torch. Each sequence's output is independent of the batch around it
-in every implementation.
+for the shape and for AVX-512 (`cpu_kernels.preferred()`), else numba; else torch. Each sequence's
+output is independent of the batch around it in every implementation.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import functools
 
 import numpy as np
 import torch
+
+from orbitflow_kernels import cpu_kernels
 
 IMPLS = ("auto", "torch", "cpp", "numba", "triton")
 _NUMBA_DTYPES = (torch.float32,)  # Numba has no bfloat16, and no float16 arithmetic
@@ -99,10 +101,9 @@ def paged_decode_attention(q: torch.Tensor, pool: torch.Tensor, block_table: tor
     table = block_table.to(pool.device)
     if rows is not None:
         rows = rows.to(device=pool.device, dtype=torch.int64)
-    from orbitflow_kernels import cpu_kernels
     if impl == "cpp" or (impl == "auto" and not pool.is_cuda and pool.dtype in _NUMBA_DTYPES
                          and cpu_kernels.preferred()):
-        out = None if pool.is_cuda else cpu_kernels.paged_decode(q, pool, table, lens, scale, rows)
+        out = cpu_kernels.paged_decode(q, pool, table, lens, scale, rows)  # None: not for this pool
         if out is not None:
             return out
         if impl == "cpp":

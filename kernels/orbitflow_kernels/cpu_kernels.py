@@ -2,7 +2,7 @@
 and loaded with ctypes.
 
 `build()` compiles every source with g++ (or $CXX) -O3 -march=native -fopenmp, at `make install` or
-on first use, into `__pycache__/` beside this file (the temp dir where that is not writable), under
+on first use, into `__pycache__/` beside this file (the user's cache dir where that is not writable), under
 a name keyed by the sources, the flags and the CPU's feature flags, so a checkout shared by
 machines of different CPUs builds one library each. The library links the OpenMP runtime torch
 loaded (libgomp.so.1), so its loops run on torch's thread pool. Without a compiler the callers fall

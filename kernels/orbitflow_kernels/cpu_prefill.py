@@ -6,8 +6,9 @@ ctx..ctx+n-1, ctx = keys' length - n) over its keys. Two implementations:
     flash-attention loop of Dao et al. 2022 with vLLM's CPU split of the work (one task per KV head
     and tile of 16 query positions, all query heads of that KV head together, GQA): keys in blocks
     of 64, transposed once per call; scores for 6 query rows x 64 keys held in 24 vector registers
-    (GCC vector extensions, 16 fp32 lanes: one AVX-512 register; on AVX2 two halves each, more
-    than the register file holds, so there it spills: not measured); an online softmax per row
+    (GCC vector extensions, 16 fp32 lanes: one AVX-512 register; built for AVX2 each is two, the
+    block spills and the loop runs 10-14x slower than SDPA, so "auto" takes it only with
+    AVX-512: `cpu_kernels.preferred()`); an online softmax per row
     in base 2 (the scale folded with log2(e) into the queries) with a vectorised polynomial exp2;
     P x V for the same 6 rows per value row loaded. Tasks run on torch's OpenMP pool (the library
     loads torch's libgomp), longest first. fp32 only, head_dim 64 or 128, at most 8 query heads

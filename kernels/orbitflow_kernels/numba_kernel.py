@@ -48,6 +48,9 @@ from llvmlite import ir  # noqa: E402
 from numba import types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
+# What a task's `bad` entry says (0: nothing wrong; the caller raises on any other): as the C++ kernel's.
+from orbitflow_kernels.attention import _BAD_BLOCK, _NO_KEY, _OFF_TABLE, raise_for_bad_tasks  # noqa: E402
+
 # Engine threads (tensor-parallel shards in one process, the serving core's engine thread) may run the
 # kernel at once: only the OpenMP and TBB layers take concurrent launches (workqueue aborts on them).
 if config.THREADING_LAYER == "default":
@@ -112,9 +115,6 @@ def _exp_neg(g):  # pragma: no cover - compiled
     p = p * f + _F1
     return p * _f32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
 
-
-# What a task's `bad` entry says (0: nothing wrong; the caller raises on any other): as the C++ kernel's.
-from orbitflow_kernels.attention import _BAD_BLOCK, _NO_KEY, _OFF_TABLE, raise_for_bad_tasks  # noqa: E402
 
 
 # fastmath limited to reassociation and FMA contraction (vectorised dot products and sums).

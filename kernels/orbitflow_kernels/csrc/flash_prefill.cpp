@@ -1,5 +1,5 @@
 // Causal prefill attention on the CPU, fp32, GQA: a flash-attention loop (Dao et al. 2022) over
-// key blocks of 64, register-blocked for CPUs with 512-bit (or 2 x 256-bit) vector units.
+// key blocks of 64, register-blocked for 512-bit vector units (AVX-512; built for AVX2 it spills).
 // Loaded by cpu_prefill.py through ctypes; see its docstring for shapes and the algorithm.
 #include <stdlib.h>
 
