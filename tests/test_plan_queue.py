@@ -55,6 +55,7 @@ class FakeWorker:
         return fut
 
     def step(self) -> None:
+        self.views = [v for v in self.views if v.num_output_tokens < v.max_tokens]  # finished at max_tokens
         ids = tuple(v.request_id for v in self.views)
         self.policy.observe(StepStats(0, STEP_S, ids, sum(v.num_tokens for v in self.views), len(ids), len(ids)))
         change = self.policy.replan(self.views, CAP)
@@ -114,6 +115,38 @@ def test_workers_adopt_the_central_plan_for_their_batch_and_drop_what_is_stale()
     assert b.stats["remote_plans_used"] == 0 and b.stats["remote_plans_dropped"] == 1
     assert b.stats["plan_version"] == 0 and b.policy.plan.solver == "fast"  # solved on the spot
     assert a.stats["remote_round_trip_s"] > 0 and b.stats["remote_round_trip_s"] == 0.0
+
+
+def _solve_all(queue: PlanQueue) -> None:
+    while queue.run_once():
+        pass
+
+
+def test_the_batch_after_a_finish_at_max_tokens_is_solved_ahead_and_taken_there():
+    queue = PlanQueue(CentralPlanner(probe_tokens=(16,), solver="fast"), Clock())
+    w = FakeWorker("f", queue, n=3, placement_hold=False, windows=(16,))
+    w.views[0] = replace(w.views[0], max_tokens=3)  # finishes after three steps, inside the window
+    w.step()  # installs a local plan and asks for the batch right after that finish
+    assert len(w.sent) == 1
+    assert w.sent[0].key == tuple(sorted((v.request_id, v.num_tokens + 2) for v in w.views[1:]))
+    _solve_all(queue)
+    w.step(), w.step()
+    assert w.stats["remote_plans_used"] == 0 and len(w.views) == 3
+    w.step()  # f-r0 is gone: the batch changed as predicted, the central plan is taken
+    assert len(w.views) == 2 and w.stats["remote_plans_used"] == 1
+    assert w.policy.plan is w.answers[0].result().result.plan and w.policy.counters["trigger_batch"] == 2
+
+
+def test_a_drift_replan_takes_the_central_plan_solved_for_the_window_end():
+    queue = PlanQueue(CentralPlanner(probe_tokens=(16,), solver="fast"), Clock())
+    w = FakeWorker("d", queue, n=3, placement_hold=False)
+    w.step()  # asks for the window's last step
+    _solve_all(queue)
+    w.policy.triggers.stale = True  # measured steps drifted from the prediction
+    w.step()  # a re-plan two steps before the window's end: the batch's requests, shorter than solved for
+    assert w.policy.counters["trigger_drift"] == 1 and w.stats["remote_plans_used"] == 1
+    assert w.policy.plan is w.answers[0].result().result.plan
+    assert w.stats["remote_plans_other_batch"] == w.stats["remote_plans_late"] == 0
 
 
 def test_lead_steps_follow_the_measured_round_trip():

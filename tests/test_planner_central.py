@@ -11,6 +11,7 @@ from orbitflow_ray.planner.ahead import AheadSolver, RemotePlan
 from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.planner.fastpath import FastPlanner
 from orbitflow_ray.planner.ilp_compact import CompactIlpPlanner
+from orbitflow_ray.planner.orbitflow_triggers import covers
 from orbitflow_ray.planner.problem import PlanInputs, PlanRequest, PlanStatus, evaluate, plan_better
 from orbitflow_ray.planner.solvers import make_solver
 from orbitflow_ray.kv.blocks import Tier
@@ -124,10 +125,40 @@ def test_ahead_solver_counts_central_plans_used_late_and_for_another_batch():
     ahead.remote = remote
     ahead.submit("a")
     assert ahead.take("a") is None and ahead.stats["remote_plans_late"] == 1
-    assert ahead.take("b") is None and ahead.stats["remote_plans_other_batch"] == 1
+    assert ahead.take("b") is None and ahead.take("a") is None  # a plan is counted once
+    assert (ahead.stats["remote_plans_late"], ahead.stats["remote_plans_other_batch"]) == (1, 0)
     pending[-1].set_result(RemotePlan(7, "a", ("plan", [])))
     assert ahead.take("a") == ("plan", []) and ahead.stats["remote_plans_used"] == 1
     assert ahead.stats["plan_version"] == 7
+
+    fresh = AheadSolver(lambda *a: None, background=False)
+    fresh.remote = remote
+    fresh.submit("c")
+    assert fresh.take("b") is None and fresh.take("b") is None and fresh.stats["remote_plans_other_batch"] == 1
+    fresh.submit("d")  # a newer request: "c" was counted already, not replaced as well
+    assert fresh.stats["remote_plans_replaced"] == 0
+    fresh.submit("e")
+    assert fresh.stats["remote_plans_replaced"] == 1
+    pending[-1].set_result(RemotePlan(8, "e", ("plan", [])))
+    assert fresh.take("e") == ("plan", [])
+    counted = [fresh.stats[f"remote_plans_{k}"] for k in ("used", "late", "other_batch", "dropped", "replaced")]
+    assert counted == [1, 0, 1, 0, 1] and fresh.stats["solves_remote"] == 3  # each plan in one bucket
+
+
+def test_a_plan_solved_for_a_later_step_of_the_batch_covers_it():
+    ahead = AheadSolver(lambda *a: None, background=False, covers=covers)
+    fut: Future = Future()
+    ahead.remote = lambda key, *a, budget_s=None: fut
+    later = (("r0", 120), ("r1", 220))
+    ahead.submit(later)
+    assert ahead.take((("r0", 110), ("r1", 210))) is None  # not back yet: no miss, it stays pending
+    assert ahead.pending(later) and sum(v for k, v in ahead.stats.items() if k.startswith("remote_plans")) == 0
+    fut.set_result(RemotePlan(3, later, ("plan", [])))
+    assert ahead.take((("r0", 121), ("r1", 210))) is None  # longer than solved for: another batch
+    assert ahead.stats["remote_plans_other_batch"] == 1
+    ahead.submit(later)
+    assert ahead.take((("r0", 115), ("r1", 215))) == ("plan", []) and ahead.stats["remote_plans_used"] == 1
+    assert covers(later, later) and not covers(later, (("r0", 100),)) and not covers(later, (("r0", 100), ("r2", 1)))
 
 
 def test_ilp_past_its_deadline_returns_the_fast_plan():

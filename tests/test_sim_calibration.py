@@ -1,7 +1,7 @@
 """Calibration fidelity: the simulator, fitted to this machine, predicts the real engine.
 
 `orbitflow calibrate --scale 0.6` measures the engine (SmolLM2-135M, CPU backend) over a batch x
-context grid, fits the roofline's factors, then replays one trace through the engine and through the
+context grid, fits the roofline's factors (their error judged per phase, `calibrate.fit_report`), then replays one trace through the engine and through the
 simulator: mean step time and per-request TPOT must agree within 15 % (the issue's bar; Vidur reports
 < 9 %). The scale shrinks the probe contexts and the replayed prompts to 0.6x the default's (the same
 batches and decode lengths; 0.6x the prefill tokens; at 0.4 a first attempt missed the bar by a few
@@ -27,7 +27,7 @@ SCALE = 0.6
 
 def _within(data: dict) -> bool:
     """Does this calibration meet every bar below: the fit's error and both replays'?"""
-    return data["fit"]["mean_abs_rel_error"] < 0.15 and all(
+    return data["fit"]["phase_mean_abs_rel_error"] < 0.15 and all(
         data[f"fidelity_{p}"][k] < 0.15 for p in ("no-offload", "static-uniform")
         for k in ("step_rel_error", "mean_tpot_rel_error"))
 
@@ -47,8 +47,10 @@ def report(tmp_path_factory):
 
 def test_fit_explains_the_measurements(report):
     data, out = report
-    assert data["fit"]["samples"] > 40
-    assert data["fit"]["mean_abs_rel_error"] < 0.15
+    assert data["fit"]["samples"] > 40 and data["fit"]["phases"] > 20
+    # the model's error, over each phase's repeated steps; a single step's also carries this VM's
+    # step-to-step jitter (printed by the command; 8-14 % a step at 25-60 ms steps on 2026-12-02)
+    assert data["fit"]["phase_mean_abs_rel_error"] < 0.15
     assert data["scale"] == SCALE
     gpu = load_gpu(str(out / "cpu-2core-calibrated.yaml"))
     assert gpu.name == "cpu-2core-calibrated" and data["gpu"] == str(out / "cpu-2core-calibrated.yaml")
@@ -59,3 +61,15 @@ def test_replay_agrees_within_15_percent(report, policy):
     f = report[0][f"fidelity_{policy}"]
     assert f["step_rel_error"] < 0.15, f
     assert f["mean_tpot_rel_error"] < 0.15, f
+
+
+def test_phases_group_a_probes_decode_steps_and_leave_each_prefill_alone():
+    from orbitflow_ray.outputs import StepRecord
+    from orbitflow_ray.sim.calibrate import phases
+
+    recs = [StepRecord(0, 0, 300, 1, 1, 0.3), StepRecord(1, 300, 1, 1, 1, 0.02), StepRecord(2, 301, 1, 1, 1, 0.03),
+            StepRecord(3, 0, 600, 2, 2, 0.5), StepRecord(4, 0, 600, 2, 2, 0.5), StepRecord(5, 600, 2, 2, 2, 0.03),
+            StepRecord(6, 602, 2, 2, 2, 0.03, h2d_bytes=10), StepRecord(7, 604, 2, 2, 2, 0.03, h2d_bytes=10),
+            StepRecord(8, 606, 1, 1, 1, 0.02)]
+    assert phases(recs) == [[0], [1, 2], [3], [4], [5], [6, 7], [8]]
+

@@ -1,8 +1,11 @@
 """Solving ahead: planning runs off the decode thread on a predicted batch.
 
 Decoding never waits for a speculative solve: a result is taken at a step boundary only when it is
-finished and was solved for the batch that is actually running. Anything unpredictable (an
-arrival, a finish, a block boundary that breaks capacity) is solved on the spot. Every solve is
+finished and was solved for the batch that is actually running, or for that batch a few steps on
+(`covers`: the same requests, none shorter than now; what fits and is on time at the longer
+contexts is at the shorter ones, as KV bytes and step time grow with them), which is what a re-plan
+before the step asked for (a drift) gets. Anything unpredictable (an arrival, an end of sequence,
+a pause, a block boundary that breaks capacity) is solved on the spot. Every solve is
 timed, hidden or not, and both totals are reported: the solve's cost is never subtracted.
 One lock serialises the solver (its warm-start state is not thread-safe).
 
@@ -16,13 +19,14 @@ step solves locally, exactly as when a local speculation misses. `stats` counts 
 (`remote_plans_used`), not back in time (`remote_plans_late`), solved for a batch that did not
 happen (`remote_plans_other_batch`), dropped unsolved by the planner (`remote_plans_dropped`) and
 replaced by a newer request before the step that needed them (`remote_plans_replaced`: the batch
-changed first);
+changed first), each central plan in one of them at most;
 `remote_round_trip_s` and `remote_lead_steps` are the latest estimate and lead.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,8 +42,10 @@ EWMA = 0.3  # weight of the newest round trip in the estimate
 
 
 class AheadSolver(Generic[R]):
-    def __init__(self, solve: Callable[..., R], background: bool = True) -> None:
+    def __init__(self, solve: Callable[..., R], background: bool = True,
+                 covers: Callable[[Hashable, Hashable], bool] = operator.eq) -> None:
         self._solve = solve
+        self._covers = covers  # covers(solved_for, now): a plan solved for that state holds in this one
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="orbitflow-plan") if background else None
         self._pending: tuple[Hashable, Future] | None = None
@@ -112,15 +118,17 @@ class AheadSolver(Generic[R]):
         self.stats["remote_round_trip_s"] = self.round_trip_s
 
     def take(self, key: Hashable) -> R | PlanResult | None:
-        """The speculative result for `key` if it is ready; None otherwise (never blocks)."""
+        """The speculative result solved for `key`, or for a state that `covers` it, if it is
+        ready; None otherwise (never blocks)."""
         if self._pending is None:
             return None
-        if self._pending[0] != key or not self._pending[1].done():
-            if self._remote_pending:
-                self.stats["remote_plans_other_batch" if self._pending[0] != key else "remote_plans_late"] += 1
-                self._missed = True  # counted: not "replaced" as well when a newer one follows
-            return None
-        fut = self._pending[1]
+        solved_for, fut = self._pending
+        usable = solved_for == key or self._covers(solved_for, key)
+        if not usable or not fut.done():
+            if self._remote_pending and not self._missed and (not usable or solved_for == key):
+                self.stats["remote_plans_late" if usable else "remote_plans_other_batch"] += 1
+                self._missed = True  # counted once: not again, nor "replaced" when a newer one follows
+            return None  # (solved for a later step of this batch and not back yet: it stays pending)
         self._pending = None
         if fut.exception() is not None:
             return None  # the caller solves on the spot, where the error is handled
@@ -129,7 +137,7 @@ class AheadSolver(Generic[R]):
             if result.result is None:
                 self.stats["remote_plans_dropped"] += 1
                 return None
-            if result.key != key:
+            if result.key != solved_for:
                 return None
             self.stats["remote_plans_used"] += 1
             self.stats["plan_version"] = result.version

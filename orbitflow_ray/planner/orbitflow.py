@@ -14,10 +14,11 @@ Three rooms, each its own module:
   fallback on a solver error;
 - `orbitflow_triggers.py`, the refinement triggers (`RefineTriggers`): a plan holds for its window of
   W decode steps and is re-solved when the batch changes, the window runs out, measured step time
-  drifts from the prediction or the next step's growth does not fit the device; window ends are
-  solved ahead (one step locally; centrally as many steps as the measured round trip needs, for the
-  batch predicted at the window's end, adopted if back by the step that needs it, else the fast
-  path solves on the spot).
+  drifts from the prediction or the next step's growth does not fit the device; the next
+  predictable re-plan (the window's end, or the first finish at max_tokens if sooner) is solved
+  ahead (one step locally; centrally as many steps as the measured round trip needs, for the batch
+  predicted there, adopted if back by the step that needs it or by an earlier re-plan of the same
+  requests (drift), else the fast path solves on the spot).
 
 At a window's end or on drift the plan in force is kept without a solve while it fits (shrunk one
 request a distance class down at a time when the batch outgrew it) and predicts no miss for a
@@ -48,7 +49,7 @@ from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, R
                                         StepStats, register_policy)
 from orbitflow_ray.planner.deposit import ArrivalForecast, bank_target
 from orbitflow_ray.planner.orbitflow_solve import LINK_MODELS, PAUSE_COSTS, SolveLoop
-from orbitflow_ray.planner.orbitflow_triggers import RefineTriggers, batch_key
+from orbitflow_ray.planner.orbitflow_triggers import RefineTriggers, batch_key, covers
 from orbitflow_ray.planner.pause import SLO_PAUSE_MAX_TRIALS, pause_breaks_tpot, pause_strategy
 from orbitflow_ray.planner.planning import PlanResult, RemoteSolve
 from orbitflow_ray.planner.problem import (ALL_HOST, DEFAULT_WINDOWS, Plan, PlanInputs, PlanStatus,
@@ -143,7 +144,7 @@ class OrbitFlow(KVPolicy):
                                     make_solver("uniform" if self.uniform else solver), self.counters,
                                     pause_strategy(pause_strategy_name), seed, slo_pause_max_trials,
                                     self.uses_deposit, self.can_pause, link_model, prefetch_depth, pause_cost)
-        self.ahead: AheadSolver = AheadSolver(self.solve_loop.solve, background=solve_ahead)
+        self.ahead: AheadSolver = AheadSolver(self.solve_loop.solve, background=solve_ahead, covers=covers)
         self.triggers = RefineTriggers(num_layers, self.cost, self.solve_loop, self.ahead, drift_threshold,
                                        drift_patience)
         self.plan: Plan | None = None
@@ -376,8 +377,12 @@ class OrbitFlow(KVPolicy):
             hold = self.placement_hold and reason in ("window", "drift")
             held = self.solve_loop.held(self.plan, running, cap) if hold else None
             missed = ttft_missed_ids(running)
-            # a plan solved ahead for this batch (by the central planner or the local thread)
-            ready = self.ahead.take(batch_key(running)) if reason in ("window", "drift") else None
+            # a plan solved ahead for this batch (by the central planner or the local thread): at
+            # a window's end, on drift, or when the batch shrank as predicted (a finish at max_tokens;
+            # other batch changes void the prediction, counted when the next one replaces it)
+            key = batch_key(running)
+            ready = self.ahead.take(key) if reason in ("window", "drift") or (
+                reason == "batch" and self.ahead.pending(key)) else None
             if ready is not None:
                 ready_plan, ready_paused = ready  # a (plan, paused) pair, or the central planner's PlanResult
                 ready = (ready_plan, list(ready_paused))

@@ -3,16 +3,18 @@
 A plan holds for its window of W decode steps (`steps_left` counts them down); `reason` names why
 the batch must be re-planned at this step:
 
-- "batch":    the batch changed (admission, finish, pause, resume)         -> solved on the spot
+- "batch":    the batch changed (finish, pause, resume, preemption)  -> the plan solved ahead for
+              this batch if ready (a finish at max_tokens), else solved on the spot
 - "capacity": the next step's growth does not fit the free device blocks   -> solved on the spot
 - "window":   the window ran out                     -> the plan solved ahead for this batch, if ready
 - "drift":    measured decode steps missed the prediction (`observe`)  -> likewise; else on the spot
 
 `predict` keeps the plan's step time at the current contexts (`predicted_s`), which `observe`
 compares each decode-only step against: `drift_patience` misses by more than `drift_threshold` in a
-row mark the plan stale. `solve_ahead` submits the batch predicted at the window's last step (every
-request that many tokens longer, those finished by then gone) to the policy's `ahead.AheadSolver`
-once it is `lead_steps` or fewer away: one step for the local thread, the measured round trip in
+row mark the plan stale. `solve_ahead` submits the batch predicted at the next predictable re-plan
+(the window's last step, or the first finish at max_tokens if sooner: every request that many
+tokens longer, those finished by then gone) to the policy's `ahead.AheadSolver` once it is
+`lead_steps` or fewer away: one step for the local thread, the measured round trip in
 steps for a central planner. In: `RequestView`s, `CapacityView`, `StepStats` and the plan in force
 (a `problem.Plan`); out: a trigger name, the predicted step time, and solves submitted ahead.
 Whether a window or drift re-plan keeps the plan in force is the policy's (`OrbitFlow.replan`).
@@ -33,6 +35,14 @@ from orbitflow_ray.planner.problem import Plan
 def batch_key(views: list[RequestView]) -> tuple:
     """What a plan solved ahead is for: the batch's (request id, tokens) pairs, sorted."""
     return tuple(sorted((v.request_id, v.num_tokens) for v in views))
+
+
+def covers(solved_for: tuple, key: tuple) -> bool:
+    """Whether a plan solved ahead for batch key `solved_for` holds for the batch `key`: the same
+    requests, none with more tokens than it was solved for (KV bytes and step time only grow with
+    the contexts, so what fits and is on time there is here: `ahead.AheadSolver.take`)."""
+    return len(solved_for) == len(key) and all(
+        a[0] == b[0] and a[1] >= b[1] for a, b in zip(solved_for, key))
 
 
 def advance(v: RequestView, steps: int = 1) -> RequestView:
@@ -113,11 +123,13 @@ class RefineTriggers:
             self._drift_run = 0
 
     def solve_ahead(self, running: list[RequestView], cap: CapacityView, protected: frozenset[str]) -> None:
-        """Ask for the plan of the window's last step now if it is `lead_steps` or fewer away (one
-        step for the local thread; the central planner's round trip in steps otherwise), for the
-        batch predicted there: every request `ahead` tokens longer, those finished by then gone."""
-        ahead = 1 if self.stale else self.steps_left
-        if ahead < 1 or ahead > self.ahead.lead_steps(self.step_s, max(self.steps_left, 1)):
+        """Ask for the plan of the next predictable re-plan (the window's last step, or the first
+        finish at max_tokens if sooner; the next step on drift) now if it is `lead_steps` or fewer
+        away (one step for the local thread; the central planner's round trip in steps otherwise),
+        for the batch predicted there: every request `ahead` tokens longer, those finished by then
+        gone."""
+        ahead = 1 if self.stale else min(self.steps_left, min(v.max_new_tokens_left for v in running))
+        if ahead < 1 or ahead > self.ahead.lead_steps(self.step_s, max(ahead, 1)):
             return
         nxt = [advance(v, ahead) for v in running if v.max_new_tokens_left > ahead]
         if nxt and not self.ahead.pending(batch_key(nxt)):

@@ -193,8 +193,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     gpu, fit = calibrate(args.model, args.base, args.scale)
     path = out / f"{gpu.name}.yaml"
     save_gpu(gpu, path)
-    print(f"fit over {fit['samples']} steps: mean |error| {fit['mean_abs_rel_error']:.1%}, "
-          f"max {fit['max_abs_rel_error']:.1%}; wrote {path}", file=sys.stderr)
+    print(f"fit over {fit['samples']} steps: mean |error| {fit['mean_abs_rel_error']:.1%} a step, "
+          f"max {fit['max_abs_rel_error']:.1%} (step-to-step jitter here {fit['step_jitter'] or 0:.1%}); "
+          f"{fit['phase_mean_abs_rel_error']:.1%} over {fit['phases']} phases; wrote {path}", file=sys.stderr)
     report = {"gpu": str(path), "scale": args.scale, "fit": fit}
     if not args.skip_fidelity:
         lens = list(scaled_lengths(REPLAY_PROMPT_LENS, args.scale))
