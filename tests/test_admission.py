@@ -11,8 +11,8 @@ from orbitflow_ray.costmodel import CostModel, OnlineCostModel
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.planner import available_policies, make_policy, policy_from_config
 from orbitflow_ray.planner.admission import (AdmissionKind, available_admissions, batch_plan_inputs, distance_like,
-                                            fits_device_for_life, lifetime_peak, make_admission, shared_prefill_s,
-                                            ttft_at_stake, ttft_delayed)
+                                            fits_device_for_life, late_alone, lifetime_peak, make_admission,
+                                            shared_prefill_s, ttft_at_stake, ttft_delayed)
 from orbitflow_ray.planner.base import CapacityView, RequestView
 from orbitflow_ray.planner.orbitflow import tiers_for_distance
 from orbitflow_ray.planner.static import uniform_placement
@@ -80,6 +80,19 @@ def test_no_offload_fcfs_admits_while_it_fits_slo_while_the_step_meets_the_slo()
 def test_no_offload_slo_admits_into_an_empty_batch_whatever_the_slo():
     p = policy("no-offload", "slo", slo_s=1e-6)
     assert p.admit(QUEUE[0], [], cap(10_000)).placements == {"r0": [Tier.DEVICE] * 4}
+
+
+@pytest.mark.parametrize("name", ["no-offload", "orbitflow"])
+def test_slo_lets_a_request_late_even_alone_join_unless_it_makes_others_late(name):
+    # A 5 ms SLO: one 400-token request alone steps 4 x (1 ms + 400 us) = 5.6 ms, late whatever
+    # runs; a 100-token one 4.4 ms, on time alone.
+    p, big = policy(name, "slo", slo_s=0.005), cap(10_000)
+    assert late_alone(view(1, 400), big, 4, cost(), 0.005, (16,))
+    assert not late_alone(view(1, 100), big, 4, cost(), 0.005, (16,))
+    late, _ = admit_in_order(p, [view(0, 400), view(1, 400), view(2, 400)], big)
+    assert [rid for rid, _ in late] == ["r0", "r1", "r2"]  # each late alone: waiting saves nobody
+    on_time, _ = admit_in_order(policy(name, "slo", slo_s=0.005), [view(0, 100), view(1, 400)], big)
+    assert [rid for rid, _ in on_time] == ["r0"]  # r1 would make r0 late: it waits
 
 
 def test_flexgen_plus_fcfs_offloads_to_admit_slo_waits():

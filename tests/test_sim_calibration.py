@@ -1,14 +1,14 @@
 """Calibration fidelity: the simulator, fitted to this machine, predicts the real engine.
 
 `orbitflow calibrate --scale 0.6` measures the engine (SmolLM2-135M, CPU backend) over a batch x
-context grid, fits the roofline's factors (their error judged per phase, `calibrate.fit_report`), then replays one trace through the engine and through the
-simulator: mean step time and per-request TPOT must agree within 15 % (the issue's bar; Vidur reports
-< 9 %). The scale shrinks the probe contexts and the replayed prompts to 0.6x the default's (the same
-batches and decode lengths; 0.6x the prefill tokens; at 0.4 a first attempt missed the bar by a few
-points on a quiet box, about 65 s an attempt at 0.6 against 129 s at 1). It runs in its own process, as
-users run it:
-timings taken inside a process that has already run the rest of the suite (dozens of models loaded,
-threads parked, a fragmented heap) are not this machine's."""
+context grid, fits the roofline's factors (their error judged per phase, `calibrate.fit_report`),
+then replays one trace through the engine and through the simulator: mean step time and per-request
+TPOT must agree within 15 % (the issue's bar; Vidur reports < 9 %). The scale shrinks the probe
+contexts and the replayed prompts to 0.6x the default's (the same batches and decode lengths; 0.6x
+the prefill tokens; at 0.4 a first attempt missed the bar by a few points on a quiet box, about 65 s
+an attempt at 0.6 against 129 s at 1). It runs in its own process, as users run it: timings taken
+inside a process that has already run the rest of the suite (dozens of models loaded, threads
+parked, a fragmented heap) are not this machine's."""
 
 import json
 import subprocess

@@ -22,7 +22,11 @@ policy runs with any of them (`EngineConfig.admission`), or with its own when th
   steps with, waiting until the batch next changes could not; without these two terms, the CPU
   load test's trace replayed in the simulator admitted two prompts into one step, each on time
   alone, both late together). Joining may cost others TBT or TTFT; waiting costs the request its
-  TTFT; each is one miss. A tie is broken on everyone's late steps
+  TTFT; each is one miss. A request late even alone (`late_alone`: its per-token SLO under the
+  compute of a decode step of it alone, all on device) misses it whether it joins or waits, so it
+  counts on both sides (at most once with its TTFT at stake): it waits only when joining makes
+  others late (without this, a chat request's n = 8 choices under an SLO no step meets ran one at a
+  time, each choice refused while another ran: 32 one-sequence steps). A tie is broken on everyone's late steps
   (`SloAdmission.everyone_breaks_ties`, `predicted_miss_ids(..., everyone=True)`: requests whose
   TTFT is missed counted too): the request joins unless that makes
   more of the batch late than waiting does. Those requests cost no goodput, but a batch they slow
@@ -69,8 +73,8 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.metrics.slo import TBT_QUANTILE
 from orbitflow_ray.planner.deposit import bank_target
-from orbitflow_ray.planner.problem import (ALL_HOST, PlanInputs, PlanRequest, copy_compute_s, late_requests,
-                                           placement_for_distance, step_time)
+from orbitflow_ray.planner.problem import (ALL_HOST, PlanInputs, PlanRequest, certain_late, copy_compute_s,
+                                           late_requests, placement_for_distance, step_time)
 
 if TYPE_CHECKING:
     from orbitflow_ray.costmodel import OnlineCostModel
@@ -145,21 +149,25 @@ class SloAdmission(Admission):
         broken = (tbt_broken(req, running, policy.num_layers, policy.cost, chunk, policy.default_slo_s,
                              policy.deposit_pace)
                   | ttft_delayed(req, running, policy.num_layers, policy.cost, chunk))
-        waiting = len(policy.predicted_miss_ids(running, None, cap)) + at_stake
+        # the request's own miss if it waits: its TTFT at stake, or its per-token SLO late even alone
+        alone = late_alone(req, cap, policy.num_layers, policy.cost, policy.default_slo_s, policy.windows)
+        own = int(at_stake or (alone and not req.ttft_missed))
+        own_everyone = int(at_stake or alone)
+        waiting = len(policy.predicted_miss_ids(running, None, cap)) + own
         joined = len(policy.predicted_miss_ids(running + [req], plan, cap) | broken)
         if joined > waiting:
             return False
         if joined == waiting and self._breaks_ties(policy, req, running, cap) and (
                 len(policy.predicted_miss_ids(running + [req], plan, cap, everyone=True) | broken)
-                > len(policy.predicted_miss_ids(running, None, cap, everyone=True)) + at_stake):
+                > len(policy.predicted_miss_ids(running, None, cap, everyone=True)) + own_everyone):
             return False  # a tie in goodput, but it makes steps late: throughput lost for nothing
         joined = policy.lifetime_misses(running + [req], cap)
         if joined is None:
             return True
-        waiting = policy.lifetime_misses(running, cap) + at_stake
+        waiting = policy.lifetime_misses(running, cap) + own
         if joined == waiting and self._breaks_ties(policy, req, running, cap):
             return (policy.lifetime_misses(running + [req], cap, everyone=True)
-                    <= policy.lifetime_misses(running, cap, everyone=True) + at_stake)
+                    <= policy.lifetime_misses(running, cap, everyone=True) + own_everyone)
         return joined <= waiting
 
     def _breaks_ties(self, policy, req, running, cap) -> bool:
@@ -174,6 +182,16 @@ class SloAdmission(Admission):
         """A queued request that can no longer meet its TTFT SLO (`ttft_lost`) lets those behind it
         that still can be offered first; it is offered again once none of them is waiting."""
         return self.step_aside and ttft_lost(req, policy.num_layers, policy.cost)
+
+
+def late_alone(req: RequestView, cap: CapacityView, num_layers: int, cost: OnlineCostModel, default_slo_s: float,
+               windows: tuple[int, ...]) -> bool:
+    """Does `req` miss its per-token SLO (TPOT/TBT) even running alone with all its KV on device:
+    the compute of a decode step of it alone (`problem.certain_late`, the least any placement
+    reaches) over its effective SLO (its own prefill owed spread over the window, as
+    `batch_plan_inputs` takes it)? Waiting for others to finish cannot save it then."""
+    inputs = batch_plan_inputs([req], cap, num_layers, cost, default_slo_s, windows)
+    return req.request_id in certain_late(inputs)
 
 
 def ttft_lost(req: RequestView, num_layers: int, cost: OnlineCostModel) -> bool:

@@ -4,15 +4,15 @@ check the simulator against a replay of the same trace.
     orbitflow calibrate --out runs/calib       # writes cpu-2core-calibrated.yaml + fidelity.json
     orbitflow simulate --gpu runs/calib/cpu-2core-calibrated.yaml --model smollm2-135m ...
 
-Measurement runs the engine (CPU backend, no offload) over a grid of batch sizes and context
-lengths and records every step (prefill chunks and decodes). The fit chooses seven factors of a
-`GpuSpec` (compute, weight-read and KV-read efficiency, above 1 where this machine outruns the
-base's peaks, which then rise; per-step, per-layer and per-sequence-per-layer overheads; compute
-lost per copied byte) that minimise the squared log error of the roofline's step time, so a 10 % error
-weighs the same on a 20 ms step as on a 2 s one (soft-L1 past 10 %); its error is reported per step
-and per phase (`fit_report`: a phase's repeated steps average out the machine's jitter). Fidelity then runs one trace through the engine
-and through the simulator with the calibrated spec, and compares mean step time and each
-request's TPOT (Vidur reports < 9 % error; the acceptance bar is 15 %).
+Measurement runs the engine (CPU backend, no offload) over a grid of batch sizes and context lengths
+and records every step (prefill chunks and decodes). The fit chooses seven factors of a `GpuSpec`
+(compute, weight-read and KV-read efficiency, above 1 where this machine outruns the base's peaks,
+which then rise; per-step, per-layer and per-sequence-per-layer overheads; compute lost per copied
+byte) that minimise the squared log error of the roofline's step time, so a 10 % error weighs the
+same on a 20 ms step as on a 2 s one (soft-L1 past 10 %); its error is reported per step and per
+phase (`fit_report`: a phase's repeated steps average out the machine's jitter). Fidelity then runs
+one trace through the engine and through the simulator with the calibrated spec, and compares mean
+step time and each request's TPOT (Vidur reports < 9 % error; the acceptance bar is 15 %).
 """
 
 from __future__ import annotations
