@@ -26,7 +26,8 @@ policy runs with any of them (`EngineConfig.admission`), or with its own when th
   compute of a decode step of it alone, all on device) misses it whether it joins or waits, so it
   counts on both sides (at most once with its TTFT at stake): it waits only when joining makes
   others late (without this, a chat request's n = 8 choices under an SLO no step meets ran one at a
-  time, each choice refused while another ran: 32 one-sequence steps). A tie is broken on everyone's late steps
+  time, each refused while another ran: 256 one-sequence steps for 8 x 32 tokens, not 32 steps).
+  A tie is broken on everyone's late steps
   (`SloAdmission.everyone_breaks_ties`, `predicted_miss_ids(..., everyone=True)`: requests whose
   TTFT is missed counted too): the request joins unless that makes
   more of the batch late than waiting does. Those requests cost no goodput, but a batch they slow

@@ -203,9 +203,9 @@ def phases(records: list[StepRecord]) -> list[list[int]]:
 def fit_report(model: str, gpu: GpuSpec, records: list[StepRecord]) -> dict:
     """How well the fitted `gpu` explains the measured `records`. Per step (`mean_abs_rel_error`,
     `max_abs_rel_error`) the error carries the step-to-step jitter of the machine as well as the
-    model's: repeated decode steps of one shape vary by 10-30 % on a shared 2-core VM at 25-60 ms a
-    step (`step_jitter`: the median over decode phases of their wall times' coefficient of
-    variation). Per phase (`phase_mean_abs_rel_error`: the mean over `phases` of |sum predicted /
+    model's: repeated decode steps of one shape vary on a shared 2-core VM at 25-60 ms a step
+    (`step_jitter`: the median over decode phases of their wall times' coefficient of variation,
+    8-12 % there on 2026-12-02, single steps up to 30-60 % off the fit). Per phase (`phase_mean_abs_rel_error`: the mean over `phases` of |sum predicted /
     sum measured - 1|) the jitter averages out over a phase's repeats, leaving the model's error:
     what the simulator's predictions, summed over many steps, inherit."""
     err = fit_errors(model, gpu, records)
