@@ -44,5 +44,5 @@ test-fast: install
 bench: install
 	$(PY) bench/throughput.py
 
-clean:
-	rm -rf $(VENV) build *.egg-info
+clean:  # also the compiled kernels and Numba caches (one C++ library per source edit and CPU accumulates there)
+	rm -rf $(VENV) build *.egg-info kernels/orbitflow_kernels/__pycache__
