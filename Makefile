@@ -44,5 +44,5 @@ test-fast: install
 bench: install
 	$(PY) bench/throughput.py
 
-clean:  # also the compiled kernels and Numba caches (one C++ library per source edit and CPU accumulates there)
+clean:  # also the kernels' build dir (one C++ library per source edit and CPU accumulates there)
 	rm -rf $(VENV) build *.egg-info kernels/orbitflow_kernels/__pycache__

@@ -137,16 +137,30 @@ def test_the_batch_after_a_finish_at_max_tokens_is_solved_ahead_and_taken_there(
     assert w.policy.plan is w.answers[0].result().result.plan and w.policy.counters["trigger_batch"] == 2
 
 
-def test_a_drift_replan_takes_the_central_plan_solved_for_the_window_end():
+def _drifted_worker(**options) -> FakeWorker:
+    """A worker whose window-end plan came back from the central planner, then whose measured
+    steps drifted from the prediction two steps before that window's end."""
     queue = PlanQueue(CentralPlanner(probe_tokens=(16,), solver="fast"), Clock())
-    w = FakeWorker("d", queue, n=3, placement_hold=False)
+    w = FakeWorker("d", queue, n=3, **options)
     w.step()  # asks for the window's last step
     _solve_all(queue)
-    w.policy.triggers.stale = True  # measured steps drifted from the prediction
-    w.step()  # a re-plan two steps before the window's end: the batch's requests, shorter than solved for
-    assert w.policy.counters["trigger_drift"] == 1 and w.stats["remote_plans_used"] == 1
-    assert w.policy.plan is w.answers[0].result().result.plan
+    w.policy.triggers.stale = True
+    w.step()  # the drift re-plan: the batch's requests, shorter than the plan was solved for
+    assert w.policy.counters["trigger_drift"] == 1
     assert w.stats["remote_plans_other_batch"] == w.stats["remote_plans_late"] == 0
+    return w
+
+
+def test_a_drift_replan_weighs_the_central_plan_for_the_window_end_against_the_plan_in_force():
+    w = _drifted_worker()  # placement_hold: the plan in force is on time; the central plan moves KV
+    assert w.stats["remote_plans_used"] == 1 and w.policy.counters["ahead_plans_held_over"] == 1
+    assert w.policy.plan is not w.answers[0].result().result.plan  # weighed on the refitted model: kept
+
+
+def test_a_drift_replan_without_hold_solves_on_the_refitted_model():
+    w = _drifted_worker(placement_hold=False)  # nothing would weigh the central plan: not taken
+    assert w.stats["remote_plans_used"] == 0 and w.policy.plan.solver == "fast"
+    assert w.policy.plan is not w.answers[0].result().result.plan
 
 
 def test_lead_steps_follow_the_measured_round_trip():

@@ -49,7 +49,8 @@ def test_fit_explains_the_measurements(report):
     data, out = report
     assert data["fit"]["samples"] > 40 and data["fit"]["phases"] > 20
     # the model's error, over each phase's repeated steps; a single step's also carries this VM's
-    # step-to-step jitter (printed by the command; 8-14 % a step at 25-60 ms steps on 2026-12-02)
+    # step-to-step jitter (printed by the command: a mean error of 10-16 % a step at 25-60 ms steps
+    # on 2026-12-02, against 7-10 % a phase)
     assert data["fit"]["phase_mean_abs_rel_error"] < 0.15
     assert data["scale"] == SCALE
     gpu = load_gpu(str(out / "cpu-2core-calibrated.yaml"))

@@ -189,8 +189,8 @@ def late_alone(req: RequestView, cap: CapacityView, num_layers: int, cost: Onlin
                windows: tuple[int, ...]) -> bool:
     """Does `req` miss its per-token SLO (TPOT/TBT) even running alone with all its KV on device:
     the compute of a decode step of it alone (`problem.certain_late`, the least any placement
-    reaches) over its effective SLO (its own prefill owed spread over the window, as
-    `batch_plan_inputs` takes it)? Waiting for others to finish cannot save it then."""
+    reaches) over its SLO (its own, else `default_slo_s`; its own prefill is not its debt,
+    `batch_plan_inputs`; no Token-Deposit credit)? Waiting for others to finish cannot save it."""
     inputs = batch_plan_inputs([req], cap, num_layers, cost, default_slo_s, windows)
     return req.request_id in certain_late(inputs)
 

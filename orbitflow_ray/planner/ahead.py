@@ -2,12 +2,12 @@
 
 Decoding never waits for a speculative solve: a result is taken at a step boundary only when it is
 finished and was solved for the batch that is actually running, or for that batch a few steps on
-(`covers`: the same requests, none shorter than now; what fits and is on time at the longer
-contexts is at the shorter ones, as KV bytes and step time grow with them), which is what a re-plan
-before the step asked for (a drift) gets. Anything unpredictable (an arrival, an end of sequence,
-a pause, a block boundary that breaks capacity) is solved on the spot. Every solve is
-timed, hidden or not, and both totals are reported: the solve's cost is never subtracted.
-One lock serialises the solver (its warm-start state is not thread-safe).
+(`covers`: the same requests, none shorter than now; what fits and is on time at the longer contexts
+is at the shorter ones, as KV bytes and step time grow with them), which is what a re-plan before
+the step asked for (a drift, where the policy weighs it against the plan in force) gets. Anything
+unpredictable (an arrival, an end of sequence, a pause, a block boundary that breaks capacity) is
+solved on the spot. Every solve is timed, hidden or not, and both totals are reported: the solve's
+cost is never subtracted. One lock serialises the solver (its warm-start state is not thread-safe).
 
 A serving worker may attach a remote solver (`attach_remote`): speculative solves then go to the
 central planner instead of the local thread, and come back as `RemotePlan`s carrying the planner's
@@ -19,7 +19,8 @@ step solves locally, exactly as when a local speculation misses. `stats` counts 
 (`remote_plans_used`), not back in time (`remote_plans_late`), solved for a batch that did not
 happen (`remote_plans_other_batch`), dropped unsolved by the planner (`remote_plans_dropped`) and
 replaced by a newer request before the step that needed them (`remote_plans_replaced`: the batch
-changed first), each central plan in one of them at most;
+changed first), a central plan counted at most once as missed (late or for another batch) or
+replaced;
 `remote_round_trip_s` and `remote_lead_steps` are the latest estimate and lead.
 """
 

@@ -377,16 +377,19 @@ class OrbitFlow(KVPolicy):
             hold = self.placement_hold and reason in ("window", "drift")
             held = self.solve_loop.held(self.plan, running, cap) if hold else None
             missed = ttft_missed_ids(running)
+            on_time = held is not None and not held.violations - missed
             # a plan solved ahead for this batch (by the central planner or the local thread): at
-            # a window's end, on drift, or when the batch shrank as predicted (a finish at max_tokens;
-            # other batch changes void the prediction, counted when the next one replaces it)
+            # a window's end, when the batch shrank as predicted (a finish at max_tokens; other batch
+            # changes void the prediction, counted when the next one replaces it), and on drift only
+            # to be weighed against the plan in force (below, on the refitted model: the plan was
+            # solved on the model before the drift)
             key = batch_key(running)
-            ready = self.ahead.take(key) if reason in ("window", "drift") or (
+            ready = self.ahead.take(key) if reason == "window" or (reason == "drift" and on_time) or (
                 reason == "batch" and self.ahead.pending(key)) else None
             if ready is not None:
                 ready_plan, ready_paused = ready  # a (plan, paused) pair, or the central planner's PlanResult
                 ready = (ready_plan, list(ready_paused))
-            if held is not None and not held.violations - missed:
+            if on_time:
                 # The plan in force is on time: a ready plan is taken only when it moves no KV (the
                 # same placement, at the window its solver chose) or buys late gaps back.
                 solved = (held, [])

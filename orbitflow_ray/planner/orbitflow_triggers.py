@@ -3,7 +3,7 @@
 A plan holds for its window of W decode steps (`steps_left` counts them down); `reason` names why
 the batch must be re-planned at this step:
 
-- "batch":    the batch changed (finish, pause, resume, preemption)  -> the plan solved ahead for
+- "batch":    the batch changed (admission, finish, pause, resume, preemption) -> the plan solved ahead for
               this batch if ready (a finish at max_tokens), else solved on the spot
 - "capacity": the next step's growth does not fit the free device blocks   -> solved on the spot
 - "window":   the window ran out                     -> the plan solved ahead for this batch, if ready

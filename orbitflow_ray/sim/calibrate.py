@@ -205,9 +205,14 @@ def fit_report(model: str, gpu: GpuSpec, records: list[StepRecord]) -> dict:
     `max_abs_rel_error`) the error carries the step-to-step jitter of the machine as well as the
     model's: repeated decode steps of one shape vary on a shared 2-core VM at 25-60 ms a step
     (`step_jitter`: the median over decode phases of their wall times' coefficient of variation,
-    8-12 % there on 2026-12-02, single steps up to 30-60 % off the fit). Per phase (`phase_mean_abs_rel_error`: the mean over `phases` of |sum predicted /
-    sum measured - 1|) the jitter averages out over a phase's repeats, leaving the model's error:
-    what the simulator's predictions, summed over many steps, inherit."""
+    8-12 % there on 2026-12-02, single steps up to 30-60 % off the fit). Per phase
+    (`phase_mean_abs_rel_error`: the mean over `phases` of |sum predicted / sum measured - 1|) the
+    jitter averages out over a decode phase's repeats (a prefill step is a phase alone: its error
+    is its own, jitter included, a smaller share of its longer step), leaving the model's error:
+    what the simulator's predictions, summed over many steps, inherit. Raises ValueError on no
+    records."""
+    if not records:
+        raise ValueError("no step records to judge the fit on")
     err = fit_errors(model, gpu, records)
     wall = np.array([r.wall_s for r in records])
     pred = wall * (1 + err)
