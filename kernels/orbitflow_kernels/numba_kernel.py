@@ -116,7 +116,6 @@ def _exp_neg(g):  # pragma: no cover - compiled
     return p * _f32_from_bits((np.int32(k) + np.int32(127)) << np.int32(23))
 
 
-
 # fastmath limited to reassociation and FMA contraction (vectorised dot products and sums).
 @njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
 def _paged_decode(q, pool, table, rows, lens, scale, out, bad):  # pragma: no cover - compiled

@@ -151,7 +151,8 @@ class SloAdmission(Admission):
                              policy.deposit_pace)
                   | ttft_delayed(req, running, policy.num_layers, policy.cost, chunk))
         # the request's own miss if it waits: its TTFT at stake, or its per-token SLO late even alone
-        alone = late_alone(req, cap, policy.num_layers, policy.cost, policy.default_slo_s, policy.windows)
+        alone = not at_stake and late_alone(req, cap, policy.num_layers, policy.cost, policy.default_slo_s,
+                                            policy.windows)  # (one miss either way: not judged when at stake)
         own = int(at_stake or (alone and not req.ttft_missed))
         own_everyone = int(at_stake or alone)
         waiting = len(policy.predicted_miss_ids(running, None, cap)) + own

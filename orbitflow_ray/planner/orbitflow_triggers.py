@@ -129,7 +129,7 @@ class RefineTriggers:
         for the batch predicted there: every request `ahead` tokens longer, those finished by then
         gone."""
         ahead = 1 if self.stale else min(self.steps_left, min(v.max_new_tokens_left for v in running))
-        if ahead < 1 or ahead > self.ahead.lead_steps(self.step_s, max(ahead, 1)):
+        if ahead < 1 or ahead > self.ahead.lead_steps(self.step_s, ahead):
             return
         nxt = [advance(v, ahead) for v in running if v.max_new_tokens_left > ahead]
         if nxt and not self.ahead.pending(batch_key(nxt)):
