@@ -50,8 +50,13 @@ def brute_force(inp: PlanInputs):
     return n_late, T, max(s[3] for s in ties if s[2] == moved), moved
 
 
+# compute seconds per copied byte where copies cost compute (`PlanInputs.copy_compute_s_per_byte`):
+# copy_ratio 0.5, 2.5 and 10 at BW (the CPU box's fit is about 2)
+COPY_COMPUTE = (2e-11, 1e-10, 4e-10)
+
+
 @st.composite
-def instances(draw):
+def instances(draw, copy: bool = False):
     L = draw(st.integers(4, 8))
     n = draw(st.integers(1, 4))
     reqs = [PlanRequest(f"r{i}", draw(st.integers(1, 64)) * 256, draw(st.integers(1, 200)),
@@ -61,7 +66,9 @@ def instances(draw):
     distances = draw(st.lists(st.integers(1, L), min_size=3, max_size=4, unique=True))
     distances += draw(st.sampled_from([[], [0]]))  # half the instances may stream all-host
     cap = int(full * draw(st.floats(0.6, 1.1)))  # mostly feasible; some infeasible when no small d is drawn
-    return PlanInputs(reqs, L, KVB, cap, BW, A, B, distances=tuple(distances), windows=(32, 64, 128))
+    ccpb = draw(st.sampled_from(COPY_COMPUTE)) if copy else 0.0
+    return PlanInputs(reqs, L, KVB, cap, BW, A, B, distances=tuple(distances), windows=(32, 64, 128),
+                      copy_compute_s_per_byte=ccpb)
 
 
 @given(instances(), st.floats(1.0, 2.0))
@@ -154,6 +161,10 @@ _TIE_BREAK_2 = PlanInputs((PlanRequest("r0", 9728, 6, 0.004783245010102509, 50),
 @example(_TIE_BREAK_1)
 @example(_TIE_BREAK_2)
 def test_ilp_matches_brute_force(inp):
+    _mips_match_brute_force(inp)
+
+
+def _mips_match_brute_force(inp):
     best = brute_force(inp)
     for planner in (CVXPY, HIGHS, REDUCED):
         plan = planner.solve(inp)
@@ -173,6 +184,10 @@ def test_ilp_matches_brute_force(inp):
 @settings(max_examples=60, deadline=None)
 @given(instances())
 def test_fast_path_within_its_gap(inp):
+    _fast_path_within_its_gap(inp)
+
+
+def _fast_path_within_its_gap(inp):
     enumerated = FAST.stats["enumerated"]
     best, plan = brute_force(inp), FAST.solve(inp)
     if best is None:
@@ -191,6 +206,10 @@ def test_fast_path_within_its_gap(inp):
 @given(instances())
 def test_fast_path_search_without_enumeration(inp):
     """Greedy, certificate, branch and bound and MIP fallback, on batches small enough to check."""
+    _fast_path_search_without_enumeration(inp)
+
+
+def _fast_path_search_without_enumeration(inp):
     best, limit = brute_force(inp), fastpath.ENUM_LIMIT
     fastpath.ENUM_LIMIT = 0
     try:
@@ -210,6 +229,59 @@ def test_fast_path_search_without_enumeration(inp):
     # the byte tie-break is greedy without enumeration (and the window follows the bytes): it can
     # miss the least bytes, never go below them
     assert link_bytes(inp, exact_plan.distances) >= best[3]
+
+
+@settings(max_examples=30, deadline=None)
+@given(instances(copy=True))
+def test_every_solver_prices_copy_compute(inp):
+    """Where copies cost compute (the CPU backend), T is L * c + stall + the copies' compute, and
+    every solver finds the brute-force optimum of that: the three MIPs exactly, the fast path
+    within its gap (exactly when it enumerates), its search without enumeration too."""
+    _mips_match_brute_force(inp)
+    _fast_path_within_its_gap(inp)
+    _fast_path_search_without_enumeration(inp)
+
+
+def test_step_time_charges_the_copies_compute():
+    """`step_time` adds copy_compute_s_per_byte x the host layers' KV copied in, and the fast
+    path's link (a virtual last interval) prices the same: stall + copy_ratio x host layers x load."""
+    reqs = [PlanRequest("a", 2_000, 10, 1.0), PlanRequest("b", 10_000, 10, 1.0)]
+    base = PlanInputs(reqs, 4, KVB, 10**12, BW, A, B, distances=(0, 1, 4))
+    inp = dataclasses.replace(base, copy_compute_s_per_byte=1e-10)
+    c, ratio = inp.compute_per_layer_s, 1e-10 * BW
+    assert inp.copy_ratio == pytest.approx(2.5)
+    link0, link = link_eval(4, inp.distances), link_eval(4, inp.distances, inp.copy_ratio)
+    for combo, host_tokens in {(4, 4): 0, (1, 4): 2 * 2_000, (0, 1): 4 * 2_000 + 2 * 10_000,
+                               (0, 0): 4 * 12_000}.items():
+        assert evaluate(inp, list(combo), 32)[0] == pytest.approx(
+            evaluate(base, list(combo), 32)[0] + 1e-10 * host_tokens * KVB, rel=1e-12), combo
+        loads = np.bincount([inp.distances.index(d) for d in combo],
+                            weights=[2_000 * KVB / BW / c, 10_000 * KVB / BW / c], minlength=3)
+        assert link.stall(loads[None])[0] == pytest.approx(
+            link0.stall(loads[None])[0] + ratio * host_tokens * KVB / BW / c, rel=1e-12), combo
+        m, s, _ = link.chain(loads)  # the critical chain bounds it exactly
+        assert m @ loads - s == pytest.approx(link.stall(loads[None])[0], rel=1e-12), combo
+
+
+def test_copy_compute_changes_the_placement():
+    """A batch whose least-stall placement copies more KV than needed: priced with the copies'
+    compute, every solver moves r1 to d = 1 (two of its five layers on host) instead of a layer of
+    each request (found by a random search; brute force confirms both optima)."""
+    from orbitflow_ray.planner.ilp_compact import CompactIlpPlanner
+    reqs = [PlanRequest("r0", 7680, 187, 0.0008480101834032218, 5),
+            PlanRequest("r1", 5120, 123, 0.0036551391673880222, 0)]
+    base = PlanInputs(reqs, 5, KVB, 230469658, BW, A, B, distances=(1, 2, 4, 5), windows=(32, 64, 128))
+    inp = dataclasses.replace(base, copy_compute_s_per_byte=1e-10)
+    T_stall_only, T_copy = brute_force(base)[1], brute_force(inp)[1]
+    compact = CompactIlpPlanner(rel_gap=EXACT, time_limit_s=PROVE_S, fast=FastPlanner(warm_start=False))
+    for planner in (CVXPY, HIGHS, REDUCED, FastPlanner(warm_start=False), compact):
+        assert planner.solve(base).predicted_step_s == pytest.approx(T_stall_only, rel=1e-9), planner.name
+        plan = planner.solve(inp)
+        assert plan.distances == {"r0": 5, "r1": 1}, planner.name
+        assert plan.predicted_step_s == pytest.approx(T_copy, rel=1e-9), planner.name
+    stall_only_plan = FastPlanner(warm_start=False).solve(base).distances
+    assert stall_only_plan != {"r0": 5, "r1": 1}
+    assert evaluate(inp, stall_only_plan, 128)[0] > T_copy * 1.1  # 13 % slower once copies are priced
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -380,15 +452,17 @@ def test_inputs_validation():
 
 
 @st.composite
-def mid_instances(draw):
+def mid_instances(draw, copy: bool = False):
     """Batches too large for the fast path to enumerate (K^R x intervals > ENUM_LIMIT), small
-    enough for the reference MIP to prove its optimum."""
+    enough for the reference MIP to prove its optimum (`copy`: copies cost compute)."""
     L, n = 8, draw(st.integers(6, 7))  # 8 distances: 8^6 x 22 intervals > ENUM_LIMIT
     reqs = [PlanRequest(f"r{i}", draw(st.integers(4, 128)) * 256, draw(st.integers(1, 200)),
                         draw(st.floats(1.0, 3.0)) * L * 3e-4, draw(st.sampled_from([0, 5, 50])))
             for i in range(n)]
     full = sum(r.context_tokens + r.growth(32) for r in reqs) * L * KVB
-    return PlanInputs(reqs, L, KVB, int(full * draw(st.floats(0.6, 0.95))), BW, A, B, windows=(32, 64))
+    ccpb = draw(st.sampled_from(COPY_COMPUTE)) if copy else 0.0
+    return PlanInputs(reqs, L, KVB, int(full * draw(st.floats(0.6, 0.95))), BW, A, B, windows=(32, 64),
+                      copy_compute_s_per_byte=ccpb)
 
 
 @settings(max_examples=5, deadline=None)
@@ -397,6 +471,17 @@ def test_compact_ilp_reaches_the_reference_optimum(inp):
     """The compact model (no violation binaries, distance classes, critical intervals only),
     given a budget to prove, lands on the reference model's optimum at its window, and is never
     worse than the fast plan it starts from."""
+    _compact_reaches_the_reference(inp)
+
+
+@settings(max_examples=3, deadline=None)
+@given(mid_instances(copy=True))
+def test_compact_ilp_reaches_the_reference_optimum_with_copy_compute(inp):
+    """The same where copies cost compute (the LP row, chains and Lagrangian bound all price them)."""
+    _compact_reaches_the_reference(inp)
+
+
+def _compact_reaches_the_reference(inp):
     from orbitflow_ray.planner.ilp_compact import CompactIlpPlanner
     compact = CompactIlpPlanner(rel_gap=EXACT, max_nodes=100_000, prove=True, time_limit_s=PROVE_S,
                                 fast=FastPlanner(warm_start=False))

@@ -1,6 +1,7 @@
 """The central planner's Lagrangian bound (`planner/ilp_lagrange.py`): its knapsack is exact, its
 bound never passes the least stall, and it proves a plan the LP relaxation's bound does not."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -81,10 +82,11 @@ def test_proves_the_optimum_where_the_lp_bound_does_not():
 
 
 @settings(max_examples=25, deadline=None)
-@given(instances())
+@given(st.one_of(instances(), instances(copy=True)))
 def test_bound_never_passes_the_least_stall(inp):
     """On small random instances, at each window where the batch fits: the Lagrangian bound from
-    the fast path's chains is at most the least stall over every placement that fits."""
+    the fast path's chains is at most the least stall over every placement that fits (the copies'
+    compute included where they cost it)."""
     planner = FastPlanner(warm_start=False)
     for window in inp.windows:
         if inp.min_device_bytes(window) > inp.device_capacity_bytes:
@@ -101,13 +103,14 @@ def test_bound_never_passes_the_least_stall(inp):
         assert all(int(e @ dev[ks]) <= cap for ks in met)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_central_plan_matches_the_exact_ilp_with_the_bound(seed):
+@pytest.mark.parametrize("seed,copy_compute", [(0, 0.0), (1, 0.0), (0, 1e-10)])
+def test_central_plan_matches_the_exact_ilp_with_the_bound(seed, copy_compute):
     """At 16 requests x 32 layers the central planner (Lagrangian bound on) returns a plan whose
     step time is within its rel_gap of the compact ILP solved to 1e-9, and never below it: at 1e-4
-    (where these batches need the Lagrangian bound) and at the default."""
+    (where these batches need the Lagrangian bound) and at the default; also where copies cost
+    compute (`copy_compute` s per byte)."""
     from test_planner_central import ILP, _batch
-    inp = _batch(16, seed, cap_frac=0.7)
+    inp = dataclasses.replace(_batch(16, seed, cap_frac=0.7), copy_compute_s_per_byte=copy_compute)
     exact = ILP.solve(inp)
     for gap in (1e-4, CENTRAL_REL_GAP):
         plan = CompactIlpPlanner(rel_gap=gap).solve(inp)
@@ -115,7 +118,7 @@ def test_central_plan_matches_the_exact_ilp_with_the_bound(seed):
 
 
 @settings(max_examples=25, deadline=None)
-@given(instances(), st.integers(0, 2**31))
+@given(st.one_of(instances(), instances(copy=True)), st.integers(0, 2**31))
 def test_no_weighting_passes_the_stall_of_a_mix(inp, seed):
     """The premise of `search`'s reachability test: for any weighting of chains, g (the exact
     knapsack less the weighted spans) is at most the stall of any mix of placements that fit."""

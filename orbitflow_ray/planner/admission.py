@@ -74,7 +74,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.metrics.slo import TBT_QUANTILE
 from orbitflow_ray.planner.deposit import bank_target
-from orbitflow_ray.planner.problem import (ALL_HOST, PlanInputs, PlanRequest, certain_late, copy_compute_s,
+from orbitflow_ray.planner.problem import (ALL_HOST, PlanInputs, PlanRequest, certain_late,
                                            late_requests, placement_for_distance, step_time)
 
 if TYPE_CHECKING:
@@ -444,7 +444,7 @@ def _distance_for_host_layers(n_host: int, num_layers: int) -> int:
 
 def predicted_late(inputs: PlanInputs, placements: Sequence[Sequence[Tier]], window: int) -> set[str]:
     """Requests of `inputs` (in order, each at its placement) whose per-token SLO is under the
-    modelled decode step (`problem.step_time`, plus what its copies cost in compute:
-    `problem.copy_compute_s`) at this window's effective SLOs."""
+    modelled decode step (`problem.step_time`, its copies' compute included) at this window's
+    effective SLOs."""
     ds = [distance_like(p, inputs.num_layers) for p in placements]
-    return late_requests(inputs, step_time(inputs, ds) + copy_compute_s(inputs, ds), window)
+    return late_requests(inputs, step_time(inputs, ds), window)

@@ -72,16 +72,33 @@ BATCH_SLACK = 0.25  # greedy offload applies every ranked move whose joint ratio
 
 
 class LinkEval:
-    """Least stall (in compute layers) of many class-load vectors at once, over critical intervals."""
+    """Least stall (in compute layers) of many class-load vectors at once, over critical intervals.
 
-    def __init__(self, num_layers: int, distances: tuple[int, ...]) -> None:
+    `copy_ratio` > 0 (`PlanInputs.copy_ratio`: the copies cost compute, the CPU backend): the
+    stall includes the copies' compute, copy_ratio * host layers of class k per unit of class load
+    (`problem.step_time`), as one more interval on a virtual layer L past the last, spanning no
+    compute, whose transfers are the step's host layers: U[L + 1] = U[L] + that term. Every search
+    here and in the central ILP (greedy, descent, chains, knapsack bounds, branch and bound) then
+    prices it, with no change to the compiled code; a chain through it bounds stall + copies."""
+
+    def __init__(self, num_layers: int, distances: tuple[int, ...], copy_ratio: float = 0.0) -> None:
+        if not copy_ratio >= 0:
+            raise ValueError(f"copy_ratio must be >= 0, got {copy_ratio}")
         pairs, counts = critical_intervals(num_layers, distances)
         order = np.argsort(pairs[:, 1], kind="stable")  # grouped by end: need[g] is a view
-        pairs, self.counts = pairs[order], counts[order]
-        self.L, self.a, self.span = num_layers, pairs[:, 0], (pairs[:, 1] - pairs[:, 0]).astype(float)
-        bounds = np.searchsorted(pairs[:, 1], np.arange(num_layers + 1))
-        self.by_end = [slice(bounds[j], bounds[j + 1]) for j in range(num_layers)]
+        pairs, counts = pairs[order], counts[order]
+        self.L, self.copy_ratio = num_layers, copy_ratio
         self.whole_m = np.array([len(host_layers(d, num_layers)) for d in distances], dtype=float)
+        self.last_deadline = float(pairs[:, 1].max()) if len(pairs) else 0.0
+        path_layers = num_layers
+        if copy_ratio > 0:  # the copies' compute: interval (L, L), no compute inside it
+            pairs = np.vstack([pairs, [[num_layers, num_layers]]])
+            counts = np.vstack([counts, copy_ratio * self.whole_m[None, :]])
+            path_layers += 1
+            self.whole_m = self.whole_m * (1.0 + copy_ratio)  # the whole step's chain with it
+        self.counts, self.a, self.span = counts, pairs[:, 0], (pairs[:, 1] - pairs[:, 0]).astype(float)
+        bounds = np.searchsorted(pairs[:, 1], np.arange(path_layers + 1))
+        self.by_end = [slice(bounds[j], bounds[j + 1]) for j in range(path_layers)]
         self.jit = CompiledLink(self.counts, self.a, self.span, bounds)
 
     def stall(self, Y: np.ndarray) -> np.ndarray:
@@ -92,7 +109,7 @@ class LinkEval:
         """`stall` as a numpy loop over layers: the reference the compiled loop is tested against."""
         # einsum, not matmul: multithreaded BLAS on a busy host costs 100x at these sizes
         need = np.einsum("ik,kn->in", self.counts, np.ascontiguousarray(Y.T)) - self.span[:, None]
-        U = np.zeros((self.L + 1, Y.shape[0]))
+        U = np.zeros((len(self.by_end) + 1, Y.shape[0]))
         for j, g in enumerate(self.by_end):
             if g.stop > g.start:
                 np.maximum(U[j], (U[self.a[g]] + need[g]).max(0), out=U[j + 1])
@@ -106,8 +123,8 @@ class LinkEval:
 
 
 @functools.lru_cache(maxsize=32)
-def link_eval(num_layers: int, distances: tuple[int, ...]) -> LinkEval:
-    return LinkEval(num_layers, distances)
+def link_eval(num_layers: int, distances: tuple[int, ...], copy_ratio: float = 0.0) -> LinkEval:
+    return LinkEval(num_layers, distances, copy_ratio)
 
 
 def knapsack_bound(load, e, dev, cap, m) -> tuple[float, np.ndarray, int]:
@@ -176,7 +193,7 @@ def lower_bound(link: LinkEval, load, e, dev, cap, seeds: list[Chain] | None = N
     f, j = np.float64, link.jit
     best, M, S = lower_bound_chains(j.counts, j.span, j.a, j.group, frozen(load, f), np.asarray(e, f),
                                     np.asarray(dev, f), float(cap), link.whole_m,
-                                    float((link.a + link.span).max()) if len(link.a) else 0.0, iters,
+                                    link.last_deadline, iters,
                                     float(load.sum()), float(e.sum()))
     return float(best), list(zip(M, S.tolist()))
 
@@ -298,7 +315,8 @@ class FastPlanner:
             for arr in (load, dev, e):
                 arr.flags.writeable = False
             cap = inputs.device_capacity_bytes // inputs.kv_bytes_per_token_per_layer
-            self._memo[window] = link_eval(inputs.num_layers, inputs.distances), load, e, dev, cap
+            link = link_eval(inputs.num_layers, inputs.distances, inputs.copy_ratio)
+            self._memo[window] = link, load, e, dev, cap
         return self._memo[window]
 
     def bound(self, inputs: PlanInputs, window: int) -> float:

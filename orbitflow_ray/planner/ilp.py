@@ -13,14 +13,19 @@ default 11 distances (all-host included), 1421 for L = 80.
     v[r] in {0, 1}     r misses its effective SLO
       capacity         sum_{r,k} cap[r, k] * x[r, k] <= 1      (see solve_window for the 1)
       link, per (a, b) sum_k count[a, b, k] * Y[k] - (U[b] - U[a-1]) <= b - a      (U[-1] = 0)
-      SLO (big-M)      U[L-1] - M[r] * v[r] <= slack[r]
-    minimise           weight * sum_r v[r] + U[L-1]          (T = c * (L + U[L-1]))
+      SLO (big-M)      S - M[r] * v[r] <= slack[r]
+    minimise           weight * sum_r v[r] + S               (T = c * (L + S))
+    S                = U[L-1] + lin . Y          the stall and the copies' compute, lin[k] =
+                                                 copy_ratio * host_k (`problem.step_time`; the
+                                                 term and lin exist only where copies cost
+                                                 compute, copy_ratio > 0: the CPU backend)
 
     load[r]  = n_r * kvb / (BW * c)             layers of compute one host layer of r takes to move
     cap[r,k] = (L - host_k) * (n_r + g_r) * kvb / capacity
     slack[r] = effective_slo_r / c - L           stall r tolerates before it is late
-    U_ub     = max_k host_k * sum_r load[r]      no chain of disjoint intervals holds more transfer
-                                                time than all transfers together, so U[L-1] <= U_ub
+    U_ub     = max_k host_k * (1 + copy_ratio) * sum_r load[r]   no chain of disjoint intervals
+                                                holds more transfer time than all transfers
+                                                together, so S <= U_ub
     M[r]     = max(0, U_ub - slack[r]),  weight = U_ub + 1
 
 weight > U_ub makes the objective lexicographic: one violation fewer always beats any difference
@@ -31,13 +36,13 @@ Ties on T go to the placement moving the fewest bytes (`problem.py`'s third key)
 solve of the same compiled problem with other parameter values (`problem.tie_data`):
 
     minimise           sum_{r,k} load[r] * host_k * x[r, k]      (link bytes, in load's units)
-      with             U[L-1] <= u_cap   (the tie limit of the first solve's T)
+      with             S <= u_cap        (the tie limit of the first solve's T)
                        v[r] <= v_ub[r]   (no request late that was on time)
 
 The first solve has hostload = 0, ucoef = 1 and caps that bind nothing, so one model serves both.
 
 All data enter as cvxpy Parameters (DPP), so a problem compiles once per (requests, layers,
-distance set); later solves only write parameter values. The distance set is a deployment
+distance set, copies cost compute or not); later solves only write parameter values. The distance set is a deployment
 constant, so in practice this is once per (batch size, model).
 """
 
@@ -56,10 +61,11 @@ from orbitflow_ray.planner.problem import (Plan, PlanInputs, critical_intervals,
 
 
 class ShapeCache:
-    """Compiled problems by (requests, layers, distances) shape, least recently used dropped past
-    `max_cached`: with DPP a re-solve of a cached shape only writes parameter values."""
+    """Compiled problems by (requests, layers, distances, copies cost compute) shape, least recently
+    used dropped past `max_cached`: with DPP a re-solve of a cached shape only writes parameter
+    values."""
 
-    def __init__(self, build: Callable[[int, int, tuple[int, ...]], Any], max_cached: int) -> None:
+    def __init__(self, build: Callable[[int, int, tuple[int, ...], bool], Any], max_cached: int) -> None:
         self.build, self.max_cached = build, max_cached
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self.compiles = 0
@@ -68,7 +74,7 @@ class ShapeCache:
         return list(self._cache.values())
 
     def get(self, inputs: PlanInputs) -> Any:
-        key = (len(inputs.requests), inputs.num_layers, inputs.distances)
+        key = (len(inputs.requests), inputs.num_layers, inputs.distances, inputs.copy_ratio > 0)
         if key in self._cache:
             self._cache.move_to_end(key)
         else:
@@ -92,9 +98,9 @@ def link_rows(L: int, distances: tuple[int, ...]) -> tuple[np.ndarray, np.ndarra
 
 
 class _Compiled:
-    """One parametrised problem for a (requests, layers, distances) shape."""
+    """One parametrised problem for a (requests, layers, distances, copies cost compute) shape."""
 
-    def __init__(self, R: int, L: int, distances: tuple[int, ...]) -> None:
+    def __init__(self, R: int, L: int, distances: tuple[int, ...], copy: bool = False) -> None:
         K = len(distances)
         pairs, counts, E = link_rows(L, distances)
         self.x = cp.Variable((R, K), boolean=True)
@@ -106,16 +112,19 @@ class _Compiled:
                        "ucoef": cp.Parameter(nonneg=True), "hostload": cp.Parameter((R, K), nonneg=True),
                        "u_cap": cp.Parameter(), "v_ub": cp.Parameter(R, nonneg=True)}
         p = self.params
+        S, S_cost = U[L - 1], p["ucoef"] * U[L - 1]
+        if copy:  # the copies' compute, linear in the class loads (`problem.copy_layers`)
+            p["lin"], p["ulin"] = cp.Parameter(K, nonneg=True), cp.Parameter(K, nonneg=True)
+            S, S_cost = S + p["lin"] @ Y, S_cost + p["ulin"] @ Y
         cons = [cp.sum(self.x, axis=1) == 1,
                 Y == p["load"] @ self.x,
                 cp.sum(cp.multiply(p["cap"], self.x)) <= p["cap_rhs"],
                 U[1:] >= U[:-1],
-                U[L - 1] - cp.multiply(p["bigm"], self.v) <= p["slack"],
-                U[L - 1] <= p["u_cap"], self.v <= p["v_ub"]]
+                S - cp.multiply(p["bigm"], self.v) <= p["slack"],
+                S <= p["u_cap"], self.v <= p["v_ub"]]
         if len(pairs):
             cons.append(sp.csr_matrix(counts) @ Y - E @ U <= (pairs[:, 1] - pairs[:, 0]).astype(float))
-        objective = (p["weight"] * cp.sum(self.v) + p["ucoef"] * U[L - 1]
-                     + cp.sum(cp.multiply(p["hostload"], self.x)))
+        objective = p["weight"] * cp.sum(self.v) + S_cost + cp.sum(cp.multiply(p["hostload"], self.x))
         self.problem = cp.Problem(cp.Minimize(objective), cons)
         self.solver_s = 0.0  # HiGHS's own time over all solves, to split out cvxpy's share
         assert self.problem.is_dcp(dpp=True)

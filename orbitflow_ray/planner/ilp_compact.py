@@ -8,7 +8,8 @@ Compact model (one window W, units of one layer's compute c, data from `problem.
     U[j] >= U[j-1] >= 0                         stall accumulated through layer j
     sum_{r,k} cap[r, k] * x[r, k] <= cap_rhs    device KV at the window's end
     count[a, b, :] . Y - (U[b] - U[a-1]) <= b - a   one row per critical interval (a, b) only
-    minimise  ucoef * U[L-1] + sum_{r,k} hostload[r, k] * x[r, k]
+    minimise  ucoef * S + sum_{r,k} hostload[r, k] * x[r, k]
+    S = U[L-1] (+ lin . Y where copies cost compute: `ilp.py`, `problem.step_time`)
 
 Compared with the reference (`ilp.py`) it has no violation binaries and no big-M rows: for a
 fixed window every request sees the same T, so the late set only grows with T and the least-T
@@ -16,7 +17,7 @@ plan has the fewest violations (`problem.py`); the violation count is read off t
 classes aggregate the link side (K class loads instead of R x L per-layer terms) and only the
 intervals every split crosses get a row (`problem.critical_intervals`: 267 rows at L = 32 with
 11 distances, 1421 at L = 80). Ties on T go to the fewest link bytes by a second solve of the same
-compiled problem (`problem.tie_data`: hostload on, ucoef off, U[L-1] capped at the tie limit)
+compiled problem (`problem.tie_data`: hostload on, ucoef off, S capped at the tie limit)
 when T is settled to a tie (below, "Ties on bytes").
 
 Every datum is a cvxpy Parameter (DPP: `problem.is_dpp()`), so a shape (requests, layers,
@@ -168,9 +169,9 @@ def _problem_data(problem: cp.Problem, params: dict[str, cp.Parameter], values: 
 
 
 class _Compiled:
-    """The compact model of one (requests, layers, distances) shape."""
+    """The compact model of one (requests, layers, distances, copies cost compute) shape."""
 
-    def __init__(self, R: int, L: int, distances: tuple[int, ...]) -> None:
+    def __init__(self, R: int, L: int, distances: tuple[int, ...], copy: bool = False) -> None:
         K = len(distances)
         pairs, counts, E = link_rows(L, distances)
         self.R, self.K, self.L, self.distances = R, K, L, distances
@@ -180,17 +181,21 @@ class _Compiled:
                        "cap_rhs": cp.Parameter(), "ucoef": cp.Parameter(nonneg=True),
                        "hostload": cp.Parameter((R, K), nonneg=True), "u_cap": cp.Parameter()}
         p, x, Y, U = self.params, self.x, self.Y, self.U
+        S, S_cost = U[L - 1], p["ucoef"] * U[L - 1]
+        if copy:  # the copies' compute, linear in the class loads (`problem.copy_layers`)
+            p["lin"], p["ulin"] = cp.Parameter(K, nonneg=True), cp.Parameter(K, nonneg=True)
+            S, S_cost = S + p["lin"] @ Y, S_cost + p["ulin"] @ Y
         cons = [cp.sum(x, axis=1) == 1, Y == p["load"] @ x,
                 cp.sum(cp.multiply(p["cap"], x)) <= p["cap_rhs"],
-                U[1:] >= U[:-1], U[L - 1] <= p["u_cap"]]
+                U[1:] >= U[:-1], S <= p["u_cap"]]
         if len(pairs):
             cons.append(sp.csr_matrix(counts) @ Y - E @ U <= (pairs[:, 1] - pairs[:, 0]).astype(float))
-        objective = p["ucoef"] * U[L - 1] + cp.sum(cp.multiply(p["hostload"], x))
+        objective = S_cost + cp.sum(cp.multiply(p["hostload"], x))
         self.problem = cp.Problem(cp.Minimize(objective), cons)
         if not self.problem.is_dpp():
             raise AssertionError("the compact placement model must be DPP (compile once per shape)")
         self._cols: dict[int, int] | None = None
-        self.pairs, self.counts = pairs, counts
+        self.pairs, self.counts, self.copy = pairs, counts, copy
         self.highs_s = 0.0  # HiGHS's own run time over all solves (the rest is cvxpy)
         self.nodes = 0
 
@@ -206,7 +211,8 @@ class _Compiled:
         stall >= m . Y - s (each row reads count . Y - span <= U[b] - U[a-1], and a weighting that
         covers each layer at most once sums those increments to at most U[L-1]). At the LP
         optimum the multiple-choice knapsack over (m, s) (`fastpath.knapsack_bound`) equals the LP
-        bound, so the branch and bound prices every node with it at the cost of a sort."""
+        bound, so the branch and bound prices every node with it at the cost of a sort. Where
+        copies cost compute, m includes their term (`lin`, added once): the row bounds S."""
         prob_data, _ = _problem_data(self.problem, self.params, data)
         self._cols = self._cols or prob_data[PARAM_PROB].var_id_to_col
         A, b, c = prob_data[cps.A].tocsc(), prob_data[cps.B], prob_data[cps.C]
@@ -242,8 +248,8 @@ class _Compiled:
         np.add.at(cover, self.pairs[:, 1] + 1, -lam)
         scale = max(1.0, float(np.cumsum(cover).max()))
         spans = (self.pairs[:, 1] - self.pairs[:, 0]).astype(float)
-        return (highs.getInfo().objective_function_value,
-                (self.counts.T @ lam / scale, float(spans @ lam) / scale), x)
+        m = self.counts.T @ lam / scale + (data["lin"] if self.copy else 0.0)
+        return highs.getInfo().objective_function_value, (m, float(spans @ lam) / scale), x
 
     def solve(self, data: dict, start: np.ndarray | None, options: dict) -> tuple[np.ndarray | None, str, float]:
         """(class per request or None, HiGHS model status, dual bound on the objective)."""
@@ -458,7 +464,7 @@ class CompactIlpPlanner:
         data, ds, c = window_data(inputs, window), np.array(inputs.distances), inputs.compute_per_layer_s
         L = inputs.num_layers
         start_fits = fits(inputs, window, start)
-        lower = self.fast.bound(inputs, window) / c - L  # certified bound on U[L-1] (the stall)
+        lower = self.fast.bound(inputs, window) / c - L  # certified bound on S (T / c - L)
         t_start = step_time(inputs, ds[start].tolist()) / c  # T / c; HiGHS's gap is rel_gap of it
         if start_fits and t_start - L <= lower + self.rel_gap * t_start:
             ks, proven, bound = start, True, lower
@@ -612,7 +618,7 @@ class CompactIlpPlanner:
         plan replaces `best` when its exact stall is lower (the search then stops at the lower
         bound that proves the new plan). `probe(placement)`: `_probe` from that placement, handed
         to the search (when `self.probe`) for its first round that cannot prove the best plan."""
-        L, g = len(link.by_end), self.rel_gap
+        L, g = link.L, self.rel_gap
 
         def descend(ks: np.ndarray, bound: float) -> float:  # the target the best plan proves at
             nonlocal best
@@ -636,7 +642,7 @@ class CompactIlpPlanner:
     def _fitting(self, inputs: PlanInputs, window: int, data: dict, start: np.ndarray | None
                  ) -> tuple[np.ndarray | None, bool, float]:
         compiled = self.compiled(inputs)
-        # the objective is U[L-1] = T / c - L: a gap of rel_gap on T is rel_gap * T / c on it
+        # the objective is S = T / c - L: a gap of rel_gap on T is rel_gap * T / c on it
         t_over_c = inputs.num_layers if start is None else step_time(
             inputs, [inputs.distances[k] for k in start]) / inputs.compute_per_layer_s
         options = {**self.options, "mip_abs_gap": self.rel_gap * t_over_c,

@@ -7,6 +7,9 @@ fixed slots, hands the arrays to HiGHS in one `passModel` call and seeds it with
 
 Columns: x[r, k] (binary, row-major), then v[r] (binary, only with `violations=True`), Y[k], U[j].
 Rows: one-of-K per request; Y definitions; capacity; U monotone; link intervals; SLO big-M.
+Where copies cost compute (`PlanInputs.copy_ratio` > 0, a layout of its own), one more column
+U[L] = U[L-1] + lin . Y (`problem.step_time`'s copy term: a link row on a virtual layer past the
+last, with no compute in it); then U[L] is what the objective, the caps and the big-M rows read.
 
 `violations=False` drops v and the big-M rows and minimises L + U[L-1] = T / c alone (so HiGHS's
 relative gap is a gap on T). That is exact for the lexicographic objective, not a relaxation: for
@@ -34,14 +37,14 @@ INF = highspy.kHighsInf
 class _Layout:
     """Sparse structure of one shape; `model` returns passModel's arguments for one window."""
 
-    def __init__(self, R: int, L: int, distances: tuple[int, ...], violations: bool) -> None:
+    def __init__(self, R: int, L: int, distances: tuple[int, ...], violations: bool, copy: bool = False) -> None:
         K = len(distances)
         pairs, counts = critical_intervals(L, distances)
-        nv = R if violations else 0
-        self.R, self.K, self.L, self.nv, self.distances = R, K, L, nv, distances
+        nv, nu = (R if violations else 0), L + copy
+        self.R, self.K, self.L, self.nv, self.distances, self.copy = R, K, L, nv, distances, copy
         xc = np.arange(R * K).reshape(R, K)
-        yc, uc = R * K + nv + np.arange(K), R * K + nv + K + np.arange(L)
-        self.ncol = R * K + nv + K + L
+        yc, uc = R * K + nv + np.arange(K), R * K + nv + K + np.arange(nu)
+        self.ncol = R * K + nv + K + nu
         rows, cols, vals, lo, hi = [], [], [], [], []
 
         def add(r, c, v):
@@ -60,17 +63,23 @@ class _Layout:
         add(row, xc.ravel(), 0.0)  # capacity share
         self.cap_row = row
         lo.append(-INF); hi.append(1.0); row += 1
-        add(row + np.arange(L - 1), uc[1:], 1.0)  # U monotone
-        add(row + np.arange(L - 1), uc[:-1], -1.0)
-        lo += [0.0] * (L - 1); hi += [INF] * (L - 1); row += L - 1
+        add(row + np.arange(nu - 1), uc[1:], 1.0)  # U monotone
+        add(row + np.arange(nu - 1), uc[:-1], -1.0)
+        lo += [0.0] * (nu - 1); hi += [INF] * (nu - 1); row += nu - 1
         for i, (a, b) in enumerate(pairs):  # link: count . Y - U[b] + U[a-1] <= b - a
             nz = np.flatnonzero(counts[i])
             add(row + i, yc[nz], counts[i, nz])
             add(row + i, [uc[b]] + ([uc[a - 1]] if a >= 1 else []), [-1.0] + ([1.0] if a >= 1 else []))
         lo += [-INF] * len(pairs); hi += list((pairs[:, 1] - pairs[:, 0]).astype(float)); row += len(pairs)
-        if violations:  # U[L-1] - M[r] v[r] <= slack[r]
+        if copy:  # the copies' compute: lin . Y - U[L] + U[L-1] <= 0 (lin written per solve)
+            self.lin_at = sum(map(len, rows))
+            add(row, yc, 0.0)
+            add(row, [uc[L], uc[L - 1]], [-1.0, 1.0])
+            lo.append(-INF); hi.append(0.0); row += 1
+        self.u_last = uc[nu - 1]
+        if violations:  # U[last] - M[r] v[r] <= slack[r]
             self.slo_row = row
-            add(row + np.arange(R), np.full(R, uc[L - 1]), 1.0)
+            add(row + np.arange(R), np.full(R, self.u_last), 1.0)
             self.bigm_at = sum(map(len, rows))
             add(row + np.arange(R), R * K + np.arange(R), 0.0)
             lo += [-INF] * R; hi += [0.0] * R; row += R
@@ -82,9 +91,8 @@ class _Layout:
         self.base = v_
         self.row_lower, self.row_upper = np.array(lo), np.array(hi)
         self.col_lower = np.zeros(self.ncol)
-        self.col_upper = np.r_[np.ones(R * K + nv), np.full(K + L, INF)]
-        self.integrality = np.r_[np.ones(R * K + nv), np.zeros(K + L)].astype(np.int32)
-        self.u_last = uc[L - 1]
+        self.col_upper = np.r_[np.ones(R * K + nv), np.full(K + nu, INF)]
+        self.integrality = np.r_[np.ones(R * K + nv), np.zeros(K + nu)].astype(np.int32)
 
     def incumbent(self, data: dict, ks: np.ndarray) -> highspy.HighsSolution:
         """A full feasible point for a placement: x, v, Y and the least stalls U."""
@@ -97,7 +105,9 @@ class _Layout:
         U = np.zeros(L + 1)
         for b in range(L):
             U[b + 1] = max(U[b], float(np.max(U[:b + 1] + need[:b + 1, b])))
-        v = (U[L] > data["slack"]).astype(float) if self.nv else np.zeros(0)
+        if self.copy:
+            U = np.r_[U, U[L] + float(data["lin"] @ Y)]
+        v = (U[-1] > data["slack"]).astype(float) if self.nv else np.zeros(0)
         sol = highspy.HighsSolution()
         sol.col_value = np.r_[x.ravel(), v, Y, U[1:]].tolist()
         sol.value_valid = True
@@ -108,6 +118,8 @@ class _Layout:
         v = self.base.copy()
         v[self.load_at:self.load_at + R * K] = -np.repeat(data["load"], K)
         v[self.cap_at:self.cap_at + R * K] = data["cap"].ravel()
+        if self.copy:
+            v[self.lin_at:self.lin_at + K] = data["lin"]
         cost, col_upper = np.zeros(self.ncol), self.col_upper.copy()
         cost[:R * K] = data["hostload"].ravel()  # zero but in the tie-break solve
         cost[self.u_last], col_upper[self.u_last] = data["ucoef"], data["u_cap"]
@@ -150,9 +162,9 @@ class HighsPlanner:
         return self._h
 
     def layout(self, inputs: PlanInputs) -> _Layout:
-        key = (len(inputs.requests), inputs.num_layers, inputs.distances)
+        key = (len(inputs.requests), inputs.num_layers, inputs.distances, inputs.copy_ratio > 0)
         if key not in self._layouts:
-            self._layouts[key] = _Layout(*key, self.violations)
+            self._layouts[key] = _Layout(*key[:3], self.violations, key[3])
         return self._layouts[key]
 
     def solve_window(self, inputs: PlanInputs, window: int,

@@ -49,6 +49,17 @@ with the same d has the same windows, bytes(a, b) = sum_k count_k(a, b) * Y_k wi
 B_r of the requests choosing distance k: the link side depends on the batch only through K numbers.
 The staging slots live outside the device KV pool (as in `kv/store.py`) and are not counted.
 
+Copy compute: where the copies run on the compute's own cores (the CPU backend: the copy thread
+and the host layers' bookkeeping), each byte copied in costs `copy_compute_s_per_byte` of compute
+besides its link time (on this project's 2-core CPU box about 2.6e-10 s against 1.25e-10 s of link
+at 8 GB/s; 0 on a GPU, whose DMA engines copy). `step_time` adds it for the host layers' KV copied
+in: in units of c, `copy_ratio` * sum_k host_k * Y_k with host_k the host layers of class k, a
+linear term in the class loads. The solvers see it as one more interval of the longest path (a
+virtual last layer whose transfers are those copies, hidden behind no compute: `fastpath.LinkEval`)
+or as that linear term in their objective (`ilp.py`, `ilp_highs.py`, `ilp_compact.py`); every
+chain bound keeps it. The write-backs' copies (a block per request and host layer) are left out as
+the link model leaves them out; `engine_step_time` charges every byte in and out.
+
 Capacity: device bytes = sum_r (L - host layers of d_r) * (n_r + g_r) * kvb <= capacity, with
 g_r = min(W, max_new_tokens_left) the tokens r grows by in the window (its KV at the window's end).
 All-host holds no device KV, so with d = 0 in `distances` every batch fits; but each all-host
@@ -145,7 +156,8 @@ class PlanInputs:
     # overlaps (`CostModel.step_tail_s`); only `engine_step_time` reads it. 0: unknown.
     step_tail_s: float = 0.0
     # Compute seconds each byte the step copies adds to it (`CostModel.copy_compute_s_per_byte`: 0
-    # on a GPU); `engine_step_time` and `copy_compute_s` (the `slo` admission's) read it.
+    # on a GPU, whose DMA engines copy): `step_time` charges it on the host layers' KV copied in,
+    # `engine_step_time` on every byte in and out (module docstring, "Copy compute").
     copy_compute_s_per_byte: float = 0.0
 
     def __post_init__(self) -> None:
@@ -168,6 +180,13 @@ class PlanInputs:
         object.__setattr__(self, "requests", tuple(self.requests))
         object.__setattr__(self, "distances", distance_set(self.distances, L))
         object.__setattr__(self, "windows", tuple(sorted({int(w) for w in self.windows})))
+
+    @property
+    def copy_ratio(self) -> float:
+        """Compute seconds a copied byte costs per second of link time it takes
+        (`copy_compute_s_per_byte` x `link_bytes_per_s`; 0 on a GPU): the copy term of `step_time`
+        in units of one layer's compute is `copy_ratio` x the host layers' loads (`window_loads`)."""
+        return self.copy_compute_s_per_byte * self.link_bytes_per_s
 
     @property
     def compute_per_layer_s(self) -> float:
@@ -335,7 +354,9 @@ def _normalise(inputs: PlanInputs, distances_by_request: Mapping[str, int] | Seq
 
 
 def step_time(inputs: PlanInputs, distances: Sequence[int]) -> float:
-    """T in seconds for a distance per request (request order); independent of the window."""
+    """T in seconds for a distance per request (request order); independent of the window:
+    L * c + the EDF link stall + the copies' compute (`PlanInputs.copy_compute_s_per_byte` times
+    the host layers' KV copied in; 0 on a GPU)."""
     L, kvb = inputs.num_layers, inputs.kv_bytes_per_token_per_layer
     classes = tuple(sorted(set(distances)))
     loads = np.zeros(len(classes))
@@ -343,7 +364,23 @@ def step_time(inputs: PlanInputs, distances: Sequence[int]) -> float:
         loads[classes.index(d)] += r.context_tokens * kvb
     c = inputs.compute_per_layer_s
     stall = _stall_s(window_counts(L, classes), loads, c, inputs.link_bytes_per_s) if classes else 0.0
+    if inputs.copy_compute_s_per_byte and classes:
+        stall += inputs.copy_compute_s_per_byte * float(loads @ _host_counts(L, classes))
     return L * c + stall
+
+
+@functools.lru_cache(maxsize=256)
+def _host_counts(num_layers: int, distances: tuple[int, ...]) -> np.ndarray:
+    """Host layers of each distance [K] (float: the copy term's multipliers)."""
+    out = np.array([_n_host(d, num_layers) for d in distances], dtype=float)
+    out.flags.writeable = False
+    return out
+
+
+def copy_layers(inputs: PlanInputs) -> np.ndarray:
+    """The copy term's coefficient on each class load [K] (`window_loads`' units): `copy_ratio`
+    times the class's host layers; zeros on a GPU."""
+    return inputs.copy_ratio * _host_counts(inputs.num_layers, inputs.distances)
 
 
 def engine_step_time(inputs: PlanInputs, distances: Sequence[int], prefetch_depth: int, window: int = 0) -> float:
@@ -389,15 +426,6 @@ def _step_bytes(inputs: PlanInputs, distances: Sequence[int], window: int = 0
     loads = (member @ (-(-tokens // bs) * bs * kvb)) @ on_host  # bytes copied in per layer
     backs = member.sum(1) @ on_host * (bs * kvb)  # written back per layer: a block per request
     return tokens, loads, backs
-
-
-def copy_compute_s(inputs: PlanInputs, distances: Sequence[int]) -> float:
-    """The compute a step's copies cost at these distances (`PlanInputs.copy_compute_s_per_byte`
-    times its bytes in and out; 0 on a GPU)."""
-    if not inputs.copy_compute_s_per_byte:
-        return 0.0
-    _, loads, backs = _step_bytes(inputs, distances)
-    return inputs.copy_compute_s_per_byte * int(loads.sum() + backs.sum())
 
 
 @functools.lru_cache(maxsize=1024)
@@ -522,22 +550,24 @@ def window_data(inputs: PlanInputs, window: int) -> dict[str, np.ndarray | float
     dev = inputs.device_layers().astype(float)
     cap = np.outer(inputs.end_tokens(window) * float(kvb), dev) / max(inputs.device_capacity_bytes, 1)
     slack = np.array([r.effective_slo_s(window) for r in inputs.requests]) / c - L
-    u_ub = float(max(len(host_layers(d, L)) for d in inputs.distances) * load.sum())
+    lin = copy_layers(inputs)  # the copies' compute per unit of class load (zeros on a GPU)
+    u_ub = float(max(len(host_layers(d, L)) for d in inputs.distances) * (1.0 + inputs.copy_ratio) * load.sum())
     # the tie-break solve's terms (`tie_data`), neutral here: no byte cost, U and v unbounded
     return {"load": load, "cap": cap, "cap_rhs": 1.0, "slack": slack,
-            "bigm": np.maximum(0.0, u_ub - slack), "weight": u_ub + 1.0, "ucoef": 1.0,
+            "bigm": np.maximum(0.0, u_ub - slack), "weight": u_ub + 1.0, "ucoef": 1.0, "lin": lin, "ulin": lin,
             "hostload": np.zeros_like(cap), "u_cap": 2.0 * (u_ub + L) + 1.0, "v_ub": np.ones(len(n))}
 
 
 def tie_data(inputs: PlanInputs, window: int, data: dict, choice: Sequence[int]) -> dict | None:
     """`window_data` for the MIPs' tie-break solve after a (violations, T)-optimal placement
     (distances in request order): least link bytes (hostload, in `load`'s units) with the stall
-    capped at the tie limit and no request late that is on time. None: the placement moves nothing."""
+    (with the copies' compute) capped at the tie limit and no request late that is on time. None:
+    the placement moves nothing."""
     if link_bytes(inputs, choice) == 0:
         return None
     L, c = inputs.num_layers, inputs.compute_per_layer_s
     u_cap = max(0.0, tie_limit(inputs, window, step_time(inputs, choice)) / c - L)
-    return {**data, "weight": 0.0, "ucoef": 0.0, "u_cap": u_cap,
+    return {**data, "weight": 0.0, "ucoef": 0.0, "ulin": np.zeros_like(data["lin"]), "u_cap": u_cap,
             "hostload": np.outer(data["load"], L - inputs.device_layers()),
             "v_ub": (data["slack"] < u_cap).astype(float)}
 
