@@ -61,7 +61,7 @@ from orbitflow_ray.serving.plan_queue import PlanQueue  # noqa: E402
 L, KVB, A, B, LINK, BLOCK = 32, 4096, 0.27e-3, 2.4e-9, 25e9, 16
 COST = CostModel(L, A, B, 0.0, LINK)
 OUTCOMES = ("remote_plans_used", "remote_plans_late", "remote_plans_other_batch", "remote_plans_dropped",
-            "remote_plans_replaced")
+            "remote_plans_failed", "remote_plans_replaced")
 
 
 class FakeWorker:

@@ -71,7 +71,7 @@ def improve_numpy(link: LinkEval, load, e, dev, cap, ks, rounds: int = 12, partn
         if n == 1:  # one vector alone: numpy's sum (linkjit's docstring)
             Ys = _moved(Y, ks, load, np.array([r]), np.array([x])) if n_moves else _swapped(Y, ks, load, r, x)
             Fb = link.stall(Ys)[0]
-        if Fb >= F - 1e-12 * (link.L + F):
+        if Fb >= F - 1e-12 * (len(link.by_end) + F):  # the path's layers, as compiled
             break
         if b < n_moves:
             ks[r] = x
@@ -162,15 +162,15 @@ def improve_round_numpy(link: LinkEval, Y, ks, load, e, dev, slack: int, p_r, p_
 
 def chain_numpy(link: LinkEval, Y: np.ndarray):
     """`LinkEval.chain` as it was in numpy: (m_C, s_C, U) of the critical chain of one load vector."""
-    need = link.counts @ Y - link.span
-    U, arg = np.zeros(link.L + 1), np.full(link.L + 1, -1)
+    need, P = link.counts @ Y - link.span, len(link.by_end)  # the path's layers (L + 1 with copies)
+    U, arg = np.zeros(P + 1), np.full(P + 1, -1)
     for j, g in enumerate(link.by_end):
         U[j + 1] = U[j]
         if g.stop > g.start:
             i = g.start + int(np.argmax(U[link.a[g]] + need[g]))
             if U[link.a[i]] + need[i] > U[j]:
                 U[j + 1], arg[j + 1] = U[link.a[i]] + need[i], i
-    m, s, j = np.zeros(link.counts.shape[1]), 0.0, link.L
+    m, s, j = np.zeros(link.counts.shape[1]), 0.0, P
     while j > 0:
         if arg[j] < 0:
             j -= 1
@@ -233,7 +233,7 @@ def lower_bound_numpy(link: LinkEval, load, e, dev, cap, seeds: list[Chain] | No
     starts from the whole-step interval (0, last deadline) and follows critical chains."""
     if seeds:
         return max(0.0, max(knapsack_bound(load, e, dev, cap, m)[0] - s for m, s in seeds)), seeds
-    m, s = link.whole_m, float((link.a + link.span).max()) if len(link.a) else 0.0
+    m, s = link.whole_m, link.last_deadline
     best, tried = 0.0, []
     for _ in range(iters):
         value, ks, _ = knapsack_bound(load, e, dev, cap, m)

@@ -19,27 +19,32 @@ from hypothesis import given, settings, strategies as st
 from orbitflow_ray.planner import linkjit
 from orbitflow_ray.planner.fastpath import (FastPlanner, _hull, branch_and_bound, chain_knapsacks, chain_table, improve, knapsack_bound,
                                             link_eval, lower_bound, offload_greedy, reclaim, size_partners)
-from orbitflow_ray.planner.problem import (PlanInputs, PlanRequest, _device_layers, _stall_s, distance_set,
+from orbitflow_ray.planner.problem import (PlanInputs, PlanRequest, _device_layers, _host_counts, _stall_s, distance_set,
                                            engine_step_time, window_counts)
+
+
+# `LinkEval`'s copy_ratio: 0 (a GPU), or copies costing 2.5x their link time in compute (the CPU
+# backend: one more, virtual, interval on the path)
+COPY_RATIOS = (0.0, 0.0, 2.5)
 
 
 @st.composite
 def links(draw):
     L = draw(st.integers(1, 80))
     ds = distance_set(draw(st.lists(st.integers(0, 90), min_size=1, max_size=11, unique=True)), L)
-    return L, ds
+    return L, ds, draw(st.sampled_from(COPY_RATIOS))
 
 
 @settings(max_examples=60, deadline=None)
 @given(links(), st.integers(1, 300), st.integers(0, 2**32 - 1))
 def test_compiled_stall_is_the_numpy_loop_and_the_exact_model(link_def, n, seed):
-    L, ds = link_def
-    link, rng = link_eval(L, ds), np.random.default_rng(seed)
+    L, ds, ratio = link_def
+    link, rng = link_eval(L, ds, ratio), np.random.default_rng(seed)
     Y = rng.exponential(rng.uniform(0.01, 5.0), (n, len(ds))) * (rng.random((n, len(ds))) < 0.7)
     got = link.stall(Y)
     assert np.array_equal(got, link.stall_numpy(Y))  # bit for bit: the plans cannot change
     for row in range(min(n, 4)):
-        exact = _stall_s(window_counts(L, ds), Y[row], 1.0, 1.0)
+        exact = _stall_s(window_counts(L, ds), Y[row], 1.0, 1.0) + ratio * float(_host_counts(L, ds) @ Y[row])
         assert got[row] == pytest.approx(exact, rel=1e-12, abs=1e-9)
     m, s, U = link.chain(Y[0])
     m_ref, s_ref, U_ref = chain_numpy(link, Y[0])
@@ -47,10 +52,11 @@ def test_compiled_stall_is_the_numpy_loop_and_the_exact_model(link_def, n, seed)
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sampled_from([8, 32, 80]), st.integers(1, 48), st.floats(0.0, 0.2), st.integers(0, 2**32 - 1))
-def test_compiled_improve_round_is_the_numpy_round(L, R, slack_frac, seed):
+@given(st.sampled_from([8, 32, 80]), st.integers(1, 48), st.floats(0.0, 0.2), st.integers(0, 2**32 - 1),
+       st.sampled_from(COPY_RATIOS))
+def test_compiled_improve_round_is_the_numpy_round(L, R, slack_frac, seed, ratio):
     ds = distance_set(None, L)
-    link, rng = link_eval(L, ds), np.random.default_rng(seed)
+    link, rng = link_eval(L, ds, ratio), np.random.default_rng(seed)
     dev = _device_layers(L, ds)
     load = rng.exponential(1.0, R)
     e = rng.integers(256, 131072, R)
@@ -147,8 +153,8 @@ def test_one_vector_sum_is_numpys_einsum(I, K, seed):
 
 
 def _placement(draw_seed: int, L: int, R: int):
-    ds = distance_set(None, L)
-    link, rng = link_eval(L, ds), np.random.default_rng(draw_seed)
+    ds, rng = distance_set(None, L), np.random.default_rng(draw_seed)
+    link = link_eval(L, ds, COPY_RATIOS[int(rng.integers(len(COPY_RATIOS)))])
     dev = _device_layers(L, ds)
     sizes = int(rng.integers(1, 2 * R + 1))  # few distinct sizes at times: ties in every ranking
     load, e = rng.exponential(1.0, sizes)[rng.integers(0, sizes, R)], rng.integers(256, 131072, sizes)[rng.integers(0, sizes, R)]

@@ -145,6 +145,21 @@ def test_ahead_solver_counts_central_plans_used_late_and_for_another_batch():
     assert counted == [1, 0, 1, 0, 1] and fresh.stats["solves_remote"] == 3  # each plan in one bucket
 
 
+def test_a_central_solve_that_failed_or_was_cancelled_is_counted_failed_and_solved_on_the_spot():
+    ahead = AheadSolver(lambda *a: None, background=False)
+    futures: list[Future] = []
+    ahead.remote = lambda key, *a, budget_s=None: futures.append(Future()) or futures[-1]
+    ahead.submit("a")
+    futures[-1].set_exception(RuntimeError("planner actor died"))
+    assert ahead.take("a") is None and ahead.stats["remote_plans_failed"] == 1
+    ahead.submit("b")
+    assert futures[-1].cancel()
+    assert ahead.take("b") is None and ahead.stats["remote_plans_failed"] == 2  # no CancelledError
+    assert not ahead.pending("b") and ahead.stats["remote_round_trip_s"] == 0.0  # nothing measured
+    counted = [ahead.stats[f"remote_plans_{k}"] for k in ("used", "late", "other_batch", "dropped", "replaced")]
+    assert counted == [0, 0, 0, 0, 0] and ahead.stats["solves_remote"] == 2
+
+
 def test_a_plan_solved_for_a_later_step_of_the_batch_covers_it():
     ahead = AheadSolver(lambda *a: None, background=False, covers=covers)
     fut: Future = Future()

@@ -444,7 +444,8 @@ def _distance_for_host_layers(n_host: int, num_layers: int) -> int:
 
 def predicted_late(inputs: PlanInputs, placements: Sequence[Sequence[Tier]], window: int) -> set[str]:
     """Requests of `inputs` (in order, each at its placement) whose per-token SLO is under the
-    modelled decode step (`problem.step_time`, its copies' compute included) at this window's
-    effective SLOs."""
+    modelled decode step (`problem.step_time`, with the compute of the host layers' KV copied in,
+    where copies cost compute; write-backs are left out, as the solvers leave them out) at this
+    window's effective SLOs."""
     ds = [distance_like(p, inputs.num_layers) for p in placements]
     return late_requests(inputs, step_time(inputs, ds), window)

@@ -17,7 +17,8 @@ plan version. A central solve takes far longer than a step, so the policy asks f
 an answer that is late, lost, dropped by the planner, or for another batch is ignored and the
 step solves locally, exactly as when a local speculation misses. `stats` counts central plans used
 (`remote_plans_used`), not back in time (`remote_plans_late`), solved for a batch that did not
-happen (`remote_plans_other_batch`), dropped unsolved by the planner (`remote_plans_dropped`) and
+happen (`remote_plans_other_batch`), dropped unsolved by the planner (`remote_plans_dropped`),
+failed (`remote_plans_failed`: the call raised or was cancelled, e.g. the planner actor died) and
 replaced by a newer request before the step that needed them (`remote_plans_replaced`: the batch
 changed first), a central plan counted at most once as missed (late or for another batch) or
 replaced;
@@ -55,7 +56,8 @@ class AheadSolver(Generic[R]):
         self.stats = {"solves_sync": 0, "solves_ahead": 0, "solves_ahead_used": 0,
                       "solve_s_sync": 0.0, "solve_s_ahead": 0.0, "solve_s_max": 0.0,
                       "solves_remote": 0, "remote_plans_used": 0, "remote_plans_late": 0,
-                      "remote_plans_other_batch": 0, "remote_plans_dropped": 0, "remote_plans_replaced": 0,
+                      "remote_plans_other_batch": 0, "remote_plans_dropped": 0, "remote_plans_failed": 0,
+                      "remote_plans_replaced": 0,
                       "plan_version": 0,
                       "remote_round_trip_s": 0.0, "remote_lead_steps": 0}
         self._remote_pending = False
@@ -131,7 +133,9 @@ class AheadSolver(Generic[R]):
                 self._missed = True  # counted once: not again, nor "replaced" when a newer one follows
             return None  # (solved for a later step of this batch and not back yet: it stays pending)
         self._pending = None
-        if fut.exception() is not None:
+        if fut.cancelled() or fut.exception() is not None:
+            if self._remote_pending:
+                self.stats["remote_plans_failed"] += 1
             return None  # the caller solves on the spot, where the error is handled
         result = fut.result()
         if isinstance(result, RemotePlan):

@@ -95,7 +95,7 @@ class LinkEval:
             pairs = np.vstack([pairs, [[num_layers, num_layers]]])
             counts = np.vstack([counts, copy_ratio * self.whole_m[None, :]])
             path_layers += 1
-            self.whole_m = self.whole_m * (1.0 + copy_ratio)  # the whole step's chain with it
+            self.whole_m = self.whole_m + copy_ratio * self.whole_m  # the whole step's chain with it
         self.counts, self.a, self.span = counts, pairs[:, 0], (pairs[:, 1] - pairs[:, 0]).astype(float)
         bounds = np.searchsorted(pairs[:, 1], np.arange(path_layers + 1))
         self.by_end = [slice(bounds[j], bounds[j + 1]) for j in range(path_layers)]
@@ -185,7 +185,8 @@ Chain = tuple[np.ndarray, float]  # (class-k transfers inside the chain, compute
 def lower_bound(link: LinkEval, load, e, dev, cap, seeds: list[Chain] | None = None,
                 iters: int = 8) -> tuple[float, list[Chain]]:
     """Best single-chain knapsack bound on the stall, and the chains tried. Without seeds it
-    starts from the whole-step interval (0, last deadline) and follows critical chains (compiled:
+    starts from the whole-step interval (0, last deadline) (with the copies' virtual interval
+    where copies cost compute: `LinkEval`) and follows critical chains (compiled:
     `linkjit.lower_bound_chains`)."""
     if seeds:
         values = chain_knapsacks(load, e, dev, cap, chain_table(dev, seeds))[0]
@@ -261,7 +262,7 @@ def branch_and_bound(link: LinkEval, load, e, dev, cap, chains: list[Chain], ks,
     M0 = np.array([np.asarray(m, f) for m, _ in chains]).reshape(len(chains), K)
     best, proven, M, S = bnb_jit(j.counts, j.span, j.a, j.group, frozen(load, f), frozen(e, np.int64),
                                  frozen(dev, np.int64), int(cap), M0, np.array([s for _, s in chains], dtype=f),
-                                 np.asarray(ks, np.int64), float(rel_gap), int(max_nodes), _child_order(K))
+                                 np.asarray(ks, np.int64), float(rel_gap), int(max_nodes), _child_order(K), link.L)
     chains.extend(zip(M, S.tolist()))
     return best, bool(proven)
 

@@ -21,7 +21,7 @@ compiled problem (`problem.tie_data`: hostload on, ucoef off, S capped at the ti
 when T is settled to a tie (below, "Ties on bytes").
 
 Every datum is a cvxpy Parameter (DPP: `problem.is_dpp()`), so a shape (requests, layers,
-distances) compiles once (the chain MIP's model below too, on the first window of its shape that runs the chain search,
+distances, copies cost compute) compiles once (the chain MIP's model below too, on the first window of its shape that runs the chain search,
 whether or not a chain MIP runs there); a re-solve only writes parameter values and cvxpy re-applies them to
 the cached matrix. cvxpy's HiGHS interface warm-starts only from its own previous solve, so the
 solve goes through cvxpy's solving chain by hand (`get_problem_data` -> the chain's HiGHS
@@ -298,8 +298,9 @@ class _ChainModel:
                               weighting of them (`_Compiled.relaxation`); unused rows are zero
         minimise t
 
-    Each row is a valid lower bound on the stall of any placement (a longest path is at least any
-    chain), so this is a relaxation of the compact model: its optimum is a lower bound on the
+    Each row is a valid lower bound on the stall (with the copies' compute where they cost it:
+    `fastpath.LinkEval`'s chains include its virtual interval, the LP row adds the term) of any
+    placement (a longest path is at least any chain), so this is a relaxation of the compact model: its optimum is a lower bound on the
     least stall, and a solution whose exact stall equals its t is optimal for the full model."""
 
     def __init__(self, R: int, K: int) -> None:

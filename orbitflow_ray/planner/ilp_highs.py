@@ -1,6 +1,6 @@
 """The placement MIP built with highspy directly: the same model as `ilp.py`, no cvxpy in between.
 
-The matrix is laid out once per (requests, layers, distances) shape; a solve writes the
+The matrix is laid out once per (requests, layers, distances, copies cost compute) shape; a solve writes the
 parameter-dependent coefficients (link loads, capacity shares, big-Ms, SLO slacks) into their
 fixed slots, hands the arrays to HiGHS in one `passModel` call and seeds it with an incumbent
 (the caller's previous plan, mapped by request id, when it is still feasible).
@@ -11,7 +11,7 @@ Where copies cost compute (`PlanInputs.copy_ratio` > 0, a layout of its own), on
 U[L] = U[L-1] + lin . Y (`problem.step_time`'s copy term: a link row on a virtual layer past the
 last, with no compute in it); then U[L] is what the objective, the caps and the big-M rows read.
 
-`violations=False` drops v and the big-M rows and minimises L + U[L-1] = T / c alone (so HiGHS's
+`violations=False` drops v and the big-M rows and minimises L + U[last] = T / c alone (so HiGHS's
 relative gap is a gap on T). That is exact for the lexicographic objective, not a relaxation: for
 a fixed window every request sees the same T, so the set of late requests {r : T > effective_slo_r}
 only grows with T and the least-T plan also has the fewest violations (`problem.py`); with a
@@ -19,7 +19,7 @@ nonzero gap the violation set is proven only if no effective SLO lies inside it 
 `violations=True` is the reference model of `ilp.py`, for the cvxpy-vs-direct comparison.
 
 Ties on T are broken as in `ilp.py`: a second solve on the same layout, least link bytes with
-U[L-1] capped at the tie limit (`problem.tie_data`), seeded with the first solve's plan.
+U[last] capped at the tie limit (`problem.tie_data`), seeded with the first solve's plan.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Why it works (measured on bench/planner.py's instances, `ilp_compact.py`'s module docstring): the
 stall depends on a placement only through its class loads Y = load @ x, and the LP relaxation's
 dual weighting of the link rows is, on these batches, almost exactly the whole step's host-layer
-count per class (m_k ~ L - dev_k). On that row m . Y = L * sum(load) - sum_r load_r dev[k_r], and
+count per class (m_k ~ L - dev_k; times 1 + copy_ratio where copies cost compute,
+`fastpath.LinkEval`). On that row m . Y = L * sum(load) - sum_r load_r dev[k_r] (scaled alike), and
 since every request's end tokens are nearly proportional to its load (e_r / load_r varies by well
 under 1 % in a batch), the knapsack under the capacity row is flat across the classes: a huge face
 of placements ties with the LP bound, among them ones that put most of the batch all on device or

@@ -407,13 +407,15 @@ def pairwise_sum(x):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True)
 def branch_and_bound(counts, span, a, group, load, e, dev, cap, M0, S0, ks0, rel_gap, max_nodes,
-                     child_order):  # pragma: no cover - compiled
+                     child_order, num_layers):  # pragma: no cover - compiled
     """`fastpath.branch_and_bound` (its numpy version is tests/test_fastpath_jit.py's reference):
     the same nodes in the same order, the same numbers (numpy's pairwise sums, BLAS dots and
     matrix-vector products, one-vector stall). M0 [C0, K] / S0 [C0]: the chains so far;
-    child_order [K, K]: the order children are pushed for a rounded class (numpy's argsort).
+    child_order [K, K]: the order children are pushed for a rounded class (numpy's argsort);
+    num_layers: the model's layers L (T = L + stall in compute layers, what the proof's gap is
+    on; the path has one more, virtual, where copies cost compute: `fastpath.LinkEval`).
     Returns (best placement, proven: every node pruned, new chains' m [n, K], their s [n])."""
-    R, K, L = len(load), len(dev), len(group) - 1
+    R, K, L, P = len(load), len(dev), num_layers, len(group) - 1
     ef, devf = e.astype(np.float64), dev.astype(np.float64)
     dev_min = devf.min()
     rows = len(S0) + max_nodes + 1
@@ -461,8 +463,8 @@ def branch_and_bound(counts, span, a, group, load, e, dev, cap, M0, S0, ks0, rel
         for t in range(len(free)):
             cand[free[t]] = H[arg, arg_pos[t]]
         m, s, U = _chain(counts, span, a, group, np.dot(counts, _loads(cand, load, K)) - span)
-        if U[L] < best:
-            best, ks = U[L], cand
+        if U[P] < best:
+            best, ks = U[P], cand
         seen = False
         for t in range(C):
             if S[t] == s and np.array_equal(M[t], m):
@@ -916,7 +918,8 @@ def _warm_up() -> None:
                        np.array([1.0, 2.0]), np.array([2.0, 1.0]), 1.0, np.array([1.0, 2.0]), 1.0, 8, 3.0, 3.0)
     order = frozen([[0, 1], [1, 0]], i)
     branch_and_bound(counts, np.array([0.0, 1.0]), np.array([0, 0]), np.array([0, 1, 2]), load, frozen([1, 1], i),
-                     frozen([2, 0], i), 1, np.array([[1.0, 2.0]]), np.array([1.0]), np.array([0, 0]), 0.01, 4, order)
+                     frozen([2, 0], i), 1, np.array([[1.0, 2.0]]), np.array([1.0]), np.array([0, 0]), 0.01, 4, order,
+                     2)
     limits = frozen([1, 1], i)  # `problem._issue_limits` are cached, read-only
     engine_step(np.array([0, 4]), np.array([0, 1]), limits, np.array([1]), 1.0, 2.0, 0.0)
 

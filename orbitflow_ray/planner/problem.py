@@ -17,7 +17,8 @@ same for every layer. Host layer h of request r with distance d is a transfer of
 bytes (its whole KV for that layer) over the host link (BW bytes/s). Its staging slot frees when the
 request's previous host layer (h - d - 1) finishes computing, so it is *released* at the end of
 layer h - d - 1's compute (the top of the step for the first one) and must *land* before layer h
-starts. stall_j >= 0 is the wait inserted before layer j; T = L * c + sum_j stall_j.
+starts. stall_j >= 0 is the wait inserted before layer j; T = L * c + sum_j stall_j (+ the copies'
+compute where they cost it: "Copy compute" below).
 
 All-host (d = 0): layer h's transfer is released when layer h - 1 ends (the top of the step for
 layer 0) and must land before layer h starts, so no compute hides it: alone on the link it adds
@@ -51,13 +52,15 @@ The staging slots live outside the device KV pool (as in `kv/store.py`) and are 
 
 Copy compute: where the copies run on the compute's own cores (the CPU backend: the copy thread
 and the host layers' bookkeeping), each byte copied in costs `copy_compute_s_per_byte` of compute
-besides its link time (on this project's 2-core CPU box about 2.6e-10 s against 1.25e-10 s of link
-at 8 GB/s; 0 on a GPU, whose DMA engines copy). `step_time` adds it for the host layers' KV copied
+besides its link time (the online cost model fits it; the CPU backend's prior, `cpu-2core` in
+`sim/specs/gpus.yaml`, has 5.3e-10 s against 1.25e-10 s of link at 8 GB/s; 0 on a GPU, whose DMA
+engines copy). `step_time` adds it for the host layers' KV copied
 in: in units of c, `copy_ratio` * sum_k host_k * Y_k with host_k the host layers of class k, a
 linear term in the class loads. The solvers see it as one more interval of the longest path (a
 virtual last layer whose transfers are those copies, hidden behind no compute: `fastpath.LinkEval`)
-or as that linear term in their objective (`ilp.py`, `ilp_highs.py`, `ilp_compact.py`); every
-chain bound keeps it. The write-backs' copies (a block per request and host layer) are left out as
+or as that linear term in their objective (`ilp.py`, `ilp_highs.py`, `ilp_compact.py`); a chain
+through the virtual interval bounds stall + copies (one that skips it, only the stall: still a
+valid bound, a weaker one). The write-backs' copies (a block per request and host layer) are left out as
 the link model leaves them out; `engine_step_time` charges every byte in and out.
 
 Capacity: device bytes = sum_r (L - host layers of d_r) * (n_r + g_r) * kvb <= capacity, with
@@ -186,7 +189,7 @@ class PlanInputs:
         """Compute seconds a copied byte costs per second of link time it takes
         (`copy_compute_s_per_byte` x `link_bytes_per_s`; 0 on a GPU): the copy term of `step_time`
         in units of one layer's compute is `copy_ratio` x the host layers' loads (`window_loads`)."""
-        return self.copy_compute_s_per_byte * self.link_bytes_per_s
+        return self.copy_compute_s_per_byte * self.link_bytes_per_s if self.copy_compute_s_per_byte else 0.0
 
     @property
     def compute_per_layer_s(self) -> float:

@@ -162,7 +162,7 @@ class CentralPlanner:
                 "plan_solver": t.plan_solver,
                 **{k: int(t.policy_stats.get(k, 0)) for k in (
                     "remote_plans_used", "remote_plans_late", "remote_plans_other_batch", "remote_plans_dropped",
-                    "remote_plans_replaced", "solves_remote", "remote_lead_steps")},
+                    "remote_plans_failed", "remote_plans_replaced", "solves_remote", "remote_lead_steps")},
                 "remote_round_trip_s": t.policy_stats.get("remote_round_trip_s", 0.0),
                 "mean_step_s": t.mean_step_s, **t.kv,
             }
