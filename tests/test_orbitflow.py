@@ -379,6 +379,27 @@ def test_engine_step_time_issues_the_union_of_host_layers_in_order():
     assert engine_step_time(tailed, [8, 8], 1) == pytest.approx(8.0)  # all on device: compute alone
 
 
+def test_a_mixed_plan_the_engine_runs_slower_gives_way_to_the_best_single_distance():
+    """`engine_checked` weighs a plan mixing distances against the best single-distance plan, both
+    as the engine runs them, even when neither is late: the batch of the test above, where [7, 1]
+    takes 11 s in the EDF model and 13 s on the engine; both fit on device whole (8 s, no bytes)."""
+    from orbitflow_ray.planner.problem import make_plan
+    reqs = (PlanRequest("a", 6, 10, 20.0), PlanRequest("b", 1, 10, 20.0))
+    inputs = PlanInputs(reqs, 8, 1, 1000, 1.0, 1.0, 0.0, windows=(16,))
+    loop = make_policy("orbitflow", 8, solve_ahead=False, windows=(16,)).solve_loop
+    mixed = make_plan(inputs, [7, 1], step_time(inputs, [7, 1]), 16, PlanStatus.FEASIBLE, 0.0, "fast")
+    assert not mixed.violations and mixed.predicted_step_s == pytest.approx(11.0)
+    checked = loop.engine_checked(mixed, inputs)
+    assert checked.distances == {"a": 8, "b": 8} and checked.predicted_step_s == pytest.approx(8.0)
+    assert loop.counters["engine_single"] == 1 and loop.counters["engine_slower"] == 0
+    # one distance for the batch: judged as the engine runs it, never swapped
+    one = make_plan(inputs, [7, 7], step_time(inputs, [7, 7]), 16, PlanStatus.FEASIBLE, 0.0, "fast")
+    assert loop.engine_checked(one, inputs).distances == {"a": 7, "b": 7}
+    # the EDF ablation takes the solver's plan as it is
+    edf = make_policy("orbitflow-edf-link", 8, solve_ahead=False, windows=(16,)).solve_loop
+    assert edf.engine_checked(mixed, inputs) is mixed
+
+
 def test_engine_step_time_adds_what_the_copies_cost_in_compute():
     # L = 8, blocks of 4 tokens, 2 bytes a token and layer. a (10 tokens: 3 blocks) at d = 1 keeps
     # layers 1, 3, 5, 7 on host: 4 x 12 tokens x 2 bytes copied in, 4 x 4 x 2 written back = 128 bytes.

@@ -11,8 +11,9 @@ SLO's); it keeps no plan: the policy passes the plan in force to `held`.
   Token-Deposit credit (`admission.batch_plan_inputs`), on the online cost model.
 - The solve (`solve`): the solver (`solvers.py`: "fast" on a worker, "cvxpy-highs" centrally); its
   plan judged as the engine runs it (`engine_checked`, `link_model` "engine": the solvers model an
-  EDF link, the engine issues its copies for the union of the batch's host layers, in order; the
-  best single-distance plan is taken where it misses fewer).
+  EDF link, the engine issues its copies for the union of the batch's host layers, in order; a
+  plan mixing distances is weighed, as the engine runs both, against the best single-distance
+  plan, which is taken where it is better: fewer late, else a shorter step, else fewer bytes).
 - Pause-Resume: while no placement fits (INFEASIBLE, `problem.py`), pause one unpinned request
   (`pause_strategy`, largest by default: the paper's choice, `pause.py`) and re-solve; the set reached
   that way is the fewest pauses that make the batch feasible. A feasible plan that misses the SLOs of
@@ -50,7 +51,7 @@ from orbitflow_ray.planner.pause import PauseStrategy, SloPauseSearch, pause_bre
 from orbitflow_ray.planner.planning import PlanResult
 from orbitflow_ray.planner.problem import (Plan, PlanInputs, PlanStatus, device_bytes, distance_set,
                                            engine_step_time, fit_whole_plan, late_requests, make_plan,
-                                           placement_for_distance, step_time)
+                                           placement_for_distance, plan_better, step_time)
 from orbitflow_ray.planner.solvers import PlacementSolver, make_solver
 
 log = logging.getLogger(__name__)
@@ -177,25 +178,27 @@ class SolveLoop:
         request `growth(window)` tokens longer: the largest step of the window, since T grows with
         the contexts, where the solvers judge its first). The solvers model an EDF link, which
         gives a long-distance request of a batch mixing distances a longer window than the
-        engine's copies (issued for the union of the batch's host layers, in order) do; where the
-        engine's step makes the plan miss more, the best single-distance plan (where the two link
-        models agree) is taken if it misses fewer, or as many in a shorter step. Unchanged with the
-        "edf" link model, and for a plan the engine runs on time to the window's end."""
+        engine's copies (issued for the union of the batch's host layers, in order) do: a plan
+        mixing distances is weighed against the best single-distance plan (where the two link
+        models agree), both as the engine runs them (`problem.plan_better`: fewer late, a shorter
+        step beyond T_RTOL, fewer link bytes), and the better is taken ("engine_single" counts the
+        single-distance plans taken; "engine_slower" the mixed plans kept that the engine makes miss
+        more than the solver predicted). Unchanged with the "edf" link model and for a plan of one
+        distance."""
         if self.link_model != "engine" or plan.status is PlanStatus.INFEASIBLE or not plan.distances:
             return plan
         judged = partial(self.engine_judged, inputs=inputs)
         checked = judged(plan)
-        if checked.violations <= plan.violations:
-            return checked
         if len(set(plan.distances.values())) > 1:
             alt = self._single.solve(inputs)
             if alt.status is not PlanStatus.INFEASIBLE:
                 alt = judged(alt)
-                if (len(alt.violations), alt.predicted_step_s) < (len(checked.violations), checked.predicted_step_s):
+                if plan_better(inputs, alt, checked):
                     self.counters["engine_single"] += 1
                     self.solver.seed(alt.distances)
                     return alt
-        self.counters["engine_slower"] += 1
+        if len(checked.violations) > len(plan.violations):
+            self.counters["engine_slower"] += 1
         return checked
 
     def engine_judged(self, plan: Plan, inputs: PlanInputs) -> Plan:
