@@ -87,7 +87,7 @@ class LinkEval:
         pairs, counts = critical_intervals(num_layers, distances)
         order = np.argsort(pairs[:, 1], kind="stable")  # grouped by end: need[g] is a view
         pairs, counts = pairs[order], counts[order]
-        self.L, self.copy_ratio = num_layers, copy_ratio
+        self.L = num_layers
         self.whole_m = np.array([len(host_layers(d, num_layers)) for d in distances], dtype=float)
         self.last_deadline = float(pairs[:, 1].max()) if len(pairs) else 0.0
         path_layers = num_layers
