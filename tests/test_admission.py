@@ -13,7 +13,8 @@ from orbitflow_ray.planner import available_policies, make_policy, policy_from_c
 from orbitflow_ray.planner.admission import (AdmissionKind, available_admissions, batch_plan_inputs, distance_like,
                                             fits_device_for_life, late_alone, lifetime_peak, make_admission,
                                             shared_prefill_s, ttft_at_stake, ttft_delayed)
-from orbitflow_ray.planner.base import CapacityView, RequestView
+from orbitflow_ray.planner.base import CapacityView, RequestView, StepStats
+from orbitflow_ray.planner.deposit import ArrivalForecast
 from orbitflow_ray.planner.orbitflow import tiers_for_distance
 from orbitflow_ray.planner.static import uniform_placement
 from orbitflow_ray.sim.simulator import SimConfig, simulate
@@ -154,6 +155,50 @@ def test_a_request_owes_no_debt_for_its_own_prefill():
     arriving = replace(view(1, 101), num_computed_tokens=0)  # 100 prompt tokens owed: 4 x 100 us
     inputs = batch_plan_inputs([decoding, arriving], cap(10_000), 4, c, SLO_S, (16,))
     assert [r.slo_s for r in inputs.requests] == [pytest.approx(SLO_S - 4e-4 / 16), SLO_S]
+
+
+def test_the_arrivals_prefill_load_comes_off_every_slo():
+    """At prefill load rho a request's mean gap is its decode step / (1 - rho): the SLO it is
+    planned against is (its SLO less its share of the debt) x (1 - rho)."""
+    c = OnlineCostModel(CostModel(4, compute_a_s=1e-3, compute_b_s_per_token=1e-6,
+                                  compute_p_s_per_token=1e-6, link_bytes_per_s=1e6))
+    decoding, arriving = view(0, 200), replace(view(1, 101), num_computed_tokens=0)
+    inputs = batch_plan_inputs([decoding, arriving], cap(10_000), 4, c, SLO_S, (16,), prefill_load=0.25)
+    assert [r.slo_s for r in inputs.requests] == [pytest.approx((SLO_S - 4e-4 / 16) * 0.75),
+                                                  pytest.approx(SLO_S * 0.75)]
+    with pytest.raises(ValueError, match="prefill_load must be >= 0"):
+        batch_plan_inputs([decoding], cap(10_000), 4, c, SLO_S, (16,), prefill_load=-0.1)
+
+
+@pytest.mark.parametrize("name", ["no-offload", "orbitflow"])
+def test_slo_admission_leaves_room_for_the_prefills_of_arrivals_to_come(name):
+    # Each 200-token prompt is 4 x 200 x 1 us = 0.8 ms of prefill; r0 (at 0 ms) and r1 (at 8 ms)
+    # join as without arrivals (two requests step 5.6 ms against the 6 ms SLO). At 16 ms the
+    # admissions' rate is 62.5/s: a prefill load of 0.05, so the decode steps must meet 5.7 ms.
+    # The short r3 would step the batch at 5.8 ms: on time for the SLO alone, late once the
+    # prefills that keep arriving share its steps. A policy that has seen no arrivals lets it join.
+    c = OnlineCostModel(CostModel(4, compute_a_s=1e-3, compute_b_s_per_token=1e-6,
+                                  compute_p_s_per_token=1e-6, link_bytes_per_s=1e6))
+
+    def fresh():  # a 20 ms memory: the rate is taken over 10 ms or more
+        return make_policy(name, 4, cost_model=c, slo_s=SLO_S, admission="slo", solve_ahead=False, windows=(16,),
+                           arrival_memory_s=0.02)
+
+    p = fresh()  # two tokens left each: the batch's lifetime peak is the next step's batch, about
+    queue = [replace(QUEUE[0], arrival_time=0.0, max_tokens=2), replace(QUEUE[1], arrival_time=0.008, max_tokens=2)]
+    short = replace(QUEUE[3], max_tokens=2)
+    admitted, running = admit_in_order(p, queue, cap(10_000))
+    assert [rid for rid, _ in admitted] == ["r0", "r1"]
+    assert p.prefill_load() == pytest.approx(8e-4 / 0.01)  # the clock at r1's arrival; the span 10 ms
+    p.observe(StepStats(0, 0.0056, ("r0", "r1"), 400, 2, 2, now=0.016))
+    assert p.prefill_load() == pytest.approx(62.5 * 8e-4)
+    assert p.admit(short, running, cap(10_000)) is None
+    other = fresh()
+    assert other.prefill_load() == 0.0 and other.admit(short, running, cap(10_000)) is not None
+    p.request_finished("r0")  # a finished request's arrival still counts in the rate
+    assert p.prefill_load() == pytest.approx(0.05)
+    p.arrivals = ArrivalForecast(0.02)  # the same policy, its plan and history, without the arrivals
+    assert p.prefill_load() == 0.0 and p.admit(short, running, cap(10_000)) is not None
 
 
 # r0 alone: 4.8 ms a step; with a 400-token arrival, 6.4 ms: r0 (6 ms SLO) late, the arrival (1 s) not.

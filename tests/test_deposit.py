@@ -170,6 +170,23 @@ def test_arrival_forecast():
         ArrivalForecast(memory_s=0.0)
 
 
+def test_arrival_forecast_load_is_the_rate_times_the_mean_prefill():
+    f = ArrivalForecast(memory_s=10.0)
+    f.note("a", 0.0, 0.3)
+    assert f.load(1.0) == 0.0  # one arrival is no rate
+    f.note("c", 2.0, 0.1)
+    f.note("b", 1.0, 0.5)  # admitted after c (it waited): kept in arrival order
+    assert f.load(6.0) == pytest.approx(2 / 6 * (0.3 + 0.5 + 0.1) / 3)  # 2 arrivals in 6 s, 0.3 s each
+    # over at least half the memory (5 s): three arrivals in 2 s are not a rate of one a second yet
+    assert f.load(4.0) == pytest.approx(2 / 5 * 0.3)
+    assert f.load(10.5) == pytest.approx(1 / 9.5 * 0.3)  # "a" forgotten: b and c over 9.5 s
+    assert f.load(30.0) == 0.0  # all forgotten: the server went idle
+    burst = ArrivalForecast(memory_s=10.0)
+    burst.note("x", 100.0, 0.2)
+    burst.note("y", 100.01, 0.2)
+    assert burst.load(100.02) == pytest.approx(1 / 5 * 0.2)  # not 50 arrivals a second
+
+
 # ---- through the scheduler: an idle stream is not paced ----------------------------------------
 def _one(policy, **kw):
     cfg = SimConfig.build(model="llama-3.1-8b", gpu="a100-80gb", kv_policy=policy, device_kv_bytes=2 << 30, **kw)

@@ -2,6 +2,7 @@
 refinement triggers, solving ahead, solver-failure fallback, all-host placement, the bank target
 Token-Deposit gets from the plan, and the online cost-model fit; and (slow) all-host through the engine."""
 
+import math
 import random
 from dataclasses import replace
 
@@ -144,14 +145,18 @@ def test_the_plan_sets_the_deposit_bank_target():
     assert debt > 2 * T and p.deposit_target("r0") == bank_target(p.triggers.predicted_s, 2 * T, W, [debt], 0.9) > 0
     p.replan([replace(v, slo_s=T / 2) for v in running], _cap())  # every step twice the SLO
     assert p.deposit_target("r0") == bank_target(p.triggers.predicted_s, T / 2, W) > 0
-    # two arrivals in the last second (one a second), a plan window of 2 s: two prefills expected;
-    # the step just meets the SLO, so each would make a token late
-    busy = [replace(v, slo_s=T, arrival_time=0.5 * i) for i, v in enumerate(running)]
+    # r0 and r1 admitted at 0 s and 1 s: one arrival a second. The forecast looks over the longest
+    # plan window (128 steps), not the plan's own (2 steps here, which would expect none): each
+    # expected prefill would make a token late, the step just meeting the SLO
+    busy = [replace(v, slo_s=T) for v in running]
     p.observe(StepStats(9, T, ("r0", "r1"), 80, 2, 2, now=1.0))
-    p.plan.window = round(2.0 / T)
+    p.plan.window = 2
     p.replan(busy, _cap())
+    T1 = p.triggers.predicted_s
+    expected = math.floor(1.0 * 128 * T1 + 0.5)
+    assert expected >= 1 and math.floor(1.0 * 2 * T1 + 0.5) == 0
     prefill = LAYERS * p.cost.model.compute_p_s_per_token * busy[0].num_prompt_tokens
-    expect = bank_target(p.triggers.predicted_s, T, min(p.plan.window, 99), [0.0, prefill, prefill], 0.9)
+    expect = bank_target(T1, T, 2, [0.0] + [prefill] * expected, 0.9)
     assert p.deposit_target("r0") == expect > 0
     ablation = make_policy("orbitflow-no-deposit", LAYERS, solve_ahead=False)
     ablation.admit(running[0], [], _cap())
@@ -466,6 +471,20 @@ def test_window_end_keeps_a_placement_on_time_and_the_ablation_moves_kv():
     assert p.metrics()["plans_held"] == 0
     with pytest.raises(ValueError, match="placement_hold must be a bool"):
         make_policy("orbitflow", 8, solve_ahead=False, placement_hold="yes")
+
+
+def test_a_finish_keeps_a_placement_on_time_and_the_ablation_moves_kv():
+    # As above, but the re-plan is a batch change: r2 finished mid-window. The two left are
+    # on time where they are, so orbitflow keeps them there; the ablation re-places r0.
+    for policy, held, moved, distances in (("orbitflow", 1, {}, {"r0": 4, "r1": 8}),
+                                           ("orbitflow-no-hold", 0, {"r0": [Tier.DEVICE] * 8}, {"r0": 8, "r1": 8})):
+        p, views, cap = _held_case(policy, 1e12, distances=(4, 8, 8))
+        p.triggers.steps_left = 8
+        p.request_finished("r2")
+        out = p.replan(views[:2], cap)
+        assert p.metrics()["trigger_batch"] == 1 and p.metrics()["trigger_window"] == 0
+        assert p.metrics()["plans_held"] == held and p.plan.distances == distances
+        assert (out.placements if out is not None else {}) == moved
 
 
 def test_window_end_re_places_a_placement_that_runs_late():

@@ -114,6 +114,35 @@ def test_central_planner_solves_with_cvxpy_and_reports_it():
     assert stats["solver_improved"] + stats["solver_confirmed"] + stats["solver_kept_fast"] == 1
 
 
+def test_the_central_planner_takes_the_workers_prefill_load_off_the_slos():
+    """The planner sees none of the worker's arrivals: the worker sends its prefill load with the
+    request, and the planner solves what the worker's own policy solves at that load."""
+    from dataclasses import replace
+
+    from orbitflow_ray.costmodel import OnlineCostModel
+    from orbitflow_ray.planner import make_policy
+    cap = CapacityView(4, 16, 16 * 4 * 64, 200, 50, 1000, 1000)
+    spec = PolicySpec.of("orbitflow", 4, {"slo_s": 0.006})
+    model = default_prior(4, None, "cpu")
+    views = tuple(replace(v, slo_s=0.006) for v in _views(3))  # the plan steps 4.2 ms: on time at 6 ms
+    misses = {}
+    for load in (0.0, 0.5):
+        req = SolveRequest("w0", ("k", 1), views, cap, frozenset(), model, spec, None, load)
+        central, central_paused = CentralPlanner(probe_tokens=(16,), solver="fast").solve(req).result
+        worker = make_policy("orbitflow", 4, cost_model=OnlineCostModel(model), slo_s=0.006, solve_ahead=False)
+        worker.solve_loop.prefill_load = lambda: load
+        plan, paused = worker.solve_loop.solve(list(views), cap, frozenset())
+        assert (central.distances, central.violations, tuple(central_paused)) == (
+            plan.distances, plan.violations, tuple(paused))
+        misses[load] = len(central.violations) + len(central_paused)
+    assert misses[0.5] > misses[0.0]  # at load 0.5 the steps must meet 3 ms: late or paused
+    # the routing probes too: a report carries the worker's load to the planner's copy of its policy
+    from orbitflow_ray.serving.messages import WorkerTelemetry
+    planner = CentralPlanner(probe_tokens=(16,))
+    planner.report(WorkerTelemetry("w0", 0.0, spec, views, 0, 0, cap, model, 2048, prefill_load=0.25))
+    assert planner._policy("w0", spec, model, "fast").prefill_load() == 0.25
+
+
 def test_ahead_solver_counts_central_plans_used_late_and_for_another_batch():
     ahead = AheadSolver(lambda *a: None, background=False)
     pending: list[Future] = []

@@ -13,7 +13,7 @@ policy runs with any of them (`EngineConfig.admission`), or with its own when th
 - `slo`: SLO-aware: it fits, and the batch with it is predicted to miss no more SLOs than the
   batch without it plus the request waiting: per-token SLOs (TPOT/TBT) by
   `KVPolicy.predicted_miss_ids` (of requests still able to meet all their SLOs: goodput counts
-  only those), joined by the running requests whose TBT SLO the request's prefill chunks would
+  only those; each SLO less the prefill load of the arrivals to come, `batch_plan_inputs`), joined by the running requests whose TBT SLO the request's prefill chunks would
   break (`tbt_broken`: each chunk shares a step with every decode, a late gap for each when the
   SLO is near the step, and a stream is allowed 1 % of its gaps late) and by the running requests
   still prefilling whose TTFT SLO it would break (`ttft_delayed`: its chunks share their steps, so
@@ -221,7 +221,7 @@ def make_admission(kind: str | AdmissionKind) -> Admission:
 
 def batch_plan_inputs(views: Sequence[RequestView], cap: CapacityView, num_layers: int, cost: OnlineCostModel,
                       default_slo_s: float, windows: tuple[int, ...], distances: tuple[int, ...] | None = None,
-                      deposit: bool = False) -> PlanInputs:
+                      deposit: bool = False, prefill_load: float = 0.0) -> PlanInputs:
     """The placement problem of a batch: context lengths, tokens left, SLOs (a request's own, else
     `default_slo_s`), Token-Deposit credit when `deposit`, and the online cost model's coefficients.
 
@@ -231,7 +231,16 @@ def batch_plan_inputs(views: Sequence[RequestView], cap: CapacityView, num_layer
     others) / its tokens left (never below a tenth of the SLO: the planner then reports the miss
     instead of dividing by nothing); the late gaps of the stalled steps themselves (TBT) are what
     Token-Deposit banks for (`OrbitFlow._bank_targets`). A request's own prefill is not its debt:
-    it runs before its first token, where TTFT judges it, and TPOT/TBT start at that token."""
+    it runs before its first token, where TTFT judges it, and TPOT/TBT start at that token.
+
+    Arrivals to come bring prefill too: at `prefill_load` rho (seconds of prefill compute per
+    second, `deposit.ArrivalForecast.load`: the recent admissions' rate x their mean prefill), a
+    request decoding at step T spends rho of its time in other requests' prefill chunks, so its
+    mean gap is T / (1 - rho): the decode step must meet its SLO x (1 - rho). Without it, a batch
+    whose decode steps were on time by the plan missed TPOT on the prefills of the requests that
+    joined later (bench/README.md, "Where a simulated run's late steps come from")."""
+    if not prefill_load >= 0:
+        raise ValueError(f"prefill_load must be >= 0, got {prefill_load}")
     a, b = cost.model.decode_layer_coeffs(len(views))
     debt = prefill_debt_s(views, num_layers, cost)
     reqs = []
@@ -240,7 +249,8 @@ def batch_plan_inputs(views: Sequence[RequestView], cap: CapacityView, num_layer
         tokens = v.max_new_tokens_left
         others = debt - prefill_debt_s([v], num_layers, cost)
         reqs.append(PlanRequest(v.request_id, max(1, v.num_tokens), v.max_new_tokens_left,
-                                max(0.1 * slo, slo - others / max(tokens, 1)), v.deposit_tokens if deposit else 0))
+                                max(0.1 * slo, (slo - others / max(tokens, 1)) * (1.0 - min(prefill_load, 1.0))),
+                                v.deposit_tokens if deposit else 0))
     return PlanInputs(tuple(reqs), num_layers, cap.block_bytes // cap.block_size, cap.device_total_blocks * cap.block_bytes,
                       cost.model.link_bytes_per_s, a, b, distances, windows, cap.block_size,
                       cost.model.step_tail_s, cost.model.copy_compute_s_per_byte)

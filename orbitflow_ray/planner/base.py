@@ -15,6 +15,7 @@ from orbitflow_ray.costmodel import OnlineCostModel, default_prior
 from orbitflow_ray.kv.blocks import Tier
 from orbitflow_ray.planner.admission import (Admission, AdmissionKind, batch_plan_inputs, make_admission,
                                              predicted_late, ttft_missed_ids)
+from orbitflow_ray.planner.deposit import ArrivalForecast
 from orbitflow_ray.planner.problem import DEFAULT_WINDOWS
 
 
@@ -95,7 +96,8 @@ class KVPolicy(abc.ABC):
     """A KV placement policy. Options every policy takes (`policy_options` offers them all):
     `admission` (`admission.py`'s kinds; None: `native_admission`), `cost_model` (the online cost
     model the SLO predictions read; None: a CPU prior), `slo_s` (the per-token SLO of requests that
-    set none) and `windows` (plan windows in decode steps)."""
+    set none) and `windows` (plan windows in decode steps); also `arrival_memory_s` (how far back the
+    arrival forecast behind `prefill_load` looks, seconds; not in `policy_options`: the default)."""
 
     name: ClassVar[str]
     native_admission: ClassVar[AdmissionKind] = AdmissionKind.FCFS
@@ -104,7 +106,7 @@ class KVPolicy(abc.ABC):
 
     def __init__(self, num_layers: int, admission: str | None = None, cost_model: OnlineCostModel | None = None,
                  slo_s: float = 0.5, windows: tuple[int, ...] = DEFAULT_WINDOWS, prefill_chunk_tokens: int = 1024,
-                 **options) -> None:
+                 arrival_memory_s: float = 30.0, **options) -> None:
         if not slo_s > 0:
             raise ValueError(f"slo_s must be > 0, got {slo_s}")
         if not windows or any(int(w) != w or w < 1 for w in windows):
@@ -118,6 +120,13 @@ class KVPolicy(abc.ABC):
         self.cost = cost_model or OnlineCostModel(default_prior(num_layers, None, "cpu"))
         self.default_slo_s = slo_s
         self.windows = tuple(windows)
+        # the admitted requests' arrivals and prefills over the last `arrival_memory_s` seconds: the
+        # prefill load the SLO predictions take off the SLOs (`prefill_load`)
+        self.arrivals = ArrivalForecast(arrival_memory_s)
+        self._now = 0.0  # the clock of the last observed step (`StepStats.now`)
+        # On the central planner's copy of a worker's policy: the worker's prefill load, which this
+        # copy's own forecast never sees (it admits nothing); None: this policy's own
+        self.remote_prefill_load: float | None = None
 
     @abc.abstractmethod
     def place_new(self, req: RequestView, cap: CapacityView) -> list[Tier]:
@@ -132,7 +141,25 @@ class KVPolicy(abc.ABC):
         plan = self.propose(req, running, cap)
         if plan is None or not self.admission.admits(self, req, running, cap, plan):
             return None
+        self.note_admitted(req)
         return plan
+
+    def note_admitted(self, req: RequestView) -> None:
+        """Count an admitted request's arrival and prefill in the arrival forecast (once per
+        request, however often it is admitted again after a pause or a preemption). The clock
+        moves to its arrival if no step has moved it there yet (after an idle spell)."""
+        self._now = max(self._now, req.arrival_time)
+        self.arrivals.note(req.request_id, req.arrival_time,
+                           self.num_layers * self.cost.model.compute_p_s_per_token * req.num_prompt_tokens)
+
+    def prefill_load(self) -> float:
+        """Seconds of prefill compute per second the admissions bring (`ArrivalForecast.load`, over
+        the recent ones), which the SLO predictions take off the decode step's SLO
+        (`admission.batch_plan_inputs`); the worker's, on the central planner's copy of its policy
+        (`remote_prefill_load`)."""
+        if self.remote_prefill_load is not None:
+            return self.remote_prefill_load
+        return self.arrivals.load(self._now)
 
     def propose(self, req: RequestView, running: list[RequestView], cap: CapacityView
                 ) -> PlacementPlan | None:
@@ -147,14 +174,16 @@ class KVPolicy(abc.ABC):
         steps, each at its placement in `plan`, else its own (a request without one, at
         `place_new`'s): the online cost model's decode step at those placements (`problem.step_time`,
         a placement taken as the prefetch distance offloading at least as many layers) against each
-        SLO less its share of the batch's prefill debt (`admission.batch_plan_inputs`). Only misses
+        SLO less its share of the batch's prefill debt and the arrivals' prefill load
+        (`admission.batch_plan_inputs`, `prefill_load`). Only misses
         that cost goodput count: a request whose TTFT SLO is missed already (`ttft_missed`) is not,
         unless `everyone` (the `slo` admission's tie-break: late steps for anyone)."""
         if not views:
             return set()
         changed = plan.placements if plan is not None else {}
         tiers = [changed.get(v.request_id) or v.placement or self.place_new(v, cap) for v in views]
-        inputs = batch_plan_inputs(views, cap, self.num_layers, self.cost, self.default_slo_s, self.windows)
+        inputs = batch_plan_inputs(views, cap, self.num_layers, self.cost, self.default_slo_s, self.windows,
+                                   prefill_load=self.prefill_load())
         return predicted_late(inputs, tiers, self.windows[0]) - (set() if everyone else ttft_missed_ids(views))
 
     def lifetime_misses(self, views: list[RequestView], cap: CapacityView, everyone: bool = False) -> int | None:
@@ -168,10 +197,12 @@ class KVPolicy(abc.ABC):
         return None
 
     def observe(self, stats: StepStats) -> None:
-        """Measured step time and traffic, after each step (runtime feedback)."""
+        """Measured step time and traffic, after each step (runtime feedback); here its clock."""
+        self._now = stats.now
 
     def request_finished(self, request_id: str) -> None:
-        """Drop per-request state."""
+        """Drop per-request state (here its mark in the arrival forecast; its arrival still counts)."""
+        self.arrivals.forget(request_id)
 
     def deposit_target(self, request_id: str) -> int | None:
         """Tokens the request's Token-Deposit should bank now: what covers the stalls the plan

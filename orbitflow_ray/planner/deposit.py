@@ -3,10 +3,12 @@
 The paper (OrbitFlow, Token-Deposit) paces every stream at the SLO: a token produced ahead of the
 pace is banked and released when the pace reaches it, so a later slow step (a stall) is hidden by
 the tokens in the bank. Pacing a stream that no stall will hit only slows it down, so here the
-bank has a *target*: `target_tokens`, the tokens that cover the stalls the plan predicts over its
-window (`bank_target`: its slow steps, the prefill the batch owes, the prefills of arrivals
-forecast from the recent ones, `ArrivalForecast`, and the prefill of an arrival that waits to join
-until the banks cover it, `OrbitFlow.bank_wait`). The scheduler sets it from
+bank has a *target*: `target_tokens`, the tokens that cover the stalls the plan predicts
+(`bank_target`: its slow steps over its window, the prefill the batch owes, the prefills of
+arrivals forecast from the recent ones over the longest plan window, `ArrivalForecast`, and the
+prefill of an arrival that waits to join until the banks cover it, `OrbitFlow.bank_wait`). The
+banks cover the late *gaps* those prefills make (TBT); the plan covers what they add to the mean
+gap (TPOT) by planning each SLO less the arrivals' prefill load (`admission.batch_plan_inputs`). The scheduler sets it from
 `KVPolicy.deposit_target` before every token; on an idle server it is 0.
 
 Release rule, with ps = pace * slo and the previous token's release r_{i-1} (final or banked):
@@ -40,8 +42,9 @@ token is late.
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections import deque
+import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -73,41 +76,63 @@ def bank_target(step_s: float, slo_s: float, tokens: int, stalls_s: Sequence[flo
 
 @dataclass(slots=True)
 class ArrivalForecast:
-    """The prefill stalls arrivals will bring, forecast from the recent ones.
+    """The prefill arrivals will bring, forecast from the recent ones.
 
     An arrival's prompt is prefilled in the steps that decode the running batch: a stall the
     batch's streams must cover, which the plan's inputs cannot show before it arrives. The
     forecast: arrivals keep coming at the rate of those seen in the last `memory_s` seconds
     ((n - 1) arrivals over the span from the oldest to now: one arrival alone is no rate), each
-    stalling one step by the largest of their prefills. So an idle server, or one serving a lone
-    request, forecasts none."""
+    stalling one step by the largest of their prefills (`stalls`), and taking the rate x their
+    mean prefill of every second's compute (`load`; over a span of at least `memory_s` / 2, so
+    a burst of two arrivals does not read as a sustained rate). So an idle server, or one serving a
+    lone request, forecasts none. Thread-safe: the engine thread notes arrivals while the solve-
+    ahead thread reads the load."""
 
     memory_s: float = 30.0
-    _arrivals: deque = field(default_factory=deque, init=False, repr=False)  # (arrival s, prefill s)
+    _arrivals: list = field(default_factory=list, init=False, repr=False)  # (arrival s, prefill s), sorted
     _seen: set = field(default_factory=set, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.memory_s > 0:
             raise ValueError(f"memory_s must be positive, got {self.memory_s}")
 
     def note(self, request_id: str, arrival_s: float, prefill_s: float) -> None:
-        """An admitted request (noted once, however often it is seen again)."""
-        if request_id not in self._seen:
-            self._seen.add(request_id)
-            self._arrivals.append((arrival_s, prefill_s))
+        """An admitted request (noted once, however often it is seen again), in arrival order
+        whatever the admission order."""
+        with self._lock:
+            if request_id not in self._seen:
+                self._seen.add(request_id)
+                bisect.insort(self._arrivals, (arrival_s, prefill_s))
 
     def forget(self, request_id: str) -> None:
-        self._seen.discard(request_id)
+        with self._lock:
+            self._seen.discard(request_id)
+
+    def _recent(self, now: float, min_span_s: float = 0.0) -> tuple[float, list[tuple[float, float]]]:
+        """(arrivals per second, the arrivals) over the memory, the span taken at least
+        `min_span_s`; rate 0 with fewer than two arrivals in it."""
+        with self._lock:
+            cut = bisect.bisect_left(self._arrivals, (now - self.memory_s,))
+            del self._arrivals[:cut]
+            recent = list(self._arrivals)
+        if len(recent) < 2 or now <= recent[0][0]:
+            return 0.0, recent
+        return (len(recent) - 1) / max(now - recent[0][0], min_span_s), recent
 
     def stalls(self, now: float, horizon_s: float) -> list[float]:
         """Prefill stall seconds expected within the next `horizon_s`, one per expected arrival
         (the expected count, rounded to nearest)."""
-        while self._arrivals and self._arrivals[0][0] < now - self.memory_s:
-            self._arrivals.popleft()
-        if len(self._arrivals) < 2 or now <= self._arrivals[0][0]:
+        rate, recent = self._recent(now)
+        if not rate:
             return []
-        rate = (len(self._arrivals) - 1) / (now - self._arrivals[0][0])
-        return [max(p for _, p in self._arrivals)] * math.floor(rate * max(horizon_s, 0.0) + 0.5)
+        return [max(p for _, p in recent)] * math.floor(rate * max(horizon_s, 0.0) + 0.5)
+
+    def load(self, now: float) -> float:
+        """The prefill load arrivals bring: seconds of prefill compute per second (the arrival rate
+        over at least half the memory x their mean prefill), 0 with fewer than two arrivals."""
+        rate, recent = self._recent(now, self.memory_s / 2)
+        return rate * sum(p for _, p in recent) / len(recent) if rate else 0.0
 
 
 @dataclass(slots=True)

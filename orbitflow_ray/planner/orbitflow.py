@@ -20,7 +20,8 @@ Three rooms, each its own module:
   predicted there, adopted if back by the step that needs it or by an earlier re-plan of the same
   requests (drift), else the fast path solves on the spot).
 
-At a window's end or on drift the plan in force is kept without a solve while it fits (shrunk one
+At a window's end, on drift and when the batch changed (a finish, a pause; a join installs the plan
+its admission weighed) the plan in force is kept without a solve while it fits (shrunk one
 request a distance class down at a time when the batch outgrew it) and predicts no miss for a
 request still able to meet all its SLOs (`placement_hold`, `SolveLoop.held`); a solve is adopted
 over it only when it predicts fewer late gaps over its window (its first step carrying its copies)
@@ -47,7 +48,7 @@ from orbitflow_ray.planner.admission import (AdmissionKind, SloAdmission, bank_w
 from orbitflow_ray.planner.ahead import AheadSolver
 from orbitflow_ray.planner.base import (CapacityView, KVPolicy, PlacementPlan, RequestView,
                                         StepStats, register_policy)
-from orbitflow_ray.planner.deposit import ArrivalForecast, bank_target
+from orbitflow_ray.planner.deposit import bank_target
 from orbitflow_ray.planner.orbitflow_solve import LINK_MODELS, PAUSE_COSTS, SolveLoop
 from orbitflow_ray.planner.orbitflow_triggers import RefineTriggers, batch_key, covers
 from orbitflow_ray.planner.pause import SLO_PAUSE_MAX_TRIALS, pause_breaks_tpot, pause_strategy
@@ -59,6 +60,9 @@ from orbitflow_ray.planner.solvers import PlacementSolver, make_solver
 
 log = logging.getLogger(__name__)
 ADMISSION_HORIZONS = ("lifetime", "window")  # `OrbitFlow.admission_horizon`
+# A refused request is offered again to the same batch only once the arrivals' prefill load has
+# fallen this much since its refusal (a lower load loosens the SLOs it is judged by; each offer is a solve)
+LOAD_RETRY = 0.01
 
 
 def tiers_for_distance(d: int, num_layers: int) -> list[Tier]:
@@ -77,7 +81,7 @@ class OrbitFlow(KVPolicy):
     # The step time a plan is judged by (LINK_MODELS): "engine", as the engine issues its copies
     # (`problem.engine_step_time`); "edf", the solver's EDF link model alone (`problem.step_time`).
     link_model = "engine"
-    # At a window's end or on drift, keep the plan in force while it fits and is on time
+    # At a window's end, on drift and on a batch change, keep the plan in force while it fits and is on time
     # (`SolveLoop.held`): a re-placement moves KV, and the step carrying the move runs late for the batch.
     placement_hold = True
     # Token-Deposit's join wait (`admission.bank_wait_s`): an arrival whose prefill chunks would
@@ -104,7 +108,7 @@ class OrbitFlow(KVPolicy):
                  distances: tuple[int, ...] | None = None, windows: tuple[int, ...] = DEFAULT_WINDOWS,
                  pause_strategy_name: str = "largest", max_pause_s: float = 30.0, slo_s: float = 0.5,
                  drift_threshold: float = 0.25, drift_patience: int = 3, solve_ahead: bool = True,
-                 seed: int = 0, solver: str = "fast", deposit_pace: float = 0.9, arrival_memory_s: float = 30.0,
+                 seed: int = 0, solver: str = "fast", deposit_pace: float = 0.9,
                  slo_pause_max_trials: int = SLO_PAUSE_MAX_TRIALS, admission_horizon: str | None = None,
                  link_model: str | None = None, prefetch_depth: int = 1, placement_hold: bool | None = None,
                  pause_cost: str | None = None, **options) -> None:
@@ -149,7 +153,8 @@ class OrbitFlow(KVPolicy):
                                        drift_patience)
         self.plan: Plan | None = None
         self.plan_ids: frozenset[str] = frozenset()
-        self._refused: dict[str, tuple] = {}  # admission refused for this (running set, TTFT missed, at stake)
+        # admission refused for this (running set, TTFT missed, at stake), at this prefill load
+        self._refused: dict[str, tuple[tuple, float]] = {}
         self._proposal: tuple[Plan, list[str], PlacementPlan] | None = None  # the last `propose`'s
         self._peaks: dict[tuple, tuple[Plan, list[str]]] = {}  # the last two `lifetime_misses` solves
         self._protected: frozenset[str] = frozenset()  # resumed after an overlong pause: not paused again
@@ -158,8 +163,7 @@ class OrbitFlow(KVPolicy):
         self._join_stalls: tuple[str, list[float]] | None = None
         self._joined_stall_s = 0.0  # prefill stall seconds of the requests that joined in this step
         self.deposit_pace = deposit_pace  # the deposit's release pace, for its bank targets
-        self.arrivals = ArrivalForecast(arrival_memory_s)  # the stalls arrivals bring (bank targets)
-        self._now = 0.0  # the clock of the last observed step
+        self.solve_loop.prefill_load = self.prefill_load  # the arrivals' prefill load off the SLOs
 
     @property
     def solver(self) -> PlacementSolver:
@@ -288,7 +292,7 @@ class OrbitFlow(KVPolicy):
             # compute's alone (nothing banked there), known without a solve on the decode thread
             return len(certain_late(inputs) - missed)
         costs = self._peak_pause_costs(views, inputs) if self.pause_cost == "slack" else None
-        key = (batch_key(views), tuple(v.ttft_missed for v in peak), cap)
+        key = (batch_key(views), tuple(v.ttft_missed for v in peak), cap, round(self.prefill_load(), 2))
         if key not in self._peaks:
             self._peaks = {**dict(list(self._peaks.items())[-1:]),
                            key: self.ahead.solve_now(peak, cap, frozenset(), True, costs)}
@@ -320,17 +324,21 @@ class OrbitFlow(KVPolicy):
         pinned = self._overdue([req])
         if not pinned and self._waits_for_banks(req, running):
             return None
-        # what a refusal weighs: the batch, those in it whose TTFT is missed, whether waiting costs req its TTFT
+        # what a refusal weighs: the batch, those in it whose TTFT is missed, whether waiting costs req
+        # its TTFT; and the arrivals' prefill load it was refused at
         ids = (frozenset(v.request_id for v in running), frozenset(ttft_missed_ids(running)),
                ttft_at_stake(req, running, self.num_layers, self.cost, self.prefill_chunk_tokens))
-        if not pinned and self._refused.get(req.request_id) == ids:
-            return None  # the same batch refused it before; it only grew since
+        load = self.prefill_load()
+        refused = self._refused.get(req.request_id)
+        if not pinned and refused is not None and refused[0] == ids and load > refused[1] - LOAD_RETRY:
+            return None  # the same batch refused it before, at about this load or less; it only grew since
         proposal = self.propose(req, running, cap)
         if proposal is None or not (pinned or self.admission.admits(self, req, running, cap, proposal)):
-            self._refused[req.request_id] = ids
+            self._refused[req.request_id] = (ids, load)
             return None
         plan, paused, _ = self._proposal
         self._refused.pop(req.request_id, None)
+        self.note_admitted(req)
         first = prefill_stalls_s(req, self.num_layers, self.cost, self.prefill_chunk_tokens)[:1]
         self._joined_stall_s += sum(first)  # its first chunk stalls this step (`_waits_for_banks`)
         if req.paused_s is not None:
@@ -374,7 +382,7 @@ class OrbitFlow(KVPolicy):
         result = None
         if reason is not None:
             self.counters[f"trigger_{reason}"] += 1
-            hold = self.placement_hold and reason in ("window", "drift")
+            hold = self.placement_hold and reason != "capacity"
             held = self.solve_loop.held(self.plan, running, cap) if hold else None
             missed = ttft_missed_ids(running)
             on_time = held is not None and not held.violations - missed
@@ -413,19 +421,20 @@ class OrbitFlow(KVPolicy):
         return prefill_debt_s(views, self.num_layers, self.cost)
 
     def _bank_targets(self, running: list[RequestView]) -> dict[str, int]:
-        """Token-Deposit: per planned request, the tokens that cover the stalls predicted over the
-        next plan window (`deposit.bank_target`): the plan's step above the request's SLO, the
+        """Token-Deposit: per planned request, the tokens that cover the stalls predicted
+        (`deposit.bank_target`): the plan's step above the request's SLO over its window, the
         prefill the batch still owes, the prefills of the arrivals forecast from the recent ones
-        (`deposit.ArrivalForecast`: arrivals are not in the plan's inputs), and the chunks of an
-        arrival waiting for these banks (`_waits_for_banks`). 0 where none is
-        predicted: on an idle server a stream goes out as produced."""
+        over the longest plan window (`deposit.ArrivalForecast`: arrivals are not in the plan's
+        inputs), and the chunks of an arrival waiting for these banks (`_waits_for_banks`). 0 where
+        none is predicted: on an idle server a stream goes out as produced. The forecast's horizon
+        is not the plan's own window: a bank takes steps to fill, and over a plan's short window
+        (32 steps, under 1 s at 20-30 ms a step) a rate of an arrival a second or less forecast
+        none, so banks stayed empty exactly under the plans that run closest to the SLO
+        (bench/README.md, "Where a simulated run's late steps come from")."""
         if not self.uses_deposit or self.plan is None or self.triggers.predicted_s is None:
             return {}
-        kp = self.num_layers * self.cost.model.compute_p_s_per_token
-        for v in running:
-            self.arrivals.note(v.request_id, v.arrival_time, kp * v.num_prompt_tokens)
         T, W = self.triggers.predicted_s, self.plan.window
-        stalls = [self._prefill_debt_s(running)] + self.arrivals.stalls(self._now, W * T)
+        stalls = [self._prefill_debt_s(running)] + self.arrivals.stalls(self._now, max(self.windows) * T)
         if self._join_stalls is not None:  # an arrival waiting for these banks (`_waits_for_banks`)
             stalls += self._join_stalls[1]
         return {v.request_id: bank_target(T, v.slo_s or self.default_slo_s, min(W, v.max_new_tokens_left),
@@ -440,11 +449,11 @@ class OrbitFlow(KVPolicy):
         step's clock, and `RefineTriggers.observe`: a decode-only step that misses the prediction
         by more than the threshold, `drift_patience` times in a row, marks the plan stale
         (re-solved at the next step, on the refitted model)."""
-        self._now = stats.now
+        super().observe(stats)
         self.triggers.observe(stats)
 
     def request_finished(self, request_id: str) -> None:
-        self.arrivals.forget(request_id)
+        super().request_finished(request_id)
         if self._join_stalls is not None and self._join_stalls[0] == request_id:
             self._join_stalls = None
         self._refused.pop(request_id, None)
@@ -519,7 +528,8 @@ class OrbitFlowEdfLink(OrbitFlow):
 
 @register_policy
 class OrbitFlowNoHold(OrbitFlow):
-    """Ablation: every window's end re-places the batch as solved, even when the plan in force holds."""
+    """Ablation: every re-plan (window's end, drift, batch change) re-places the batch as solved, even
+    when the plan in force holds."""
 
     name = "orbitflow-no-hold"
     placement_hold = False

@@ -7,8 +7,8 @@ the requests it predicts late) with the ids paused to reach it; `solve_for` wrap
 in the policy's counters ("fallbacks", "infeasible", "engine_single", "engine_slower" and Pause-for-
 SLO's); it keeps no plan: the policy passes the plan in force to `held`.
 
-- The problem (`inputs`): the batch's context lengths, tokens left, SLOs less its prefill debt,
-  Token-Deposit credit (`admission.batch_plan_inputs`), on the online cost model.
+- The problem (`inputs`): the batch's context lengths, tokens left, SLOs less its prefill debt
+  and the arrivals' prefill load, Token-Deposit credit (`admission.batch_plan_inputs`), on the online cost model.
 - The solve (`solve`): the solver (`solvers.py`: "fast" on a worker, "cvxpy-highs" centrally); its
   plan judged as the engine runs it (`engine_checked`, `link_model` "engine": the solvers model an
   EDF link, the engine issues its copies for the union of the batch's host layers, in order; a
@@ -22,8 +22,9 @@ SLO's); it keeps no plan: the policy passes the plan in force to `held`.
   with `can_pause` False (`orbitflow-no-pause`): an infeasible batch gets the fallback.
 - The fallback (`fallback`): every request at its largest offload short of all-host; a solver error
   falls back too, logged and counted; no request is ever dropped.
-- The plan in force, held (`held`, `holds_better`): at a window's end or on drift the policy may keep
-  it (`OrbitFlow.placement_hold`); its distances re-judged at the batch's contexts now, shrunk a
+- The plan in force, held (`held`, `holds_better`): at a window's end, on drift and when the batch
+  changed (not for capacity) the policy may keep it (`OrbitFlow.placement_hold`); its distances
+  re-judged at the batch's contexts now, shrunk a
   distance class at a time where the batch outgrew the device (`shrunk`), and weighed against the
   new solve by the late gaps each predicts over its window (`late_gaps`), the new plan's first step
   carrying the KV it moves (`moved_bytes`).
@@ -91,14 +92,18 @@ class SolveLoop:
         # the solver's searches (main solves and Pause-for-SLO trials), and the `solve` calls that ran
         # at least one (the others settled with `fit_whole_plan`): what the simulator charges for
         self.searches = self.solves_searched = 0
+        # the arrivals' prefill load the SLOs are planned against (`KVPolicy.prefill_load`; the
+        # policy sets it: it owns the arrival forecast); 0 until then
+        self.prefill_load: Callable[[], float] = lambda: 0.0
         # the lifetime peak's own search (a probe: its counters and draws are not the policy's)
         self.peak_pause = SloPauseSearch(pick_victim, random.Random(seed), {}, slo_pause_max_trials)
 
     # ---- the problem ---------------------------------------------------------------------------
     def inputs(self, views: list[RequestView], cap: CapacityView) -> PlanInputs:
-        """The batch's problem, prefill debt taken off the SLOs (`admission.batch_plan_inputs`)."""
+        """The batch's problem, prefill debt and the arrivals' prefill load taken off the SLOs
+        (`admission.batch_plan_inputs`)."""
         return batch_plan_inputs(views, cap, self.num_layers, self.cost, self.default_slo_s, self.windows,
-                                 self.distances, deposit=self.uses_deposit)
+                                 self.distances, deposit=self.uses_deposit, prefill_load=self.prefill_load())
 
     def judged_step_s(self, inputs: PlanInputs, distances: list[int]) -> float:
         """The step time plans are judged by (`link_model`)."""

@@ -92,6 +92,7 @@ class CentralPlanner:
             self.stats["probes_reused"] += 1  # same batch, about the same room: the same answer
             return RoutingAdvice(next(self._versions), self.probe_tokens, held[2], time.time())
         policy = self._policy(t.worker_id, t.policy, t.cost_model, "fast")
+        policy.remote_prefill_load = t.prefill_load
         t0 = time.perf_counter()
         fit = [n for n in self.probe_tokens if n < t.max_model_len]  # longer ones can never run: inf
         probes = [RequestView(f"probe-{n}", n, n, self.probe_max_tokens, time.perf_counter(), None, 0,
@@ -112,7 +113,9 @@ class CentralPlanner:
         """Solve one worker's predicted batch with its own policy and cost model, on `solver`.
         `deadline` (time.perf_counter()) stops the ILP's wall-clock part; by default
         DEADLINE_SHARE of the request's budget from now (the rest is the trip back)."""
-        planning = planning_of(self._policy(req.worker_id, req.policy, req.cost_model, self.solver))
+        policy = self._policy(req.worker_id, req.policy, req.cost_model, self.solver)
+        policy.remote_prefill_load = req.prefill_load
+        planning = planning_of(policy)
         if planning is None:
             raise ValueError(f"policy {req.policy.name!r} does not plan; nothing to solve")
         t0 = time.perf_counter()

@@ -87,6 +87,7 @@ class WorkerTelemetry:
     policy_stats: dict[str, float] = field(default_factory=dict)
     mean_step_s: float | None = None  # over the steps since the previous report
     plan_solver: str | None = None  # which solver made the plan in force ("fast", "cvxpy-highs", ...)
+    prefill_load: float = 0.0  # its arrivals' prefill load (`KVPolicy.prefill_load`), for the routing probes
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,9 @@ class SolveRequest:
     cost_model: CostModel
     policy: PolicySpec
     budget_s: float | None = None  # seconds until the step that needs the plan; None: no deadline
+    # the worker's arrivals' prefill load (`KVPolicy.prefill_load`): the planner takes it off the
+    # SLOs as the worker's own solves do (it sees none of the worker's arrivals)
+    prefill_load: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,13 +88,13 @@ class WorkerCore:
         return WorkerTelemetry(self.worker_id, time.time(), self.policy_spec, snap.running, snap.num_waiting,
                                snap.num_paused, snap.capacity, e.cost.model, e.max_model_len,
                                {**snap.kv, "rss_peak_bytes": rss}, snap.policy_stats, mean_step_s,
-                               snap.plan_solver)
+                               snap.plan_solver, e.policy.prefill_load())
 
     def _remote_solve(self, key: Hashable, views: list[RequestView], cap: CapacityView, pinned: frozenset[str],
                       budget_s: float | None) -> concurrent.futures.Future:
         """`RemoteSolve` for this worker's policy: the request goes out on the event loop."""
         req = SolveRequest(self.worker_id, key, tuple(views), cap, frozenset(pinned), self.engine.cost.model,
-                           self.policy_spec, budget_s)
+                           self.policy_spec, budget_s, self.engine.policy.prefill_load())
         return asyncio.run_coroutine_threadsafe(self._solve(req), self._loop)
 
     # ---- asyncio side --------------------------------------------------------------------------
