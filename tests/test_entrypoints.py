@@ -302,3 +302,22 @@ def test_orbitflow_serve_with_api_key(tmp_path):
         assert status == 401 and body["error"]["code"] == "invalid_api_key", body
         _assert_answer(*_complete(base, {"Authorization": f"Bearer {key}"}))
         _interrupt_and_check_gone(proc, log)
+
+
+@pytest.mark.slow
+def test_make_demo(tmp_path):
+    """README: `make demo`, as typed, from the repository root (the install step is a no-op once
+    `.venv` is built, as under `make test`): the app deployed from deployments/config.yaml, its
+    load test and the simulator's prediction beside it, every request finished, the report
+    written."""
+    make = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert make.returncode == 0 and "--out reports/demo" in make.stdout, make.stdout + make.stderr
+    report = ROOT / "reports" / "demo" / "report.json"
+    report.unlink(missing_ok=True)
+    done = subprocess.run(["make", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    runs = json.loads(report.read_text())["runs"]
+    assert [r["policy"] for r in runs][:1] == ["orbitflow"], runs
+    m = runs[0]["metrics"]
+    assert m["num_requests"] > 0 and m["num_finished"] == m["num_requests"] and m["num_failed"] == 0, m
+    assert "simulated" in done.stdout, done.stdout[-2000:]
