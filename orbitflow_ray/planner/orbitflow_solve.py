@@ -8,7 +8,8 @@ in the policy's counters ("fallbacks", "infeasible", "engine_single", "engine_sl
 SLO's); it keeps no plan: the policy passes the plan in force to `held`.
 
 - The problem (`inputs`): the batch's context lengths, tokens left, SLOs less its prefill debt
-  and the arrivals' prefill load, Token-Deposit credit (`admission.batch_plan_inputs`), on the online cost model.
+  and the arrivals' prefill load, Token-Deposit credit (`admission.batch_plan_inputs`), on the
+  online cost model.
 - The solve (`solve`): the solver (`solvers.py`: "fast" on a worker, "cvxpy-highs" centrally); its
   plan judged as the engine runs it (`engine_checked`, `link_model` "engine": the solvers model an
   EDF link, the engine issues its copies for the union of the batch's host layers, in order; a
@@ -24,10 +25,9 @@ SLO's); it keeps no plan: the policy passes the plan in force to `held`.
   falls back too, logged and counted; no request is ever dropped.
 - The plan in force, held (`held`, `holds_better`): at a window's end, on drift and when the batch
   changed (not for capacity) the policy may keep it (`OrbitFlow.placement_hold`); its distances
-  re-judged at the batch's contexts now, shrunk a
-  distance class at a time where the batch outgrew the device (`shrunk`), and weighed against the
-  new solve by the late gaps each predicts over its window (`late_gaps`), the new plan's first step
-  carrying the KV it moves (`moved_bytes`).
+  re-judged at the batch's contexts now, shrunk a distance class at a time where the batch outgrew
+  the device (`shrunk`), and weighed against the new solve by the late gaps each predicts over its
+  window (`late_gaps`), the new plan's first step carrying the KV it moves (`moved_bytes`).
 
 Sources: the OrbitFlow paper's per-request, per-layer distance-driven placement ILP (`problem.py`)
 and its Pause-Resume, the largest request paused first (`pause.py`). Ablations of what this module
