@@ -13,9 +13,10 @@ policy runs with any of them (`EngineConfig.admission`), or with its own when th
 - `slo`: SLO-aware: it fits, and the batch with it is predicted to miss no more SLOs than the
   batch without it plus the request waiting: per-token SLOs (TPOT/TBT) by
   `KVPolicy.predicted_miss_ids` (of requests still able to meet all their SLOs: goodput counts
-  only those; each SLO less the prefill load of the arrivals to come, `batch_plan_inputs`), joined by the running requests whose TBT SLO the request's prefill chunks would
-  break (`tbt_broken`: each chunk shares a step with every decode, a late gap for each when the
-  SLO is near the step, and a stream is allowed 1 % of its gaps late) and by the running requests
+  only those; each SLO less the prefill load of the arrivals to come, `batch_plan_inputs`),
+  joined by the running requests whose TBT SLO the request's prefill chunks would break
+  (`tbt_broken`: each chunk shares a step with every decode, a late gap for each when the SLO is
+  near the step, and a stream is allowed 1 % of its gaps late) and by the running requests
   still prefilling whose TTFT SLO it would break (`ttft_delayed`: its chunks share their steps, so
   their first token comes later), and the request's own TTFT when waiting would cost it
   (`ttft_at_stake`: joining now could still meet it, its prefill slowed by the prefills it shares

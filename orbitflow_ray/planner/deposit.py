@@ -8,8 +8,8 @@ bank has a *target*: `target_tokens`, the tokens that cover the stalls the plan 
 arrivals forecast from the recent ones over the longest plan window, `ArrivalForecast`, and the
 prefill of an arrival that waits to join until the banks cover it, `OrbitFlow.bank_wait`). The
 banks cover the late *gaps* those prefills make (TBT); the plan covers what they add to the mean
-gap (TPOT) by planning each SLO less the arrivals' prefill load (`admission.batch_plan_inputs`). The scheduler sets it from
-`KVPolicy.deposit_target` before every token; on an idle server it is 0.
+gap (TPOT) by planning each SLO less the arrivals' prefill load (`admission.batch_plan_inputs`).
+The scheduler sets it from `KVPolicy.deposit_target` before every token; on an idle server it is 0.
 
 Release rule, with ps = pace * slo and the previous token's release r_{i-1} (final or banked):
 
