@@ -20,8 +20,9 @@ Three rooms, each its own module:
   predicted there, adopted if back by the step that needs it or by an earlier re-plan of the same
   requests (drift), else the fast path solves on the spot).
 
-At a window's end, on drift and when the batch changed (a finish, a pause; a join installs the plan
-its admission weighed) the plan in force is kept without a solve while it fits (shrunk one
+At a window's end, on drift and when the batch changed but for a finish (a join installs the plan
+its admission weighed; a finish frees room the solve gives back to the others, so it is always
+re-solved) the plan in force is kept without a solve while it fits (shrunk one
 request a distance class down at a time when the batch outgrew it) and predicts no miss for a
 request still able to meet all its SLOs (`placement_hold`, `SolveLoop.held`); a solve is adopted
 over it only when it predicts fewer late gaps over its window (its first step carrying its copies)
@@ -382,7 +383,11 @@ class OrbitFlow(KVPolicy):
         result = None
         if reason is not None:
             self.counters[f"trigger_{reason}"] += 1
-            hold = self.placement_hold and reason != "capacity"
+            # A finish frees device room the solve gives back to the others (fewer host layers,
+            # shorter steps for everyone after): re-solved, not held. Holding there cost the
+            # pressure family 13 % goodput (docs/results.md, stop 41).
+            finished = reason == "batch" and frozenset(v.request_id for v in running) < self.plan_ids
+            hold = self.placement_hold and reason != "capacity" and not finished
             held = self.solve_loop.held(self.plan, running, cap) if hold else None
             missed = ttft_missed_ids(running)
             on_time = held is not None and not held.violations - missed
