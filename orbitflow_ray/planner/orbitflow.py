@@ -82,8 +82,9 @@ class OrbitFlow(KVPolicy):
     # The step time a plan is judged by (LINK_MODELS): "engine", as the engine issues its copies
     # (`problem.engine_step_time`); "edf", the solver's EDF link model alone (`problem.step_time`).
     link_model = "engine"
-    # At a window's end, on drift and on a batch change, keep the plan in force while it fits and is
-    # on time (`SolveLoop.held`): a re-placement moves KV, and the step carrying the move runs late for the batch.
+    # At a window's end, on drift and on a batch change but a finish, keep the plan in force while
+    # it fits and is on time (`SolveLoop.held`): a re-placement moves KV, and the step carrying the
+    # move runs late for the batch. A finish is re-solved: the room it frees goes to the others.
     placement_hold = True
     # Token-Deposit's join wait (`admission.bank_wait_s`): an arrival whose prefill chunks would
     # stall running streams past their TBT SLO waits while their banks grow to cover them, for as

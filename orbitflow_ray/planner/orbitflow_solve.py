@@ -24,10 +24,11 @@ SLO's); it keeps no plan: the policy passes the plan in force to `held`.
 - The fallback (`fallback`): every request at its largest offload short of all-host; a solver error
   falls back too, logged and counted; no request is ever dropped.
 - The plan in force, held (`held`, `holds_better`): at a window's end, on drift and when the batch
-  changed (not for capacity) the policy may keep it (`OrbitFlow.placement_hold`); its distances
-  re-judged at the batch's contexts now, shrunk a distance class at a time where the batch outgrew
-  the device (`shrunk`), and weighed against the new solve by the late gaps each predicts over its
-  window (`late_gaps`), the new plan's first step carrying the KV it moves (`moved_bytes`).
+  changed (not for capacity, nor a finish) the policy may keep it (`OrbitFlow.placement_hold`); its
+  distances re-judged at the batch's contexts now, shrunk a distance class at a time where the
+  batch outgrew the device (`shrunk`), and weighed against the new solve by the late gaps each
+  predicts over its window (`late_gaps`), the new plan's first step carrying the KV it moves
+  (`moved_bytes`).
 
 Sources: the OrbitFlow paper's per-request, per-layer distance-driven placement ILP (`problem.py`)
 and its Pause-Resume, the largest request paused first (`pause.py`). Ablations of what this module

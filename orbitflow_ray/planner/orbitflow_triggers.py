@@ -17,8 +17,8 @@ tokens longer, those finished by then gone) to the policy's `ahead.AheadSolver` 
 `lead_steps` or fewer away: one step for the local thread, the measured round trip in
 steps for a central planner. In: `RequestView`s, `CapacityView`, `StepStats` and the plan in force
 (a `problem.Plan`); out: a trigger name, the predicted step time, and solves submitted ahead.
-Whether a re-plan keeps the plan in force instead (every reason but "capacity", when it is still on
-time) is the policy's (`OrbitFlow.replan`, `placement_hold`).
+Whether a re-plan keeps the plan in force instead (every reason but "capacity" and a finish, when it
+is still on time) is the policy's (`OrbitFlow.replan`, `placement_hold`).
 """
 
 from __future__ import annotations
