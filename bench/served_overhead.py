@@ -1,0 +1,192 @@
+"""One batch served against the same batch in process: what Ray Serve, HTTP and the serving worker
+(engine thread, event loop, telemetry, the central planner) cost the engine (issue 14 item 5).
+
+    .venv/bin/python bench/served_overhead.py                       # deployments/config.yaml
+    .venv/bin/python bench/served_overhead.py --no-planner --reps 3
+    .venv/bin/python bench/served_overhead.py --requests 2 --max-tokens 8 --reps 1   # smoke
+
+`--requests` greedy completions of `--prompt-words` words each, all sent at once, `--max-tokens`
+tokens each (ignore_eos), timed from the first send to the last answer:
+  1. in process: an `LLM` with the config's engine args (in a subprocess with no Ray running), after
+     one warm-up batch;
+  2. served: the app from the config on a local Ray (`load_tests.app.ManagedApp`), the same batch as
+     non-streamed completions, after one warm-up request;
+  3. in process again (the box drifts: the two in-process runs bracket the served ones).
+Prints each run's wall time, their medians and the ratio served / in process, the steps and link
+bytes a batch took each way (the same work or not), the CPU seconds each
+process of the Ray session used over the served runs, and the worker's busiest threads (its engine
+thread, torch's OpenMP helpers): where the served path's time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from load_tests.app import ManagedApp, fetch_state, load_serve_config  # noqa: E402
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def prompts(n: int, words: int) -> list[str]:
+    return [f"{i} " + " ".join(["sea"] * words) for i in range(n)]
+
+
+COUNTERS = ("num_steps", "bytes_h2d", "bytes_d2h")
+
+
+def in_process(args) -> tuple[list[float], dict]:
+    """Wall seconds of `--reps` batches through `LLM.generate` (this process; no Ray), and the
+    engine's step and link-byte counters over them."""
+    import torch
+
+    from orbitflow_ray import LLM, SamplingParams
+
+    spec = load_serve_config(args.config)
+    if spec.app_args.torch_threads:
+        torch.set_num_threads(spec.app_args.torch_threads)
+    llm = LLM(model=spec.app_args.model, **spec.args.get("engine", {}))
+    batch = prompts(args.requests, args.prompt_words)
+    llm.generate(batch, SamplingParams(max_tokens=4, ignore_eos=True))
+    walls, k0 = [], llm.kv_stats()
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        llm.generate(batch, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=0))
+        walls.append(time.perf_counter() - t0)
+    k1 = llm.kv_stats()
+    llm.engine.close()
+    return walls, {k: k1[k] - k0[k] for k in COUNTERS}
+
+
+def _worker_counters(url: str) -> dict | None:
+    """The one worker's step and link-byte counters from the planner's state (None without it)."""
+    state = fetch_state(url)
+    workers = list((state or {}).get("workers", {}).values())
+    return {k: workers[0][k] for k in COUNTERS} if len(workers) == 1 else None
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=900) as r:
+        return json.loads(r.read())
+
+
+def _proc_ticks() -> dict[str, tuple[int, str]]:
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()[:60]
+        except OSError:
+            continue
+        f = stat.rsplit(")", 1)[1].split()
+        out[pid] = (int(f[11]) + int(f[12]), cmd)
+    return out
+
+
+def _thread_ticks(pid: str) -> dict[str, int]:
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            f = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[tid] = int(f[11]) + int(f[12])
+    return out
+
+
+def served(args) -> tuple[list[float], dict | None, list[tuple[float, str]], list[float]]:
+    """Wall seconds of `--reps` batches through the served app; the worker's counters (None with no
+    planner to report them), CPU-s by process and the worker's busiest threads' CPU-s over them."""
+    spec = load_serve_config(args.config)
+    if args.no_planner:
+        spec.args["planner"] = False
+    batch = prompts(args.requests, args.prompt_words)
+    with ManagedApp(spec, port=0) as app:
+        app.deploy()
+        url = f"{app.url}/v1/completions"
+        model = spec.app_args.model
+        _post(url, {"model": model, "prompt": "Hi", "max_tokens": 4})
+        time.sleep(2 * spec.app_args.telemetry_period_s + 0.5)  # the worker's report reaches the planner
+        c0 = _worker_counters(app.url)
+        workers = [p for p, (_, cmd) in _proc_ticks().items() if "OrbitFlowWorker" in cmd]
+        procs0, threads0 = _proc_ticks(), _thread_ticks(workers[0]) if workers else {}
+        walls = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
+                outs = list(pool.map(lambda p: _post(url, {"model": model, "prompt": p, "temperature": 0,
+                                                           "max_tokens": args.max_tokens, "ignore_eos": True}),
+                                     batch))
+            walls.append(time.perf_counter() - t0)
+            assert all(o["usage"]["completion_tokens"] == args.max_tokens for o in outs), outs
+        procs1, threads1 = _proc_ticks(), _thread_ticks(workers[0]) if workers else {}
+        time.sleep(2 * spec.app_args.telemetry_period_s + 0.5)
+        c1 = _worker_counters(app.url)
+    counters = {k: c1[k] - c0[k] for k in COUNTERS} if c0 and c1 else None
+    by_proc = sorted(((procs1[p][0] - procs0[p][0]) / HZ, procs1[p][1]) for p in procs1 if p in procs0)
+    by_thread = sorted(((threads1[t] - threads0[t]) / HZ for t in threads1 if t in threads0), reverse=True)
+    return walls, counters, by_proc, by_thread
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "deployments" / "config.yaml"))
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--prompt-words", type=int, default=250)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=2, help="batches timed in each of the three runs")
+    ap.add_argument("--no-planner", action="store_true", help="the app with planner: false")
+    ap.add_argument("--in-process-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.in_process_only:
+        walls, counters = in_process(args)
+        print(json.dumps({"walls": walls, "counters": counters}))
+        return
+    child = [sys.executable, __file__, "--in-process-only", "--config", args.config, "--requests",
+             str(args.requests), "--prompt-words", str(args.prompt_words), "--max-tokens", str(args.max_tokens),
+             "--reps", str(args.reps)]
+
+    def run_child() -> dict:
+        done = subprocess.run(child, capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = run_child()
+    walls, counters, by_proc, by_thread = served(args)
+    second = run_child()
+    before, after = first["walls"], second["walls"]
+    inproc = before + after
+    fmt = ", ".join
+    print(f"batch: {args.requests} x {args.prompt_words} words, {args.max_tokens} tokens each; "
+          f"config {args.config}{' (planner: false)' if args.no_planner else ''}")
+    print(f"in process: {fmt(f'{w:.2f}' for w in before)} | {fmt(f'{w:.2f}' for w in after)} s "
+          f"(median {statistics.median(inproc):.2f})")
+    print(f"served:     {fmt(f'{w:.2f}' for w in walls)} s (median {statistics.median(walls):.2f})")
+    print(f"served / in process: {statistics.median(walls) / statistics.median(inproc):.2f}x")
+
+    def per_batch(c: dict | None) -> str:
+        if c is None:
+            return "not reported (no planner)"
+        return (f"{c['num_steps'] / args.reps:.0f} steps, "
+                f"{(c['bytes_h2d'] + c['bytes_d2h']) / args.reps / 2**20:.0f} MiB over the link")
+    print(f"a batch in process: {per_batch(first['counters'])} (then {per_batch(second['counters'])}); "
+          f"served: {per_batch(counters)}")
+    span = sum(walls)
+    print(f"CPU-s over the served runs ({span:.1f} s wall, {os.cpu_count()} CPUs), busiest processes:")
+    for cpu, cmd in by_proc[-6:][::-1]:
+        print(f"  {cpu:7.2f}  {cmd}")
+    print("  worker threads, busiest first: " + fmt(f"{c:.2f}" for c in by_thread[:4]))
+
+
+if __name__ == "__main__":
+    main()
