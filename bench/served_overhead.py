@@ -15,7 +15,8 @@ tokens each (ignore_eos), timed from the first send to the last answer:
 Prints each run's wall time, their medians and the ratio served / in process, the steps and link
 bytes a batch took each way (the same work or not), the CPU seconds each
 process of the Ray session used over the served runs, and the worker's busiest threads (its engine
-thread, torch's OpenMP helpers): where the served path's time goes.
+thread, torch's OpenMP helper, the copy thread): seconds on a CPU and seconds runnable but waiting
+for one (/proc schedstat), so time lost to other processes shows apart from time spent waiting.
 """
 
 from __future__ import annotations
@@ -94,20 +95,22 @@ def _proc_ticks() -> dict[str, tuple[int, str]]:
     return out
 
 
-def _thread_ticks(pid: str) -> dict[str, int]:
+def _thread_sched(pid: str) -> dict[str, tuple[float, float]]:
+    """Per thread of `pid`: seconds on a CPU and seconds runnable but waiting for one (schedstat)."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            f = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            on_cpu, run_wait, _ = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+        except (OSError, ValueError):
             continue
-        out[tid] = int(f[11]) + int(f[12])
+        out[tid] = (int(on_cpu) / 1e9, int(run_wait) / 1e9)
     return out
 
 
-def served(args) -> tuple[list[float], dict | None, list[tuple[float, str]], list[float]]:
+def served(args) -> tuple[list[float], dict | None, list[tuple[float, str]], list[tuple[float, float]]]:
     """Wall seconds of `--reps` batches through the served app; the worker's counters (None with no
-    planner to report them), CPU-s by process and the worker's busiest threads' CPU-s over them."""
+    planner to report them), CPU-s by process, and the worker's threads' seconds on a CPU and waiting
+    for one, busiest first, over them."""
     spec = load_serve_config(args.config)
     if args.no_planner:
         spec.args["planner"] = False
@@ -120,7 +123,7 @@ def served(args) -> tuple[list[float], dict | None, list[tuple[float, str]], lis
         time.sleep(2 * spec.app_args.telemetry_period_s + 0.5)  # the worker's report reaches the planner
         c0 = _worker_counters(app.url)
         workers = [p for p, (_, cmd) in _proc_ticks().items() if "OrbitFlowWorker" in cmd]
-        procs0, threads0 = _proc_ticks(), _thread_ticks(workers[0]) if workers else {}
+        procs0, threads0 = _proc_ticks(), _thread_sched(workers[0]) if workers else {}
         walls = []
         for _ in range(args.reps):
             t0 = time.perf_counter()
@@ -130,12 +133,13 @@ def served(args) -> tuple[list[float], dict | None, list[tuple[float, str]], lis
                                      batch))
             walls.append(time.perf_counter() - t0)
             assert all(o["usage"]["completion_tokens"] == args.max_tokens for o in outs), outs
-        procs1, threads1 = _proc_ticks(), _thread_ticks(workers[0]) if workers else {}
+        procs1, threads1 = _proc_ticks(), _thread_sched(workers[0]) if workers else {}
         time.sleep(2 * spec.app_args.telemetry_period_s + 0.5)
         c1 = _worker_counters(app.url)
     counters = {k: c1[k] - c0[k] for k in COUNTERS} if c0 and c1 else None
     by_proc = sorted(((procs1[p][0] - procs0[p][0]) / HZ, procs1[p][1]) for p in procs1 if p in procs0)
-    by_thread = sorted(((threads1[t] - threads0[t]) / HZ for t in threads1 if t in threads0), reverse=True)
+    by_thread = sorted(((threads1[t][0] - threads0[t][0], threads1[t][1] - threads0[t][1])
+                        for t in threads1 if t in threads0), reverse=True)
     return walls, counters, by_proc, by_thread
 
 
@@ -185,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CPU-s over the served runs ({span:.1f} s wall, {os.cpu_count()} CPUs), busiest processes:")
     for cpu, cmd in by_proc[-6:][::-1]:
         print(f"  {cpu:7.2f}  {cmd}")
-    print("  worker threads, busiest first: " + fmt(f"{c:.2f}" for c in by_thread[:4]))
+    print("  worker threads, busiest first, s on a CPU / s runnable but waiting for one: "
+          + fmt(f"{c:.2f} / {w:.2f}" for c, w in by_thread[:4]))
 
 
 if __name__ == "__main__":
