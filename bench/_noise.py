@@ -14,7 +14,7 @@ import time
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _proc_table() -> dict[int, tuple[int, float]]:
+def proc_table() -> dict[int, tuple[int, float]]:
     """pid -> (ppid, cpu seconds) for every readable process."""
     table = {}
     try:
@@ -72,7 +72,7 @@ def _system_busy_s() -> float | None:
 def others_snapshot(root: int | None = None):
     """State to measure from: time, whole-machine busy CPU, and CPU of each of our processes."""
     root = os.getpid() if root is None else root
-    table = _proc_table()
+    table = proc_table()
     ours = _our_tree(table, root)
     return time.monotonic(), _system_busy_s(), {pid: table[pid][1] for pid in ours if pid in table}
 
@@ -86,7 +86,7 @@ def others_cores_since(snap, root: int | None = None) -> float | None:
     busy1 = _system_busy_s()
     if busy0 is None or busy1 is None:
         return None
-    table = _proc_table()
+    table = proc_table()
     ours1 = {pid: table[pid][1] for pid in _our_tree(table, root) if pid in table}
     t1 = time.monotonic()
     ours_used = sum(max(ours1[p] - ours0.get(p, 0.0), 0.0) for p in ours1)

@@ -29,14 +29,13 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from load_tests.app import ManagedApp, fetch_state, load_serve_config  # noqa: E402
-
-HZ = os.sysconf("SC_CLK_TCK")
+from _noise import proc_table  # noqa: E402
+from idle_stream import post  # noqa: E402
 
 
 def prompts(n: int, words: int) -> list[str]:
@@ -76,26 +75,14 @@ def _worker_counters(url: str) -> dict | None:
     return {k: workers[0][k] for k in COUNTERS} if len(workers) == 1 else None
 
 
-def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=900) as r:
-        return json.loads(r.read())
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()[:60]
+    except OSError:
+        return "?"
 
 
-def _proc_ticks() -> dict[str, tuple[int, str]]:
-    out = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmd = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()[:60]
-        except OSError:
-            continue
-        f = stat.rsplit(")", 1)[1].split()
-        out[pid] = (int(f[11]) + int(f[12]), cmd)
-    return out
-
-
-def _thread_sched(pid: str) -> dict[str, tuple[float, float]]:
+def _thread_sched(pid: int) -> dict[str, tuple[float, float]]:
     """Per thread of `pid`: seconds on a CPU and seconds runnable but waiting for one (schedstat)."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -109,8 +96,8 @@ def _thread_sched(pid: str) -> dict[str, tuple[float, float]]:
 
 def served(args) -> tuple[list[float], dict | None, list[tuple[float, str]], list[tuple[float, float]]]:
     """Wall seconds of `--reps` batches through the served app; the worker's counters (None with no
-    planner to report them), CPU-s by process, and the worker's threads' seconds on a CPU and waiting
-    for one, busiest first, over them."""
+    planner to report them), the six busiest processes' CPU-s, and the worker's threads' seconds on a
+    CPU and waiting for one, busiest first, over them."""
     spec = load_serve_config(args.config)
     if args.no_planner:
         spec.args["planner"] = False
@@ -119,25 +106,27 @@ def served(args) -> tuple[list[float], dict | None, list[tuple[float, str]], lis
         app.deploy()
         url = f"{app.url}/v1/completions"
         model = spec.app_args.model
-        _post(url, {"model": model, "prompt": "Hi", "max_tokens": 4})
+        post(url, {"model": model, "prompt": "Hi", "max_tokens": 4})
         time.sleep(2 * spec.app_args.telemetry_period_s + 0.5)  # the worker's report reaches the planner
         c0 = _worker_counters(app.url)
-        workers = [p for p, (_, cmd) in _proc_ticks().items() if "OrbitFlowWorker" in cmd]
-        procs0, threads0 = _proc_ticks(), _thread_sched(workers[0]) if workers else {}
+        procs0 = proc_table()
+        worker = next((p for p in procs0 if "OrbitFlowWorker" in _cmdline(p)), None)
+        threads0 = _thread_sched(worker) if worker is not None else {}
         walls = []
         for _ in range(args.reps):
             t0 = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
-                outs = list(pool.map(lambda p: _post(url, {"model": model, "prompt": p, "temperature": 0,
+                outs = list(pool.map(lambda p: post(url, {"model": model, "prompt": p, "temperature": 0,
                                                            "max_tokens": args.max_tokens, "ignore_eos": True}),
                                      batch))
             walls.append(time.perf_counter() - t0)
             assert all(o["usage"]["completion_tokens"] == args.max_tokens for o in outs), outs
-        procs1, threads1 = _proc_ticks(), _thread_sched(workers[0]) if workers else {}
+        procs1, threads1 = proc_table(), _thread_sched(worker) if worker is not None else {}
+        busiest = sorted((procs1[p][1] - procs0[p][1], p) for p in procs1 if p in procs0)[-6:]
+        by_proc = [(cpu, _cmdline(p)) for cpu, p in busiest]  # named while the app's processes live
         time.sleep(2 * spec.app_args.telemetry_period_s + 0.5)
         c1 = _worker_counters(app.url)
     counters = {k: c1[k] - c0[k] for k in COUNTERS} if c0 and c1 else None
-    by_proc = sorted(((procs1[p][0] - procs0[p][0]) / HZ, procs1[p][1]) for p in procs1 if p in procs0)
     by_thread = sorted(((threads1[t][0] - threads0[t][0], threads1[t][1] - threads0[t][1])
                         for t in threads1 if t in threads0), reverse=True)
     return walls, counters, by_proc, by_thread
@@ -187,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
           f"served: {per_batch(counters)}")
     span = sum(walls)
     print(f"CPU-s over the served runs ({span:.1f} s wall, {os.cpu_count()} CPUs), busiest processes:")
-    for cpu, cmd in by_proc[-6:][::-1]:
+    for cpu, cmd in by_proc[::-1]:
         print(f"  {cpu:7.2f}  {cmd}")
     print("  worker threads, busiest first, s on a CPU / s runnable but waiting for one: "
           + fmt(f"{c:.2f} / {w:.2f}" for c, w in by_thread[:4]))
