@@ -45,9 +45,9 @@ def prompts(n: int, words: int) -> list[str]:
 COUNTERS = ("num_steps", "bytes_h2d", "bytes_d2h")
 
 
-def in_process(args) -> tuple[list[float], dict]:
+def in_process(args) -> tuple[list[float], dict, list[tuple[float, float]]]:
     """Wall seconds of `--reps` batches through `LLM.generate` (this process; no Ray), and the
-    engine's step and link-byte counters over them."""
+    engine's step and link-byte counters over them, and its busiest threads (`_busiest_threads`)."""
     import torch
 
     from orbitflow_ray import LLM, SamplingParams
@@ -58,14 +58,14 @@ def in_process(args) -> tuple[list[float], dict]:
     llm = LLM(model=spec.app_args.model, **spec.args.get("engine", {}))
     batch = prompts(args.requests, args.prompt_words)
     llm.generate(batch, SamplingParams(max_tokens=4, ignore_eos=True))
-    walls, k0 = [], llm.kv_stats()
+    walls, k0, threads0 = [], llm.kv_stats(), _thread_sched(os.getpid())
     for _ in range(args.reps):
         t0 = time.perf_counter()
         llm.generate(batch, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, temperature=0))
         walls.append(time.perf_counter() - t0)
-    k1 = llm.kv_stats()
+    k1, threads1 = llm.kv_stats(), _thread_sched(os.getpid())
     llm.engine.close()
-    return walls, {k: k1[k] - k0[k] for k in COUNTERS}
+    return walls, {k: k1[k] - k0[k] for k in COUNTERS}, _busiest_threads(threads0, threads1)
 
 
 def _worker_counters(url: str) -> dict | None:
@@ -92,6 +92,12 @@ def _thread_sched(pid: int) -> dict[str, tuple[float, float]]:
             continue
         out[tid] = (int(on_cpu) / 1e9, int(run_wait) / 1e9)
     return out
+
+
+def _busiest_threads(before: dict, after: dict) -> list[tuple[float, float]]:
+    """(s on a CPU, s runnable but waiting) of each thread alive at both snapshots, busiest first."""
+    return sorted(((after[t][0] - before[t][0], after[t][1] - before[t][1]) for t in after if t in before),
+                  reverse=True)
 
 
 def served(args) -> tuple[list[float], dict | None, list[tuple[float, str]], list[tuple[float, float]]]:
@@ -127,9 +133,7 @@ def served(args) -> tuple[list[float], dict | None, list[tuple[float, str]], lis
         time.sleep(2 * spec.app_args.telemetry_period_s + 0.5)
         c1 = _worker_counters(app.url)
     counters = {k: c1[k] - c0[k] for k in COUNTERS} if c0 and c1 else None
-    by_thread = sorted(((threads1[t][0] - threads0[t][0], threads1[t][1] - threads0[t][1])
-                        for t in threads1 if t in threads0), reverse=True)
-    return walls, counters, by_proc, by_thread
+    return walls, counters, by_proc, _busiest_threads(threads0, threads1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,8 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--in-process-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.in_process_only:
-        walls, counters = in_process(args)
-        print(json.dumps({"walls": walls, "counters": counters}))
+        walls, counters, threads = in_process(args)
+        print(json.dumps({"walls": walls, "counters": counters, "threads": threads}))
         return
     child = [sys.executable, __file__, "--in-process-only", "--config", args.config, "--requests",
              str(args.requests), "--prompt-words", str(args.prompt_words), "--max-tokens", str(args.max_tokens),
@@ -178,8 +182,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CPU-s over the served runs ({span:.1f} s wall, {os.cpu_count()} CPUs), busiest processes:")
     for cpu, cmd in by_proc[::-1]:
         print(f"  {cpu:7.2f}  {cmd}")
-    print("  worker threads, busiest first, s on a CPU / s runnable but waiting for one: "
-          + fmt(f"{c:.2f} / {w:.2f}" for c, w in by_thread[:4]))
+
+    def threads(by: list, wall: float) -> str:
+        return (fmt(f"{c:.2f} / {w:.2f}" for c, w in by[:4])
+                + f" (the busiest asleep {wall - by[0][0] - by[0][1]:.2f} of {wall:.2f} s)")
+    print("busiest threads, s on a CPU / s runnable but waiting for one:")
+    print(f"  served worker: {threads(by_thread, span)}")
+    for name, run in (("in process, before", first), ("in process, after", second)):
+        print(f"  {name}: {threads([tuple(t) for t in run['threads']], sum(run['walls']))}")
 
 
 if __name__ == "__main__":
